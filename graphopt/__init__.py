@@ -1,0 +1,94 @@
+"""graphopt: make a trained network faster on a target, with proof that its outputs did not move.
+
+    >>> import graphopt
+    >>> result = graphopt.optimize(model, target="cpu", example_inputs=(x,))
+    >>> y = result(x)
+    >>> result.save("model.onnx")
+    >>> print(result.report)
+
+``import graphopt`` is cheap: torch, ONNX Runtime and TVM are imported on first use of the
+attribute that needs them (PEP 562 lazy attributes), so a CLI or a process that only parses a
+pipeline string does not pay for them.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from graphopt.errors import (
+    BackendError,
+    CaptureError,
+    GraphoptError,
+    InputError,
+    PassError,
+    PipelineError,
+    TargetError,
+    VerificationError,
+)
+
+__version__ = "0.1.0"
+
+# public name -> module that defines it
+_LAZY: dict[str, str] = {
+    "optimize": "graphopt.api",
+    "OptimizedModel": "graphopt.api",
+    "capture": "graphopt.capture",
+    "Pass": "graphopt.pass_manager",
+    "PassResult": "graphopt.pass_manager",
+    "PassContext": "graphopt.pass_manager",
+    "PassManager": "graphopt.pass_manager",
+    "Numerics": "graphopt.pass_manager",
+    "register_pass": "graphopt.pipeline",
+    "parse_pipeline": "graphopt.pipeline",
+    "Target": "graphopt.target",
+    "Report": "graphopt.report",
+}
+_SUBMODULES = {"zoo", "testing", "passes", "backends", "verify", "pipeline", "pass_manager",
+               "capture", "api", "target", "report", "onnx_import"}
+
+__all__ = [
+    "BackendError",
+    "CaptureError",
+    "GraphoptError",
+    "InputError",
+    "Numerics",
+    "OptimizedModel",
+    "Pass",
+    "PassContext",
+    "PassError",
+    "PassManager",
+    "PassResult",
+    "PipelineError",
+    "Report",
+    "Target",
+    "TargetError",
+    "VerificationError",
+    "capture",
+    "optimize",
+    "parse_pipeline",
+    "register_pass",
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    if name in _SUBMODULES:
+        return importlib.import_module(f"graphopt.{name}")
+    raise AttributeError(f"module 'graphopt' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY) | _SUBMODULES)
+
+
+if TYPE_CHECKING:  # pragma: no cover
+    from graphopt.api import OptimizedModel, optimize
+    from graphopt.capture import capture
+    from graphopt.pass_manager import Numerics, Pass, PassContext, PassManager, PassResult
+    from graphopt.pipeline import parse_pipeline, register_pass
+    from graphopt.report import Report
+    from graphopt.target import Target

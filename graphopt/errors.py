@@ -1,0 +1,75 @@
+"""One exception hierarchy for graphopt.
+
+Every message says what was measured or found, what was expected, and what to do about it.
+
+    GraphoptError
+    ├── CaptureError        the model could not be turned into a graph (tracing, ONNX import)
+    ├── PipelineError       a pipeline string is malformed, names an unknown pass or option
+    ├── TargetError         a target string is not understood
+    ├── InputError          inputs of the wrong number, shape or dtype
+    ├── PassError           a pass raised; carries the pass's position and a reproducer path
+    ├── VerificationError   a rewrite broke its numeric contract (strict mode)
+    └── BackendError        ONNX Runtime / TVM failures, chained ``from`` the original
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+
+class GraphoptError(Exception):
+    """Base class of every error graphopt raises on purpose."""
+
+
+class CaptureError(GraphoptError):
+    """The model could not be captured as an FX graph (or an ONNX file could not be imported)."""
+
+
+class PipelineError(GraphoptError):
+    """A pipeline string or pass option is invalid."""
+
+
+class TargetError(GraphoptError):
+    """A target string is not understood."""
+
+
+class InputError(GraphoptError):
+    """Inputs do not match what the model was optimized for."""
+
+
+class PassError(GraphoptError):
+    """A pass raised an exception while rewriting the graph."""
+
+    def __init__(self, message: str, *, pass_name: str = "", position: int = -1,
+                 reproducer: str | None = None) -> None:
+        super().__init__(message)
+        self.pass_name = pass_name
+        self.position = position
+        self.reproducer = reproducer
+
+
+class VerificationError(GraphoptError):
+    """A rewrite changed the model's outputs by more than its numeric contract allows."""
+
+    def __init__(self, message: str, *, pass_name: str = "", output: str = "",
+                 measured: float = float("nan"), allowed: float = float("nan"),
+                 reproducer: str | None = None) -> None:
+        super().__init__(message)
+        self.pass_name = pass_name
+        self.output = output
+        self.measured = measured
+        self.allowed = allowed
+        self.reproducer = reproducer
+
+
+class BackendError(GraphoptError):
+    """A backend (ONNX Runtime, TVM) failed to export, compile or run the model."""
+
+
+def close_matches(word: str, choices: Iterable[str]) -> str:
+    """A 'did you mean ...?' suffix for an error message, or '' when nothing is close."""
+    matches = difflib.get_close_matches(word, list(choices), n=3, cutoff=0.5)
+    if not matches:
+        return ""
+    return " Did you mean " + " or ".join(repr(m) for m in matches) + "?"

@@ -1,0 +1,11 @@
+"""graphopt's built-in passes; importing this package registers them all.
+
+One module per pass, named after the pass with ``_`` (``fold-conv-bn`` -> ``fold_conv_bn``).
+"""
+
+from graphopt.passes.eliminate_dead_code import EliminateDeadCode
+from graphopt.passes.fold_constants import FoldConstants
+from graphopt.passes.fold_conv_bn import FoldConvBN
+from graphopt.passes.remove_identity import RemoveIdentity
+
+__all__ = ["EliminateDeadCode", "FoldConstants", "FoldConvBN", "RemoveIdentity"]

@@ -1,0 +1,106 @@
+"""fold-constants: evaluate the parts of the graph that depend on no input, once, ahead of time.
+
+    %w  = const f32[64,32]
+    %wt = torch.t(%w)              ->   %wt = const f32[32,64]   (computed at rewrite time)
+    %y  = F.linear(%x, %wt)             %y  = F.linear(%x, %wt)
+
+A node is folded when every input it reads is a constant (``get_attr`` or a folded node), it
+produces a tensor, and it is pure: random ops, in-place ops and impure calls are left alone
+(``skipped:impure``). A constant larger than ``max_elements`` is not materialised
+(``skipped:too-large``), so a cheap broadcast of a scalar does not become a huge buffer.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import fx
+
+from graphopt.pass_manager import Numerics, Pass, PassContext, PassResult
+from graphopt.pipeline import register_pass
+
+_RANDOM = {"rand", "randn", "randint", "rand_like", "randn_like", "bernoulli", "dropout",
+           "multinomial", "normal", "uniform_", "feature_dropout", "alpha_dropout"}
+
+
+def _fetch(gm: fx.GraphModule, target: str) -> Any:
+    obj: Any = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _is_pure(node: fx.Node) -> bool:
+    if node.op not in ("call_function", "call_method"):
+        return False            # call_module may hold state; placeholders are inputs
+    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+    if name in _RANDOM or name.endswith("_") and name != "__getitem__":
+        return False            # random or in-place
+    return not node.is_impure()
+
+
+@register_pass
+class FoldConstants(Pass):
+    """Pre-compute every pure node whose inputs are all constants."""
+
+    name = "fold-constants"
+    numerics = Numerics.exact()
+
+    @dataclass(frozen=True)
+    class Options:
+        max_elements: int = 1 << 24
+
+    def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        stats: Counter = Counter()
+        values: dict[fx.Node, Any] = {}
+        for node in gm.graph.nodes:
+            if node.op == "get_attr":
+                values[node] = _fetch(gm, node.target)
+                continue
+            inputs = node.all_input_nodes
+            if node.op == "output" or not inputs or any(n not in values for n in inputs):
+                continue
+            if not _is_pure(node):
+                stats["skipped:impure"] += 1
+                continue
+            args = fx.node.map_arg(node.args, lambda n: values[n])
+            kwargs = fx.node.map_arg(node.kwargs, lambda n: values[n])
+            with torch.no_grad():
+                fn = getattr(args[0], node.target) if node.op == "call_method" else node.target
+                call_args = args[1:] if node.op == "call_method" else args
+                value = fn(*call_args, **kwargs)
+            values[node] = value
+        folded = 0
+        counter = 0
+        for node in list(gm.graph.nodes):
+            if node.op == "get_attr" or node not in values or not node.users:
+                continue
+            value = values[node]
+            # fold only where a non-constant user needs the value (the frontier of the subgraph)
+            if all(u in values for u in node.users):
+                continue
+            if not isinstance(value, torch.Tensor):
+                continue
+            if value.numel() > self.options.max_elements:
+                stats["skipped:too-large"] += 1
+                continue
+            while hasattr(gm, f"_folded_constant_{counter}"):
+                counter += 1
+            name = f"_folded_constant_{counter}"
+            gm.register_buffer(name, value.detach().clone())
+            with gm.graph.inserting_before(node):
+                const = gm.graph.get_attr(name)
+            const.meta.update(node.meta)
+            node.replace_all_uses_with(const)
+            folded += 1
+        if folded:
+            # drop the constant subgraphs that fed the new constants, nothing else
+            for node in reversed(list(gm.graph.nodes)):
+                if node in values and not node.users and node.op != "get_attr":
+                    gm.graph.erase_node(node)
+            gm.recompile()
+        stats["folded"] = folded
+        return PassResult(gm, modified=folded > 0, stats=+stats)
