@@ -1,0 +1,224 @@
+"""``optimize()``: the one call, and the ``OptimizedModel`` it returns.
+
+    capture -> PassManager (verified per pass) -> backend artifact -> end-to-end check -> latency
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import sys
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import fx, nn
+
+from graphopt.backends import get_backend
+from graphopt.backends.measure import time_interleaved
+from graphopt.capture import Captured, InputSpec, capture
+from graphopt.errors import BackendError, GraphoptError, InputError, VerificationError
+from graphopt.pass_manager import (
+    Instrument,
+    Numerics,
+    PassContext,
+    PassManager,
+    PrintTiming,
+    Reproducer,
+)
+from graphopt.pipeline import parse_pipeline
+from graphopt.report import Report, op_counts
+from graphopt.target import Target
+from graphopt.verify import compare, exact_tolerance, run_module
+
+log = logging.getLogger(__name__)
+
+
+class OptimizedModel:
+    """The result of :func:`optimize`: callable like the original model, savable, with a report.
+
+    Call it with torch tensors (returns tensors) or numpy arrays (returns arrays). The batch
+    dimension is dynamic; every other dimension and the dtype must match the example inputs.
+    """
+
+    def __init__(self, artifact: Any, graph_module: fx.GraphModule, report: Report,
+                 inputs: list[InputSpec], backend: Any) -> None:
+        self.artifact = artifact
+        self.graph_module = graph_module
+        self.report = report
+        self.inputs = inputs
+        self.backend = backend
+
+    def check_inputs(self, args: Sequence[Any]) -> None:
+        """Raise :class:`InputError` unless ``args`` fit the optimized model's inputs."""
+        if len(args) != len(self.inputs):
+            raise InputError(f"the model takes {len(self.inputs)} input(s) "
+                             f"({'; '.join(s.describe() for s in self.inputs)}), got {len(args)}.")
+        for i, (spec, x) in enumerate(zip(self.inputs, args, strict=True)):
+            if not isinstance(x, torch.Tensor | np.ndarray):
+                raise InputError(f"input {i} is a {type(x).__name__}; pass a torch tensor or a "
+                                 "numpy array.")
+            shape = tuple(x.shape)
+            ok = len(shape) == len(spec.shape) and all(
+                want is None or want == got for want, got in zip(spec.shape, shape, strict=True))
+            dtype = x.dtype if isinstance(x, torch.Tensor) else torch.from_numpy(
+                np.empty(0, dtype=x.dtype)).dtype
+            if not ok or dtype != spec.dtype:
+                got = f"{str(dtype).replace('torch.', '')}{list(shape)}"
+                raise InputError(f"input {i} should be {spec.describe()} (N = any "
+                                 f"batch size), got {got}. The model was optimized for that "
+                                 "shape; re-run optimize() with example inputs of the new shape.")
+
+    def __call__(self, *args: Any) -> Any:
+        self.check_inputs(args)
+        as_torch = any(isinstance(x, torch.Tensor) for x in args)
+        arrays = [x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else x for x in args]
+        outputs = self.artifact.run(arrays)
+        if as_torch:
+            outputs = [torch.from_numpy(np.asarray(o)) for o in outputs]
+        return outputs[0] if len(outputs) == 1 else tuple(outputs)
+
+    def save(self, path: str | Path) -> Path:
+        """Write the deployable artifact (``.onnx`` for the ONNX Runtime backend)."""
+        path = Path(path)
+        if path.suffix != ".onnx":
+            raise GraphoptError(f"the {self.report.backend} backend saves ONNX files; name the "
+                                f"output '*.onnx' (got {path.name!r}).")
+        return self.artifact.save(path)
+
+    def __repr__(self) -> str:
+        return (f"<OptimizedModel {self.report.model} on {self.report.target} "
+                f"({self.report.backend})>")
+
+
+def optimize(model: nn.Module | str | Path | Any, target: str | Target = "cpu",
+             example_inputs: Sequence[Any] | None = None, pipeline: str | None = None, *,
+             verify: bool = True, strict: bool = False, backend: str = "onnxruntime",
+             measure: bool = True, calibration_data: Iterable[Any] | None = None,
+             leaf_modules: Sequence[type[nn.Module]] = (),
+             concrete_args: dict[str, Any] | None = None,
+             instruments: Sequence[Instrument] = (), progress: bool = False,
+             name: str | None = None) -> OptimizedModel:
+    """Optimize ``model`` for ``target`` and return an :class:`OptimizedModel`.
+
+    ``model``: an ``nn.Module`` (with ``example_inputs``), an ``.onnx`` path or a
+    ``ModelProto``. ``pipeline``: a pipeline string, default the target's
+    (``graphopt passes`` lists them). ``verify``: check every pass and the final artifact on the
+    example inputs. ``strict``: raise instead of rolling a pass back. ``measure``: time the
+    artifact against the backend on the unrewritten export. The model passed in is never
+    modified.
+
+    >>> result = optimize(model, "cpu", example_inputs=(x,))
+    >>> print(result.report)
+    >>> result.save("model.onnx")
+    """
+    say = _Say(progress)
+    tgt = Target.parse(target)                        # bad strings fail before any heavy work
+    pipe = parse_pipeline(pipeline if pipeline is not None else tgt.default_pipeline)
+    runtime = get_backend(backend, tgt)
+    say(f"capturing {name or _model_name(model)}")
+    captured = capture(model, example_inputs, leaf_modules=leaf_modules,
+                       concrete_args=concrete_args)
+    inputs = captured.example_inputs
+    original = copy.deepcopy(captured.graph)
+    verify_outputs = _reference_outputs(model, captured) if verify else None
+    ctx = PassContext(sample_inputs=inputs if verify else None, calibration_data=calibration_data,
+                      target=tgt, backend=runtime, strict=strict, verify=verify,
+                      instruments=[Reproducer()] + list(instruments))
+    if progress:
+        ctx.instruments.append(PrintTiming(total=len(pipe)))
+    say(f"running {len(pipe)} passes: {pipe}")
+    result = PassManager(pipe, strict=strict).run(captured.graph, ctx)
+    gm = result.graph
+    input_names = [s.name for s in captured.inputs]
+    say(f"lowering to {runtime.name}")
+    artifact = runtime.compile(gm, inputs, input_names=input_names)
+    report = Report(model=name or _model_name(model), target=str(tgt), backend=runtime.name,
+                    backend_version=runtime.version, pipeline=str(pipe),
+                    capture_method=captured.method, capture_notes=list(captured.notes),
+                    records=result.records, ops_before=dict(op_counts(original)),
+                    ops_after=dict(op_counts(gm)), graph_error=result.end_to_end,
+                    threads=getattr(runtime, "threads", 0))
+    if verify_outputs is not None:
+        got = [torch.from_numpy(np.asarray(o)) for o in artifact.run(
+            [x.numpy() for x in inputs])]
+        report.artifact_error = compare(verify_outputs, got, _artifact_numerics(result))
+        if not report.artifact_error.ok:
+            message = (f"the {runtime.name} artifact differs from the original model beyond the "
+                       f"pipeline's contract: {report.artifact_error.describe()}.")
+            if strict:
+                raise VerificationError(message + " The rewritten graph itself was within its "
+                                        "contract; the difference comes from lowering.",
+                                        output=report.artifact_error.output,
+                                        measured=report.artifact_error.measured,
+                                        allowed=report.artifact_error.allowed)
+            log.warning(message)
+    if measure:
+        say("measuring latency against the unrewritten export")
+        report.latency_baseline, report.latency_optimized, report.baseline_name = _measure(
+            runtime, model, captured, original, artifact, input_names)
+    return OptimizedModel(artifact, gm, report, captured.inputs, runtime)
+
+
+def _model_name(model: Any) -> str:
+    if isinstance(model, nn.Module):
+        return type(model).__name__
+    if isinstance(model, str | Path):
+        return Path(model).name
+    return "onnx-model"
+
+
+def _reference_outputs(model: Any, captured: Captured) -> list[torch.Tensor]:
+    """Outputs of the user's model itself (a copy in eval mode / ONNX Runtime on the file)."""
+    if isinstance(model, nn.Module):
+        ref = copy.deepcopy(model).eval()
+        return run_module(ref, captured.example_inputs)
+    return run_module(captured.graph, captured.example_inputs)
+
+
+def _artifact_numerics(result: Any) -> Numerics:
+    lossy = [r for r in result.records if r.modified and r.status == "ok"
+             and r.numerics.startswith("lossy")]
+    if lossy and result.end_to_end is not None:
+        # a lossy pipeline: the artifact may differ as much as the graph did, and rounding
+        return Numerics.lossy("max_abs", result.end_to_end.details.get("max_abs", 0.0) * 1.01
+                              + exact_tolerance(torch.ones(1)))
+    return Numerics.exact()
+
+
+def _measure(runtime, model, captured, original_gm, artifact, input_names):
+    """Latency of the backend on the unrewritten model and on graphopt's artifact, interleaved."""
+    arrays = [x.numpy() for x in captured.example_inputs]
+    if captured.method == "onnx":
+        from graphopt.onnx_import import load_onnx
+
+        baseline = runtime.load(load_onnx(model))
+        baseline_name = f"{runtime.name} on the original ONNX file"
+    else:
+        try:   # what a user gets from torch.onnx.export of their own model
+            baseline = runtime.compile(copy.deepcopy(model).eval(), captured.example_inputs,
+                                       input_names=input_names)
+        except BackendError:
+            baseline = runtime.compile(original_gm, captured.example_inputs,
+                                       input_names=input_names)
+        baseline_name = f"{runtime.name} on the unrewritten export"
+    timings = time_interleaved({"baseline": lambda: baseline.run(arrays),
+                                "optimized": lambda: artifact.run(arrays)},
+                               warmup=5, runs=40, max_time_s=15.0)
+    return timings["baseline"], timings["optimized"], baseline_name
+
+
+class _Say:
+    """Stage lines on stderr with elapsed time, when progress is asked for."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.start = time.perf_counter()
+
+    def __call__(self, message: str) -> None:
+        if self.enabled:
+            print(f"[{time.perf_counter() - self.start:6.1f}s] {message}", file=sys.stderr,
+                  flush=True)

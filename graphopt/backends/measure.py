@@ -1,0 +1,151 @@
+"""Latency measurement shared by all backends, and the on-disk latency cache.
+
+A measurement warms up, then times single runs until it has ``runs`` samples (or ``max_time_s``
+has passed, with at least 5 samples) and reports the median and the 10th/90th percentiles.
+Latency-aware passes ask a backend for ``measure(...)``; results are cached on disk keyed by
+(graph fingerprint, target, backend and its version, input shapes, session settings), so a
+second run measures nothing. A corrupt cache file is reported and ignored, never fatal.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Latency:
+    """Latency of one call, in milliseconds: median and spread over ``runs`` timed calls."""
+
+    median_ms: float
+    p10_ms: float
+    p90_ms: float
+    runs: int
+
+    @property
+    def spread(self) -> float:
+        """(p90 - p10) / median: the relative spread of the samples."""
+        return (self.p90_ms - self.p10_ms) / self.median_ms if self.median_ms > 0 else 0.0
+
+    def __str__(self) -> str:
+        return f"{self.median_ms:.3f} ms (p10 {self.p10_ms:.3f}, p90 {self.p90_ms:.3f}, n={self.runs})"
+
+    @classmethod
+    def from_samples(cls, samples_s: list[float]) -> Latency:
+        ms = sorted(s * 1e3 for s in samples_s)
+        q = statistics.quantiles(ms, n=10, method="inclusive") if len(ms) > 1 else [ms[0]] * 9
+        return cls(statistics.median(ms), q[0], q[-1], len(ms))
+
+
+def time_callable(fn: Callable[[], Any], *, warmup: int = 5, runs: int = 50,
+                  max_time_s: float = 10.0, progress: Any = None) -> Latency:
+    """Time ``fn()``: ``warmup`` untimed calls, then up to ``runs`` timed ones."""
+    for _ in range(warmup):
+        fn()
+    samples: list[float] = []
+    deadline = time.perf_counter() + max_time_s
+    for _ in range(runs):
+        start = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - start)
+        if progress is not None:
+            progress.update(1)
+        if time.perf_counter() > deadline and len(samples) >= 5:
+            break
+    return Latency.from_samples(samples)
+
+
+def time_interleaved(fns: dict[str, Callable[[], Any]], *, warmup: int = 5, runs: int = 50,
+                     max_time_s: float = 20.0) -> dict[str, Latency]:
+    """Time several callables in alternation, so drift in machine load hits them alike."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    samples: dict[str, list[float]] = {k: [] for k in fns}
+    deadline = time.perf_counter() + max_time_s
+    for _ in range(runs):
+        for key, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            samples[key].append(time.perf_counter() - start)
+        if time.perf_counter() > deadline and len(next(iter(samples.values()))) >= 5:
+            break
+    return {k: Latency.from_samples(v) for k, v in samples.items()}
+
+
+def default_cache_dir() -> Path:
+    env = os.environ.get("GRAPHOPT_CACHE_DIR")
+    if env:
+        return Path(env)
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "graphopt"
+
+
+def cache_key(**parts: Any) -> str:
+    """A stable key from keyword parts (fingerprint, target, backend, version, shapes...)."""
+    text = json.dumps(parts, sort_keys=True, default=str)
+    return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
+
+
+class LatencyCache:
+    """A JSON file of ``key -> Latency``. Writes are atomic; a bad file is ignored with a warning."""
+
+    VERSION = 1
+
+    def __init__(self, path: str | Path | None = None) -> None:
+        self.path = Path(path) if path else default_cache_dir() / "latency.json"
+        self._entries: dict[str, dict[str, Any]] | None = None
+
+    def _load(self) -> dict[str, dict[str, Any]]:
+        if self._entries is not None:
+            return self._entries
+        self._entries = {}
+        if self.path.exists():
+            try:
+                data = json.loads(self.path.read_text())
+                if not isinstance(data, dict) or data.get("version") != self.VERSION \
+                        or not isinstance(data.get("entries"), dict):
+                    raise ValueError("not a graphopt latency cache of version "
+                                     f"{self.VERSION}")
+                self._entries = {k: v for k, v in data["entries"].items()
+                                 if isinstance(v, dict) and set(v) >= {"median_ms", "p10_ms",
+                                                                        "p90_ms", "runs"}}
+            except (OSError, ValueError) as exc:
+                log.warning("ignoring latency cache %s (%s); it will be rewritten",
+                            self.path, exc)
+        return self._entries
+
+    def get(self, key: str) -> Latency | None:
+        entry = self._load().get(key)
+        if entry is None:
+            return None
+        try:
+            return Latency(float(entry["median_ms"]), float(entry["p10_ms"]),
+                           float(entry["p90_ms"]), int(entry["runs"]))
+        except (TypeError, ValueError):
+            return None
+
+    def put(self, key: str, latency: Latency) -> None:
+        entries = self._load()
+        entries[key] = asdict(latency)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".latency-")
+            with os.fdopen(fd, "w") as f:
+                json.dump({"version": self.VERSION, "entries": entries}, f)
+            os.replace(tmp, self.path)
+        except OSError as exc:   # a read-only cache dir costs re-measuring, nothing more
+            log.warning("could not write latency cache %s: %s", self.path, exc)
+
+    def __len__(self) -> int:
+        return len(self._load())

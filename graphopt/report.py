@@ -1,0 +1,123 @@
+"""The report of an ``optimize`` run: per pass what changed, how long it took, how far the
+numbers moved; end to end, the error of the artifact and its latency against the baseline."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import fx
+
+from graphopt.backends.measure import Latency
+from graphopt.pass_manager import PassRecord
+from graphopt.verify import Comparison
+
+
+def op_counts(gm: fx.GraphModule) -> Counter:
+    """Operations of a graph by kind: module class names, function and method names."""
+    counts: Counter = Counter()
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            counts[type(gm.get_submodule(node.target)).__name__] += 1
+        elif node.op == "call_function":
+            counts[getattr(node.target, "__name__", str(node.target))] += 1
+        elif node.op == "call_method":
+            counts["." + node.target] += 1
+    return counts
+
+
+@dataclass
+class Report:
+    """What ``optimize`` did. ``str(report)`` is the table the CLI prints; ``to_dict`` is JSON."""
+
+    model: str
+    target: str
+    backend: str
+    backend_version: str
+    pipeline: str
+    capture_method: str
+    capture_notes: list[str] = field(default_factory=list)
+    records: list[PassRecord] = field(default_factory=list)
+    ops_before: dict[str, int] = field(default_factory=dict)
+    ops_after: dict[str, int] = field(default_factory=dict)
+    graph_error: Comparison | None = None        # rewritten graph vs original, in torch
+    artifact_error: Comparison | None = None     # backend artifact vs original model
+    latency_baseline: Latency | None = None      # backend on the unrewritten export
+    latency_optimized: Latency | None = None
+    baseline_name: str = ""
+    threads: int = 0
+
+    @property
+    def speedup(self) -> float | None:
+        if self.latency_baseline and self.latency_optimized:
+            return self.latency_baseline.median_ms / self.latency_optimized.median_ms
+        return None
+
+    @property
+    def rolled_back(self) -> list[PassRecord]:
+        return [r for r in self.records if r.status in ("rolled-back", "failed")]
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {k: getattr(self, k) for k in ("model", "target", "backend", "backend_version",
+                                           "pipeline", "capture_method", "capture_notes",
+                                           "ops_before", "ops_after", "baseline_name",
+                                           "threads")}
+        d["records"] = [r.to_dict() for r in self.records]
+        for key in ("graph_error", "artifact_error"):
+            value = getattr(self, key)
+            d[key] = dataclasses.asdict(value) if value else None
+        for key in ("latency_baseline", "latency_optimized"):
+            value = getattr(self, key)
+            d[key] = dataclasses.asdict(value) if value else None
+        d["speedup"] = self.speedup
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, default=str)
+
+    def __str__(self) -> str:
+        lines = [f"graphopt report: {self.model} -> {self.target} "
+                 f"({self.backend} {self.backend_version})",
+                 f"captured with {self.capture_method}"]
+        lines += [f"  note: {n}" for n in self.capture_notes]
+        lines.append(f"pipeline: {self.pipeline}")
+        lines.append("")
+        header = f" {'#':>2}  {'pass':<26} {'status':<11} {'changed':<7} {'time':>9}  " \
+                 f"{'error vs before the pass':<38} stats"
+        lines.append(header)
+        lines.append("-" * len(header))
+        for r in self.records:
+            err = r.comparison.describe() if r.comparison else (
+                "not checked (no sample inputs)" if r.status == "unverified" else "-")
+            stats = " ".join(f"{k}={v}" for k, v in sorted(r.stats.items()))
+            lines.append(f" {r.position + 1:>2}  {r.spec:<26} {r.status:<11} "
+                         f"{'yes' if r.modified else 'no':<7} {r.time_s * 1e3:7.1f}ms  "
+                         f"{err:<38} {stats}")
+            if r.message and r.status != "ok":
+                lines.append(f"      {r.message}")
+            if r.reproducer:
+                lines.append(f"      reproducer: {r.reproducer}/repro.py")
+        lines.append("")
+        lines.append("operations: " + _ops_line(self.ops_before, self.ops_after))
+        if self.graph_error:
+            lines.append(f"end to end, rewritten graph vs original:  {self.graph_error.describe()}")
+        if self.artifact_error:
+            lines.append(f"end to end, {self.backend} artifact vs original model: "
+                         f"{self.artifact_error.describe()}")
+        if self.latency_baseline and self.latency_optimized:
+            lines.append(f"latency (median, {self.threads} threads, same run): "
+                         f"{self.baseline_name} {self.latency_baseline.median_ms:.3f} ms -> "
+                         f"graphopt {self.latency_optimized.median_ms:.3f} ms "
+                         f"({self.speedup:.2f}x)")
+        return "\n".join(lines)
+
+
+def _ops_line(before: dict[str, int], after: dict[str, int]) -> str:
+    keys = [k for k in sorted(set(before) | set(after), key=lambda k: -before.get(k, 0))
+            if before.get(k, 0) != after.get(k, 0)]
+    total_b, total_a = sum(before.values()), sum(after.values())
+    changed = ", ".join(f"{k} {before.get(k, 0)}->{after.get(k, 0)}" for k in keys[:8])
+    return f"{total_b} -> {total_a}" + (f" ({changed})" if changed else " (unchanged)")
