@@ -1,0 +1,136 @@
+"""The ``graphopt`` command (also ``python -m graphopt``).
+
+    graphopt optimize resnet18 --target cpu [-o out.onnx] [--pipeline STR] [--json report.json]
+    graphopt optimize model.onnx --target cpu -o model.opt.onnx
+    graphopt passes                 every pass with its doc, options and numerics
+    graphopt zoo                    the built-in models
+    graphopt bench [MODELS...]      graphopt against torch eager, torch.compile, ONNX Runtime...
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import inspect
+import logging
+import sys
+from pathlib import Path
+
+from graphopt.errors import GraphoptError
+
+
+def _cmd_optimize(args: argparse.Namespace) -> int:
+    import graphopt
+    from graphopt import zoo
+    from graphopt.pass_manager import DumpIR, PrintIR
+
+    source = args.model
+    if Path(source).suffix == ".onnx" or Path(source).exists():
+        model, inputs, name = source, None, Path(source).name
+    else:
+        entry = zoo.get(source)
+        model, inputs, name = entry.model, entry.example_inputs, entry.name
+    instruments = []
+    if args.print_ir:
+        instruments.append(PrintIR())
+    if args.dump_ir:
+        instruments.append(DumpIR(args.dump_ir))
+    result = graphopt.optimize(model, args.target, inputs, args.pipeline, strict=args.strict,
+                               verify=not args.no_verify, measure=not args.no_measure,
+                               instruments=instruments, progress=not args.quiet, name=name)
+    print(result.report)
+    if args.output:
+        path = result.save(args.output)
+        print(f"\nsaved {path}")
+    if args.json:
+        Path(args.json).write_text(result.report.to_json())
+        print(f"report written to {args.json}")
+    failed = result.report.rolled_back
+    return 1 if failed and args.strict else 0
+
+
+def _cmd_passes(args: argparse.Namespace) -> int:
+    from graphopt.pipeline import registered_passes
+
+    for name, cls in registered_passes().items():
+        doc = inspect.getdoc(sys.modules[cls.__module__]) or inspect.getdoc(cls) or ""
+        print(f"{name}  [{cls.numerics}]")
+        summary = doc.split("\n\n")[0].split(":", 1)[-1].strip() if doc else ""
+        print(f"    {summary}")
+        options = getattr(cls, "Options", None)
+        if options is not None and dataclasses.is_dataclass(options):
+            for f in dataclasses.fields(options):
+                kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", f.type)
+                print(f"    option {f.name}: {kind} = {f.default!r}")
+        if args.verbose and doc:
+            print("\n".join("    " + line for line in doc.splitlines()))
+        print()
+    return 0
+
+
+def _cmd_zoo(args: argparse.Namespace) -> int:
+    from graphopt import zoo
+
+    for name in zoo.names():
+        print(f"{name:<16} {zoo.describe(name)}")
+    return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from graphopt import bench
+
+    return bench.main(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="graphopt", description="Verified graph optimization "
+                                     "of PyTorch and ONNX models for ONNX Runtime and TVM.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what graphopt does")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("optimize", help="optimize a zoo model or an .onnx file for a target")
+    p.add_argument("model", help="a zoo model name (see `graphopt zoo`) or a path to an .onnx file")
+    p.add_argument("--target", default="cpu", help="cpu, cuda, llvm -mcpu=..., android-arm64")
+    p.add_argument("--pipeline", default=None, help="pipeline string; default: the target's")
+    p.add_argument("-o", "--output", default=None, help="write the optimized model (.onnx)")
+    p.add_argument("--json", default=None, help="write the report as JSON to this file")
+    p.add_argument("--strict", action="store_true", help="fail instead of rolling back a pass")
+    p.add_argument("--no-verify", action="store_true", help="skip numeric checks")
+    p.add_argument("--no-measure", action="store_true", help="skip the latency comparison")
+    p.add_argument("--print-ir", action="store_true", help="print the IR diff after each pass")
+    p.add_argument("--dump-ir", default=None, metavar="DIR", help="write IR after each pass")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
+    p.set_defaults(func=_cmd_optimize)
+
+    p = sub.add_parser("passes", help="list the passes with their options")
+    p.add_argument("--verbose", action="store_true", help="print each pass's full documentation")
+    p.set_defaults(func=_cmd_passes)
+
+    p = sub.add_parser("zoo", help="list the built-in models")
+    p.set_defaults(func=_cmd_zoo)
+
+    p = sub.add_parser("bench", help="benchmark graphopt against the tools a user would pick")
+    from graphopt.bench import add_arguments
+
+    add_arguments(p)
+    p.set_defaults(func=_cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except GraphoptError as exc:
+        print(f"graphopt: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("graphopt: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

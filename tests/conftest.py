@@ -1,0 +1,29 @@
+"""Shared test configuration: Hypothesis profiles and small helpers."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from hypothesis import HealthCheck, settings
+
+# "ci": what CI runs (300 random models per property, deterministic); "dev": quick local runs;
+# "deep": a long search for a local hunt.
+settings.register_profile("ci", max_examples=300, deadline=None, derandomize=True,
+                          suppress_health_check=[HealthCheck.too_slow,
+                                                 HealthCheck.data_too_large])
+settings.register_profile("dev", max_examples=40, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("deep", max_examples=3000, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow,
+                                                 HealthCheck.data_too_large])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    """Each test session measures into its own latency cache, never the user's."""
+    monkeypatch.setenv("GRAPHOPT_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "cache"))
