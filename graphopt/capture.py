@@ -123,7 +123,7 @@ def capture(model: Any, example_inputs: Sequence[Any] | None = None, *,
 
 
 class _Tracer(fx.Tracer):
-    def __init__(self, leaf_modules: Sequence[type[nn.Module]]) -> None:
+    def __init__(self, leaf_modules: Sequence[type[nn.Module]] = ()) -> None:
         super().__init__()
         self.extra_leaves = tuple(leaf_modules)
 

@@ -25,6 +25,7 @@ it has real BatchNorm statistics and a meaningful accuracy (:func:`digits_data`)
 from __future__ import annotations
 
 import functools
+import os
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -548,7 +549,38 @@ class DigitsCNN(nn.Module):
 
 @functools.lru_cache(maxsize=8)
 def _trained_digits_state(seed: int) -> dict[str, torch.Tensor]:
+    """Trained weights, cached in-process and on disk (a corrupt cache file is retrained)."""
+    from graphopt.backends.measure import default_cache_dir
+
+    path = default_cache_dir() / "zoo" / f"digits_cnn-seed{seed}-v1.pt"
+    try:
+        state = torch.load(path, weights_only=True)
+        if set(state) == set(DigitsCNN().state_dict()):
+            return state
+    except Exception:  # noqa: BLE001 - missing or unreadable cache: train
+        pass
+    state = _train_digits(seed)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    except OSError:
+        pass
+    return state
+
+
+def _train_digits(seed: int) -> dict[str, torch.Tensor]:
     x, y = digits_data("train")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)        # a tiny model: one thread is faster and immune to load
+    try:
+        return _train_digits_loop(seed, x, y)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train_digits_loop(seed: int, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = DigitsCNN()

@@ -1,0 +1,109 @@
+"""Capture: symbolic tracing, the torch.export fallback, and errors that say how to fix them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from graphopt import verify
+from graphopt.capture import capture
+from graphopt.errors import CaptureError, InputError
+
+
+class ShapeBranch(nn.Module):
+    """Control flow on a shape: symbolic tracing fails, torch.export specialises."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        y = self.bn(self.conv(x))
+        if y.shape[-1] > 4:
+            y = y * 2
+        return y
+
+
+class Gate(nn.Module):
+    def forward(self, x):
+        if x.sum() > 0:                      # data-dependent: neither tracer can capture it
+            return x * 2
+        return x - 1
+
+
+class DataDependent(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 1)
+        self.gate = Gate()
+
+    def forward(self, x):
+        return self.gate(self.conv(x))
+
+
+def test_symbolic_trace_records_shapes_on_every_node():
+    m = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()).eval()
+    cap = capture(m, (torch.randn(2, 3, 8, 8),))
+    assert cap.method == "symbolic_trace"
+    for node in cap.graph.graph.nodes:
+        if node.op != "output":
+            assert tuple(node.meta["tensor_meta"].shape)[0] == 2
+    assert cap.inputs[0].shape == (None, 3, 8, 8)
+    assert cap.inputs[0].dtype == torch.float32
+
+
+def test_model_is_never_mutated():
+    m = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).train()
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    cap = capture(m, (torch.randn(2, 3, 8, 8),))
+    for p in cap.graph.parameters():
+        p.data.add_(1.0)
+    assert m.training                                     # captured in eval mode, on a copy
+    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
+    assert any("training mode" in n for n in cap.notes)
+
+
+def test_shape_control_flow_falls_back_to_torch_export_and_says_so():
+    m = ShapeBranch().eval()
+    x = torch.randn(1, 3, 8, 8)
+    cap = capture(m, (x,))
+    assert cap.method == "torch.export"
+    assert any("symbolic tracing failed" in n and "torch.export" in n for n in cap.notes)
+    assert torch.allclose(verify.run_module(cap.graph, (x,))[0], m(x))
+
+
+def test_data_dependent_control_flow_gives_capture_error_with_line_and_fix():
+    with pytest.raises(CaptureError) as info:
+        capture(DataDependent().eval(), (torch.randn(1, 3, 4, 4),))
+    text = str(info.value)
+    assert "test_capture.py" in text and "if x.sum() > 0:" in text
+    assert "(Gate)" in text
+    assert "leaf_modules=[Gate]" in text and "concrete_args" in text
+    assert "torch.export fallback also failed" in text
+
+
+def test_leaf_modules_fix_works():
+    m = DataDependent().eval()
+    x = torch.randn(1, 3, 4, 4)
+    cap = capture(m, (x,), leaf_modules=[Gate])
+    assert cap.method == "symbolic_trace"
+    assert torch.equal(verify.run_module(cap.graph, (x,))[0], m(x))
+
+
+def test_without_example_inputs_the_error_says_to_pass_them():
+    with pytest.raises(CaptureError, match="no example_inputs were given"):
+        capture(ShapeBranch().eval())
+
+
+def test_wrong_example_inputs_are_an_input_error():
+    with pytest.raises(InputError, match=r"raised on the example inputs \(\(1, 5, 8, 8\)"):
+        capture(ShapeBranch().eval(), (torch.randn(1, 5, 8, 8),))
+    with pytest.raises(InputError, match="tuple of tensors"):
+        capture(ShapeBranch().eval(), "not a tensor")
+
+
+def test_not_a_model():
+    with pytest.raises(CaptureError, match="torch.nn.Module, an .onnx path"):
+        capture(42, ())
