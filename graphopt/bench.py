@@ -63,6 +63,9 @@ TITLES = {EAGER: "torch eager", COMPILE: "torch.compile", ORT: "ORT (plain expor
 #: a runner whose output differs from eager's by more than this (relative) is flagged
 MISMATCH = 1e-3
 
+#: other processes using more than this many cores while a model is timed: noted as noisy
+BUSY = 0.25
+
 OPENVINO_MISSING = "not installed: pip install graphopt[bench]"
 
 
@@ -159,19 +162,20 @@ def bench_model(name: str, *, runs: int, warmup: int, compile: bool = True,
 
     Returns ``{"model", "description", "batch", "input_shapes", "threads", "runners":
     {runner: {median_ms, p10_ms, p90_ms, runs, rel_error, speedup_vs_eager}}, "ratios",
-    "build_s", "graphopt_artifact_error", "skipped": {runner: reason}, "wall_s"}``.
+    "compile_s", "graphopt_artifact_error", "skipped": {runner: reason}, "wall_s"}``.
     """
     from graphopt import zoo
     from graphopt.backends.measure import time_interleaved
 
     say = say or _Say(False)
     start = time.perf_counter()
+    say(f"{name}: building the model")
     entry = zoo.get(name)
     model, inputs = entry.model, tuple(entry.example_inputs)
     arrays = [x.detach().cpu().numpy() for x in inputs]
     runners: dict[str, Callable[[], Any]] = {}
     outputs: dict[str, list[np.ndarray]] = {}
-    build_s: dict[str, float] = {}
+    compile_s: dict[str, float] = {}
     skipped: dict[str, str] = {}
     threads: dict[str, int | None] = {"torch": torch.get_num_threads()}
     artifact_error: dict[str, Any] | None = None
@@ -202,10 +206,10 @@ def bench_model(name: str, *, runs: int, warmup: int, compile: bool = True,
 
                 t0 = time.perf_counter()
                 out = compiled_run()
-                build_s[COMPILE] = time.perf_counter() - t0
+                compile_s[COMPILE] = time.perf_counter() - t0
                 outputs[COMPILE] = _numpy_outputs(out)
                 runners[COMPILE] = compiled_run
-                say(f"{name}: torch.compile compiled in {build_s[COMPILE]:.1f} s")
+                say(f"{name}: torch.compile compiled in {compile_s[COMPILE]:.1f} s")
             except Exception as exc:  # noqa: BLE001 - a missing compiler must not stop the run
                 skipped[COMPILE] = _error(exc)
                 say(f"{name}: torch.compile failed: {skipped[COMPILE]}")
@@ -222,7 +226,7 @@ def bench_model(name: str, *, runs: int, warmup: int, compile: bool = True,
             threads["onnxruntime"] = backend.threads
             t0 = time.perf_counter()
             ort_artifact = backend.compile(copy.deepcopy(model), inputs)
-            build_s[ORT] = time.perf_counter() - t0
+            compile_s[ORT] = time.perf_counter() - t0
             ort_run = _bind(ort_artifact.run, arrays)
             outputs[ORT] = [np.array(o) for o in ort_run()]
             runners[ORT] = ort_run
@@ -240,7 +244,7 @@ def bench_model(name: str, *, runs: int, warmup: int, compile: bool = True,
             try:
                 t0 = time.perf_counter()
                 ov_run, threads["openvino"] = _openvino_runner(ort_artifact.proto, arrays)
-                build_s[OPENVINO] = time.perf_counter() - t0
+                compile_s[OPENVINO] = time.perf_counter() - t0
                 outputs[OPENVINO] = [np.array(o) for o in ov_run()]
                 runners[OPENVINO] = ov_run
             except ImportError:
@@ -257,7 +261,7 @@ def bench_model(name: str, *, runs: int, warmup: int, compile: bool = True,
 
             t0 = time.perf_counter()
             opt = graphopt.optimize(model, "cpu", inputs, measure=False, name=name)
-            build_s[GRAPHOPT] = time.perf_counter() - t0
+            compile_s[GRAPHOPT] = time.perf_counter() - t0
             err = opt.report.artifact_error
             if err is not None:
                 artifact_error = {"metric": err.metric, "measured": err.measured,
@@ -265,14 +269,16 @@ def bench_model(name: str, *, runs: int, warmup: int, compile: bool = True,
             go_run = _bind(opt.artifact.run, arrays)
             outputs[GRAPHOPT] = [np.array(o) for o in go_run()]
             runners[GRAPHOPT] = go_run
-            say(f"{name}: graphopt optimized in {build_s[GRAPHOPT]:.1f} s")
+            say(f"{name}: graphopt optimized in {compile_s[GRAPHOPT]:.1f} s")
         except Exception as exc:  # noqa: BLE001
             skipped[GRAPHOPT] = _error(exc)
             say(f"{name}: graphopt failed: {skipped[GRAPHOPT]}")
 
         say(f"{name}: timing {', '.join(runners)} interleaved "
             f"(warmup {warmup}, up to {runs} runs or {max_time_s:g} s)")
+        probe = _CpuProbe()
         timings = time_interleaved(runners, warmup=warmup, runs=runs, max_time_s=max_time_s)
+        other_cpu = probe.others()
     finally:
         if freezing_before is not None:
             import torch._inductor.config as inductor_config
@@ -300,7 +306,10 @@ def bench_model(name: str, *, runs: int, warmup: int, compile: bool = True,
         if inputs and inputs[0].dim() > 0 else 1,
         "input_shapes": [list(x.shape) for x in inputs],
         "threads": threads, "runners": per_runner, "ratios": ratios,
-        "build_s": build_s, "graphopt_artifact_error": artifact_error, "skipped": skipped,
+        "compile_s": compile_s, "graphopt_artifact_error": artifact_error, "skipped": skipped,
+        # cores' worth of CPU time that other processes used while this model was timed:
+        # well above 0, they competed with the runners and absolute latencies are noisy
+        "other_cpu_while_timing": other_cpu,
         "wall_s": time.perf_counter() - start,
     }
     summary = ", ".join(f"{k} {v['median_ms']:.3g} ms" for k, v in per_runner.items())
@@ -364,6 +373,32 @@ def _rel_error(reference: list[np.ndarray], got: Sequence[Any]) -> float:
         diff = float(np.max(np.abs(out - ref)))
         worst = max(worst, diff / scale if scale > 0 else diff)
     return worst
+
+
+class _CpuProbe:
+    """CPU used by other processes over an interval, in cores (from /proc/stat, Linux only)."""
+
+    def __init__(self) -> None:
+        self.wall = time.perf_counter()
+        self.own = time.process_time()
+        self.busy = self._busy()
+
+    @staticmethod
+    def _busy() -> float | None:
+        try:
+            fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+            user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, fields[:8])
+        except (OSError, ValueError, IndexError):
+            return None
+        return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+    def others(self) -> float | None:
+        busy = self._busy()
+        wall = time.perf_counter() - self.wall
+        if busy is None or self.busy is None or wall <= 0:
+            return None
+        own = time.process_time() - self.own
+        return round(max(0.0, (busy - self.busy - own) / wall), 2)
 
 
 def _error(exc: BaseException) -> str:
@@ -490,6 +525,12 @@ def markdown_table(results: Sequence[dict[str, Any]], *,
                   f"{machine.get('torch')}, onnxruntime {machine.get('onnxruntime')}"
                   + (f", openvino {machine['openvino']}" if machine.get("openvino") else "")
                   + f"; {machine.get('date')}.")
+    busy = [res for res in results if (res.get("other_cpu_while_timing") or 0.0) > BUSY]
+    if busy:
+        worst = max(res["other_cpu_while_timing"] for res in busy)
+        notes.append(f"other processes used up to {worst:.1f} cores while timing "
+                     f"{', '.join(r['model'] for r in busy)}: absolute latencies are noisy; "
+                     "the ratios, timed interleaved, less so")
     text = intro + "\n\n" + text
     if notes:
         text += "\n\n" + "\n".join(f"- {n}" for n in notes)

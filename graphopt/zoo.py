@@ -25,8 +25,8 @@ it has real BatchNorm statistics and a meaningful accuracy (:func:`digits_data`)
 from __future__ import annotations
 
 import functools
-import os
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
