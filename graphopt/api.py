@@ -124,7 +124,9 @@ def optimize(model: nn.Module | str | Path | Any, target: str | Target = "cpu",
                        concrete_args=concrete_args)
     inputs = captured.example_inputs
     original = copy.deepcopy(captured.graph)
-    verify_outputs = _reference_outputs(model, captured) if verify else None
+    # the ground truth: the user's module itself, or ONNX Runtime on the user's ONNX file
+    onnx_original = _load_original_onnx(runtime, model) if captured.method == "onnx" else None
+    verify_outputs = _reference_outputs(model, captured, onnx_original) if verify else None
     ctx = PassContext(sample_inputs=inputs if verify else None, calibration_data=calibration_data,
                       target=tgt, backend=runtime, strict=strict, verify=verify,
                       instruments=[Reproducer()] + list(instruments))
@@ -159,7 +161,7 @@ def optimize(model: nn.Module | str | Path | Any, target: str | Target = "cpu",
     if measure:
         say("measuring latency against the unrewritten export")
         report.latency_baseline, report.latency_optimized, report.baseline_name = _measure(
-            runtime, model, captured, original, artifact, input_names)
+            runtime, model, captured, original, artifact, input_names, onnx_original)
     return OptimizedModel(artifact, gm, report, captured.inputs, runtime)
 
 
@@ -171,12 +173,19 @@ def _model_name(model: Any) -> str:
     return "onnx-model"
 
 
-def _reference_outputs(model: Any, captured: Captured) -> list[torch.Tensor]:
+def _load_original_onnx(runtime: Any, model: Any) -> Any:
+    from graphopt.onnx_import import load_onnx
+
+    return runtime.load(load_onnx(model))
+
+
+def _reference_outputs(model: Any, captured: Captured, onnx_original: Any) -> list[torch.Tensor]:
     """Outputs of the user's model itself (a copy in eval mode / ONNX Runtime on the file)."""
-    if isinstance(model, nn.Module):
-        ref = copy.deepcopy(model).eval()
-        return run_module(ref, captured.example_inputs)
-    return run_module(captured.graph, captured.example_inputs)
+    if onnx_original is not None:
+        arrays = [x.numpy() for x in captured.example_inputs]
+        return [torch.from_numpy(np.asarray(o)) for o in onnx_original.run(arrays)]
+    ref = copy.deepcopy(model).eval()
+    return run_module(ref, captured.example_inputs)
 
 
 def _artifact_numerics(result: Any) -> Numerics:
@@ -189,13 +198,11 @@ def _artifact_numerics(result: Any) -> Numerics:
     return Numerics.exact()
 
 
-def _measure(runtime, model, captured, original_gm, artifact, input_names):
+def _measure(runtime, model, captured, original_gm, artifact, input_names, onnx_original):
     """Latency of the backend on the unrewritten model and on graphopt's artifact, interleaved."""
     arrays = [x.numpy() for x in captured.example_inputs]
-    if captured.method == "onnx":
-        from graphopt.onnx_import import load_onnx
-
-        baseline = runtime.load(load_onnx(model))
+    if onnx_original is not None:
+        baseline = onnx_original
         baseline_name = f"{runtime.name} on the original ONNX file"
     else:
         try:   # what a user gets from torch.onnx.export of their own model

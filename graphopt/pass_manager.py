@@ -342,7 +342,9 @@ class PassManager:
             except Exception as exc:  # noqa: BLE001 - a pass failing must not lose the model
                 failure = exc
             record.time_s = time.perf_counter() - start
-            if failure is None and reference is not None and record.modified:
+            # checked whether or not the pass says it changed anything: a pass that reports
+            # modified=False is held to the same contract, so a dishonest one cannot slip by
+            if failure is None and reference is not None:
                 try:
                     outputs = verify.run_module(new_gm, inputs)
                 except Exception as exc:  # noqa: BLE001
@@ -358,6 +360,8 @@ class PassManager:
                 record.status = "rolled-back"
                 record.message = ("broke its numeric contract " + str(p.numerics) + ": "
                                   + record.comparison.describe())
+                if not record.modified:
+                    record.message += " (while reporting modified=False)"
             if record.status in ("failed", "rolled-back"):
                 for inst in instruments:
                     path = inst.on_failure(position, p, backup, ctx, record)

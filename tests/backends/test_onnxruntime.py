@@ -1,0 +1,117 @@
+"""ONNX Runtime backend: export with a dynamic batch, sessions, errors, measurement and cache."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from torch import nn
+
+from graphopt.backends import get_backend
+from graphopt.backends import onnxruntime as ort_backend
+from graphopt.backends.measure import Latency, LatencyCache, time_interleaved
+from graphopt.backends.onnxruntime import OnnxRuntimeBackend, export_onnx
+from graphopt.capture import capture
+from graphopt.errors import BackendError
+from graphopt.testing import randomize_bn
+
+
+def _model():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                      nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5)).eval()
+    randomize_bn(m[1], torch.Generator().manual_seed(0))
+    return m, torch.randn(1, 3, 16, 16)
+
+
+def test_export_keeps_batch_dynamic_and_ir_version_loadable():
+    m, x = _model()
+    gm = capture(m, (x,)).graph
+    proto = export_onnx(gm, (x,), input_names=["image"])
+    assert proto.ir_version <= 10
+    dims = proto.graph.input[0].type.tensor_type.shape.dim
+    assert dims[0].dim_param and [d.dim_value for d in dims[1:]] == [3, 16, 16]
+    assert proto.graph.input[0].name == "image"
+    artifact = OnnxRuntimeBackend("cpu").load(proto)
+    for batch in (1, 5):
+        xb = torch.randn(batch, 3, 16, 16)
+        (got,) = artifact.run([xb.numpy()])
+        with torch.no_grad():
+            want = m(xb).numpy()
+        assert got.shape == want.shape
+        assert np.abs(got - want).max() <= 1e-5 * max(1.0, np.abs(want).max())
+
+
+def test_session_settings():
+    backend = OnnxRuntimeBackend("cpu", threads=1)
+    opts = backend.session_options()
+    assert opts.intra_op_num_threads == 1 and opts.inter_op_num_threads == 1
+    assert backend.settings()["providers"] == ["CPUExecutionProvider"]
+    assert backend.version
+
+
+def test_unloadable_model_and_bad_feed_are_backend_errors():
+    backend = OnnxRuntimeBackend("cpu")
+    bad = onnx.ModelProto()
+    bad.ir_version = 8
+    bad.graph.node.add(op_type="NoSuchOp", input=["x"], output=["y"])
+    with pytest.raises(BackendError, match="could not load"):
+        backend.load(bad)
+    m, x = _model()
+    artifact = backend.compile(m, (x,))
+    with pytest.raises(BackendError, match="failed to run"):
+        artifact.run([np.zeros((1, 4, 16, 16), np.float32)])
+
+
+def test_mobile_target_and_unknown_backend_are_explained():
+    with pytest.raises(BackendError, match="TVM backend"):
+        OnnxRuntimeBackend("android-arm64")
+    with pytest.raises(BackendError, match="unknown backend 'onnxruntim'.*Did you mean"):
+        get_backend("onnxruntim", "cpu")
+
+
+def test_measure_reports_median_and_spread_and_caches_on_disk(tmp_path, monkeypatch):
+    m, x = _model()
+    cache = LatencyCache(tmp_path / "lat.json")
+    backend = OnnxRuntimeBackend("cpu", cache=cache)
+    artifact = backend.compile(m, (x,))
+    first = backend.measure(artifact, (x,), warmup=2, runs=10)
+    assert first.runs == 10 and first.p10_ms <= first.median_ms <= first.p90_ms
+    assert len(cache) == 1
+    calls = []
+    monkeypatch.setattr(ort_backend, "time_callable", lambda *a, **k: calls.append(1))
+    again = OnnxRuntimeBackend("cpu", cache=LatencyCache(tmp_path / "lat.json")).measure(
+        artifact.proto, (x,), warmup=2, runs=10)
+    assert again == first and not calls                     # a second run measures nothing
+    # a different input shape is a different entry
+    other = backend.measure(artifact, (torch.randn(2, 3, 16, 16),), warmup=1, runs=3,
+                            use_cache=False)
+    assert other.runs == 3 and len(cache) == 1
+
+
+def test_corrupt_or_foreign_cache_is_ignored_with_a_warning(tmp_path, caplog):
+    path = tmp_path / "lat.json"
+    for content in ("{not json", json.dumps({"version": 99, "entries": {}}), "[1, 2]"):
+        path.write_text(content)
+        cache = LatencyCache(path)
+        with caplog.at_level(logging.WARNING):
+            assert cache.get("anything") is None
+        assert "ignoring latency cache" in caplog.text
+        caplog.clear()
+        cache.put("k", Latency(1.0, 0.9, 1.2, 10))
+        assert LatencyCache(path).get("k") == Latency(1.0, 0.9, 1.2, 10)
+
+
+def test_latency_statistics_and_interleaving():
+    lat = Latency.from_samples([0.001, 0.002, 0.003, 0.004, 0.100])
+    assert lat.median_ms == pytest.approx(3.0)
+    assert lat.p10_ms < lat.median_ms < lat.p90_ms
+    order = []
+    result = time_interleaved({"a": lambda: order.append("a"), "b": lambda: order.append("b")},
+                              warmup=0, runs=3)
+    assert order == ["a", "b"] * 3
+    assert result["a"].runs == result["b"].runs == 3
