@@ -82,15 +82,15 @@ def test_measure_reports_median_and_spread_and_caches_on_disk(tmp_path, monkeypa
     first = backend.measure(artifact, (x,), warmup=2, runs=10)
     assert first.runs == 10 and first.p10_ms <= first.median_ms <= first.p90_ms
     assert len(cache) == 1
+    # use_cache=False measures afresh and leaves the cache alone
+    other = backend.measure(artifact, (torch.randn(2, 3, 16, 16),), warmup=1, runs=3,
+                            use_cache=False)
+    assert other.runs == 3 and len(cache) == 1
     calls = []
     monkeypatch.setattr(ort_backend, "time_callable", lambda *a, **k: calls.append(1))
     again = OnnxRuntimeBackend("cpu", cache=LatencyCache(tmp_path / "lat.json")).measure(
         artifact.proto, (x,), warmup=2, runs=10)
     assert again == first and not calls                     # a second run measures nothing
-    # a different input shape is a different entry
-    other = backend.measure(artifact, (torch.randn(2, 3, 16, 16),), warmup=1, runs=3,
-                            use_cache=False)
-    assert other.runs == 3 and len(cache) == 1
 
 
 def test_corrupt_or_foreign_cache_is_ignored_with_a_warning(tmp_path, caplog):
