@@ -86,7 +86,7 @@ class Report:
         lines.append(f"pipeline: {self.pipeline}")
         lines.append("")
         header = f" {'#':>2}  {'pass':<26} {'status':<11} {'changed':<7} {'time':>9}  " \
-                 f"{'error vs before the pass':<38} stats"
+                 f"{'error vs before the pass':<52} stats"
         lines.append(header)
         lines.append("-" * len(header))
         for r in self.records:
@@ -95,7 +95,7 @@ class Report:
             stats = " ".join(f"{k}={v}" for k, v in sorted(r.stats.items()))
             lines.append(f" {r.position + 1:>2}  {r.spec:<26} {r.status:<11} "
                          f"{'yes' if r.modified else 'no':<7} {r.time_s * 1e3:7.1f}ms  "
-                         f"{err:<38} {stats}")
+                         f"{err:<52} {stats}")
             if r.message and r.status != "ok":
                 lines.append(f"      {r.message}")
             if r.reproducer:

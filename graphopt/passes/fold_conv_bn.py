@@ -212,7 +212,8 @@ def _as_bn(gm: fx.GraphModule, node: fx.Node) -> _BN | None:
             v = _args(node, ["input", "running_mean", "running_var", "weight", "bias", "training",
                              "momentum", "eps"], {"weight": None, "bias": None,
                                                   "training": False, "eps": 1e-5})
-            if node.target is aten.batch_norm.default:   # (input, weight, bias, mean, var, ...)
+            # torch.batch_norm is the aten op: (input, weight, bias, mean, var, ...)
+            if node.target in (aten.batch_norm.default, torch.batch_norm):
                 v = _args(node, ["input", "weight", "bias", "running_mean", "running_var",
                                  "training", "momentum", "eps"], {})
             return _BN(node, v["input"], node, _attr(gm, v["running_mean"]),
@@ -250,6 +251,23 @@ class FoldConvBN(Pass):
         bn_before: bool = True          # BN -> Conv/Linear where the padding allows it exactly
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        # A fold can make another one possible (BN1 -> BN2 -> conv: once BN2 is folded into the
+        # conv, BN1 feeds it), so sweep until nothing folds; each sweep removes a BN, so the loop
+        # ends. Folds add up over sweeps; the refusals are those of the last (fixed-point) sweep.
+        stats: Counter = Counter()
+        while True:
+            sweep = self._sweep(gm)
+            stats.update({k: v for k, v in sweep.items() if k.startswith("folded")})
+            if not (sweep["folded"] or sweep["folded-bn-before"]):
+                stats.update(sweep)
+                break
+        folded = stats["folded"] + stats["folded-bn-before"]
+        if folded:
+            gm.delete_all_unused_submodules()
+            gm.recompile()
+        return PassResult(gm, modified=folded > 0, stats=+stats)
+
+    def _sweep(self, gm: fx.GraphModule) -> Counter:
         stats: Counter = Counter()
         calls = _call_counts(gm)
         owners = _param_owners(gm)
@@ -285,11 +303,7 @@ class FoldConvBN(Pass):
                 continue
             _fold(gm, consumer, bn, after=False)
             stats["folded-bn-before"] += 1
-        folded = stats["folded"] + stats["folded-bn-before"]
-        if folded:
-            gm.delete_all_unused_submodules()
-            gm.recompile()
-        return PassResult(gm, modified=folded > 0, stats=stats)
+        return stats
 
 
 def _call_counts(gm: fx.GraphModule) -> Counter:
