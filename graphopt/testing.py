@@ -294,8 +294,10 @@ def _build_spec(ints: Callable[[int, int], int], pick: Callable[[list], Any],
             spec.append(dict(kind=kind, cin=c, cout=c, k=k, stride=1, pad=k // 2, dil=1,
                              groups=groups, bias=pick([True, False])))
         elif kind == "bn":
+            # without running stats BN normalises over batch x space: with one pixel, a batch of
+            # one would raise, so keep those models valid for every batch size
             spec.append(dict(kind="bn", c=c, affine=pick([True, True, False]),
-                             stats=pick([True, True, True, False])))
+                             stats=pick([True, True, True, False]) if n > 1 else True))
         elif kind == "act":
             spec.append(dict(kind="act", act=pick(list(_ACTS))))
         elif kind == "bn_conv":

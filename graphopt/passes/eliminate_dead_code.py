@@ -2,11 +2,14 @@
 only they referenced.
 
     %3 = relu(%2)      # no users, no side effect  ->  removed
-Impure nodes (in-place ops, calls FX marks as side-effecting) and placeholders are kept.
+Impure nodes (in-place ops: ``Tensor.add_``, ``torch.relu_``, ``inplace=True`` calls and modules,
+``setitem``; calls FX marks as side-effecting; random ops) and placeholders are kept.
 """
 
 from __future__ import annotations
 
+import inspect
+import operator
 from collections import Counter
 from dataclasses import dataclass
 
@@ -30,7 +33,10 @@ class EliminateDeadCode(Pass):
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         stats: Counter = Counter()
         before = len(gm.graph.nodes)
-        gm.graph.eliminate_dead_code()
+        # FX's own purity check misses in-place ops (``y.add_(1)``, ``F.relu(y, inplace=True)``,
+        # ``nn.ReLU(inplace=True)``): their result is often unused, their effect is not
+        gm.graph.eliminate_dead_code(
+            is_impure_node=lambda n: n.is_impure() or mutates_input(gm, n))
         stats["removed-nodes"] = before - len(gm.graph.nodes)
         if self.options.remove_unused_modules:
             modules_before = sum(1 for _ in gm.modules())
@@ -40,6 +46,29 @@ class EliminateDeadCode(Pass):
         gm.recompile()
         changed = sum(stats.values()) > 0
         return PassResult(gm, modified=changed, stats=+stats)
+
+
+def mutates_input(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """``node`` writes to one of its inputs (an in-place op), so it must stay without users."""
+    if node.op == "call_module":
+        return getattr(gm.get_submodule(node.target), "inplace", False) is True
+    if node.op == "call_method":
+        name = node.target
+    elif node.op == "call_function":
+        if node.target in (operator.setitem, operator.delitem):
+            return True
+        name = getattr(node.target, "__name__", "")
+        try:
+            bound = inspect.signature(node.target).bind(*node.args, **node.kwargs)
+            if bound.arguments.get("inplace") is True:        # F.relu(x, True), F.dropout(...)
+                return True
+        except (TypeError, ValueError):
+            pass                                              # builtins without a signature
+    else:
+        return False
+    if node.kwargs.get("inplace") is True:
+        return True
+    return name.endswith("_") and not name.startswith("__")  # add_, relu_, copy_, ...
 
 
 def _drop_unused_attributes(gm: fx.GraphModule) -> int:

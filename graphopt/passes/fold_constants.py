@@ -33,11 +33,25 @@ def _fetch(gm: fx.GraphModule, target: str) -> Any:
     return obj
 
 
+def _is_random(target: Any, name: str) -> bool:
+    """A random op: by name, or the aten op of that name is tagged ``nondeterministic_seeded``
+    (``torch.binomial``, ``F.rrelu``, ``Tensor.geometric``...: no list of names keeps up)."""
+    if name in _RANDOM:
+        return True
+    seeded = torch.Tag.nondeterministic_seeded
+    if isinstance(target, torch._ops.OpOverload):
+        return seeded in target.tags
+    packet = getattr(torch.ops.aten, name, None) if name.isidentifier() else None
+    if not isinstance(packet, torch._ops.OpOverloadPacket):
+        return False
+    return any(seeded in getattr(packet, o).tags for o in packet.overloads())
+
+
 def _is_pure(node: fx.Node) -> bool:
     if node.op not in ("call_function", "call_method"):
         return False            # call_module may hold state; placeholders are inputs
     name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
-    if name in _RANDOM or name.endswith("_") and name != "__getitem__":
+    if _is_random(node.target, name) or name.endswith("_") and name != "__getitem__":
         return False            # random or in-place
     return not node.is_impure()
 
@@ -73,6 +87,7 @@ class FoldConstants(Pass):
                 call_args = args[1:] if node.op == "call_method" else args
                 value = fn(*call_args, **kwargs)
             values[node] = value
+        read = {n for n in gm.graph.nodes if n.op == "get_attr" and n.users}
         folded = 0
         counter = 0
         for node in list(gm.graph.nodes):
@@ -98,8 +113,9 @@ class FoldConstants(Pass):
             folded += 1
         if folded:
             # drop the constant subgraphs that fed the new constants, nothing else
+            # (the constants they read included, but no attribute read that was dead before)
             for node in reversed(list(gm.graph.nodes)):
-                if node in values and not node.users and node.op != "get_attr":
+                if node in values and not node.users and (node.op != "get_attr" or node in read):
                     gm.graph.erase_node(node)
             gm.recompile()
         stats["folded"] = folded

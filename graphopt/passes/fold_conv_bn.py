@@ -17,7 +17,8 @@ BN before the layer (x' = a*x + t on the layer's input channels)::
 
 Both module (``nn.Conv2d`` -> ``nn.BatchNorm2d``) and functional forms (``F.conv2d``,
 ``F.batch_norm``, the aten ops ``torch.export`` produces) are folded. Arithmetic is float64,
-cast back to the weight's dtype.
+cast back to the weight's dtype. The pass sweeps the graph until nothing more folds, so chains
+(BN -> BN -> conv) fold in one run and a second run finds nothing.
 
 Not folded (counted as ``skipped:<reason>``): BN in training mode (``bn-training``), without
 running statistics (``no-running-stats``); the layer's output also used elsewhere

@@ -12,7 +12,8 @@ The rules, each ``pattern -> replacement``:
 
 Not removed (counted as ``skipped:<reason>``): dropout in training mode (``dropout-training``);
 a reshape whose target equals the traced shape only for the traced batch size
-(``reshape-static-batch``).
+(``reshape-static-batch``); ``x*1``, ``x+0``, ``x.contiguous()`` whose result a user then
+changes in place (``inplace-user``: without the copy, the write would change ``x``).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from graphopt.pass_manager import Numerics, Pass, PassContext, PassResult
+from graphopt.passes.eliminate_dead_code import mutates_input
 from graphopt.pipeline import register_pass
 
 _DROPOUT_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
@@ -38,6 +40,7 @@ _CASTS = {"float": torch.float32, "double": torch.float64, "half": torch.float16
 _NEUTRAL = {operator.mul: 1, torch.mul: 1, operator.truediv: 1, torch.div: 1,
             operator.add: 0, torch.add: 0, operator.sub: 0, torch.sub: 0}
 _COMMUTATIVE = {operator.mul, torch.mul, operator.add, torch.add}
+_NEW_TENSOR = {"mul-one", "add-zero", "contiguous"}
 
 
 def _meta(node: Any) -> Any:
@@ -69,6 +72,11 @@ class RemoveIdentity(Pass):
                 continue
             if kind.startswith("skipped:"):
                 stats[kind] += 1
+                continue
+            # x*1, x+0 and .contiguous() return a new tensor: where a user then writes to it in
+            # place, removing them would make that write change x
+            if kind in _NEW_TENSOR and any(mutates_input(gm, u) for u in node.users):
+                stats["skipped:inplace-user"] += 1
                 continue
             node.replace_all_uses_with(source)
             gm.graph.erase_node(node)
@@ -143,8 +151,9 @@ class RemoveIdentity(Pass):
         # dim 0 is the batch: it must be -1 or read from the same tensor; the rest must match
         first = spec[0]
         batch_safe = first == -1 or (isinstance(first, fx.Node) and _is_size_of(first, src, 0))
-        rest_equal = all(isinstance(s, int) and (s == d or s == -1 and i > 0)
-                         for i, (s, d) in enumerate(zip(spec[1:], shape[1:], strict=True)))
+        # (the shapes are equal, so with the batch fixed a single -1 can only be the traced dim)
+        rest_equal = all(isinstance(s, int) and s in (d, -1)
+                         for s, d in zip(spec[1:], shape[1:], strict=True))
         if rest_equal and sum(1 for s in spec if s == -1) <= 1:
             return ("reshape", src) if batch_safe else ("skipped:reshape-static-batch", None)
         return None, None

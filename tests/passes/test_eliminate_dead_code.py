@@ -1,0 +1,203 @@
+"""eliminate-dead-code: structure, numerics, what must be kept, properties."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given
+from torch import fx, nn
+
+from graphopt import verify
+from graphopt.passes.eliminate_dead_code import EliminateDeadCode
+from graphopt.testing import assert_pass_preserves, random_cnns, run_pass, verify_rewrite
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """These models are tiny: a second intra-op thread only adds contention."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _x(*shape: int, seed: int = 1) -> torch.Tensor:
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+
+
+class _DeadBranches(nn.Module):
+    """A conv whose input also feeds a dead module call, a dead function chain and a dead read
+    of a parameter only that chain uses."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.unused = nn.Conv2d(3, 4, 1)
+        self.scale = nn.Parameter(torch.randn(3, 1, 1, generator=torch.Generator().manual_seed(0)))
+
+    def forward(self, x):
+        self.unused(x)
+        torch.sigmoid(x * self.scale).mean()
+        return torch.relu(self.conv(x))
+
+
+class _Live(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x):
+        return torch.relu(self.conv(x))
+
+
+# ------------------------------------------------------------------------------------------------
+# 1. structure
+
+
+def test_removes_dead_nodes_modules_and_constants():
+    result = verify_rewrite("eliminate-dead-code", _DeadBranches(), _Live(), (_x(2, 3, 6, 6),))
+    assert dict(result.stats) == {"removed-nodes": 5, "removed-modules": 1,
+                                  "removed-constants": 1}
+    assert not hasattr(result.graph, "unused") and not hasattr(result.graph, "scale")
+
+
+def test_keeps_unused_modules_when_asked():
+    gm, result = run_pass("eliminate-dead-code", _DeadBranches(), (_x(2, 3, 6, 6),),
+                          remove_unused_modules=False)
+    assert result.stats["removed-nodes"] == 5 and "removed-modules" not in result.stats
+    assert isinstance(gm.get_submodule("unused"), nn.Conv2d)
+
+
+# ------------------------------------------------------------------------------------------------
+# 2. numerics
+
+
+def test_dead_code_removal_keeps_numerics_for_any_batch():
+    result = assert_pass_preserves(EliminateDeadCode, _DeadBranches(), (_x(2, 3, 6, 6),),
+                                   more_inputs=[(_x(5, 3, 6, 6, seed=2),)], expect_modified=True)
+    assert result.stats["removed-nodes"] == 5
+
+
+def test_dead_code_behind_extra_outputs_is_kept():
+    class M(nn.Module):
+        def forward(self, x):
+            y = torch.relu(x)
+            torch.tanh(y)                        # dead
+            return y, y * 2                      # both live
+    result = assert_pass_preserves(EliminateDeadCode, M(), (_x(3, 4),), expect_modified=True)
+    assert dict(result.stats) == {"removed-nodes": 1}
+
+
+# ------------------------------------------------------------------------------------------------
+# 3. must not fire: nodes without users that still matter
+
+
+def test_live_graph_is_left_alone():
+    result = assert_pass_preserves(EliminateDeadCode, _Live(), (_x(2, 3, 6, 6),),
+                                   expect_modified=False)
+    assert dict(result.stats) == {}
+
+
+def test_unused_input_is_kept():
+    class M(nn.Module):
+        def forward(self, x, unused):
+            return x * 2
+
+    gm, result = run_pass("eliminate-dead-code", M(), (_x(2, 3), _x(2, 3, seed=2)))
+    assert not result.modified
+    assert len([n for n in gm.graph.nodes if n.op == "placeholder"]) == 2
+
+
+class _InPlace(nn.Module):
+    """y = 2x, then an in-place op on y whose own result nobody reads."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        y = x * 2
+        if self.how == "method":
+            y.add_(1)
+        elif self.how == "torch.relu_":
+            torch.relu_(y)
+        elif self.how == "F.relu(inplace=True)":
+            F.relu(y, inplace=True)
+        elif self.how == "F.relu(y, True)":
+            F.relu(y, True)
+        elif self.how == "F.hardtanh(inplace)":
+            F.hardtanh(y, -0.5, 0.5, True)
+        elif self.how == "nn.ReLU(inplace=True)":
+            self.relu(y)
+        return y
+
+
+@pytest.mark.parametrize("how", ["method", "torch.relu_", "F.relu(inplace=True)",
+                                 "F.relu(y, True)", "F.hardtanh(inplace)",
+                                 "nn.ReLU(inplace=True)"])
+def test_in_place_op_with_unused_result_is_kept(how):
+    result = assert_pass_preserves(EliminateDeadCode, _InPlace(how), (_x(3, 4),),
+                                   expect_modified=False)
+    assert dict(result.stats) == {}
+
+
+def test_in_place_flag_passed_positionally_is_seen():
+    """Tracing turns F.relu(y, True) into kwargs; a graph built by hand or by another frontend
+    may keep it positional."""
+    graph = fx.Graph()
+    y = graph.call_function(torch.mul, (graph.placeholder("x"), 2))
+    graph.call_function(F.relu, (y, True))
+    graph.output(y)
+    gm = fx.GraphModule(nn.Module(), graph)
+    result = assert_pass_preserves(EliminateDeadCode, gm, (_x(3, 4),), expect_modified=False)
+    assert dict(result.stats) == {}
+
+
+def test_random_op_with_unused_result_is_kept():
+    """Drawing random numbers advances the generator: dropping the draw changes later draws."""
+    class M(nn.Module):
+        def forward(self, x):
+            torch.randn_like(x)
+            return x + 1
+
+    gm, result = run_pass("eliminate-dead-code", M(), (_x(3, 4),))
+    assert not result.modified
+    assert any(n.target is torch.randn_like for n in gm.graph.nodes)
+
+
+# ------------------------------------------------------------------------------------------------
+# 4. properties on random CNNs, each with a dead branch added
+
+
+class _WithDeadBranch(nn.Module):
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+        self.dead = nn.Identity()
+
+    def forward(self, x):
+        self.dead(torch.relu(x) * 2)
+        return self.inner(x)
+
+
+def _other_batch(x: torch.Tensor) -> tuple[torch.Tensor]:
+    return (torch.randn(x.shape[0] + 2, *x.shape[1:],
+                        generator=torch.Generator().manual_seed(x.numel())),)
+
+
+@given(random_cnns())
+def test_random_cnns_keep_numerics_report_honestly_and_are_idempotent(case):
+    model = _WithDeadBranch(case.model)
+    result = assert_pass_preserves(EliminateDeadCode, model, case.inputs, expect_modified=True,
+                                   more_inputs=[_other_batch(case.inputs[0])])
+    assert result.stats["removed-nodes"] >= 3 and result.stats["removed-modules"] >= 1
+    printed = verify.fingerprint(result.graph)
+    again, second = run_pass(EliminateDeadCode(), copy.deepcopy(result.graph), case.inputs)
+    assert not second.modified, dict(second.stats)
+    assert verify.fingerprint(again) == printed
+    assert all(n.users or n.op in ("placeholder", "output") for n in again.graph.nodes)
+    assert isinstance(again, fx.GraphModule)

@@ -1,0 +1,253 @@
+"""fold-constants: structure, numerics, what must not be folded, properties."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given
+from torch import fx, nn
+
+from graphopt import verify
+from graphopt.capture import capture
+from graphopt.passes.fold_constants import FoldConstants
+from graphopt.testing import assert_pass_preserves, random_cnns, run_pass, verify_rewrite
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """These models are tiny: a second intra-op thread only adds contention."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _x(*shape: int, seed: int = 1) -> torch.Tensor:
+    return torch.randn(shape, generator=_gen(seed))
+
+
+class _LinearOfTransposed(nn.Module):
+    """F.linear with a weight stored transposed: ``weight.t()`` is a constant subgraph."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(8, 4, generator=_gen(0)))
+
+    def forward(self, x):
+        return F.linear(x, self.w.t())
+
+
+class _LinearOfConstant(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("wt", torch.zeros(4, 8))
+
+    def forward(self, x):
+        return F.linear(x, self.wt)
+
+
+# ------------------------------------------------------------------------------------------------
+# 1. structure
+
+
+def test_folds_weight_transpose_into_one_constant():
+    result = verify_rewrite("fold-constants", _LinearOfTransposed(), _LinearOfConstant(),
+                            (_x(3, 8),))
+    assert dict(result.stats) == {"folded": 1}
+
+
+def test_folds_a_multi_op_constant_subgraph_into_one_constant():
+    class Before(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(8, 4, generator=_gen(0)))
+            self.b = nn.Parameter(torch.randn(4, generator=_gen(1)))
+
+        def forward(self, x):
+            w = (self.w * 2 + 1).t().contiguous()
+            return F.linear(x, w, self.b.exp())
+
+    class Expected(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.register_buffer("w", torch.zeros(4, 8))
+            self.register_buffer("b", torch.zeros(4))
+
+        def forward(self, x):
+            return F.linear(x, self.w, self.b)
+
+    result = verify_rewrite("fold-constants", Before(), Expected(), (_x(3, 8),))
+    assert dict(result.stats) == {"folded": 2}
+
+
+# ------------------------------------------------------------------------------------------------
+# 2. numerics
+
+
+class _ConstantScaledConv(nn.Module):
+    """A conv whose weight is a normalised constant expression, plus a constant bias shift."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        g = _gen(2)
+        self.v = nn.Parameter(torch.randn(6, 3, 3, 3, generator=g))
+        self.g = nn.Parameter(torch.rand(6, 1, 1, 1, generator=g) + 0.5)
+        self.shift = nn.Parameter(torch.randn(6, generator=g))
+
+    def forward(self, x):
+        w = self.g * self.v / self.v.flatten(1).norm(dim=1).view(-1, 1, 1, 1)   # weight norm
+        y = F.conv2d(x, w, padding=1)
+        return y + self.shift.view(1, -1, 1, 1).sigmoid()
+
+
+def test_folding_keeps_numerics_for_any_batch():
+    result = assert_pass_preserves(FoldConstants, _ConstantScaledConv(), (_x(2, 3, 5, 5),),
+                                   more_inputs=[(_x(5, 3, 5, 5, seed=3),)], expect_modified=True)
+    assert dict(result.stats) == {"folded": 2}
+    assert not any(n.op == "call_method" and n.target in ("norm", "view", "sigmoid", "flatten")
+                   for n in result.graph.graph.nodes)
+
+
+# ------------------------------------------------------------------------------------------------
+# 3. must not fire
+
+
+class _RandomOfConstant(nn.Module):
+    """A random op whose inputs are all constants: folding it would freeze one draw forever."""
+
+    def __init__(self, op: str) -> None:
+        super().__init__()
+        self.op = op
+        self.w = nn.Parameter(torch.rand(4, 4, generator=_gen(0)))
+
+    def forward(self, x):
+        w = self.w
+        noise = {
+            "torch.randn_like": lambda: torch.randn_like(w),
+            "torch.randint_like": lambda: torch.randint_like(w, 5),
+            "torch.bernoulli": lambda: torch.bernoulli(w),
+            "Tensor.bernoulli": lambda: w.bernoulli(),
+            "torch.poisson": lambda: torch.poisson(w),
+            "torch.binomial": lambda: torch.binomial(w, w),
+            "torch.normal": lambda: torch.normal(w, 1.0),
+            "F.dropout": lambda: F.dropout(w, 0.5, True),
+            "F.rrelu(training)": lambda: F.rrelu(w, training=True),
+            "torch.multinomial": lambda: torch.multinomial(w, 4).float(),
+        }[self.op]()
+        return x + noise
+
+
+@pytest.mark.parametrize("op", ["torch.randn_like", "torch.randint_like", "torch.bernoulli",
+                                "Tensor.bernoulli", "torch.poisson", "torch.binomial",
+                                "torch.normal", "F.dropout", "F.rrelu(training)",
+                                "torch.multinomial"])
+def test_random_op_of_constants_is_not_folded(op):
+    model, x = _RandomOfConstant(op), _x(4, 4)
+    gm, result = run_pass("fold-constants", model, (x,))
+    assert not result.modified
+    assert dict(result.stats) == {"skipped:impure": 1}
+    assert verify.canonical_ir(gm) == verify.canonical_ir(capture(model, (x,)).graph)
+
+
+def test_random_op_without_inputs_is_not_folded():
+    """x + torch.randn(4, 4) * w, built by hand: symbolic tracing would run torch.randn(4, 4)
+    once at capture (it reads no proxy), so the graph must be written directly."""
+    root = nn.Module()
+    root.w = nn.Parameter(torch.rand(4, 4, generator=_gen(0)))
+    graph = fx.Graph()
+    x = graph.placeholder("x")
+    noise = graph.call_function(torch.randn, (4, 4))
+    scaled = graph.call_function(torch.mul, (noise, graph.get_attr("w")))
+    graph.output(graph.call_function(torch.add, (x, scaled)))
+    gm, result = run_pass("fold-constants", fx.GraphModule(root, graph), (_x(4, 4),))
+    assert not result.modified
+    assert [n.target for n in gm.graph.nodes if n.op == "call_function"] == \
+        [torch.randn, torch.mul, torch.add]
+    x = _x(4, 4)
+    assert not torch.equal(gm(x), gm(x))               # still a fresh draw on every call
+
+
+def test_in_place_op_on_a_constant_is_not_folded():
+    class M(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.count = nn.Parameter(torch.zeros(4), requires_grad=False)
+
+        def forward(self, x):
+            return x + self.count.add_(1)
+
+    gm, result = run_pass("fold-constants", M(), (_x(4),))
+    assert not result.modified
+    assert dict(result.stats) == {"skipped:impure": 1}
+
+
+def test_constant_larger_than_max_elements_is_not_materialised():
+    class M(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.s = nn.Parameter(torch.randn(1, 1, generator=_gen(0)))
+
+        def forward(self, x):
+            return x * self.s.expand(16, 16)
+
+    x = _x(3, 16, 16)
+    result = assert_pass_preserves(FoldConstants, M(), (x,), expect_modified=False,
+                                   max_elements=255)
+    assert dict(result.stats) == {"skipped:too-large": 1}
+    result = assert_pass_preserves(FoldConstants, M(), (x,), expect_modified=True,
+                                   max_elements=256)
+    assert dict(result.stats) == {"folded": 1}
+
+
+def test_subgraph_reading_an_input_is_not_folded():
+    class M(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(4, 4, generator=_gen(0)))
+
+        def forward(self, x):
+            return (x @ self.w).relu()
+
+    result = assert_pass_preserves(FoldConstants, M(), (_x(3, 4),), expect_modified=False)
+    assert dict(result.stats) == {}
+
+
+# ------------------------------------------------------------------------------------------------
+# 4. properties on random CNNs, each scaled by a constant subgraph
+
+
+class _WithConstantScale(nn.Module):
+    def __init__(self, inner: nn.Module, seed: int) -> None:
+        super().__init__()
+        self.inner = inner
+        self.k = nn.Parameter(torch.randn(3, 2, generator=_gen(seed)))
+
+    def forward(self, x):
+        out = self.inner(x)
+        scale = (self.k.t() @ self.k).trace().sigmoid() + 0.5     # a constant subgraph
+        if isinstance(out, tuple):
+            return tuple(o * scale for o in out)
+        return out * scale
+
+
+def _other_batch(x: torch.Tensor) -> tuple[torch.Tensor]:
+    return (torch.randn(x.shape[0] + 2, *x.shape[1:], generator=_gen(x.numel())),)
+
+
+@given(random_cnns())
+def test_random_cnns_keep_numerics_report_honestly_and_are_idempotent(case):
+    model = _WithConstantScale(case.model, len(case.spec))
+    result = assert_pass_preserves(FoldConstants, model, case.inputs, expect_modified=True,
+                                   more_inputs=[_other_batch(case.inputs[0])])
+    assert dict(result.stats) == {"folded": 1}
+    printed = verify.fingerprint(result.graph)
+    again, second = run_pass(FoldConstants(), copy.deepcopy(result.graph), case.inputs)
+    assert not second.modified, dict(second.stats)
+    assert verify.fingerprint(again) == printed
