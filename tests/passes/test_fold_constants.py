@@ -16,15 +16,6 @@ from graphopt.passes.fold_constants import FoldConstants
 from graphopt.testing import assert_pass_preserves, random_cnns, run_pass, verify_rewrite
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These models are tiny: a second intra-op thread only adds contention."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _gen(seed: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 

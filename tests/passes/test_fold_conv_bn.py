@@ -36,15 +36,6 @@ _BN_FUNCTIONS = {F.batch_norm, torch.batch_norm, torch.ops.aten.batch_norm.defau
                  torch.ops.aten._native_batch_norm_legit_no_training.default}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These models are tiny: a second intra-op thread only adds contention."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _gen(seed: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
