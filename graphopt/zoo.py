@@ -317,13 +317,14 @@ class RepVGGBlock(nn.Module):
         return self.nonlinearity(out)
 
 
-class RepVGG(nn.Module):
-    """RepVGG (train-time form): stage0 + four stages of RepVGG blocks, GAP, linear."""
+class _StagedNet(nn.Module):
+    """The RepVGG / MobileOne skeleton: a stride-2 stem block, four stages whose first block has
+    stride 2, global average pooling, a linear classifier. Subclasses build the blocks."""
 
-    def __init__(self, num_blocks: list[int], width: list[float], num_classes: int = 1000) -> None:
+    def __init__(self, num_blocks: list[int], width: list[float], num_classes: int) -> None:
         super().__init__()
         self.in_planes = min(64, int(64 * width[0]))
-        self.stage0 = RepVGGBlock(3, self.in_planes, 2)
+        self.stage0 = self._stem(self.in_planes)
         self.stage1 = self._make_stage(int(64 * width[0]), num_blocks[0])
         self.stage2 = self._make_stage(int(128 * width[1]), num_blocks[1])
         self.stage3 = self._make_stage(int(256 * width[2]), num_blocks[2])
@@ -331,16 +332,35 @@ class RepVGG(nn.Module):
         self.gap = nn.AdaptiveAvgPool2d(1)
         self.linear = nn.Linear(int(512 * width[3]), num_classes)
 
+    def _stem(self, planes: int) -> nn.Module:
+        raise NotImplementedError
+
+    def _blocks(self, cin: int, planes: int, stride: int) -> list[nn.Module]:
+        raise NotImplementedError
+
     def _make_stage(self, planes: int, num_blocks: int) -> nn.Sequential:
-        blocks = []
+        blocks: list[nn.Module] = []
         for stride in [2] + [1] * (num_blocks - 1):
-            blocks.append(RepVGGBlock(self.in_planes, planes, stride))
+            blocks += self._blocks(self.in_planes, planes, stride)
             self.in_planes = planes
         return nn.Sequential(*blocks)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stage4(self.stage3(self.stage2(self.stage1(self.stage0(x)))))
         return self.linear(torch.flatten(self.gap(x), 1))
+
+
+class RepVGG(_StagedNet):
+    """RepVGG (train-time form): stage0 + four stages of RepVGG blocks, GAP, linear."""
+
+    def __init__(self, num_blocks: list[int], width: list[float], num_classes: int = 1000) -> None:
+        super().__init__(num_blocks, width, num_classes)
+
+    def _stem(self, planes: int) -> nn.Module:
+        return RepVGGBlock(3, planes, 2)
+
+    def _blocks(self, cin: int, planes: int, stride: int) -> list[nn.Module]:
+        return [RepVGGBlock(cin, planes, stride)]
 
 
 def _repvgg_a0() -> nn.Module:
@@ -384,35 +404,22 @@ class MobileOneBlock(nn.Module):
         return self.activation(out)
 
 
-class MobileOne(nn.Module):
+class MobileOne(_StagedNet):
     """MobileOne (train-time form, apple/ml-mobileone layout): stage0, four stages of
     (depthwise 3x3 block, pointwise 1x1 block) pairs, GAP, linear."""
 
     def __init__(self, num_blocks: list[int], width: list[float], num_conv_branches: int,
                  num_classes: int = 1000) -> None:
-        super().__init__()
         self.num_conv_branches = num_conv_branches
-        self.in_planes = min(64, int(64 * width[0]))
-        self.stage0 = MobileOneBlock(3, self.in_planes, 3, 2)  # one branch, as upstream
-        self.stage1 = self._make_stage(int(64 * width[0]), num_blocks[0])
-        self.stage2 = self._make_stage(int(128 * width[1]), num_blocks[1])
-        self.stage3 = self._make_stage(int(256 * width[2]), num_blocks[2])
-        self.stage4 = self._make_stage(int(512 * width[3]), num_blocks[3])
-        self.gap = nn.AdaptiveAvgPool2d(1)
-        self.linear = nn.Linear(int(512 * width[3]), num_classes)
+        super().__init__(num_blocks, width, num_classes)
 
-    def _make_stage(self, planes: int, num_blocks: int) -> nn.Sequential:
-        blocks = []
-        for stride in [2] + [1] * (num_blocks - 1):
-            c, n = self.in_planes, self.num_conv_branches
-            blocks.append(MobileOneBlock(c, c, 3, stride, groups=c, num_conv_branches=n))
-            blocks.append(MobileOneBlock(c, planes, 1, 1, num_conv_branches=n))
-            self.in_planes = planes
-        return nn.Sequential(*blocks)
+    def _stem(self, planes: int) -> nn.Module:
+        return MobileOneBlock(3, planes, 3, 2)  # one branch, as upstream
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.stage4(self.stage3(self.stage2(self.stage1(self.stage0(x)))))
-        return self.linear(torch.flatten(self.gap(x), 1))
+    def _blocks(self, cin: int, planes: int, stride: int) -> list[nn.Module]:
+        n = self.num_conv_branches
+        return [MobileOneBlock(cin, cin, 3, stride, groups=cin, num_conv_branches=n),
+                MobileOneBlock(cin, planes, 1, 1, num_conv_branches=n)]
 
 
 def _mobileone_s0() -> nn.Module:
