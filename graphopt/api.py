@@ -133,7 +133,8 @@ def optimize(model: nn.Module | str | Path | Any, target: str | Target = "cpu",
     if progress:
         ctx.instruments.append(PrintTiming(total=len(pipe)))
     say(f"running {len(pipe)} passes: {pipe}")
-    result = PassManager(pipe, strict=strict).run(captured.graph, ctx)
+    manager = PassManager(pipe, strict=strict)
+    result = manager.run(captured.graph, ctx)
     gm = result.graph
     input_names = [s.name for s in captured.inputs]
     say(f"lowering to {runtime.name}")
@@ -149,8 +150,12 @@ def optimize(model: nn.Module | str | Path | Any, target: str | Target = "cpu",
             [x.numpy() for x in inputs])]
         report.artifact_error = compare(verify_outputs, got, _artifact_numerics(result))
         if not report.artifact_error.ok:
+            say("the artifact disagrees with the model: bisecting the pipeline")
+            report.artifact_diagnosis = _bisect_lowering(
+                runtime, original, manager, result, inputs, input_names, verify_outputs)
             message = (f"the {runtime.name} artifact differs from the original model beyond the "
-                       f"pipeline's contract: {report.artifact_error.describe()}.")
+                       f"pipeline's contract: {report.artifact_error.describe()}. "
+                       f"{report.artifact_diagnosis}")
             if strict:
                 raise VerificationError(message + " The rewritten graph itself was within its "
                                         "contract; the difference comes from lowering.",
@@ -196,6 +201,42 @@ def _artifact_numerics(result: Any) -> Numerics:
         return Numerics.lossy("max_abs", result.end_to_end.details.get("max_abs", 0.0) * 1.01
                               + exact_tolerance(torch.ones(1)))
     return Numerics.exact()
+
+
+def _bisect_lowering(runtime: Any, original: fx.GraphModule, manager: PassManager, result: Any,
+                     inputs: tuple[torch.Tensor, ...], input_names: list[str],
+                     reference: list[torch.Tensor]) -> str:
+    """Find the first applied pass after which the lowered artifact disagrees with the model.
+
+    Binary search over prefixes of the passes that changed the graph: each probe re-runs the
+    prefix on a copy of the captured graph, lowers it and compares. A disagreement already at
+    prefix 0 means the exporter/backend, not a pass, is at fault.
+    """
+    applied = [p for p, r in zip(manager.passes, result.records, strict=True)
+               if r.status == "ok" and r.modified]
+    numerics = _artifact_numerics(result)
+    arrays = [x.numpy() for x in inputs]
+
+    def agrees(k: int) -> bool:
+        gm = copy.deepcopy(original)
+        gm = PassManager(applied[:k], verify=False).run(gm, PassContext()).graph
+        try:
+            artifact = runtime.compile(gm, inputs, input_names=input_names)
+            got = [torch.from_numpy(np.asarray(o)) for o in artifact.run(arrays)]
+        except GraphoptError:
+            return False
+        return compare(reference, got, numerics).ok
+
+    if not agrees(0):
+        return (f"The unrewritten graph already disagrees once lowered to {runtime.name}: the "
+                "export or the backend is at fault, not a pass.")
+    lo, hi = 0, len(applied)          # agrees(lo) is true, agrees(hi) is false
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if agrees(mid) else (lo, mid)
+    return (f"Bisection: the lowered artifact first disagrees after pass {applied[hi - 1]} "
+            f"(the graph agreed in torch, so that rewrite does not survive lowering to "
+            f"{runtime.name}).")
 
 
 def _measure(runtime, model, captured, original_gm, artifact, input_names, onnx_original):

@@ -45,6 +45,7 @@ class Report:
     ops_after: dict[str, int] = field(default_factory=dict)
     graph_error: Comparison | None = None        # rewritten graph vs original, in torch
     artifact_error: Comparison | None = None     # backend artifact vs original model
+    artifact_diagnosis: str = ""                 # where a disagreement of the artifact comes from
     latency_baseline: Latency | None = None      # backend on the unrewritten export
     latency_optimized: Latency | None = None
     baseline_name: str = ""
@@ -63,6 +64,7 @@ class Report:
     def to_dict(self) -> dict[str, Any]:
         d = {k: getattr(self, k) for k in ("model", "target", "backend", "backend_version",
                                            "pipeline", "capture_method", "capture_notes",
+                                           "artifact_diagnosis",
                                            "ops_before", "ops_after", "baseline_name",
                                            "threads")}
         d["records"] = [r.to_dict() for r in self.records]
@@ -107,6 +109,8 @@ class Report:
         if self.artifact_error:
             lines.append(f"end to end, {self.backend} artifact vs original model: "
                          f"{self.artifact_error.describe()}")
+        if self.artifact_diagnosis:
+            lines.append(f"  {self.artifact_diagnosis}")
         if self.latency_baseline and self.latency_optimized:
             lines.append(f"latency (median, {self.threads} threads, same run): "
                          f"{self.baseline_name} {self.latency_baseline.median_ms:.3f} ms -> "

@@ -171,3 +171,38 @@ def test_import_is_fast_and_lazy():
     code = "import graphopt; print(graphopt.optimize.__name__, graphopt.PassManager.__name__)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["optimize", "PassManager"]
+
+
+# ------------------------------------------------------------------------------------------------
+# an artifact that disagrees: bisection names the pass
+
+
+def _shifted_when_exported(x):
+    """The identity in torch, x + 1 in an ONNX export: a rewrite that does not survive lowering."""
+    return x + 1.0 if torch.onnx.is_in_onnx_export() else x
+
+
+@graphopt.register_pass
+class DivergeInExport(graphopt.Pass):
+    name = "test-diverge-in-export"
+    numerics = graphopt.Numerics.exact()
+
+    def run(self, gm, ctx):
+        out = next(n for n in gm.graph.nodes if n.op == "output")
+        with gm.graph.inserting_before(out):
+            node = gm.graph.call_function(_shifted_when_exported, (out.args[0],))
+        out.args = (node,)
+        gm.recompile()
+        return graphopt.PassResult(gm, modified=True)
+
+
+def test_disagreeing_artifact_is_bisected_to_the_pass(small):
+    model, inputs = small
+    pipeline = "fold-conv-bn,test-diverge-in-export,eliminate-dead-code"
+    result = graphopt.optimize(model, "cpu", inputs, pipeline=pipeline, measure=False)
+    report = result.report
+    assert report.graph_error.ok and not report.artifact_error.ok
+    assert "first disagrees after pass test-diverge-in-export" in report.artifact_diagnosis
+    assert report.artifact_diagnosis in str(report)
+    with pytest.raises(graphopt.VerificationError, match="test-diverge-in-export"):
+        graphopt.optimize(model, "cpu", inputs, pipeline=pipeline, measure=False, strict=True)
