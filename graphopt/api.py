@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import sys
-import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -30,7 +28,7 @@ from graphopt.pass_manager import (
     Reproducer,
 )
 from graphopt.pipeline import parse_pipeline
-from graphopt.report import Report, op_counts
+from graphopt.report import Progress, Report, op_counts
 from graphopt.target import Target
 from graphopt.verify import compare, exact_tolerance, run_module
 
@@ -115,7 +113,7 @@ def optimize(model: nn.Module | str | Path | Any, target: str | Target = "cpu",
     >>> print(result.report)
     >>> result.save("model.onnx")
     """
-    say = _Say(progress)
+    say = Progress(progress)
     tgt = Target.parse(target)                        # bad strings fail before any heavy work
     pipe = parse_pipeline(pipeline if pipeline is not None else tgt.default_pipeline)
     runtime = get_backend(backend, tgt)
@@ -255,18 +253,5 @@ def _measure(runtime, model, captured, original_gm, artifact, input_names, onnx_
         baseline_name = f"{runtime.name} on the unrewritten export"
     timings = time_interleaved({"baseline": lambda: baseline.run(arrays),
                                 "optimized": lambda: artifact.run(arrays)},
-                               warmup=5, runs=40, max_time_s=15.0)
+                               warmup=5, runs=30, max_time_s=20.0)
     return timings["baseline"], timings["optimized"], baseline_name
-
-
-class _Say:
-    """Stage lines on stderr with elapsed time, when progress is asked for."""
-
-    def __init__(self, enabled: bool) -> None:
-        self.enabled = enabled
-        self.start = time.perf_counter()
-
-    def __call__(self, message: str) -> None:
-        if self.enabled:
-            print(f"[{time.perf_counter() - self.start:6.1f}s] {message}", file=sys.stderr,
-                  flush=True)

@@ -19,12 +19,22 @@ inputs:
     ``graphopt.optimize(model, "cpu", inputs)`` with the target's default pipeline, run through
     its ONNX Runtime artifact.
 
-All runners of a model are timed in alternation (:func:`time_interleaved`), so a change in
-machine load hits them alike and the ratios stay meaningful on a busy machine. Each runner's
-output is compared with eager's (max abs difference over max abs eager output), so a runner
-that is fast but wrong shows. A runner that cannot be built (no C compiler for inductor,
-OpenVINO not installed, an export failure) is recorded with its reason and left out; it never
-stops the benchmark.
+All runners of a model are timed in alternation, so a change in machine load hits them alike
+and the ratios stay meaningful on a busy machine; but each timed call follows ``rewarm``
+(default 2) untimed calls of the same runner. Back to back (:func:`graphopt.backends.measure.time_interleaved`) the
+runtimes disturb each other: each keeps its worker threads spinning for a while after a call,
+taking the cores from the next runner, and threads that went to sleep must be woken. Medians on
+2 idle cores here, each runner timed alone -> back to back -> after 2 untimed calls: resnet18
+ORT 17.6 -> 24.3 -> 17.8 ms, OpenVINO 16.8 -> 31.0 -> 17.5 ms, torch.compile 17.9 -> 17.9 ->
+18.6 ms; digits_cnn eager 0.093 -> 0.197 -> 0.100 ms. (A 50 ms pause before each call instead
+was worse: waking the idle threads took digits_cnn eager to 12.5 ms.)
+
+Each runner's output is compared with eager's (max abs difference over max abs eager output),
+so a runner that is fast but wrong shows. A runner that cannot be built (no C compiler for
+inductor, OpenVINO not installed, an export failure) is recorded with its reason and left out;
+it never stops the benchmark. The CPU time other processes used while a model was timed is
+recorded (``other_cpu_while_timing``, in cores) and the table notes when it was high;
+``wait_idle_s`` waits for a quiet machine instead.
 
     graphopt bench                       all zoo models
     graphopt bench resnet18 --runs 20 --json r.json --markdown r.md
@@ -39,7 +49,6 @@ import datetime
 import json
 import os
 import platform
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -48,6 +57,9 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from graphopt.backends.measure import time_interleaved
+from graphopt.report import Progress
 
 EAGER = "torch eager"
 COMPILE = "torch.compile"
@@ -62,6 +74,9 @@ TITLES = {EAGER: "torch eager", COMPILE: "torch.compile", ORT: "ORT (plain expor
 
 #: a runner whose output differs from eager's by more than this (relative) is flagged
 MISMATCH = 1e-3
+
+#: untimed calls of a runner before each of its timed calls (see the module doc)
+REWARM = 2
 
 #: other processes using more than this many cores while a model is timed: noted as noisy
 BUSY = 0.25
@@ -90,6 +105,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-time-s", type=float, default=60.0,
                         help="timing budget per model in seconds (default 60; at least 5 "
                              "rounds are always timed)")
+    parser.add_argument("--rewarm", type=int, default=REWARM, metavar="N",
+                        help="untimed calls of a runner before each of its timed calls, so "
+                             "the previous runner's threads do not disturb it (default "
+                             f"{REWARM}; 0: back to back)")
+    parser.add_argument("--wait-idle-s", type=float, default=0.0, metavar="S",
+                        help="on a shared machine: per model, wait up to S seconds for other "
+                             "processes to go quiet before timing, and time again if they "
+                             "were busy meanwhile (default 0: time at once)")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -103,6 +126,7 @@ def main(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     machine = machine_info()
     settings = {"runs": args.runs, "warmup": args.warmup, "max_time_s": args.max_time_s,
+                "rewarm": args.rewarm, "wait_idle_s": args.wait_idle_s,
                 "compile": not args.no_compile, "openvino": not args.no_openvino}
 
     def write(results: list[dict[str, Any]], done: bool) -> None:
@@ -115,7 +139,9 @@ def main(args: argparse.Namespace) -> int:
 
     results = run_benchmark(names, runs=args.runs, warmup=args.warmup,
                             compile=not args.no_compile, openvino=not args.no_openvino,
-                            max_time_s=args.max_time_s, progress=True,
+                            max_time_s=args.max_time_s, rewarm=args.rewarm,
+                            wait_idle_s=args.wait_idle_s,
+                            progress=True,
                             on_result=lambda done: write(done, False))
     write(results, True)
     print(markdown_table(results, machine=machine))
@@ -138,7 +164,9 @@ def _write(path: str | Path, text: str) -> None:
 
 
 def run_benchmark(names: Sequence[str], *, runs: int, warmup: int, compile: bool = True,
-                  openvino: bool = True, max_time_s: float = 60.0, progress: bool = True,
+                  openvino: bool = True, max_time_s: float = 60.0,
+                  rewarm: int = REWARM, wait_idle_s: float = 0.0,
+                  progress: bool = True,
                   on_result: Callable[[list[dict[str, Any]]], None] | None = None,
                   ) -> list[dict[str, Any]]:
     """Benchmark zoo models ``names``; one dict per model (see :func:`bench_model`).
@@ -146,10 +174,11 @@ def run_benchmark(names: Sequence[str], *, runs: int, warmup: int, compile: bool
     ``on_result`` is called with the results so far after each model (to save partial runs).
     """
     results: list[dict[str, Any]] = []
-    say = _Say(progress)
+    say = Progress(progress, prefix="bench ")
     for name in names:
         results.append(bench_model(name, runs=runs, warmup=warmup, compile=compile,
-                                   openvino=openvino, max_time_s=max_time_s, say=say))
+                                   openvino=openvino, max_time_s=max_time_s,
+                                   rewarm=rewarm, wait_idle_s=wait_idle_s, say=say))
         if on_result is not None:
             on_result(list(results))
     return results
@@ -157,17 +186,19 @@ def run_benchmark(names: Sequence[str], *, runs: int, warmup: int, compile: bool
 
 def bench_model(name: str, *, runs: int, warmup: int, compile: bool = True,
                 openvino: bool = True, max_time_s: float = 60.0,
+                rewarm: int = REWARM, wait_idle_s: float = 0.0,
                 say: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Build every runner for zoo model ``name``, check its output, time them interleaved.
 
     Returns ``{"model", "description", "batch", "input_shapes", "threads", "runners":
     {runner: {median_ms, p10_ms, p90_ms, runs, rel_error, speedup_vs_eager}}, "ratios",
-    "compile_s", "graphopt_artifact_error", "skipped": {runner: reason}, "wall_s"}``.
+    "compile_s", "graphopt_artifact_error", "skipped": {runner: reason},
+    "other_cpu_while_timing", "timing_attempts", "wall_s"}``. ``wait_idle_s``: wait up to that
+    long for other processes to go quiet before timing, and time again if they were busy.
     """
     from graphopt import zoo
-    from graphopt.backends.measure import time_interleaved
 
-    say = say or _Say(False)
+    say = say or Progress(False)
     start = time.perf_counter()
     say(f"{name}: building the model")
     entry = zoo.get(name)
@@ -179,6 +210,7 @@ def bench_model(name: str, *, runs: int, warmup: int, compile: bool = True,
     skipped: dict[str, str] = {}
     threads: dict[str, int | None] = {"torch": torch.get_num_threads()}
     artifact_error: dict[str, Any] | None = None
+    onnx_ops: dict[str, dict[str, int]] = {}     # ONNX operators: plain export, graphopt's
 
     def eager() -> Any:
         with torch.inference_mode():
@@ -227,6 +259,7 @@ def bench_model(name: str, *, runs: int, warmup: int, compile: bool = True,
             t0 = time.perf_counter()
             ort_artifact = backend.compile(copy.deepcopy(model), inputs)
             compile_s[ORT] = time.perf_counter() - t0
+            onnx_ops[ORT] = _op_counts(ort_artifact.proto)
             ort_run = _bind(ort_artifact.run, arrays)
             outputs[ORT] = [np.array(o) for o in ort_run()]
             runners[ORT] = ort_run
@@ -266,6 +299,7 @@ def bench_model(name: str, *, runs: int, warmup: int, compile: bool = True,
             if err is not None:
                 artifact_error = {"metric": err.metric, "measured": err.measured,
                                   "allowed": err.allowed, "ok": err.ok}
+            onnx_ops[GRAPHOPT] = _op_counts(opt.artifact.proto)
             go_run = _bind(opt.artifact.run, arrays)
             outputs[GRAPHOPT] = [np.array(o) for o in go_run()]
             runners[GRAPHOPT] = go_run
@@ -274,11 +308,23 @@ def bench_model(name: str, *, runs: int, warmup: int, compile: bool = True,
             skipped[GRAPHOPT] = _error(exc)
             say(f"{name}: graphopt failed: {skipped[GRAPHOPT]}")
 
-        say(f"{name}: timing {', '.join(runners)} interleaved "
-            f"(warmup {warmup}, up to {runs} runs or {max_time_s:g} s)")
-        probe = _CpuProbe()
-        timings = time_interleaved(runners, warmup=warmup, runs=runs, max_time_s=max_time_s)
-        other_cpu = probe.others()
+        deadline = time.perf_counter() + wait_idle_s
+        attempts = 0
+        while True:
+            attempts += 1
+            waited = _wait_idle(deadline, say, name)
+            say(f"{name}: timing {', '.join(runners)} interleaved "
+                f"(warmup {warmup}, up to {runs} runs or {max_time_s:g} s, "
+                f"{rewarm} untimed calls before each)" + (f" after waiting {waited:.0f} s for an idle "
+                                               "machine" if waited > 0 else ""))
+            probe = _CpuProbe()
+            timings = time_interleaved(runners, warmup=warmup, runs=runs, max_time_s=max_time_s,
+                                   rewarm=rewarm)
+            other_cpu = probe.others()
+            if other_cpu is None or other_cpu <= BUSY or time.perf_counter() >= deadline:
+                break
+            say(f"{name}: other processes used {other_cpu:.1f} cores while timing; "
+                "timing again")
     finally:
         if freezing_before is not None:
             import torch._inductor.config as inductor_config
@@ -307,9 +353,15 @@ def bench_model(name: str, *, runs: int, warmup: int, compile: bool = True,
         "input_shapes": [list(x.shape) for x in inputs],
         "threads": threads, "runners": per_runner, "ratios": ratios,
         "compile_s": compile_s, "graphopt_artifact_error": artifact_error, "skipped": skipped,
+        "onnx_ops": onnx_ops,
+        # False: graphopt's ONNX graph has the operators of the plain export (the exporter and
+        # ONNX Runtime already did what the pipeline does), so "graphopt vs ORT" is noise
+        "graphopt_changed_graph": (onnx_ops[GRAPHOPT] != onnx_ops[ORT]
+                                   if ORT in onnx_ops and GRAPHOPT in onnx_ops else None),
         # cores' worth of CPU time that other processes used while this model was timed:
         # well above 0, they competed with the runners and absolute latencies are noisy
         "other_cpu_while_timing": other_cpu,
+        "timing_attempts": attempts,
         "wall_s": time.perf_counter() - start,
     }
     summary = ", ".join(f"{k} {v['median_ms']:.3g} ms" for k, v in per_runner.items())
@@ -351,6 +403,13 @@ def _openvino_runner(proto: Any, arrays: list[np.ndarray]
     return run, threads
 
 
+def _op_counts(proto: Any) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for node in proto.graph.node:
+        counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return dict(sorted(counts.items()))
+
+
 def _numpy_outputs(out: Any) -> list[np.ndarray]:
     from graphopt.verify import flatten_outputs
 
@@ -373,6 +432,25 @@ def _rel_error(reference: list[np.ndarray], got: Sequence[Any]) -> float:
         diff = float(np.max(np.abs(out - ref)))
         worst = max(worst, diff / scale if scale > 0 else diff)
     return worst
+
+
+def _wait_idle(deadline: float, say: Callable[[str], None], name: str) -> float:
+    """Wait (until ``deadline``) for 2 s in a row with other processes under ``BUSY`` cores.
+
+    Returns the seconds spent waiting for busy periods to end (0 when the first 2 s were quiet).
+    """
+    start = time.perf_counter()
+    busy = False
+    while time.perf_counter() < deadline:
+        probe = _CpuProbe()
+        time.sleep(min(2.0, max(0.0, deadline - time.perf_counter())))
+        other = probe.others()
+        if other is None or other <= BUSY:
+            break
+        if not busy:
+            say(f"{name}: other processes use {other:.1f} cores; waiting for them")
+            busy = True
+    return time.perf_counter() - start if busy else 0.0
 
 
 class _CpuProbe:
@@ -405,19 +483,6 @@ def _error(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     first = text[0] if text else ""
     return f"{type(exc).__name__}: {first}"[:300]
-
-
-class _Say:
-    """Progress lines on stderr with the elapsed time."""
-
-    def __init__(self, enabled: bool) -> None:
-        self.enabled = enabled
-        self.start = time.perf_counter()
-
-    def __call__(self, message: str) -> None:
-        if self.enabled:
-            print(f"[bench {time.perf_counter() - self.start:7.1f}s] {message}",
-                  file=sys.stderr, flush=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -525,6 +590,11 @@ def markdown_table(results: Sequence[dict[str, Any]], *,
                   f"{machine.get('torch')}, onnxruntime {machine.get('onnxruntime')}"
                   + (f", openvino {machine['openvino']}" if machine.get("openvino") else "")
                   + f"; {machine.get('date')}.")
+    same = [res["model"] for res in results if res.get("graphopt_changed_graph") is False]
+    if same:
+        notes.append(f"{', '.join(same)}: graphopt's ONNX graph has the same operators as the "
+                     "plain export (torch.onnx.export already folds BatchNorm into convolutions "
+                     "in eval mode), so \"graphopt vs ORT\" there measures noise")
     busy = [res for res in results if (res.get("other_cpu_while_timing") or 0.0) > BUSY]
     if busy:
         worst = max(res["other_cpu_while_timing"] for res in busy)

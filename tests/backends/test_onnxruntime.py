@@ -112,6 +112,21 @@ def test_latency_statistics_and_interleaving():
     assert lat.p10_ms < lat.median_ms < lat.p90_ms
     order = []
     result = time_interleaved({"a": lambda: order.append("a"), "b": lambda: order.append("b")},
-                              warmup=0, runs=3)
-    assert order == ["a", "b"] * 3
+                              warmup=0, runs=3, rewarm=0)
+    assert order == ["a", "b", "b", "a", "a", "b"]           # the order rotates every round
     assert result["a"].runs == result["b"].runs == 3
+
+
+@pytest.mark.parametrize("rewarm", [0, 2])
+def test_interleaved_timing_rewarms_each_timed_call(rewarm):
+    calls = {"a": 0, "b": 0}
+
+    def make(key):
+        def fn():
+            calls[key] += 1
+        return fn
+
+    timings = time_interleaved({"a": make("a"), "b": make("b")}, warmup=2, runs=6,
+                               max_time_s=10.0, rewarm=rewarm)
+    assert all(t.runs == 6 and t.median_ms >= 0 for t in timings.values())
+    assert calls == {"a": 2 + 6 * (1 + rewarm), "b": 2 + 6 * (1 + rewarm)}
