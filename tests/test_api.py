@@ -206,3 +206,19 @@ def test_disagreeing_artifact_is_bisected_to_the_pass(small):
     assert report.artifact_diagnosis in str(report)
     with pytest.raises(graphopt.VerificationError, match="test-diverge-in-export"):
         graphopt.optimize(model, "cpu", inputs, pipeline=pipeline, measure=False, strict=True)
+
+
+def test_onnx_file_with_batchnorm_is_folded(tmp_path):
+    """An ONNX file that still has BatchNormalization nodes (exported without constant folding,
+    as other frameworks' exporters do) gets them folded by the same pass."""
+    entry = zoo.get("digits_cnn")
+    path = tmp_path / "bn.onnx"
+    torch.onnx.export(copy.deepcopy(entry.model), entry.example_inputs, str(path), dynamo=False,
+                      do_constant_folding=False, input_names=["x"],
+                      dynamic_axes={"x": {0: "n"}})
+    assert "BatchNormalization" in {n.op_type for n in onnx.load(str(path)).graph.node}
+    result = graphopt.optimize(str(path), "cpu", measure=False)
+    assert result.report.records[2].stats["folded"] == 2
+    assert result.report.artifact_error.ok
+    out = result.save(tmp_path / "folded.onnx")
+    assert "BatchNormalization" not in {n.op_type for n in onnx.load(str(out)).graph.node}
