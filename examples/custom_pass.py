@@ -4,7 +4,6 @@ Run: python examples/custom_pass.py
 """
 
 from collections import Counter
-from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -19,10 +18,6 @@ class DropDoubleNeg(Pass):
 
     name = "drop-double-neg"
     numerics = Numerics.exact()
-
-    @dataclass(frozen=True)
-    class Options:
-        pass
 
     def run(self, gm, ctx):
         stats = Counter()

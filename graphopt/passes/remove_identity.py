@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import operator
 from collections import Counter
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -59,10 +58,6 @@ class RemoveIdentity(Pass):
 
     name = "remove-identity"
     numerics = Numerics.exact()
-
-    @dataclass(frozen=True)
-    class Options:
-        pass
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         stats: Counter = Counter()
