@@ -55,7 +55,7 @@ def _cmd_passes(args: argparse.Namespace) -> int:
     for name, cls in registered_passes().items():
         doc = inspect.getdoc(sys.modules[cls.__module__]) or inspect.getdoc(cls) or ""
         print(f"{name}  [{cls.numerics}]")
-        summary = doc.split("\n\n")[0].split(":", 1)[-1].strip() if doc else ""
+        summary = " ".join(doc.split("\n\n")[0].split(":", 1)[-1].split()) if doc else ""
         print(f"    {summary}")
         options = getattr(cls, "Options", None)
         if options is not None and dataclasses.is_dataclass(options):
