@@ -13,6 +13,7 @@ import argparse
 import dataclasses
 import inspect
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -130,6 +131,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("graphopt: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:          # `graphopt passes | head`: the reader left, not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":
