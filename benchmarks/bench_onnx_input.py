@@ -34,28 +34,35 @@ def run(names: list[str]) -> list[dict]:
             start = time.perf_counter()
             result = graphopt.optimize(str(path), "cpu", name=f"{name}.onnx")
             report = result.report
-            rows.append({
-                "model": name,
-                "optimize_s": round(time.perf_counter() - start, 2),
-                "ort_original_ms": report.latency_baseline.median_ms,
-                "graphopt_ms": report.latency_optimized.median_ms,
-                "speedup": report.speedup,
-                "artifact_error": report.artifact_error.measured,
-                "allowed": report.artifact_error.allowed,
-                "ok": report.artifact_error.ok,
-                "folded": sum(r.stats.get("folded", 0) for r in report.records),
-            })
+            rows.append(
+                {
+                    "model": name,
+                    "optimize_s": round(time.perf_counter() - start, 2),
+                    "ort_original_ms": report.latency_baseline.median_ms,
+                    "graphopt_ms": report.latency_optimized.median_ms,
+                    "speedup": report.speedup,
+                    "artifact_error": report.artifact_error.measured,
+                    "allowed": report.artifact_error.allowed,
+                    "ok": report.artifact_error.ok,
+                    "folded": sum(r.stats.get("folded", 0) for r in report.records),
+                }
+            )
             print(f"{name}: {rows[-1]}", file=sys.stderr, flush=True)
     return rows
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| model (.onnx in) | ORT on the file, ms | graphopt, ms | ratio | BN folded | "
-             "max error (allowed) |", "|---|---|---|---|---|---|"]
+    lines = [
+        "| model (.onnx in) | ORT on the file, ms | graphopt, ms | ratio | BN folded | "
+        "max error (allowed) |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        lines.append(f"| {r['model']} | {r['ort_original_ms']:.3g} | {r['graphopt_ms']:.3g} | "
-                     f"{r['speedup']:.2f}x | {r['folded']} | "
-                     f"{r['artifact_error']:.2g} ({r['allowed']:.2g}) |")
+        lines.append(
+            f"| {r['model']} | {r['ort_original_ms']:.3g} | {r['graphopt_ms']:.3g} | "
+            f"{r['speedup']:.2f}x | {r['folded']} | "
+            f"{r['artifact_error']:.2g} ({r['allowed']:.2g}) |"
+        )
     return "\n".join(lines) + "\n"
 
 

@@ -47,5 +47,6 @@ if __name__ == "__main__":
     verify_rewrite("drop-double-neg", Before(), Expected(), (x,))
     assert_pass_preserves("drop-double-neg", Before(), (x,), expect_modified=True)
     result = PassManager("drop-double-neg,eliminate-dead-code").run(
-        capture(Before(), (x,)).graph, PassContext(sample_inputs=(x,)))
+        capture(Before(), (x,)).graph, PassContext(sample_inputs=(x,))
+    )
     print([(r.spec, r.status, r.stats) for r in result.records])

@@ -11,6 +11,9 @@ print(result.report)
 
 x = torch.randn(4, 3, 224, 224)
 with torch.no_grad():
-    print("max |optimized - original| on a batch of 4:", float((result(x) - entry.model(x)).abs().max()))
+    print(
+        "max |optimized - original| on a batch of 4:",
+        float((result(x) - entry.model(x)).abs().max()),
+    )
 result.save("mobilenetv2.opt.onnx")
 print("saved mobilenetv2.opt.onnx")

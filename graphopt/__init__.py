@@ -44,8 +44,20 @@ _LAZY: dict[str, str] = {
     "Target": "graphopt.target",
     "Report": "graphopt.report",
 }
-_SUBMODULES = {"zoo", "testing", "passes", "backends", "verify", "pipeline", "pass_manager",
-               "capture", "api", "target", "report", "onnx_import"}
+_SUBMODULES = {
+    "zoo",
+    "testing",
+    "passes",
+    "backends",
+    "verify",
+    "pipeline",
+    "pass_manager",
+    "capture",
+    "api",
+    "target",
+    "report",
+    "onnx_import",
+}
 
 __all__ = [
     "BackendError",

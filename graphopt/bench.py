@@ -69,8 +69,13 @@ GRAPHOPT = "graphopt"
 RUNNERS = (EAGER, COMPILE, ORT, OPENVINO, GRAPHOPT)
 
 #: column titles of the Markdown table
-TITLES = {EAGER: "torch eager", COMPILE: "torch.compile", ORT: "ORT (plain export)",
-          OPENVINO: "OpenVINO", GRAPHOPT: "graphopt"}
+TITLES = {
+    EAGER: "torch eager",
+    COMPILE: "torch.compile",
+    ORT: "ORT (plain export)",
+    OPENVINO: "OpenVINO",
+    GRAPHOPT: "graphopt",
+}
 
 #: a runner whose output differs from eager's by more than this (relative) is flagged
 MISMATCH = 1e-3
@@ -90,29 +95,48 @@ OPENVINO_MISSING = "not installed: pip install graphopt[bench]"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``graphopt bench`` and ``benchmarks/bench_zoo.py``."""
-    parser.add_argument("models", nargs="*", default=[],
-                        help="zoo models to benchmark (default: all, see `graphopt zoo`)")
-    parser.add_argument("--runs", type=int, default=30,
-                        help="timed calls per runner (default 30)")
-    parser.add_argument("--warmup", type=int, default=5,
-                        help="untimed calls per runner before timing (default 5)")
-    parser.add_argument("--json", default=None, metavar="PATH",
-                        help="write results and machine info as JSON")
-    parser.add_argument("--markdown", default=None, metavar="PATH",
-                        help="write the results table as Markdown")
+    parser.add_argument(
+        "models",
+        nargs="*",
+        default=[],
+        help="zoo models to benchmark (default: all, see `graphopt zoo`)",
+    )
+    parser.add_argument("--runs", type=int, default=30, help="timed calls per runner (default 30)")
+    parser.add_argument(
+        "--warmup", type=int, default=5, help="untimed calls per runner before timing (default 5)"
+    )
+    parser.add_argument(
+        "--json", default=None, metavar="PATH", help="write results and machine info as JSON"
+    )
+    parser.add_argument(
+        "--markdown", default=None, metavar="PATH", help="write the results table as Markdown"
+    )
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile")
     parser.add_argument("--no-openvino", action="store_true", help="skip OpenVINO")
-    parser.add_argument("--max-time-s", type=float, default=60.0,
-                        help="timing budget per model in seconds (default 60; at least 5 "
-                             "rounds are always timed)")
-    parser.add_argument("--rewarm", type=int, default=REWARM, metavar="N",
-                        help="untimed calls of a runner before each of its timed calls, so "
-                             "the previous runner's threads do not disturb it (default "
-                             f"{REWARM}; 0: back to back)")
-    parser.add_argument("--wait-idle-s", type=float, default=0.0, metavar="S",
-                        help="on a shared machine: per model, wait up to S seconds for other "
-                             "processes to go quiet before timing, and time again if they "
-                             "were busy meanwhile (default 0: time at once)")
+    parser.add_argument(
+        "--max-time-s",
+        type=float,
+        default=60.0,
+        help="timing budget per model in seconds (default 60; at least 5 rounds are always timed)",
+    )
+    parser.add_argument(
+        "--rewarm",
+        type=int,
+        default=REWARM,
+        metavar="N",
+        help="untimed calls of a runner before each of its timed calls, so "
+        "the previous runner's threads do not disturb it (default "
+        f"{REWARM}; 0: back to back)",
+    )
+    parser.add_argument(
+        "--wait-idle-s",
+        type=float,
+        default=0.0,
+        metavar="S",
+        help="on a shared machine: per model, wait up to S seconds for other "
+        "processes to go quiet before timing, and time again if they "
+        "were busy meanwhile (default 0: time at once)",
+    )
 
 
 def main(args: argparse.Namespace) -> int:
@@ -120,34 +144,53 @@ def main(args: argparse.Namespace) -> int:
     from graphopt import zoo
 
     names = list(args.models) or zoo.names()
-    for name in names:            # an unknown name fails now, not after an hour of timing
+    for name in names:  # an unknown name fails now, not after an hour of timing
         if name not in zoo.names():
-            zoo.get(name)         # raises GraphoptError with the close matches
+            zoo.get(name)  # raises GraphoptError with the close matches
     start = time.perf_counter()
     machine = machine_info()
-    settings = {"runs": args.runs, "warmup": args.warmup, "max_time_s": args.max_time_s,
-                "rewarm": args.rewarm, "wait_idle_s": args.wait_idle_s,
-                "compile": not args.no_compile, "openvino": not args.no_openvino}
+    settings = {
+        "runs": args.runs,
+        "warmup": args.warmup,
+        "max_time_s": args.max_time_s,
+        "rewarm": args.rewarm,
+        "wait_idle_s": args.wait_idle_s,
+        "compile": not args.no_compile,
+        "openvino": not args.no_openvino,
+    }
 
     def write(results: list[dict[str, Any]], done: bool) -> None:
         if args.json:
-            payload = {"machine": machine, "settings": settings, "complete": done,
-                       "wall_s": round(time.perf_counter() - start, 1), "results": results}
+            payload = {
+                "machine": machine,
+                "settings": settings,
+                "complete": done,
+                "wall_s": round(time.perf_counter() - start, 1),
+                "results": results,
+            }
             _write(args.json, json.dumps(payload, indent=2, default=str) + "\n")
         if args.markdown:
             _write(args.markdown, markdown_table(results, machine=machine) + "\n")
 
-    results = run_benchmark(names, runs=args.runs, warmup=args.warmup,
-                            compile=not args.no_compile, openvino=not args.no_openvino,
-                            max_time_s=args.max_time_s, rewarm=args.rewarm,
-                            wait_idle_s=args.wait_idle_s,
-                            progress=True,
-                            on_result=lambda done: write(done, False))
+    results = run_benchmark(
+        names,
+        runs=args.runs,
+        warmup=args.warmup,
+        compile=not args.no_compile,
+        openvino=not args.no_openvino,
+        max_time_s=args.max_time_s,
+        rewarm=args.rewarm,
+        wait_idle_s=args.wait_idle_s,
+        progress=True,
+        on_result=lambda done: write(done, False),
+    )
     write(results, True)
     print(markdown_table(results, machine=machine))
-    print(f"\n{len(results)} model(s) in {time.perf_counter() - start:.0f} s"
-          + (f"; JSON: {args.json}" if args.json else "")
-          + (f"; Markdown: {args.markdown}" if args.markdown else ""))
+    print(
+        f"\n{len(results)} model(s) in {time.perf_counter() - start:.0f} s"
+        + (f"; JSON: {args.json}" if args.json else "")
+        + (f"; Markdown: {args.markdown}" if args.markdown else "")
+    )
     return 0
 
 
@@ -163,12 +206,19 @@ def _write(path: str | Path, text: str) -> None:
 # the benchmark
 
 
-def run_benchmark(names: Sequence[str], *, runs: int, warmup: int, compile: bool = True,
-                  openvino: bool = True, max_time_s: float = 60.0,
-                  rewarm: int = REWARM, wait_idle_s: float = 0.0,
-                  progress: bool = True,
-                  on_result: Callable[[list[dict[str, Any]]], None] | None = None,
-                  ) -> list[dict[str, Any]]:
+def run_benchmark(
+    names: Sequence[str],
+    *,
+    runs: int,
+    warmup: int,
+    compile: bool = True,
+    openvino: bool = True,
+    max_time_s: float = 60.0,
+    rewarm: int = REWARM,
+    wait_idle_s: float = 0.0,
+    progress: bool = True,
+    on_result: Callable[[list[dict[str, Any]]], None] | None = None,
+) -> list[dict[str, Any]]:
     """Benchmark zoo models ``names``; one dict per model (see :func:`bench_model`).
 
     ``on_result`` is called with the results so far after each model (to save partial runs).
@@ -176,18 +226,36 @@ def run_benchmark(names: Sequence[str], *, runs: int, warmup: int, compile: bool
     results: list[dict[str, Any]] = []
     say = Progress(progress, prefix="bench ")
     for name in names:
-        results.append(bench_model(name, runs=runs, warmup=warmup, compile=compile,
-                                   openvino=openvino, max_time_s=max_time_s,
-                                   rewarm=rewarm, wait_idle_s=wait_idle_s, say=say))
+        results.append(
+            bench_model(
+                name,
+                runs=runs,
+                warmup=warmup,
+                compile=compile,
+                openvino=openvino,
+                max_time_s=max_time_s,
+                rewarm=rewarm,
+                wait_idle_s=wait_idle_s,
+                say=say,
+            )
+        )
         if on_result is not None:
             on_result(list(results))
     return results
 
 
-def bench_model(name: str, *, runs: int, warmup: int, compile: bool = True,
-                openvino: bool = True, max_time_s: float = 60.0,
-                rewarm: int = REWARM, wait_idle_s: float = 0.0,
-                say: Callable[[str], None] | None = None) -> dict[str, Any]:
+def bench_model(
+    name: str,
+    *,
+    runs: int,
+    warmup: int,
+    compile: bool = True,
+    openvino: bool = True,
+    max_time_s: float = 60.0,
+    rewarm: int = REWARM,
+    wait_idle_s: float = 0.0,
+    say: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
     """Build every runner for zoo model ``name``, check its output, time them interleaved.
 
     Returns ``{"model", "description", "batch", "input_shapes", "threads", "runners":
@@ -210,7 +278,7 @@ def bench_model(name: str, *, runs: int, warmup: int, compile: bool = True,
     skipped: dict[str, str] = {}
     threads: dict[str, int | None] = {"torch": torch.get_num_threads()}
     artifact_error: dict[str, Any] | None = None
-    onnx_ops: dict[str, dict[str, int]] = {}     # ONNX operators: plain export, graphopt's
+    onnx_ops: dict[str, dict[str, int]] = {}  # ONNX operators: plain export, graphopt's
 
     def eager() -> Any:
         with torch.inference_mode():
@@ -297,8 +365,12 @@ def bench_model(name: str, *, runs: int, warmup: int, compile: bool = True,
             compile_s[GRAPHOPT] = time.perf_counter() - t0
             err = opt.report.artifact_error
             if err is not None:
-                artifact_error = {"metric": err.metric, "measured": err.measured,
-                                  "allowed": err.allowed, "ok": err.ok}
+                artifact_error = {
+                    "metric": err.metric,
+                    "measured": err.measured,
+                    "allowed": err.allowed,
+                    "ok": err.ok,
+                }
             onnx_ops[GRAPHOPT] = _op_counts(opt.artifact.proto)
             go_run = _bind(opt.artifact.run, arrays)
             outputs[GRAPHOPT] = [np.array(o) for o in go_run()]
@@ -313,51 +385,68 @@ def bench_model(name: str, *, runs: int, warmup: int, compile: bool = True,
         while True:
             attempts += 1
             waited = _wait_idle(deadline, say, name)
-            say(f"{name}: timing {', '.join(runners)} interleaved "
+            say(
+                f"{name}: timing {', '.join(runners)} interleaved "
                 f"(warmup {warmup}, up to {runs} runs or {max_time_s:g} s, "
-                f"{rewarm} untimed calls before each)" + (f" after waiting {waited:.0f} s for an idle "
-                                               "machine" if waited > 0 else ""))
+                f"{rewarm} untimed calls before each)"
+                + (f" after waiting {waited:.0f} s for an idle machine" if waited > 0 else "")
+            )
             probe = _CpuProbe()
-            timings = time_interleaved(runners, warmup=warmup, runs=runs, max_time_s=max_time_s,
-                                   rewarm=rewarm)
+            timings = time_interleaved(
+                runners, warmup=warmup, runs=runs, max_time_s=max_time_s, rewarm=rewarm
+            )
             other_cpu = probe.others()
             if other_cpu is None or other_cpu <= BUSY or time.perf_counter() >= deadline:
                 break
-            say(f"{name}: other processes used {other_cpu:.1f} cores while timing; "
-                "timing again")
+            say(f"{name}: other processes used {other_cpu:.1f} cores while timing; timing again")
     finally:
         if freezing_before is not None:
             import torch._inductor.config as inductor_config
 
             inductor_config.freezing = freezing_before
         if compile:
-            torch._dynamo.reset()     # free compiled code; the next model starts clean
+            torch._dynamo.reset()  # free compiled code; the next model starts clean
 
     eager_ms = timings[EAGER].median_ms
     per_runner: dict[str, dict[str, Any]] = {}
     for key, lat in timings.items():
         per_runner[key] = {
-            "median_ms": lat.median_ms, "p10_ms": lat.p10_ms, "p90_ms": lat.p90_ms,
-            "runs": lat.runs, "rel_error": _rel_error(outputs[EAGER], outputs[key]),
+            "median_ms": lat.median_ms,
+            "p10_ms": lat.p10_ms,
+            "p90_ms": lat.p90_ms,
+            "runs": lat.runs,
+            "rel_error": _rel_error(outputs[EAGER], outputs[key]),
             "speedup_vs_eager": eager_ms / lat.median_ms,
         }
     ratios: dict[str, float | None] = {
         f"{key} vs eager": per_runner[key]["speedup_vs_eager"] if key in per_runner else None
-        for key in RUNNERS if key != EAGER}
+        for key in RUNNERS
+        if key != EAGER
+    }
     ratios["graphopt vs onnxruntime"] = (
         per_runner[ORT]["median_ms"] / per_runner[GRAPHOPT]["median_ms"]
-        if ORT in per_runner and GRAPHOPT in per_runner else None)
+        if ORT in per_runner and GRAPHOPT in per_runner
+        else None
+    )
     result = {
-        "model": name, "description": entry.description, "batch": int(inputs[0].shape[0])
-        if inputs and inputs[0].dim() > 0 else 1,
+        "model": name,
+        "description": entry.description,
+        "batch": int(inputs[0].shape[0]) if inputs and inputs[0].dim() > 0 else 1,
         "input_shapes": [list(x.shape) for x in inputs],
-        "threads": threads, "runners": per_runner, "ratios": ratios,
-        "compile_s": compile_s, "graphopt_artifact_error": artifact_error, "skipped": skipped,
+        "threads": threads,
+        "runners": per_runner,
+        "ratios": ratios,
+        "compile_s": compile_s,
+        "graphopt_artifact_error": artifact_error,
+        "skipped": skipped,
         "onnx_ops": onnx_ops,
         # False: graphopt's ONNX graph has the operators of the plain export (the exporter and
         # ONNX Runtime already did what the pipeline does), so "graphopt vs ORT" is noise
-        "graphopt_changed_graph": (onnx_ops[GRAPHOPT] != onnx_ops[ORT]
-                                   if ORT in onnx_ops and GRAPHOPT in onnx_ops else None),
+        "graphopt_changed_graph": (
+            onnx_ops[GRAPHOPT] != onnx_ops[ORT]
+            if ORT in onnx_ops and GRAPHOPT in onnx_ops
+            else None
+        ),
         # cores' worth of CPU time that other processes used while this model was timed:
         # well above 0, they competed with the runners and absolute latencies are noisy
         "other_cpu_while_timing": other_cpu,
@@ -373,8 +462,9 @@ def _bind(run: Callable[[list[np.ndarray]], Any], arrays: list[np.ndarray]) -> C
     return lambda: run(arrays)
 
 
-def _openvino_runner(proto: Any, arrays: list[np.ndarray]
-                     ) -> tuple[Callable[[], list[np.ndarray]], int | None]:
+def _openvino_runner(
+    proto: Any, arrays: list[np.ndarray]
+) -> tuple[Callable[[], list[np.ndarray]], int | None]:
     """Compile an ONNX model with OpenVINO for CPU in f32 with the latency hint."""
     import onnx
     import openvino as ov
@@ -384,8 +474,9 @@ def _openvino_runner(proto: Any, arrays: list[np.ndarray]
         path = Path(tmp) / "model.onnx"
         onnx.save_model(proto, str(path))
         ov_model = core.read_model(str(path))
-        compiled = core.compile_model(ov_model, "CPU", {"INFERENCE_PRECISION_HINT": "f32",
-                                                        "PERFORMANCE_HINT": "LATENCY"})
+        compiled = core.compile_model(
+            ov_model, "CPU", {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY"}
+        )
     try:
         threads = int(compiled.get_property("INFERENCE_NUM_THREADS"))
     except Exception:  # noqa: BLE001 - informational only
@@ -495,8 +586,11 @@ def machine_info() -> dict[str, Any]:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             key, _, value = line.partition(":")
-            if key.strip() == "model name" and cpu in ("", platform.machine(),
-                                                       platform.processor()):
+            if key.strip() == "model name" and cpu in (
+                "",
+                platform.machine(),
+                platform.processor(),
+            ):
                 cpu = value.strip()
             elif key.strip() == "flags" and not flags:
                 flags = set(value.split())
@@ -515,13 +609,29 @@ def machine_info() -> dict[str, Any]:
     import onnxruntime
 
     return {
-        "cpu": cpu, "cores": cores, "logical_cpus": os.cpu_count(),
-        "isa": sorted(f for f in flags if f in {"avx2", "fma", "avx512f", "avx512_vnni",
-                                                "avx512_bf16", "amx_bf16", "amx_tile",
-                                                "avx_vnni"}),
+        "cpu": cpu,
+        "cores": cores,
+        "logical_cpus": os.cpu_count(),
+        "isa": sorted(
+            f
+            for f in flags
+            if f
+            in {
+                "avx2",
+                "fma",
+                "avx512f",
+                "avx512_vnni",
+                "avx512_bf16",
+                "amx_bf16",
+                "amx_tile",
+                "avx_vnni",
+            }
+        ),
         "torch_threads": torch.get_num_threads(),
-        "python": platform.python_version(), "platform": platform.platform(),
-        "torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "onnxruntime": onnxruntime.__version__,
         "openvino": ov_version,
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
     }
@@ -548,18 +658,24 @@ def _ratio(x: float | None) -> str:
     return f"{x:.2f}x"
 
 
-def markdown_table(results: Sequence[dict[str, Any]], *,
-                   machine: dict[str, Any] | None = None) -> str:
+def markdown_table(
+    results: Sequence[dict[str, Any]], *, machine: dict[str, Any] | None = None
+) -> str:
     """Median latency per runner and model, with the ratios that matter, as Markdown.
 
     A runner whose output differs from eager's by more than 1e-3 (relative) is marked with
     ``!``; skipped runners and failures are listed under the table.
     """
     columns = [r for r in RUNNERS if any(r in res["runners"] for res in results)]
-    header = (["model"] + [f"{TITLES[r]} ms" for r in columns]
-              + ["graphopt vs eager", "graphopt vs ORT", "torch.compile vs eager"])
-    lines = ["| " + " | ".join(header) + " |",
-             "|" + "|".join([":---"] + ["---:"] * (len(header) - 1)) + "|"]
+    header = (
+        ["model"]
+        + [f"{TITLES[r]} ms" for r in columns]
+        + ["graphopt vs eager", "graphopt vs ORT", "torch.compile vs eager"]
+    )
+    lines = [
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join([":---"] + ["---:"] * (len(header) - 1)) + "|",
+    ]
     notes: list[str] = []
     for res in results:
         cells = [res["model"]]
@@ -571,36 +687,48 @@ def markdown_table(results: Sequence[dict[str, Any]], *,
             cell = _ms(entry["median_ms"])
             if entry.get("rel_error", 0.0) > MISMATCH:
                 cell += " !"
-                notes.append(f"{res['model']}, {r}: output differs from eager by "
-                             f"{entry['rel_error']:.2g} (relative to max |eager output|)")
+                notes.append(
+                    f"{res['model']}, {r}: output differs from eager by "
+                    f"{entry['rel_error']:.2g} (relative to max |eager output|)"
+                )
             cells.append(cell)
         ratios = res["ratios"]
-        cells += [_ratio(ratios.get("graphopt vs eager")),
-                  _ratio(ratios.get("graphopt vs onnxruntime")),
-                  _ratio(ratios.get("torch.compile vs eager"))]
+        cells += [
+            _ratio(ratios.get("graphopt vs eager")),
+            _ratio(ratios.get("graphopt vs onnxruntime")),
+            _ratio(ratios.get("torch.compile vs eager")),
+        ]
         lines.append("| " + " | ".join(cells) + " |")
         for r, reason in res.get("skipped", {}).items():
             if not reason.startswith("disabled"):
                 notes.append(f"{res['model']}, {r}: {reason}")
     text = "\n".join(lines)
-    intro = ("Batch 1, median of interleaved runs (all runners of a model timed in alternation "
-             "in one process); ratios are speedups (>1 = faster).")
+    intro = (
+        "Batch 1, median of interleaved runs (all runners of a model timed in alternation "
+        "in one process); ratios are speedups (>1 = faster)."
+    )
     if machine:
-        intro += (f" {machine.get('cpu')}, {machine.get('cores')} cores; torch "
-                  f"{machine.get('torch')}, onnxruntime {machine.get('onnxruntime')}"
-                  + (f", openvino {machine['openvino']}" if machine.get("openvino") else "")
-                  + f"; {machine.get('date')}.")
+        intro += (
+            f" {machine.get('cpu')}, {machine.get('cores')} cores; torch "
+            f"{machine.get('torch')}, onnxruntime {machine.get('onnxruntime')}"
+            + (f", openvino {machine['openvino']}" if machine.get("openvino") else "")
+            + f"; {machine.get('date')}."
+        )
     same = [res["model"] for res in results if res.get("graphopt_changed_graph") is False]
     if same:
-        notes.append(f"{', '.join(same)}: graphopt's ONNX graph has the same operators as the "
-                     "plain export (torch.onnx.export already folds BatchNorm into convolutions "
-                     "in eval mode), so \"graphopt vs ORT\" there measures noise")
+        notes.append(
+            f"{', '.join(same)}: graphopt's ONNX graph has the same operators as the "
+            "plain export (torch.onnx.export already folds BatchNorm into convolutions "
+            'in eval mode), so "graphopt vs ORT" there measures noise'
+        )
     busy = [res for res in results if (res.get("other_cpu_while_timing") or 0.0) > BUSY]
     if busy:
         worst = max(res["other_cpu_while_timing"] for res in busy)
-        notes.append(f"other processes used up to {worst:.1f} cores while timing "
-                     f"{', '.join(r['model'] for r in busy)}: absolute latencies are noisy; "
-                     "the ratios, timed interleaved, less so")
+        notes.append(
+            f"other processes used up to {worst:.1f} cores while timing "
+            f"{', '.join(r['model'] for r in busy)}: absolute latencies are noisy; "
+            "the ratios, timed interleaved, less so"
+        )
     text = intro + "\n\n" + text
     if notes:
         text += "\n\n" + "\n".join(f"- {n}" for n in notes)

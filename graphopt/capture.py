@@ -52,11 +52,11 @@ class Captured:
     """A captured model: the graph, how it was captured, and the inputs it takes."""
 
     graph: fx.GraphModule
-    method: str                         # "symbolic_trace" | "torch.export" | "onnx"
+    method: str  # "symbolic_trace" | "torch.export" | "onnx"
     example_inputs: tuple[torch.Tensor, ...]
     inputs: list[InputSpec]
     notes: list[str] = field(default_factory=list)
-    training: bool = False              # the user's module was in training mode
+    training: bool = False  # the user's module was in training mode
 
 
 def is_onnx_input(model: Any) -> bool:
@@ -67,9 +67,13 @@ def is_onnx_input(model: Any) -> bool:
     return type(model).__name__ == "ModelProto"
 
 
-def capture(model: Any, example_inputs: Sequence[Any] | None = None, *,
-            leaf_modules: Sequence[type[nn.Module]] = (),
-            concrete_args: dict[str, Any] | None = None) -> Captured:
+def capture(
+    model: Any,
+    example_inputs: Sequence[Any] | None = None,
+    *,
+    leaf_modules: Sequence[type[nn.Module]] = (),
+    concrete_args: dict[str, Any] | None = None,
+) -> Captured:
     """Capture ``model`` (an ``nn.Module``, an ``.onnx`` path, bytes or a ``ModelProto``).
 
     >>> cap = capture(model, (torch.randn(1, 3, 224, 224),))
@@ -79,20 +83,26 @@ def capture(model: Any, example_inputs: Sequence[Any] | None = None, *,
     if is_onnx_input(model):
         return _capture_onnx(model, example_inputs)
     if not isinstance(model, nn.Module):
-        raise CaptureError(f"graphopt optimizes a torch.nn.Module, an .onnx path or an "
-                           f"onnx.ModelProto; got {type(model).__name__}.")
+        raise CaptureError(
+            f"graphopt optimizes a torch.nn.Module, an .onnx path or an "
+            f"onnx.ModelProto; got {type(model).__name__}."
+        )
     inputs = _as_tensors(example_inputs) if example_inputs is not None else None
     try:
         model = copy.deepcopy(model)
     except Exception as exc:
-        raise CaptureError(f"could not copy the model ({type(exc).__name__}: {exc}); graphopt "
-                           "works on a copy so that your model is never changed. Make the "
-                           "module deep-copyable (no open files or locks as attributes).") from exc
+        raise CaptureError(
+            f"could not copy the model ({type(exc).__name__}: {exc}); graphopt "
+            "works on a copy so that your model is never changed. Make the "
+            "module deep-copyable (no open files or locks as attributes)."
+        ) from exc
     training = model.training
     notes: list[str] = []
     if training:
-        notes.append("the model was in training mode; graphopt captured it in eval mode "
-                     "(BatchNorm running statistics, no dropout), as it will be deployed")
+        notes.append(
+            "the model was in training mode; graphopt captured it in eval mode "
+            "(BatchNorm running statistics, no dropout), as it will be deployed"
+        )
     model.eval()
     if inputs is not None:
         _check_runs(model, inputs)
@@ -102,23 +112,31 @@ def capture(model: Any, example_inputs: Sequence[Any] | None = None, *,
     except Exception as trace_exc:  # noqa: BLE001 - any tracing failure leads to the fallback
         where = _failing_line(trace_exc)
         if inputs is None:
-            raise CaptureError(_capture_message(trace_exc, where, None, fallback=False)
-                               ) from trace_exc
+            raise CaptureError(
+                _capture_message(trace_exc, where, None, fallback=False)
+            ) from trace_exc
         try:
             gm = torch.export.export(model, inputs, strict=False).module()
             method = "torch.export"
         except Exception as export_exc:  # noqa: BLE001
-            raise CaptureError(_capture_message(trace_exc, where, export_exc, fallback=True)
-                               ) from trace_exc
-        notes.append(f"symbolic tracing failed ({_first_line(trace_exc)} at {where[0]}); "
-                     "captured with torch.export instead: module-level passes see aten ops")
+            raise CaptureError(
+                _capture_message(trace_exc, where, export_exc, fallback=True)
+            ) from trace_exc
+        notes.append(
+            f"symbolic tracing failed ({_first_line(trace_exc)} at {where[0]}); "
+            "captured with torch.export instead: module-level passes see aten ops"
+        )
         log.info("capture fell back to torch.export: %s", _first_line(trace_exc))
     if inputs is None:
-        raise InputError("example_inputs are needed to record shapes and to verify each pass; "
-                         "pass e.g. example_inputs=(torch.randn(1, 3, 224, 224),).")
+        raise InputError(
+            "example_inputs are needed to record shapes and to verify each pass; "
+            "pass e.g. example_inputs=(torch.randn(1, 3, 224, 224),)."
+        )
     annotate_shapes(gm, inputs)
-    specs = [InputSpec(n.name, (None, *t.shape[1:]) if t.dim() else (), t.dtype)
-             for n, t in zip(_placeholders(gm), inputs, strict=False)]
+    specs = [
+        InputSpec(n.name, (None, *t.shape[1:]) if t.dim() else (), t.dtype)
+        for n, t in zip(_placeholders(gm), inputs, strict=False)
+    ]
     return Captured(gm, method, inputs, specs, notes, training)
 
 
@@ -154,8 +172,10 @@ def _as_tensors(example_inputs: Any) -> tuple[torch.Tensor, ...]:
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
     if not isinstance(example_inputs, list | tuple):
-        raise InputError(f"example_inputs must be a tuple of tensors, e.g. (x,); got "
-                         f"{type(example_inputs).__name__}.")
+        raise InputError(
+            f"example_inputs must be a tuple of tensors, e.g. (x,); got "
+            f"{type(example_inputs).__name__}."
+        )
     out = []
     for i, x in enumerate(example_inputs):
         if isinstance(x, torch.Tensor):
@@ -163,8 +183,10 @@ def _as_tensors(example_inputs: Any) -> tuple[torch.Tensor, ...]:
         elif type(x).__module__ == "numpy":
             out.append(torch.from_numpy(x))
         else:
-            raise InputError(f"example input {i} is a {type(x).__name__}; graphopt takes "
-                             "torch tensors or numpy arrays.")
+            raise InputError(
+                f"example input {i} is a {type(x).__name__}; graphopt takes "
+                "torch tensors or numpy arrays."
+            )
     return tuple(out)
 
 
@@ -173,11 +195,12 @@ def _check_runs(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
         with torch.no_grad():
             model(*inputs)
     except Exception as exc:
-        shapes = ", ".join(f"{tuple(t.shape)} {str(t.dtype).replace('torch.', '')}"
-                           for t in inputs)
-        raise InputError(f"the model raised on the example inputs ({shapes}): "
-                         f"{type(exc).__name__}: {_first_line(exc)}. Pass inputs of the shape "
-                         "and dtype the model expects.") from exc
+        shapes = ", ".join(f"{tuple(t.shape)} {str(t.dtype).replace('torch.', '')}" for t in inputs)
+        raise InputError(
+            f"the model raised on the example inputs ({shapes}): "
+            f"{type(exc).__name__}: {_first_line(exc)}. Pass inputs of the shape "
+            "and dtype the model expects."
+        ) from exc
 
 
 def _first_line(exc: BaseException) -> str:
@@ -205,15 +228,24 @@ def _failing_line(exc: BaseException) -> tuple[str, str]:
     return text, owner or ""
 
 
-def _capture_message(trace_exc: BaseException, where: tuple[str, str],
-                     export_exc: BaseException | None, *, fallback: bool) -> str:
+def _capture_message(
+    trace_exc: BaseException,
+    where: tuple[str, str],
+    export_exc: BaseException | None,
+    *,
+    fallback: bool,
+) -> str:
     where, owner = where
     leaf = f"leaf_modules=[{owner}]" if owner else "leaf_modules=[TheModuleClass]"
-    lines = [f"could not capture the model: symbolic tracing failed at {where}",
-             f"  tracing error: {_first_line(trace_exc)}"]
+    lines = [
+        f"could not capture the model: symbolic tracing failed at {where}",
+        f"  tracing error: {_first_line(trace_exc)}",
+    ]
     if fallback and export_exc is not None:
-        lines.append(f"  torch.export fallback also failed: {type(export_exc).__name__}: "
-                     f"{_first_line(export_exc)}")
+        lines.append(
+            f"  torch.export fallback also failed: {type(export_exc).__name__}: "
+            f"{_first_line(export_exc)}"
+        )
     elif not fallback:
         lines.append("  no example_inputs were given, so the torch.export fallback could not run")
     lines += [
@@ -230,21 +262,28 @@ def _capture_message(trace_exc: BaseException, where: tuple[str, str],
 def _capture_onnx(model: Any, example_inputs: Sequence[Any] | None) -> Captured:
     from graphopt import onnx_import
 
-    if isinstance(model, str | os.PathLike) and not str(model).endswith(".onnx") \
-            and not Path(model).exists():
+    if (
+        isinstance(model, str | os.PathLike)
+        and not str(model).endswith(".onnx")
+        and not Path(model).exists()
+    ):
         raise CaptureError(f"{model!r} is neither an existing .onnx file nor a zoo model name.")
     gm = onnx_import.import_onnx(model)
     placeholders = _placeholders(gm)
     if example_inputs is None:
         inputs = tuple(_example_for(n) for n in placeholders)
-        notes = ["ONNX model imported; example inputs generated from its declared input shapes "
-                 "(symbolic dimensions set to 1)"]
+        notes = [
+            "ONNX model imported; example inputs generated from its declared input shapes "
+            "(symbolic dimensions set to 1)"
+        ]
     else:
         inputs = _as_tensors(example_inputs)
         notes = ["ONNX model imported"]
     if len(inputs) != len(placeholders):
-        raise InputError(f"the ONNX model takes {len(placeholders)} inputs "
-                         f"({', '.join(n.name for n in placeholders)}); got {len(inputs)}.")
+        raise InputError(
+            f"the ONNX model takes {len(placeholders)} inputs "
+            f"({', '.join(n.name for n in placeholders)}); got {len(inputs)}."
+        )
     _check_runs(gm, inputs)
     annotate_shapes(gm, inputs)
     specs = []

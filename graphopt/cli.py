@@ -1,10 +1,10 @@
 """The ``graphopt`` command (also ``python -m graphopt``).
 
-    graphopt optimize resnet18 --target cpu [-o out.onnx] [--pipeline STR] [--json report.json]
-    graphopt optimize model.onnx --target cpu -o model.opt.onnx
-    graphopt passes                 every pass with its doc, options and numerics
-    graphopt zoo                    the built-in models
-    graphopt bench [MODELS...]      graphopt against torch eager, torch.compile, ONNX Runtime...
+graphopt optimize resnet18 --target cpu [-o out.onnx] [--pipeline STR] [--json report.json]
+graphopt optimize model.onnx --target cpu -o model.opt.onnx
+graphopt passes                 every pass with its doc, options and numerics
+graphopt zoo                    the built-in models
+graphopt bench [MODELS...]      graphopt against torch eager, torch.compile, ONNX Runtime...
 """
 
 from __future__ import annotations
@@ -36,9 +36,18 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
         instruments.append(PrintIR())
     if args.dump_ir:
         instruments.append(DumpIR(args.dump_ir))
-    result = graphopt.optimize(model, args.target, inputs, args.pipeline, strict=args.strict,
-                               verify=not args.no_verify, measure=not args.no_measure,
-                               instruments=instruments, progress=not args.quiet, name=name)
+    result = graphopt.optimize(
+        model,
+        args.target,
+        inputs,
+        args.pipeline,
+        strict=args.strict,
+        verify=not args.no_verify,
+        measure=not args.no_measure,
+        instruments=instruments,
+        progress=not args.quiet,
+        name=name,
+    )
     print(result.report)
     if args.output:
         path = result.save(args.output)
@@ -84,8 +93,11 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="graphopt", description="Verified graph optimization "
-                                     "of PyTorch and ONNX models for ONNX Runtime and TVM.")
+    parser = argparse.ArgumentParser(
+        prog="graphopt",
+        description="Verified graph optimization "
+        "of PyTorch and ONNX models for ONNX Runtime and TVM.",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="log what graphopt does")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -121,8 +133,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
     try:
         return args.func(args)
     except GraphoptError as exc:
@@ -131,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("graphopt: interrupted", file=sys.stderr)
         return 130
-    except BrokenPipeError:          # `graphopt passes | head`: the reader left, not an error
+    except BrokenPipeError:  # `graphopt passes | head`: the reader left, not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
 

@@ -41,8 +41,14 @@ class InputError(GraphoptError):
 class PassError(GraphoptError):
     """A pass raised an exception while rewriting the graph."""
 
-    def __init__(self, message: str, *, pass_name: str = "", position: int = -1,
-                 reproducer: str | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        pass_name: str = "",
+        position: int = -1,
+        reproducer: str | None = None,
+    ) -> None:
         super().__init__(message)
         self.pass_name = pass_name
         self.position = position
@@ -52,9 +58,16 @@ class PassError(GraphoptError):
 class VerificationError(GraphoptError):
     """A rewrite changed the model's outputs by more than its numeric contract allows."""
 
-    def __init__(self, message: str, *, pass_name: str = "", output: str = "",
-                 measured: float = float("nan"), allowed: float = float("nan"),
-                 reproducer: str | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        pass_name: str = "",
+        output: str = "",
+        measured: float = float("nan"),
+        allowed: float = float("nan"),
+        reproducer: str | None = None,
+    ) -> None:
         super().__init__(message)
         self.pass_name = pass_name
         self.output = output

@@ -107,32 +107,38 @@ def load_onnx(model: ModelSource) -> onnx.ModelProto:
         if not os.path.exists(path):
             raise CaptureError(
                 f"ONNX model file {path!r} does not exist. Check the path (relative paths are "
-                f"resolved against the current directory {os.getcwd()!r}).")
+                f"resolved against the current directory {os.getcwd()!r})."
+            )
         if not os.path.isfile(path):
-            raise CaptureError(f"ONNX model path {path!r} is not a file. Pass the path of a "
-                               f".onnx file.")
+            raise CaptureError(
+                f"ONNX model path {path!r} is not a file. Pass the path of a .onnx file."
+            )
         try:
             proto = onnx.load(path)
         except Exception as exc:  # DecodeError, OSError, external-data errors, ...
             raise CaptureError(
                 f"Could not read ONNX model {path!r}: {type(exc).__name__}: {exc}. The file is "
-                f"probably truncated or not an ONNX model; re-export or re-download it.") from exc
+                f"probably truncated or not an ONNX model; re-export or re-download it."
+            ) from exc
     else:
         raise CaptureError(
             f"Cannot load an ONNX model from a {type(model).__name__}. Pass a file path, the "
-            f"serialized bytes, or an onnx.ModelProto.")
+            f"serialized bytes, or an onnx.ModelProto."
+        )
 
     if not proto.HasField("graph") or not proto.graph.output:
         raise CaptureError(
             f"The ONNX model from {source} has no graph or no graph outputs; it is empty or was "
-            f"truncated. Re-export or re-download it.")
+            f"truncated. Re-export or re-download it."
+        )
     try:
         onnx.checker.check_model(proto)
     except Exception as exc:  # onnx.checker.ValidationError and friends
         reason = str(exc).strip().rstrip(".")
         raise CaptureError(
             f"The ONNX model from {source} fails onnx.checker: {reason}. The file is corrupt, "
-            f"truncated or was written by a broken exporter; re-export it.") from exc
+            f"truncated or was written by a broken exporter; re-export it."
+        ) from exc
     return proto
 
 
@@ -143,7 +149,8 @@ def _parse_bytes(data: bytes, source: str) -> onnx.ModelProto:
     except Exception as exc:  # google.protobuf.message.DecodeError, RuntimeWarning, ...
         raise CaptureError(
             f"Could not parse {source} as an ONNX model: {type(exc).__name__}: {exc}. The data "
-            f"is truncated or not a serialized onnx.ModelProto.") from exc
+            f"is truncated or not a serialized onnx.ModelProto."
+        ) from exc
     return proto
 
 
@@ -168,8 +175,9 @@ class _Sym:
 Value = torch.Tensor | fx.Node | _Sym
 
 
-def _make_sym(items: Sequence[Any], scalar: bool = False,
-              dtype: torch.dtype = torch.int64) -> Value:
+def _make_sym(
+    items: Sequence[Any], scalar: bool = False, dtype: torch.dtype = torch.int64
+) -> Value:
     """A shape value, or a plain constant tensor when no item is an FX node."""
     items = list(items)
     if not any(isinstance(i, fx.Node) for i in items):
@@ -179,16 +187,24 @@ def _make_sym(items: Sequence[Any], scalar: bool = False,
 
 
 def _is_int_dtype(dtype: torch.dtype | None) -> bool:
-    return dtype is not None and not dtype.is_floating_point and not dtype.is_complex \
+    return (
+        dtype is not None
+        and not dtype.is_floating_point
+        and not dtype.is_complex
         and dtype != torch.bool
+    )
 
 
 def _sym_items(value: Value | None) -> list[int | fx.Node] | None:
     """The items of a shape-like value: a _Sym or a small 0-D/1-D integer constant."""
     if isinstance(value, _Sym):
         return list(value.items)
-    if isinstance(value, torch.Tensor) and value.dim() <= 1 and value.numel() <= 64 \
-            and (_is_int_dtype(value.dtype) or value.dtype == torch.bool):
+    if (
+        isinstance(value, torch.Tensor)
+        and value.dim() <= 1
+        and value.numel() <= 64
+        and (_is_int_dtype(value.dtype) or value.dtype == torch.bool)
+    ):
         return value.reshape(-1).tolist()
     return None
 
@@ -220,8 +236,9 @@ def _sanitize(name: str, default: str) -> str:
 
 def _to_torch(array: np.ndarray) -> torch.Tensor:
     if array.dtype.name == "bfloat16":
-        return torch.from_numpy(np.ascontiguousarray(array).view(np.uint16).copy()) \
-            .view(torch.bfloat16)
+        return torch.from_numpy(np.ascontiguousarray(array).view(np.uint16).copy()).view(
+            torch.bfloat16
+        )
     if array.dtype == object or array.dtype.kind in "SUV":
         raise TypeError(f"tensors of numpy dtype {array.dtype} have no torch equivalent")
     return torch.from_numpy(np.array(array, copy=True))
@@ -255,7 +272,7 @@ def _gather(data: torch.Tensor, indices: torch.Tensor, axis: int) -> torch.Tenso
     indices = indices.to(torch.int64)
     indices = torch.where(indices < 0, indices + data.shape[axis], indices)
     out = torch.index_select(data, axis, indices.reshape(-1))
-    return out.reshape(data.shape[:axis] + indices.shape + data.shape[axis + 1:])
+    return out.reshape(data.shape[:axis] + indices.shape + data.shape[axis + 1 :])
 
 
 def _reshape_dynamic(x: torch.Tensor, shape: torch.Tensor, allowzero: int = 0) -> torch.Tensor:
@@ -274,8 +291,9 @@ def _full_dynamic(shape: torch.Tensor, value: Any, dtype: torch.dtype) -> torch.
     return torch.full([int(d) for d in shape.tolist()], value, dtype=dtype)
 
 
-def _slice_dynamic(x: torch.Tensor, starts: Any, ends: Any, axes: list[int],
-                   steps: list[int]) -> torch.Tensor:
+def _slice_dynamic(
+    x: torch.Tensor, starts: Any, ends: Any, axes: list[int], steps: list[int]
+) -> torch.Tensor:
     starts = starts.tolist() if isinstance(starts, torch.Tensor) else list(starts)
     ends = ends.tolist() if isinstance(ends, torch.Tensor) else list(ends)
     index: list[slice] = [slice(None)] * x.dim()
@@ -288,8 +306,9 @@ def _reduce_all(x: torch.Tensor, fn: Callable[..., torch.Tensor], keepdim: bool)
     return fn(x, dim=tuple(range(x.dim())), keepdim=keepdim)
 
 
-def _layer_norm_manual(x: torch.Tensor, axis: int, eps: float, scale: torch.Tensor,
-                       bias: torch.Tensor | None) -> torch.Tensor:
+def _layer_norm_manual(
+    x: torch.Tensor, axis: int, eps: float, scale: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
     dims = tuple(range(axis % x.dim(), x.dim()))
     mean = x.mean(dim=dims, keepdim=True)
     var = (x - mean).pow(2).mean(dim=dims, keepdim=True)
@@ -297,8 +316,9 @@ def _layer_norm_manual(x: torch.Tensor, axis: int, eps: float, scale: torch.Tens
     return y + bias if bias is not None else y
 
 
-def _avg_pool_exclude_pad(x: torch.Tensor, pads: list[int], kernel: list[int],
-                          strides: list[int], ceil_mode: bool) -> torch.Tensor:
+def _avg_pool_exclude_pad(
+    x: torch.Tensor, pads: list[int], kernel: list[int], strides: list[int], ceil_mode: bool
+) -> torch.Tensor:
     """Average pooling over an explicitly padded input that does not count the padding."""
     pool = (F.avg_pool1d, F.avg_pool2d, F.avg_pool3d)[len(kernel) - 1]
     ones = torch.ones_like(x[:1, :1])
@@ -339,8 +359,7 @@ class _Importer:
     def unique_name(self, hint: str, default: str) -> str:
         base = _sanitize(hint, default)
         name, k = base, 1
-        while name in self._names or hasattr(self.root, name) \
-                or hasattr(fx.GraphModule, name):
+        while name in self._names or hasattr(self.root, name) or hasattr(fx.GraphModule, name):
             name, k = f"{base}_{k}", k + 1
         self._names.add(name)
         return name
@@ -367,10 +386,12 @@ class _Importer:
 
     def lift(self, obj: Any) -> Any:
         """Replace constants (tensors) in an argument structure by get_attr nodes."""
+
         def visit(a: Any) -> Any:
             if isinstance(a, _Sym):
                 raise AssertionError("shape values must be materialized before emitting")
             return self.const_node(a) if isinstance(a, torch.Tensor) else a
+
         return fx.node.map_aggregate(obj, visit)
 
     def sym_to_tensor(self, sym: _Sym) -> Value:
@@ -390,9 +411,11 @@ class _Importer:
                 self.elem_types[vi.name] = tt.elem_type
             if tt.HasField("shape"):
                 self.shapes[vi.name] = [
-                    d.dim_value if d.HasField("dim_value")
+                    d.dim_value
+                    if d.HasField("dim_value")
                     else (d.dim_param if d.HasField("dim_param") else None)
-                    for d in tt.shape.dim]
+                    for d in tt.shape.dim
+                ]
 
     # -- main loop -----------------------------------------------------------------------
 
@@ -403,8 +426,7 @@ class _Importer:
         try:
             inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
         except Exception as exc:  # shape inference is a help, never a requirement
-            logger.warning("ONNX shape inference failed (%s); importing without static shapes",
-                           exc)
+            logger.warning("ONNX shape inference failed (%s); importing without static shapes", exc)
             inferred = model
         self.collect_value_info(inferred)
         for node in g.node:
@@ -420,7 +442,8 @@ class _Importer:
             except Exception as exc:
                 raise CaptureError(
                     f"Initializer {init.name!r} cannot be converted to a torch tensor: {exc}. "
-                    f"Convert it to a supported dtype before importing.") from exc
+                    f"Convert it to a supported dtype before importing."
+                ) from exc
             self.env[init.name] = t
             self.set_const_hint(t, init.name)
         input_names: list[str] = []
@@ -448,7 +471,8 @@ class _Importer:
                     f"Converting ONNX node {ctx.name!r} (op type {node.op_type!r}) failed: "
                     f"{type(exc).__name__}: {exc}. The node's attributes or input shapes are "
                     f"probably outside what graphopt's importer handles; please report it with "
-                    f"the model.") from exc
+                    f"the model."
+                ) from exc
             outputs = result if isinstance(result, list) else [result]
             for name, value in zip(node.output, outputs, strict=False):
                 if name:
@@ -513,7 +537,8 @@ class _Importer:
                 f"{listing}. The supported op types are listed in "
                 f"graphopt.onnx_import.SUPPORTED_OPS ({len(_CONVERTERS)} ops). Re-export the "
                 f"model without these ops (e.g. another opset or a simpler module), or add a "
-                f"converter for them.")
+                f"converter for them."
+            )
 
 
 class _Ctx:
@@ -562,9 +587,11 @@ class _Ctx:
             return None
         v = self.value(i)
         if not isinstance(v, torch.Tensor):
-            raise self.fail(f"input {what!r} ({self.node.input[i]!r}) must be a constant, but it "
-                            f"is computed at run time",
-                            "Export the model with constant folding so it becomes constant.")
+            raise self.fail(
+                f"input {what!r} ({self.node.input[i]!r}) must be a constant, but it "
+                f"is computed at run time",
+                "Export the model with constant folding so it becomes constant.",
+            )
         return [int(d) for d in v.reshape(-1).tolist()]
 
     def tensor(self, i: int) -> torch.Tensor | fx.Node:
@@ -603,12 +630,18 @@ class _Ctx:
             return v.dtype
         if isinstance(v, _Sym):
             return v.dtype
-        return _ONNX_TO_TORCH.get(self.imp.elem_types.get(self.node.input[i], 0)) \
-            if self.has(i) else None
+        return (
+            _ONNX_TO_TORCH.get(self.imp.elem_types.get(self.node.input[i], 0))
+            if self.has(i)
+            else None
+        )
 
     def output_used(self, j: int) -> bool:
-        return j < len(self.node.output) and self.node.output[j] != "" \
+        return (
+            j < len(self.node.output)
+            and self.node.output[j] != ""
             and self.imp.consumers.get(self.node.output[j], 0) > 0
+        )
 
     def dims_of(self, i: int) -> list[int | fx.Node] | None:
         """Per-dim sizes of input ``i``: static ints where known, ``x.size(d)`` nodes otherwise."""
@@ -630,8 +663,7 @@ class _Ctx:
                 if kind == "call_method":
                     return getattr(args[0], target)(*args[1:], **kwargs)
                 return self.imp.root.get_submodule(target)(*args, **kwargs)
-        node = self.imp.graph.create_node(kind, target, self.imp.lift(args),
-                                          self.imp.lift(kwargs))
+        node = self.imp.graph.create_node(kind, target, self.imp.lift(args), self.imp.lift(kwargs))
         node.meta["onnx_node"] = self.name
         node.meta["onnx_op"] = self.op
         return node
@@ -663,6 +695,7 @@ def _converter(*op_types: str) -> Callable[[Converter], Converter]:
         for op in op_types:
             _CONVERTERS[op] = fn
         return fn
+
     return register
 
 
@@ -690,8 +723,9 @@ def _torch_pad(pads: Sequence[int]) -> list[int]:
     return out
 
 
-def _resolve_pads(ctx: _Ctx, kernel: Sequence[int], strides: Sequence[int],
-                  dilations: Sequence[int]) -> list[int]:
+def _resolve_pads(
+    ctx: _Ctx, kernel: Sequence[int], strides: Sequence[int], dilations: Sequence[int]
+) -> list[int]:
     """Explicit [begins..., ends...] pads for a conv/pool node, resolving ``auto_pad``."""
     n = len(kernel)
     auto_pad = ctx.attr("auto_pad", "NOTSET")
@@ -716,7 +750,8 @@ def _resolve_pads(ctx: _Ctx, kernel: Sequence[int], strides: Sequence[int],
                     f"auto_pad={auto_pad} with stride {s} needs the static size of spatial "
                     f"dim {i}, which is not known",
                     "Export the model with explicit pads (auto_pad=NOTSET) or static spatial "
-                    "sizes.")
+                    "sizes.",
+                )
             total = max((math.ceil(size / s) - 1) * s + eff - size, 0)
         small, large = total // 2, total - total // 2
         begins.append(small if auto_pad == "SAME_UPPER" else large)
@@ -769,17 +804,33 @@ def _conv(ctx: _Ctx) -> Value:
     b = ctx.value(2)
     if isinstance(w, torch.Tensor) and (b is None or isinstance(b, torch.Tensor)):
         cls = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[n - 1]
-        mod = nn.utils.skip_init(cls, w.shape[1] * group, w.shape[0], tuple(kernel),
-                                 stride=tuple(strides), padding=tuple(padding),
-                                 dilation=tuple(dilations), groups=group, bias=b is not None,
-                                 dtype=w.dtype)
+        mod = nn.utils.skip_init(
+            cls,
+            w.shape[1] * group,
+            w.shape[0],
+            tuple(kernel),
+            stride=tuple(strides),
+            padding=tuple(padding),
+            dilation=tuple(dilations),
+            groups=group,
+            bias=b is not None,
+            dtype=w.dtype,
+        )
         _set_param(mod, "weight", w)
         if b is not None:
             _set_param(mod, "bias", b)
         return ctx.module(mod, x)
     fn = (F.conv1d, F.conv2d, F.conv3d)[n - 1]
-    return ctx.call(fn, x, ctx.tensor(1), None if b is None else ctx.tensor(2), strides,
-                    padding, dilations, group)
+    return ctx.call(
+        fn,
+        x,
+        ctx.tensor(1),
+        None if b is None else ctx.tensor(2),
+        strides,
+        padding,
+        dilations,
+        group,
+    )
 
 
 @_converter("ConvTranspose")
@@ -792,25 +843,41 @@ def _conv_transpose(ctx: _Ctx) -> Value:
     if n not in (1, 2, 3):
         raise ctx.fail(f"{n}-D transposed convolution is not supported")
     if ctx.attr("output_shape") is not None:
-        raise ctx.fail("the output_shape attribute is not supported",
-                       "Export the model with explicit pads and output_padding instead.")
+        raise ctx.fail(
+            "the output_shape attribute is not supported",
+            "Export the model with explicit pads and output_padding instead.",
+        )
     if ctx.attr("auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
-        raise ctx.fail(f"auto_pad={ctx.attr('auto_pad')} is not supported for ConvTranspose",
-                       "Export the model with explicit pads.")
+        raise ctx.fail(
+            f"auto_pad={ctx.attr('auto_pad')} is not supported for ConvTranspose",
+            "Export the model with explicit pads.",
+        )
     strides, dilations = _spatial_attrs(ctx, n)
     group = int(ctx.attr("group", 1))
     output_padding = list(ctx.attr("output_padding", [0] * n))
-    pads = list(ctx.attr("pads", [0] * 2 * n)) if ctx.attr("auto_pad", "NOTSET") == "NOTSET" \
+    pads = (
+        list(ctx.attr("pads", [0] * 2 * n))
+        if ctx.attr("auto_pad", "NOTSET") == "NOTSET"
         else [0] * 2 * n
+    )
     b = ctx.value(2)
     if b is not None and not isinstance(b, torch.Tensor):
         raise ctx.fail("the bias must be a constant initializer")
     symmetric = pads[:n] == pads[n:]
     cls = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)[n - 1]
-    mod = nn.utils.skip_init(cls, w.shape[0], w.shape[1] * group, tuple(kernel),
-                             stride=tuple(strides), padding=tuple(pads[:n]) if symmetric else 0,
-                             output_padding=tuple(output_padding), groups=group,
-                             bias=b is not None, dilation=tuple(dilations), dtype=w.dtype)
+    mod = nn.utils.skip_init(
+        cls,
+        w.shape[0],
+        w.shape[1] * group,
+        tuple(kernel),
+        stride=tuple(strides),
+        padding=tuple(pads[:n]) if symmetric else 0,
+        output_padding=tuple(output_padding),
+        groups=group,
+        bias=b is not None,
+        dilation=tuple(dilations),
+        dtype=w.dtype,
+    )
     _set_param(mod, "weight", w)
     if b is not None:
         _set_param(mod, "bias", b)
@@ -828,11 +895,15 @@ def _conv_transpose(ctx: _Ctx) -> Value:
 @_converter("BatchNormalization")
 def _batch_norm(ctx: _Ctx) -> Value:
     if ctx.attr("training_mode", 0):
-        raise ctx.fail("training_mode=1 is not supported (inference only)",
-                       "Export the model in eval mode.")
+        raise ctx.fail(
+            "training_mode=1 is not supported (inference only)", "Export the model in eval mode."
+        )
     if any(ctx.output_used(j) for j in range(1, len(ctx.node.output))):
-        raise ctx.fail("the running-statistics outputs are used; only the inference form with "
-                       "one output is supported", "Export the model in eval mode.")
+        raise ctx.fail(
+            "the running-statistics outputs are used; only the inference form with "
+            "one output is supported",
+            "Export the model in eval mode.",
+        )
     eps = float(ctx.attr("epsilon", 1e-5))
     params = [ctx.const(i) for i in range(1, 5)]
     rank = ctx.rank(0)
@@ -846,13 +917,23 @@ def _batch_norm(ctx: _Ctx) -> Value:
             mod.running_mean.copy_(mean)
             mod.running_var.copy_(var)
         return ctx.module(mod, ctx.tensor(0))
-    return ctx.call(F.batch_norm, ctx.tensor(0), ctx.tensor(3), ctx.tensor(4), ctx.tensor(1),
-                    ctx.tensor(2), False, 0.0, eps)
+    return ctx.call(
+        F.batch_norm,
+        ctx.tensor(0),
+        ctx.tensor(3),
+        ctx.tensor(4),
+        ctx.tensor(1),
+        ctx.tensor(2),
+        False,
+        0.0,
+        eps,
+    )
 
 
 def _linear(ctx: _Ctx, x: Any, weight: torch.Tensor, bias: torch.Tensor | None) -> Any:
-    mod = nn.utils.skip_init(nn.Linear, weight.shape[1], weight.shape[0], bias=bias is not None,
-                             dtype=weight.dtype)
+    mod = nn.utils.skip_init(
+        nn.Linear, weight.shape[1], weight.shape[0], bias=bias is not None, dtype=weight.dtype
+    )
     _set_param(mod, "weight", weight)
     _set_param(mod, "bias", bias)
     return ctx.module(mod, x), mod
@@ -881,10 +962,14 @@ def _gemm(ctx: _Ctx) -> Value:
         weight = weight * alpha
     n_out = weight.shape[0]
     bias, extra = None, None
-    if isinstance(c, torch.Tensor) and (c.numel() == 1 or (c.numel() == n_out and c.dim() >= 1
-                                                           and c.shape[-1] == n_out)):
-        bias = (c.reshape(-1) * beta).expand(n_out).clone() if beta != 1.0 \
+    if isinstance(c, torch.Tensor) and (
+        c.numel() == 1 or (c.numel() == n_out and c.dim() >= 1 and c.shape[-1] == n_out)
+    ):
+        bias = (
+            (c.reshape(-1) * beta).expand(n_out).clone()
+            if beta != 1.0
             else c.reshape(-1).expand(n_out).clone()
+        )
     elif c is not None:
         cc = ctx.materialize(c)
         extra = cc if beta == 1.0 else ctx.call(torch.mul, cc, beta)
@@ -895,12 +980,17 @@ def _gemm(ctx: _Ctx) -> Value:
 @_converter("MatMul")
 def _matmul(ctx: _Ctx) -> Value:
     a, b = ctx.tensor(0), ctx.value(1)
-    if isinstance(b, torch.Tensor) and b.dim() == 2 and isinstance(a, fx.Node) \
-            and b.is_floating_point():
+    if (
+        isinstance(b, torch.Tensor)
+        and b.dim() == 2
+        and isinstance(a, fx.Node)
+        and b.is_floating_point()
+    ):
         y, mod = _linear(ctx, a, b.t().contiguous(), None)
         out = ctx.node.output[0]
-        if ctx.imp.consumers.get(out, 0) == 1 \
-                and out not in {o.name for o in ctx.imp.model.graph.output}:
+        if ctx.imp.consumers.get(out, 0) == 1 and out not in {
+            o.name for o in ctx.imp.model.graph.output
+        }:
             ctx.imp.bias_fusable[y] = mod
         return y
     return ctx.call(torch.matmul, a, ctx.materialize(b))
@@ -911,11 +1001,26 @@ def _matmul(ctx: _Ctx) -> Value:
 # --------------------------------------------------------------------------------------------
 
 _UNARY: dict[str, Callable[..., torch.Tensor]] = {
-    "Abs": torch.abs, "Ceil": torch.ceil, "Cos": torch.cos, "Erf": torch.erf, "Exp": torch.exp,
-    "Floor": torch.floor, "HardSwish": F.hardswish, "Log": torch.log, "Neg": torch.neg,
-    "Not": torch.logical_not, "Reciprocal": torch.reciprocal, "Relu": F.relu,
-    "Round": torch.round, "Sigmoid": torch.sigmoid, "Sign": torch.sign, "Sin": torch.sin,
-    "Softplus": F.softplus, "Sqrt": torch.sqrt, "Tanh": torch.tanh, "Mish": F.mish,
+    "Abs": torch.abs,
+    "Ceil": torch.ceil,
+    "Cos": torch.cos,
+    "Erf": torch.erf,
+    "Exp": torch.exp,
+    "Floor": torch.floor,
+    "HardSwish": F.hardswish,
+    "Log": torch.log,
+    "Neg": torch.neg,
+    "Not": torch.logical_not,
+    "Reciprocal": torch.reciprocal,
+    "Relu": F.relu,
+    "Round": torch.round,
+    "Sigmoid": torch.sigmoid,
+    "Sign": torch.sign,
+    "Sin": torch.sin,
+    "Softplus": F.softplus,
+    "Sqrt": torch.sqrt,
+    "Tanh": torch.tanh,
+    "Mish": F.mish,
 }
 
 
@@ -925,14 +1030,26 @@ def _unary(ctx: _Ctx) -> Value:
 
 
 _BINARY: dict[str, Callable[..., torch.Tensor]] = {
-    "Add": torch.add, "Sub": torch.sub, "Mul": torch.mul, "Div": torch.div, "Pow": torch.pow,
-    "Equal": torch.eq, "Less": torch.lt, "LessOrEqual": torch.le, "Greater": torch.gt,
-    "GreaterOrEqual": torch.ge, "And": torch.logical_and, "Or": torch.logical_or,
+    "Add": torch.add,
+    "Sub": torch.sub,
+    "Mul": torch.mul,
+    "Div": torch.div,
+    "Pow": torch.pow,
+    "Equal": torch.eq,
+    "Less": torch.lt,
+    "LessOrEqual": torch.le,
+    "Greater": torch.gt,
+    "GreaterOrEqual": torch.ge,
+    "And": torch.logical_and,
+    "Or": torch.logical_or,
     "Xor": torch.logical_xor,
 }
 
 _SYM_BINARY: dict[str, Callable[[Any, Any], Any]] = {
-    "Add": operator.add, "Sub": operator.sub, "Mul": operator.mul, "Div": operator.floordiv,
+    "Add": operator.add,
+    "Sub": operator.sub,
+    "Mul": operator.mul,
+    "Div": operator.floordiv,
     "Equal": operator.eq,
 }
 
@@ -943,8 +1060,11 @@ def _sym_binary(ctx: _Ctx) -> Value | None:
     if ctx.op not in _SYM_BINARY or not (isinstance(a, _Sym) or isinstance(b, _Sym)):
         return None
     ia, ib = _sym_items(a), _sym_items(b)
-    if ia is None or ib is None or not (_is_int_dtype(ctx.dtype(0)) and
-                                        _is_int_dtype(ctx.dtype(1))):
+    if (
+        ia is None
+        or ib is None
+        or not (_is_int_dtype(ctx.dtype(0)) and _is_int_dtype(ctx.dtype(1)))
+    ):
         return None
     if len(ia) != len(ib) and 1 not in (len(ia), len(ib)):
         return None
@@ -963,9 +1083,12 @@ def _sym_binary(ctx: _Ctx) -> Value | None:
             return None  # floor division would round the wrong way
         else:
             out.append(ctx.call(_SYM_BINARY[ctx.op], x, y))
-    scalar = (not isinstance(a, torch.Tensor) or a.dim() == 0) and \
-        (not isinstance(b, torch.Tensor) or b.dim() == 0) and \
-        (not isinstance(a, _Sym) or a.scalar) and (not isinstance(b, _Sym) or b.scalar)
+    scalar = (
+        (not isinstance(a, torch.Tensor) or a.dim() == 0)
+        and (not isinstance(b, torch.Tensor) or b.dim() == 0)
+        and (not isinstance(a, _Sym) or a.scalar)
+        and (not isinstance(b, _Sym) or b.scalar)
+    )
     dtype = torch.bool if ctx.op == "Equal" else torch.int64
     return _make_sym(out, scalar, dtype)
 
@@ -992,18 +1115,28 @@ def _binary(ctx: _Ctx) -> Value:
 
 
 def _is_scalar_const(v: Any) -> bool:
-    return isinstance(v, torch.Tensor) and v.dim() == 0 and v.dtype != torch.bool \
+    return (
+        isinstance(v, torch.Tensor)
+        and v.dim() == 0
+        and v.dtype != torch.bool
         and not v.is_complex()
+    )
 
 
 def _fuse_linear_bias(ctx: _Ctx, a: Any, b: Any) -> fx.Node | None:
     """MatMul(x, W) + bias, where the MatMul is an nn.Linear without bias: set its bias."""
     for node, bias in ((a, b), (b, a)):
-        if isinstance(node, fx.Node) and node in ctx.imp.bias_fusable \
-                and isinstance(bias, torch.Tensor):
+        if (
+            isinstance(node, fx.Node)
+            and node in ctx.imp.bias_fusable
+            and isinstance(bias, torch.Tensor)
+        ):
             mod = ctx.imp.bias_fusable[node]
-            if bias.dim() == 1 and bias.shape[0] == mod.out_features \
-                    and bias.dtype == mod.weight.dtype:
+            if (
+                bias.dim() == 1
+                and bias.shape[0] == mod.out_features
+                and bias.dtype == mod.weight.dtype
+            ):
                 _set_param(mod, "bias", bias)
                 del ctx.imp.bias_fusable[node]
                 return node
@@ -1044,8 +1177,7 @@ def _hard_sigmoid(ctx: _Ctx) -> Value:
     x = ctx.tensor(0)
     if abs(alpha - 1 / 6) < 1e-6 and abs(beta - 0.5) < 1e-6:
         return ctx.call(F.hardsigmoid, x)
-    return ctx.call(torch.clamp, ctx.call(torch.add, ctx.call(torch.mul, x, alpha), beta),
-                    0.0, 1.0)
+    return ctx.call(torch.clamp, ctx.call(torch.add, ctx.call(torch.mul, x, alpha), beta), 0.0, 1.0)
 
 
 @_converter("Gelu")
@@ -1073,8 +1205,12 @@ def _clip(ctx: _Ctx) -> Value:
     else:
         lo_v, hi_v = ctx.value(1), ctx.value(2)
         if isinstance(lo_v, fx.Node) or isinstance(hi_v, fx.Node):
-            return ctx.call(torch.clamp, x, None if lo_v is None else ctx.tensor(1),
-                            None if hi_v is None else ctx.tensor(2))
+            return ctx.call(
+                torch.clamp,
+                x,
+                None if lo_v is None else ctx.tensor(1),
+                None if hi_v is None else ctx.tensor(2),
+            )
         lo, hi = _scalar_of(ctx, 1, "min"), _scalar_of(ctx, 2, "max")
     if lo is None and hi is None:
         return x
@@ -1086,15 +1222,23 @@ def _where(ctx: _Ctx) -> Value:
     cond, a, b = ctx.value(0), ctx.value(1), ctx.value(2)
     if isinstance(a, _Sym) or isinstance(b, _Sym):
         ic, ia, ib = _sym_items(cond), _sym_items(a), _sym_items(b)
-        if ic is not None and ia is not None and ib is not None \
-                and not any(isinstance(c, fx.Node) for c in ic):
+        if (
+            ic is not None
+            and ia is not None
+            and ib is not None
+            and not any(isinstance(c, fx.Node) for c in ic)
+        ):
             n = max(len(ic), len(ia), len(ib))
             if all(len(v) in (1, n) for v in (ic, ia, ib)):
+
                 def at(v: list[Any], k: int) -> Any:
                     return v[0] if len(v) == 1 else v[k]
+
                 items = [at(ia, k) if at(ic, k) else at(ib, k) for k in range(n)]
-                scalar = all(isinstance(v, _Sym) and v.scalar or
-                             isinstance(v, torch.Tensor) and v.dim() == 0 for v in (cond, a, b))
+                scalar = all(
+                    isinstance(v, _Sym) and v.scalar or isinstance(v, torch.Tensor) and v.dim() == 0
+                    for v in (cond, a, b)
+                )
                 return _make_sym(items, scalar)
     return ctx.call(torch.where, ctx.tensor(0), ctx.tensor(1), ctx.tensor(2))
 
@@ -1165,15 +1309,16 @@ def _layer_norm(ctx: _Ctx) -> Value:
     normalized: list[int] | None = None
     if count is not None:
         shape = ctx.shape(0)
-        trailing = shape[len(shape) - count:] if shape is not None else None
+        trailing = shape[len(shape) - count :] if shape is not None else None
         if trailing is not None and all(isinstance(d, int) for d in trailing):
             normalized = list(trailing)
         elif isinstance(scale, torch.Tensor) and scale.dim() == count:
             normalized = list(scale.shape)
     if normalized is None:  # F.layer_norm needs the normalized dims as static ints
         logger.debug("%s: normalized dims unknown, using the explicit formula", ctx.name)
-        return ctx.call(_layer_norm_manual, x, axis, eps, ctx.tensor(1),
-                        None if bias is None else ctx.tensor(2))
+        return ctx.call(
+            _layer_norm_manual, x, axis, eps, ctx.tensor(1), None if bias is None else ctx.tensor(2)
+        )
 
     def fit(v: Value | None) -> Any:
         if isinstance(v, torch.Tensor) and list(v.shape) != normalized:
@@ -1184,7 +1329,9 @@ def _layer_norm(ctx: _Ctx) -> Value:
 
 
 _REDUCE: dict[str, Callable[..., torch.Tensor]] = {
-    "ReduceMean": torch.mean, "ReduceSum": torch.sum, "ReduceMax": torch.amax,
+    "ReduceMean": torch.mean,
+    "ReduceSum": torch.sum,
+    "ReduceMax": torch.amax,
     "ReduceMin": torch.amin,
 }
 
@@ -1216,8 +1363,16 @@ def _reduce(ctx: _Ctx) -> Value:
 # --------------------------------------------------------------------------------------------
 
 
-def _pool_out_size(size: int, kernel: int, stride: int, dilation: int, begin: int, end: int,
-                   ceil_mode: bool, pad_l: int | None = None) -> int:
+def _pool_out_size(
+    size: int,
+    kernel: int,
+    stride: int,
+    dilation: int,
+    begin: int,
+    end: int,
+    ceil_mode: bool,
+    pad_l: int | None = None,
+) -> int:
     """Output length of a pooling window sweep, as ONNX Runtime and torch compute it.
 
     With ceil_mode a last window that would start in the right padding is dropped; ``pad_l`` is
@@ -1233,8 +1388,9 @@ def _pool_out_size(size: int, kernel: int, stride: int, dilation: int, begin: in
     return out
 
 
-def _pool_trim(ctx: _Ctx, y: Any, pads: list[int], kernel: list[int], strides: list[int],
-               dilations: list[int]) -> Any:
+def _pool_trim(
+    ctx: _Ctx, y: Any, pads: list[int], kernel: list[int], strides: list[int], dilations: list[int]
+) -> Any:
     """After pooling an explicitly padded input with ceil_mode, drop windows that ONNX drops.
 
     Once the padding is explicit torch no longer knows where the right padding begins, so it may
@@ -1249,8 +1405,10 @@ def _pool_trim(ctx: _Ctx, y: Any, pads: list[int], kernel: list[int], strides: l
             index.append(slice(None))
             continue
         if size is None:
-            raise ctx.fail("ceil_mode=1 with explicit end padding needs static spatial sizes",
-                           "Export the model with static spatial sizes or ceil_mode=0.")
+            raise ctx.fail(
+                "ceil_mode=1 with explicit end padding needs static spatial sizes",
+                "Export the model with static spatial sizes or ceil_mode=0.",
+            )
         args = (kernel[i], strides[i], dilations[i])
         out_onnx = _pool_out_size(size, *args, begin, end, True)
         out_torch = _pool_out_size(size + begin + end, *args, 0, 0, True)
@@ -1259,8 +1417,9 @@ def _pool_trim(ctx: _Ctx, y: Any, pads: list[int], kernel: list[int], strides: l
     return ctx.call(operator.getitem, y, tuple(index)) if trimmed else y
 
 
-def _correct_pool_shape(ctx: _Ctx, pads: list[int], kernel: list[int], strides: list[int],
-                        dilations: list[int]) -> None:
+def _correct_pool_shape(
+    ctx: _Ctx, pads: list[int], kernel: list[int], strides: list[int], dilations: list[int]
+) -> None:
     """ONNX shape inference ignores the ceil_mode rule above; fix the inferred output shape."""
     out = ctx.node.output[0]
     in_shape, out_shape = ctx.shape(0), ctx.imp.shapes.get(out)
@@ -1271,11 +1430,13 @@ def _correct_pool_shape(ctx: _Ctx, pads: list[int], kernel: list[int], strides: 
     for i in range(n):
         size = in_shape[2 + i]
         if isinstance(size, int):
-            fixed[2 + i] = _pool_out_size(size, kernel[i], strides[i], dilations[i], pads[i],
-                                          pads[i + n], True)
+            fixed[2 + i] = _pool_out_size(
+                size, kernel[i], strides[i], dilations[i], pads[i], pads[i + n], True
+            )
     if fixed != out_shape:
-        logger.debug("%s: ONNX shape inference says %s, the output is %s", ctx.name, out_shape,
-                     fixed)
+        logger.debug(
+            "%s: ONNX shape inference says %s, the output is %s", ctx.name, out_shape, fixed
+        )
         ctx.imp.distrust_shapes_after(out, fixed)
 
 
@@ -1298,7 +1459,8 @@ def _torch_can_pad(pads: list[int], kernel: list[int], dilations: list[int]) -> 
     """Whether torch's own (symmetric, at most half a window) pooling padding expresses pads."""
     n = len(kernel)
     return pads[:n] == pads[n:] and all(
-        2 * p <= (k - 1) * d + 1 for p, k, d in zip(pads[:n], kernel, dilations, strict=True))
+        2 * p <= (k - 1) * d + 1 for p, k, d in zip(pads[:n], kernel, dilations, strict=True)
+    )
 
 
 @_converter("MaxPool")
@@ -1322,8 +1484,10 @@ def _max_pool(ctx: _Ctx) -> Value:
 def _avg_pool(ctx: _Ctx) -> Value:
     kernel, strides, dilations, pads, ceil_mode = _pool_geometry(ctx)
     if any(d != 1 for d in dilations):
-        raise ctx.fail(f"dilations {dilations} are not supported for AveragePool "
-                       f"(torch's avg_pool has no dilation)")
+        raise ctx.fail(
+            f"dilations {dilations} are not supported for AveragePool "
+            f"(torch's avg_pool has no dilation)"
+        )
     n = len(kernel)
     include = bool(ctx.attr("count_include_pad", 0))
     fn = (F.avg_pool1d, F.avg_pool2d, F.avg_pool3d)[n - 1]
@@ -1331,8 +1495,7 @@ def _avg_pool(ctx: _Ctx) -> Value:
     if _torch_can_pad(pads, kernel, dilations):
         return ctx.call(fn, x, kernel, strides, pads[:n], ceil_mode, include)
     if include:
-        y = ctx.call(fn, ctx.call(F.pad, x, _torch_pad(pads)), kernel, strides, 0, ceil_mode,
-                     True)
+        y = ctx.call(fn, ctx.call(F.pad, x, _torch_pad(pads)), kernel, strides, 0, ceil_mode, True)
     else:
         y = ctx.call(_avg_pool_exclude_pad, x, _torch_pad(pads), kernel, strides, ceil_mode)
     return _pool_trim(ctx, y, pads, kernel, strides, dilations) if ceil_mode else y
@@ -1350,8 +1513,9 @@ def _global_pool(ctx: _Ctx) -> Value:
             fn = (F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d)[rank - 3]
         return ctx.call(fn, x, 1)
     if rank is not None:
-        return ctx.call(torch.mean if avg else torch.amax, x, dim=list(range(2, rank)),
-                        keepdim=True)
+        return ctx.call(
+            torch.mean if avg else torch.amax, x, dim=list(range(2, rank)), keepdim=True
+        )
     raise ctx.fail("the input rank is unknown")
 
 
@@ -1369,8 +1533,11 @@ def _shape(ctx: _Ctx) -> Value:
         return torch.tensor(dims[start:end], dtype=torch.int64)
     dims = ctx.dims_of(0)
     if dims is None:
-        logger.debug("Shape %s: rank of %r unknown, computing the shape at run time", ctx.name,
-                     ctx.node.input[0])
+        logger.debug(
+            "Shape %s: rank of %r unknown, computing the shape at run time",
+            ctx.name,
+            ctx.node.input[0],
+        )
         return ctx.call(_shape_tensor, v, start, end)
     return _make_sym(dims[start:end])
 
@@ -1396,8 +1563,10 @@ def _constant(ctx: _Ctx) -> Value:
         return torch.tensor(a["value_int"], dtype=torch.int64)
     if "value_ints" in a:
         return torch.tensor(list(a["value_ints"]), dtype=torch.int64)
-    raise ctx.fail(f"constant attribute {sorted(a)} is not supported (only value, value_float(s) "
-                   f"and value_int(s))")
+    raise ctx.fail(
+        f"constant attribute {sorted(a)} is not supported (only value, value_float(s) "
+        f"and value_int(s))"
+    )
 
 
 @_converter("ConstantOfShape")
@@ -1548,8 +1717,10 @@ def _concat(ctx: _Ctx) -> Value:
     values = [ctx.value(i) for i in range(len(ctx.node.input)) if ctx.has(i)]
     if any(isinstance(v, _Sym) for v in values) and axis in (0, -1):
         parts = [_sym_items(v) for v in values]
-        if all(p is not None and not (isinstance(v, _Sym) and v.scalar)
-               for p, v in zip(parts, values, strict=True)):
+        if all(
+            p is not None and not (isinstance(v, _Sym) and v.scalar)
+            for p, v in zip(parts, values, strict=True)
+        ):
             return _make_sym([item for p in parts for item in p])
     return ctx.call(torch.cat, [ctx.materialize(v) for v in values], axis)
 
@@ -1587,13 +1758,22 @@ def _slice(ctx: _Ctx) -> Value:
         n = len(axes) if axes is not None else None
         if n is None:
             raise ctx.fail("runtime slice bounds need constant axes")
-        return ctx.call(_slice_dynamic, ctx.materialize(data), ctx.tensor(1), ctx.tensor(2),
-                        axes, steps or [1] * n)
+        return ctx.call(
+            _slice_dynamic,
+            ctx.materialize(data),
+            ctx.tensor(1),
+            ctx.tensor(2),
+            axes,
+            steps or [1] * n,
+        )
     axes = list(axes) if axes is not None else list(range(len(starts)))
     steps = list(steps) if steps is not None else [1] * len(starts)
 
-    if isinstance(data, _Sym) and axes in ([0], [-1]) \
-            and all(isinstance(v, int) for v in starts + ends):
+    if (
+        isinstance(data, _Sym)
+        and axes in ([0], [-1])
+        and all(isinstance(v, int) for v in starts + ends)
+    ):
         return _make_sym(data.items[slice(starts[0], ends[0], steps[0])], False, data.dtype)
 
     x = ctx.materialize(data)
@@ -1698,17 +1878,23 @@ def _pad(ctx: _Ctx) -> Value:
         pads = full
     n = len(pads) // 2
     first = next((i for i in range(n) if pads[i] or pads[i + n]), n)
-    trailing = pads[first:n] + pads[n + first:]
+    trailing = pads[first:n] + pads[n + first :]
     x = ctx.tensor(0)
     if not any(trailing):
         return x
-    torch_mode = {"constant": "constant", "reflect": "reflect", "edge": "replicate",
-                  "wrap": "circular"}.get(mode)
+    torch_mode = {
+        "constant": "constant",
+        "reflect": "reflect",
+        "edge": "replicate",
+        "wrap": "circular",
+    }.get(mode)
     if torch_mode is None:
         raise ctx.fail(f"pad mode {mode!r} is not supported")
     if torch_mode != "constant" and (n - first > 3 or first == 0):
-        raise ctx.fail(f"{mode} padding of dims {list(range(first, n))} is not expressible with "
-                       f"torch's F.pad (at most the last 3 dims, never the first)")
+        raise ctx.fail(
+            f"{mode} padding of dims {list(range(first, n))} is not expressible with "
+            f"torch's F.pad (at most the last 3 dims, never the first)"
+        )
     if torch_mode == "constant":
         return ctx.call(F.pad, x, _torch_pad(trailing), value=value or 0)
     return ctx.call(F.pad, x, _torch_pad(trailing), mode=torch_mode)

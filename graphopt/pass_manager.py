@@ -120,8 +120,10 @@ class Pass:
             valid = option_fields(type(self))
             for key in values:
                 if key not in valid:
-                    raise PipelineError(f"pass {self.name!r} has no option {key!r}. Valid "
-                                        f"options: {', '.join(valid) or 'none'}.")
+                    raise PipelineError(
+                        f"pass {self.name!r} has no option {key!r}. Valid "
+                        f"options: {', '.join(valid) or 'none'}."
+                    )
             options = self.Options(**values)
         self.options = options
 
@@ -183,12 +185,19 @@ class Instrument:
     def before_pass(self, position: int, p: Pass, gm: fx.GraphModule, ctx: PassContext) -> None:
         pass
 
-    def after_pass(self, position: int, p: Pass, gm: fx.GraphModule, ctx: PassContext,
-                   record: PassRecord) -> None:
+    def after_pass(
+        self, position: int, p: Pass, gm: fx.GraphModule, ctx: PassContext, record: PassRecord
+    ) -> None:
         pass
 
-    def on_failure(self, position: int, p: Pass, gm_before: fx.GraphModule, ctx: PassContext,
-                   record: PassRecord) -> str | None:
+    def on_failure(
+        self,
+        position: int,
+        p: Pass,
+        gm_before: fx.GraphModule,
+        ctx: PassContext,
+        record: PassRecord,
+    ) -> str | None:
         """Called with the graph as it was before the failing pass; may return a path."""
         return None
 
@@ -204,17 +213,25 @@ class PrintTiming(Instrument):
         stream = self.stream or sys.stderr
         stats = " ".join(f"{k}={v}" for k, v in sorted(record.stats.items()))
         total = f"/{self.total}" if self.total else ""
-        state = record.status if record.status != "ok" else (
-            "modified" if record.modified else "unchanged")
-        print(f"  [{position + 1}{total}] {record.spec:<28} {record.time_s * 1e3:8.1f} ms  "
-              f"{state:<11} {stats}", file=stream, flush=True)
+        state = (
+            record.status
+            if record.status != "ok"
+            else ("modified" if record.modified else "unchanged")
+        )
+        print(
+            f"  [{position + 1}{total}] {record.spec:<28} {record.time_s * 1e3:8.1f} ms  "
+            f"{state:<11} {stats}",
+            file=stream,
+            flush=True,
+        )
 
 
 class PrintIR(Instrument):
     """Print the canonical IR after each pass that changed the graph, with a diff."""
 
-    def __init__(self, stream: IO[str] | None = None, *, diff: bool = True,
-                 only_modified: bool = True) -> None:
+    def __init__(
+        self, stream: IO[str] | None = None, *, diff: bool = True, only_modified: bool = True
+    ) -> None:
         self.stream = stream
         self.diff = diff
         self.only_modified = only_modified
@@ -273,7 +290,8 @@ class Reproducer(Instrument):
         except Exception as exc:  # a graph holding unpicklable objects still gets its IR saved
             log.warning("reproducer: could not pickle the graph (%s); saving its IR only", exc)
         (out / "graph.ir").write_text(verify.canonical_ir(gm_before, types=True))
-        (out / "repro.py").write_text(textwrap.dedent(f'''\
+        (out / "repro.py").write_text(
+            textwrap.dedent(f"""\
             # Reproducer written by graphopt: pass {record.spec!r} (position {position + 1})
             # {record.status}: {record.message.splitlines()[0] if record.message else ""}
             from pathlib import Path
@@ -285,7 +303,8 @@ class Reproducer(Instrument):
             inputs = torch.load(here / "inputs.pt", weights_only=False)
             PassManager({record.spec!r}, strict=True).run(gm, PassContext(sample_inputs=inputs))
             print("pass ran cleanly")
-            '''))
+            """)
+        )
         return str(out)
 
 
@@ -302,8 +321,14 @@ class PassManager:
     {'folded': 20}
     """
 
-    def __init__(self, pipeline: str | Pipeline | Sequence[Pass], *, strict: bool = False,
-                 verify: bool = True, instruments: Sequence[Instrument] = ()) -> None:
+    def __init__(
+        self,
+        pipeline: str | Pipeline | Sequence[Pass],
+        *,
+        strict: bool = False,
+        verify: bool = True,
+        instruments: Sequence[Instrument] = (),
+    ) -> None:
         if isinstance(pipeline, str | Pipeline):
             self.passes = parse_pipeline(pipeline).instantiate()
         else:
@@ -358,8 +383,12 @@ class PassManager:
                 record.message = f"{type(failure).__name__}: {failure}"
             elif record.comparison is not None and not record.comparison.ok:
                 record.status = "rolled-back"
-                record.message = ("broke its numeric contract " + str(p.numerics) + ": "
-                                  + record.comparison.describe())
+                record.message = (
+                    "broke its numeric contract "
+                    + str(p.numerics)
+                    + ": "
+                    + record.comparison.describe()
+                )
                 if not record.modified:
                     record.message += " (while reporting modified=False)"
             if record.status in ("failed", "rolled-back"):
@@ -382,8 +411,9 @@ class PassManager:
                 inst.after_pass(position, p, gm, ctx, record)
         end_to_end = None
         if original is not None:
-            end_to_end = verify.compare(original, verify.run_module(gm, inputs),
-                                        _combined(self.passes, records))
+            end_to_end = verify.compare(
+                original, verify.run_module(gm, inputs), _combined(self.passes, records)
+            )
         return PipelineResult(gm, records, end_to_end)
 
     @staticmethod
@@ -391,8 +421,12 @@ class PassManager:
         where = f"pass {record.spec!r} (position {record.position + 1})"
         repro = f" Reproducer: {record.reproducer}/repro.py." if record.reproducer else ""
         if failure is not None:
-            err = PassError(f"{where} failed: {record.message}.{repro}", pass_name=record.name,
-                            position=record.position, reproducer=record.reproducer)
+            err = PassError(
+                f"{where} failed: {record.message}.{repro}",
+                pass_name=record.name,
+                position=record.position,
+                reproducer=record.reproducer,
+            )
             err.__cause__ = failure
             return err
         cmp = record.comparison
@@ -401,14 +435,18 @@ class PassManager:
             f"{where} broke its numeric contract {record.numerics}: {cmp.output} has "
             f"{cmp.metric} {cmp.measured:.3g}, allowed {cmp.allowed:.3g}. The pass was rolled "
             f"back; run without strict mode to skip it, or report the bug with the reproducer."
-            f"{repro}", pass_name=record.name, output=cmp.output, measured=cmp.measured,
-            allowed=cmp.allowed, reproducer=record.reproducer)
+            f"{repro}",
+            pass_name=record.name,
+            output=cmp.output,
+            measured=cmp.measured,
+            allowed=cmp.allowed,
+            reproducer=record.reproducer,
+        )
 
 
 def _combined(passes: Sequence[Pass], records: Sequence[PassRecord]) -> Numerics:
     """The end-to-end contract: exact if every pass that changed the graph is exact."""
-    applied = [p for p, r in zip(passes, records, strict=False)
-               if r.modified and r.status == "ok"]
+    applied = [p for p, r in zip(passes, records, strict=False) if r.modified and r.status == "ok"]
     lossy = [p.numerics for p in applied if p.numerics.kind == "lossy"]
     if not lossy:
         return Numerics.exact()

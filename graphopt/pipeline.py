@@ -33,12 +33,16 @@ def register_pass(cls: type[Pass]) -> type[Pass]:
     """Class decorator: make a pass available to pipeline strings under ``cls.name``."""
     name = getattr(cls, "name", "")
     if not _NAME.fullmatch(name or ""):
-        raise PipelineError(f"pass class {cls.__qualname__} has invalid name {name!r}; "
-                            "use kebab-case, verb first, e.g. 'fold-conv-bn'.")
+        raise PipelineError(
+            f"pass class {cls.__qualname__} has invalid name {name!r}; "
+            "use kebab-case, verb first, e.g. 'fold-conv-bn'."
+        )
     existing = _REGISTRY.get(name)
     if existing is not None and existing.__qualname__ != cls.__qualname__:
-        raise PipelineError(f"pass name {name!r} is already registered by "
-                            f"{existing.__module__}.{existing.__qualname__}.")
+        raise PipelineError(
+            f"pass name {name!r} is already registered by "
+            f"{existing.__module__}.{existing.__qualname__}."
+        )
     _REGISTRY[name] = cls
     return cls
 
@@ -52,8 +56,11 @@ def registered_passes() -> dict[str, type[Pass]]:
 def get_pass(name: str) -> type[Pass]:
     passes = registered_passes()
     if name not in passes:
-        raise PipelineError(f"unknown pass {name!r}." + close_matches(name, passes)
-                            + " Run `graphopt passes` for the list.")
+        raise PipelineError(
+            f"unknown pass {name!r}."
+            + close_matches(name, passes)
+            + " Run `graphopt passes` for the list."
+        )
     return passes[name]
 
 
@@ -124,8 +131,11 @@ def _convert(cls: type[Pass], key: str, text: str) -> Any:
     fields = option_fields(cls)
     if key not in fields:
         valid = ", ".join(fields) or "none"
-        raise PipelineError(f"pass {cls.name!r} has no option {key!r}." + close_matches(key, fields)
-                            + f" Valid options: {valid}.")
+        raise PipelineError(
+            f"pass {cls.name!r} has no option {key!r}."
+            + close_matches(key, fields)
+            + f" Valid options: {valid}."
+        )
     hints = typing.get_type_hints(cls.Options)
     kind = hints.get(key, str)
     raw = _unquote(text)
@@ -148,8 +158,9 @@ def _convert(cls: type[Pass], key: str, text: str) -> Any:
             return None
         return raw
     except ValueError as exc:
-        raise PipelineError(f"bad value {text!r} for option {key!r} of pass {cls.name!r}: {exc}."
-                            ) from None
+        raise PipelineError(
+            f"bad value {text!r} for option {key!r} of pass {cls.name!r}: {exc}."
+        ) from None
 
 
 def _base_type(kind: Any) -> Any:
@@ -209,10 +220,10 @@ class _Parser:
             if self.pos >= len(self.text):
                 raise self.error("unterminated string", start)
             self.pos += 1
-            return self.text[start:self.pos]
+            return self.text[start : self.pos]
         while self.pos < len(self.text) and self.text[self.pos] not in ",{}=":
             self.pos += 1
-        raw = self.text[start:self.pos].strip()
+        raw = self.text[start : self.pos].strip()
         if not raw:
             raise self.error("expected an option value")
         return raw
@@ -225,8 +236,9 @@ class _Parser:
         while True:
             name, name_pos = self.match(_NAME, "a pass name (kebab-case, e.g. fold-conv-bn)")
             if name not in _REGISTRY:
-                raise self.error(f"unknown pass {name!r}." + close_matches(name, _REGISTRY),
-                                 name_pos)
+                raise self.error(
+                    f"unknown pass {name!r}." + close_matches(name, _REGISTRY), name_pos
+                )
             options: list[tuple[str, str]] = []
             self.skip_ws()
             if self.peek() == "{":
@@ -236,9 +248,12 @@ class _Parser:
                     key, key_pos = self.match(_KEY, "an option name")
                     if key not in fields:
                         valid = ", ".join(fields) or "none"
-                        raise self.error(f"pass {name!r} has no option {key!r}."
-                                         + close_matches(key, fields)
-                                         + f" Valid options: {valid}", key_pos)
+                        raise self.error(
+                            f"pass {name!r} has no option {key!r}."
+                            + close_matches(key, fields)
+                            + f" Valid options: {valid}",
+                            key_pos,
+                        )
                     if key in dict(options):
                         raise self.error(f"option {key!r} given twice", key_pos)
                     self.expect("=")
@@ -271,7 +286,9 @@ def parse_pipeline(text: str | Pipeline) -> Pipeline:
     if isinstance(text, Pipeline):
         return text
     if not isinstance(text, str):
-        raise PipelineError(f"a pipeline is a string like 'fold-conv-bn,eliminate-dead-code', "
-                            f"not {type(text).__name__}.")
+        raise PipelineError(
+            f"a pipeline is a string like 'fold-conv-bn,eliminate-dead-code', "
+            f"not {type(text).__name__}."
+        )
     registered_passes()
     return _Parser(text).parse()

@@ -45,10 +45,10 @@ class Report:
     records: list[PassRecord] = field(default_factory=list)
     ops_before: dict[str, int] = field(default_factory=dict)
     ops_after: dict[str, int] = field(default_factory=dict)
-    graph_error: Comparison | None = None        # rewritten graph vs original, in torch
-    artifact_error: Comparison | None = None     # backend artifact vs original model
-    artifact_diagnosis: str = ""                 # where a disagreement of the artifact comes from
-    latency_baseline: Latency | None = None      # backend on the unrewritten export
+    graph_error: Comparison | None = None  # rewritten graph vs original, in torch
+    artifact_error: Comparison | None = None  # backend artifact vs original model
+    artifact_diagnosis: str = ""  # where a disagreement of the artifact comes from
+    latency_baseline: Latency | None = None  # backend on the unrewritten export
     latency_optimized: Latency | None = None
     baseline_name: str = ""
     threads: int = 0
@@ -64,11 +64,23 @@ class Report:
         return [r for r in self.records if r.status in ("rolled-back", "failed")]
 
     def to_dict(self) -> dict[str, Any]:
-        d = {k: getattr(self, k) for k in ("model", "target", "backend", "backend_version",
-                                           "pipeline", "capture_method", "capture_notes",
-                                           "artifact_diagnosis",
-                                           "ops_before", "ops_after", "baseline_name",
-                                           "threads")}
+        d = {
+            k: getattr(self, k)
+            for k in (
+                "model",
+                "target",
+                "backend",
+                "backend_version",
+                "pipeline",
+                "capture_method",
+                "capture_notes",
+                "artifact_diagnosis",
+                "ops_before",
+                "ops_after",
+                "baseline_name",
+                "threads",
+            )
+        }
         d["records"] = [r.to_dict() for r in self.records]
         for key in ("graph_error", "artifact_error"):
             value = getattr(self, key)
@@ -83,23 +95,32 @@ class Report:
         return json.dumps(self.to_dict(), indent=2, default=str)
 
     def __str__(self) -> str:
-        lines = [f"graphopt report: {self.model} -> {self.target} "
-                 f"({self.backend} {self.backend_version})",
-                 f"captured with {self.capture_method}"]
+        lines = [
+            f"graphopt report: {self.model} -> {self.target} "
+            f"({self.backend} {self.backend_version})",
+            f"captured with {self.capture_method}",
+        ]
         lines += [f"  note: {n}" for n in self.capture_notes]
         lines.append(f"pipeline: {self.pipeline}")
         lines.append("")
-        header = f" {'#':>2}  {'pass':<26} {'status':<11} {'changed':<7} {'time':>9}  " \
-                 f"{'error vs before the pass':<52} stats"
+        header = (
+            f" {'#':>2}  {'pass':<26} {'status':<11} {'changed':<7} {'time':>9}  "
+            f"{'error vs before the pass':<52} stats"
+        )
         lines.append(header)
         lines.append("-" * len(header))
         for r in self.records:
-            err = r.comparison.describe() if r.comparison else (
-                "not checked (no sample inputs)" if r.status == "unverified" else "-")
+            err = (
+                r.comparison.describe()
+                if r.comparison
+                else ("not checked (no sample inputs)" if r.status == "unverified" else "-")
+            )
             stats = " ".join(f"{k}={v}" for k, v in sorted(r.stats.items()))
-            lines.append(f" {r.position + 1:>2}  {r.spec:<26} {r.status:<11} "
-                         f"{'yes' if r.modified else 'no':<7} {r.time_s * 1e3:7.1f}ms  "
-                         f"{err:<52} {stats}")
+            lines.append(
+                f" {r.position + 1:>2}  {r.spec:<26} {r.status:<11} "
+                f"{'yes' if r.modified else 'no':<7} {r.time_s * 1e3:7.1f}ms  "
+                f"{err:<52} {stats}"
+            )
             if r.message and r.status != "ok":
                 lines.append(f"      {r.message}")
             if r.reproducer:
@@ -109,21 +130,28 @@ class Report:
         if self.graph_error:
             lines.append(f"end to end, rewritten graph vs original:  {self.graph_error.describe()}")
         if self.artifact_error:
-            lines.append(f"end to end, {self.backend} artifact vs original model: "
-                         f"{self.artifact_error.describe()}")
+            lines.append(
+                f"end to end, {self.backend} artifact vs original model: "
+                f"{self.artifact_error.describe()}"
+            )
         if self.artifact_diagnosis:
             lines.append(f"  {self.artifact_diagnosis}")
         if self.latency_baseline and self.latency_optimized:
-            lines.append(f"latency (median, {self.threads} threads, same run): "
-                         f"{self.baseline_name} {self.latency_baseline.median_ms:.3f} ms -> "
-                         f"graphopt {self.latency_optimized.median_ms:.3f} ms "
-                         f"({self.speedup:.2f}x)")
+            lines.append(
+                f"latency (median, {self.threads} threads, same run): "
+                f"{self.baseline_name} {self.latency_baseline.median_ms:.3f} ms -> "
+                f"graphopt {self.latency_optimized.median_ms:.3f} ms "
+                f"({self.speedup:.2f}x)"
+            )
         return "\n".join(lines)
 
 
 def _ops_line(before: dict[str, int], after: dict[str, int]) -> str:
-    keys = [k for k in sorted(set(before) | set(after), key=lambda k: -before.get(k, 0))
-            if before.get(k, 0) != after.get(k, 0)]
+    keys = [
+        k
+        for k in sorted(set(before) | set(after), key=lambda k: -before.get(k, 0))
+        if before.get(k, 0) != after.get(k, 0)
+    ]
     total_b, total_a = sum(before.values()), sum(after.values())
     changed = ", ".join(f"{k} {before.get(k, 0)}->{after.get(k, 0)}" for k in keys[:8])
     return f"{total_b} -> {total_a}" + (f" ({changed})" if changed else " (unchanged)")
@@ -139,5 +167,8 @@ class Progress:
 
     def __call__(self, message: str) -> None:
         if self.enabled:
-            print(f"[{self.prefix}{time.perf_counter() - self.start:6.1f}s] {message}",
-                  file=sys.stderr, flush=True)
+            print(
+                f"[{self.prefix}{time.perf_counter() - self.start:6.1f}s] {message}",
+                file=sys.stderr,
+                flush=True,
+            )

@@ -47,8 +47,10 @@ class Target:
         if isinstance(text, Target):
             return text
         if not isinstance(text, str) or not text.strip():
-            raise TargetError(f"a target is a string such as 'cpu', 'cuda' or "
-                              f"'llvm -mcpu=skylake-avx512', not {text!r}.")
+            raise TargetError(
+                f"a target is a string such as 'cpu', 'cuda' or "
+                f"'llvm -mcpu=skylake-avx512', not {text!r}."
+            )
         raw = text.strip()
         try:
             words = shlex.split(raw)
@@ -59,8 +61,10 @@ class Target:
         for word in rest:
             m = re.fullmatch(r"-{1,2}([A-Za-z][\w-]*)(?:=(.+))?", word)
             if not m:
-                raise TargetError(f"target option {word!r} in {raw!r} is not of the form "
-                                  f"-key=value (e.g. 'llvm -mcpu=skylake-avx512').")
+                raise TargetError(
+                    f"target option {word!r} in {raw!r} is not of the form "
+                    f"-key=value (e.g. 'llvm -mcpu=skylake-avx512')."
+                )
             options[m.group(1)] = m.group(2) if m.group(2) is not None else "true"
         m = re.fullmatch(r"cuda(?::(\d+))?", head)
         if m:
@@ -74,9 +78,12 @@ class Target:
         if head in _MOBILE_TRIPLES:
             options.setdefault("mtriple", _MOBILE_TRIPLES[head])
             return cls(head, "mobile", options, 0, raw)
-        raise TargetError(f"unknown target {head!r}." + close_matches(head, _KINDS)
-                          + " Known targets: cpu, cuda[:N], llvm [-mcpu=..] [-mtriple=..], "
-                          "android-arm64, aarch64.")
+        raise TargetError(
+            f"unknown target {head!r}."
+            + close_matches(head, _KINDS)
+            + " Known targets: cpu, cuda[:N], llvm [-mcpu=..] [-mtriple=..], "
+            "android-arm64, aarch64."
+        )
 
     @property
     def default_pipeline(self) -> str:

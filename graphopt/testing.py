@@ -62,8 +62,13 @@ def _as_graph(model: nn.Module, example_inputs: Sequence[torch.Tensor]) -> fx.Gr
     return capture(model, tuple(example_inputs)).graph
 
 
-def run_pass(p: str | Pass | type[Pass], model: nn.Module, example_inputs: Sequence[Any],
-             ctx: PassContext | None = None, **options: Any) -> tuple[fx.GraphModule, PassResult]:
+def run_pass(
+    p: str | Pass | type[Pass],
+    model: nn.Module,
+    example_inputs: Sequence[Any],
+    ctx: PassContext | None = None,
+    **options: Any,
+) -> tuple[fx.GraphModule, PassResult]:
     """Capture ``model``, run one pass on it (no verification) and return (graph, result)."""
     gm = _as_graph(model, example_inputs)
     result = _as_pass(p, options).run(gm, ctx or PassContext(sample_inputs=tuple(example_inputs)))
@@ -72,11 +77,16 @@ def run_pass(p: str | Pass | type[Pass], model: nn.Module, example_inputs: Seque
     return result.graph, result
 
 
-def assert_pass_preserves(p: str | Pass | type[Pass], model: nn.Module,
-                          example_inputs: Sequence[Any], *,
-                          more_inputs: Sequence[Sequence[Any]] = (),
-                          expect_modified: bool | None = None,
-                          ctx: PassContext | None = None, **options: Any) -> PassResult:
+def assert_pass_preserves(
+    p: str | Pass | type[Pass],
+    model: nn.Module,
+    example_inputs: Sequence[Any],
+    *,
+    more_inputs: Sequence[Sequence[Any]] = (),
+    expect_modified: bool | None = None,
+    ctx: PassContext | None = None,
+    **options: Any,
+) -> PassResult:
     """Run pass ``p`` on ``model`` and assert that it kept its numeric contract.
 
     Checked on ``example_inputs`` and each of ``more_inputs`` (e.g. another batch size):
@@ -93,31 +103,40 @@ def assert_pass_preserves(p: str | Pass | type[Pass], model: nn.Module,
     changed = verify.fingerprint(gm) != before_print
     assert result.modified == changed, (
         f"pass {pass_} reported modified={result.modified} but the graph "
-        f"{'changed' if changed else 'did not change'}; stats: {dict(result.stats)}")
+        f"{'changed' if changed else 'did not change'}; stats: {dict(result.stats)}"
+    )
     if expect_modified is not None:
         assert result.modified == expect_modified, (
             f"expected pass {pass_} to {'change' if expect_modified else 'leave'} the graph; "
-            f"stats: {dict(result.stats)}\n{verify.canonical_ir(gm)}")
+            f"stats: {dict(result.stats)}\n{verify.canonical_ir(gm)}"
+        )
     for args in (inputs, *[tuple(m) for m in more_inputs]):
         ref = verify.run_module(reference_model, args)
         out = verify.run_module(gm, args)
         cmp = verify.compare(ref, out, pass_.numerics)
-        assert cmp.ok, (f"pass {pass_} broke its contract {pass_.numerics} on inputs of shape "
-                        f"{[tuple(a.shape) for a in args]}: {cmp.describe()}\n"
-                        f"stats: {dict(result.stats)}\n{verify.canonical_ir(gm)}")
+        assert cmp.ok, (
+            f"pass {pass_} broke its contract {pass_.numerics} on inputs of shape "
+            f"{[tuple(a.shape) for a in args]}: {cmp.describe()}\n"
+            f"stats: {dict(result.stats)}\n{verify.canonical_ir(gm)}"
+        )
     return result
 
 
-def verify_rewrite(p: str | Pass | type[Pass], before: nn.Module, expected: nn.Module,
-                   example_inputs: Sequence[Any], **options: Any) -> PassResult:
+def verify_rewrite(
+    p: str | Pass | type[Pass],
+    before: nn.Module,
+    expected: nn.Module,
+    example_inputs: Sequence[Any],
+    **options: Any,
+) -> PassResult:
     """Assert that pass ``p`` turns ``before`` into ``expected`` (canonical IR, constants elided)
     and that the rewrite keeps the pass's numeric contract."""
     result = assert_pass_preserves(p, before, example_inputs, **options)
     got = verify.canonical_ir(result.graph)
     want = verify.canonical_ir(_as_graph(expected, tuple(example_inputs)))
-    assert got == want, ("the rewrite differs from the expected graph:\n"
-                         + verify.ir_diff(want, got).replace("--- before", "--- expected")
-                         .replace("+++ after", "+++ got"))
+    assert got == want, "the rewrite differs from the expected graph:\n" + verify.ir_diff(
+        want, got
+    ).replace("--- before", "--- expected").replace("+++ after", "+++ got")
     return result
 
 
@@ -144,8 +163,13 @@ _CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 _CONVT = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
 _BN = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
 _FCONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
-_ACTS = {"relu": nn.ReLU, "hardswish": nn.Hardswish, "silu": nn.SiLU, "identity": nn.Identity,
-         "dropout": lambda: nn.Dropout(0.3)}
+_ACTS = {
+    "relu": nn.ReLU,
+    "hardswish": nn.Hardswish,
+    "silu": nn.SiLU,
+    "identity": nn.Identity,
+    "dropout": lambda: nn.Dropout(0.3),
+}
 
 
 def randomize_bn(bn: nn.Module, gen: torch.Generator) -> None:
@@ -179,23 +203,50 @@ class _RandomCNN(nn.Module):
         d = self.dims
         kind = s["kind"]
         if kind in ("conv", "residual", "branch", "shared"):
-            conv = _CONV[d](s["cin"], s["cout"], s["k"], stride=s["stride"], padding=s["pad"],
-                            dilation=s["dil"], groups=s["groups"], bias=s["bias"])
+            conv = _CONV[d](
+                s["cin"],
+                s["cout"],
+                s["k"],
+                stride=s["stride"],
+                padding=s["pad"],
+                dilation=s["dil"],
+                groups=s["groups"],
+                bias=s["bias"],
+            )
             if kind == "shared":
                 return nn.ModuleList([conv])
             layers = [conv, _BN[d](s["cout"])]
             return nn.ModuleList(layers)
         if kind == "convT":
-            conv = _CONVT[d](s["cin"], s["cout"], s["k"], stride=s["stride"], padding=s["pad"],
-                             output_padding=s["opad"], groups=s["groups"], bias=s["bias"],
-                             dilation=s["dil"])
+            conv = _CONVT[d](
+                s["cin"],
+                s["cout"],
+                s["k"],
+                stride=s["stride"],
+                padding=s["pad"],
+                output_padding=s["opad"],
+                groups=s["groups"],
+                bias=s["bias"],
+                dilation=s["dil"],
+            )
             return nn.ModuleList([conv, _BN[d](s["cout"])])
         if kind == "bn":
             return _BN[d](s["c"], affine=s["affine"], track_running_stats=s["stats"])
         if kind == "bn_conv":
-            return nn.ModuleList([_BN[d](s["cin"]), _CONV[d](
-                s["cin"], s["cout"], s["k"], padding=s["pad"], groups=s["groups"],
-                bias=s["bias"], padding_mode=s["pmode"])])
+            return nn.ModuleList(
+                [
+                    _BN[d](s["cin"]),
+                    _CONV[d](
+                        s["cin"],
+                        s["cout"],
+                        s["k"],
+                        padding=s["pad"],
+                        groups=s["groups"],
+                        bias=s["bias"],
+                        padding_mode=s["pmode"],
+                    ),
+                ]
+            )
         if kind == "act":
             return _ACTS[s["act"]]()
         if kind == "functional":
@@ -205,10 +256,11 @@ class _RandomCNN(nn.Module):
             bn = _BN[d](s["cout"])
             return nn.ModuleList([bn])
         if kind == "head":
-            return nn.ModuleList([nn.Linear(s["cin"], s["cout"], bias=s["bias"]),
-                                  nn.BatchNorm1d(s["cout"])])
+            return nn.ModuleList(
+                [nn.Linear(s["cin"], s["cout"], bias=s["bias"]), nn.BatchNorm1d(s["cout"])]
+            )
         if kind == "output":
-            return nn.Identity()      # a placeholder: forward() only records x, calls nothing
+            return nn.Identity()  # a placeholder: forward() only records x, calls nothing
         raise ValueError(kind)
 
     def forward(self, x: torch.Tensor) -> Any:
@@ -223,11 +275,11 @@ class _RandomCNN(nn.Module):
             elif kind == "residual":
                 x = x + layer[1](layer[0](x))
             elif kind == "branch":
-                y = layer[0](x)               # the conv output has two users
+                y = layer[0](x)  # the conv output has two users
                 x = layer[1](y) + y
             elif kind == "shared":
                 conv = layer[0]
-                x = conv(conv(x))             # one module, called twice: weights shared
+                x = conv(conv(x))  # one module, called twice: weights shared
             elif kind == "bn_conv":
                 x = layer[1](layer[0](x))
             elif kind in ("bn", "act"):
@@ -235,13 +287,15 @@ class _RandomCNN(nn.Module):
             elif kind == "functional":
                 w, b = self.fweights[fw], self.fweights[fw + 1]
                 fw += 2
-                y = _FCONV[self.dims](x, w, b if s["bias"] else None, padding=s["pad"],
-                                      groups=s["groups"])
+                y = _FCONV[self.dims](
+                    x, w, b if s["bias"] else None, padding=s["pad"], groups=s["groups"]
+                )
                 bn = layer[0]
-                x = F.batch_norm(y, bn.running_mean, bn.running_var, bn.weight, bn.bias,
-                                 False, 0.1, bn.eps)
+                x = F.batch_norm(
+                    y, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.1, bn.eps
+                )
             elif kind == "output":
-                extra.append(x)               # an intermediate value also returned
+                extra.append(x)  # an intermediate value also returned
             elif kind == "head":
                 x = x.flatten(2).mean(-1)
                 x = layer[1](layer[0](x))
@@ -252,12 +306,29 @@ def _out_len(n: int, k: int, s: int, p: int, d: int) -> int:
     return (n + 2 * p - d * (k - 1) - 1) // s + 1
 
 
-def _build_spec(ints: Callable[[int, int], int], pick: Callable[[list], Any],
-                dims: int, cin: int, size: int, max_layers: int) -> list[dict[str, Any]]:
+def _build_spec(
+    ints: Callable[[int, int], int],
+    pick: Callable[[list], Any],
+    dims: int,
+    cin: int,
+    size: int,
+    max_layers: int,
+) -> list[dict[str, Any]]:
     spec: list[dict[str, Any]] = []
     c, n = cin, size
-    kinds = ["conv", "conv", "convT", "bn", "act", "residual", "branch", "shared", "bn_conv",
-             "functional", "output"]
+    kinds = [
+        "conv",
+        "conv",
+        "convT",
+        "bn",
+        "act",
+        "residual",
+        "branch",
+        "shared",
+        "bn_conv",
+        "functional",
+        "output",
+    ]
     for _ in range(ints(1, max_layers)):
         kind = pick(kinds)
         divisors = [g for g in (1, 2, 4) if c % g == 0]
@@ -266,14 +337,25 @@ def _build_spec(ints: Callable[[int, int], int], pick: Callable[[list], Any],
             cout = groups * ints(1, max(1, 8 // groups)) if groups > 1 else ints(1, 8)
             k, stride, dil = pick([1, 2, 3]), pick([1, 2]), pick([1, 2])
             pad = ints(0, k // 2 + 1)
-            if kind == "branch":                 # the add needs the conv to keep the shape
+            if kind == "branch":  # the add needs the conv to keep the shape
                 cout, stride, k, dil = c, 1, pick([1, 3]), 1
                 pad = k // 2
                 groups = pick([g for g in divisors if cout % g == 0])
             if _out_len(n, k, stride, pad, dil) < 1:
                 continue
-            spec.append(dict(kind=kind, cin=c, cout=cout, k=k, stride=stride, pad=pad, dil=dil,
-                             groups=groups, bias=pick([True, False])))
+            spec.append(
+                dict(
+                    kind=kind,
+                    cin=c,
+                    cout=cout,
+                    k=k,
+                    stride=stride,
+                    pad=pad,
+                    dil=dil,
+                    groups=groups,
+                    bias=pick([True, False]),
+                )
+            )
             c, n = cout, _out_len(n, k, stride, pad, dil)
         elif kind == "convT":
             groups = pick(divisors)
@@ -285,19 +367,48 @@ def _build_spec(ints: Callable[[int, int], int], pick: Callable[[list], Any],
             out = (n - 1) * stride - 2 * pad + dil * (k - 1) + opad + 1
             if out < 1 or out > 24:
                 continue
-            spec.append(dict(kind="convT", cin=c, cout=cout, k=k, stride=stride, pad=pad,
-                             opad=opad, dil=dil, groups=groups, bias=pick([True, False])))
+            spec.append(
+                dict(
+                    kind="convT",
+                    cin=c,
+                    cout=cout,
+                    k=k,
+                    stride=stride,
+                    pad=pad,
+                    opad=opad,
+                    dil=dil,
+                    groups=groups,
+                    bias=pick([True, False]),
+                )
+            )
             c, n = cout, out
         elif kind in ("residual", "shared"):
             k = pick([1, 3])
             groups = pick(divisors)
-            spec.append(dict(kind=kind, cin=c, cout=c, k=k, stride=1, pad=k // 2, dil=1,
-                             groups=groups, bias=pick([True, False])))
+            spec.append(
+                dict(
+                    kind=kind,
+                    cin=c,
+                    cout=c,
+                    k=k,
+                    stride=1,
+                    pad=k // 2,
+                    dil=1,
+                    groups=groups,
+                    bias=pick([True, False]),
+                )
+            )
         elif kind == "bn":
             # without running stats BN normalises over batch x space: with one pixel, a batch of
             # one would raise, so keep those models valid for every batch size
-            spec.append(dict(kind="bn", c=c, affine=pick([True, True, False]),
-                             stats=pick([True, True, True, False]) if n > 1 else True))
+            spec.append(
+                dict(
+                    kind="bn",
+                    c=c,
+                    affine=pick([True, True, False]),
+                    stats=pick([True, True, True, False]) if n > 1 else True,
+                )
+            )
         elif kind == "act":
             spec.append(dict(kind="act", act=pick(list(_ACTS))))
         elif kind == "bn_conv":
@@ -307,10 +418,20 @@ def _build_spec(ints: Callable[[int, int], int], pick: Callable[[list], Any],
             cout = groups * ints(1, max(1, 8 // groups))
             if _out_len(n, k, 1, pad, 1) < 1:
                 continue
-            spec.append(dict(kind="bn_conv", cin=c, cout=cout, k=k, pad=pad, groups=groups,
-                             bias=pick([True, False]),
-                             pmode=pick(["zeros", "zeros", "reflect", "replicate"])
-                             if pad and n > pad else "zeros"))
+            spec.append(
+                dict(
+                    kind="bn_conv",
+                    cin=c,
+                    cout=cout,
+                    k=k,
+                    pad=pad,
+                    groups=groups,
+                    bias=pick([True, False]),
+                    pmode=pick(["zeros", "zeros", "reflect", "replicate"])
+                    if pad and n > pad
+                    else "zeros",
+                )
+            )
             c, n = cout, _out_len(n, k, 1, pad, 1)
         elif kind == "functional":
             k = pick([1, 3])
@@ -319,8 +440,17 @@ def _build_spec(ints: Callable[[int, int], int], pick: Callable[[list], Any],
             pad = pick([0, k // 2])
             if _out_len(n, k, 1, pad, 1) < 1:
                 continue
-            spec.append(dict(kind="functional", cin=c, cout=cout, k=k, pad=pad, groups=groups,
-                             bias=pick([True, False])))
+            spec.append(
+                dict(
+                    kind="functional",
+                    cin=c,
+                    cout=cout,
+                    k=k,
+                    pad=pad,
+                    groups=groups,
+                    bias=pick([True, False]),
+                )
+            )
             c, n = cout, _out_len(n, k, 1, pad, 1)
         elif kind == "output" and spec:
             spec.append(dict(kind="output"))

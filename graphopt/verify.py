@@ -25,8 +25,15 @@ if TYPE_CHECKING:
     from graphopt.pass_manager import Numerics
 
 _DTYPE_SHORT = {
-    torch.float32: "f32", torch.float64: "f64", torch.float16: "f16", torch.bfloat16: "bf16",
-    torch.int64: "i64", torch.int32: "i32", torch.int8: "i8", torch.uint8: "u8", torch.bool: "bool",
+    torch.float32: "f32",
+    torch.float64: "f64",
+    torch.float16: "f16",
+    torch.bfloat16: "bf16",
+    torch.int64: "i64",
+    torch.int32: "i32",
+    torch.int8: "i8",
+    torch.uint8: "u8",
+    torch.bool: "bool",
 }
 
 
@@ -52,16 +59,18 @@ class Comparison:
 
     ok: bool
     metric: str
-    measured: float          # worst value of ``metric`` over all outputs
-    allowed: float           # the contract's bound for ``metric``
-    output: str              # which output is the worst, e.g. "output[0]"
-    details: dict[str, float] = field(default_factory=dict)   # max_abs, rel_max, cosine...
+    measured: float  # worst value of ``metric`` over all outputs
+    allowed: float  # the contract's bound for ``metric``
+    output: str  # which output is the worst, e.g. "output[0]"
+    details: dict[str, float] = field(default_factory=dict)  # max_abs, rel_max, cosine...
 
     def describe(self) -> str:
         cmp = ">=" if self.metric in _HIGHER_IS_BETTER else "<="
         verdict = "ok" if self.ok else "VIOLATED"
-        return (f"{self.metric} {self.measured:.3g} (allowed {cmp} {self.allowed:.3g}) "
-                f"at {self.output}: {verdict}")
+        return (
+            f"{self.metric} {self.measured:.3g} (allowed {cmp} {self.allowed:.3g}) "
+            f"at {self.output}: {verdict}"
+        )
 
 
 _HIGHER_IS_BETTER = {"cosine", "top1"}
@@ -109,18 +118,31 @@ def default_rtol(dtype: torch.dtype) -> float:
     return {torch.float64: 1e-10, torch.float16: 2e-2, torch.bfloat16: 5e-2}.get(dtype, 1e-5)
 
 
-def compare(reference: Sequence[torch.Tensor], outputs: Sequence[torch.Tensor],
-            numerics: Numerics) -> Comparison:
+def compare(
+    reference: Sequence[torch.Tensor], outputs: Sequence[torch.Tensor], numerics: Numerics
+) -> Comparison:
     """Compare ``outputs`` with ``reference`` under ``numerics`` and return the worst output."""
     if len(reference) != len(outputs):
-        return Comparison(False, "structure", float(len(outputs)), float(len(reference)),
-                          "outputs", {"expected_outputs": len(reference)})
+        return Comparison(
+            False,
+            "structure",
+            float(len(outputs)),
+            float(len(reference)),
+            "outputs",
+            {"expected_outputs": len(reference)},
+        )
     worst: Comparison | None = None
     for i, (ref, out) in enumerate(zip(reference, outputs, strict=True)):
         name = f"output[{i}]"
         if tuple(ref.shape) != tuple(out.shape):
-            return Comparison(False, "shape", math.inf, 0.0, name,
-                              {"expected": str(tuple(ref.shape)), "got": str(tuple(out.shape))})
+            return Comparison(
+                False,
+                "shape",
+                math.inf,
+                0.0,
+                name,
+                {"expected": str(tuple(ref.shape)), "got": str(tuple(out.shape))},
+            )
         if not ref.is_floating_point():
             equal = bool(torch.equal(ref, out))
             cmp = Comparison(equal, "mismatches", float((ref != out).sum()), 0.0, name, {})
@@ -201,8 +223,9 @@ def _constant_text(value: Any, elide: bool) -> str:
     if isinstance(value, torch.Tensor):
         if elide:
             return f"const {_tensor_type(value)}"
-        digest = hashlib.blake2b(value.detach().cpu().contiguous().numpy().tobytes(),
-                                 digest_size=6).hexdigest()
+        digest = hashlib.blake2b(
+            value.detach().cpu().contiguous().numpy().tobytes(), digest_size=6
+        ).hexdigest()
         return f"const {_tensor_type(value)} #{digest}"
     return f"const {type(value).__name__}"
 
@@ -269,8 +292,11 @@ def _fetch_attr(gm: torch.nn.Module, target: str) -> Any:
 
 def ir_diff(before: str, after: str, *, context: int = 2) -> str:
     """A unified diff of two canonical IR texts ('' when equal)."""
-    return "".join(difflib.unified_diff(before.splitlines(True), after.splitlines(True),
-                                        "before", "after", n=context))
+    return "".join(
+        difflib.unified_diff(
+            before.splitlines(True), after.splitlines(True), "before", "after", n=context
+        )
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -291,9 +317,13 @@ def fingerprint(gm: torch.nn.Module, *, weights: bool = True) -> str:
         for name, t in sorted(_named_tensors(gm)):
             h.update(name.encode())
             h.update(_tensor_type(t).encode())
-            h.update(np.ascontiguousarray(t.detach().cpu().float().numpy()
-                                          if t.dtype == torch.bfloat16
-                                          else t.detach().cpu().numpy()).tobytes())
+            h.update(
+                np.ascontiguousarray(
+                    t.detach().cpu().float().numpy()
+                    if t.dtype == torch.bfloat16
+                    else t.detach().cpu().numpy()
+                ).tobytes()
+            )
     return h.hexdigest()
 
 

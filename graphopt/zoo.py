@@ -125,8 +125,9 @@ class BasicBlock(nn.Module):
 
     expansion = 1
 
-    def __init__(self, cin: int, planes: int, stride: int = 1,
-                 downsample: nn.Module | None = None) -> None:
+    def __init__(
+        self, cin: int, planes: int, stride: int = 1, downsample: nn.Module | None = None
+    ) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(cin, planes, 3, stride, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(planes)
@@ -147,8 +148,9 @@ class Bottleneck(nn.Module):
 
     expansion = 4
 
-    def __init__(self, cin: int, planes: int, stride: int = 1,
-                 downsample: nn.Module | None = None) -> None:
+    def __init__(
+        self, cin: int, planes: int, stride: int = 1, downsample: nn.Module | None = None
+    ) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(cin, planes, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(planes)
@@ -170,8 +172,9 @@ class Bottleneck(nn.Module):
 class ResNet(nn.Module):
     """torchvision-equivalent ResNet (stem 7x7/2 + maxpool, four stages, avgpool, fc)."""
 
-    def __init__(self, block: type[BasicBlock] | type[Bottleneck], layers: list[int],
-                 num_classes: int = 1000) -> None:
+    def __init__(
+        self, block: type[BasicBlock] | type[Bottleneck], layers: list[int], num_classes: int = 1000
+    ) -> None:
         super().__init__()
         self.inplanes = 64
         self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
@@ -185,8 +188,9 @@ class ResNet(nn.Module):
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(512 * block.expansion, num_classes)
 
-    def _make_layer(self, block: type[BasicBlock] | type[Bottleneck], planes: int, blocks: int,
-                    stride: int) -> nn.Sequential:
+    def _make_layer(
+        self, block: type[BasicBlock] | type[Bottleneck], planes: int, blocks: int, stride: int
+    ) -> nn.Sequential:
         downsample = None
         if stride != 1 or self.inplanes != planes * block.expansion:
             downsample = nn.Sequential(
@@ -266,8 +270,15 @@ class MobileNetV2(nn.Module):
     """MobileNetV2, width 1.0 (torchvision layout: ``features`` + ``classifier``)."""
 
     # expand ratio t, channels c, repeats n, first stride s
-    CONFIG = [(1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2),
-              (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1)]
+    CONFIG = [
+        (1, 16, 1, 1),
+        (6, 24, 2, 2),
+        (6, 32, 3, 2),
+        (6, 64, 4, 2),
+        (6, 96, 3, 1),
+        (6, 160, 3, 2),
+        (6, 320, 1, 1),
+    ]
 
     def __init__(self, num_classes: int = 1000) -> None:
         super().__init__()
@@ -383,13 +394,21 @@ class MobileOneBlock(nn.Module):
     """MobileOne training block: ``num_conv_branches`` kxk conv-BN branches, a 1x1 'scale'
     conv-BN branch (when k > 1) and an identity BN branch (when shapes allow), summed, ReLU."""
 
-    def __init__(self, cin: int, cout: int, k: int, stride: int = 1, groups: int = 1,
-                 num_conv_branches: int = 1) -> None:
+    def __init__(
+        self,
+        cin: int,
+        cout: int,
+        k: int,
+        stride: int = 1,
+        groups: int = 1,
+        num_conv_branches: int = 1,
+    ) -> None:
         super().__init__()
         self.num_conv_branches = num_conv_branches
         self.rbr_skip = nn.BatchNorm2d(cin) if cin == cout and stride == 1 else None
         self.rbr_conv = nn.ModuleList(
-            _conv_bn(cin, cout, k, stride, groups) for _ in range(num_conv_branches))
+            _conv_bn(cin, cout, k, stride, groups) for _ in range(num_conv_branches)
+        )
         self.rbr_scale = _conv_bn(cin, cout, 1, stride, groups) if k > 1 else None
         self.activation = nn.ReLU()
 
@@ -408,8 +427,13 @@ class MobileOne(_StagedNet):
     """MobileOne (train-time form, apple/ml-mobileone layout): stage0, four stages of
     (depthwise 3x3 block, pointwise 1x1 block) pairs, GAP, linear."""
 
-    def __init__(self, num_blocks: list[int], width: list[float], num_conv_branches: int,
-                 num_classes: int = 1000) -> None:
+    def __init__(
+        self,
+        num_blocks: list[int],
+        width: list[float],
+        num_conv_branches: int,
+        num_classes: int = 1000,
+    ) -> None:
         self.num_conv_branches = num_conv_branches
         super().__init__(num_blocks, width, num_classes)
 
@@ -418,8 +442,10 @@ class MobileOne(_StagedNet):
 
     def _blocks(self, cin: int, planes: int, stride: int) -> list[nn.Module]:
         n = self.num_conv_branches
-        return [MobileOneBlock(cin, cin, 3, stride, groups=cin, num_conv_branches=n),
-                MobileOneBlock(cin, planes, 1, 1, num_conv_branches=n)]
+        return [
+            MobileOneBlock(cin, cin, 3, stride, groups=cin, num_conv_branches=n),
+            MobileOneBlock(cin, planes, 1, 1, num_conv_branches=n),
+        ]
 
 
 def _mobileone_s0() -> nn.Module:
@@ -447,7 +473,7 @@ class Attention(nn.Module):
         self.dim = dim
         self.heads = heads
         self.head_dim = dim // heads
-        self.scale = self.head_dim ** -0.5
+        self.scale = self.head_dim**-0.5
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
 
@@ -478,8 +504,16 @@ class TransformerBlock(nn.Module):
 class VisionTransformer(nn.Module):
     """ViT: Conv2d patch embedding, cls token, learned position embedding, encoder, head."""
 
-    def __init__(self, image: int = 224, patch: int = 16, dim: int = 384, depth: int = 4,
-                 heads: int = 6, mlp_dim: int = 1536, num_classes: int = 1000) -> None:
+    def __init__(
+        self,
+        image: int = 224,
+        patch: int = 16,
+        dim: int = 384,
+        depth: int = 4,
+        heads: int = 6,
+        mlp_dim: int = 1536,
+        num_classes: int = 1000,
+    ) -> None:
         super().__init__()
         self.patch_embed = nn.Conv2d(3, dim, patch, patch)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
@@ -544,8 +578,12 @@ class DigitsCNN(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.features = nn.Sequential(
-            nn.Conv2d(1, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
-            nn.Conv2d(16, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32), nn.ReLU(),
+            nn.Conv2d(1, 16, 3, padding=1, bias=False),
+            nn.BatchNorm2d(16),
+            nn.ReLU(),
+            nn.Conv2d(16, 32, 3, padding=1, bias=False),
+            nn.BatchNorm2d(32),
+            nn.ReLU(),
             nn.MaxPool2d(2),
         )
         self.classifier = nn.Linear(32 * 4 * 4, 10)
@@ -580,7 +618,7 @@ def _trained_digits_state(seed: int) -> dict[str, torch.Tensor]:
 def _train_digits(seed: int) -> dict[str, torch.Tensor]:
     x, y = digits_data("train")
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)        # a tiny model: one thread is faster and immune to load
+    torch.set_num_threads(1)  # a tiny model: one thread is faster and immune to load
     try:
         return _train_digits_loop(seed, x, y)
     finally:
@@ -597,7 +635,7 @@ def _train_digits_loop(seed: int, x: torch.Tensor, y: torch.Tensor) -> dict[str,
         for _ in range(12):
             perm = torch.randperm(len(y), generator=gen)
             for i in range(0, len(y), 64):
-                idx = perm[i:i + 64]
+                idx = perm[i : i + 64]
                 opt.zero_grad()
                 loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
                 loss.backward()
@@ -640,8 +678,10 @@ def describe(name: str) -> str:
     if name == "digits_cnn":
         return _first_line(_digits_cnn)
     if name not in _RANDOM:
-        raise GraphoptError(f"unknown zoo model {name!r}; available: {', '.join(names())}."
-                            + close_matches(name, names()))
+        raise GraphoptError(
+            f"unknown zoo model {name!r}; available: {', '.join(names())}."
+            + close_matches(name, names())
+        )
     return _first_line(_RANDOM[name])
 
 
@@ -655,8 +695,10 @@ def get(name: str, *, seed: int = 0) -> ZooModel:
             model, inputs = _digits_cnn(seed)
         return ZooModel(name, model, inputs, _first_line(_digits_cnn), "classification")
     if name not in _RANDOM:
-        raise GraphoptError(f"unknown zoo model {name!r}; available: {', '.join(names())}."
-                            + close_matches(name, names()))
+        raise GraphoptError(
+            f"unknown zoo model {name!r}; available: {', '.join(names())}."
+            + close_matches(name, names())
+        )
     build = _RANDOM[name]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

@@ -49,7 +49,7 @@ def test_optimize_zoo_model_is_exact_and_leaves_model_alone(name):
     after = entry.model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
     if "BatchNorm2d" in report.ops_before and name not in ("repvgg_a0", "mobileone_s0"):
-        assert "BatchNorm2d" not in report.ops_after        # every BN followed a conv
+        assert "BatchNorm2d" not in report.ops_after  # every BN followed a conv
 
 
 @pytest.mark.parametrize("name", ZOO)
@@ -60,8 +60,11 @@ def test_optimize_zoo_model_from_onnx_file(name, tmp_path):
     result = graphopt.optimize(str(path), "cpu", measure=False)
     assert result.report.capture_method == "onnx"
     assert result.report.artifact_error.ok and result.report.graph_error.ok, str(result.report)
-    x = np.random.default_rng(0).standard_normal(
-        (2, *entry.example_inputs[0].shape[1:])).astype(np.float32)
+    x = (
+        np.random.default_rng(0)
+        .standard_normal((2, *entry.example_inputs[0].shape[1:]))
+        .astype(np.float32)
+    )
     got = result(x)
     assert isinstance(got, np.ndarray)
     with torch.no_grad():
@@ -78,7 +81,8 @@ def test_report_lists_passes_latency_and_saves(tmp_path):
         assert needle in text
     assert report.latency_baseline.median_ms > 0 and report.latency_optimized.median_ms > 0
     assert report.speedup == pytest.approx(
-        report.latency_baseline.median_ms / report.latency_optimized.median_ms)
+        report.latency_baseline.median_ms / report.latency_optimized.median_ms
+    )
     path = result.save(tmp_path / "out.onnx")
     model = onnx.load(str(path))
     assert model.ir_version <= 10
@@ -92,8 +96,7 @@ def test_graph_module_is_usable_as_torch_module():
     entry = zoo.get("digits_cnn")
     result = graphopt.optimize(entry.model, "cpu", entry.example_inputs, measure=False)
     x = entry.example_inputs[0]
-    assert (result.graph_module(x) - entry.model(x)).abs().max() <= exact_tolerance(
-        entry.model(x))
+    assert (result.graph_module(x) - entry.model(x)).abs().max() <= exact_tolerance(entry.model(x))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -129,7 +132,9 @@ def test_bad_target_and_pipeline_fail_before_any_work(small):
 def test_wrong_input_shape_and_dtype(small):
     model, inputs = small
     result = graphopt.optimize(model, "cpu", inputs, measure=False)
-    with pytest.raises(InputError, match=r"should be x: float32\[N,1,8,8\].*got float32\[1, 1, 9, 8\]"):
+    with pytest.raises(
+        InputError, match=r"should be x: float32\[N,1,8,8\].*got float32\[1, 1, 9, 8\]"
+    ):
         result(torch.randn(1, 1, 9, 8))
     with pytest.raises(InputError, match="got float64"):
         result(torch.randn(1, 1, 8, 8, dtype=torch.float64))
@@ -137,7 +142,7 @@ def test_wrong_input_shape_and_dtype(small):
         result(inputs[0], inputs[0])
     with pytest.raises(InputError, match="raised on the example inputs"):
         graphopt.optimize(model, "cpu", (torch.randn(1, 3, 8, 8),))
-    assert result(inputs[0]).shape == (1, 10)          # still works after the errors
+    assert result(inputs[0]).shape == (1, 10)  # still works after the errors
 
 
 def test_untraceable_model_gets_capture_error():
@@ -160,9 +165,11 @@ def test_cuda_target_without_gpu_is_a_clear_error(small):
 
 
 def test_import_is_fast_and_lazy():
-    code = ("import sys, time; t = time.perf_counter(); import graphopt; "
-            "dt = time.perf_counter() - t; "
-            "print(dt, 'torch' in sys.modules, 'onnxruntime' in sys.modules, 'tvm' in sys.modules)")
+    code = (
+        "import sys, time; t = time.perf_counter(); import graphopt; "
+        "dt = time.perf_counter() - t; "
+        "print(dt, 'torch' in sys.modules, 'onnxruntime' in sys.modules, 'tvm' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     dt, has_torch, has_ort, has_tvm = out.stdout.split()
     assert (has_torch, has_ort, has_tvm) == ("False", "False", "False")
@@ -213,9 +220,15 @@ def test_onnx_file_with_batchnorm_is_folded(tmp_path):
     as other frameworks' exporters do) gets them folded by the same pass."""
     entry = zoo.get("digits_cnn")
     path = tmp_path / "bn.onnx"
-    torch.onnx.export(copy.deepcopy(entry.model), entry.example_inputs, str(path), dynamo=False,
-                      do_constant_folding=False, input_names=["x"],
-                      dynamic_axes={"x": {0: "n"}})
+    torch.onnx.export(
+        copy.deepcopy(entry.model),
+        entry.example_inputs,
+        str(path),
+        dynamo=False,
+        do_constant_folding=False,
+        input_names=["x"],
+        dynamic_axes={"x": {0: "n"}},
+    )
     assert "BatchNormalization" in {n.op_type for n in onnx.load(str(path)).graph.node}
     result = graphopt.optimize(str(path), "cpu", measure=False)
     assert result.report.records[2].stats["folded"] == 2

@@ -17,8 +17,9 @@ HAS_OPENVINO = importlib.util.find_spec("openvino") is not None
 
 @pytest.fixture(scope="module")
 def digits_result() -> dict:
-    results = bench.run_benchmark(["digits_cnn"], runs=3, warmup=1, compile=False,
-                                  openvino=False, progress=False)
+    results = bench.run_benchmark(
+        ["digits_cnn"], runs=3, warmup=1, compile=False, openvino=False, progress=False
+    )
     assert len(results) == 1
     return results[0]
 
@@ -44,11 +45,14 @@ def test_ratios_match_medians(digits_result: dict) -> None:
     eager = runners[bench.EAGER]["median_ms"]
     for entry in runners.values():
         assert math.isclose(entry["speedup_vs_eager"], eager / entry["median_ms"], rel_tol=1e-9)
-    assert math.isclose(ratios["graphopt vs eager"],
-                        eager / runners[bench.GRAPHOPT]["median_ms"], rel_tol=1e-9)
-    assert math.isclose(ratios["graphopt vs onnxruntime"],
-                        runners[bench.ORT]["median_ms"] / runners[bench.GRAPHOPT]["median_ms"],
-                        rel_tol=1e-9)
+    assert math.isclose(
+        ratios["graphopt vs eager"], eager / runners[bench.GRAPHOPT]["median_ms"], rel_tol=1e-9
+    )
+    assert math.isclose(
+        ratios["graphopt vs onnxruntime"],
+        runners[bench.ORT]["median_ms"] / runners[bench.GRAPHOPT]["median_ms"],
+        rel_tol=1e-9,
+    )
     assert ratios["torch.compile vs eager"] is None
     assert ratios["openvino vs eager"] is None
 
@@ -71,29 +75,46 @@ def test_markdown_table(digits_result: dict) -> None:
     assert "digits_cnn" in table
     assert "graphopt vs ORT" in table and "torch.compile vs eager" in table
     row = next(line for line in table.splitlines() if line.startswith("| digits_cnn"))
-    assert row.count("|") == table.splitlines()[2].count("|")   # as many cells as the header
-    assert "!" not in row                                         # no output mismatch
+    assert row.count("|") == table.splitlines()[2].count("|")  # as many cells as the header
+    assert "!" not in row  # no output mismatch
 
 
 def test_markdown_flags_mismatch_and_failures() -> None:
     def entry(ms: float, err: float = 0.0) -> dict:
-        return {"median_ms": ms, "p10_ms": ms, "p90_ms": ms, "runs": 5, "rel_error": err,
-                "speedup_vs_eager": 10.0 / ms}
+        return {
+            "median_ms": ms,
+            "p10_ms": ms,
+            "p90_ms": ms,
+            "runs": 5,
+            "rel_error": err,
+            "speedup_vs_eager": 10.0 / ms,
+        }
 
-    res = {"model": "m", "runners": {bench.EAGER: entry(10.0), bench.ORT: entry(2.0),
-                                     bench.GRAPHOPT: entry(1234.5, err=0.5)},
-           "ratios": {"graphopt vs eager": 10 / 1234.5, "graphopt vs onnxruntime": 2 / 1234.5,
-                      "torch.compile vs eager": None},
-           "skipped": {bench.COMPILE: "RuntimeError: no C compiler",
-                       bench.OPENVINO: "disabled (--no-openvino)"},
-           "other_cpu_while_timing": 1.2}
+    res = {
+        "model": "m",
+        "runners": {
+            bench.EAGER: entry(10.0),
+            bench.ORT: entry(2.0),
+            bench.GRAPHOPT: entry(1234.5, err=0.5),
+        },
+        "ratios": {
+            "graphopt vs eager": 10 / 1234.5,
+            "graphopt vs onnxruntime": 2 / 1234.5,
+            "torch.compile vs eager": None,
+        },
+        "skipped": {
+            bench.COMPILE: "RuntimeError: no C compiler",
+            bench.OPENVINO: "disabled (--no-openvino)",
+        },
+        "other_cpu_while_timing": 1.2,
+    }
     table = bench.markdown_table([res], machine={"cpu": "X", "cores": 2})
     row = next(line for line in table.splitlines() if line.startswith("| m "))
-    assert "1234 !" in row or "1235 !" in row          # no exponent notation, flagged
+    assert "1234 !" in row or "1235 !" in row  # no exponent notation, flagged
     assert "e+" not in row
     assert "m, graphopt: output differs from eager" in table
     assert "m, torch.compile: RuntimeError: no C compiler" in table
-    assert "--no-openvino" not in table                 # deliberately skipped: no note
+    assert "--no-openvino" not in table  # deliberately skipped: no note
     assert "other processes used up to 1.2 cores" in table
 
 
@@ -102,27 +123,43 @@ def test_failing_runner_is_recorded_not_fatal(monkeypatch: pytest.MonkeyPatch) -
         raise RuntimeError("no C compiler found")
 
     monkeypatch.setattr(torch, "compile", no_compiler)
-    [res] = bench.run_benchmark(["digits_cnn"], runs=2, warmup=1, compile=True,
-                                openvino=True, progress=False)
+    [res] = bench.run_benchmark(
+        ["digits_cnn"], runs=2, warmup=1, compile=True, openvino=True, progress=False
+    )
     assert bench.COMPILE not in res["runners"]
     assert res["skipped"][bench.COMPILE] == "RuntimeError: no C compiler found"
     assert res["ratios"]["torch.compile vs eager"] is None
     assert bench.GRAPHOPT in res["runners"]
     import torch._inductor.config as inductor_config
 
-    assert inductor_config.freezing is False             # the flag is restored
+    assert inductor_config.freezing is False  # the flag is restored
     if HAS_OPENVINO:
         ov = res["runners"][bench.OPENVINO]
-        assert ov["median_ms"] > 0 and ov["rel_error"] < 1e-4   # f32, not bf16
+        assert ov["median_ms"] > 0 and ov["rel_error"] < 1e-4  # f32, not bf16
         assert res["ratios"]["openvino vs eager"] > 0
     else:
         assert res["skipped"][bench.OPENVINO] == bench.OPENVINO_MISSING
 
 
 def test_cli_bench_writes_json_and_markdown(tmp_path) -> None:
-    rc = cli.main(["bench", "digits_cnn", "--runs", "2", "--warmup", "1", "--no-compile",
-                   "--no-openvino", "--wait-idle-s", "1", "--json", str(tmp_path / "r.json"),
-                   "--markdown", str(tmp_path / "r.md")])
+    rc = cli.main(
+        [
+            "bench",
+            "digits_cnn",
+            "--runs",
+            "2",
+            "--warmup",
+            "1",
+            "--no-compile",
+            "--no-openvino",
+            "--wait-idle-s",
+            "1",
+            "--json",
+            str(tmp_path / "r.json"),
+            "--markdown",
+            str(tmp_path / "r.md"),
+        ]
+    )
     assert rc == 0
     data = json.loads((tmp_path / "r.json").read_text())
     assert data["complete"] is True
@@ -152,8 +189,9 @@ def test_arguments_defaults() -> None:
 @pytest.mark.slow
 def test_torch_compile_runner() -> None:
     """The real torch.compile path (inductor compiles C++: tens of seconds on 2 cores)."""
-    [res] = bench.run_benchmark(["digits_cnn"], runs=3, warmup=1, compile=True,
-                                openvino=False, progress=False)
+    [res] = bench.run_benchmark(
+        ["digits_cnn"], runs=3, warmup=1, compile=True, openvino=False, progress=False
+    )
     if bench.COMPILE in res["skipped"]:
         pytest.skip(f"torch.compile unavailable here: {res['skipped'][bench.COMPILE]}")
     entry = res["runners"][bench.COMPILE]

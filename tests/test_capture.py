@@ -28,7 +28,7 @@ class ShapeBranch(nn.Module):
 
 class Gate(nn.Module):
     def forward(self, x):
-        if x.sum() > 0:                      # data-dependent: neither tracer can capture it
+        if x.sum() > 0:  # data-dependent: neither tracer can capture it
             return x * 2
         return x - 1
 
@@ -60,7 +60,7 @@ def test_model_is_never_mutated():
     cap = capture(m, (torch.randn(2, 3, 8, 8),))
     for p in cap.graph.parameters():
         p.data.add_(1.0)
-    assert m.training                                     # captured in eval mode, on a copy
+    assert m.training  # captured in eval mode, on a copy
     assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
     assert any("training mode" in n for n in cap.notes)
 

@@ -16,13 +16,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_optimize_zoo_model_prints_report_and_writes_files(tmp_path, capsys):
     out, report = tmp_path / "d.onnx", tmp_path / "r.json"
-    code = main(["optimize", "digits_cnn", "--target", "cpu", "-o", str(out),
-                 "--json", str(report)])
+    code = main(
+        ["optimize", "digits_cnn", "--target", "cpu", "-o", str(out), "--json", str(report)]
+    )
     captured = capsys.readouterr()
     assert code == 0
     assert "graphopt report: digits_cnn -> cpu" in captured.out
     assert "fold-conv-bn" in captured.out and "latency" in captured.out
-    assert "[3/4] fold-conv-bn" in captured.err                   # progress on stderr
+    assert "[3/4] fold-conv-bn" in captured.err  # progress on stderr
     assert onnx.load(str(out)).graph.node
     data = json.loads(report.read_text())
     assert data["records"][2]["stats"] == {"folded": 2}
@@ -30,10 +31,21 @@ def test_optimize_zoo_model_prints_report_and_writes_files(tmp_path, capsys):
 
 
 def test_optimize_onnx_file_with_pipeline(tmp_path, capsys):
-    assert main(["optimize", "digits_cnn", "--no-measure", "-q", "-o", str(tmp_path / "a.onnx")]) == 0
+    assert (
+        main(["optimize", "digits_cnn", "--no-measure", "-q", "-o", str(tmp_path / "a.onnx")]) == 0
+    )
     capsys.readouterr()
-    code = main(["optimize", str(tmp_path / "a.onnx"), "--pipeline", "eliminate-dead-code",
-                 "--no-measure", "-q", "--print-ir"])
+    code = main(
+        [
+            "optimize",
+            str(tmp_path / "a.onnx"),
+            "--pipeline",
+            "eliminate-dead-code",
+            "--no-measure",
+            "-q",
+            "--print-ir",
+        ]
+    )
     captured = capsys.readouterr()
     assert code == 0 and "captured with onnx" in captured.out
 
@@ -55,8 +67,13 @@ def test_errors_are_one_clear_line_and_status_2(tmp_path, capsys):
 def test_passes_lists_every_pass_with_options(capsys):
     assert main(["passes"]) == 0
     out = capsys.readouterr().out
-    for name in ("fold-conv-bn  [exact]", "remove-identity", "fold-constants",
-                 "eliminate-dead-code", "option include_linear: bool = True"):
+    for name in (
+        "fold-conv-bn  [exact]",
+        "remove-identity",
+        "fold-constants",
+        "eliminate-dead-code",
+        "option include_linear: bool = True",
+    ):
         assert name in out
 
 
@@ -67,10 +84,15 @@ def test_zoo_lists_models(capsys):
 
 
 def test_python_dash_m_and_custom_pass_example():
-    out = subprocess.run([sys.executable, "-m", "graphopt", "passes"], capture_output=True,
-                         text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "graphopt", "passes"], capture_output=True, text=True, timeout=120
+    )
     assert out.returncode == 0 and "fold-conv-bn" in out.stdout
-    out = subprocess.run([sys.executable, str(ROOT / "examples" / "custom_pass.py")],
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "custom_pass.py")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     assert "('drop-double-neg', 'ok', {'removed': 1})" in out.stdout

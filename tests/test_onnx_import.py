@@ -30,17 +30,29 @@ RTOL = 1e-5
 # helpers
 
 
-def _export(model: nn.Module, inputs: tuple[torch.Tensor, ...], *, opset: int = 17,
-            dynamic: bool = True, **kwargs) -> bytes:
+def _export(
+    model: nn.Module,
+    inputs: tuple[torch.Tensor, ...],
+    *,
+    opset: int = 17,
+    dynamic: bool = True,
+    **kwargs,
+) -> bytes:
     """torch.onnx.export (TorchScript exporter) with a dynamic batch axis on every input."""
     names = [f"x{i}" if i else "x" for i in range(len(inputs))]
     f = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(model.eval(), inputs, f, dynamo=False, opset_version=opset,
-                          input_names=names,
-                          dynamic_axes={n: {0: "N"} for n in names} if dynamic else None,
-                          **kwargs)
+        torch.onnx.export(
+            model.eval(),
+            inputs,
+            f,
+            dynamo=False,
+            opset_version=opset,
+            input_names=names,
+            dynamic_axes={n: {0: "N"} for n in names} if dynamic else None,
+            **kwargs,
+        )
     return f.getvalue()
 
 
@@ -55,8 +67,9 @@ def _as_list(out: object) -> list[torch.Tensor]:
     return list(out) if isinstance(out, (tuple, list)) else [out]  # type: ignore[arg-type]
 
 
-def _close(actual: torch.Tensor | np.ndarray, ref: torch.Tensor | np.ndarray,
-           rtol: float = RTOL) -> None:
+def _close(
+    actual: torch.Tensor | np.ndarray, ref: torch.Tensor | np.ndarray, rtol: float = RTOL
+) -> None:
     a = torch.as_tensor(np.asarray(actual))
     r = torch.as_tensor(np.asarray(ref))
     assert tuple(a.shape) == tuple(r.shape), f"shape {tuple(a.shape)} != {tuple(r.shape)}"
@@ -74,8 +87,14 @@ def _check_gm(gm: torch.fx.GraphModule) -> None:
     copy.deepcopy(gm)
 
 
-def _roundtrip(model: nn.Module, make_input, *, batches: Sequence[int] = (1, 3),
-               rtol: float = RTOL, **export_kwargs) -> torch.fx.GraphModule:
+def _roundtrip(
+    model: nn.Module,
+    make_input,
+    *,
+    batches: Sequence[int] = (1, 3),
+    rtol: float = RTOL,
+    **export_kwargs,
+) -> torch.fx.GraphModule:
     """Export ``model``, import it, compare with ONNX Runtime and torch eager per batch size."""
     model.eval()
     example = make_input(2)
@@ -104,6 +123,7 @@ def _modules(gm: torch.fx.GraphModule) -> list[type]:
 def _randn(*shape: int):
     def make(n: int) -> torch.Tensor:
         return torch.randn(n, *shape)
+
     return make
 
 
@@ -124,8 +144,9 @@ def _randomize_bn(model: nn.Module) -> nn.Module:
 
 def test_conv_bn_relu_becomes_modules() -> None:
     torch.manual_seed(0)
-    model = _randomize_bn(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8),
-                                        nn.ReLU()))
+    model = _randomize_bn(
+        nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+    )
     # Without constant folding the exporter keeps BatchNormalization as its own node.
     gm = _roundtrip(model, _randn(3, 10, 10), do_constant_folding=False)
     assert _modules(gm) == [nn.Conv2d, nn.BatchNorm2d]
@@ -139,8 +160,11 @@ def test_conv_bn_relu_becomes_modules() -> None:
 
 def test_grouped_strided_dilated_conv() -> None:
     torch.manual_seed(1)
-    model = nn.Sequential(nn.Conv2d(8, 16, 3, stride=2, padding=2, dilation=2, groups=4),
-                          nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1, groups=16, bias=False))
+    model = nn.Sequential(
+        nn.Conv2d(8, 16, 3, stride=2, padding=2, dilation=2, groups=4),
+        nn.ReLU(),
+        nn.Conv2d(16, 16, 3, padding=1, groups=16, bias=False),
+    )
     gm = _roundtrip(model, _randn(8, 11, 9))
     convs = [m for m in gm.modules() if isinstance(m, nn.Conv2d)]
     assert [c.groups for c in convs] == [4, 16]
@@ -150,19 +174,30 @@ def test_conv_transpose_groups_output_padding() -> None:
     torch.manual_seed(2)
     model = nn.Sequential(
         nn.ConvTranspose2d(8, 12, 3, stride=2, padding=1, output_padding=1, groups=4),
-        nn.ReLU(), nn.ConvTranspose2d(12, 6, (2, 3), stride=(2, 1), dilation=(1, 2)))
+        nn.ReLU(),
+        nn.ConvTranspose2d(12, 6, (2, 3), stride=(2, 1), dilation=(1, 2)),
+    )
     gm = _roundtrip(model, _randn(8, 5, 6))
     assert _modules(gm) == [nn.ConvTranspose2d, nn.ConvTranspose2d]
 
 
 def test_conv1d_and_conv3d_with_batchnorm() -> None:
     torch.manual_seed(3)
-    m1 = _randomize_bn(nn.Sequential(nn.Conv1d(4, 6, 3, padding=1), nn.BatchNorm1d(6),
-                                     nn.ReLU(), nn.ConvTranspose1d(6, 4, 4, stride=2)))
+    m1 = _randomize_bn(
+        nn.Sequential(
+            nn.Conv1d(4, 6, 3, padding=1),
+            nn.BatchNorm1d(6),
+            nn.ReLU(),
+            nn.ConvTranspose1d(6, 4, 4, stride=2),
+        )
+    )
     gm1 = _roundtrip(m1, _randn(4, 12), do_constant_folding=False)
     assert _modules(gm1) == [nn.Conv1d, nn.BatchNorm1d, nn.ConvTranspose1d]
-    m3 = _randomize_bn(nn.Sequential(nn.Conv3d(2, 4, 3, padding=(1, 0, 1), stride=(1, 2, 1)),
-                                     nn.BatchNorm3d(4), nn.Sigmoid()))
+    m3 = _randomize_bn(
+        nn.Sequential(
+            nn.Conv3d(2, 4, 3, padding=(1, 0, 1), stride=(1, 2, 1)), nn.BatchNorm3d(4), nn.Sigmoid()
+        )
+    )
     gm3 = _roundtrip(m3, _randn(2, 5, 6, 7), do_constant_folding=False)
     assert _modules(gm3) == [nn.Conv3d, nn.BatchNorm3d]
 
@@ -188,8 +223,9 @@ class _Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.norm1 = nn.LayerNorm(dim)
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
-        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(approximate=approximate),
-                                 nn.Linear(2 * dim, dim))
+        self.mlp = nn.Sequential(
+            nn.Linear(dim, 2 * dim), nn.GELU(approximate=approximate), nn.Linear(2 * dim, dim)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, d = x.shape
@@ -215,16 +251,25 @@ def test_attention_block_softmax_layernorm_gelu(approximate: str) -> None:
 def test_pooling_variants(ceil_mode: bool, count_include_pad: bool) -> None:
     class Pools(nn.Module):
         def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-            return (F.max_pool2d(x, 3, 2, 1, ceil_mode=ceil_mode),
-                    F.max_pool2d(x, 2, 2, ceil_mode=ceil_mode),
-                    F.max_pool2d(x, 3, 1, 1, dilation=2, ceil_mode=ceil_mode),
-                    F.avg_pool2d(x, 3, 2, 1, ceil_mode=ceil_mode,
-                                 count_include_pad=count_include_pad),
-                    F.avg_pool2d(x, (2, 3), (2, 2), (1, 0), ceil_mode=ceil_mode,
-                                 count_include_pad=count_include_pad),
-                    F.avg_pool1d(x.flatten(2), 4, 3, 2, ceil_mode=ceil_mode,
-                                 count_include_pad=count_include_pad),
-                    F.adaptive_avg_pool2d(x, 1), F.adaptive_max_pool2d(x, 1).flatten(1))
+            return (
+                F.max_pool2d(x, 3, 2, 1, ceil_mode=ceil_mode),
+                F.max_pool2d(x, 2, 2, ceil_mode=ceil_mode),
+                F.max_pool2d(x, 3, 1, 1, dilation=2, ceil_mode=ceil_mode),
+                F.avg_pool2d(x, 3, 2, 1, ceil_mode=ceil_mode, count_include_pad=count_include_pad),
+                F.avg_pool2d(
+                    x,
+                    (2, 3),
+                    (2, 2),
+                    (1, 0),
+                    ceil_mode=ceil_mode,
+                    count_include_pad=count_include_pad,
+                ),
+                F.avg_pool1d(
+                    x.flatten(2), 4, 3, 2, ceil_mode=ceil_mode, count_include_pad=count_include_pad
+                ),
+                F.adaptive_avg_pool2d(x, 1),
+                F.adaptive_max_pool2d(x, 1).flatten(1),
+            )
 
     _roundtrip(Pools(), _randn(3, 9, 8))
 
@@ -273,9 +318,18 @@ def test_split_slice_concat_pad_transpose_gather() -> None:
 def test_activations() -> None:
     class M(nn.Module):
         def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-            return (F.hardswish(x), F.hardsigmoid(x), torch.clamp(x, -0.5, 0.7),
-                    torch.clamp(x, min=0.1), F.relu6(x), torch.sigmoid(x), F.leaky_relu(x, 0.2),
-                    torch.tanh(x), F.elu(x), torch.sqrt(x.abs()) - x.neg() ** 2)
+            return (
+                F.hardswish(x),
+                F.hardsigmoid(x),
+                torch.clamp(x, -0.5, 0.7),
+                torch.clamp(x, min=0.1),
+                F.relu6(x),
+                torch.sigmoid(x),
+                F.leaky_relu(x, 0.2),
+                torch.tanh(x),
+                F.elu(x),
+                torch.sqrt(x.abs()) - x.neg() ** 2,
+            )
 
     _roundtrip(M(), _randn(4, 5))
 
@@ -310,21 +364,26 @@ def test_softmax_opset11_semantics() -> None:
 # models built with onnx.helper
 
 
-def _make_model(nodes: list[onnx.NodeProto], inputs: list[tuple[str, int, list]],
-                outputs: list[str], initializers: Sequence[np.ndarray | tuple[str, np.ndarray]]
-                = (), opset: int = 17) -> onnx.ModelProto:
+def _make_model(
+    nodes: list[onnx.NodeProto],
+    inputs: list[tuple[str, int, list]],
+    outputs: list[str],
+    initializers: Sequence[np.ndarray | tuple[str, np.ndarray]] = (),
+    opset: int = 17,
+) -> onnx.ModelProto:
     inits = []
     for item in initializers:
         name, arr = item
         inits.append(numpy_helper.from_array(np.asarray(arr), name))
     graph = helper.make_graph(
-        nodes, "g",
+        nodes,
+        "g",
         [helper.make_tensor_value_info(n, t, s) for n, t, s in inputs],
         [helper.make_empty_tensor_value_info(o) for o in outputs],
-        inits)
+        inits,
+    )
     # onnx 1.23 stamps IR 14, which ONNX Runtime 1.31 rejects
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)],
-                              ir_version=10)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=10)
     # give the outputs their inferred types (the checker requires them) with the dims left
     # unknown: ONNX shape inference and ONNX Runtime disagree on some ceil_mode pool sizes
     inferred = onnx.shape_inference.infer_shapes(model)
@@ -336,8 +395,9 @@ def _make_model(nodes: list[onnx.NodeProto], inputs: list[tuple[str, int, list]]
     return model
 
 
-def _check_helper_model(model: onnx.ModelProto, feeds: Sequence[np.ndarray],
-                        rtol: float = RTOL) -> torch.fx.GraphModule:
+def _check_helper_model(
+    model: onnx.ModelProto, feeds: Sequence[np.ndarray], rtol: float = RTOL
+) -> torch.fx.GraphModule:
     gm = import_onnx(model)
     _check_gm(gm)
     ref = _ort(model, feeds)
@@ -373,94 +433,155 @@ def test_gemm_alpha_beta_trans(trans_b: int, c_shape: list[int] | None) -> None:
 
 def test_gemm_trans_a_and_dynamic_b() -> None:
     node = helper.make_node("Gemm", ["a", "b", "c"], ["y"], alpha=2.0, beta=0.5, transA=1)
-    model = _make_model([node], [("a", FLOAT, [4, 3]), ("b", FLOAT, [4, 5]),
-                                 ("c", FLOAT, [5])], ["y"])
+    model = _make_model(
+        [node], [("a", FLOAT, [4, 3]), ("b", FLOAT, [4, 5]), ("c", FLOAT, [5])], ["y"]
+    )
     _check_helper_model(model, [_f32(4, 3), _f32(4, 5, seed=1), _f32(5, seed=2)])
 
 
 def test_softmax_opset11_axis1_on_4d() -> None:
-    nodes = [helper.make_node("Softmax", ["x"], ["y"], axis=1),
-             helper.make_node("Softmax", ["x"], ["z"], axis=2),
-             helper.make_node("LogSoftmax", ["x"], ["w"])]
+    nodes = [
+        helper.make_node("Softmax", ["x"], ["y"], axis=1),
+        helper.make_node("Softmax", ["x"], ["z"], axis=2),
+        helper.make_node("LogSoftmax", ["x"], ["w"]),
+    ]
     model = _make_model(nodes, [("x", FLOAT, [2, 3, 4, 5])], ["y", "z", "w"], opset=11)
     _check_helper_model(model, [_f32(2, 3, 4, 5)])
 
 
 def test_split_variants_by_opset() -> None:
-    n18 = [helper.make_node("Split", ["x"], ["a", "b", "c"], axis=1, num_outputs=3),
-           helper.make_node("Split", ["x", "s"], ["d", "e"], axis=2)]
-    m18 = _make_model(n18, [("x", FLOAT, ["N", 7, 6])], list("abcde"),
-                      [("s", np.array([2, 4], dtype=np.int64))], opset=18)
+    n18 = [
+        helper.make_node("Split", ["x"], ["a", "b", "c"], axis=1, num_outputs=3),
+        helper.make_node("Split", ["x", "s"], ["d", "e"], axis=2),
+    ]
+    m18 = _make_model(
+        n18,
+        [("x", FLOAT, ["N", 7, 6])],
+        list("abcde"),
+        [("s", np.array([2, 4], dtype=np.int64))],
+        opset=18,
+    )
     _check_helper_model(m18, [_f32(2, 7, 6)])
-    n11 = [helper.make_node("Split", ["x"], ["a", "b"], axis=-1, split=[1, 5]),
-           helper.make_node("Split", ["x"], ["c", "d", "e"], axis=2)]
+    n11 = [
+        helper.make_node("Split", ["x"], ["a", "b"], axis=-1, split=[1, 5]),
+        helper.make_node("Split", ["x"], ["c", "d", "e"], axis=2),
+    ]
     m11 = _make_model(n11, [("x", FLOAT, ["N", 7, 6])], list("abcde"), opset=11)
     _check_helper_model(m11, [_f32(2, 7, 6)])
 
 
-@pytest.mark.parametrize("pads,auto_pad", [([0, 1, 2, 0], "NOTSET"), (None, "SAME_UPPER"),
-                                           (None, "SAME_LOWER"), (None, "VALID")])
+@pytest.mark.parametrize(
+    "pads,auto_pad",
+    [([0, 1, 2, 0], "NOTSET"), (None, "SAME_UPPER"), (None, "SAME_LOWER"), (None, "VALID")],
+)
 def test_conv_asymmetric_and_auto_pad(pads: list[int] | None, auto_pad: str) -> None:
     kwargs = {"pads": pads} if pads else {"auto_pad": auto_pad}
     node = helper.make_node("Conv", ["x", "W", "B"], ["y"], strides=[2, 1], **kwargs)
-    model = _make_model([node], [("x", FLOAT, ["N", 3, 7, 8])], ["y"],
-                        [("W", _f32(4, 3, 3, 2, seed=1)), ("B", _f32(4, seed=2))])
+    model = _make_model(
+        [node],
+        [("x", FLOAT, ["N", 3, 7, 8])],
+        ["y"],
+        [("W", _f32(4, 3, 3, 2, seed=1)), ("B", _f32(4, seed=2))],
+    )
     gm = _check_helper_model(model, [_f32(2, 3, 7, 8)])
     assert _modules(gm) == [nn.Conv2d]
 
 
 def test_conv_transpose_asymmetric_pads() -> None:
-    node = helper.make_node("ConvTranspose", ["x", "W"], ["y"], strides=[2, 2],
-                            pads=[0, 1, 1, 0], output_padding=[1, 0])
-    model = _make_model([node], [("x", FLOAT, ["N", 4, 5, 5])], ["y"],
-                        [("W", _f32(4, 2, 3, 3, seed=1))])
+    node = helper.make_node(
+        "ConvTranspose", ["x", "W"], ["y"], strides=[2, 2], pads=[0, 1, 1, 0], output_padding=[1, 0]
+    )
+    model = _make_model(
+        [node], [("x", FLOAT, ["N", 4, 5, 5])], ["y"], [("W", _f32(4, 2, 3, 3, seed=1))]
+    )
     _check_helper_model(model, [_f32(2, 4, 5, 5)])
 
 
 @settings(max_examples=60, deadline=None)
-@given(size=st.integers(3, 9), kernel=st.integers(1, 4), stride=st.integers(1, 3),
-       pad_begin=st.integers(0, 2), pad_end=st.integers(0, 2), ceil_mode=st.booleans(),
-       count_include_pad=st.booleans(), op=st.sampled_from(["MaxPool", "AveragePool"]))
-def test_pool_geometry_matches_onnxruntime(size: int, kernel: int, stride: int, pad_begin: int,
-                                           pad_end: int, ceil_mode: bool,
-                                           count_include_pad: bool, op: str) -> None:
+@given(
+    size=st.integers(3, 9),
+    kernel=st.integers(1, 4),
+    stride=st.integers(1, 3),
+    pad_begin=st.integers(0, 2),
+    pad_end=st.integers(0, 2),
+    ceil_mode=st.booleans(),
+    count_include_pad=st.booleans(),
+    op=st.sampled_from(["MaxPool", "AveragePool"]),
+)
+def test_pool_geometry_matches_onnxruntime(
+    size: int,
+    kernel: int,
+    stride: int,
+    pad_begin: int,
+    pad_end: int,
+    ceil_mode: bool,
+    count_include_pad: bool,
+    op: str,
+) -> None:
     assume(pad_begin < kernel and pad_end < kernel)  # ONNX Runtime refuses larger pads
     assume(size + pad_begin + pad_end >= kernel)
-    attrs = dict(kernel_shape=[kernel, 2], strides=[stride, 1], pads=[pad_begin, 0, pad_end, 1],
-                 ceil_mode=int(ceil_mode))
+    attrs = dict(
+        kernel_shape=[kernel, 2],
+        strides=[stride, 1],
+        pads=[pad_begin, 0, pad_end, 1],
+        ceil_mode=int(ceil_mode),
+    )
     if op == "AveragePool":
         attrs["count_include_pad"] = int(count_include_pad)
-    model = _make_model([helper.make_node(op, ["x"], ["y"], **attrs)],
-                        [("x", FLOAT, [2, 3, size, 5])], ["y"], opset=19)
+    model = _make_model(
+        [helper.make_node(op, ["x"], ["y"], **attrs)],
+        [("x", FLOAT, [2, 3, size, 5])],
+        ["y"],
+        opset=19,
+    )
     _check_helper_model(model, [_f32(2, 3, size, 5)])
 
 
 def test_ceil_mode_pool_shape_inference_is_corrected() -> None:
     # ONNX shape inference says 4x4 here; ONNX Runtime and torch drop the last window (3x3).
-    nodes = [helper.make_node("MaxPool", ["x"], ["y"], kernel_shape=[2, 2], strides=[2, 2],
-                              pads=[1, 1, 1, 1], ceil_mode=1),
-             helper.make_node("Relu", ["y"], ["r"]),
-             helper.make_node("Shape", ["r"], ["s"]),
-             helper.make_node("Flatten", ["r"], ["f"], axis=2),
-             helper.make_node("Reshape", ["f", "s"], ["z"])]
+    nodes = [
+        helper.make_node(
+            "MaxPool",
+            ["x"],
+            ["y"],
+            kernel_shape=[2, 2],
+            strides=[2, 2],
+            pads=[1, 1, 1, 1],
+            ceil_mode=1,
+        ),
+        helper.make_node("Relu", ["y"], ["r"]),
+        helper.make_node("Shape", ["r"], ["s"]),
+        helper.make_node("Flatten", ["r"], ["f"], axis=2),
+        helper.make_node("Reshape", ["f", "s"], ["z"]),
+    ]
     model = _make_model(nodes, [("x", FLOAT, ["N", 3, 5, 5])], ["z", "s"])
     _check_helper_model(model, [_f32(2, 3, 5, 5)])
 
 
 def test_reshape_flatten_dropout_identity() -> None:
-    nodes = [helper.make_node("Dropout", ["x", "ratio"], ["d"]),
-             helper.make_node("Identity", ["d"], ["i"]),
-             helper.make_node("Flatten", ["i"], ["f0"], axis=0),
-             helper.make_node("Flatten", ["i"], ["f2"], axis=2),
-             helper.make_node("Flatten", ["i"], ["fm1"], axis=-1),
-             helper.make_node("Reshape", ["i", "shape0"], ["r0"]),
-             helper.make_node("Reshape", ["i", "shape1"], ["r1"], allowzero=1),
-             helper.make_node("Concat", ["x", "x"], ["c"], axis=-1),
-             helper.make_node("Clip", ["x"], ["clip6"], min=-0.2, max=0.4)]
-    inits = [("ratio", np.array(0.3, np.float32)), ("shape0", np.array([0, -1, 2], np.int64)),
-             ("shape1", np.array([-1, 3, 4], np.int64))]
-    model = _make_model(nodes[:-1], [("x", FLOAT, ["N", 3, 4])],
-                        ["f0", "f2", "fm1", "r0", "r1", "c"], inits, opset=14)
+    nodes = [
+        helper.make_node("Dropout", ["x", "ratio"], ["d"]),
+        helper.make_node("Identity", ["d"], ["i"]),
+        helper.make_node("Flatten", ["i"], ["f0"], axis=0),
+        helper.make_node("Flatten", ["i"], ["f2"], axis=2),
+        helper.make_node("Flatten", ["i"], ["fm1"], axis=-1),
+        helper.make_node("Reshape", ["i", "shape0"], ["r0"]),
+        helper.make_node("Reshape", ["i", "shape1"], ["r1"], allowzero=1),
+        helper.make_node("Concat", ["x", "x"], ["c"], axis=-1),
+        helper.make_node("Clip", ["x"], ["clip6"], min=-0.2, max=0.4),
+    ]
+    inits = [
+        ("ratio", np.array(0.3, np.float32)),
+        ("shape0", np.array([0, -1, 2], np.int64)),
+        ("shape1", np.array([-1, 3, 4], np.int64)),
+    ]
+    model = _make_model(
+        nodes[:-1],
+        [("x", FLOAT, ["N", 3, 4])],
+        ["f0", "f2", "fm1", "r0", "r1", "c"],
+        inits,
+        opset=14,
+    )
     _check_helper_model(model, [_f32(2, 3, 4)])
     # Clip with min/max attributes (opset < 11)
     old = _make_model([nodes[-1]], [("x", FLOAT, ["N", 3, 4])], ["clip6"], opset=10)
@@ -471,14 +592,15 @@ def test_shape_ops_and_constant_folding() -> None:
     """Shape(start/end), Constant forms, ConstantOfShape, Range, Expand, Where, Equal, Cast."""
     i64 = np.int64
     nodes = [
-        helper.make_node("Shape", ["x"], ["shp"], start=1),            # [C, L]
-        helper.make_node("Shape", ["x"], ["batch"], end=1),             # [N]
+        helper.make_node("Shape", ["x"], ["shp"], start=1),  # [C, L]
+        helper.make_node("Shape", ["x"], ["batch"], end=1),  # [N]
         helper.make_node("Constant", [], ["two"], value_ints=[2]),
         helper.make_node("Constant", [], ["half"], value_float=0.5),
         helper.make_node("Constant", [], ["fl"], value_floats=[1.0, 2.0, 3.0, 4.0]),
         helper.make_node("Mul", ["shp", "two"], ["shp2"]),
-        helper.make_node("ConstantOfShape", ["shp2"], ["ones"],
-                         value=helper.make_tensor("v", FLOAT, [1], [1.0])),
+        helper.make_node(
+            "ConstantOfShape", ["shp2"], ["ones"], value=helper.make_tensor("v", FLOAT, [1], [1.0])
+        ),
         helper.make_node("Mul", ["ones", "half"], ["halves"]),
         helper.make_node("Concat", ["batch", "shp"], ["full_shape"], axis=0),
         helper.make_node("Expand", ["fl", "full_shape"], ["expanded"]),
@@ -496,9 +618,13 @@ def test_shape_ops_and_constant_folding() -> None:
         helper.make_node("Max", ["x", "half"], ["mx"]),
         helper.make_node("Min", ["x", "gtf", "same"], ["mn"]),
     ]
-    inits = [("zero", np.array(0, dtype=i64)), ("start", np.array(0, dtype=i64)),
-             ("step", np.array(1, dtype=i64)), ("minus1", np.array([-1, -1, -1], dtype=i64)),
-             ("ones3", np.array([1, 1, 1], dtype=i64))]
+    inits = [
+        ("zero", np.array(0, dtype=i64)),
+        ("start", np.array(0, dtype=i64)),
+        ("step", np.array(1, dtype=i64)),
+        ("minus1", np.array([-1, -1, -1], dtype=i64)),
+        ("ones3", np.array([1, 1, 1], dtype=i64)),
+    ]
     outs = ["shp", "halves", "sum", "rng", "same", "w2", "s3", "mx", "mn"]
     model = _make_model(nodes, [("x", FLOAT, ["N", 3, 4])], outs, inits)
     gm = import_onnx(model)
@@ -511,93 +637,148 @@ def test_shape_ops_and_constant_folding() -> None:
 
 def test_opset_attribute_vs_input_forms() -> None:
     """Squeeze/Unsqueeze/ReduceMean/Clip/Pad/Slice in their opset-11 and opset-18 forms."""
-    n11 = [helper.make_node("Unsqueeze", ["x"], ["u"], axes=[0, -1]),
-           helper.make_node("Squeeze", ["u"], ["s"], axes=[0, 4]),
-           helper.make_node("ReduceMean", ["x"], ["r"], axes=[1, -1], keepdims=0),
-           helper.make_node("ReduceMean", ["x"], ["r2"]),
-           helper.make_node("Clip", ["x", "", "hi"], ["c"]),
-           helper.make_node("Clip", ["x"], ["c2"]),
-           helper.make_node("Pad", ["x", "pads", "cv"], ["p"], mode="constant"),
-           helper.make_node("Pad", ["x", "pads"], ["p2"], mode="edge"),
-           helper.make_node("Slice", ["x", "st", "en", "ax", "stp"], ["sl"])]
-    inits11 = [("hi", np.array(0.3, np.float32)),
-               ("pads", np.array([0, 1, 2, 0, 2, 1], np.int64)),
-               ("cv", np.array(-2.0, np.float32)),
-               ("st", np.array([-1, 1], np.int64)), ("en", np.array([-1000, 2**63 - 1], np.int64)),
-               ("ax", np.array([1, 2], np.int64)), ("stp", np.array([-2, 2], np.int64))]
+    n11 = [
+        helper.make_node("Unsqueeze", ["x"], ["u"], axes=[0, -1]),
+        helper.make_node("Squeeze", ["u"], ["s"], axes=[0, 4]),
+        helper.make_node("ReduceMean", ["x"], ["r"], axes=[1, -1], keepdims=0),
+        helper.make_node("ReduceMean", ["x"], ["r2"]),
+        helper.make_node("Clip", ["x", "", "hi"], ["c"]),
+        helper.make_node("Clip", ["x"], ["c2"]),
+        helper.make_node("Pad", ["x", "pads", "cv"], ["p"], mode="constant"),
+        helper.make_node("Pad", ["x", "pads"], ["p2"], mode="edge"),
+        helper.make_node("Slice", ["x", "st", "en", "ax", "stp"], ["sl"]),
+    ]
+    inits11 = [
+        ("hi", np.array(0.3, np.float32)),
+        ("pads", np.array([0, 1, 2, 0, 2, 1], np.int64)),
+        ("cv", np.array(-2.0, np.float32)),
+        ("st", np.array([-1, 1], np.int64)),
+        ("en", np.array([-1000, 2**63 - 1], np.int64)),
+        ("ax", np.array([1, 2], np.int64)),
+        ("stp", np.array([-2, 2], np.int64)),
+    ]
     outs = ["s", "r", "r2", "c", "c2", "p", "p2", "sl"]
     m11 = _make_model(n11, [("x", FLOAT, [2, 5, 6])], outs, inits11, opset=11)
     _check_helper_model(m11, [_f32(2, 5, 6)])
 
-    n18 = [helper.make_node("Unsqueeze", ["x", "uax"], ["u"]),
-           helper.make_node("Squeeze", ["u", "sax"], ["s"]),
-           helper.make_node("ReduceMean", ["x", "rax"], ["r"], keepdims=1),
-           helper.make_node("ReduceSum", ["x", "rax"], ["rs"], keepdims=0),
-           helper.make_node("ReduceMax", ["x"], ["rm"], keepdims=0),
-           helper.make_node("Pad", ["x", "pads", "", "pax"], ["p"], mode="reflect"),
-           helper.make_node("Gelu", ["x"], ["g"], approximate="tanh"),
-           helper.make_node("HardSigmoid", ["x"], ["h"], alpha=0.3, beta=0.4)]
-    inits18 = [("uax", np.array([1], np.int64)), ("sax", np.array([-3], np.int64)),
-               ("rax", np.array([-1], np.int64)), ("pads", np.array([2, 1], np.int64)),
-               ("pax", np.array([-1], np.int64))]
+    n18 = [
+        helper.make_node("Unsqueeze", ["x", "uax"], ["u"]),
+        helper.make_node("Squeeze", ["u", "sax"], ["s"]),
+        helper.make_node("ReduceMean", ["x", "rax"], ["r"], keepdims=1),
+        helper.make_node("ReduceSum", ["x", "rax"], ["rs"], keepdims=0),
+        helper.make_node("ReduceMax", ["x"], ["rm"], keepdims=0),
+        helper.make_node("Pad", ["x", "pads", "", "pax"], ["p"], mode="reflect"),
+        helper.make_node("Gelu", ["x"], ["g"], approximate="tanh"),
+        helper.make_node("HardSigmoid", ["x"], ["h"], alpha=0.3, beta=0.4),
+    ]
+    inits18 = [
+        ("uax", np.array([1], np.int64)),
+        ("sax", np.array([-3], np.int64)),
+        ("rax", np.array([-1], np.int64)),
+        ("pads", np.array([2, 1], np.int64)),
+        ("pax", np.array([-1], np.int64)),
+    ]
     outs18 = ["s", "r", "rs", "rm", "p", "g", "h"]
     m18 = _make_model(n18, [("x", FLOAT, ["N", 5, 6])], outs18, inits18, opset=20)
     _check_helper_model(m18, [_f32(3, 5, 6)])
 
 
 def test_layernorm_without_bias_and_gather_negative() -> None:
-    nodes = [helper.make_node("LayerNormalization", ["x", "scale"], ["ln"], axis=-2,
-                              epsilon=1e-3),
-             helper.make_node("Gather", ["x", "idx"], ["g"], axis=2),
-             helper.make_node("Gather", ["x", "sidx"], ["g2"], axis=-1),
-             helper.make_node("Gather", ["table", "ids"], ["emb"], axis=0),
-             helper.make_node("MatMul", ["x", "y"], ["mm"]),
-             helper.make_node("Transpose", ["x"], ["t"]),
-             helper.make_node("Div", ["ids", "three"], ["idiv"]),
-             helper.make_node("Pow", ["x", "three_f"], ["pw"])]
-    inits = [("scale", _f32(4, 5, seed=3)), ("idx", np.array([[-1, 0], [2, -2]], np.int64)),
-             ("sidx", np.array(-1, np.int64)), ("table", _f32(7, 3, seed=4)),
-             ("three", np.array(3, np.int64)), ("three_f", np.array(3.0, np.float32))]
-    model = _make_model(nodes, [("x", FLOAT, ["N", 4, 5]), ("y", FLOAT, ["N", 5, 2]),
-                                ("ids", TensorProto.INT64, [2, 3])],
-                        ["ln", "g", "g2", "emb", "mm", "t", "idiv", "pw"], inits)
+    nodes = [
+        helper.make_node("LayerNormalization", ["x", "scale"], ["ln"], axis=-2, epsilon=1e-3),
+        helper.make_node("Gather", ["x", "idx"], ["g"], axis=2),
+        helper.make_node("Gather", ["x", "sidx"], ["g2"], axis=-1),
+        helper.make_node("Gather", ["table", "ids"], ["emb"], axis=0),
+        helper.make_node("MatMul", ["x", "y"], ["mm"]),
+        helper.make_node("Transpose", ["x"], ["t"]),
+        helper.make_node("Div", ["ids", "three"], ["idiv"]),
+        helper.make_node("Pow", ["x", "three_f"], ["pw"]),
+    ]
+    inits = [
+        ("scale", _f32(4, 5, seed=3)),
+        ("idx", np.array([[-1, 0], [2, -2]], np.int64)),
+        ("sidx", np.array(-1, np.int64)),
+        ("table", _f32(7, 3, seed=4)),
+        ("three", np.array(3, np.int64)),
+        ("three_f", np.array(3.0, np.float32)),
+    ]
+    model = _make_model(
+        nodes,
+        [("x", FLOAT, ["N", 4, 5]), ("y", FLOAT, ["N", 5, 2]), ("ids", TensorProto.INT64, [2, 3])],
+        ["ln", "g", "g2", "emb", "mm", "t", "idiv", "pw"],
+        inits,
+    )
     ids = np.array([[0, -1, 3], [6, 2, -7]], np.int64)
     _check_helper_model(model, [_f32(2, 4, 5), _f32(2, 5, 2, seed=1), ids])
 
 
 def test_less_common_ops() -> None:
-    unary = ["Abs", "Ceil", "Cos", "Exp", "Floor", "Round", "Sign", "Sin", "Softplus", "Mish",
-             "Reciprocal"]
+    unary = [
+        "Abs",
+        "Ceil",
+        "Cos",
+        "Exp",
+        "Floor",
+        "Round",
+        "Sign",
+        "Sin",
+        "Softplus",
+        "Mish",
+        "Reciprocal",
+    ]
     nodes = [helper.make_node(op, ["x"], [op.lower()]) for op in unary]
-    nodes += [helper.make_node("PRelu", ["x", "slope"], ["prelu"]),
-              helper.make_node("Elu", ["x"], ["elu"], alpha=0.5),
-              helper.make_node("Tile", ["x", "reps"], ["tile"]),
-              helper.make_node("Size", ["x"], ["size"]),
-              helper.make_node("CastLike", ["size", "x"], ["sizef"]),
-              helper.make_node("Mean", ["x", "sizef", "x"], ["mean"]),
-              helper.make_node("Less", ["x", "sizef"], ["lt"]),
-              helper.make_node("Greater", ["x", "zero"], ["gt"]),
-              helper.make_node("Xor", ["lt", "gt"], ["xor"]),
-              helper.make_node("Not", ["xor"], ["not"]),
-              helper.make_node("ReduceL2", ["x", "ax"], ["l2"], keepdims=1),
-              helper.make_node("ReduceMin", ["x", "ax2"], ["rmin"], keepdims=0),
-              helper.make_node("Squeeze", ["one"], ["sq"]),
-              helper.make_node("GlobalMaxPool", ["x"], ["gmp"])]
-    inits = [("slope", _f32(3, 1, seed=3)), ("reps", np.array([1, 2, 3], np.int64)),
-             ("zero", np.array(0.0, np.float32)), ("ax", np.array([-1], np.int64)),
-             ("one", _f32(1, 3, 1, seed=4)), ("ax2", np.array([0, 2], np.int64))]
-    outs = [op.lower() for op in unary] + ["prelu", "elu", "tile", "size", "mean", "not", "l2",
-                                           "rmin", "sq", "gmp"]
+    nodes += [
+        helper.make_node("PRelu", ["x", "slope"], ["prelu"]),
+        helper.make_node("Elu", ["x"], ["elu"], alpha=0.5),
+        helper.make_node("Tile", ["x", "reps"], ["tile"]),
+        helper.make_node("Size", ["x"], ["size"]),
+        helper.make_node("CastLike", ["size", "x"], ["sizef"]),
+        helper.make_node("Mean", ["x", "sizef", "x"], ["mean"]),
+        helper.make_node("Less", ["x", "sizef"], ["lt"]),
+        helper.make_node("Greater", ["x", "zero"], ["gt"]),
+        helper.make_node("Xor", ["lt", "gt"], ["xor"]),
+        helper.make_node("Not", ["xor"], ["not"]),
+        helper.make_node("ReduceL2", ["x", "ax"], ["l2"], keepdims=1),
+        helper.make_node("ReduceMin", ["x", "ax2"], ["rmin"], keepdims=0),
+        helper.make_node("Squeeze", ["one"], ["sq"]),
+        helper.make_node("GlobalMaxPool", ["x"], ["gmp"]),
+    ]
+    inits = [
+        ("slope", _f32(3, 1, seed=3)),
+        ("reps", np.array([1, 2, 3], np.int64)),
+        ("zero", np.array(0.0, np.float32)),
+        ("ax", np.array([-1], np.int64)),
+        ("one", _f32(1, 3, 1, seed=4)),
+        ("ax2", np.array([0, 2], np.int64)),
+    ]
+    outs = [op.lower() for op in unary] + [
+        "prelu",
+        "elu",
+        "tile",
+        "size",
+        "mean",
+        "not",
+        "l2",
+        "rmin",
+        "sq",
+        "gmp",
+    ]
     model = _make_model(nodes, [("x", FLOAT, ["N", 3, 4])], outs, inits, opset=18)
     _check_helper_model(model, [_f32(2, 3, 4)])
 
 
 def test_placeholders_meta_outputs_and_buffers() -> None:
-    nodes = [helper.make_node("Add", ["input.1", "bias/0"], ["sum"]),
-             helper.make_node("Mul", ["sum", "2:x"], ["prod"]),
-             helper.make_node("Relu", ["prod"], ["relu"])]
-    model = _make_model(nodes, [("input.1", FLOAT, ["batch", None, 4]), ("2:x", FLOAT, [1])],
-                        ["relu", "sum"], [("bias/0", _f32(4, seed=1))])
+    nodes = [
+        helper.make_node("Add", ["input.1", "bias/0"], ["sum"]),
+        helper.make_node("Mul", ["sum", "2:x"], ["prod"]),
+        helper.make_node("Relu", ["prod"], ["relu"]),
+    ]
+    model = _make_model(
+        nodes,
+        [("input.1", FLOAT, ["batch", None, 4]), ("2:x", FLOAT, [1])],
+        ["relu", "sum"],
+        [("bias/0", _f32(4, seed=1))],
+    )
     gm = _check_helper_model(model, [_f32(2, 3, 4), _f32(1, seed=2)])
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     assert [p.target for p in placeholders] == ["input_1", "input_2_x"]
@@ -622,8 +803,11 @@ def test_reexport_keeps_batch_dynamic(tmp_path: Path) -> None:
     class M(nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.features = _randomize_bn(nn.Sequential(
-                nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2)))
+            self.features = _randomize_bn(
+                nn.Sequential(
+                    nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2)
+                )
+            )
             self.attn = _Attention(dim=8, heads=2)
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -638,9 +822,16 @@ def test_reexport_keeps_batch_dynamic(tmp_path: Path) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         # input_names and output_names are required when exporting a GraphModule this way
-        torch.onnx.export(gm, (torch.randn(2, 3, 8, 8),), str(path), dynamo=False,
-                          opset_version=17, input_names=["x"], output_names=["y"],
-                          dynamic_axes={"x": {0: "N"}, "y": {0: "N"}})
+        torch.onnx.export(
+            gm,
+            (torch.randn(2, 3, 8, 8),),
+            str(path),
+            dynamo=False,
+            opset_version=17,
+            input_names=["x"],
+            output_names=["y"],
+            dynamic_axes={"x": {0: "N"}, "y": {0: "N"}},
+        )
     reexported = load_onnx(path)
     assert reexported.graph.input[0].type.tensor_type.shape.dim[0].dim_param
     for n in (1, 4):
@@ -655,8 +846,7 @@ def test_reexport_keeps_batch_dynamic(tmp_path: Path) -> None:
 @pytest.mark.parametrize("op", ["Einsum", "NonMaxSuppression"])
 def test_unsupported_op_names_op_and_node(op: str) -> None:
     if op == "Einsum":
-        node = helper.make_node("Einsum", ["x", "x"], ["y"], name="my_einsum",
-                                equation="ij,jk->ik")
+        node = helper.make_node("Einsum", ["x", "x"], ["y"], name="my_einsum", equation="ij,jk->ik")
         inputs = [("x", FLOAT, [3, 3])]
     else:
         node = helper.make_node("NonMaxSuppression", ["x", "s"], ["y"], name="my_nms")
@@ -670,10 +860,10 @@ def test_unsupported_op_names_op_and_node(op: str) -> None:
 
 
 def test_unsupported_attribute_names_node() -> None:
-    node = helper.make_node("ConvTranspose", ["x", "W"], ["y"], name="deconv",
-                            output_shape=[10, 10], strides=[2, 2])
-    model = _make_model([node], [("x", FLOAT, [1, 2, 5, 5])], ["y"],
-                        [("W", _f32(2, 2, 3, 3))])
+    node = helper.make_node(
+        "ConvTranspose", ["x", "W"], ["y"], name="deconv", output_shape=[10, 10], strides=[2, 2]
+    )
+    model = _make_model([node], [("x", FLOAT, [1, 2, 5, 5])], ["y"], [("W", _f32(2, 2, 3, 3))])
     with pytest.raises(CaptureError, match="deconv.*output_shape"):
         import_onnx(model)
 
@@ -729,13 +919,58 @@ def test_load_from_path_and_proto(tmp_path: Path) -> None:
 
 def test_supported_ops_cover_the_required_list() -> None:
     required = {
-        "Conv", "ConvTranspose", "BatchNormalization", "Gemm", "MatMul", "Add", "Sub", "Mul",
-        "Div", "Pow", "Sqrt", "Neg", "Relu", "LeakyRelu", "Clip", "Sigmoid", "Tanh",
-        "HardSigmoid", "HardSwish", "Erf", "Gelu", "Softmax", "LayerNormalization", "ReduceMean",
-        "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "Concat", "Flatten",
-        "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Pad", "Split", "Slice", "Gather",
-        "Shape", "Constant", "ConstantOfShape", "Identity", "Dropout", "Cast", "Expand", "Where",
-        "Equal", "Range", "Sum", "Max", "Min"}
+        "Conv",
+        "ConvTranspose",
+        "BatchNormalization",
+        "Gemm",
+        "MatMul",
+        "Add",
+        "Sub",
+        "Mul",
+        "Div",
+        "Pow",
+        "Sqrt",
+        "Neg",
+        "Relu",
+        "LeakyRelu",
+        "Clip",
+        "Sigmoid",
+        "Tanh",
+        "HardSigmoid",
+        "HardSwish",
+        "Erf",
+        "Gelu",
+        "Softmax",
+        "LayerNormalization",
+        "ReduceMean",
+        "MaxPool",
+        "AveragePool",
+        "GlobalAveragePool",
+        "GlobalMaxPool",
+        "Concat",
+        "Flatten",
+        "Reshape",
+        "Transpose",
+        "Squeeze",
+        "Unsqueeze",
+        "Pad",
+        "Split",
+        "Slice",
+        "Gather",
+        "Shape",
+        "Constant",
+        "ConstantOfShape",
+        "Identity",
+        "Dropout",
+        "Cast",
+        "Expand",
+        "Where",
+        "Equal",
+        "Range",
+        "Sum",
+        "Max",
+        "Min",
+    }
     assert required <= SUPPORTED_OPS
 
 
@@ -750,8 +985,10 @@ def _zoo_params() -> list:
     if not _HAS_ZOO:
         return [pytest.param("zoo", marks=pytest.mark.skip(reason="graphopt/zoo.py is absent"))]
     from graphopt import zoo
-    return [pytest.param(n, marks=[pytest.mark.slow] if n in _ZOO_SLOW else [])
-            for n in zoo.names()]
+
+    return [
+        pytest.param(n, marks=[pytest.mark.slow] if n in _ZOO_SLOW else []) for n in zoo.names()
+    ]
 
 
 @pytest.mark.parametrize("name", _zoo_params())

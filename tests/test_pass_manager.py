@@ -52,7 +52,7 @@ class Explode(Pass):
 
     def run(self, gm, ctx):
         conv = next(m for m in gm.modules() if isinstance(m, nn.Conv2d))
-        conv.weight.data.mul_(-1)          # leaves the model half-rewritten
+        conv.weight.data.mul_(-1)  # leaves the model half-rewritten
         raise RuntimeError("boom")
 
 
@@ -83,8 +83,9 @@ class Noisy(Pass):
 
 def _model():
     torch.manual_seed(0)
-    m = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 1),
-                      nn.BatchNorm2d(4)).eval()
+    m = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 1), nn.BatchNorm2d(4)
+    ).eval()
     randomize_bn(m[3], torch.Generator().manual_seed(1))
     x = torch.randn(2, 3, 6, 6)
     return m, x
@@ -98,8 +99,7 @@ def _gm():
 def test_breaking_pass_is_rolled_back_and_reported():
     gm, x = _gm()
     expected = verify.run_module(gm, (x,))
-    result = PassManager([ScaleConvWeights()]).run(
-        gm, PassContext(sample_inputs=(x,)))
+    result = PassManager([ScaleConvWeights()]).run(gm, PassContext(sample_inputs=(x,)))
     (record,) = result.records
     assert record.status == "rolled-back"
     assert record.comparison is not None and not record.comparison.ok
@@ -135,7 +135,8 @@ def test_exception_in_pass_restores_the_graph_and_strict_raises_pass_error(tmp_p
     gm, x = _gm()
     before = verify.fingerprint(gm)
     result = PassManager([Explode()], instruments=[Reproducer(tmp_path)]).run(
-        gm, PassContext(sample_inputs=(x,)))
+        gm, PassContext(sample_inputs=(x,))
+    )
     assert result.records[0].status == "failed"
     assert "RuntimeError: boom" in result.records[0].message
     assert verify.fingerprint(result.graph) == before
@@ -173,30 +174,39 @@ def test_without_sample_inputs_passes_are_marked_unverified():
 def test_reproducer_reruns_the_failure(tmp_path):
     gm, x = _gm()
     result = PassManager("fold-conv-bn", instruments=[Reproducer(tmp_path)]).run(
-        gm, PassContext(sample_inputs=(x,)))
+        gm, PassContext(sample_inputs=(x,))
+    )
     assert result.records[0].status == "ok"
     gm, x = _gm()
     result = PassManager([Explode()], instruments=[Reproducer(tmp_path)]).run(
-        gm, PassContext(sample_inputs=(x,)))
+        gm, PassContext(sample_inputs=(x,))
+    )
     repro = tmp_path / "01-explode"
     assert result.records[0].reproducer == str(repro)
     assert {"graph.pt", "inputs.pt", "graph.ir", "repro.py"} <= {p.name for p in repro.iterdir()}
     # the saved graph loads and computes what the graph before the pass computed
     loaded = torch.load(repro / "graph.pt", weights_only=False)
     inputs = torch.load(repro / "inputs.pt", weights_only=False)
-    assert torch.equal(verify.run_module(loaded, inputs)[0],
-                       verify.run_module(result.graph, (x,))[0])
+    assert torch.equal(
+        verify.run_module(loaded, inputs)[0], verify.run_module(result.graph, (x,))[0]
+    )
 
 
 def test_reproducer_script_runs_for_registered_passes(tmp_path):
     gm, x = _gm()
     fold = PassManager("fold-conv-bn").passes[0]
     record_dir = Reproducer(tmp_path).on_failure(
-        0, fold, gm, PassContext(sample_inputs=(x,)),
+        0,
+        fold,
+        gm,
+        PassContext(sample_inputs=(x,)),
         __import__("graphopt.pass_manager", fromlist=["PassRecord"]).PassRecord(
-            0, fold.name, str(fold), str(fold.numerics), status="failed", message="test"))
-    out = subprocess.run([sys.executable, f"{record_dir}/repro.py"], capture_output=True,
-                         text=True, timeout=120)
+            0, fold.name, str(fold), str(fold.numerics), status="failed", message="test"
+        ),
+    )
+    out = subprocess.run(
+        [sys.executable, f"{record_dir}/repro.py"], capture_output=True, text=True, timeout=120
+    )
     assert out.returncode == 0, out.stderr
     assert "pass ran cleanly" in out.stdout
 
@@ -206,18 +216,24 @@ def test_instruments_print_and_dump_ir(tmp_path, capsys):
 
     gm, x = _gm()
     stream, timing = io.StringIO(), io.StringIO()
-    PassManager("remove-identity,fold-conv-bn", instruments=[
-        PrintIR(stream), PrintTiming(timing, total=2), DumpIR(tmp_path)]).run(
-        gm, PassContext(sample_inputs=(x,)))
+    PassManager(
+        "remove-identity,fold-conv-bn",
+        instruments=[PrintIR(stream), PrintTiming(timing, total=2), DumpIR(tmp_path)],
+    ).run(gm, PassContext(sample_inputs=(x,)))
     text = stream.getvalue()
     assert "IR after fold-conv-bn" in text and "-%3 = BatchNorm2d" in text
-    assert "IR after remove-identity" not in text          # unchanged passes print nothing
+    assert "IR after remove-identity" not in text  # unchanged passes print nothing
     lines = timing.getvalue().splitlines()
     assert "[1/2] remove-identity" in lines[0] and "unchanged" in lines[0]
     assert "[2/2] fold-conv-bn" in lines[1] and "folded=1" in lines[1]
     files = sorted(p.name for p in tmp_path.iterdir())
-    assert files == ["00-input.ir", "01-remove-identity.diff", "01-remove-identity.ir",
-                     "02-fold-conv-bn.diff", "02-fold-conv-bn.ir"]
+    assert files == [
+        "00-input.ir",
+        "01-remove-identity.diff",
+        "01-remove-identity.ir",
+        "02-fold-conv-bn.diff",
+        "02-fold-conv-bn.ir",
+    ]
     assert "BatchNorm2d" not in (tmp_path / "02-fold-conv-bn.ir").read_text()
     assert "f32[2,4,6,6]" in (tmp_path / "02-fold-conv-bn.ir").read_text()
 
@@ -265,6 +281,8 @@ def test_canonical_ir_ignores_module_names():
 
     a, b = fx.symbolic_trace(A()), fx.symbolic_trace(B())
     assert verify.canonical_ir(a) == verify.canonical_ir(b)
-    assert verify.fingerprint(a) != verify.fingerprint(b)       # different random weights
+    assert verify.fingerprint(a) != verify.fingerprint(b)  # different random weights
     b.other_name.load_state_dict(a.first.state_dict())
-    assert verify.canonical_ir(a, elide_constants=False) == verify.canonical_ir(b, elide_constants=False)
+    assert verify.canonical_ir(a, elide_constants=False) == verify.canonical_ir(
+        b, elide_constants=False
+    )

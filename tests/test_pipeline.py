@@ -9,13 +9,16 @@ from graphopt.passes import FoldConvBN
 from graphopt.pipeline import parse_pipeline, registered_passes
 
 
-@pytest.mark.parametrize("text", [
-    "fold-conv-bn",
-    "fold-conv-bn,eliminate-dead-code",
-    "fold-conv-bn{include_linear=false}",
-    "remove-identity,fold-constants{max_elements=1024},fold-conv-bn{include_linear=true,bn_before=false},eliminate-dead-code",
-    "",
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "fold-conv-bn",
+        "fold-conv-bn,eliminate-dead-code",
+        "fold-conv-bn{include_linear=false}",
+        "remove-identity,fold-constants{max_elements=1024},fold-conv-bn{include_linear=true,bn_before=false},eliminate-dead-code",
+        "",
+    ],
+)
 def test_round_trip_is_identical(text):
     assert str(parse_pipeline(text)) == text
 
@@ -34,7 +37,9 @@ def test_options_reach_the_pass():
 
 
 def test_unknown_pass_suggests_close_names():
-    with pytest.raises(PipelineError, match=r"unknown pass 'fold-conv-nb'.*Did you mean 'fold-conv-bn'"):
+    with pytest.raises(
+        PipelineError, match=r"unknown pass 'fold-conv-nb'.*Did you mean 'fold-conv-bn'"
+    ):
         parse_pipeline("eliminate-dead-code,fold-conv-nb")
 
 
@@ -47,8 +52,11 @@ def test_unknown_pass_error_has_a_caret_under_it():
 
 
 def test_unknown_option_lists_the_valid_ones():
-    with pytest.raises(PipelineError, match=r"no option 'include_lin'.*Did you mean "
-                       r"'include_linear'.*Valid options: include_linear, bn_before"):
+    with pytest.raises(
+        PipelineError,
+        match=r"no option 'include_lin'.*Did you mean "
+        r"'include_linear'.*Valid options: include_linear, bn_before",
+    ):
         parse_pipeline("fold-conv-bn{include_lin=true}")
 
 
@@ -59,13 +67,16 @@ def test_bad_option_value():
         parse_pipeline("fold-constants{max_elements=lots}")
 
 
-@pytest.mark.parametrize("text, column", [
-    ("fold-conv-bn{include_linear=true", 33),     # missing }
-    ("fold-conv-bn,,eliminate-dead-code", 14),     # empty pass
-    ("fold-conv-bn eliminate-dead-code", 14),      # missing comma
-    ("Fold-Conv-BN", 1),                           # not kebab-case
-    ("fold-conv-bn{include_linear=true,include_linear=false}", 34),
-])
+@pytest.mark.parametrize(
+    "text, column",
+    [
+        ("fold-conv-bn{include_linear=true", 33),  # missing }
+        ("fold-conv-bn,,eliminate-dead-code", 14),  # empty pass
+        ("fold-conv-bn eliminate-dead-code", 14),  # missing comma
+        ("Fold-Conv-BN", 1),  # not kebab-case
+        ("fold-conv-bn{include_linear=true,include_linear=false}", 34),
+    ],
+)
 def test_syntax_errors_point_at_the_column(text, column):
     with pytest.raises(PipelineError, match=f"column {column}:") as info:
         parse_pipeline(text)

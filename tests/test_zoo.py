@@ -61,8 +61,9 @@ def test_build_is_deterministic(name: str) -> None:
 def test_fx_trace_matches_eager(name: str) -> None:
     m = zoo.get(name)
     gm = torch.fx.symbolic_trace(m.model)
-    torch.testing.assert_close(_run(gm, m.example_inputs), _run(m.model, m.example_inputs),
-                               rtol=0, atol=0)
+    torch.testing.assert_close(
+        _run(gm, m.example_inputs), _run(m.model, m.example_inputs), rtol=0, atol=0
+    )
 
 
 def _onnx_roundtrip(name: str) -> None:
@@ -70,9 +71,16 @@ def _onnx_roundtrip(name: str) -> None:
 
     m = zoo.get(name)
     f = io.BytesIO()
-    torch.onnx.export(m.model, m.example_inputs, f, dynamo=False, opset_version=17,
-                      input_names=["x"], output_names=["y"],
-                      dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}})
+    torch.onnx.export(
+        m.model,
+        m.example_inputs,
+        f,
+        dynamo=False,
+        opset_version=17,
+        input_names=["x"],
+        output_names=["y"],
+        dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}},
+    )
     sess = ort.InferenceSession(f.getvalue(), providers=["CPUExecutionProvider"])
     x = torch.cat([m.example_inputs[0], torch.flip(m.example_inputs[0], [-1])])  # batch of 2
     expected = _run(m.model, (x,)).numpy()
@@ -157,10 +165,11 @@ def test_digits_cnn_is_trained_and_cached() -> None:
     assert torch.equal(m.example_inputs[0], x[:1])
     acc = (_run(m.model, (x,)).argmax(1) == y).float().mean().item()
     assert acc >= 0.95
-    m2 = zoo.get("digits_cnn")     # served from the in-process cache: same trained weights
+    m2 = zoo.get("digits_cnn")  # served from the in-process cache: same trained weights
     assert m2.model is not m.model
-    for (k, v), v2 in zip(m.model.state_dict().items(), m2.model.state_dict().values(),
-                          strict=True):
+    for (k, v), v2 in zip(
+        m.model.state_dict().items(), m2.model.state_dict().values(), strict=True
+    ):
         assert torch.equal(v, v2), k
     # its BN statistics come from training, not from randomize_bn_stats_
     bn = m.model.features[1]
@@ -189,6 +198,10 @@ def test_mobileone_s0_blocks_have_four_conv_branches() -> None:
             assert conv.kernel_size == ((3, 3) if depthwise else (1, 1))
             assert (conv.groups == conv.in_channels) == depthwise
             assert (block.rbr_scale is not None) == depthwise
-    assert [len(s) for s in (model.stage1, model.stage2, model.stage3, model.stage4)] == \
-        [4, 16, 20, 2]
+    assert [len(s) for s in (model.stage1, model.stage2, model.stage3, model.stage4)] == [
+        4,
+        16,
+        20,
+        2,
+    ]
     assert model.linear.in_features == 1024

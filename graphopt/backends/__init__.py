@@ -20,5 +20,8 @@ def get_backend(name: str, target: Any, **options: Any) -> Any:
         from graphopt.backends.onnxruntime import OnnxRuntimeBackend
 
         return OnnxRuntimeBackend(target, **options)
-    raise BackendError(f"unknown backend {name!r}." + close_matches(name, BACKENDS)
-                       + f" Available: {', '.join(BACKENDS)}.")
+    raise BackendError(
+        f"unknown backend {name!r}."
+        + close_matches(name, BACKENDS)
+        + f" Available: {', '.join(BACKENDS)}."
+    )

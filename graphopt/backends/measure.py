@@ -39,7 +39,9 @@ class Latency:
         return (self.p90_ms - self.p10_ms) / self.median_ms if self.median_ms > 0 else 0.0
 
     def __str__(self) -> str:
-        return f"{self.median_ms:.3f} ms (p10 {self.p10_ms:.3f}, p90 {self.p90_ms:.3f}, n={self.runs})"
+        return (
+            f"{self.median_ms:.3f} ms (p10 {self.p10_ms:.3f}, p90 {self.p90_ms:.3f}, n={self.runs})"
+        )
 
     @classmethod
     def from_samples(cls, samples_s: list[float]) -> Latency:
@@ -48,8 +50,14 @@ class Latency:
         return cls(statistics.median(ms), q[0], q[-1], len(ms))
 
 
-def time_callable(fn: Callable[[], Any], *, warmup: int = 5, runs: int = 50,
-                  max_time_s: float = 10.0, progress: Any = None) -> Latency:
+def time_callable(
+    fn: Callable[[], Any],
+    *,
+    warmup: int = 5,
+    runs: int = 50,
+    max_time_s: float = 10.0,
+    progress: Any = None,
+) -> Latency:
     """Time ``fn()``: ``warmup`` untimed calls, then up to ``runs`` timed ones."""
     for _ in range(warmup):
         fn()
@@ -66,8 +74,14 @@ def time_callable(fn: Callable[[], Any], *, warmup: int = 5, runs: int = 50,
     return Latency.from_samples(samples)
 
 
-def time_interleaved(fns: dict[str, Callable[[], Any]], *, warmup: int = 5, runs: int = 50,
-                     max_time_s: float = 20.0, rewarm: int = 2) -> dict[str, Latency]:
+def time_interleaved(
+    fns: dict[str, Callable[[], Any]],
+    *,
+    warmup: int = 5,
+    runs: int = 50,
+    max_time_s: float = 20.0,
+    rewarm: int = 2,
+) -> dict[str, Latency]:
     """Time several callables in alternation, so drift in machine load hits them alike.
 
     Each timed call follows ``rewarm`` untimed calls of the same callable, and the order
@@ -85,7 +99,7 @@ def time_interleaved(fns: dict[str, Callable[[], Any]], *, warmup: int = 5, runs
     order = list(fns.items())
     for i in range(runs):
         # rotate: whatever the previous callable leaves behind falls on every one alike
-        for key, fn in order[i % len(order):] + order[:i % len(order)]:
+        for key, fn in order[i % len(order) :] + order[: i % len(order)]:
             for _ in range(rewarm):
                 fn()
             start = time.perf_counter()
@@ -125,16 +139,19 @@ class LatencyCache:
         if self.path.exists():
             try:
                 data = json.loads(self.path.read_text())
-                if not isinstance(data, dict) or data.get("version") != self.VERSION \
-                        or not isinstance(data.get("entries"), dict):
-                    raise ValueError("not a graphopt latency cache of version "
-                                     f"{self.VERSION}")
-                self._entries = {k: v for k, v in data["entries"].items()
-                                 if isinstance(v, dict) and set(v) >= {"median_ms", "p10_ms",
-                                                                        "p90_ms", "runs"}}
+                if (
+                    not isinstance(data, dict)
+                    or data.get("version") != self.VERSION
+                    or not isinstance(data.get("entries"), dict)
+                ):
+                    raise ValueError(f"not a graphopt latency cache of version {self.VERSION}")
+                self._entries = {
+                    k: v
+                    for k, v in data["entries"].items()
+                    if isinstance(v, dict) and set(v) >= {"median_ms", "p10_ms", "p90_ms", "runs"}
+                }
             except (OSError, ValueError) as exc:
-                log.warning("ignoring latency cache %s (%s); it will be rewritten",
-                            self.path, exc)
+                log.warning("ignoring latency cache %s (%s); it will be rewritten", self.path, exc)
         return self._entries
 
     def get(self, key: str) -> Latency | None:
@@ -142,8 +159,12 @@ class LatencyCache:
         if entry is None:
             return None
         try:
-            return Latency(float(entry["median_ms"]), float(entry["p10_ms"]),
-                           float(entry["p90_ms"]), int(entry["runs"]))
+            return Latency(
+                float(entry["median_ms"]),
+                float(entry["p10_ms"]),
+                float(entry["p90_ms"]),
+                int(entry["runs"]),
+            )
         except (TypeError, ValueError):
             return None
 
@@ -156,7 +177,7 @@ class LatencyCache:
             with os.fdopen(fd, "w") as f:
                 json.dump({"version": self.VERSION, "entries": entries}, f)
             os.replace(tmp, self.path)
-        except OSError as exc:   # a read-only cache dir costs re-measuring, nothing more
+        except OSError as exc:  # a read-only cache dir costs re-measuring, nothing more
             log.warning("could not write latency cache %s: %s", self.path, exc)
 
     def __len__(self) -> int:

@@ -31,43 +31,61 @@ from graphopt.target import Target
 log = logging.getLogger(__name__)
 
 OPSET = 17
-MAX_IR_VERSION = 10   # ONNX Runtime 1.31 rejects IR 14, which onnx 1.23 stamps by default
+MAX_IR_VERSION = 10  # ONNX Runtime 1.31 rejects IR 14, which onnx 1.23 stamps by default
 
 _NP_DTYPES = {
-    "tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(float16)": np.float16,
-    "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(int8)": np.int8,
-    "tensor(uint8)": np.uint8, "tensor(bool)": np.bool_,
+    "tensor(float)": np.float32,
+    "tensor(double)": np.float64,
+    "tensor(float16)": np.float16,
+    "tensor(int64)": np.int64,
+    "tensor(int32)": np.int32,
+    "tensor(int8)": np.int8,
+    "tensor(uint8)": np.uint8,
+    "tensor(bool)": np.bool_,
 }
 
 
-def export_onnx(module: torch.nn.Module, example_inputs: Sequence[torch.Tensor], *,
-                input_names: Sequence[str] | None = None, dynamic_batch: bool = True,
-                opset: int = OPSET) -> onnx.ModelProto:
+def export_onnx(
+    module: torch.nn.Module,
+    example_inputs: Sequence[torch.Tensor],
+    *,
+    input_names: Sequence[str] | None = None,
+    dynamic_batch: bool = True,
+    opset: int = OPSET,
+) -> onnx.ModelProto:
     """Export ``module`` to an ONNX ``ModelProto`` with (by default) a dynamic batch axis."""
     inputs = tuple(example_inputs)
-    names = [f"input{i}" if input_names is None else _clean(input_names[i])
-             for i in range(len(inputs))]
+    names = [
+        f"input{i}" if input_names is None else _clean(input_names[i]) for i in range(len(inputs))
+    ]
     with torch.no_grad():
         outputs = verify.flatten_outputs(module(*inputs))
     out_names = [f"output{i}" for i in range(len(outputs))]
     dynamic_axes = None
     if dynamic_batch:
-        dynamic_axes = {n: {0: "batch"} for n, t in zip(names, inputs, strict=True)
-                        if t.dim() > 0}
-        dynamic_axes.update({n: {0: "batch"} for n, t in zip(out_names, outputs, strict=True)
-                             if t.dim() > 0})
+        dynamic_axes = {n: {0: "batch"} for n, t in zip(names, inputs, strict=True) if t.dim() > 0}
+        dynamic_axes.update(
+            {n: {0: "batch"} for n, t in zip(out_names, outputs, strict=True) if t.dim() > 0}
+        )
     buffer = io.BytesIO()
     try:
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
-            torch.onnx.export(module, inputs, buffer, dynamo=False, opset_version=opset,
-                              input_names=names, output_names=out_names,
-                              dynamic_axes=dynamic_axes, do_constant_folding=True)
+            torch.onnx.export(
+                module,
+                inputs,
+                buffer,
+                dynamo=False,
+                opset_version=opset,
+                input_names=names,
+                output_names=out_names,
+                dynamic_axes=dynamic_axes,
+                do_constant_folding=True,
+            )
         proto = onnx.load_from_string(buffer.getvalue())
     except Exception as legacy_exc:  # noqa: BLE001 - fall back on the other exporter
         log.info("TorchScript exporter failed (%s); trying the dynamo exporter", legacy_exc)
-        proto = _export_dynamo(module, inputs, names, out_names, dynamic_batch, opset,
-                               legacy_exc)
+        proto = _export_dynamo(module, inputs, names, out_names, dynamic_batch, opset, legacy_exc)
     if proto.ir_version > MAX_IR_VERSION:
         proto.ir_version = MAX_IR_VERSION
     return proto
@@ -81,15 +99,24 @@ def _export_dynamo(module, inputs, names, out_names, dynamic_batch, opset, legac
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            program = torch.onnx.export(module, inputs, dynamo=True, opset_version=max(opset, 18),
-                                        input_names=list(names), output_names=list(out_names),
-                                        dynamic_shapes=dynamic_shapes, verbose=False)
+            program = torch.onnx.export(
+                module,
+                inputs,
+                dynamo=True,
+                opset_version=max(opset, 18),
+                input_names=list(names),
+                output_names=list(out_names),
+                dynamic_shapes=dynamic_shapes,
+                verbose=False,
+            )
         return program.model_proto
     except Exception as exc:
-        raise BackendError(f"could not export the graph to ONNX: the TorchScript exporter said "
-                           f"{type(legacy_exc).__name__}: {str(legacy_exc).splitlines()[0]}; the "
-                           f"dynamo exporter said {type(exc).__name__}: "
-                           f"{str(exc).splitlines()[0] if str(exc) else ''}.") from exc
+        raise BackendError(
+            f"could not export the graph to ONNX: the TorchScript exporter said "
+            f"{type(legacy_exc).__name__}: {str(legacy_exc).splitlines()[0]}; the "
+            f"dynamo exporter said {type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''}."
+        ) from exc
 
 
 def _clean(name: str) -> str:
@@ -134,8 +161,14 @@ class OnnxRuntimeBackend:
 
     name = "onnxruntime"
 
-    def __init__(self, target: Target | str = "cpu", *, threads: int | None = None,
-                 optimization_level: str = "all", cache: LatencyCache | None = None) -> None:
+    def __init__(
+        self,
+        target: Target | str = "cpu",
+        *,
+        threads: int | None = None,
+        optimization_level: str = "all",
+        cache: LatencyCache | None = None,
+    ) -> None:
         self.target = Target.parse(target)
         self.threads = threads or _available_cores()
         self.optimization_level = optimization_level
@@ -147,22 +180,30 @@ class OnnxRuntimeBackend:
         return ort.__version__
 
     def settings(self) -> dict[str, Any]:
-        return {"threads": self.threads, "optimization_level": self.optimization_level,
-                "providers": self.providers, "execution_mode": "sequential"}
+        return {
+            "threads": self.threads,
+            "optimization_level": self.optimization_level,
+            "providers": self.providers,
+            "execution_mode": "sequential",
+        }
 
     def _providers(self) -> list[str]:
         available = ort.get_available_providers()
         if self.target.device == "cuda":
             if "CUDAExecutionProvider" not in available:
-                raise BackendError("target 'cuda' needs ONNX Runtime's CUDA provider, which this "
-                                   "onnxruntime build lacks (it has "
-                                   f"{', '.join(available)}); install onnxruntime-gpu on a "
-                                   "machine with an NVIDIA GPU, or use target 'cpu'.")
+                raise BackendError(
+                    "target 'cuda' needs ONNX Runtime's CUDA provider, which this "
+                    "onnxruntime build lacks (it has "
+                    f"{', '.join(available)}); install onnxruntime-gpu on a "
+                    "machine with an NVIDIA GPU, or use target 'cpu'."
+                )
             return ["CUDAExecutionProvider", "CPUExecutionProvider"]
         if self.target.device == "mobile":
-            raise BackendError(f"target {self.target} is a mobile device; the ONNX Runtime "
-                               "backend here runs on this machine only. Use target 'cpu', or "
-                               "the TVM backend for cross-compilation.")
+            raise BackendError(
+                f"target {self.target} is a mobile device; the ONNX Runtime "
+                "backend here runs on this machine only. Use target 'cpu', or "
+                "the TVM backend for cross-compilation."
+            )
         return ["CPUExecutionProvider"]
 
     def session_options(self) -> ort.SessionOptions:
@@ -182,24 +223,39 @@ class OnnxRuntimeBackend:
     def load(self, proto: onnx.ModelProto) -> OrtArtifact:
         """Build a session for an ONNX model."""
         try:
-            session = ort.InferenceSession(proto.SerializeToString(), self.session_options(),
-                                           providers=self.providers)
+            session = ort.InferenceSession(
+                proto.SerializeToString(), self.session_options(), providers=self.providers
+            )
         except Exception as exc:
-            raise BackendError(f"ONNX Runtime could not load the model: "
-                               f"{str(exc).splitlines()[0]}") from exc
+            raise BackendError(
+                f"ONNX Runtime could not load the model: {str(exc).splitlines()[0]}"
+            ) from exc
         return OrtArtifact(proto, session)
 
-    def compile(self, module: torch.nn.Module, example_inputs: Sequence[torch.Tensor], *,
-                input_names: Sequence[str] | None = None,
-                dynamic_batch: bool = True) -> OrtArtifact:
+    def compile(
+        self,
+        module: torch.nn.Module,
+        example_inputs: Sequence[torch.Tensor],
+        *,
+        input_names: Sequence[str] | None = None,
+        dynamic_batch: bool = True,
+    ) -> OrtArtifact:
         """Export ``module`` and build its session."""
-        proto = export_onnx(module, example_inputs, input_names=input_names,
-                            dynamic_batch=dynamic_batch)
+        proto = export_onnx(
+            module, example_inputs, input_names=input_names, dynamic_batch=dynamic_batch
+        )
         return self.load(proto)
 
-    def measure(self, model: OrtArtifact | onnx.ModelProto | torch.nn.Module,
-                inputs: Sequence[Any], *, warmup: int = 5, runs: int = 50,
-                max_time_s: float = 10.0, use_cache: bool = True) -> Latency:
+    def measure(
+        self,
+        model: OrtArtifact | onnx.ModelProto | torch.nn.Module,
+        inputs: Sequence[Any],
+        *,
+        warmup: int = 5,
+        runs: int = 50,
+        max_time_s: float = 10.0,
+        use_cache: bool = True,
+    ) -> Latency:
         """Median latency of one call of ``model`` on ``inputs`` (cached on disk by default).
 
         The key is the ONNX model's bytes hash, the target, ONNX Runtime's version, the
@@ -209,15 +265,22 @@ class OnnxRuntimeBackend:
         if isinstance(model, torch.nn.Module):
             model = self.compile(model, [torch.from_numpy(a) for a in arrays])
         artifact = model if isinstance(model, OrtArtifact) else self.load(model)
-        key = cache_key(model=_proto_hash(artifact.proto), target=str(self.target),
-                        backend=self.name, version=self.version, settings=self.settings(),
-                        shapes=[(a.shape, str(a.dtype)) for a in arrays],
-                        runs=runs, warmup=warmup)
+        key = cache_key(
+            model=_proto_hash(artifact.proto),
+            target=str(self.target),
+            backend=self.name,
+            version=self.version,
+            settings=self.settings(),
+            shapes=[(a.shape, str(a.dtype)) for a in arrays],
+            runs=runs,
+            warmup=warmup,
+        )
         cache = self.cache if self.cache is not None else (LatencyCache() if use_cache else None)
         if use_cache and cache is not None and (hit := cache.get(key)) is not None:
             return hit
-        latency = time_callable(lambda: artifact.run(arrays), warmup=warmup, runs=runs,
-                                max_time_s=max_time_s)
+        latency = time_callable(
+            lambda: artifact.run(arrays), warmup=warmup, runs=runs, max_time_s=max_time_s
+        )
         if use_cache and cache is not None:
             cache.put(key, latency)
         return latency

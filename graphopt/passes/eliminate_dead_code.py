@@ -35,8 +35,7 @@ class EliminateDeadCode(Pass):
         before = len(gm.graph.nodes)
         # FX's own purity check misses in-place ops (``y.add_(1)``, ``F.relu(y, inplace=True)``,
         # ``nn.ReLU(inplace=True)``): their result is often unused, their effect is not
-        gm.graph.eliminate_dead_code(
-            is_impure_node=lambda n: n.is_impure() or mutates_input(gm, n))
+        gm.graph.eliminate_dead_code(is_impure_node=lambda n: n.is_impure() or mutates_input(gm, n))
         stats["removed-nodes"] = before - len(gm.graph.nodes)
         if self.options.remove_unused_modules:
             modules_before = sum(1 for _ in gm.modules())
@@ -60,10 +59,10 @@ def mutates_input(gm: fx.GraphModule, node: fx.Node) -> bool:
         name = getattr(node.target, "__name__", "")
         try:
             bound = inspect.signature(node.target).bind(*node.args, **node.kwargs)
-            if bound.arguments.get("inplace") is True:        # F.relu(x, True), F.dropout(...)
+            if bound.arguments.get("inplace") is True:  # F.relu(x, True), F.dropout(...)
                 return True
         except (TypeError, ValueError):
-            pass                                              # builtins without a signature
+            pass  # builtins without a signature
     else:
         return False
     if node.kwargs.get("inplace") is True:

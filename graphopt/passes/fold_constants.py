@@ -22,8 +22,20 @@ from torch import fx
 from graphopt.pass_manager import Numerics, Pass, PassContext, PassResult
 from graphopt.pipeline import register_pass
 
-_RANDOM = {"rand", "randn", "randint", "rand_like", "randn_like", "bernoulli", "dropout",
-           "multinomial", "normal", "uniform_", "feature_dropout", "alpha_dropout"}
+_RANDOM = {
+    "rand",
+    "randn",
+    "randint",
+    "rand_like",
+    "randn_like",
+    "bernoulli",
+    "dropout",
+    "multinomial",
+    "normal",
+    "uniform_",
+    "feature_dropout",
+    "alpha_dropout",
+}
 
 
 def _fetch(gm: fx.GraphModule, target: str) -> Any:
@@ -49,10 +61,10 @@ def _is_random(target: Any, name: str) -> bool:
 
 def _is_pure(node: fx.Node) -> bool:
     if node.op not in ("call_function", "call_method"):
-        return False            # call_module may hold state; placeholders are inputs
+        return False  # call_module may hold state; placeholders are inputs
     name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
     if _is_random(node.target, name) or name.endswith("_") and name != "__getitem__":
-        return False            # random or in-place
+        return False  # random or in-place
     return not node.is_impure()
 
 

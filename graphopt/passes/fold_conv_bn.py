@@ -48,11 +48,25 @@ _CONV_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _CONVT_MODULES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 _BN_MODULES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
-_CONV_FUNCTIONS = {F.conv1d, F.conv2d, F.conv3d, torch.conv1d, torch.conv2d, torch.conv3d,
-                   aten.conv1d.default, aten.conv2d.default, aten.conv3d.default}
-_CONVT_FUNCTIONS = {F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d,
-                    aten.conv_transpose1d.default, aten.conv_transpose2d.input,
-                    aten.conv_transpose3d.input}
+_CONV_FUNCTIONS = {
+    F.conv1d,
+    F.conv2d,
+    F.conv3d,
+    torch.conv1d,
+    torch.conv2d,
+    torch.conv3d,
+    aten.conv1d.default,
+    aten.conv2d.default,
+    aten.conv3d.default,
+}
+_CONVT_FUNCTIONS = {
+    F.conv_transpose1d,
+    F.conv_transpose2d,
+    F.conv_transpose3d,
+    aten.conv_transpose1d.default,
+    aten.conv_transpose2d.input,
+    aten.conv_transpose3d.input,
+}
 _LINEAR_FUNCTIONS = {F.linear, aten.linear.default}
 _BN_FUNCTIONS = {F.batch_norm, torch.batch_norm, aten.batch_norm.default}
 _BN_LEGIT = aten._native_batch_norm_legit_no_training.default
@@ -62,8 +76,13 @@ _BN_LEGIT = aten._native_batch_norm_legit_no_training.default
 # the algebra (float64, plain tensors: the tests check it against the formulas directly)
 
 
-def bn_affine(mean: torch.Tensor, var: torch.Tensor, gamma: torch.Tensor | None,
-              beta: torch.Tensor | None, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+def bn_affine(
+    mean: torch.Tensor,
+    var: torch.Tensor,
+    gamma: torch.Tensor | None,
+    beta: torch.Tensor | None,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(a, t) with BN(y) = a*y + t, in float64."""
     mean, var = mean.double(), var.double()
     gamma = torch.ones_like(mean) if gamma is None else gamma.detach().double()
@@ -72,8 +91,14 @@ def bn_affine(mean: torch.Tensor, var: torch.Tensor, gamma: torch.Tensor | None,
     return a, beta - mean * a
 
 
-def fold_after(kind: str, weight: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor,
-               t: torch.Tensor, groups: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+def fold_after(
+    kind: str,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    a: torch.Tensor,
+    t: torch.Tensor,
+    groups: int = 1,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Weights of ``BN(layer(x))`` as one layer. ``kind``: conv | convT | linear."""
     w = weight.detach().double()
     b = torch.zeros_like(a) if bias is None else bias.detach().double()
@@ -87,13 +112,19 @@ def fold_after(kind: str, weight: torch.Tensor, bias: torch.Tensor | None, a: to
     return w.to(weight.dtype), (a * b + t).to(weight.dtype)
 
 
-def fold_before(kind: str, weight: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor,
-                t: torch.Tensor, groups: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+def fold_before(
+    kind: str,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    a: torch.Tensor,
+    t: torch.Tensor,
+    groups: int = 1,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Weights of ``layer(BN(x))`` as one layer (conv or linear; exact only without padding)."""
     w = weight.detach().double()
     out = w.shape[0]
     b = torch.zeros(out, dtype=torch.float64) if bias is None else bias.detach().double()
-    c_g = w.shape[1]                                   # input channels per group
+    c_g = w.shape[1]  # input channels per group
     tail = [1] * (w.dim() - 2)
     # per (output, local input) channel: the BN scale/shift of the input channel it reads
     a_oc = a.reshape(groups, 1, c_g).expand(groups, out // groups, c_g).reshape(out, c_g)
@@ -111,9 +142,9 @@ def fold_before(kind: str, weight: torch.Tensor, bias: torch.Tensor | None, a: t
 @dataclass
 class _Layer:
     node: fx.Node
-    kind: str                     # conv | convT | linear
+    kind: str  # conv | convT | linear
     groups: int
-    padding: Any                  # int/tuple/str ("same"/"valid")
+    padding: Any  # int/tuple/str ("same"/"valid")
     padding_mode: str
     weight: torch.Tensor
     bias: torch.Tensor | None
@@ -121,14 +152,14 @@ class _Layer:
     weight_node: fx.Node | None = None
     bias_node: fx.Node | None = None
     input_node: fx.Node | None = None
-    constant: bool = True         # weights are module parameters / get_attr constants
+    constant: bool = True  # weights are module parameters / get_attr constants
 
 
 @dataclass
 class _BN:
     node: fx.Node
     input_node: fx.Node
-    output_node: fx.Node          # the node whose value is BN's result (getitem for legit ops)
+    output_node: fx.Node  # the node whose value is BN's result (getitem for legit ops)
     mean: torch.Tensor | None
     var: torch.Tensor | None
     gamma: torch.Tensor | None
@@ -166,23 +197,48 @@ def _as_layer(gm: fx.GraphModule, node: fx.Node, include_linear: bool) -> _Layer
         m = gm.get_submodule(node.target)
         if isinstance(m, _CONV_MODULES + _CONVT_MODULES):
             kind = "convT" if isinstance(m, _CONVT_MODULES) else "conv"
-            return _Layer(node, kind, m.groups, m.padding, m.padding_mode, m.weight, m.bias,
-                          module=m, input_node=node.args[0])
+            return _Layer(
+                node,
+                kind,
+                m.groups,
+                m.padding,
+                m.padding_mode,
+                m.weight,
+                m.bias,
+                module=m,
+                input_node=node.args[0],
+            )
         if include_linear and isinstance(m, nn.Linear):
-            return _Layer(node, "linear", 1, 0, "zeros", m.weight, m.bias, module=m,
-                          input_node=node.args[0])
+            return _Layer(
+                node, "linear", 1, 0, "zeros", m.weight, m.bias, module=m, input_node=node.args[0]
+            )
         return None
     if node.op != "call_function":
         return None
     target = node.target
     if target in _CONV_FUNCTIONS:
         kind = "conv"
-        v = _args(node, ["input", "weight", "bias", "stride", "padding", "dilation", "groups"],
-                  {"bias": None, "padding": 0, "groups": 1})
+        v = _args(
+            node,
+            ["input", "weight", "bias", "stride", "padding", "dilation", "groups"],
+            {"bias": None, "padding": 0, "groups": 1},
+        )
     elif target in _CONVT_FUNCTIONS:
         kind = "convT"
-        v = _args(node, ["input", "weight", "bias", "stride", "padding", "output_padding",
-                         "groups", "dilation"], {"bias": None, "padding": 0, "groups": 1})
+        v = _args(
+            node,
+            [
+                "input",
+                "weight",
+                "bias",
+                "stride",
+                "padding",
+                "output_padding",
+                "groups",
+                "dilation",
+            ],
+            {"bias": None, "padding": 0, "groups": 1},
+        )
     elif include_linear and target in _LINEAR_FUNCTIONS:
         kind = "linear"
         v = _args(node, ["input", "weight", "bias"], {"bias": None, "groups": 1, "padding": 0})
@@ -194,8 +250,18 @@ def _as_layer(gm: fx.GraphModule, node: fx.Node, include_linear: bool) -> _Layer
         return _Layer(node, kind, 1, 0, "zeros", torch.empty(0), None, constant=False)
     if weight is None:
         return None
-    return _Layer(node, kind, int(v["groups"]), v["padding"], "zeros", weight, bias,
-                  weight_node=v["weight"], bias_node=v["bias"], input_node=v["input"])
+    return _Layer(
+        node,
+        kind,
+        int(v["groups"]),
+        v["padding"],
+        "zeros",
+        weight,
+        bias,
+        weight_node=v["weight"],
+        bias_node=v["bias"],
+        input_node=v["input"],
+    )
 
 
 def _as_bn(gm: fx.GraphModule, node: fx.Node) -> _BN | None:
@@ -203,33 +269,83 @@ def _as_bn(gm: fx.GraphModule, node: fx.Node) -> _BN | None:
         m = gm.get_submodule(node.target)
         if not isinstance(m, _BN_MODULES):
             return None
-        return _BN(node, node.args[0], node, m.running_mean, m.running_var,
-                   m.weight if m.affine else None, m.bias if m.affine else None, m.eps,
-                   m.training or not m.track_running_stats, module=m)
+        return _BN(
+            node,
+            node.args[0],
+            node,
+            m.running_mean,
+            m.running_var,
+            m.weight if m.affine else None,
+            m.bias if m.affine else None,
+            m.eps,
+            m.training or not m.track_running_stats,
+            module=m,
+        )
     if node.op != "call_function":
         return None
     try:
         if node.target in _BN_FUNCTIONS:
-            v = _args(node, ["input", "running_mean", "running_var", "weight", "bias", "training",
-                             "momentum", "eps"], {"weight": None, "bias": None,
-                                                  "training": False, "eps": 1e-5})
+            v = _args(
+                node,
+                [
+                    "input",
+                    "running_mean",
+                    "running_var",
+                    "weight",
+                    "bias",
+                    "training",
+                    "momentum",
+                    "eps",
+                ],
+                {"weight": None, "bias": None, "training": False, "eps": 1e-5},
+            )
             # torch.batch_norm is the aten op: (input, weight, bias, mean, var, ...)
             if node.target in (aten.batch_norm.default, torch.batch_norm):
-                v = _args(node, ["input", "weight", "bias", "running_mean", "running_var",
-                                 "training", "momentum", "eps"], {})
-            return _BN(node, v["input"], node, _attr(gm, v["running_mean"]),
-                       _attr(gm, v["running_var"]), _attr(gm, v["weight"]),
-                       _attr(gm, v["bias"]), float(v["eps"]), bool(v["training"]))
+                v = _args(
+                    node,
+                    [
+                        "input",
+                        "weight",
+                        "bias",
+                        "running_mean",
+                        "running_var",
+                        "training",
+                        "momentum",
+                        "eps",
+                    ],
+                    {},
+                )
+            return _BN(
+                node,
+                v["input"],
+                node,
+                _attr(gm, v["running_mean"]),
+                _attr(gm, v["running_var"]),
+                _attr(gm, v["weight"]),
+                _attr(gm, v["bias"]),
+                float(v["eps"]),
+                bool(v["training"]),
+            )
         if node.target is _BN_LEGIT:
             users = list(node.users)
-            if len(users) != 1 or users[0].target is not operator.getitem \
-                    or users[0].args[1] != 0:
+            if len(users) != 1 or users[0].target is not operator.getitem or users[0].args[1] != 0:
                 return None
-            v = _args(node, ["input", "weight", "bias", "running_mean", "running_var",
-                             "momentum", "eps"], {})
-            return _BN(node, v["input"], users[0], _attr(gm, v["running_mean"]),
-                       _attr(gm, v["running_var"]), _attr(gm, v["weight"]),
-                       _attr(gm, v["bias"]), float(v["eps"]), False)
+            v = _args(
+                node,
+                ["input", "weight", "bias", "running_mean", "running_var", "momentum", "eps"],
+                {},
+            )
+            return _BN(
+                node,
+                v["input"],
+                users[0],
+                _attr(gm, v["running_mean"]),
+                _attr(gm, v["running_var"]),
+                _attr(gm, v["weight"]),
+                _attr(gm, v["bias"]),
+                float(v["eps"]),
+                False,
+            )
     except _NotConstant:
         return _BN(node, node.args[0], node, None, None, None, None, 0.0, False, constant=False)
     return None
@@ -248,8 +364,8 @@ class FoldConvBN(Pass):
 
     @dataclass(frozen=True)
     class Options:
-        include_linear: bool = True     # Linear + BatchNorm1d (and BN1d -> Linear)
-        bn_before: bool = True          # BN -> Conv/Linear where the padding allows it exactly
+        include_linear: bool = True  # Linear + BatchNorm1d (and BN1d -> Linear)
+        bn_before: bool = True  # BN -> Conv/Linear where the padding allows it exactly
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         # A fold can make another one possible (BN1 -> BN2 -> conv: once BN2 is folded into the
@@ -277,8 +393,11 @@ class FoldConvBN(Pass):
             if bn is None:
                 continue
             producer = bn.input_node
-            layer = _as_layer(gm, producer, self.options.include_linear) \
-                if isinstance(producer, fx.Node) else None
+            layer = (
+                _as_layer(gm, producer, self.options.include_linear)
+                if isinstance(producer, fx.Node)
+                else None
+            )
             if layer is not None:
                 reason = _why_not_after(gm, layer, bn, calls, owners)
                 if reason:
@@ -289,13 +408,13 @@ class FoldConvBN(Pass):
                 continue
             if not self.options.bn_before or len(bn.output_node.users) != 1:
                 if self.options.bn_before and bn.output_node.users:
-                    consumer = _as_layer(gm, next(iter(bn.output_node.users)),
-                                         self.options.include_linear)
+                    consumer = _as_layer(
+                        gm, next(iter(bn.output_node.users)), self.options.include_linear
+                    )
                     if consumer is not None:
                         stats["skipped:output-used-elsewhere"] += 1
                 continue
-            consumer = _as_layer(gm, next(iter(bn.output_node.users)),
-                                 self.options.include_linear)
+            consumer = _as_layer(gm, next(iter(bn.output_node.users)), self.options.include_linear)
             if consumer is None or consumer.input_node is not bn.output_node:
                 continue
             reason = _why_not_before(gm, consumer, bn, calls, owners)
@@ -352,12 +471,13 @@ def _why_not_after(gm, layer: _Layer, bn: _BN, calls, owners) -> str:
     # the layer's output must feed only this BN: otherwise the other users need it unfolded
     if len(layer.node.users) != 1:
         return "output-used-elsewhere"
-    out_channels = layer.weight.shape[1] * layer.groups if layer.kind == "convT" \
-        else layer.weight.shape[0]
+    out_channels = (
+        layer.weight.shape[1] * layer.groups if layer.kind == "convT" else layer.weight.shape[0]
+    )
     if bn.mean.numel() != out_channels:
         return "bn-axis"
     if layer.kind == "linear" and _rank(layer.node) not in (2, None):
-        return "bn-axis"     # BatchNorm1d on (N, C, L) normalises dim 1, not Linear's features
+        return "bn-axis"  # BatchNorm1d on (N, C, L) normalises dim 1, not Linear's features
     return ""
 
 
@@ -432,8 +552,11 @@ def _set_attr(gm: fx.GraphModule, target: str, value: torch.Tensor) -> None:
 
 
 def _give_bias(gm: fx.GraphModule, layer: _Layer, bias: torch.Tensor) -> None:
-    base = layer.weight_node.target.rsplit(".", 1)[0] if "." in layer.weight_node.target \
+    base = (
+        layer.weight_node.target.rsplit(".", 1)[0]
+        if "." in layer.weight_node.target
         else layer.weight_node.target
+    )
     name = f"{base}_folded_bias".replace(".", "_")
     i = 0
     while hasattr(gm, name):

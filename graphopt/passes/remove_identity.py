@@ -30,14 +30,34 @@ from graphopt.pass_manager import Numerics, Pass, PassContext, PassResult
 from graphopt.passes.eliminate_dead_code import mutates_input
 from graphopt.pipeline import register_pass
 
-_DROPOUT_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
-                    nn.FeatureAlphaDropout)
-_DROPOUT_FUNCTIONS = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout,
-                      torch.dropout}
+_DROPOUT_MODULES = (
+    nn.Dropout,
+    nn.Dropout1d,
+    nn.Dropout2d,
+    nn.Dropout3d,
+    nn.AlphaDropout,
+    nn.FeatureAlphaDropout,
+)
+_DROPOUT_FUNCTIONS = {
+    F.dropout,
+    F.dropout1d,
+    F.dropout2d,
+    F.dropout3d,
+    F.alpha_dropout,
+    torch.dropout,
+}
 _RESHAPES = {"reshape", "view", torch.reshape}
 _CASTS = {"float": torch.float32, "double": torch.float64, "half": torch.float16}
-_NEUTRAL = {operator.mul: 1, torch.mul: 1, operator.truediv: 1, torch.div: 1,
-            operator.add: 0, torch.add: 0, operator.sub: 0, torch.sub: 0}
+_NEUTRAL = {
+    operator.mul: 1,
+    torch.mul: 1,
+    operator.truediv: 1,
+    torch.div: 1,
+    operator.add: 0,
+    torch.add: 0,
+    operator.sub: 0,
+    torch.sub: 0,
+}
 _COMMUTATIVE = {operator.mul, torch.mul, operator.add, torch.add}
 _NEW_TENSOR = {"mul-one", "add-zero", "contiguous"}
 
@@ -48,8 +68,14 @@ def _meta(node: Any) -> Any:
 
 def _same_type(a: fx.Node, b: fx.Node) -> bool:
     ma, mb = _meta(a), _meta(b)
-    return (ma is not None and mb is not None and hasattr(ma, "shape") and hasattr(mb, "shape")
-            and tuple(ma.shape) == tuple(mb.shape) and ma.dtype == mb.dtype)
+    return (
+        ma is not None
+        and mb is not None
+        and hasattr(ma, "shape")
+        and hasattr(mb, "shape")
+        and tuple(ma.shape) == tuple(mb.shape)
+        and ma.dtype == mb.dtype
+    )
 
 
 @register_pass
@@ -89,12 +115,14 @@ class RemoveIdentity(Pass):
                 return "identity", node.args[0]
             if isinstance(m, _DROPOUT_MODULES):
                 # dropout is the identity only at inference
-                return ("skipped:dropout-training", None) if m.training else ("dropout",
-                                                                              node.args[0])
+                return (
+                    ("skipped:dropout-training", None) if m.training else ("dropout", node.args[0])
+                )
             return None, None
         if node.op == "call_function" and node.target in _DROPOUT_FUNCTIONS:
-            training = node.kwargs.get("training", node.args[2] if len(node.args) > 2 else
-                                       node.target is not torch.dropout)
+            training = node.kwargs.get(
+                "training", node.args[2] if len(node.args) > 2 else node.target is not torch.dropout
+            )
             if node.target is torch.dropout:
                 training = node.kwargs.get("train", node.args[2] if len(node.args) > 2 else True)
             if training is False:
@@ -122,7 +150,7 @@ class RemoveIdentity(Pass):
         elif len(node.args) == 2 and isinstance(node.args[1], torch.dtype):
             wanted = node.args[1]
         else:
-            return None, None      # .to(device), .to(other_tensor): not provably a no-op
+            return None, None  # .to(device), .to(other_tensor): not provably a no-op
         return ("cast", src) if _meta(src).dtype == wanted else (None, None)
 
     @staticmethod
@@ -147,8 +175,9 @@ class RemoveIdentity(Pass):
         first = spec[0]
         batch_safe = first == -1 or (isinstance(first, fx.Node) and _is_size_of(first, src, 0))
         # (the shapes are equal, so with the batch fixed a single -1 can only be the traced dim)
-        rest_equal = all(isinstance(s, int) and s in (d, -1)
-                         for s, d in zip(spec[1:], shape[1:], strict=True))
+        rest_equal = all(
+            isinstance(s, int) and s in (d, -1) for s, d in zip(spec[1:], shape[1:], strict=True)
+        )
         if rest_equal and sum(1 for s in spec if s == -1) <= 1:
             return ("reshape", src) if batch_safe else ("skipped:reshape-static-batch", None)
         return None, None
@@ -175,8 +204,13 @@ class RemoveIdentity(Pass):
         neutral = _NEUTRAL[node.target]
         label = "mul-one" if neutral == 1 else "add-zero"
         for x, c in ((a, b), (b, a)) if node.target in _COMMUTATIVE else ((a, b),):
-            if isinstance(x, fx.Node) and not isinstance(c, fx.Node) and c == neutral \
-                    and not isinstance(c, bool) and _same_type(x, node):
+            if (
+                isinstance(x, fx.Node)
+                and not isinstance(c, fx.Node)
+                and c == neutral
+                and not isinstance(c, bool)
+                and _same_type(x, node)
+            ):
                 return label, x
         return None, None
 
@@ -188,8 +222,17 @@ def _is_size_of(node: fx.Node, tensor: fx.Node, dim: int) -> bool:
     if node.op == "call_function" and node.target is operator.getitem and node.args[1] == dim:
         inner = node.args[0]
         return isinstance(inner, fx.Node) and (
-            (inner.op == "call_function" and inner.target is getattr and inner.args[0] is tensor
-             and inner.args[1] == "shape")
-            or (inner.op == "call_method" and inner.target == "size" and inner.args[0] is tensor
-                and len(inner.args) == 1))
+            (
+                inner.op == "call_function"
+                and inner.target is getattr
+                and inner.args[0] is tensor
+                and inner.args[1] == "shape"
+            )
+            or (
+                inner.op == "call_method"
+                and inner.target == "size"
+                and inner.args[0] is tensor
+                and len(inner.args) == 1
+            )
+        )
     return False

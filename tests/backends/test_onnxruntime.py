@@ -22,8 +22,14 @@ from graphopt.testing import randomize_bn
 
 def _model():
     torch.manual_seed(0)
-    m = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-                      nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5)).eval()
+    m = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 5),
+    ).eval()
     randomize_bn(m[1], torch.Generator().manual_seed(0))
     return m, torch.randn(1, 3, 16, 16)
 
@@ -83,14 +89,16 @@ def test_measure_reports_median_and_spread_and_caches_on_disk(tmp_path, monkeypa
     assert first.runs == 10 and first.p10_ms <= first.median_ms <= first.p90_ms
     assert len(cache) == 1
     # use_cache=False measures afresh and leaves the cache alone
-    other = backend.measure(artifact, (torch.randn(2, 3, 16, 16),), warmup=1, runs=3,
-                            use_cache=False)
+    other = backend.measure(
+        artifact, (torch.randn(2, 3, 16, 16),), warmup=1, runs=3, use_cache=False
+    )
     assert other.runs == 3 and len(cache) == 1
     calls = []
     monkeypatch.setattr(ort_backend, "time_callable", lambda *a, **k: calls.append(1))
     again = OnnxRuntimeBackend("cpu", cache=LatencyCache(tmp_path / "lat.json")).measure(
-        artifact.proto, (x,), warmup=2, runs=10)
-    assert again == first and not calls                     # a second run measures nothing
+        artifact.proto, (x,), warmup=2, runs=10
+    )
+    assert again == first and not calls  # a second run measures nothing
 
 
 def test_corrupt_or_foreign_cache_is_ignored_with_a_warning(tmp_path, caplog):
@@ -111,9 +119,10 @@ def test_latency_statistics_and_interleaving():
     assert lat.median_ms == pytest.approx(3.0)
     assert lat.p10_ms < lat.median_ms < lat.p90_ms
     order = []
-    result = time_interleaved({"a": lambda: order.append("a"), "b": lambda: order.append("b")},
-                              warmup=0, runs=3, rewarm=0)
-    assert order == ["a", "b", "b", "a", "a", "b"]           # the order rotates every round
+    result = time_interleaved(
+        {"a": lambda: order.append("a"), "b": lambda: order.append("b")}, warmup=0, runs=3, rewarm=0
+    )
+    assert order == ["a", "b", "b", "a", "a", "b"]  # the order rotates every round
     assert result["a"].runs == result["b"].runs == 3
 
 
@@ -124,9 +133,11 @@ def test_interleaved_timing_rewarms_each_timed_call(rewarm):
     def make(key):
         def fn():
             calls[key] += 1
+
         return fn
 
-    timings = time_interleaved({"a": make("a"), "b": make("b")}, warmup=2, runs=6,
-                               max_time_s=10.0, rewarm=rewarm)
+    timings = time_interleaved(
+        {"a": make("a"), "b": make("b")}, warmup=2, runs=6, max_time_s=10.0, rewarm=rewarm
+    )
     assert all(t.runs == 6 and t.median_ms >= 0 for t in timings.values())
     assert calls == {"a": 2 + 6 * (1 + rewarm), "b": 2 + 6 * (1 + rewarm)}

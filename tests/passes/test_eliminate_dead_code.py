@@ -50,14 +50,14 @@ class _Live(nn.Module):
 
 def test_removes_dead_nodes_modules_and_constants():
     result = verify_rewrite("eliminate-dead-code", _DeadBranches(), _Live(), (_x(2, 3, 6, 6),))
-    assert dict(result.stats) == {"removed-nodes": 5, "removed-modules": 1,
-                                  "removed-constants": 1}
+    assert dict(result.stats) == {"removed-nodes": 5, "removed-modules": 1, "removed-constants": 1}
     assert not hasattr(result.graph, "unused") and not hasattr(result.graph, "scale")
 
 
 def test_keeps_unused_modules_when_asked():
-    gm, result = run_pass("eliminate-dead-code", _DeadBranches(), (_x(2, 3, 6, 6),),
-                          remove_unused_modules=False)
+    gm, result = run_pass(
+        "eliminate-dead-code", _DeadBranches(), (_x(2, 3, 6, 6),), remove_unused_modules=False
+    )
     assert result.stats["removed-nodes"] == 5 and "removed-modules" not in result.stats
     assert isinstance(gm.get_submodule("unused"), nn.Conv2d)
 
@@ -67,8 +67,13 @@ def test_keeps_unused_modules_when_asked():
 
 
 def test_dead_code_removal_keeps_numerics_for_any_batch():
-    result = assert_pass_preserves(EliminateDeadCode, _DeadBranches(), (_x(2, 3, 6, 6),),
-                                   more_inputs=[(_x(5, 3, 6, 6, seed=2),)], expect_modified=True)
+    result = assert_pass_preserves(
+        EliminateDeadCode,
+        _DeadBranches(),
+        (_x(2, 3, 6, 6),),
+        more_inputs=[(_x(5, 3, 6, 6, seed=2),)],
+        expect_modified=True,
+    )
     assert result.stats["removed-nodes"] == 5
 
 
@@ -76,8 +81,9 @@ def test_dead_code_behind_extra_outputs_is_kept():
     class M(nn.Module):
         def forward(self, x):
             y = torch.relu(x)
-            torch.tanh(y)                        # dead
-            return y, y * 2                      # both live
+            torch.tanh(y)  # dead
+            return y, y * 2  # both live
+
     result = assert_pass_preserves(EliminateDeadCode, M(), (_x(3, 4),), expect_modified=True)
     assert dict(result.stats) == {"removed-nodes": 1}
 
@@ -87,8 +93,9 @@ def test_dead_code_behind_extra_outputs_is_kept():
 
 
 def test_live_graph_is_left_alone():
-    result = assert_pass_preserves(EliminateDeadCode, _Live(), (_x(2, 3, 6, 6),),
-                                   expect_modified=False)
+    result = assert_pass_preserves(
+        EliminateDeadCode, _Live(), (_x(2, 3, 6, 6),), expect_modified=False
+    )
     assert dict(result.stats) == {}
 
 
@@ -127,12 +134,21 @@ class _InPlace(nn.Module):
         return y
 
 
-@pytest.mark.parametrize("how", ["method", "torch.relu_", "F.relu(inplace=True)",
-                                 "F.relu(y, True)", "F.hardtanh(inplace)",
-                                 "nn.ReLU(inplace=True)"])
+@pytest.mark.parametrize(
+    "how",
+    [
+        "method",
+        "torch.relu_",
+        "F.relu(inplace=True)",
+        "F.relu(y, True)",
+        "F.hardtanh(inplace)",
+        "nn.ReLU(inplace=True)",
+    ],
+)
 def test_in_place_op_with_unused_result_is_kept(how):
-    result = assert_pass_preserves(EliminateDeadCode, _InPlace(how), (_x(3, 4),),
-                                   expect_modified=False)
+    result = assert_pass_preserves(
+        EliminateDeadCode, _InPlace(how), (_x(3, 4),), expect_modified=False
+    )
     assert dict(result.stats) == {}
 
 
@@ -150,6 +166,7 @@ def test_in_place_flag_passed_positionally_is_seen():
 
 def test_random_op_with_unused_result_is_kept():
     """Drawing random numbers advances the generator: dropping the draw changes later draws."""
+
     class M(nn.Module):
         def forward(self, x):
             torch.randn_like(x)
@@ -176,15 +193,23 @@ class _WithDeadBranch(nn.Module):
 
 
 def _other_batch(x: torch.Tensor) -> tuple[torch.Tensor]:
-    return (torch.randn(x.shape[0] + 2, *x.shape[1:],
-                        generator=torch.Generator().manual_seed(x.numel())),)
+    return (
+        torch.randn(
+            x.shape[0] + 2, *x.shape[1:], generator=torch.Generator().manual_seed(x.numel())
+        ),
+    )
 
 
 @given(random_cnns())
 def test_random_cnns_keep_numerics_report_honestly_and_are_idempotent(case):
     model = _WithDeadBranch(case.model)
-    result = assert_pass_preserves(EliminateDeadCode, model, case.inputs, expect_modified=True,
-                                   more_inputs=[_other_batch(case.inputs[0])])
+    result = assert_pass_preserves(
+        EliminateDeadCode,
+        model,
+        case.inputs,
+        expect_modified=True,
+        more_inputs=[_other_batch(case.inputs[0])],
+    )
     assert result.stats["removed-nodes"] >= 3 and result.stats["removed-modules"] >= 1
     printed = verify.fingerprint(result.graph)
     again, second = run_pass(EliminateDeadCode(), copy.deepcopy(result.graph), case.inputs)

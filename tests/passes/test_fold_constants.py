@@ -49,8 +49,9 @@ class _LinearOfConstant(nn.Module):
 
 
 def test_folds_weight_transpose_into_one_constant():
-    result = verify_rewrite("fold-constants", _LinearOfTransposed(), _LinearOfConstant(),
-                            (_x(3, 8),))
+    result = verify_rewrite(
+        "fold-constants", _LinearOfTransposed(), _LinearOfConstant(), (_x(3, 8),)
+    )
     assert dict(result.stats) == {"folded": 1}
 
 
@@ -93,17 +94,24 @@ class _ConstantScaledConv(nn.Module):
         self.shift = nn.Parameter(torch.randn(6, generator=g))
 
     def forward(self, x):
-        w = self.g * self.v / self.v.flatten(1).norm(dim=1).view(-1, 1, 1, 1)   # weight norm
+        w = self.g * self.v / self.v.flatten(1).norm(dim=1).view(-1, 1, 1, 1)  # weight norm
         y = F.conv2d(x, w, padding=1)
         return y + self.shift.view(1, -1, 1, 1).sigmoid()
 
 
 def test_folding_keeps_numerics_for_any_batch():
-    result = assert_pass_preserves(FoldConstants, _ConstantScaledConv(), (_x(2, 3, 5, 5),),
-                                   more_inputs=[(_x(5, 3, 5, 5, seed=3),)], expect_modified=True)
+    result = assert_pass_preserves(
+        FoldConstants,
+        _ConstantScaledConv(),
+        (_x(2, 3, 5, 5),),
+        more_inputs=[(_x(5, 3, 5, 5, seed=3),)],
+        expect_modified=True,
+    )
     assert dict(result.stats) == {"folded": 2}
-    assert not any(n.op == "call_method" and n.target in ("norm", "view", "sigmoid", "flatten")
-                   for n in result.graph.graph.nodes)
+    assert not any(
+        n.op == "call_method" and n.target in ("norm", "view", "sigmoid", "flatten")
+        for n in result.graph.graph.nodes
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -135,10 +143,21 @@ class _RandomOfConstant(nn.Module):
         return x + noise
 
 
-@pytest.mark.parametrize("op", ["torch.randn_like", "torch.randint_like", "torch.bernoulli",
-                                "Tensor.bernoulli", "torch.poisson", "torch.binomial",
-                                "torch.normal", "F.dropout", "F.rrelu(training)",
-                                "torch.multinomial"])
+@pytest.mark.parametrize(
+    "op",
+    [
+        "torch.randn_like",
+        "torch.randint_like",
+        "torch.bernoulli",
+        "Tensor.bernoulli",
+        "torch.poisson",
+        "torch.binomial",
+        "torch.normal",
+        "F.dropout",
+        "F.rrelu(training)",
+        "torch.multinomial",
+    ],
+)
 def test_random_op_of_constants_is_not_folded(op):
     model, x = _RandomOfConstant(op), _x(4, 4)
     gm, result = run_pass("fold-constants", model, (x,))
@@ -159,10 +178,13 @@ def test_random_op_without_inputs_is_not_folded():
     graph.output(graph.call_function(torch.add, (x, scaled)))
     gm, result = run_pass("fold-constants", fx.GraphModule(root, graph), (_x(4, 4),))
     assert not result.modified
-    assert [n.target for n in gm.graph.nodes if n.op == "call_function"] == \
-        [torch.randn, torch.mul, torch.add]
+    assert [n.target for n in gm.graph.nodes if n.op == "call_function"] == [
+        torch.randn,
+        torch.mul,
+        torch.add,
+    ]
     x = _x(4, 4)
-    assert not torch.equal(gm(x), gm(x))               # still a fresh draw on every call
+    assert not torch.equal(gm(x), gm(x))  # still a fresh draw on every call
 
 
 def test_in_place_op_on_a_constant_is_not_folded():
@@ -189,11 +211,11 @@ def test_constant_larger_than_max_elements_is_not_materialised():
             return x * self.s.expand(16, 16)
 
     x = _x(3, 16, 16)
-    result = assert_pass_preserves(FoldConstants, M(), (x,), expect_modified=False,
-                                   max_elements=255)
+    result = assert_pass_preserves(
+        FoldConstants, M(), (x,), expect_modified=False, max_elements=255
+    )
     assert dict(result.stats) == {"skipped:too-large": 1}
-    result = assert_pass_preserves(FoldConstants, M(), (x,), expect_modified=True,
-                                   max_elements=256)
+    result = assert_pass_preserves(FoldConstants, M(), (x,), expect_modified=True, max_elements=256)
     assert dict(result.stats) == {"folded": 1}
 
 
@@ -222,7 +244,7 @@ class _WithConstantScale(nn.Module):
 
     def forward(self, x):
         out = self.inner(x)
-        scale = (self.k.t() @ self.k).trace().sigmoid() + 0.5     # a constant subgraph
+        scale = (self.k.t() @ self.k).trace().sigmoid() + 0.5  # a constant subgraph
         if isinstance(out, tuple):
             return tuple(o * scale for o in out)
         return out * scale
@@ -235,8 +257,13 @@ def _other_batch(x: torch.Tensor) -> tuple[torch.Tensor]:
 @given(random_cnns())
 def test_random_cnns_keep_numerics_report_honestly_and_are_idempotent(case):
     model = _WithConstantScale(case.model, len(case.spec))
-    result = assert_pass_preserves(FoldConstants, model, case.inputs, expect_modified=True,
-                                   more_inputs=[_other_batch(case.inputs[0])])
+    result = assert_pass_preserves(
+        FoldConstants,
+        model,
+        case.inputs,
+        expect_modified=True,
+        more_inputs=[_other_batch(case.inputs[0])],
+    )
     assert dict(result.stats) == {"folded": 1}
     printed = verify.fingerprint(result.graph)
     again, second = run_pass(FoldConstants(), copy.deepcopy(result.graph), case.inputs)

@@ -32,8 +32,12 @@ _BN = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
 _FCONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _FCONVT = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
 _SIZE = {1: 11, 2: 7, 3: 5}
-_BN_FUNCTIONS = {F.batch_norm, torch.batch_norm, torch.ops.aten.batch_norm.default,
-                 torch.ops.aten._native_batch_norm_legit_no_training.default}
+_BN_FUNCTIONS = {
+    F.batch_norm,
+    torch.batch_norm,
+    torch.ops.aten.batch_norm.default,
+    torch.ops.aten._native_batch_norm_legit_no_training.default,
+}
 
 
 def _gen(seed: int = 0) -> torch.Generator:
@@ -65,19 +69,24 @@ def _bn_nodes(gm: fx.GraphModule) -> list[fx.Node]:
     return [n for n in gm.graph.nodes if is_bn(n)]
 
 
-def _assert_folds(model: nn.Module, x: torch.Tensor, x2: torch.Tensor | None, stats: dict,
-                  **options) -> fx.GraphModule:
-    result = assert_pass_preserves(FoldConvBN, model.eval(), (x,),
-                                   more_inputs=[(x2,)] if x2 is not None else (),
-                                   expect_modified=True, **options)
+def _assert_folds(
+    model: nn.Module, x: torch.Tensor, x2: torch.Tensor | None, stats: dict, **options
+) -> fx.GraphModule:
+    result = assert_pass_preserves(
+        FoldConvBN,
+        model.eval(),
+        (x,),
+        more_inputs=[(x2,)] if x2 is not None else (),
+        expect_modified=True,
+        **options,
+    )
     assert dict(result.stats) == stats
     assert not _bn_nodes(result.graph), verify.canonical_ir(result.graph)
     return result.graph
 
 
 def _assert_refuses(model: nn.Module, x: torch.Tensor, stats: dict, **options) -> None:
-    result = assert_pass_preserves(FoldConvBN, model.eval(), (x,), expect_modified=False,
-                                   **options)
+    result = assert_pass_preserves(FoldConvBN, model.eval(), (x,), expect_modified=False, **options)
     assert dict(result.stats) == stats
 
 
@@ -117,11 +126,15 @@ class _FunctionalConvBN(nn.Module):
         self.bn = _bn(nn.BatchNorm2d, 6, seed + 1)
 
     def forward(self, x):
-        y = F.conv2d(x, self.w, self.b, padding=1) if self.b is not None \
+        y = (
+            F.conv2d(x, self.w, self.b, padding=1)
+            if self.b is not None
             else F.conv2d(x, self.w, padding=1)
+        )
         bn = self.bn
-        return F.batch_norm(y, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.1,
-                            bn.eps)
+        return F.batch_norm(
+            y, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.1, bn.eps
+        )
 
 
 def test_rewrites_functional_conv_without_bias_into_conv_with_a_bias_constant():
@@ -134,8 +147,9 @@ def test_rewrites_functional_conv_without_bias_into_conv_with_a_bias_constant():
         def forward(self, x):
             return F.conv2d(x, self.w, self.b, padding=1)
 
-    result = verify_rewrite("fold-conv-bn", _FunctionalConvBN(bias=False), Expected(),
-                            (_x((2, 3, 6, 6)),))
+    result = verify_rewrite(
+        "fold-conv-bn", _FunctionalConvBN(bias=False), Expected(), (_x((2, 3, 6, 6)),)
+    )
     assert dict(result.stats) == {"folded": 1}
 
 
@@ -150,11 +164,11 @@ def test_rewrites_functional_conv_without_bias_into_conv_with_a_bias_constant():
 def test_conv_bn_folds_exactly(dims, groups, stride, dilation, bias):
     cin = 4
     g = {"1": 1, "2": 2, "depthwise": cin}[groups]
-    cout = 6 if g != cin else 2 * cin            # depthwise with a channel multiplier of 2
+    cout = 6 if g != cin else 2 * cin  # depthwise with a channel multiplier of 2
     model = nn.Sequential(
-        _CONV[dims](cin, cout, 3, stride=stride, padding=1, dilation=dilation, groups=g,
-                    bias=bias),
-        _bn(_BN[dims], cout))
+        _CONV[dims](cin, cout, 3, stride=stride, padding=1, dilation=dilation, groups=g, bias=bias),
+        _bn(_BN[dims], cout),
+    )
     x, x2 = _batches(dims, cin)
     _assert_folds(model, x, x2, {"folded": 1})
 
@@ -172,8 +186,9 @@ _CONVT_CASES = {
 
 def _convt(dims: int, case: str, bias: bool) -> nn.Module:
     cin, cout, g, k, s, p, op, d = _CONVT_CASES[case]
-    return _CONVT[dims](cin, cout, k, stride=s, padding=p, output_padding=op, groups=g,
-                        dilation=d, bias=bias)
+    return _CONVT[dims](
+        cin, cout, k, stride=s, padding=p, output_padding=op, groups=g, dilation=d, bias=bias
+    )
 
 
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
@@ -200,13 +215,23 @@ def test_naive_conv_transpose_fold_is_wrong_for_groups(dims, case):
     tail = [1] * dims
     w = conv.weight.detach().double()
     with pytest.raises(RuntimeError):
-        w * a.reshape(1, -1, *tail)                      # what a groups == 1 fold writes
+        w * a.reshape(1, -1, *tail)  # what a groups == 1 fold writes
     naive_w = (w * a[: w.shape[1]].reshape(1, -1, *tail)).float()
     weight, bias = fold_after("convT", conv.weight, conv.bias, a, t, conv.groups)
 
     def run(w: torch.Tensor) -> list[torch.Tensor]:
-        return [_FCONVT[dims](x, w, bias, conv.stride, conv.padding, conv.output_padding,
-                              conv.groups, conv.dilation)]
+        return [
+            _FCONVT[dims](
+                x,
+                w,
+                bias,
+                conv.stride,
+                conv.padding,
+                conv.output_padding,
+                conv.groups,
+                conv.dilation,
+            )
+        ]
 
     assert verify.compare(reference, run(weight), NUMERICS).ok
     naive = verify.compare(reference, run(naive_w), NUMERICS)
@@ -215,8 +240,13 @@ def test_naive_conv_transpose_fold_is_wrong_for_groups(dims, case):
 
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
 def test_linear_bn1d_folds_exactly(bias):
-    model = nn.Sequential(nn.Linear(5, 7, bias=bias), _bn(nn.BatchNorm1d, 7), nn.ReLU(),
-                          nn.Linear(7, 3, bias=bias), _bn(nn.BatchNorm1d, 3, seed=1))
+    model = nn.Sequential(
+        nn.Linear(5, 7, bias=bias),
+        _bn(nn.BatchNorm1d, 7),
+        nn.ReLU(),
+        nn.Linear(7, 3, bias=bias),
+        _bn(nn.BatchNorm1d, 3, seed=1),
+    )
     _assert_folds(model, _x((4, 5)), _x((9, 5), 2), {"folded": 2})
 
 
@@ -241,9 +271,20 @@ _BN_BEFORE_FOLDED = {
 
 
 def _bn_conv(dims, cin, cout, k, groups, padding, mode, stride, dilation, bias=True):
-    return nn.Sequential(_bn(_BN[dims], cin),
-                         _CONV[dims](cin, cout, k, padding=padding, padding_mode=mode,
-                                     groups=groups, stride=stride, dilation=dilation, bias=bias))
+    return nn.Sequential(
+        _bn(_BN[dims], cin),
+        _CONV[dims](
+            cin,
+            cout,
+            k,
+            padding=padding,
+            padding_mode=mode,
+            groups=groups,
+            stride=stride,
+            dilation=dilation,
+            bias=bias,
+        ),
+    )
 
 
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
@@ -257,8 +298,9 @@ def test_bn_before_conv_folds_exactly_where_every_tap_reads_a_real_pixel(case, b
 @pytest.mark.parametrize("padding", [1, (0, 1), "same"], ids=["1", "0-1", "same"])
 def test_bn_before_zero_padded_conv_is_refused(padding):
     """The folded bias would add BN's shift at the zero-padded border taps (algorithms §1.2)."""
-    _assert_refuses(_bn_conv(2, 4, 6, 3, 1, padding, "zeros", 1, 1), _x((2, 4, 6, 6)),
-                    {"skipped:padding": 1})
+    _assert_refuses(
+        _bn_conv(2, 4, 6, 3, 1, padding, "zeros", 1, 1), _x((2, 4, 6, 6)), {"skipped:padding": 1}
+    )
 
 
 def test_bn_before_linear_folds_exactly():
@@ -268,8 +310,11 @@ def test_bn_before_linear_folds_exactly():
 
 def test_bn_chain_before_a_conv_folds_in_one_run():
     """BN -> BN -> conv: once the second BN is folded the first one feeds the conv."""
-    model = nn.Sequential(_bn(nn.BatchNorm2d, 4), _bn(nn.BatchNorm2d, 4, seed=1),
-                          nn.Conv2d(4, 6, 3, padding=1, padding_mode="reflect"))
+    model = nn.Sequential(
+        _bn(nn.BatchNorm2d, 4),
+        _bn(nn.BatchNorm2d, 4, seed=1),
+        nn.Conv2d(4, 6, 3, padding=1, padding_mode="reflect"),
+    )
     x, x2 = _batches(2, 4)
     _assert_folds(model, x, x2, {"folded-bn-before": 2})
 
@@ -289,27 +334,30 @@ class _Functional(nn.Module):
         if layer == "linear":
             shape, c_bn = (6, 4), (4 if before else 6)
         elif layer == "convT2d":
-            shape, c_bn = (4, 3, 3, 3), (4 if before else 6)      # groups 2: C_out = 6
+            shape, c_bn = (4, 3, 3, 3), (4 if before else 6)  # groups 2: C_out = 6
         else:
-            shape, c_bn = (6, 2, *[3] * self.dims), (4 if before else 6)   # groups 2
+            shape, c_bn = (6, 2, *[3] * self.dims), (4 if before else 6)  # groups 2
         self.w = nn.Parameter(torch.randn(shape, generator=g) * 0.3)
         self.b = nn.Parameter(torch.randn(6, generator=g) * 0.1) if bias else None
         self.bn = _bn(nn.BatchNorm1d, c_bn, seed=4)
 
     def _bn_call(self, y):
         bn = self.bn
-        if self.bn_fn == "torch":               # the aten argument order
-            return torch.batch_norm(y, bn.weight, bn.bias, bn.running_mean, bn.running_var,
-                                    False, 0.1, bn.eps, False)
-        return F.batch_norm(y, bn.running_mean, bn.running_var, bn.weight, bn.bias,
-                            training=False, eps=bn.eps)
+        if self.bn_fn == "torch":  # the aten argument order
+            return torch.batch_norm(
+                y, bn.weight, bn.bias, bn.running_mean, bn.running_var, False, 0.1, bn.eps, False
+            )
+        return F.batch_norm(
+            y, bn.running_mean, bn.running_var, bn.weight, bn.bias, training=False, eps=bn.eps
+        )
 
     def _layer_call(self, x):
         if self.layer == "linear":
             return F.linear(x, self.w, self.b)
         if self.layer == "convT2d":
-            return F.conv_transpose2d(x, self.w, self.b, stride=2, padding=1, output_padding=1,
-                                      groups=2)
+            return F.conv_transpose2d(
+                x, self.w, self.b, stride=2, padding=1, output_padding=1, groups=2
+            )
         padding = 0 if self.before else 1
         return _FCONV[self.dims](x, self.w, self.b, padding=padding, groups=2)
 
@@ -332,8 +380,9 @@ _FUNCTIONAL_CASES = {
     "F.conv_transpose2d(groups 2)+F.batch_norm": dict(layer="convT2d"),
     "F.linear+torch.batch_norm": dict(layer="linear", bn_fn="torch"),
     "F.batch_norm+F.conv2d": dict(layer="conv2d", before=True),
-    "torch.batch_norm+F.linear(no bias)": dict(layer="linear", bn_fn="torch", before=True,
-                                               bias=False),
+    "torch.batch_norm+F.linear(no bias)": dict(
+        layer="linear", bn_fn="torch", before=True, bias=False
+    ),
 }
 
 
@@ -355,10 +404,12 @@ class _ConvBN(nn.Module):
 
 _EXPORT_CASES = {
     "conv2d": lambda: _ConvBN(nn.Conv2d(4, 6, 3, padding=1), _bn(nn.BatchNorm2d, 6)),
-    "conv2d-no-bias-g2": lambda: _ConvBN(nn.Conv2d(4, 6, 3, padding=1, groups=2, bias=False),
-                                         _bn(nn.BatchNorm2d, 6)),
-    "conv_transpose2d-g2": lambda: _ConvBN(nn.ConvTranspose2d(4, 6, 3, 2, 1, 1, groups=2),
-                                           _bn(nn.BatchNorm2d, 6)),
+    "conv2d-no-bias-g2": lambda: _ConvBN(
+        nn.Conv2d(4, 6, 3, padding=1, groups=2, bias=False), _bn(nn.BatchNorm2d, 6)
+    ),
+    "conv_transpose2d-g2": lambda: _ConvBN(
+        nn.ConvTranspose2d(4, 6, 3, 2, 1, 1, groups=2), _bn(nn.BatchNorm2d, 6)
+    ),
 }
 
 
@@ -391,7 +442,7 @@ def _random_bn_stats(c: int, seed: int = 5, affine: bool = True):
 
 
 def _close(reference: torch.Tensor, got: torch.Tensor) -> None:
-    cmp = verify.compare([reference], [got], NUMERICS)        # float64: rounding only
+    cmp = verify.compare([reference], [got], NUMERICS)  # float64: rounding only
     assert cmp.ok, cmp.describe()
 
 
@@ -432,8 +483,10 @@ def test_fold_after_conv_transpose_matches_conv_transpose_then_bn(groups):
     w2, b2 = fold_after("convT", w, b, a, t, groups)
     y = F.conv_transpose2d(x, w, b, stride=2, padding=1, output_padding=1, groups=groups)
     reference = F.batch_norm(y, mean, var, gamma, beta, training=False, eps=eps)
-    _close(reference, F.conv_transpose2d(x, w2, b2, stride=2, padding=1, output_padding=1,
-                                         groups=groups))
+    _close(
+        reference,
+        F.conv_transpose2d(x, w2, b2, stride=2, padding=1, output_padding=1, groups=groups),
+    )
 
 
 def test_fold_after_and_before_linear_match_batch_norm():
@@ -460,8 +513,10 @@ def test_fold_before_conv_matches_bn_then_valid_conv(groups):
     mean, var, gamma, beta, eps = _random_bn_stats(6)
     w2, b2 = fold_before("conv", w, b, *bn_affine(mean, var, gamma, beta, eps), groups)
     bn_x = F.batch_norm(x, mean, var, gamma, beta, training=False, eps=eps)
-    _close(F.conv2d(bn_x, w, b, groups=groups, dilation=2), F.conv2d(x, w2, b2, groups=groups,
-                                                                     dilation=2))
+    _close(
+        F.conv2d(bn_x, w, b, groups=groups, dilation=2),
+        F.conv2d(x, w2, b2, groups=groups, dilation=2),
+    )
 
 
 def test_fold_keeps_the_weight_dtype():
@@ -478,8 +533,8 @@ def test_fold_keeps_the_weight_dtype():
 def test_bn_in_training_mode_is_not_folded():
     model = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), _bn(nn.BatchNorm2d, 6)).eval()
     x = _x((4, 3, 6, 6))
-    gm = capture(model, (x,)).graph                  # capture deploys: everything in eval ...
-    gm.get_submodule("1").train()                    # ... then only the BN is put back in train
+    gm = capture(model, (x,)).graph  # capture deploys: everything in eval ...
+    gm.get_submodule("1").train()  # ... then only the BN is put back in train
     reference = copy.deepcopy(gm)
     out_gm, result = run_pass("fold-conv-bn", gm, (x,))
     assert not result.modified
@@ -488,8 +543,9 @@ def test_bn_in_training_mode_is_not_folded():
     assert torch.equal(out_gm.get_submodule("0").weight, reference.get_submodule("0").weight)
     assert out_gm.get_submodule("1").training
     # a training BN normalises with the batch's statistics: compare in that same mode
-    cmp = verify.compare(verify.run_module(reference, (x,)), verify.run_module(out_gm, (x,)),
-                         NUMERICS)
+    cmp = verify.compare(
+        verify.run_module(reference, (x,)), verify.run_module(out_gm, (x,)), NUMERICS
+    )
     assert cmp.ok, cmp.describe()
 
 
@@ -497,8 +553,16 @@ def test_functional_bn_with_training_true_is_not_folded():
     class M(_FunctionalConvBN):
         def forward(self, x):
             bn = self.bn
-            return F.batch_norm(F.conv2d(x, self.w, self.b, padding=1), bn.running_mean,
-                                bn.running_var, bn.weight, bn.bias, True, 0.1, bn.eps)
+            return F.batch_norm(
+                F.conv2d(x, self.w, self.b, padding=1),
+                bn.running_mean,
+                bn.running_var,
+                bn.weight,
+                bn.bias,
+                True,
+                0.1,
+                bn.eps,
+            )
 
     x = _x((4, 3, 6, 6))
     gm, result = run_pass("fold-conv-bn", M(bias=True), (x,))
@@ -544,7 +608,7 @@ def test_weight_tied_between_two_convs_is_not_folded():
         def __init__(self) -> None:
             super().__init__()
             self.a, self.b = nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1)
-            self.b.weight = self.a.weight                     # the same nn.Parameter
+            self.b.weight = self.a.weight  # the same nn.Parameter
             self.bn_a, self.bn_b = _bn(nn.BatchNorm2d, 4), _bn(nn.BatchNorm2d, 4, seed=1)
 
         def forward(self, x):
@@ -563,8 +627,9 @@ def test_functional_weight_read_by_two_convs_is_not_folded():
         def forward(self, x):
             bn = self.bn
             y = F.conv2d(F.conv2d(x, self.w, padding=1), self.w, padding=1)
-            return F.batch_norm(y, bn.running_mean, bn.running_var, bn.weight, bn.bias, False,
-                                0.1, bn.eps)
+            return F.batch_norm(
+                y, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.1, bn.eps
+            )
 
     _assert_refuses(M(), _x((2, 3, 6, 6)), {"skipped:shared-weight": 1})
 
@@ -589,8 +654,16 @@ def test_conv_with_weight_from_an_input_is_not_folded():
     class M(_FunctionalConvBN):
         def forward(self, x, w):
             bn = self.bn
-            return F.batch_norm(F.conv2d(x, w, padding=1), bn.running_mean, bn.running_var,
-                                bn.weight, bn.bias, False, 0.1, bn.eps)
+            return F.batch_norm(
+                F.conv2d(x, w, padding=1),
+                bn.running_mean,
+                bn.running_var,
+                bn.weight,
+                bn.bias,
+                False,
+                0.1,
+                bn.eps,
+            )
 
     inputs = (_x((2, 3, 5, 5)), _x((6, 3, 3, 3)))
     result = assert_pass_preserves(FoldConvBN, M(bias=False), inputs, expect_modified=False)
@@ -598,12 +671,19 @@ def test_conv_with_weight_from_an_input_is_not_folded():
 
 
 def test_options_switch_off_linear_and_bn_before():
-    model = nn.Sequential(_bn(nn.BatchNorm2d, 3), nn.Conv2d(3, 4, 1), _bn(nn.BatchNorm2d, 4, 1),
-                          nn.Flatten(), nn.Linear(4 * 25, 5), _bn(nn.BatchNorm1d, 5, 2))
+    model = nn.Sequential(
+        _bn(nn.BatchNorm2d, 3),
+        nn.Conv2d(3, 4, 1),
+        _bn(nn.BatchNorm2d, 4, 1),
+        nn.Flatten(),
+        nn.Linear(4 * 25, 5),
+        _bn(nn.BatchNorm1d, 5, 2),
+    )
     x = _x((2, 3, 5, 5))
     gm = _assert_folds(model, x, None, {"folded": 2, "folded-bn-before": 1})
-    result = assert_pass_preserves(FoldConvBN, model, (x,), expect_modified=True,
-                                   include_linear=False, bn_before=False)
+    result = assert_pass_preserves(
+        FoldConvBN, model, (x,), expect_modified=True, include_linear=False, bn_before=False
+    )
     assert dict(result.stats) == {"folded": 1}
     assert len(_bn_nodes(result.graph)) == 2 and not _bn_nodes(gm)
 
@@ -621,8 +701,9 @@ def _float64(case) -> tuple[nn.Module, tuple[torch.Tensor, ...], tuple[torch.Ten
     float32 property would flag rounding, not wrong algebra. The float32 grid is above.
     """
     x = case.inputs[0].double()
-    other = torch.randn(x.shape[0] + 2, *x.shape[1:], generator=_gen(x.numel()),
-                        dtype=torch.float64)
+    other = torch.randn(
+        x.shape[0] + 2, *x.shape[1:], generator=_gen(x.numel()), dtype=torch.float64
+    )
     return copy.deepcopy(case.model).double(), (x,), (other,)
 
 
@@ -636,13 +717,14 @@ def _refused_after(gm: fx.GraphModule, bn_node: fx.Node) -> bool:
     """Whether the test itself sees a reason not to fold this BN into the layer before it."""
     layer = bn_node.args[0]
     if not (isinstance(layer, fx.Node) and layer.op == "call_module"):
-        return True                                           # not after a module layer
+        return True  # not after a module layer
     module = gm.get_submodule(layer.target)
     if not isinstance(module, (nn.Linear, *_CONV.values(), *_CONVT.values())):
         return True
     bn = gm.get_submodule(bn_node.target)
-    calls = sum(1 for n in gm.graph.nodes if n.op == "call_module"
-                and gm.get_submodule(n.target) is module)
+    calls = sum(
+        1 for n in gm.graph.nodes if n.op == "call_module" and gm.get_submodule(n.target) is module
+    )
     return bn.running_mean is None or len(layer.users) > 1 or calls > 1
 
 
@@ -659,5 +741,6 @@ def test_random_cnns_fold_is_idempotent_and_complete(case):
     again, second = run_pass(FoldConvBN(), gm, case.inputs)
     assert not second.modified, dict(second.stats)
     assert verify.fingerprint(again) == printed
-    assert {k: v for k, v in second.stats.items() if k.startswith("skipped:")} == \
-        {k: v for k, v in first.stats.items() if k.startswith("skipped:")}
+    assert {k: v for k, v in second.stats.items() if k.startswith("skipped:")} == {
+        k: v for k, v in first.stats.items() if k.startswith("skipped:")
+    }

@@ -36,8 +36,9 @@ class _Fn(nn.Module):
 
 
 def test_removes_identity_and_eval_dropout_modules():
-    before = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Identity(), nn.Dropout(0.5), nn.ReLU(),
-                           nn.Dropout2d(0.2))
+    before = nn.Sequential(
+        nn.Conv2d(3, 4, 3), nn.Identity(), nn.Dropout(0.5), nn.ReLU(), nn.Dropout2d(0.2)
+    )
     expected = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())
     result = verify_rewrite("remove-identity", before, expected, (_x(2, 3, 6, 6),))
     assert dict(result.stats) == {"identity": 1, "dropout": 2}
@@ -49,8 +50,16 @@ def test_removes_no_op_views_casts_and_neutral_arithmetic():
         return torch.relu(y.flatten(2, 2) * 1 + 0)
 
     result = verify_rewrite("remove-identity", _Fn(before), _Fn(torch.relu), (_x(2, 3, 5),))
-    assert dict(result.stats) == {"contiguous": 1, "cast": 1, "permute": 1, "transpose": 1,
-                                  "reshape": 1, "flatten": 1, "mul-one": 1, "add-zero": 1}
+    assert dict(result.stats) == {
+        "contiguous": 1,
+        "cast": 1,
+        "permute": 1,
+        "transpose": 1,
+        "reshape": 1,
+        "flatten": 1,
+        "mul-one": 1,
+        "add-zero": 1,
+    }
 
 
 def test_removes_functional_dropout_traced_in_eval():
@@ -70,8 +79,11 @@ _REMOVED = {
     "reshape(size(0), -1) on 2-D": (lambda x: x.reshape(x.size(0), -1) + 1, (3, 8), "reshape"),
     "view(shape[0], -1) on 2-D": (lambda x: x.view(x.shape[0], -1) + 1, (3, 8), "reshape"),
     "reshape(-1, 8) on 2-D": (lambda x: torch.reshape(x, (-1, 8)) + 1, (3, 8), "reshape"),
-    "reshape(size(0), -1, 2) on 3-D": (lambda x: x.reshape(x.size(0), -1, 2) + 1, (3, 4, 2),
-                                       "reshape"),
+    "reshape(size(0), -1, 2) on 3-D": (
+        lambda x: x.reshape(x.size(0), -1, 2) + 1,
+        (3, 4, 2),
+        "reshape",
+    ),
     "flatten(1) on 2-D": (lambda x: torch.flatten(x, 1) + 1, (3, 8), "flatten"),
     "x * 1": (lambda x: x * 1 - 2, (3, 8), "mul-one"),
     "1 * x": (lambda x: 1 * x - 2, (3, 8), "mul-one"),
@@ -89,8 +101,9 @@ _REMOVED = {
 def test_removal_keeps_numerics_for_any_batch(case):
     fn, shape, kind = _REMOVED[case]
     more = [(_x(shape[0] + 4, *shape[1:], seed=2),), (_x(1, *shape[1:], seed=3),)]
-    result = assert_pass_preserves(RemoveIdentity, _Fn(fn), (_x(*shape),), more_inputs=more,
-                                   expect_modified=True)
+    result = assert_pass_preserves(
+        RemoveIdentity, _Fn(fn), (_x(*shape),), more_inputs=more, expect_modified=True
+    )
     assert dict(result.stats) == {kind: 1}
 
 
@@ -101,8 +114,8 @@ def test_removal_keeps_numerics_for_any_batch(case):
 def test_dropout_in_training_mode_is_kept():
     model = nn.Sequential(nn.Linear(6, 6), nn.Dropout(0.5), nn.ReLU())
     x = _x(4, 6)
-    gm = capture(model, (x,)).graph                # capture deploys in eval mode ...
-    gm.get_submodule("1").train()                  # ... put the dropout back in training
+    gm = capture(model, (x,)).graph  # capture deploys in eval mode ...
+    gm.get_submodule("1").train()  # ... put the dropout back in training
     before = verify.canonical_ir(gm)
     out, result = run_pass("remove-identity", gm, (x,))
     assert not result.modified
@@ -112,9 +125,11 @@ def test_dropout_in_training_mode_is_kept():
 
 @pytest.mark.parametrize("call", ["F.dropout", "F.dropout-kw", "torch.dropout"])
 def test_functional_dropout_in_training_mode_is_kept(call):
-    fn = {"F.dropout": lambda x: F.dropout(x, 0.5, True),
-          "F.dropout-kw": lambda x: F.dropout(x, p=0.5),            # training defaults to True
-          "torch.dropout": lambda x: torch.dropout(x, 0.5, True)}[call]
+    fn = {
+        "F.dropout": lambda x: F.dropout(x, 0.5, True),
+        "F.dropout-kw": lambda x: F.dropout(x, p=0.5),  # training defaults to True
+        "torch.dropout": lambda x: torch.dropout(x, 0.5, True),
+    }[call]
     gm, result = run_pass("remove-identity", _Fn(fn), (_x(4, 6),))
     assert not result.modified
     assert dict(result.stats) == {"skipped:dropout-training": 1}
@@ -122,15 +137,17 @@ def test_functional_dropout_in_training_mode_is_kept(call):
 
 def test_reshape_that_is_a_no_op_only_for_the_traced_batch_is_kept():
     """x.reshape(1, 8) on (1, 8) is the identity, but on (2, 8) it would fail: keep it."""
-    result = assert_pass_preserves(RemoveIdentity, _Fn(lambda x: x.reshape(1, 8) + 1),
-                                   (_x(1, 8),), expect_modified=False)
+    result = assert_pass_preserves(
+        RemoveIdentity, _Fn(lambda x: x.reshape(1, 8) + 1), (_x(1, 8),), expect_modified=False
+    )
     assert dict(result.stats) == {"skipped:reshape-static-batch": 1}
 
 
 def test_reshape_with_a_fixed_batch_and_minus_one_is_kept():
     """x.reshape(1, -1) on (1, 8): on (2, 8) it gives (1, 16)."""
-    result = assert_pass_preserves(RemoveIdentity, _Fn(lambda x: x.reshape(1, -1) + 1),
-                                   (_x(1, 8),), expect_modified=False)
+    result = assert_pass_preserves(
+        RemoveIdentity, _Fn(lambda x: x.reshape(1, -1) + 1), (_x(1, 8),), expect_modified=False
+    )
     assert dict(result.stats) == {"skipped:reshape-static-batch": 1}
 
 
@@ -161,6 +178,7 @@ def test_ops_that_change_the_value_shape_or_dtype_are_kept(case):
 
 def test_neutral_op_whose_result_is_changed_in_place_is_kept():
     """y = x * 1 is a new tensor; without it, y.add_(1) would change x as well."""
+
     class M(nn.Module):
         def forward(self, x):
             y = x * 1
@@ -190,20 +208,28 @@ def test_contiguous_copy_feeding_an_inplace_module_is_kept():
 
 
 def _other_batch(x: torch.Tensor) -> tuple[torch.Tensor]:
-    return (torch.randn(x.shape[0] + 2, *x.shape[1:],
-                        generator=torch.Generator().manual_seed(x.numel())),)
+    return (
+        torch.randn(
+            x.shape[0] + 2, *x.shape[1:], generator=torch.Generator().manual_seed(x.numel())
+        ),
+    )
 
 
 @given(random_cnns())
 def test_random_cnns_keep_numerics_report_honestly_and_are_idempotent(case):
-    result = assert_pass_preserves(RemoveIdentity, case.model, case.inputs,
-                                   more_inputs=[_other_batch(case.inputs[0])])
+    result = assert_pass_preserves(
+        RemoveIdentity, case.model, case.inputs, more_inputs=[_other_batch(case.inputs[0])]
+    )
     printed = verify.fingerprint(result.graph)
     again, second = run_pass(RemoveIdentity(), copy.deepcopy(result.graph), case.inputs)
     assert not second.modified, dict(second.stats)
     assert verify.fingerprint(again) == printed
-    assert not [n for n in again.graph.nodes if n.op == "call_module"
-                and isinstance(again.get_submodule(n.target), nn.Identity | nn.Dropout)]
+    assert not [
+        n
+        for n in again.graph.nodes
+        if n.op == "call_module"
+        and isinstance(again.get_submodule(n.target), nn.Identity | nn.Dropout)
+    ]
 
 
 def test_removed_nodes_leave_no_dangling_modules():
