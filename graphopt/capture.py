@@ -109,6 +109,12 @@ def capture(
     try:
         gm = _symbolic_trace(model, leaf_modules, concrete_args)
         method = "symbolic_trace"
+        if frozen := _frozen_constants(gm):
+            notes.append(
+                f"{len(frozen)} tensor(s) computed without reading the inputs were frozen into "
+                f"constants by symbolic tracing ({', '.join(frozen[:3])}); if the model creates "
+                "random or time-dependent tensors in forward, they no longer change per call"
+            )
     except Exception as trace_exc:  # noqa: BLE001 - any tracing failure leads to the fallback
         where = _failing_line(trace_exc)
         if inputs is None:
@@ -156,6 +162,15 @@ def _symbolic_trace(model: nn.Module, leaf_modules, concrete_args) -> fx.GraphMo
     graph = tracer.trace(model, concrete_args=concrete_args)
     name = type(model).__name__
     return fx.GraphModule(tracer.root, graph, name)
+
+
+def _frozen_constants(gm: fx.GraphModule) -> list[str]:
+    """Tensors the tracer evaluated once and stored (``torch.randn(4)``, ``torch.arange(n)``)."""
+    return [
+        n.target
+        for n in gm.graph.nodes
+        if n.op == "get_attr" and n.target.startswith("_tensor_constant")
+    ]
 
 
 def annotate_shapes(gm: fx.GraphModule, inputs: Sequence[torch.Tensor]) -> None:

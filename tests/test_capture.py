@@ -107,3 +107,14 @@ def test_wrong_example_inputs_are_an_input_error():
 def test_not_a_model():
     with pytest.raises(CaptureError, match="torch.nn.Module, an .onnx path"):
         capture(42, ())
+
+
+def test_tensors_frozen_by_tracing_are_noted():
+    class Noise(nn.Module):
+        def forward(self, x):
+            return x + torch.randn(4)
+
+    cap = capture(Noise(), (torch.randn(2, 4),))
+    assert any("frozen into constants" in n and "_tensor_constant0" in n for n in cap.notes)
+    plain = capture(nn.Linear(4, 2), (torch.randn(2, 4),))
+    assert not any("frozen" in n for n in plain.notes)
