@@ -29,7 +29,7 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
     if Path(source).suffix == ".onnx" or Path(source).exists():
         model, inputs, name = source, None, Path(source).name
     else:
-        if not args.quiet:   # digits_cnn trains for a few seconds on its first use
+        if not args.quiet:  # digits_cnn trains for a few seconds on its first use
             print(f"building zoo model {source} ({zoo.describe(source)})", file=sys.stderr)
         entry = zoo.get(source)
         model, inputs, name = entry.model, entry.example_inputs, entry.name

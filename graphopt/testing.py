@@ -153,6 +153,15 @@ class CNNCase:
     spec: list[dict[str, Any]] = field(default_factory=list)
     dims: int = 2
 
+    def other_batch(self) -> tuple[torch.Tensor, ...]:
+        """Fresh inputs two samples larger in the batch dimension (deterministic per case)."""
+        return tuple(
+            torch.randn(
+                x.shape[0] + 2, *x.shape[1:], generator=torch.Generator().manual_seed(x.numel())
+            ).to(x.dtype)
+            for x in self.inputs
+        )
+
     def __repr__(self) -> str:
         body = "\n  ".join(str(s) for s in self.spec)
         shapes = [tuple(x.shape) for x in self.inputs]
@@ -306,6 +315,11 @@ def _out_len(n: int, k: int, s: int, p: int, d: int) -> int:
     return (n + 2 * p - d * (k - 1) - 1) // s + 1
 
 
+def _channels(ints: Callable[[int, int], int], groups: int) -> int:
+    """An output channel count that ``groups`` divides, at most 8 (or ``groups``)."""
+    return groups * ints(1, max(1, 8 // groups))
+
+
 def _build_spec(
     ints: Callable[[int, int], int],
     pick: Callable[[list], Any],
@@ -334,7 +348,7 @@ def _build_spec(
         divisors = [g for g in (1, 2, 4) if c % g == 0]
         if kind in ("conv", "branch"):
             groups = pick(divisors + [c])
-            cout = groups * ints(1, max(1, 8 // groups)) if groups > 1 else ints(1, 8)
+            cout = _channels(ints, groups)
             k, stride, dil = pick([1, 2, 3]), pick([1, 2]), pick([1, 2])
             pad = ints(0, k // 2 + 1)
             if kind == "branch":  # the add needs the conv to keep the shape
@@ -359,7 +373,7 @@ def _build_spec(
             c, n = cout, _out_len(n, k, stride, pad, dil)
         elif kind == "convT":
             groups = pick(divisors)
-            cout = groups * ints(1, max(1, 8 // groups))
+            cout = _channels(ints, groups)
             k, stride, dil = pick([1, 2, 3]), pick([1, 2]), pick([1, 2])
             pad = ints(0, (dil * (k - 1)) // 2)
             opad = ints(0, max(stride, dil) - 1) if stride > 1 else 0
@@ -415,7 +429,7 @@ def _build_spec(
             k = pick([1, 3])
             pad = pick([0, k // 2])
             groups = pick(divisors)
-            cout = groups * ints(1, max(1, 8 // groups))
+            cout = _channels(ints, groups)
             if _out_len(n, k, 1, pad, 1) < 1:
                 continue
             spec.append(
@@ -436,7 +450,7 @@ def _build_spec(
         elif kind == "functional":
             k = pick([1, 3])
             groups = pick(divisors)
-            cout = groups * ints(1, max(1, 8 // groups))
+            cout = _channels(ints, groups)
             pad = pick([0, k // 2])
             if _out_len(n, k, 1, pad, 1) < 1:
                 continue

@@ -192,14 +192,6 @@ class _WithDeadBranch(nn.Module):
         return self.inner(x)
 
 
-def _other_batch(x: torch.Tensor) -> tuple[torch.Tensor]:
-    return (
-        torch.randn(
-            x.shape[0] + 2, *x.shape[1:], generator=torch.Generator().manual_seed(x.numel())
-        ),
-    )
-
-
 @given(random_cnns())
 def test_random_cnns_keep_numerics_report_honestly_and_are_idempotent(case):
     model = _WithDeadBranch(case.model)
@@ -208,7 +200,7 @@ def test_random_cnns_keep_numerics_report_honestly_and_are_idempotent(case):
         model,
         case.inputs,
         expect_modified=True,
-        more_inputs=[_other_batch(case.inputs[0])],
+        more_inputs=[case.other_batch()],
     )
     assert result.stats["removed-nodes"] >= 3 and result.stats["removed-modules"] >= 1
     printed = verify.fingerprint(result.graph)

@@ -250,10 +250,6 @@ class _WithConstantScale(nn.Module):
         return out * scale
 
 
-def _other_batch(x: torch.Tensor) -> tuple[torch.Tensor]:
-    return (torch.randn(x.shape[0] + 2, *x.shape[1:], generator=_gen(x.numel())),)
-
-
 @given(random_cnns())
 def test_random_cnns_keep_numerics_report_honestly_and_are_idempotent(case):
     model = _WithConstantScale(case.model, len(case.spec))
@@ -262,7 +258,7 @@ def test_random_cnns_keep_numerics_report_honestly_and_are_idempotent(case):
         model,
         case.inputs,
         expect_modified=True,
-        more_inputs=[_other_batch(case.inputs[0])],
+        more_inputs=[case.other_batch()],
     )
     assert dict(result.stats) == {"folded": 1}
     printed = verify.fingerprint(result.graph)

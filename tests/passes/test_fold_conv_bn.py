@@ -701,9 +701,7 @@ def _float64(case) -> tuple[nn.Module, tuple[torch.Tensor, ...], tuple[torch.Ten
     float32 property would flag rounding, not wrong algebra. The float32 grid is above.
     """
     x = case.inputs[0].double()
-    other = torch.randn(
-        x.shape[0] + 2, *x.shape[1:], generator=_gen(x.numel()), dtype=torch.float64
-    )
+    other = case.other_batch()[0].double()
     return copy.deepcopy(case.model).double(), (x,), (other,)
 
 

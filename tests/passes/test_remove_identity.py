@@ -207,18 +207,10 @@ def test_contiguous_copy_feeding_an_inplace_module_is_kept():
 # 4. properties on random CNNs (Identity, eval Dropout, no-op flatten in the head)
 
 
-def _other_batch(x: torch.Tensor) -> tuple[torch.Tensor]:
-    return (
-        torch.randn(
-            x.shape[0] + 2, *x.shape[1:], generator=torch.Generator().manual_seed(x.numel())
-        ),
-    )
-
-
 @given(random_cnns())
 def test_random_cnns_keep_numerics_report_honestly_and_are_idempotent(case):
     result = assert_pass_preserves(
-        RemoveIdentity, case.model, case.inputs, more_inputs=[_other_batch(case.inputs[0])]
+        RemoveIdentity, case.model, case.inputs, more_inputs=[case.other_batch()]
     )
     printed = verify.fingerprint(result.graph)
     again, second = run_pass(RemoveIdentity(), copy.deepcopy(result.graph), case.inputs)
