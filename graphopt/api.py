@@ -152,7 +152,11 @@ def optimize(
     original = copy.deepcopy(captured.graph)
     # the ground truth: the user's module itself, or ONNX Runtime on the user's ONNX file
     onnx_original = _load_original_onnx(runtime, model) if captured.method == "onnx" else None
-    verify_outputs = _reference_outputs(model, captured, onnx_original) if verify else None
+    # one eval-mode copy of the user's module serves as reference and as the baseline export
+    user_model = (
+        copy.deepcopy(model).eval() if onnx_original is None and (verify or measure) else None
+    )
+    verify_outputs = _reference_outputs(user_model, captured, onnx_original) if verify else None
     ctx = PassContext(
         sample_inputs=inputs if verify else None,
         calibration_data=calibration_data,
@@ -210,7 +214,7 @@ def optimize(
     if measure:
         say("measuring latency against the unrewritten export")
         report.latency_baseline, report.latency_optimized, report.baseline_name = _measure(
-            runtime, model, captured, original, artifact, input_names, onnx_original
+            runtime, user_model, captured, original, artifact, input_names, onnx_original
         )
     return OptimizedModel(artifact, gm, report, captured.inputs, runtime)
 
@@ -229,13 +233,14 @@ def _load_original_onnx(runtime: Any, model: Any) -> Any:
     return runtime.load(load_onnx(model))
 
 
-def _reference_outputs(model: Any, captured: Captured, onnx_original: Any) -> list[torch.Tensor]:
-    """Outputs of the user's model itself (a copy in eval mode / ONNX Runtime on the file)."""
+def _reference_outputs(
+    user_model: nn.Module | None, captured: Captured, onnx_original: Any
+) -> list[torch.Tensor]:
+    """Outputs of the user's model itself (its eval copy / ONNX Runtime on the user's file)."""
     if onnx_original is not None:
         arrays = [x.numpy() for x in captured.example_inputs]
         return [torch.from_numpy(np.asarray(o)) for o in onnx_original.run(arrays)]
-    ref = copy.deepcopy(model).eval()
-    return run_module(ref, captured.example_inputs)
+    return run_module(user_model, captured.example_inputs)
 
 
 def _artifact_numerics(result: Any) -> Numerics:
@@ -302,7 +307,7 @@ def _bisect_lowering(
     )
 
 
-def _measure(runtime, model, captured, original_gm, artifact, input_names, onnx_original):
+def _measure(runtime, user_model, captured, original_gm, artifact, input_names, onnx_original):
     """Latency of the backend on the unrewritten model and on graphopt's artifact, interleaved."""
     arrays = [x.numpy() for x in captured.example_inputs]
     if onnx_original is not None:
@@ -310,9 +315,7 @@ def _measure(runtime, model, captured, original_gm, artifact, input_names, onnx_
         baseline_name = f"{runtime.name} on the original ONNX file"
     else:
         try:  # what a user gets from torch.onnx.export of their own model
-            baseline = runtime.compile(
-                copy.deepcopy(model).eval(), captured.example_inputs, input_names=input_names
-            )
+            baseline = runtime.compile(user_model, captured.example_inputs, input_names=input_names)
         except BackendError:
             baseline = runtime.compile(
                 original_gm, captured.example_inputs, input_names=input_names
