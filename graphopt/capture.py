@@ -56,7 +56,6 @@ class Captured:
     example_inputs: tuple[torch.Tensor, ...]
     inputs: list[InputSpec]
     notes: list[str] = field(default_factory=list)
-    training: bool = False  # the user's module was in training mode
 
 
 def is_onnx_input(model: Any) -> bool:
@@ -96,9 +95,8 @@ def capture(
             "works on a copy so that your model is never changed. Make the "
             "module deep-copyable (no open files or locks as attributes)."
         ) from exc
-    training = model.training
     notes: list[str] = []
-    if training:
+    if model.training:
         notes.append(
             "the model was in training mode; graphopt captured it in eval mode "
             "(BatchNorm running statistics, no dropout), as it will be deployed"
@@ -143,7 +141,7 @@ def capture(
         InputSpec(n.name, (None, *t.shape[1:]) if t.dim() else (), t.dtype)
         for n, t in zip(_placeholders(gm), inputs, strict=False)
     ]
-    return Captured(gm, method, inputs, specs, notes, training)
+    return Captured(gm, method, inputs, specs, notes)
 
 
 class _Tracer(fx.Tracer):
