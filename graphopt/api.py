@@ -6,6 +6,7 @@ capture -> PassManager (verified per pass) -> backend artifact -> end-to-end che
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -18,7 +19,13 @@ from torch import fx, nn
 from graphopt.backends import get_backend
 from graphopt.backends.measure import time_interleaved
 from graphopt.capture import Captured, InputSpec, capture
-from graphopt.errors import BackendError, GraphoptError, InputError, VerificationError
+from graphopt.errors import (
+    BackendError,
+    GraphoptError,
+    InputError,
+    VerificationError,
+    close_matches,
+)
 from graphopt.pass_manager import (
     Instrument,
     Numerics,
@@ -33,6 +40,10 @@ from graphopt.target import Target
 from graphopt.verify import compare, exact_tolerance, run_module
 
 log = logging.getLogger(__name__)
+
+
+SAVE_SUFFIXES = {"onnxruntime": (".onnx", ".ort"), "tvm": (".so",)}
+BACKEND_CHOICES = ("onnxruntime", "tvm", "auto")
 
 
 class OptimizedModel:
@@ -95,12 +106,18 @@ class OptimizedModel:
         return outputs[0] if len(outputs) == 1 else tuple(outputs)
 
     def save(self, path: str | Path) -> Path:
-        """Write the deployable artifact (``.onnx`` for the ONNX Runtime backend)."""
+        """Write the deployable artifact.
+
+        ONNX Runtime: ``.onnx``, or ``.ort`` (ONNX Runtime's mobile format, with the operator
+        list and XNNPACK session settings beside it). TVM: ``.so``, a shared library with the
+        weights embedded that ``tvm.runtime.load_module`` + ``relax.VirtualMachine`` run.
+        """
         path = Path(path)
-        if path.suffix != ".onnx":
+        suffixes = SAVE_SUFFIXES[self.report.backend]
+        if path.suffix not in suffixes:
             raise GraphoptError(
-                f"the {self.report.backend} backend saves ONNX files; name the "
-                f"output '*.onnx' (got {path.name!r})."
+                f"the {self.report.backend} backend saves {' or '.join(suffixes)} files; name "
+                f"the output accordingly (got {path.name!r})."
             )
         return self.artifact.save(path)
 
@@ -120,6 +137,10 @@ def optimize(
     strict: bool = False,
     backend: str = "onnxruntime",
     measure: bool = True,
+    trials: int = 0,
+    tune_minutes: float | None = None,
+    database: str | Path | None = None,
+    rpc: Any = None,
     calibration_data: Iterable[Any] | None = None,
     leaf_modules: Sequence[type[nn.Module]] = (),
     concrete_args: dict[str, Any] | None = None,
@@ -133,8 +154,16 @@ def optimize(
     ``ModelProto``. ``pipeline``: a pipeline string, default the target's
     (``graphopt passes`` lists them). ``verify``: check every pass and the final artifact on the
     example inputs. ``strict``: raise instead of rolling a pass back. ``measure``: time the
-    artifact against the backend on the unrewritten export. The model passed in is never
+    artifact against ONNX Runtime on the unrewritten export. The model passed in is never
     modified.
+
+    ``backend``: ``"onnxruntime"`` (default), ``"tvm"`` (needs ``graphopt[tvm]``) or
+    ``"auto"``: ONNX Runtime with session settings picked by measurement, against TVM when TVM
+    is tuned for the model (or ``trials``/``tune_minutes`` ask to tune it); the faster one is
+    kept and the report shows both. ``trials`` / ``tune_minutes``: TVM's MetaSchedule budget;
+    ``database``: its tuning database directory (default: one per target in the cache
+    directory, reused by later runs). ``rpc``: ``"host:port/key"`` of a device registered at a
+    TVM RPC tracker, where TVM tunes, runs and measures.
 
     >>> result = optimize(model, "cpu", example_inputs=(x,))
     >>> print(result.report)
@@ -143,7 +172,21 @@ def optimize(
     say = Progress(progress)
     tgt = Target.parse(target)  # bad strings fail before any heavy work
     pipe = parse_pipeline(pipeline if pipeline is not None else tgt.default_pipeline)
-    runtime = get_backend(backend, tgt)
+    if backend not in BACKEND_CHOICES:
+        raise BackendError(
+            f"unknown backend {backend!r}."
+            + close_matches(backend, BACKEND_CHOICES)
+            + f" Choose one of: {', '.join(BACKEND_CHOICES)}."
+        )
+    tvm_options = {
+        "trials": trials,
+        "minutes": tune_minutes,
+        "database": database,
+        "rpc": rpc,
+        "progress": progress,
+    }
+    ort = get_backend("onnxruntime", tgt)
+    runtime = get_backend("tvm", tgt, **tvm_options) if backend == "tvm" else ort
     say(f"capturing {name or _model_name(model)}")
     captured = capture(
         model, example_inputs, leaf_modules=leaf_modules, concrete_args=concrete_args
@@ -151,7 +194,7 @@ def optimize(
     inputs = captured.example_inputs
     original = copy.deepcopy(captured.graph)
     # the ground truth: the user's module itself, or ONNX Runtime on the user's ONNX file
-    onnx_original = _load_original_onnx(runtime, model) if captured.method == "onnx" else None
+    onnx_original = _load_original_onnx(ort, model) if captured.method == "onnx" else None
     # one eval-mode copy of the user's module serves as reference and as the baseline export
     user_model = (
         copy.deepcopy(model).eval() if onnx_original is None and (verify or measure) else None
@@ -173,8 +216,6 @@ def optimize(
     result = manager.run(captured.graph, ctx)
     gm = result.graph
     input_names = [s.name for s in captured.inputs]
-    say(f"lowering to {runtime.name}")
-    artifact = runtime.compile(gm, inputs, input_names=input_names)
     report = Report(
         model=name or _model_name(model),
         target=str(tgt),
@@ -189,34 +230,166 @@ def optimize(
         graph_error=result.end_to_end,
         threads=getattr(runtime, "threads", 0),
     )
-    if verify_outputs is not None:
-        got = [torch.from_numpy(np.asarray(o)) for o in artifact.run([x.numpy() for x in inputs])]
-        report.artifact_error = compare(verify_outputs, got, _artifact_numerics(result))
-        if not report.artifact_error.ok:
-            say("the artifact disagrees with the model: bisecting the pipeline")
-            report.artifact_diagnosis = _bisect_lowering(
-                runtime, original, manager, result, inputs, input_names, verify_outputs
+    lowering = _Lowering(
+        gm, inputs, input_names, original, manager, result, verify_outputs, strict, report, say
+    )
+    say(f"lowering to {runtime.name}")
+    artifact = lowering.lower(runtime)
+    if backend == "auto":
+        runtime, artifact = _choose_backend(lowering, ort, artifact, tvm_options, measure, tgt, say)
+    elif runtime.name == "tvm":
+        _report_tvm(report, artifact)
+    _report_mobile(report, tgt, runtime)
+    if measure:
+        _measure(report, lowering, ort, runtime, artifact, user_model, captured, onnx_original, say)
+    specs = captured.inputs
+    if runtime.name == "tvm":  # TVM compiles static shapes: the batch is fixed too
+        specs = [
+            dataclasses.replace(s, shape=tuple(x.shape)) for s, x in zip(specs, inputs, strict=True)
+        ]
+    return OptimizedModel(artifact, gm, report, specs, runtime)
+
+
+class _Lowering:
+    """Lowers the rewritten graph to a backend and checks the artifact against the model."""
+
+    def __init__(
+        self, gm, inputs, input_names, original, manager, result, reference, strict, report, say
+    ) -> None:
+        self.gm = gm
+        self.inputs = inputs
+        self.input_names = input_names
+        self.original = original
+        self.manager = manager
+        self.result = result
+        self.reference = reference
+        self.strict = strict
+        self.report = report
+        self.say = say
+        self.errors: dict[str, Any] = {}  # backend name -> Comparison of its artifact
+
+    def lower(self, runtime: Any) -> Any:
+        """Compile for ``runtime``; verify (and on a disagreement bisect) unless it can't run."""
+        artifact = runtime.compile(self.gm, self.inputs, input_names=self.input_names)
+        if self.reference is None:
+            return artifact
+        if getattr(artifact, "cross_compiled", False) and getattr(artifact, "rpc", None) is None:
+            self.report.warnings.append(
+                f"the {runtime.name} artifact is cross-compiled for {self.report.target} and was "
+                "not run: pass rpc='host:port/key' to check its numbers on the device."
+            )
+            return artifact
+        arrays = [x.numpy() for x in self.inputs]
+        got = [torch.from_numpy(np.asarray(o)) for o in artifact.run(arrays)]
+        error = self.errors[runtime.name] = compare(
+            self.reference, got, _artifact_numerics(self.result)
+        )
+        if runtime.name == self.report.backend:
+            self.report.artifact_error = error
+        if not error.ok:
+            self.say("the artifact disagrees with the model: bisecting the pipeline")
+            quiet = runtime.without_tuning() if hasattr(runtime, "without_tuning") else runtime
+            self.report.artifact_diagnosis = _bisect_lowering(
+                quiet,
+                self.original,
+                self.manager,
+                self.result,
+                self.inputs,
+                self.input_names,
+                self.reference,
             )
             message = (
                 f"the {runtime.name} artifact differs from the original model beyond the "
-                f"pipeline's contract: {report.artifact_error.describe()}. "
-                f"{report.artifact_diagnosis}"
+                f"pipeline's contract: {error.describe()}. {self.report.artifact_diagnosis}"
             )
-            if strict:
+            if self.strict:
                 raise VerificationError(
                     message + " The rewritten graph itself was within its "
                     "contract; the difference comes from lowering.",
-                    output=report.artifact_error.output,
-                    measured=report.artifact_error.measured,
-                    allowed=report.artifact_error.allowed,
+                    output=error.output,
+                    measured=error.measured,
+                    allowed=error.allowed,
                 )
             log.warning(message)
-    if measure:
-        say("measuring latency against the unrewritten export")
-        report.latency_baseline, report.latency_optimized, report.baseline_name = _measure(
-            runtime, user_model, captured, original, artifact, input_names, onnx_original
+        return artifact
+
+
+def _report_tvm(report: Report, artifact: Any) -> None:
+    report.tvm_tasks = [dataclasses.asdict(t) for t in artifact.tasks]
+    if artifact.tuning is not None:
+        report.tvm_tuning = {**artifact.tuning.to_dict(), "summary": artifact.tuning.describe()}
+        report.warnings += artifact.tuning.warnings
+    heavy = [t.name for t in artifact.tasks if t.heavy and t.status != "tuned"]
+    if heavy:
+        report.warnings.append(
+            f"{len(heavy)} compute-heavy TVM task(s) run untuned default schedules "
+            "(untuned TVM is ~100x slower than ONNX Runtime on the zoo CNNs); tune with "
+            "trials=N or tune_minutes=M."
         )
-    return OptimizedModel(artifact, gm, report, captured.inputs, runtime)
+
+
+def _report_mobile(report: Report, tgt: Target, runtime: Any) -> None:
+    if tgt.device == "mobile" and runtime.name == "onnxruntime":
+        report.mobile = (
+            "mobile: save('model.ort') writes ONNX Runtime's mobile format with the operator "
+            "list for a reduced build and XNNPACK session settings beside it."
+        )
+
+
+def _choose_backend(lowering, ort, ort_artifact, tvm_options, measure, tgt, say):
+    """backend='auto': ORT with measured session settings against TVM when TVM is tuned."""
+    report = lowering.report
+    arrays = [x.numpy() for x in lowering.inputs]
+    if measure and tgt.device != "mobile":
+        say("picking ONNX Runtime session settings by measurement")
+        choice = ort.select_settings(ort_artifact, arrays)
+        report.ort_settings = {**choice.best, "label": choice.label}
+        report.ort_settings_latencies = dict(choice.timings)
+        ort = ort.with_settings(**choice.best)
+        ort_artifact = ort.load(ort_artifact.proto)
+        report.threads = ort.threads
+    try:
+        tvm_backend = get_backend("tvm", tgt, **tvm_options)
+    except BackendError as exc:
+        report.warnings.append(f"TVM not considered: {exc}")
+        return ort, ort_artifact
+    say("lowering to tvm")
+    tvm_artifact = lowering.lower(tvm_backend)
+    tvm_error = lowering.errors.get("tvm")
+    if tvm_error is not None and not tvm_error.ok:
+        report.backend_choice = "onnxruntime: the TVM artifact disagrees with the model"
+        return ort, ort_artifact
+    heavy = [t.name for t in tvm_artifact.tasks if t.heavy and t.status != "tuned"]
+    if heavy:
+        report.backend_choice = (
+            f"onnxruntime: TVM is not tuned for this model ({len(heavy)} compute-heavy tasks "
+            "untuned); pass trials=N or tune_minutes=M to tune and compare"
+        )
+        if tvm_artifact.tuning is not None:
+            report.warnings += tvm_artifact.tuning.warnings
+        return ort, ort_artifact
+    if not measure or tgt.device == "mobile" and tvm_backend.rpc is None:
+        report.backend_choice = "onnxruntime: not measured, so TVM could not be compared"
+        return ort, ort_artifact
+    say("measuring onnxruntime against tvm")
+    timings = time_interleaved(
+        {
+            "onnxruntime": lambda: ort_artifact.run(arrays),
+            "tvm": lambda: tvm_artifact.run(arrays),
+        },
+        warmup=5,
+        runs=30,
+        max_time_s=20.0,
+    )
+    report.backend_latencies = timings
+    winner = min(timings, key=lambda k: timings[k].median_ms)
+    report.backend_choice = f"{winner} (faster in the same run)"
+    if winner == "tvm":
+        report.backend, report.backend_version = "tvm", tvm_backend.version
+        report.artifact_error = tvm_error or report.artifact_error
+        _report_tvm(report, tvm_artifact)
+        return tvm_backend, tvm_artifact
+    return ort, ort_artifact
 
 
 def _model_name(model: Any) -> str:
@@ -307,24 +480,46 @@ def _bisect_lowering(
     )
 
 
-def _measure(runtime, user_model, captured, original_gm, artifact, input_names, onnx_original):
-    """Latency of the backend on the unrewritten model and on graphopt's artifact, interleaved."""
+def _measure(report, lowering, ort, runtime, artifact, user_model, captured, onnx, say):
+    """Latency of ONNX Runtime on the unrewritten model and of graphopt's artifact, interleaved.
+
+    The baseline is what a user gets without graphopt: ``torch.onnx.export`` of their module
+    (or their ONNX file) in ONNX Runtime, whichever backend graphopt lowered to. A phone or
+    board is measured through its RPC device when there is one, without a baseline.
+    """
+    tgt = Target.parse(report.target)
+    if runtime.name == "tvm" and runtime.rpc is not None:
+        say(f"measuring on the RPC device {runtime.rpc.describe()}")
+        report.latency_optimized = runtime.measure(artifact, captured.example_inputs)
+        report.baseline_name = f"measured on {runtime.rpc.describe()}, no local baseline"
+        return
+    if tgt.device == "mobile":
+        report.warnings.append(
+            f"latency not measured: {tgt} is a phone or board; measure there with "
+            "backend='tvm' and rpc='host:port/key' (see the README)."
+        )
+        return
+    say("measuring latency against the unrewritten export")
     arrays = [x.numpy() for x in captured.example_inputs]
-    if onnx_original is not None:
-        baseline = onnx_original
-        baseline_name = f"{runtime.name} on the original ONNX file"
+    if onnx is not None:
+        baseline = onnx
+        baseline_name = "onnxruntime on the original ONNX file"
     else:
         try:  # what a user gets from torch.onnx.export of their own model
-            baseline = runtime.compile(user_model, captured.example_inputs, input_names=input_names)
-        except BackendError:
-            baseline = runtime.compile(
-                original_gm, captured.example_inputs, input_names=input_names
+            baseline = ort.compile(
+                user_model, captured.example_inputs, input_names=lowering.input_names
             )
-        baseline_name = f"{runtime.name} on the unrewritten export"
+        except BackendError:
+            baseline = ort.compile(
+                lowering.original, captured.example_inputs, input_names=lowering.input_names
+            )
+        baseline_name = "onnxruntime on the unrewritten export"
     timings = time_interleaved(
         {"baseline": lambda: baseline.run(arrays), "optimized": lambda: artifact.run(arrays)},
         warmup=5,
         runs=30,
         max_time_s=20.0,
     )
-    return timings["baseline"], timings["optimized"], baseline_name
+    report.latency_baseline = timings["baseline"]
+    report.latency_optimized = timings["optimized"]
+    report.baseline_name = baseline_name

@@ -2,6 +2,8 @@
 
 graphopt optimize resnet18 --target cpu [-o out.onnx] [--pipeline STR] [--json report.json]
 graphopt optimize model.onnx --target cpu -o model.opt.onnx
+graphopt optimize resnet18 --backend tvm --tune-minutes 20 -o resnet18.so
+graphopt optimize resnet18 --target aarch64-linux --backend tvm --rpc 127.0.0.1:9190/board
 graphopt passes                 every pass with its doc, options and numerics
 graphopt zoo                    the built-in models
 graphopt bench [MODELS...]      graphopt against torch eager, torch.compile, ONNX Runtime...
@@ -49,6 +51,11 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
         instruments=instruments,
         progress=not args.quiet,
         name=name,
+        backend=args.backend,
+        trials=args.trials,
+        tune_minutes=args.tune_minutes,
+        database=args.database,
+        rpc=args.rpc,
     )
     print(result.report)
     if args.output:
@@ -105,9 +112,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("optimize", help="optimize a zoo model or an .onnx file for a target")
     p.add_argument("model", help="a zoo model name (see `graphopt zoo`) or a path to an .onnx file")
-    p.add_argument("--target", default="cpu", help="cpu, cuda, llvm -mcpu=..., android-arm64")
+    p.add_argument(
+        "--target", default="cpu", help="cpu, cuda, llvm -mcpu=..., aarch64-linux, android-arm64"
+    )
     p.add_argument("--pipeline", default=None, help="pipeline string; default: the target's")
-    p.add_argument("-o", "--output", default=None, help="write the optimized model (.onnx)")
+    p.add_argument(
+        "--backend",
+        default="onnxruntime",
+        choices=("onnxruntime", "tvm", "auto"),
+        help="auto: the faster of ONNX Runtime (settings measured) and tuned TVM",
+    )
+    p.add_argument("--trials", type=int, default=0, help="TVM tuning budget in trials")
+    p.add_argument("--tune-minutes", type=float, default=None, help="TVM tuning budget")
+    p.add_argument("--database", default=None, help="TVM tuning database directory")
+    p.add_argument("--rpc", default=None, metavar="HOST:PORT/KEY", help="TVM RPC device")
+    p.add_argument(
+        "-o", "--output", default=None, help="write the optimized model (.onnx, .ort, .so)"
+    )
     p.add_argument("--json", default=None, help="write the report as JSON to this file")
     p.add_argument("--strict", action="store_true", help="fail instead of rolling back a pass")
     p.add_argument("--no-verify", action="store_true", help="skip numeric checks")

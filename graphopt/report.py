@@ -52,6 +52,21 @@ class Report:
     latency_optimized: Latency | None = None
     baseline_name: str = ""
     threads: int = 0
+    # backend="auto": every candidate backend's latency (same run) and why the winner won
+    backend_latencies: dict[str, Latency] = field(default_factory=dict)
+    backend_choice: str = ""
+    ort_settings: dict[str, Any] = field(default_factory=dict)  # chosen by measurement
+    ort_settings_latencies: dict[str, Latency] = field(default_factory=dict)
+    # TVM: how every fused task was scheduled (tuned/default/naive) and what tuning did
+    tvm_tasks: list[dict[str, Any]] = field(default_factory=list)
+    tvm_tuning: dict[str, Any] = field(default_factory=dict)
+    mobile: str = ""  # a mobile package's description (ORT format, operators)
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def untuned_tasks(self) -> list[str]:
+        """TVM tasks running a schedule no measurement chose (default or naive loops)."""
+        return [t["name"] for t in self.tvm_tasks if t["status"] != "tuned"]
 
     @property
     def speedup(self) -> float | None:
@@ -79,8 +94,17 @@ class Report:
                 "ops_after",
                 "baseline_name",
                 "threads",
+                "backend_choice",
+                "ort_settings",
+                "tvm_tasks",
+                "tvm_tuning",
+                "mobile",
+                "warnings",
             )
         }
+        for key in ("backend_latencies", "ort_settings_latencies"):
+            d[key] = {k: dataclasses.asdict(v) for k, v in getattr(self, key).items()}
+        d["untuned_tasks"] = self.untuned_tasks
         d["records"] = [r.to_dict() for r in self.records]
         for key in ("graph_error", "artifact_error"):
             value = getattr(self, key)
@@ -143,7 +167,45 @@ class Report:
                 f"graphopt {self.latency_optimized.median_ms:.3f} ms "
                 f"({self.speedup:.2f}x)"
             )
+        elif self.latency_optimized:
+            lines.append(f"latency (median): graphopt {self.latency_optimized.median_ms:.3f} ms")
+        if self.backend_latencies:
+            lines.append(
+                "backends measured (median, same run): "
+                + ", ".join(f"{k} {v.median_ms:.3f} ms" for k, v in self.backend_latencies.items())
+                + (f" -> {self.backend_choice}" if self.backend_choice else "")
+            )
+        if self.ort_settings_latencies:
+            best = self.ort_settings.get("label", "")
+            lines.append(
+                "ONNX Runtime session settings (median, same run): "
+                + ", ".join(
+                    f"{'*' if k == best else ''}{k} {v.median_ms:.3f} ms"
+                    for k, v in self.ort_settings_latencies.items()
+                )
+            )
+        if self.tvm_tuning:
+            lines.append(f"TVM tuning: {self.tvm_tuning.get('summary', '')}")
+        if self.tvm_tasks:
+            counts = {s: sum(t["status"] == s for t in self.tvm_tasks) for s in TVM_STATUSES}
+            lines.append(
+                f"TVM tasks: {len(self.tvm_tasks)} ("
+                + ", ".join(f"{n} {s}" for s, n in counts.items())
+                + ")"
+            )
+            untuned = self.untuned_tasks
+            if untuned:
+                lines.append(
+                    f"  UNTUNED ({len(untuned)}; default schedules, not measured): "
+                    + ", ".join(untuned)
+                )
+        if self.mobile:
+            lines.append(self.mobile)
+        lines += [f"WARNING: {w}" for w in self.warnings]
         return "\n".join(lines)
+
+
+TVM_STATUSES = ("tuned", "default", "naive")
 
 
 def _ops_line(before: dict[str, int], after: dict[str, int]) -> str:

@@ -6,7 +6,8 @@ Accepted spellings::
     cuda, cuda:1                     an NVIDIA GPU (ONNX Runtime's CUDA provider / TVM cuda)
     llvm -mcpu=skylake-avx512        a TVM LLVM target string (CPU)
     android-arm64                    a phone: TVM cross-compiles for aarch64-linux-android
-    llvm -mtriple=aarch64-linux-gnu  an aarch64 Linux board
+    aarch64-linux (or aarch64)       an aarch64 Linux board (-mtriple=aarch64-linux-gnu)
+    llvm -mtriple=aarch64-linux-gnu  the same, spelled as a TVM target
 """
 
 from __future__ import annotations
@@ -17,9 +18,10 @@ from dataclasses import dataclass, field
 
 from graphopt.errors import TargetError, close_matches
 
-_KINDS = ("cpu", "cuda", "llvm", "android-arm64", "aarch64")
+_KINDS = ("cpu", "cuda", "llvm", "android-arm64", "aarch64-linux", "aarch64")
 _MOBILE_TRIPLES = {
     "android-arm64": "aarch64-linux-android",
+    "aarch64-linux": "aarch64-linux-gnu",
     "aarch64": "aarch64-linux-gnu",
 }
 
@@ -82,7 +84,7 @@ class Target:
             f"unknown target {head!r}."
             + close_matches(head, _KINDS)
             + " Known targets: cpu, cuda[:N], llvm [-mcpu=..] [-mtriple=..], "
-            "android-arm64, aarch64."
+            "android-arm64, aarch64-linux."
         )
 
     @property

@@ -1,6 +1,7 @@
 """Backends lower a rewritten graph to a runtime and measure it.
 
 ``onnxruntime``: FX -> ONNX -> ``InferenceSession`` (this package's default).
+``tvm``: FX -> Relax -> MetaSchedule-tuned library on the Relax VM (extra ``graphopt[tvm]``).
 What backends share (timing, the on-disk latency cache) lives in :mod:`graphopt.backends.measure`.
 Backend modules import their runtime lazily, so ``import graphopt.backends`` stays cheap.
 """
@@ -11,7 +12,7 @@ from typing import Any
 
 from graphopt.errors import BackendError, close_matches
 
-BACKENDS = ("onnxruntime",)
+BACKENDS = ("onnxruntime", "tvm")
 
 
 def get_backend(name: str, target: Any, **options: Any) -> Any:
@@ -20,6 +21,10 @@ def get_backend(name: str, target: Any, **options: Any) -> Any:
         from graphopt.backends.onnxruntime import OnnxRuntimeBackend
 
         return OnnxRuntimeBackend(target, **options)
+    if name == "tvm":
+        from graphopt.backends.tvm import TvmBackend
+
+        return TvmBackend(target, **options)
     raise BackendError(
         f"unknown backend {name!r}."
         + close_matches(name, BACKENDS)

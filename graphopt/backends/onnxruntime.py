@@ -4,7 +4,14 @@ Export uses torch's TorchScript-based exporter (``dynamo=False``): on the zoo mo
 faster than the dynamo exporter (0.15 s against 2.5 s on a small CNN here), handles FX graphs
 with arbitrary ``call_function`` nodes, and keeps the batch dimension dynamic through
 ``dynamic_axes``. Where it fails the dynamo exporter is tried. Sessions use full graph
-optimization, sequential execution and one intra-op thread per available core.
+optimization, sequential execution and one intra-op thread per available core by default;
+``OnnxRuntimeBackend.select_settings`` times a few alternatives against each other and
+``with_settings`` applies the winner.
+
+A mobile target (``android-arm64``, ``aarch64``, ``llvm -mtriple=aarch64...``) is served for
+verification: sessions run on this machine's CPU provider so the numbers can be checked, the
+artifact saves in ORT format for the phone (``.ort``, see :mod:`graphopt.backends.ort_mobile`),
+and ``measure`` refuses, since a phone's latency cannot be measured from here.
 """
 
 from __future__ import annotations
@@ -13,8 +20,8 @@ import io
 import logging
 import os
 import warnings
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +31,14 @@ import onnxruntime as ort
 import torch
 
 from graphopt import verify
-from graphopt.backends.measure import Latency, LatencyCache, cache_key, time_callable
-from graphopt.errors import BackendError, InputError
+from graphopt.backends.measure import (
+    Latency,
+    LatencyCache,
+    cache_key,
+    time_callable,
+    time_interleaved,
+)
+from graphopt.errors import BackendError, InputError, close_matches
 from graphopt.target import Target
 
 log = logging.getLogger(__name__)
@@ -43,6 +56,18 @@ _NP_DTYPES = {
     "tensor(uint8)": np.uint8,
     "tensor(bool)": np.bool_,
 }
+
+_OPT_LEVELS = {
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+}
+_EXEC_MODES = {
+    "sequential": ort.ExecutionMode.ORT_SEQUENTIAL,
+    "parallel": ort.ExecutionMode.ORT_PARALLEL,
+}
+SETTING_NAMES = ("threads", "optimization_level", "execution_mode", "inter_op_threads")
 
 
 def export_onnx(
@@ -125,10 +150,15 @@ def _clean(name: str) -> str:
 
 @dataclass
 class OrtArtifact:
-    """An ONNX model with its session: callable on numpy arrays, savable."""
+    """An ONNX model with its session: callable on numpy arrays, savable.
+
+    ``target``: where the model is meant to run; for a mobile target the session here only
+    checks numbers, and ``save`` writes ORT format for a ``.ort`` path.
+    """
 
     proto: onnx.ModelProto
     session: ort.InferenceSession
+    target: Target | None = None
 
     @property
     def input_names(self) -> list[str]:
@@ -145,10 +175,41 @@ class OrtArtifact:
             raise BackendError(f"ONNX Runtime failed to run the model: {exc}") from exc
 
     def save(self, path: str | Path) -> Path:
+        """Write the model: ORT format for a ``.ort`` path, ONNX otherwise.
+
+        The ORT file gets its operator config and XNNPACK session file beside it; use
+        :func:`graphopt.backends.ort_mobile.save_ort_format` for the options and the package.
+        """
         path = Path(path)
+        if path.suffix.lower() == ".ort":
+            from graphopt.backends.ort_mobile import save_ort_format
+
+            mobile = self.target is None or self.target.device == "mobile"
+            save_ort_format(self.proto, path, target_platform="arm" if mobile else "amd64")
+            return path
         path.parent.mkdir(parents=True, exist_ok=True)
         onnx.save_model(self.proto, str(path))
         return path
+
+
+@dataclass
+class SettingsChoice:
+    """The fastest of several session settings, and every candidate's interleaved timing.
+
+    ``best`` can be passed to ``OnnxRuntimeBackend.with_settings(**best)``.
+    """
+
+    best: dict[str, Any]
+    timings: dict[str, Latency]
+    label: str = ""  # best's key in timings
+    candidates: dict[str, dict[str, Any]] = field(default_factory=dict)  # label -> settings
+
+    def __str__(self) -> str:
+        rows = [
+            f"{'*' if k == self.label else ' '} {k:<36} {t}"
+            for k, t in sorted(self.timings.items(), key=lambda kv: kv[1].median_ms)
+        ]
+        return "\n".join(rows)
 
 
 class OnnxRuntimeBackend:
@@ -167,11 +228,20 @@ class OnnxRuntimeBackend:
         *,
         threads: int | None = None,
         optimization_level: str = "all",
+        execution_mode: str = "sequential",
+        inter_op_threads: int = 1,
         cache: LatencyCache | None = None,
     ) -> None:
         self.target = Target.parse(target)
         self.threads = threads or _available_cores()
-        self.optimization_level = optimization_level
+        self.optimization_level = _choose("optimization_level", optimization_level, _OPT_LEVELS)
+        self.execution_mode = _choose("execution_mode", execution_mode, _EXEC_MODES)
+        if self.threads < 1 or inter_op_threads < 1:
+            raise BackendError(
+                f"threads and inter_op_threads must be 1 or more, not {self.threads} and "
+                f"{inter_op_threads}."
+            )
+        self.inter_op_threads = inter_op_threads
         self.cache = cache
         self.providers = self._providers()
 
@@ -180,12 +250,26 @@ class OnnxRuntimeBackend:
         return ort.__version__
 
     def settings(self) -> dict[str, Any]:
+        """The session settings (part of the latency cache key) and the providers."""
         return {
             "threads": self.threads,
             "optimization_level": self.optimization_level,
             "providers": self.providers,
-            "execution_mode": "sequential",
+            "execution_mode": self.execution_mode,
+            "inter_op_threads": self.inter_op_threads,
         }
+
+    def with_settings(self, **settings: Any) -> OnnxRuntimeBackend:
+        """A copy of this backend with some session settings replaced (``SETTING_NAMES``)."""
+        for name in settings:
+            if name not in SETTING_NAMES:
+                raise BackendError(
+                    f"unknown session setting {name!r}."
+                    + close_matches(name, SETTING_NAMES)
+                    + f" Settings: {', '.join(SETTING_NAMES)}."
+                )
+        current = {name: getattr(self, name) for name in SETTING_NAMES}
+        return OnnxRuntimeBackend(self.target, cache=self.cache, **{**current, **settings})
 
     def _providers(self) -> list[str]:
         available = ort.get_available_providers()
@@ -198,25 +282,15 @@ class OnnxRuntimeBackend:
                     "machine with an NVIDIA GPU, or use target 'cpu'."
                 )
             return ["CUDAExecutionProvider", "CPUExecutionProvider"]
-        if self.target.device == "mobile":
-            raise BackendError(
-                f"target {self.target} is a mobile device; the ONNX Runtime "
-                "backend here runs on this machine only. Use target 'cpu', or "
-                "the TVM backend for cross-compilation."
-            )
+        # a mobile target runs here on the CPU provider, to check numbers only (see measure)
         return ["CPUExecutionProvider"]
 
     def session_options(self) -> ort.SessionOptions:
         opts = ort.SessionOptions()
-        opts.graph_optimization_level = {
-            "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-            "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-            "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-            "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-        }[self.optimization_level]
-        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        opts.graph_optimization_level = _OPT_LEVELS[self.optimization_level]
+        opts.execution_mode = _EXEC_MODES[self.execution_mode]
         opts.intra_op_num_threads = self.threads
-        opts.inter_op_num_threads = 1
+        opts.inter_op_num_threads = self.inter_op_threads
         opts.log_severity_level = 3
         return opts
 
@@ -230,7 +304,7 @@ class OnnxRuntimeBackend:
             raise BackendError(
                 f"ONNX Runtime could not load the model: {str(exc).splitlines()[0]}"
             ) from exc
-        return OrtArtifact(proto, session)
+        return OrtArtifact(proto, session, self.target)
 
     def compile(
         self,
@@ -260,7 +334,9 @@ class OnnxRuntimeBackend:
 
         The key is the ONNX model's bytes hash, the target, ONNX Runtime's version, the
         session settings and the input shapes: a second measurement of the same model is free.
+        A mobile target raises ``BackendError``: its latency cannot be measured from here.
         """
+        self._refuse_mobile_timing()
         arrays = [to_numpy(x) for x in inputs]
         if isinstance(model, torch.nn.Module):
             model = self.compile(model, [torch.from_numpy(a) for a in arrays])
@@ -285,11 +361,108 @@ class OnnxRuntimeBackend:
             cache.put(key, latency)
         return latency
 
+    def candidate_settings(self) -> list[dict[str, Any]]:
+        """The default candidates of ``select_settings`` (at most 5).
+
+        Intra-op threads 1 and all cores, each at optimization level "all" and "extended",
+        sequential; and one parallel run with 2 inter-op threads sharing the cores.
+        """
+        cores = _available_cores()
+        candidates = []
+        for level in ("all", "extended"):
+            for threads in dict.fromkeys((1, cores)):  # deduped when there is one core
+                candidates.append(
+                    {
+                        "threads": threads,
+                        "optimization_level": level,
+                        "execution_mode": "sequential",
+                        "inter_op_threads": 1,
+                    }
+                )
+        if cores >= 2:  # with one core a second inter-op thread can only oversubscribe it
+            candidates.append(
+                {
+                    "threads": max(1, cores // 2),
+                    "optimization_level": "all",
+                    "execution_mode": "parallel",
+                    "inter_op_threads": 2,
+                }
+            )
+        return candidates
+
+    def select_settings(
+        self,
+        proto_or_artifact: OrtArtifact | onnx.ModelProto,
+        inputs: Sequence[Any],
+        *,
+        candidates: Sequence[Mapping[str, Any]] | None = None,
+        runs: int = 20,
+        warmup: int = 3,
+        max_time_s: float = 20.0,
+    ) -> SettingsChoice:
+        """Time the model under each candidate session setting, interleaved; pick the fastest.
+
+        ``candidates``: dicts of ``SETTING_NAMES`` overrides, default ``candidate_settings()``.
+        All sessions are timed in one ``time_interleaved`` run (each timed call re-warmed), so
+        load drift hits them alike; the lowest median wins. Nothing global changes: apply the
+        choice with ``backend.with_settings(**choice.best)``.
+        """
+        self._refuse_mobile_timing()
+        proto = (
+            proto_or_artifact.proto
+            if isinstance(proto_or_artifact, OrtArtifact)
+            else proto_or_artifact
+        )
+        arrays = [to_numpy(x) for x in inputs]
+        current = {name: getattr(self, name) for name in SETTING_NAMES}
+        if candidates is None:
+            candidates = self.candidate_settings()
+        chosen = [{**current, **c} for c in candidates]
+        if not chosen:
+            raise BackendError("select_settings needs at least one candidate setting.")
+        labelled = {_settings_label(c): c for c in chosen}  # same label, same settings
+        artifacts = {label: self.with_settings(**c).load(proto) for label, c in labelled.items()}
+        timings = time_interleaved(
+            {label: (lambda a=a: a.run(arrays)) for label, a in artifacts.items()},
+            warmup=warmup,
+            runs=runs,
+            max_time_s=max_time_s,
+            rewarm=2,
+        )
+        best = min(timings, key=lambda label: timings[label].median_ms)
+        log.info("session settings: %s wins (%s)", best, timings[best])
+        return SettingsChoice(dict(labelled[best]), timings, best, labelled)
+
+    def _refuse_mobile_timing(self) -> None:
+        if self.target.device == "mobile":
+            raise BackendError(
+                f"target {self.target} is a phone/board: its latency can't be measured from "
+                "here (this backend runs the model on this machine's CPU only to check its "
+                "numbers). Use the TVM backend with an RPC device to time it on the device, or "
+                "measure with target 'cpu' for this machine."
+            )
+
 
 def _proto_hash(proto: onnx.ModelProto) -> str:
     import hashlib
 
     return hashlib.blake2b(proto.SerializeToString(), digest_size=16).hexdigest()
+
+
+def _settings_label(settings: Mapping[str, Any]) -> str:
+    mode = settings["execution_mode"]
+    if mode == "parallel":
+        mode = f"parallel(inter={settings['inter_op_threads']})"
+    return f"threads={settings['threads']} {mode} {settings['optimization_level']}"
+
+
+def _choose(name: str, value: str, choices: Mapping[str, Any]) -> str:
+    if value not in choices:
+        raise BackendError(
+            f"{name} must be one of {', '.join(choices)}, not {value!r}."
+            + close_matches(str(value), choices)
+        )
+    return value
 
 
 def _available_cores() -> int:

@@ -7,6 +7,7 @@ import logging
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 import torch
 from torch import nn
@@ -14,7 +15,7 @@ from torch import nn
 from graphopt.backends import get_backend
 from graphopt.backends import onnxruntime as ort_backend
 from graphopt.backends.measure import Latency, LatencyCache, time_interleaved
-from graphopt.backends.onnxruntime import OnnxRuntimeBackend, export_onnx
+from graphopt.backends.onnxruntime import OnnxRuntimeBackend, SettingsChoice, export_onnx
 from graphopt.capture import capture
 from graphopt.errors import BackendError
 from graphopt.testing import randomize_bn
@@ -73,9 +74,18 @@ def test_unloadable_model_and_bad_feed_are_backend_errors():
         artifact.run([np.zeros((1, 4, 16, 16), np.float32)])
 
 
-def test_mobile_target_and_unknown_backend_are_explained():
-    with pytest.raises(BackendError, match="TVM backend"):
-        OnnxRuntimeBackend("android-arm64")
+def test_mobile_target_verifies_here_but_refuses_timing_and_unknown_backend_is_explained():
+    m, x = _model()
+    backend = OnnxRuntimeBackend("android-arm64")
+    assert backend.settings()["providers"] == ["CPUExecutionProvider"]
+    artifact = backend.compile(m, (x,))
+    (got,) = artifact.run([x.numpy()])
+    with torch.no_grad():
+        assert np.allclose(got, m(x).numpy(), atol=1e-5)
+    with pytest.raises(BackendError, match="can't be measured from here.*TVM backend"):
+        backend.measure(artifact, (x,))
+    with pytest.raises(BackendError, match="can't be measured from here"):
+        backend.select_settings(artifact, (x,))
     with pytest.raises(BackendError, match="unknown backend 'onnxruntim'.*Did you mean"):
         get_backend("onnxruntim", "cpu")
 
@@ -141,3 +151,64 @@ def test_interleaved_timing_rewarms_each_timed_call(rewarm):
     )
     assert all(t.runs == 6 and t.median_ms >= 0 for t in timings.values())
     assert calls == {"a": 2 + 6 * (1 + rewarm), "b": 2 + 6 * (1 + rewarm)}
+
+
+def test_settings_are_first_class_and_with_settings_copies():
+    backend = OnnxRuntimeBackend("cpu", threads=2)
+    other = backend.with_settings(
+        threads=1, optimization_level="extended", execution_mode="parallel", inter_op_threads=2
+    )
+    assert backend.settings()["execution_mode"] == "sequential" and backend.threads == 2
+    assert other.settings() == {
+        "threads": 1,
+        "optimization_level": "extended",
+        "providers": ["CPUExecutionProvider"],
+        "execution_mode": "parallel",
+        "inter_op_threads": 2,
+    }
+    opts = other.session_options()
+    assert opts.intra_op_num_threads == 1 and opts.inter_op_num_threads == 2
+    assert opts.execution_mode == ort.ExecutionMode.ORT_PARALLEL
+    assert opts.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    m, x = _model()
+    session_opts = other.compile(m, (x,)).session.get_session_options()
+    assert session_opts.execution_mode == ort.ExecutionMode.ORT_PARALLEL
+    assert session_opts.inter_op_num_threads == 2 and session_opts.intra_op_num_threads == 1
+    with pytest.raises(BackendError, match="unknown session setting 'thread'.*Did you mean"):
+        backend.with_settings(thread=1)
+    with pytest.raises(BackendError, match="optimization_level must be one of.*Did you mean"):
+        OnnxRuntimeBackend("cpu", optimization_level="extnded")
+
+
+def test_select_settings_times_candidates_interleaved_and_picks_the_fastest_median():
+    m, x = _model()
+    backend = OnnxRuntimeBackend("cpu")
+    proto = export_onnx(m, (x,))
+    candidates = backend.candidate_settings()
+    assert 1 <= len(candidates) <= 6
+    assert len({tuple(sorted(c.items())) for c in candidates}) == len(candidates)
+    choice = backend.select_settings(proto, (x,), runs=5, warmup=1, max_time_s=5.0)
+    assert isinstance(choice, SettingsChoice)
+    assert choice.best in candidates and choice.candidates[choice.label] == choice.best
+    assert set(choice.timings) == set(choice.candidates) and len(choice.timings) == len(candidates)
+    assert all(t.runs == 5 for t in choice.timings.values())
+    assert choice.timings[choice.label].median_ms == min(
+        t.median_ms for t in choice.timings.values()
+    )
+    assert "threads=1 sequential all" in choice.timings and str(choice).startswith("*")
+    tuned = backend.with_settings(**choice.best)
+    opts = tuned.load(proto).session.get_session_options()
+    assert opts.intra_op_num_threads == choice.best["threads"]
+    assert opts.inter_op_num_threads == choice.best["inter_op_threads"]
+    assert backend.settings()["threads"] == OnnxRuntimeBackend("cpu").threads  # nothing global
+
+
+def test_every_candidate_setting_gives_the_default_sessions_numbers():
+    m, x = _model()
+    backend = OnnxRuntimeBackend("cpu")
+    proto = export_onnx(m, (x,))
+    xb = torch.randn(4, 3, 16, 16).numpy()
+    (want,) = backend.load(proto).run([xb])
+    for settings in backend.candidate_settings():
+        (got,) = backend.with_settings(**settings).load(proto).run([xb])
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=str(settings))
