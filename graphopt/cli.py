@@ -61,6 +61,10 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
     if args.output:
         path = result.save(args.output)
         print(f"\nsaved {path}")
+        package = getattr(result.artifact, "mobile_package", None)
+        if package is not None:  # .ort: the operators a reduced ONNX Runtime build needs
+            print(package.describe())
+            print(f"build: {package.build_command()}")
     if args.json:
         Path(args.json).write_text(result.report.to_json())
         print(f"report written to {args.json}")

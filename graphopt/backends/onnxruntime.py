@@ -159,6 +159,7 @@ class OrtArtifact:
     proto: onnx.ModelProto
     session: ort.InferenceSession
     target: Target | None = None
+    mobile_package: Any = None  # set by save("*.ort"): a MobilePackage
 
     @property
     def input_names(self) -> list[str]:
@@ -177,15 +178,19 @@ class OrtArtifact:
     def save(self, path: str | Path) -> Path:
         """Write the model: ORT format for a ``.ort`` path, ONNX otherwise.
 
-        The ORT file gets its operator config and XNNPACK session file beside it; use
-        :func:`graphopt.backends.ort_mobile.save_ort_format` for the options and the package.
+        The ORT file gets its operator config and XNNPACK session file beside it; the
+        :class:`~graphopt.backends.ort_mobile.MobilePackage` is kept as ``mobile_package`` (its
+        ``describe()`` lists the operators a reduced mobile build must include); use
+        :func:`graphopt.backends.ort_mobile.save_ort_format` for the converter's options.
         """
         path = Path(path)
         if path.suffix.lower() == ".ort":
             from graphopt.backends.ort_mobile import save_ort_format
 
             mobile = self.target is None or self.target.device == "mobile"
-            save_ort_format(self.proto, path, target_platform="arm" if mobile else "amd64")
+            self.mobile_package = save_ort_format(
+                self.proto, path, target_platform="arm" if mobile else "amd64"
+            )
             return path
         path.parent.mkdir(parents=True, exist_ok=True)
         onnx.save_model(self.proto, str(path))

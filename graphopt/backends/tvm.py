@@ -267,14 +267,20 @@ def model_key(fused: tvm.IRModule) -> str:
 def default_schedule(func: Any, target: tvm.target.Target, seed: int = 0) -> Any | None:
     """A reasonable schedule for a task without a tuning record, chosen without measuring.
 
-    MetaSchedule's own design space for ``target`` (multi-level tiling, parallelization,
+    CPU: MetaSchedule's own design space for ``target`` (multi-level tiling, parallelization,
     vectorization, unrolling) with its sampled decisions fixed by ``seed``; where no design
-    space can be generated, DLight's CPU rules. ``None`` when neither applies.
+    space can be generated, DLight's CPU rules. GPU: DLight's GPU rules (thread bindings are
+    required there, and DLight's are the tested defaults). ``None`` when nothing applies.
     """
+    from tvm.s_tir import dlight as dl
+
+    mod = tvm.IRModule({"main": func.with_attr("global_symbol", "main")})
+    if target.kind.name == "cuda":
+        rules = [dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction()]
+        return _dlight(mod, target, rules + [dl.gpu.Fallback()])
     from tvm.s_tir import meta_schedule as ms
 
     import_tensor_intrinsics()
-    mod = tvm.IRModule({"main": func.with_attr("global_symbol", "main")})
     try:
         ctx = ms.TuneContext(
             mod=mod,
@@ -290,16 +296,19 @@ def default_schedule(func: Any, target: tvm.target.Target, seed: int = 0) -> Any
             return spaces[0].mod["main"].with_attr("tirx.is_scheduled", True)
     except Exception as exc:  # a space that cannot be generated: try DLight
         log.debug("no MetaSchedule design space for a task: %s", exc)
-    try:
-        from tvm.s_tir import dlight as dl
+    return _dlight(mod, target, [dl.cpu.GEMV(), dl.cpu.Reduction()])
 
+
+def _dlight(mod: tvm.IRModule, target: tvm.target.Target, rules: list[Any]) -> Any | None:
+    from tvm.s_tir import dlight as dl
+
+    try:
         with target:
-            out = dl.ApplyDefaultSchedule(dl.cpu.GEMV(), dl.cpu.Reduction())(mod)
-        scheduled = out["main"]
-        return scheduled if _scheduled(scheduled) else None
+            scheduled = dl.ApplyDefaultSchedule(*rules)(mod)["main"]
     except Exception as exc:
         log.debug("DLight could not schedule a task: %s", exc)
         return None
+    return scheduled if _scheduled(scheduled) else None
 
 
 # --------------------------------------------------------------------------- database
@@ -404,15 +413,18 @@ class TuningDatabase:
     def budget_spent(self, key: str) -> dict[str, float]:
         return dict(self.meta["budgets"].get(key, {}))
 
-    def add_budget(self, key: str, trials: int, seconds: float) -> None:
+    def add_budget(self, key: str, trials: int, seconds: float, exhausted: bool) -> None:
+        """Record tuning spent on ``key``; ``exhausted``: the search ran out of candidates
+        before the budget did, so a larger budget would find nothing more."""
         spent = self.meta["budgets"].setdefault(key, {"trials": 0, "seconds": 0.0})
         spent["trials"] += trials
         spent["seconds"] += seconds
+        spent["exhausted"] = exhausted
         self._write_meta(self.meta)
 
     def best_ms(self, func: Any) -> float | None:
         """The best recorded time of a task, or None without a record."""
-        mod = tvm.IRModule({"main": func})
+        mod = tvm.IRModule({"main": func.with_attr("global_symbol", "main")})
         if not self.db.has_workload(mod):
             return None
         records = self.db.get_top_k(self.db.commit_workload(mod), 1)
@@ -721,7 +733,7 @@ class TvmBackend:
         covered = all(database.best_ms(t.dispatched[0]["main"]) is not None for t in tasks)
         enough_trials = spent.get("trials", 0) >= self.trials
         enough_time = self.minutes is not None and spent.get("seconds", 0) >= self.minutes * 60
-        if spent and (enough_trials or enough_time) and covered:
+        if spent and (enough_trials or enough_time or spent.get("exhausted")) and covered:
             summary.reused = True
             summary.trials_run = 0
             return summary
@@ -736,7 +748,8 @@ class TvmBackend:
                 f"{tracker.failed} of {tracker.trials} trials failed; the first: "
                 f"{tracker.first_error}"
             )
-        database.add_budget(key, summary.trials_run, summary.seconds)
+        exhausted = tracker.trials < self.trials and not tracker.deadline_hit
+        database.add_budget(key, summary.trials_run, summary.seconds, exhausted)
         return summary
 
     def _run_tuner(self, tasks: list[Any], database: TuningDatabase) -> _TuningTracker:
@@ -784,7 +797,8 @@ class TvmBackend:
                 measure_callbacks=ms.MeasureCallback.create("default") + [tracker.callback()],
             )
         except Exception as exc:
-            raise BackendError(f"MetaSchedule tuning failed: {exc}") from exc
+            if not tracker.deadline_hit:  # the deadline arrives as an exception, by design
+                raise BackendError(f"MetaSchedule tuning failed: {exc}") from exc
         finally:
             tracker.close()
         tracker.seconds = time.perf_counter() - start
@@ -943,6 +957,10 @@ def persistent_builder(cross_cc: str | None = None, recycle_every: int = 25) -> 
     return _PersistentBuilder()
 
 
+class TuningDeadline(Exception):
+    """Raised from MetaSchedule's measure callback to end tuning when the time is up."""
+
+
 class _TuningTracker:
     """Counts trials, enforces the time budget, draws the progress bar, records the curve.
 
@@ -965,6 +983,7 @@ class _TuningTracker:
         self.failed = 0
         self.first_error: str | None = None
         self.seconds = 0.0
+        self.deadline_hit = False
         self.curve: list[dict[str, float]] = []
         self.deadline = time.perf_counter() + minutes * 60 if minutes else None
         self.start = time.perf_counter()
@@ -1015,9 +1034,12 @@ class _TuningTracker:
             )
             self.bar.refresh()
         if self.deadline is not None and time.perf_counter() > self.deadline:
-            for i, record in enumerate(scheduler.tasks_):
-                if not record.is_terminated:
-                    scheduler.terminate_task(i)
+            # Terminating tasks from here is unsafe: the gradient scheduler hands out the task
+            # whose results this callback reports right after it returns, and MetaSchedule
+            # aborts on a terminated one. Raising stops tune_tasks; the records measured so far
+            # are already in the database (AddToDatabase runs before this callback).
+            self.deadline_hit = True
+            raise TuningDeadline(f"time budget reached after {self.trials} trials")
 
     def close(self) -> None:
         if self.bar is not None:
