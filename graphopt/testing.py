@@ -485,6 +485,22 @@ def _make_case(ints, pick, seed: int, max_layers: int) -> CNNCase:
     return CNNCase(model, (x,), spec, dims)
 
 
+def small_conv_net(seed: int = 0) -> tuple[nn.Module, torch.Tensor]:
+    """Conv-BN-ReLU (random BN statistics), global pooling, a linear classifier, and an input
+    of shape (1, 3, 16, 16): the smallest model that exercises a backend's usual operators."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 5),
+    ).eval()
+    randomize_bn(model[1], torch.Generator().manual_seed(seed))
+    return model, torch.randn(1, 3, 16, 16)
+
+
 def random_cnn(seed: int, *, max_layers: int = 6) -> CNNCase:
     """A random CNN from a seed (no Hypothesis needed)."""
     rng = random.Random(seed)

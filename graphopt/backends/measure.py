@@ -110,6 +110,14 @@ def time_interleaved(
     return {k: Latency.from_samples(v) for k, v in samples.items()}
 
 
+def available_cores() -> int:
+    """The CPU cores this process may run on."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
 def default_cache_dir() -> Path:
     env = os.environ.get("GRAPHOPT_CACHE_DIR")
     if env:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import io
 import logging
-import os
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -34,6 +33,7 @@ from graphopt import verify
 from graphopt.backends.measure import (
     Latency,
     LatencyCache,
+    available_cores,
     cache_key,
     time_callable,
     time_interleaved,
@@ -238,7 +238,7 @@ class OnnxRuntimeBackend:
         cache: LatencyCache | None = None,
     ) -> None:
         self.target = Target.parse(target)
-        self.threads = threads or _available_cores()
+        self.threads = threads or available_cores()
         self.optimization_level = _choose("optimization_level", optimization_level, _OPT_LEVELS)
         self.execution_mode = _choose("execution_mode", execution_mode, _EXEC_MODES)
         if self.threads < 1 or inter_op_threads < 1:
@@ -372,7 +372,7 @@ class OnnxRuntimeBackend:
         Intra-op threads 1 and all cores, each at optimization level "all" and "extended",
         sequential; and one parallel run with 2 inter-op threads sharing the cores.
         """
-        cores = _available_cores()
+        cores = available_cores()
         candidates = []
         for level in ("all", "extended"):
             for threads in dict.fromkeys((1, cores)):  # deduped when there is one core
@@ -468,13 +468,6 @@ def _choose(name: str, value: str, choices: Mapping[str, Any]) -> str:
             + close_matches(str(value), choices)
         )
     return value
-
-
-def _available_cores() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not on Linux
-        return max(1, os.cpu_count() or 1)
 
 
 def to_numpy(x: Any) -> np.ndarray:

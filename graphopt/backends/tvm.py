@@ -48,6 +48,7 @@ from graphopt.backends._tvm_worker import CROSS_EXPORT, import_tensor_intrinsics
 from graphopt.backends.measure import (
     Latency,
     LatencyCache,
+    available_cores,
     cache_key,
     default_cache_dir,
     time_callable,
@@ -111,9 +112,14 @@ class TuningSummary:
 
     def describe(self) -> str:
         if self.reused:
+            budget = (
+                f"{self.minutes_requested:g} min"
+                if self.minutes_requested
+                else f"{self.trials_requested} trials"
+            )
             return (
-                f"reused the tuning database {self.database} (budget of {self.trials_requested}"
-                f" trials already spent there): no tuning ran"
+                f"reused the tuning database {self.database} (a budget of {budget} was already "
+                "spent there on this model): no tuning ran"
             )
         if not self.trials_run:
             return f"not tuned (database {self.database})"
@@ -156,15 +162,8 @@ def _host_spec(cores: int | None) -> dict[str, Any]:
     return {
         "kind": "llvm",
         "mcpu": tvm.target.codegen.llvm_get_system_cpu(),
-        "num-cores": int(cores or _available_cores()),
+        "num-cores": int(cores or available_cores()),
     }
-
-
-def _available_cores() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not on Linux
-        return max(1, os.cpu_count() or 1)
 
 
 def is_cross(target: tvm.target.Target) -> bool:
@@ -176,7 +175,9 @@ def is_cross(target: tvm.target.Target) -> bool:
 
 
 def target_json(target: tvm.target.Target) -> str:
-    return json.dumps(target.export(), sort_keys=True, default=str)
+    """The target as TVM prints it (``llvm -keys=cpu -mcpu=znver4 -num-cores=2``): the
+    identity of a tuning database."""
+    return str(target)
 
 
 # --------------------------------------------------------------------------- lowering
@@ -413,12 +414,17 @@ class TuningDatabase:
     def budget_spent(self, key: str) -> dict[str, float]:
         return dict(self.meta["budgets"].get(key, {}))
 
-    def add_budget(self, key: str, trials: int, seconds: float, exhausted: bool) -> None:
-        """Record tuning spent on ``key``; ``exhausted``: the search ran out of candidates
-        before the budget did, so a larger budget would find nothing more."""
+    def add_budget(
+        self, key: str, trials: int, seconds: float, minutes: float | None, exhausted: bool
+    ) -> None:
+        """Record tuning spent on ``key``: trials and seconds, ``minutes`` when a time budget
+        ran out in full, ``exhausted`` when the search ran out of candidates before the budget
+        did (a larger budget would find nothing more)."""
         spent = self.meta["budgets"].setdefault(key, {"trials": 0, "seconds": 0.0})
         spent["trials"] += trials
         spent["seconds"] += seconds
+        if minutes is not None:
+            spent["minutes"] = spent.get("minutes", 0.0) + minutes
         spent["exhausted"] = exhausted
         self._write_meta(self.meta)
 
@@ -730,9 +736,10 @@ class TvmBackend:
         if not tasks:
             summary.warnings.append("no compute-heavy tasks to tune")
             return summary
-        covered = all(database.best_ms(t.dispatched[0]["main"]) is not None for t in tasks)
+        # the records behind a recorded budget must still be there (not a wiped records file)
+        covered = any(database.best_ms(t.dispatched[0]["main"]) is not None for t in tasks)
         enough_trials = spent.get("trials", 0) >= self.trials
-        enough_time = self.minutes is not None and spent.get("seconds", 0) >= self.minutes * 60
+        enough_time = self.minutes is not None and spent.get("minutes", 0) >= self.minutes
         if spent and (enough_trials or enough_time or spent.get("exhausted")) and covered:
             summary.reused = True
             summary.trials_run = 0
@@ -749,7 +756,8 @@ class TvmBackend:
                 f"{tracker.first_error}"
             )
         exhausted = tracker.trials < self.trials and not tracker.deadline_hit
-        database.add_budget(key, summary.trials_run, summary.seconds, exhausted)
+        minutes = self.minutes if tracker.deadline_hit else None
+        database.add_budget(key, summary.trials_run, summary.seconds, minutes, exhausted)
         return summary
 
     def _run_tuner(self, tasks: list[Any], database: TuningDatabase) -> _TuningTracker:
@@ -924,7 +932,7 @@ def persistent_builder(cross_cc: str | None = None, recycle_every: int = 25) -> 
                 if self.pool is not None:
                     self.pool.shutdown()
                 self.pool = PopenPoolExecutor(
-                    max_workers=_available_cores(),
+                    max_workers=available_cores(),
                     timeout=BUILD_TIMEOUT_S,
                     initializer=functools.partial(init_worker, cross_cc),
                 )

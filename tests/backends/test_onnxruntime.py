@@ -10,7 +10,6 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from torch import nn
 
 from graphopt.backends import get_backend
 from graphopt.backends import onnxruntime as ort_backend
@@ -18,21 +17,11 @@ from graphopt.backends.measure import Latency, LatencyCache, time_interleaved
 from graphopt.backends.onnxruntime import OnnxRuntimeBackend, SettingsChoice, export_onnx
 from graphopt.capture import capture
 from graphopt.errors import BackendError
-from graphopt.testing import randomize_bn
+from graphopt.testing import small_conv_net
 
 
 def _model():
-    torch.manual_seed(0)
-    m = nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1),
-        nn.BatchNorm2d(8),
-        nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        nn.Linear(8, 5),
-    ).eval()
-    randomize_bn(m[1], torch.Generator().manual_seed(0))
-    return m, torch.randn(1, 3, 16, 16)
+    return small_conv_net(0)
 
 
 def test_export_keeps_batch_dynamic_and_ir_version_loadable():

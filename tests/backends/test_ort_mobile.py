@@ -9,7 +9,6 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from torch import nn
 
 from graphopt.backends.onnxruntime import OnnxRuntimeBackend, export_onnx
 from graphopt.backends.ort_mobile import (
@@ -19,21 +18,11 @@ from graphopt.backends.ort_mobile import (
 )
 from graphopt.errors import BackendError
 from graphopt.target import Target
-from graphopt.testing import randomize_bn
+from graphopt.testing import small_conv_net
 
 
 def _model():
-    torch.manual_seed(0)
-    m = nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1),
-        nn.BatchNorm2d(8),
-        nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        nn.Linear(8, 5),
-    ).eval()
-    randomize_bn(m[1], torch.Generator().manual_seed(0))
-    return m, torch.randn(1, 3, 16, 16)
+    return small_conv_net(0)
 
 
 @pytest.fixture(scope="module")

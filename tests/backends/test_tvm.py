@@ -163,7 +163,7 @@ def test_corrupt_or_foreign_database_is_reported_and_ignored(tuned, tmp_path, da
         (bad / "graphopt.json").write_text("{")
     else:
         meta = json.loads((bad / "graphopt.json").read_text())
-        meta["target"] = json.dumps({"kind": "llvm", "mtriple": "aarch64-linux-gnu"})
+        meta["target"] = "llvm -keys=arm_cpu,cpu -mtriple=aarch64-linux-gnu"
         (bad / "graphopt.json").write_text(json.dumps(meta))
     result = optimize(model, "cpu", inputs, backend="tvm", database=bad, measure=False)
     kind = "foreign" if damage == "foreign-target" else "corrupt"
