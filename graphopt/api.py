@@ -355,6 +355,11 @@ def _choose_backend(lowering, ort, ort_artifact, tvm_options, measure, tgt, say)
         return ort, ort_artifact
     say("lowering to tvm")
     tvm_artifact = lowering.lower(tvm_backend)
+    if tvm_artifact.tuning is not None:
+        report.tvm_tuning = {
+            **tvm_artifact.tuning.to_dict(),
+            "summary": tvm_artifact.tuning.describe(),
+        }
     tvm_error = lowering.errors.get("tvm")
     if tvm_error is not None and not tvm_error.ok:
         report.backend_choice = "onnxruntime: the TVM artifact disagrees with the model"
