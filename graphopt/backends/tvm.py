@@ -769,9 +769,13 @@ class TvmBackend:
         budget = self.expected_trials()
         # MetaSchedule's console handler takes this logger's level: INFO floods the terminal
         # (the full logs still go to <database>/work/logs). graphopt -v keeps them.
-        logging.getLogger("tvm.s_tir.meta_schedule").setLevel(
-            logging.INFO if log.isEnabledFor(logging.INFO) else logging.WARNING
-        )
+        ms_logger = logging.getLogger("tvm.s_tir.meta_schedule")
+        ms_logger.setLevel(logging.INFO if log.isEnabledFor(logging.INFO) else logging.WARNING)
+        # MetaSchedule re-configures this logger on every tuning and lists its handlers by name;
+        # an unnamed one (pytest's capture handler, say) makes that crash on the second run in
+        # a process. Its own handlers are named and recreated from the configuration.
+        for handler in [h for h in ms_logger.handlers if not h.get_name()]:
+            ms_logger.removeHandler(handler)
         contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
             tasks, str(work_dir), strategy=_search_strategy(budget, len(tasks)), seed=self.seed
         )
