@@ -10,7 +10,6 @@ import json
 import shutil
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -54,12 +53,11 @@ def small_cnn(seed: int = 0) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
 
 @pytest.fixture(scope="module")
 def tuned(tmp_path_factory):
-    """A small CNN tuned once (8 trials) into a database; the first run's time and result."""
+    """A small CNN tuned once (8 trials) into a database, and the result."""
     model, inputs = small_cnn()
     db = tmp_path_factory.mktemp("tvm") / "db"
-    start = time.perf_counter()
     result = optimize(model, "cpu", inputs, backend="tvm", trials=8, database=db, measure=False)
-    return model, inputs, db, result, time.perf_counter() - start
+    return model, inputs, db, result
 
 
 def test_targets_use_the_dict_form_with_the_host_cpu():
@@ -98,7 +96,7 @@ def test_tvm_artifact_is_static_shape(tmp_path):
 
 
 def test_exported_library_runs_in_a_fresh_process_without_graphopt(tuned, tmp_path):
-    model, inputs, _, result, _ = tuned
+    model, inputs, _, result = tuned
     lib = result.save(tmp_path / "model.so")
     np.save(tmp_path / "x.npy", inputs[0].numpy())
     script = f"""
@@ -117,29 +115,26 @@ assert not any(m.startswith("graphopt") for m in sys.modules), "imported graphop
 
 
 def test_tuning_writes_a_database_that_a_second_run_reuses(tuned):
-    model, inputs, db, first, first_s = tuned
+    model, inputs, db, first = tuned
     tuning = first.report.tvm_tuning
     assert tuning["trials_run"] >= 8 and not tuning["reused"]
     assert tuning["failed_trials"] < tuning["trials_run"]
     assert any(t["status"] == "tuned" for t in first.report.tvm_tasks)
     assert first.report.artifact_error.ok
     records = (db / "database_tuning_record.json").read_text().splitlines()
-    start = time.perf_counter()
     again = optimize(model, "cpu", inputs, backend="tvm", trials=8, database=db, measure=False)
-    second_s = time.perf_counter() - start
     assert again.report.tvm_tuning["reused"] and again.report.tvm_tuning["trials_run"] == 0
     assert (db / "database_tuning_record.json").read_text().splitlines() == records
     assert [t["status"] for t in again.report.tvm_tasks] == [
         t["status"] for t in first.report.tvm_tasks
     ]
-    assert second_s < first_s / 2, (first_s, second_s)
     np.testing.assert_array_equal(
         again.artifact.run([inputs[0].numpy()])[0], first.artifact.run([inputs[0].numpy()])[0]
     )
 
 
 def test_a_larger_budget_tunes_again(tuned, tmp_path):
-    model, inputs, db, _, _ = tuned
+    model, inputs, db, _ = tuned
     copy_db = tmp_path / "db"
     shutil.copytree(db, copy_db)
     more = optimize(model, "cpu", inputs, backend="tvm", trials=12, database=copy_db, measure=False)
@@ -151,7 +146,7 @@ def test_a_larger_budget_tunes_again(tuned, tmp_path):
     ["garbage-record", "truncated-workload", "bad-meta", "foreign-target"],
 )
 def test_corrupt_or_foreign_database_is_reported_and_ignored(tuned, tmp_path, damage):
-    model, inputs, db, _, _ = tuned
+    model, inputs, db, _ = tuned
     bad = tmp_path / "db"
     shutil.copytree(db, bad)
     if damage == "garbage-record":
@@ -174,7 +169,7 @@ def test_corrupt_or_foreign_database_is_reported_and_ignored(tuned, tmp_path, da
 
 
 def test_database_meta_records_the_budget(tuned):
-    _, _, db, _, _ = tuned
+    _, _, db, _ = tuned
     meta = json.loads((db / "graphopt.json").read_text())
     assert meta["format"] == 1 and meta["budgets"]
     (spent,) = meta["budgets"].values()
@@ -184,7 +179,7 @@ def test_database_meta_records_the_budget(tuned):
 
 
 def test_measure_api_has_the_onnxruntime_shape_and_caches(tuned):
-    _, inputs, db, result, _ = tuned
+    _, inputs, db, result = tuned
     backend = TvmBackend("cpu", database=db)
     first = backend.measure(result.artifact, inputs, runs=10)
     assert first.median_ms > 0 and first.runs >= 5
@@ -204,7 +199,7 @@ def test_auto_keeps_onnxruntime_when_tvm_is_untuned(tmp_path):
 
 
 def test_auto_measures_both_backends_when_tvm_is_tuned(tuned):
-    model, inputs, db, _, _ = tuned
+    model, inputs, db, _ = tuned
     result = optimize(model, "cpu", inputs, backend="auto", database=db)
     report = result.report
     assert set(report.backend_latencies) == {"onnxruntime", "tvm"}
@@ -252,21 +247,26 @@ def test_cuda_without_a_gpu_says_so():
 
 @pytest.mark.slow
 def test_resnet18_tuned_database_reused(tmp_path):
+    """ResNet-18 tuned (64 trials), then compiled again from the database without a trial and
+    with the same schedules (the time it saves is measured in benchmarks/bench_tvm.py)."""
     from graphopt import zoo
 
     entry = zoo.get("resnet18")
     db = tmp_path / "db"
-    start = time.perf_counter()
-    first = optimize(
-        entry.model, "cpu", entry.example_inputs, backend="tvm", trials=64, database=db,
-        measure=False,
-    )  # fmt: skip
-    first_s = time.perf_counter() - start
-    start = time.perf_counter()
-    again = optimize(
-        entry.model, "cpu", entry.example_inputs, backend="tvm", trials=64, database=db,
-        measure=False,
-    )  # fmt: skip
-    assert again.report.tvm_tuning["reused"]
-    assert time.perf_counter() - start < 0.25 * first_s
-    assert first.report.artifact_error.ok and again.report.artifact_error.ok
+    runs = [
+        optimize(
+            entry.model,
+            "cpu",
+            entry.example_inputs,
+            backend="tvm",
+            trials=64,
+            database=db,
+            measure=False,
+        )  # fmt: skip
+        for _ in range(2)
+    ]
+    first, again = (r.report for r in runs)
+    assert first.tvm_tuning["trials_run"] >= 64 and not first.tvm_tuning["reused"]
+    assert again.tvm_tuning["reused"] and again.tvm_tuning["trials_run"] == 0
+    assert first.tvm_tasks == again.tvm_tasks
+    assert first.artifact_error.ok and again.artifact_error.ok
