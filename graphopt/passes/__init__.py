@@ -7,5 +7,6 @@ from graphopt.passes.eliminate_dead_code import EliminateDeadCode
 from graphopt.passes.fold_constants import FoldConstants
 from graphopt.passes.fold_conv_bn import FoldConvBN
 from graphopt.passes.remove_identity import RemoveIdentity
+from graphopt.passes.reparameterize import Reparameterize
 
-__all__ = ["EliminateDeadCode", "FoldConstants", "FoldConvBN", "RemoveIdentity"]
+__all__ = ["EliminateDeadCode", "FoldConstants", "FoldConvBN", "RemoveIdentity", "Reparameterize"]

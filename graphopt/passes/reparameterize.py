@@ -1,0 +1,315 @@
+"""reparameterize: collapse parallel linear branches that are summed into one convolution.
+
+Structural re-parameterization as a graph rewrite: it recognises the *structure*, whatever the
+modules are called. Today's rule (RepVGG, ACNet, MobileOne; run after ``fold-conv-bn``, which
+leaves every conv+BN branch a conv with a bias):
+
+``y = sum_i B_i(x)`` where every ``B_i`` is, on the same ``x``,
+
+- a convolution (module or functional; any kernel size, groups, dilation, zero padding) whose
+  output feeds only this sum,
+- an eval-mode BatchNorm of ``x`` (the identity-BN branch: a per-channel affine ``a*x + t``),
+- ``x`` itself (a plain identity branch),
+
+becomes one convolution. With ``K`` the largest kernel and each kernel zero-padded to ``K``
+*centred* (so each branch keeps its alignment)::
+
+    W = sum_i pad_K(W_i) + sum_identity a * I_K        b = sum_i b_i + sum_identity t
+
+where ``I_K`` is the identity kernel (1 at the centre tap of output channel o's own input
+channel, per group). Exact in exact arithmetic; computed in float64 and cast back.
+
+Refused (``skipped:<reason>`` in the stats), never miscompiled: branches with different strides,
+dilations, groups or channel counts (``mismatch``); kernels whose centres do not line up: the
+offset ``padding - dilation*(k-1)/2`` must be the same integer for every branch and dimension
+(``misaligned``); non-zero padding modes (``padding-mode``); an identity branch beside a strided
+conv or with C_in != C_out (``identity-shape``); a conv whose output is also used elsewhere or
+whose weights are not constants (its branch is simply left out of the merge).
+"""
+
+from __future__ import annotations
+
+import operator
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from graphopt.pass_manager import Numerics, Pass, PassContext, PassResult
+from graphopt.passes.fold_conv_bn import _as_bn, _as_layer, bn_affine
+from graphopt.pipeline import register_pass
+
+_ADDS = {operator.add, torch.add, operator.iadd}
+_CONV_BY_DIMS = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+
+
+@dataclass
+class _Branch:
+    node: fx.Node  # the leaf of the sum
+    kind: str  # conv | bn | identity
+    weight: torch.Tensor | None = None  # float64 [O, I/g, k...]
+    bias: torch.Tensor | None = None  # float64 [O]
+    stride: tuple[int, ...] = ()
+    dilation: tuple[int, ...] = ()
+    padding: tuple[int, ...] = ()
+    groups: int = 1
+    scale: torch.Tensor | None = None  # identity branches: per-channel a (and shift t in bias)
+
+
+def _tuple(v: Any, dims: int) -> tuple[int, ...]:
+    return tuple(int(x) for x in v) if isinstance(v, list | tuple) else (int(v),) * dims
+
+
+def _is_add(node: fx.Node) -> bool:
+    if node.op == "call_function" and node.target in _ADDS:
+        return len(node.args) == 2 and not node.kwargs.get("alpha")
+    return node.op == "call_method" and node.target == "add" and len(node.args) == 2
+
+
+def _leaves(node: fx.Node, root: fx.Node) -> list[fx.Node]:
+    """The operands of the add tree rooted at ``node`` (inner adds used only by the tree)."""
+    out: list[fx.Node] = []
+    for arg in node.args:
+        if not isinstance(arg, fx.Node):
+            return []  # a scalar in the sum: not a branch structure
+        if _is_add(arg) and len(arg.users) == 1 and arg is not root:
+            inner = _leaves(arg, root)
+            if not inner:
+                return []
+            out += inner
+        else:
+            out.append(arg)
+    return out
+
+
+def _conv_branch(gm: fx.GraphModule, leaf: fx.Node) -> _Branch | None:
+    layer = _as_layer(gm, leaf, include_linear=False)
+    if layer is None or layer.kind != "conv" or not layer.constant or len(leaf.users) != 1:
+        return None
+    if layer.module is not None:
+        m = layer.module
+        stride, dilation, padding = m.stride, m.dilation, m.padding
+    else:
+        names = ["input", "weight", "bias", "stride", "padding", "dilation", "groups"]
+        v = dict(zip(names, leaf.args, strict=False)) | dict(leaf.kwargs)
+        stride, dilation, padding = v.get("stride", 1), v.get("dilation", 1), v.get("padding", 0)
+    if isinstance(padding, str):
+        return None  # "same"/"valid": rare in re-parameterizable blocks; left alone
+    dims = layer.weight.dim() - 2
+    weight = layer.weight.detach().double()
+    bias = (
+        layer.bias.detach().double()
+        if layer.bias is not None
+        else torch.zeros(weight.shape[0], dtype=torch.float64)
+    )
+    branch = _Branch(
+        leaf,
+        "conv",
+        weight,
+        bias,
+        _tuple(stride, dims),
+        _tuple(dilation, dims),
+        _tuple(padding, dims),
+        layer.groups,
+    )
+    branch.padding_mode = layer.padding_mode  # type: ignore[attr-defined]
+    branch.input = layer.input_node  # type: ignore[attr-defined]
+    return branch
+
+
+def _bn_branch(gm: fx.GraphModule, leaf: fx.Node) -> _Branch | None:
+    bn = _as_bn(gm, leaf)
+    if bn is None or bn.training or bn.mean is None or not bn.constant:
+        return None
+    if bn.output_node is not leaf or len(leaf.users) != 1:
+        return None
+    a, t = bn_affine(bn.mean, bn.var, bn.gamma, bn.beta, bn.eps)
+    branch = _Branch(leaf, "bn", bias=t.double(), scale=a.double())
+    branch.input = bn.input_node  # type: ignore[attr-defined]
+    return branch
+
+
+def merge_branches(branches: list[_Branch], channels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The one kernel and bias equal to the sum of ``branches`` (float64; checked beforehand)."""
+    convs = [b for b in branches if b.kind == "conv"]
+    ref = convs[0]
+    dims = ref.weight.dim() - 2
+    k_max = [max(b.weight.shape[2 + d] for b in convs) for d in range(dims)]
+    weight = torch.zeros(ref.weight.shape[:2] + tuple(k_max), dtype=torch.float64)
+    bias = torch.zeros(ref.weight.shape[0], dtype=torch.float64)
+    for b in convs:
+        lo = [(k_max[d] - b.weight.shape[2 + d]) // 2 for d in range(dims)]
+        index = (slice(None), slice(None)) + tuple(
+            slice(lo[d], lo[d] + b.weight.shape[2 + d]) for d in range(dims)
+        )
+        weight[index] += b.weight
+        bias += b.bias
+    per_group = weight.shape[1]  # input channels per group
+    centre = tuple(k // 2 for k in k_max)
+    for b in branches:
+        if b.kind == "conv":
+            continue
+        scale = b.scale if b.scale is not None else torch.ones(channels, dtype=torch.float64)
+        for o in range(channels):
+            weight[(o, o % per_group) + centre] += scale[o]
+        if b.bias is not None:
+            bias += b.bias
+    return weight, bias
+
+
+def _why_not(branches: list[_Branch]) -> str:
+    convs = [b for b in branches if b.kind == "conv"]
+    ref = convs[0]
+    dims = ref.weight.dim() - 2
+    for b in convs:
+        if getattr(b, "padding_mode", "zeros") != "zeros":
+            return "padding-mode"
+        if (
+            b.weight.dim() != ref.weight.dim()
+            or b.stride != ref.stride
+            or b.dilation != ref.dilation
+            or b.groups != ref.groups
+            or b.weight.shape[:2] != ref.weight.shape[:2]
+        ):
+            return "mismatch"
+    offsets = set()
+    for b in convs:
+        for d in range(dims):
+            span = b.dilation[d] * (b.weight.shape[2 + d] - 1)
+            if span % 2:
+                return "misaligned"  # an even kernel has no centre tap
+            offsets.add((d, b.padding[d] - span // 2))
+    if len(offsets) != dims:
+        return "misaligned"
+    identities = [b for b in branches if b.kind != "conv"]
+    if identities:
+        out_c, in_c = ref.weight.shape[0], ref.weight.shape[1] * ref.groups
+        if out_c != in_c or any(s != 1 for s in ref.stride):
+            return "identity-shape"
+        if any(off != 0 for _, off in offsets):
+            return "identity-shape"  # an identity tap only lines up with centred kernels
+    return ""
+
+
+@register_pass
+class Reparameterize(Pass):
+    """Collapse parallel linear branches summed on one input (RepVGG, ACNet, MobileOne) into one
+    convolution: kernels padded to the largest, centred, and summed; identity and identity-BN
+    branches become the identity kernel."""
+
+    name = "reparameterize"
+    numerics = Numerics.exact()
+
+    def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        stats: Counter = Counter()
+        for node in list(gm.graph.nodes):
+            if node.graph is None or not _is_add(node):
+                continue
+            users = list(node.users)
+            if len(users) == 1 and _is_add(users[0]):
+                continue  # an inner add: its root handles the whole sum
+            self._collapse(gm, node, stats)
+        if stats["collapsed"]:
+            gm.graph.eliminate_dead_code()
+            gm.delete_all_unused_submodules()
+            gm.recompile()
+        stats["convs"] = sum(
+            1
+            for n in gm.graph.nodes
+            if (layer := _as_layer(gm, n, include_linear=False)) is not None
+            and layer.kind == "conv"
+        )
+        return PassResult(gm, modified=stats["collapsed"] > 0, stats=+stats)
+
+    def _collapse(self, gm: fx.GraphModule, root: fx.Node, stats: Counter) -> None:
+        leaves = _leaves(root, root)
+        if len(leaves) < 2:
+            return
+        by_input: dict[fx.Node, list[_Branch]] = {}
+        rest: list[fx.Node] = []
+        for leaf in leaves:
+            branch = _conv_branch(gm, leaf) or _bn_branch(gm, leaf)
+            if branch is None:
+                rest.append(leaf)
+                continue
+            by_input.setdefault(branch.input, []).append(branch)  # type: ignore[attr-defined]
+        for x, branches in by_input.items():
+            if x in leaves:  # x itself is summed too: an identity branch
+                branches.append(_Branch(x, "identity"))
+        merged: list[fx.Node] = []
+        used: set[fx.Node] = set()
+        for x, branches in by_input.items():
+            convs = [b for b in branches if b.kind == "conv"]
+            if not convs or len(branches) < 2:
+                continue
+            reason = _why_not(branches)
+            if reason:
+                stats[f"skipped:{reason}"] += 1
+                continue
+            merged.append(self._replace(gm, root, x, branches))
+            used.update(b.node for b in branches)
+            stats["collapsed"] += 1
+            stats["branches-merged"] += len(branches)
+        if not merged:
+            return
+        operands = merged + [leaf for leaf in leaves if leaf not in used]
+        with gm.graph.inserting_before(root):
+            total = operands[0]
+            for operand in operands[1:]:
+                total = gm.graph.call_function(operator.add, (total, operand))
+                total.meta = dict(root.meta)
+        root.replace_all_uses_with(total)
+
+    def _replace(
+        self, gm: fx.GraphModule, root: fx.Node, x: fx.Node, branches: list[_Branch]
+    ) -> fx.Node:
+        ref = next(b for b in branches if b.kind == "conv")
+        dims = ref.weight.dim() - 2
+        channels = ref.weight.shape[0]
+        weight, bias = merge_branches(branches, channels)
+        convs = [b for b in branches if b.kind == "conv"]
+        padding = tuple(
+            max(
+                b.padding[d] + ref.dilation[d] * (weight.shape[2 + d] - b.weight.shape[2 + d]) // 2
+                for b in convs
+            )
+            for d in range(dims)
+        )
+        dtype = next(
+            (
+                p.dtype
+                for b in convs
+                if b.node.op == "call_module"
+                for p in gm.get_submodule(b.node.target).parameters()
+            ),
+            torch.float32,
+        )
+        conv = _CONV_BY_DIMS[dims](
+            weight.shape[1] * ref.groups,
+            channels,
+            tuple(weight.shape[2:]),
+            stride=ref.stride,
+            padding=padding,
+            dilation=ref.dilation,
+            groups=ref.groups,
+            bias=True,
+        )
+        with torch.no_grad():
+            conv.weight.copy_(weight.to(dtype))
+            conv.bias.copy_(bias.to(dtype))
+        conv.to(dtype)
+        name = _free_name(gm, "reparam")
+        gm.add_submodule(name, conv)
+        with gm.graph.inserting_before(root):
+            node = gm.graph.call_module(name, (x,))
+        node.meta = dict(root.meta)
+        return node
+
+
+def _free_name(gm: fx.GraphModule, stem: str) -> str:
+    i = 0
+    while hasattr(gm, f"{stem}_{i}"):
+        i += 1
+    return f"{stem}_{i}"

@@ -1,0 +1,231 @@
+"""reparameterize: parallel summed branches -> one conv, exact, on the grid, at random and on
+the train-time zoo networks; refusals leave the graph unchanged."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import nn
+
+from graphopt import zoo
+from graphopt.capture import capture
+from graphopt.pass_manager import PassContext, PassManager
+from graphopt.pipeline import parse_pipeline
+from graphopt.report import op_counts
+from graphopt.testing import assert_pass_preserves, randomize_bn, run_pass
+
+
+class Branches(nn.Module):
+    """sum of convs (kernel, padding) on x, plus an identity BN and/or x itself."""
+
+    def __init__(
+        self,
+        c_in: int,
+        c_out: int,
+        kernels: list[tuple[tuple[int, ...], tuple[int, ...]]],
+        *,
+        stride: int = 1,
+        groups: int = 1,
+        dilation: int = 1,
+        identity_bn: bool = False,
+        identity: bool = False,
+        dims: int = 2,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        conv = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[dims]
+        bn = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}[dims]
+        self.convs = nn.ModuleList(
+            conv(c_in, c_out, k, stride=stride, padding=p, groups=groups, dilation=dilation)
+            for k, p in kernels
+        )
+        self.bn = bn(c_in) if identity_bn else None
+        if self.bn is not None:
+            randomize_bn(self.bn, torch.Generator().manual_seed(seed))
+        self.identity = identity
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.convs[0](x)
+        for c in self.convs[1:]:
+            out = out + c(x)
+        if self.bn is not None:
+            out = out + self.bn(x)
+        if self.identity:
+            out = x + out
+        return torch.relu(out)
+
+
+def _x(c: int, dims: int = 2, batch: int = 2, size: int = 9) -> torch.Tensor:
+    return torch.randn(batch, c, *([size] * dims))
+
+
+def _count(gm, kind: type) -> int:
+    return sum(
+        1
+        for n in gm.graph.nodes
+        if n.op == "call_module" and isinstance(gm.get_submodule(n.target), kind)
+    )
+
+
+@pytest.mark.parametrize("groups", [1, 2, 8])
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize(
+    "kernels",
+    [
+        [((3, 3), (1, 1)), ((1, 1), (0, 0))],  # RepVGG
+        [((3, 3), (1, 1)), ((1, 3), (0, 1)), ((3, 1), (1, 0))],  # ACNet
+        [((5, 5), (2, 2)), ((3, 3), (1, 1)), ((1, 1), (0, 0)), ((3, 3), (1, 1))],  # MobileOne-ish
+    ],
+    ids=["repvgg", "acnet", "mobileone"],
+)
+def test_grid_of_groups_strides_kernels(groups, stride, kernels):
+    torch.manual_seed(groups * 10 + stride)
+    identity_bn = stride == 1
+    model = Branches(8, 8, kernels, stride=stride, groups=groups, identity_bn=identity_bn).eval()
+    result = assert_pass_preserves(
+        "reparameterize",
+        model,
+        (_x(8),),
+        more_inputs=[(_x(8, batch=3, size=12),)],
+        expect_modified=True,
+    )
+    gm, _ = run_pass("reparameterize", model, (_x(8),))
+    assert _count(gm, nn.Conv2d) == 1 and _count(gm, nn.BatchNorm2d) == 0
+    assert result.stats["collapsed"] == 1
+    assert result.stats["branches-merged"] == len(kernels) + identity_bn
+
+
+@pytest.mark.parametrize("dims", [1, 3])
+def test_conv1d_and_conv3d_with_dilation_and_identity(dims):
+    k3, k1 = (3,) * dims, (1,) * dims
+    model = Branches(
+        4, 4, [(k3, (2,) * dims), (k1, (0,) * dims)], dilation=2, identity=True, dims=dims
+    ).eval()
+    assert_pass_preserves("reparameterize", model, (_x(4, dims, size=7),), expect_modified=True)
+
+
+def test_functional_convs_merge():
+    class Functional(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w3 = nn.Parameter(torch.randn(6, 6, 3, 3))
+            self.w1 = nn.Parameter(torch.randn(6, 6, 1, 1))
+            self.b = nn.Parameter(torch.randn(6))
+
+        def forward(self, x):
+            return F.conv2d(x, self.w3, self.b, padding=1) + F.conv2d(x, self.w1) + x
+
+    result = assert_pass_preserves(
+        "reparameterize", Functional().eval(), (_x(6),), expect_modified=True
+    )
+    assert result.stats["branches-merged"] == 3
+
+
+def test_different_strides_are_refused_not_miscompiled():
+    class Mixed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Conv2d(4, 4, 3, stride=2, padding=1)
+            self.b = nn.Conv2d(4, 4, 1, stride=2)
+            self.c = nn.Conv2d(4, 4, 3, stride=2, padding=1, dilation=1, groups=2)
+
+        def forward(self, x):
+            return self.a(x) + self.b(x) + self.c(x)
+
+    result = assert_pass_preserves("reparameterize", Mixed().eval(), (_x(4, size=8),))
+    assert result.stats.get("skipped:mismatch") == 1 and not result.modified
+
+
+def test_kernels_without_a_common_centre_are_refused():
+    # stride 2 on 8 pixels: a 3x3 (pad 1) and a 2x2 (pad 0) give the same 4x4 output, but the
+    # even kernel has no centre tap to line up with the 3x3's
+    model = Branches(4, 4, [((3, 3), (1, 1)), ((2, 2), (0, 0))], stride=2).eval()
+    result = assert_pass_preserves("reparameterize", model, (_x(4, size=8),))
+    assert result.stats.get("skipped:misaligned") == 1 and not result.modified
+
+
+def test_reflect_padding_is_refused():
+    model = Branches(4, 4, [((3, 3), (1, 1)), ((1, 1), (0, 0))]).eval()
+    model.convs[0].padding_mode = "reflect"
+    result = assert_pass_preserves("reparameterize", model, (_x(4),), expect_modified=False)
+    assert result.stats.get("skipped:padding-mode") == 1
+
+
+def test_branch_used_elsewhere_stays_out_of_the_merge():
+    class Shared(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Conv2d(4, 4, 3, padding=1)
+            self.b = nn.Conv2d(4, 4, 1)
+            self.c = nn.Conv2d(4, 4, 1)
+
+        def forward(self, x):
+            kept = self.c(x)
+            return self.a(x) + self.b(x) + kept, kept * 2
+
+    result = assert_pass_preserves("reparameterize", Shared().eval(), (_x(4),))
+    assert result.stats["branches-merged"] == 2
+
+
+def test_identity_beside_a_strided_conv_is_refused():
+    class Bad(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Conv2d(4, 4, 1, stride=1)
+            self.b = nn.Conv2d(4, 4, 3, padding=0)
+
+        def forward(self, x):
+            return self.a(x)[..., 1:-1, 1:-1] + self.b(x)
+
+    # not a branch sum on one x: nothing to do, nothing changed
+    assert_pass_preserves("reparameterize", Bad().eval(), (_x(4),), expect_modified=False)
+
+
+@given(
+    n_convs=st.integers(1, 4),
+    kernel=st.lists(st.sampled_from([1, 3, 5]), min_size=4, max_size=4),
+    groups=st.sampled_from([1, 2, 4]),
+    stride=st.sampled_from([1, 2]),
+    dilation=st.sampled_from([1, 2]),
+    identity_bn=st.booleans(),
+    identity=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_random_multi_branch_blocks(n_convs, kernel, groups, stride, dilation, identity_bn,
+                                    identity, seed):  # fmt: skip
+    torch.manual_seed(seed)
+    kernels = [((k, k), (dilation * (k // 2),) * 2) for k in kernel[:n_convs]]
+    with_identity = stride == 1
+    model = Branches(
+        4, 4, kernels, stride=stride, groups=groups, dilation=dilation,
+        identity_bn=identity_bn and with_identity, identity=identity and with_identity, seed=seed,
+    ).eval()  # fmt: skip
+    branches = n_convs + (identity_bn and with_identity) + (identity and with_identity)
+    result = assert_pass_preserves(
+        "reparameterize", model, (_x(4, size=7),), expect_modified=branches >= 2
+    )
+    if branches >= 2:
+        assert result.stats["collapsed"] == 1 and result.stats["convs"] == 1
+
+
+@pytest.mark.parametrize(
+    ("name", "blocks"), [("repvgg_a0", 22), ("mobileone_s0", 43)]
+)  # fmt: skip
+def test_train_time_zoo_networks_collapse_to_deploy_form(name, blocks):
+    entry = zoo.get(name)
+    captured = capture(entry.model, entry.example_inputs)
+    before = op_counts(captured.graph)
+    pipe = parse_pipeline("fold-conv-bn,reparameterize,eliminate-dead-code")
+    result = PassManager(pipe, strict=True).run(
+        captured.graph, PassContext(sample_inputs=captured.example_inputs)
+    )
+    after = op_counts(result.graph)
+    assert before["BatchNorm2d"] > 0 and after["BatchNorm2d"] == 0
+    assert after["Conv2d"] == blocks and after["add"] == 0  # one conv per block
+    rep = result.records[1]
+    assert rep.status == "ok" and rep.stats["collapsed"] == blocks
+    assert rep.stats["convs"] == blocks
+    assert result.end_to_end.ok
