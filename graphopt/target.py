@@ -25,13 +25,11 @@ _MOBILE_TRIPLES = {
     "aarch64": "aarch64-linux-gnu",
 }
 
-# The default pipeline per device kind. Clean-ups first so folding sees plain conv->bn pairs,
-# dead code last to drop what folding left behind.
-DEFAULT_PIPELINES = {
-    "cpu": "remove-identity,fold-constants,fold-conv-bn,eliminate-dead-code",
-    "cuda": "remove-identity,fold-constants,fold-conv-bn,eliminate-dead-code",
-    "mobile": "remove-identity,fold-constants,fold-conv-bn,eliminate-dead-code",
-}
+# The default pipeline per device kind. Clean-ups first so folding sees plain conv->bn pairs;
+# re-parameterization after folding (every conv+BN branch is then a conv with a bias); dead code
+# last to drop what folding and merging left behind.
+_DEFAULT = "remove-identity,fold-constants,fold-conv-bn,reparameterize,eliminate-dead-code"
+DEFAULT_PIPELINES = {"cpu": _DEFAULT, "cuda": _DEFAULT, "mobile": _DEFAULT}
 
 
 @dataclass(frozen=True)

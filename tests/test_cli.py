@@ -23,7 +23,7 @@ def test_optimize_zoo_model_prints_report_and_writes_files(tmp_path, capsys):
     assert code == 0
     assert "graphopt report: digits_cnn -> cpu" in captured.out
     assert "fold-conv-bn" in captured.out and "latency" in captured.out
-    assert "[3/4] fold-conv-bn" in captured.err  # progress on stderr
+    assert "[3/5] fold-conv-bn" in captured.err  # progress on stderr
     assert onnx.load(str(out)).graph.node
     data = json.loads(report.read_text())
     assert data["records"][2]["stats"] == {"folded": 2}
