@@ -1,8 +1,23 @@
-"""reparameterize: collapse parallel linear branches that are summed into one convolution.
+"""reparameterize: collapse linear structures into one convolution.
 
 Structural re-parameterization as a graph rewrite: it recognises the *structure*, whatever the
-modules are called. Today's rule (RepVGG, ACNet, MobileOne; run after ``fold-conv-bn``, which
-leaves every conv+BN branch a conv with a bias):
+modules are called. Two rules, applied until neither fires (run after ``fold-conv-bn``, which
+leaves every conv+BN a conv with a bias):
+
+**Sequential** (SESR collapsible blocks, DBB's 1x1 -> kxk): ``conv2(conv1(x))`` with nothing in
+between and ``conv1``'s output used only there, when one of them is a 1x1 (stride 1, no padding,
+one group)::
+
+    kxk then 1x1:  W[o,i,taps] = sum_m W2[o,m] W1[m,i,taps]        b = W2 b1 + b2
+    1x1 then kxk:  W[o,i,taps] = sum_m W2[o,m,taps] W1[m,i]        b = b2 + sum_{m,taps} W2 b1
+
+The second is exact only where conv2 reads no zero padding of conv1's output (padding 0, a
+non-zero padding mode, or ``b1 == 0``): a zero-padded border of ``conv1(x)`` is 0, not ``b1``
+(``skipped:bias-at-padding``; DBB pads with BN's bias to dodge this). A merge that would cost
+more multiply-adds per output than the two convs (a 1x1 bottleneck that reduces channels) is
+left alone (``skipped:more-macs``).
+
+**Parallel** (RepVGG, ACNet, MobileOne):
 
 ``y = sum_i B_i(x)`` where every ``B_i`` is, on the same ``x``,
 
@@ -84,9 +99,11 @@ def _leaves(node: fx.Node, root: fx.Node) -> list[fx.Node]:
     return out
 
 
-def _conv_branch(gm: fx.GraphModule, leaf: fx.Node) -> _Branch | None:
+def _conv_branch(gm: fx.GraphModule, leaf: fx.Node, single_use: bool = True) -> _Branch | None:
     layer = _as_layer(gm, leaf, include_linear=False)
-    if layer is None or layer.kind != "conv" or not layer.constant or len(leaf.users) != 1:
+    if layer is None or layer.kind != "conv" or not layer.constant:
+        return None
+    if single_use and len(leaf.users) != 1:
         return None
     if layer.module is not None:
         m = layer.module
@@ -193,6 +210,80 @@ def _why_not(branches: list[_Branch]) -> str:
     return ""
 
 
+def _dense(weight: torch.Tensor, groups: int) -> torch.Tensor:
+    """A grouped kernel [O, I/g, k..] as the equivalent dense one [O, I, k..]."""
+    if groups == 1:
+        return weight
+    out, per_group = weight.shape[0], weight.shape[1]
+    dense = weight.new_zeros((out, per_group * groups) + tuple(weight.shape[2:]))
+    o_g = out // groups
+    for g in range(groups):
+        dense[g * o_g : (g + 1) * o_g, g * per_group : (g + 1) * per_group] = weight[
+            g * o_g : (g + 1) * o_g
+        ]
+    return dense
+
+
+def _pointwise(b: _Branch) -> bool:
+    return (
+        all(k == 1 for k in b.weight.shape[2:])
+        and all(s == 1 for s in b.stride)
+        and all(p == 0 for p in b.padding)
+    )
+
+
+def _macs(b: _Branch) -> int:
+    """Multiply-adds per output pixel of a branch's conv."""
+    return int(b.weight.numel())
+
+
+def _sequential(gm: fx.GraphModule, stats: Counter) -> bool:
+    changed = False
+    for node in list(gm.graph.nodes):
+        if node.graph is None:
+            continue
+        second = _conv_branch(gm, node, single_use=False)
+        if second is None or not isinstance(second.input, fx.Node):  # type: ignore[attr-defined]
+            continue
+        first = _conv_branch(gm, second.input)  # type: ignore[attr-defined]
+        if first is None or first.weight.dim() != second.weight.dim():
+            continue
+        reason = ""
+        if _pointwise(second) and second.groups == 1:
+            w1 = _dense(first.weight, first.groups)
+            w2 = second.weight.flatten(1)  # [O, M]
+            weight = torch.einsum("om,mi...->oi...", w2, w1)
+            bias = w2 @ first.bias + second.bias
+            outer, pad_mode = first, getattr(first, "padding_mode", "zeros")
+        elif _pointwise(first) and first.groups == 1:
+            pad_mode = getattr(second, "padding_mode", "zeros")
+            if any(second.padding) and pad_mode == "zeros" and bool(first.bias.abs().max() > 0):
+                reason = "bias-at-padding"
+            w1 = first.weight.flatten(1)  # [M, I]
+            w2 = _dense(second.weight, second.groups)
+            weight = torch.einsum("om...,mi->oi...", w2, w1)
+            bias = second.bias + (w2.flatten(2).sum(-1) @ first.bias)
+            outer = second
+        else:
+            continue
+        if not reason and weight.numel() > (_macs(first) + _macs(second)):
+            reason = "more-macs"
+        if reason:
+            stats[f"skipped:{reason}"] += 1
+            continue
+        merged = _Branch(node, "conv", weight, bias, outer.stride, outer.dilation, outer.padding, 1)
+        new = _new_conv(gm, merged, outer.padding, pad_mode, _dtype(gm, [first, second]))
+        with gm.graph.inserting_before(node):
+            conv = gm.graph.call_module(new, (first.input,))  # type: ignore[attr-defined]
+        conv.meta = dict(node.meta)
+        node.replace_all_uses_with(conv)
+        gm.graph.erase_node(node)
+        gm.graph.erase_node(first.node)
+        stats["collapsed-sequential"] += 1
+        changed = True
+    return changed
+
+
 @register_pass
 class Reparameterize(Pass):
     """Collapse parallel linear branches summed on one input (RepVGG, ACNet, MobileOne) into one
@@ -204,14 +295,23 @@ class Reparameterize(Pass):
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         stats: Counter = Counter()
-        for node in list(gm.graph.nodes):
-            if node.graph is None or not _is_add(node):
-                continue
-            users = list(node.users)
-            if len(users) == 1 and _is_add(users[0]):
-                continue  # an inner add: its root handles the whole sum
-            self._collapse(gm, node, stats)
-        if stats["collapsed"]:
+        while True:  # each rule can enable the other (SESR: kxk->1x1 merged, then + x)
+            refusals = Counter()
+            _sequential(gm, refusals)
+            for node in list(gm.graph.nodes):
+                if node.graph is None or not _is_add(node):
+                    continue
+                users = list(node.users)
+                if len(users) == 1 and _is_add(users[0]):
+                    continue  # an inner add: its root handles the whole sum
+                self._collapse(gm, node, refusals)
+            gm.graph.eliminate_dead_code()  # the replaced sums: never collapse them again
+            merged = {k: v for k, v in refusals.items() if not k.startswith("skipped")}
+            stats.update(merged)
+            if not merged:
+                stats.update(refusals)  # the refusals of the last, fixed-point sweep
+                break
+        if stats["collapsed"] or stats["collapsed-sequential"]:
             gm.graph.eliminate_dead_code()
             gm.delete_all_unused_submodules()
             gm.recompile()
@@ -221,7 +321,8 @@ class Reparameterize(Pass):
             if (layer := _as_layer(gm, n, include_linear=False)) is not None
             and layer.kind == "conv"
         )
-        return PassResult(gm, modified=stats["collapsed"] > 0, stats=+stats)
+        modified = stats["collapsed"] + stats["collapsed-sequential"] > 0
+        return PassResult(gm, modified=modified, stats=+stats)
 
     def _collapse(self, gm: fx.GraphModule, root: fx.Node, stats: Counter) -> None:
         leaves = _leaves(root, root)
@@ -277,35 +378,45 @@ class Reparameterize(Pass):
             )
             for d in range(dims)
         )
-        dtype = next(
-            (
-                p.dtype
-                for b in convs
-                if b.node.op == "call_module"
-                for p in gm.get_submodule(b.node.target).parameters()
-            ),
-            torch.float32,
-        )
-        conv = _CONV_BY_DIMS[dims](
-            weight.shape[1] * ref.groups,
-            channels,
-            tuple(weight.shape[2:]),
-            stride=ref.stride,
-            padding=padding,
-            dilation=ref.dilation,
-            groups=ref.groups,
-            bias=True,
-        )
-        with torch.no_grad():
-            conv.weight.copy_(weight.to(dtype))
-            conv.bias.copy_(bias.to(dtype))
-        conv.to(dtype)
-        name = _free_name(gm, "reparam")
-        gm.add_submodule(name, conv)
+        merged = _Branch(root, "conv", weight, bias, ref.stride, ref.dilation, padding, ref.groups)
+        name = _new_conv(gm, merged, padding, "zeros", _dtype(gm, convs))
         with gm.graph.inserting_before(root):
             node = gm.graph.call_module(name, (x,))
         node.meta = dict(root.meta)
         return node
+
+
+def _dtype(gm: fx.GraphModule, branches: list[_Branch]) -> torch.dtype:
+    for b in branches:
+        if b.node.op == "call_module":
+            for p in gm.get_submodule(b.node.target).parameters():
+                return p.dtype
+    return torch.float32
+
+
+def _new_conv(
+    gm: fx.GraphModule, b: _Branch, padding: tuple[int, ...], mode: str, dtype: torch.dtype
+) -> str:
+    """Register a conv module holding ``b``'s float64 weight and bias; return its name."""
+    dims = b.weight.dim() - 2
+    conv = _CONV_BY_DIMS[dims](
+        b.weight.shape[1] * b.groups,
+        b.weight.shape[0],
+        tuple(b.weight.shape[2:]),
+        stride=b.stride,
+        padding=padding,
+        dilation=b.dilation,
+        groups=b.groups,
+        bias=True,
+        padding_mode=mode,
+    )
+    with torch.no_grad():
+        conv.weight.copy_(b.weight)
+        conv.bias.copy_(b.bias)
+    conv.to(dtype)
+    name = _free_name(gm, "reparam")
+    gm.add_submodule(name, conv)
+    return name
 
 
 def _free_name(gm: fx.GraphModule, stem: str) -> str:

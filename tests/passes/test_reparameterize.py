@@ -229,3 +229,48 @@ def test_train_time_zoo_networks_collapse_to_deploy_form(name, blocks):
     assert rep.status == "ok" and rep.stats["collapsed"] == blocks
     assert rep.stats["convs"] == blocks
     assert result.end_to_end.ok
+
+
+class Sequential2(nn.Module):
+    def __init__(self, first: nn.Conv2d, second: nn.Conv2d, residual: bool = False) -> None:
+        super().__init__()
+        self.first, self.second, self.residual = first, second, residual
+
+    def forward(self, x):
+        y = self.second(self.first(x))
+        return torch.relu(y + x if self.residual else y)
+
+
+def test_sesr_collapsible_block_with_residual_becomes_one_conv():
+    torch.manual_seed(0)
+    block = Sequential2(nn.Conv2d(4, 16, 5, padding=2), nn.Conv2d(16, 4, 1), residual=True)
+    result = assert_pass_preserves(
+        "reparameterize", block.eval(), (_x(4),), more_inputs=[(_x(4, batch=1, size=13),)]
+    )
+    assert result.stats["collapsed-sequential"] == 1 and result.stats["collapsed"] == 1
+    gm, _ = run_pass("reparameterize", block.eval(), (_x(4),))
+    assert _count(gm, nn.Conv2d) == 1
+    assert not any(n.op == "call_function" for n in gm.graph.nodes if "add" in str(n.target))
+
+
+@pytest.mark.parametrize("groups", [1, 2])  # 4 groups: the dense merge costs more (refused)
+def test_pointwise_then_kxk_without_padding_or_bias_is_exact(groups):
+    torch.manual_seed(groups)
+    unpadded = Sequential2(nn.Conv2d(4, 8, 1), nn.Conv2d(8, 8, 3, groups=groups))
+    assert_pass_preserves("reparameterize", unpadded.eval(), (_x(4),), expect_modified=True)
+    no_bias = Sequential2(nn.Conv2d(4, 8, 1, bias=False), nn.Conv2d(8, 8, 3, padding=1))
+    assert_pass_preserves("reparameterize", no_bias.eval(), (_x(4),), expect_modified=True)
+    reflect = Sequential2(nn.Conv2d(4, 8, 1), nn.Conv2d(8, 8, 3, padding=1, padding_mode="reflect"))
+    assert_pass_preserves("reparameterize", reflect.eval(), (_x(4),), expect_modified=True)
+
+
+def test_bias_under_zero_padding_and_costly_merges_are_refused():
+    torch.manual_seed(0)
+    padded = Sequential2(nn.Conv2d(4, 8, 1), nn.Conv2d(8, 8, 3, padding=1))
+    result = assert_pass_preserves("reparameterize", padded.eval(), (_x(4),), expect_modified=False)
+    assert result.stats["skipped:bias-at-padding"] == 1
+    bottleneck = Sequential2(nn.Conv2d(32, 4, 1), nn.Conv2d(4, 4, 3))
+    result = assert_pass_preserves(
+        "reparameterize", bottleneck.eval(), (_x(32),), expect_modified=False
+    )
+    assert result.stats["skipped:more-macs"] == 1
