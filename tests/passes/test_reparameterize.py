@@ -274,3 +274,20 @@ def test_bias_under_zero_padding_and_costly_merges_are_refused():
         "reparameterize", bottleneck.eval(), (_x(32),), expect_modified=False
     )
     assert result.stats["skipped:more-macs"] == 1
+
+
+@pytest.mark.parametrize("constant_folding", [True, False])
+def test_fires_on_the_onnx_export_of_a_train_time_network(tmp_path, constant_folding):
+    from graphopt import optimize
+
+    entry = zoo.get("repvgg_a0")
+    path = tmp_path / "repvgg.onnx"
+    torch.onnx.export(
+        entry.model.eval(), entry.example_inputs, str(path), dynamo=False, opset_version=17,
+        do_constant_folding=constant_folding, input_names=["x"], output_names=["y"],
+    )  # fmt: skip
+    result = optimize(path, "cpu", measure=False)
+    record = next(r for r in result.report.records if r.spec == "reparameterize")
+    assert record.status == "ok" and record.stats["collapsed"] == 22
+    assert result.report.ops_after["Conv2d"] == 22 and "BatchNorm2d" not in result.report.ops_after
+    assert result.report.artifact_error.ok
