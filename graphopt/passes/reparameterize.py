@@ -17,6 +17,13 @@ non-zero padding mode, or ``b1 == 0``): a zero-padded border of ``conv1(x)`` is 
 more multiply-adds per output than the two convs (a 1x1 bottleneck that reduces channels) is
 left alone (``skipped:more-macs``).
 
+**Affine around a Linear** (SLAB's re-parameterized BN in transformers): a per-feature affine
+of the Linear's input or output -- ``x * c``, ``x + c``, ``x - c``, ``x / c`` with ``c`` a
+constant scalar or a vector over the last dimension, or an eval BatchNorm1d applied between two
+transposes of the last two dimensions (BN over the feature axis of ``(N, T, C)`` tokens) -- is
+folded into the Linear: after it, ``W' = a W``, ``b' = a b + t``; before it, ``W' = W a``,
+``b' = b + W t``.
+
 **Parallel** (RepVGG, ACNet, MobileOne):
 
 ``y = sum_i B_i(x)`` where every ``B_i`` is, on the same ``x``,
@@ -53,7 +60,13 @@ import torch
 from torch import fx, nn
 
 from graphopt.pass_manager import Numerics, Pass, PassContext, PassResult
-from graphopt.passes.fold_conv_bn import _as_bn, _as_layer, bn_affine
+from graphopt.passes.fold_conv_bn import (
+    _as_bn,
+    _as_layer,
+    _call_counts,
+    _param_owners,
+    bn_affine,
+)
 from graphopt.pipeline import register_pass
 
 _ADDS = {operator.add, torch.add, operator.iadd}
@@ -284,6 +297,147 @@ def _sequential(gm: fx.GraphModule, stats: Counter) -> bool:
     return changed
 
 
+_MULS = {operator.mul, torch.mul}
+_SUBS = {operator.sub, torch.sub}
+_DIVS = {operator.truediv, torch.div}
+_TRANSPOSES = {torch.transpose}
+
+
+def _constant(gm: fx.GraphModule, arg: Any) -> torch.Tensor | None:
+    if isinstance(arg, int | float) and not isinstance(arg, bool):
+        return torch.tensor(float(arg), dtype=torch.float64)
+    if isinstance(arg, fx.Node) and arg.op == "get_attr":
+        obj: Any = gm
+        for part in arg.target.split("."):
+            obj = getattr(obj, part)
+        return obj.detach().double() if isinstance(obj, torch.Tensor) else None
+    return None
+
+
+def _per_feature(c: torch.Tensor, features: int) -> torch.Tensor | None:
+    """``c`` as a vector over the last dimension (length ``features``), if it is one."""
+    if c.numel() == 1:
+        return c.reshape(1).expand(features).clone()
+    if c.numel() == features and c.shape[-1] == features:
+        return c.reshape(features)
+    return None
+
+
+def _affine(gm: fx.GraphModule, node: fx.Node, features: int) -> tuple[fx.Node, Any, Any] | None:
+    """``node`` as ``a * x + t`` per feature of the last dim: (x, a, t), or None."""
+    if node.op == "call_function" and len(node.args) == 2 and not node.kwargs:
+        x, c = node.args
+        if not isinstance(x, fx.Node) and node.target in _MULS | _ADDS:
+            x, c = c, x  # c * x, c + x
+        const = _constant(gm, c)
+        vec = _per_feature(const, features) if const is not None else None
+        if not isinstance(x, fx.Node) or vec is None:
+            return None
+        ones, zeros = (
+            torch.ones(features, dtype=torch.float64),
+            torch.zeros(features, dtype=torch.float64),
+        )
+        if node.target in _MULS:
+            return x, vec, zeros
+        if node.target in _ADDS:
+            return x, ones, vec
+        if node.target in _SUBS and node.args[0] is x:
+            return x, ones, -vec
+        if node.target in _DIVS and node.args[0] is x and bool((vec != 0).all()):
+            return x, 1 / vec, zeros
+        return None
+    # transpose -> BatchNorm1d -> transpose: BN over the feature axis of (N, T, C)
+    inner = _is_swap(node)
+    if inner is None:
+        return None
+    bn = _as_bn(gm, inner)
+    if bn is None or bn.training or bn.mean is None or bn.mean.numel() != features:
+        return None
+    source = _is_swap(bn.input_node) if isinstance(bn.input_node, fx.Node) else None
+    if source is None or len(bn.input_node.users) != 1 or len(inner.users) != 1:
+        return None
+    a, t = bn_affine(bn.mean, bn.var, bn.gamma, bn.beta, bn.eps)
+    return source, a.double(), t.double()
+
+
+def _is_swap(node: fx.Node) -> fx.Node | None:
+    """The input of ``node`` if it swaps the last two dims of a rank-3 tensor, else None."""
+    rank = len(node.meta["tensor_meta"].shape) if "tensor_meta" in node.meta else None
+    if rank != 3 or not isinstance(node.args[0] if node.args else None, fx.Node):
+        return None
+    if (
+        node.op == "call_method"
+        and node.target == "transpose"
+        or (node.op == "call_function" and node.target in _TRANSPOSES)
+    ):
+        dims = {d % 3 for d in node.args[1:3]}
+        return node.args[0] if dims == {1, 2} else None
+    if node.op == "call_method" and node.target == "permute":
+        order = node.args[1:] if len(node.args) > 2 else node.args[1]
+        return node.args[0] if [d % 3 for d in order] == [0, 2, 1] else None
+    return None
+
+
+def _chain_end(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
+    """The last node of a single-use affine chain after ``node``: its only user, or for
+    transpose -> BatchNorm1d -> transpose the second transpose."""
+    users = list(node.users)
+    if len(users) != 1:
+        return None
+    first = users[0]
+    if _is_swap(first) is node and len(first.users) == 1:
+        bn = next(iter(first.users))
+        if _as_bn(gm, bn) is not None and len(bn.users) == 1:
+            return next(iter(bn.users))
+    return first
+
+
+def _affine_linear(gm: fx.GraphModule, stats: Counter) -> None:
+    calls, owners = _call_counts(gm), _param_owners(gm)
+    for node in list(gm.graph.nodes):
+        if node.graph is None:
+            continue
+        layer = _as_layer(gm, node, include_linear=True)
+        if layer is None or layer.kind != "linear" or layer.module is None:
+            continue  # F.linear is left alone: its weights may be read elsewhere
+        if calls[id(layer.module)] != 1 or owners[id(layer.module.weight)] != 1:
+            continue  # a shared Linear: changing it would change its other uses
+        m = layer.module
+        out_f, in_f = m.weight.shape
+        weight = m.weight.detach().double()
+        bias = (
+            m.bias.detach().double()
+            if m.bias is not None
+            else torch.zeros(out_f, dtype=torch.float64)
+        )
+        # after: the Linear's only use is a per-feature affine of it
+        end = _chain_end(gm, node)
+        if end is not None and (aff := _affine(gm, end, out_f)) is not None and aff[0] is node:
+            _, a, t = aff
+            _set_linear(m, weight * a[:, None], a * bias + t)
+            end.replace_all_uses_with(node)
+            node.meta = dict(end.meta)
+            stats["folded-affine"] += 1
+            continue
+        # before: the Linear's input is a per-feature affine used only by it
+        x = layer.input_node
+        if isinstance(x, fx.Node) and len(x.users) == 1 and (aff := _affine(gm, x, in_f)):
+            source, a, t = aff
+            _set_linear(m, weight * a[None, :], bias + weight @ t)
+            node.replace_input_with(x, source)
+            stats["folded-affine"] += 1
+
+
+def _set_linear(m: nn.Linear, weight: torch.Tensor, bias: torch.Tensor) -> None:
+    dtype = m.weight.dtype
+    with torch.no_grad():
+        m.weight.copy_(weight.to(dtype))
+        if m.bias is None:
+            m.bias = nn.Parameter(bias.to(dtype))
+        else:
+            m.bias.copy_(bias.to(dtype))
+
+
 @register_pass
 class Reparameterize(Pass):
     """Collapse parallel linear branches summed on one input (RepVGG, ACNet, MobileOne) into one
@@ -298,6 +452,7 @@ class Reparameterize(Pass):
         while True:  # each rule can enable the other (SESR: kxk->1x1 merged, then + x)
             refusals = Counter()
             _sequential(gm, refusals)
+            _affine_linear(gm, refusals)
             for node in list(gm.graph.nodes):
                 if node.graph is None or not _is_add(node):
                     continue
@@ -311,7 +466,7 @@ class Reparameterize(Pass):
             if not merged:
                 stats.update(refusals)  # the refusals of the last, fixed-point sweep
                 break
-        if stats["collapsed"] or stats["collapsed-sequential"]:
+        if stats["collapsed"] or stats["collapsed-sequential"] or stats["folded-affine"]:
             gm.graph.eliminate_dead_code()
             gm.delete_all_unused_submodules()
             gm.recompile()
@@ -321,7 +476,7 @@ class Reparameterize(Pass):
             if (layer := _as_layer(gm, n, include_linear=False)) is not None
             and layer.kind == "conv"
         )
-        modified = stats["collapsed"] + stats["collapsed-sequential"] > 0
+        modified = stats["collapsed"] + stats["collapsed-sequential"] + stats["folded-affine"] > 0
         return PassResult(gm, modified=modified, stats=+stats)
 
     def _collapse(self, gm: fx.GraphModule, root: fx.Node, stats: Counter) -> None:

@@ -291,3 +291,53 @@ def test_fires_on_the_onnx_export_of_a_train_time_network(tmp_path, constant_fol
     assert record.status == "ok" and record.stats["collapsed"] == 22
     assert result.report.ops_after["Conv2d"] == 22 and "BatchNorm2d" not in result.report.ops_after
     assert result.report.artifact_error.ok
+
+
+class TokenBN(nn.Module):
+    """SLAB-style: BatchNorm1d over the features of (N, T, C) tokens, around Linears, and a
+    per-feature scale and shift (layer-scale style) after the second one."""
+
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__()
+        gen = torch.Generator().manual_seed(seed)
+        self.bn_in = nn.BatchNorm1d(16)
+        self.fc1 = nn.Linear(16, 32)
+        self.bn_mid = nn.BatchNorm1d(32)
+        self.fc2 = nn.Linear(32, 16, bias=False)
+        self.gamma = nn.Parameter(torch.randn(16, generator=gen))
+        self.beta = nn.Parameter(torch.randn(16, generator=gen))
+        for bn in (self.bn_in, self.bn_mid):
+            randomize_bn(bn, gen)
+
+    def forward(self, x):
+        h = self.bn_in(x.transpose(1, 2)).transpose(1, 2)
+        h = self.bn_mid(self.fc1(h).transpose(-1, -2)).transpose(-1, -2)
+        h = torch.relu(h)
+        return self.fc2(h) * self.gamma + self.beta - 0.5
+
+
+def test_batchnorm_and_affines_around_linears_fold_into_them():
+    model = TokenBN().eval()
+    x = torch.randn(2, 7, 16)
+    result = assert_pass_preserves(
+        "reparameterize", model, (x,), more_inputs=[(torch.randn(3, 5, 16),)]
+    )
+    gm, _ = run_pass("reparameterize", model, (x,))
+    assert _count(gm, nn.BatchNorm1d) == 0 and _count(gm, nn.Linear) == 2
+    assert result.stats["folded-affine"] == 5  # bn_in, bn_mid, * gamma, + beta, - 0.5
+    ops = {n.target for n in gm.graph.nodes if n.op in ("call_function", "call_method")}
+    assert ops <= {torch.relu}, ops
+
+
+def test_shared_linear_is_not_changed_for_one_use():
+    class Shared(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(8, 8)
+
+        def forward(self, x):
+            return self.fc(x) * 3.0 + self.fc(x + 1.0)
+
+    assert_pass_preserves(
+        "reparameterize", Shared().eval(), (torch.randn(4, 8),), expect_modified=False
+    )
