@@ -319,8 +319,7 @@ def _report_tvm(report: Report, artifact: Any) -> None:
     if artifact.tuning is not None:
         report.tvm_tuning = {**artifact.tuning.to_dict(), "summary": artifact.tuning.describe()}
         report.warnings += artifact.tuning.warnings
-    heavy = [t.name for t in artifact.tasks if t.heavy and t.status != "tuned"]
-    if heavy:
+    if heavy := artifact.heavy_untuned:
         report.warnings.append(
             f"{len(heavy)} compute-heavy TVM task(s) run untuned default schedules "
             "(untuned TVM is ~100x slower than ONNX Runtime on the zoo CNNs); tune with "
@@ -364,8 +363,7 @@ def _choose_backend(lowering, ort, ort_artifact, tvm_options, measure, tgt, say)
     if tvm_error is not None and not tvm_error.ok:
         report.backend_choice = "onnxruntime: the TVM artifact disagrees with the model"
         return ort, ort_artifact
-    heavy = [t.name for t in tvm_artifact.tasks if t.heavy and t.status != "tuned"]
-    if heavy:
+    if heavy := tvm_artifact.heavy_untuned:
         report.backend_choice = (
             f"onnxruntime: TVM is not tuned for this model ({len(heavy)} compute-heavy tasks "
             "untuned); pass trials=N or tune_minutes=M to tune and compare"

@@ -131,6 +131,30 @@ def cache_key(**parts: Any) -> str:
     return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
 
 
+def write_json_atomic(path: Path, data: Any, indent: int | None = None) -> None:
+    """Write ``data`` as JSON to ``path`` so that readers see the old file or the new, whole."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-")
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=indent)
+    os.replace(tmp, path)
+
+
+def cached_latency(
+    key: str, measure: Callable[[], Latency], cache: LatencyCache | None, use_cache: bool
+) -> Latency:
+    """``measure()``, or its earlier result under ``key`` in ``cache`` (default: the disk
+    cache); ``use_cache=False`` always measures and stores nothing. The backends' ``measure``."""
+    if not use_cache:
+        return measure()
+    cache = cache if cache is not None else LatencyCache()
+    if (hit := cache.get(key)) is not None:
+        return hit
+    latency = measure()
+    cache.put(key, latency)
+    return latency
+
+
 class LatencyCache:
     """A JSON file of ``key -> Latency``. Writes are atomic; a bad file is ignored with a warning."""
 
@@ -180,11 +204,7 @@ class LatencyCache:
         entries = self._load()
         entries[key] = asdict(latency)
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".latency-")
-            with os.fdopen(fd, "w") as f:
-                json.dump({"version": self.VERSION, "entries": entries}, f)
-            os.replace(tmp, self.path)
+            write_json_atomic(self.path, {"version": self.VERSION, "entries": entries})
         except OSError as exc:  # a read-only cache dir costs re-measuring, nothing more
             log.warning("could not write latency cache %s: %s", self.path, exc)
 

@@ -35,6 +35,7 @@ from graphopt.backends.measure import (
     LatencyCache,
     available_cores,
     cache_key,
+    cached_latency,
     time_callable,
     time_interleaved,
 )
@@ -356,15 +357,14 @@ class OnnxRuntimeBackend:
             runs=runs,
             warmup=warmup,
         )
-        cache = self.cache if self.cache is not None else (LatencyCache() if use_cache else None)
-        if use_cache and cache is not None and (hit := cache.get(key)) is not None:
-            return hit
-        latency = time_callable(
-            lambda: artifact.run(arrays), warmup=warmup, runs=runs, max_time_s=max_time_s
+        return cached_latency(
+            key,
+            lambda: time_callable(
+                lambda: artifact.run(arrays), warmup=warmup, runs=runs, max_time_s=max_time_s
+            ),
+            self.cache,
+            use_cache,
         )
-        if use_cache and cache is not None:
-            cache.put(key, latency)
-        return latency
 
     def candidate_settings(self) -> list[dict[str, Any]]:
         """The default candidates of ``select_settings`` (at most 5).

@@ -28,6 +28,7 @@ Targets use TVM's dict form (MetaSchedule refuses ``llvm -mcpu=...`` strings and
 
 from __future__ import annotations
 
+import copy
 import functools
 import hashlib
 import json
@@ -50,9 +51,12 @@ from graphopt.backends.measure import (
     LatencyCache,
     available_cores,
     cache_key,
+    cached_latency,
     default_cache_dir,
     time_callable,
+    write_json_atomic,
 )
+from graphopt.backends.tvm_rpc import flatten_outputs
 from graphopt.errors import BackendError
 from graphopt.report import TVM_STATUSES
 from graphopt.target import Target
@@ -72,7 +76,6 @@ except ImportError as exc:  # pragma: no cover - exercised where the extra is mi
 # op names whose fused tasks are worth tuning; the rest (elementwise, reshapes) get the default
 # schedule, which is close to what tuning would find for memory-bound loops.
 HEAVY_OPS = ("conv", "matmul", "dense", "pool", "mean", "sum", "softmax", "batch_matmul")
-TASK_STATUSES = TVM_STATUSES
 DB_FORMAT = 1
 SECONDS_PER_TRIAL = 1.5  # measured here: ResNet-18 candidates, 2 cores, persistent builder
 BUILD_TIMEOUT_S = 120.0  # MetaSchedule's 30 s default is less than a loaded 2-core machine needs
@@ -330,22 +333,21 @@ class TuningDatabase:
         self.target = target
         self.warnings: list[str] = []
         self.meta = self._validate()
-        from tvm.s_tir import meta_schedule as ms
-
         try:
-            self.db = ms.database.JSONDatabase(
-                path_workload=str(self.workload_file),
-                path_tuning_record=str(self.record_file),
-                allow_missing=True,
-            )
+            self.db = self._open()
         except Exception as exc:  # TVM rejected files that parsed as JSON
             self._set_aside("corrupt", f"TVM could not read it ({exc})")
             self.meta = self._fresh_meta()
-            self.db = ms.database.JSONDatabase(
-                path_workload=str(self.workload_file),
-                path_tuning_record=str(self.record_file),
-                allow_missing=True,
-            )
+            self.db = self._open()
+
+    def _open(self) -> Any:
+        from tvm.s_tir import meta_schedule as ms
+
+        return ms.database.JSONDatabase(
+            path_workload=str(self.workload_file),
+            path_tuning_record=str(self.record_file),
+            allow_missing=True,
+        )
 
     @property
     def workload_file(self) -> Path:
@@ -366,9 +368,7 @@ class TuningDatabase:
         return meta
 
     def _write_meta(self, meta: dict[str, Any]) -> None:
-        tmp = self.meta_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(meta, indent=1))
-        os.replace(tmp, self.meta_file)
+        write_json_atomic(self.meta_file, meta, indent=1)
 
     def _set_aside(self, kind: str, why: str) -> None:
         dest = self.path.with_name(f"{self.path.name}.{kind}-{int(time.time())}")
@@ -473,11 +473,9 @@ class TvmArtifact:
         return is_cross(self.target)
 
     @property
-    def untuned(self) -> list[TaskInfo]:
-        return [t for t in self.tasks if t.status != "tuned"]
-
-    def status_counts(self) -> dict[str, int]:
-        return {s: sum(t.status == s for t in self.tasks) for s in TASK_STATUSES}
+    def heavy_untuned(self) -> list[str]:
+        """Compute-heavy tasks running a schedule no measurement chose."""
+        return [t.name for t in self.tasks if t.heavy and t.status != "tuned"]
 
     def _local_vm(self) -> tuple[Any, Any]:
         if self._vm is None:
@@ -512,7 +510,7 @@ class TvmArtifact:
             out = vm["main"](*args)
         except Exception as exc:
             raise BackendError(f"the TVM VM failed to run the model: {exc}") from exc
-        return flatten_outputs(out)
+        return flatten_outputs(out)  # the one flattener, shared with remote runs
 
     def save(self, path: str | Path) -> Path:
         """Write a shared library (weights embedded) that TVM's runtime alone can load."""
@@ -528,17 +526,6 @@ class TvmArtifact:
         except Exception as exc:
             raise BackendError(f"exporting the TVM library failed: {exc}") from exc
         return path
-
-
-def flatten_outputs(out: Any) -> list[np.ndarray]:
-    if isinstance(out, tvm.runtime.Tensor):
-        return [out.numpy()]
-    if hasattr(out, "__len__") and not isinstance(out, str | bytes):
-        flat: list[np.ndarray] = []
-        for item in out:
-            flat.extend(flatten_outputs(item))
-        return flat
-    return [np.asarray(out)]
 
 
 def cross_compiler_name(target: tvm.target.Target) -> str:
@@ -641,10 +628,9 @@ class TvmBackend:
 
     def without_tuning(self) -> TvmBackend:
         """A copy that applies the database but never tunes (for probes such as bisection)."""
-        copy = object.__new__(TvmBackend)
-        copy.__dict__.update(self.__dict__)
-        copy.trials, copy.minutes, copy.progress = 0, None, False
-        return copy
+        quiet = copy.copy(self)
+        quiet.trials, quiet.minutes, quiet.progress = 0, None, False
+        return quiet
 
     def settings(self) -> dict[str, Any]:
         return {"target": target_json(self.tvm_target), "rpc": self.rpc and self.rpc.describe()}
@@ -682,15 +668,15 @@ class TvmBackend:
                 )
             except Exception as exc:
                 raise BackendError(f"TVM failed to build the module: {exc}") from exc
-        heavy_untuned = [t.name for t in tasks if t.heavy and t.status != "tuned"]
-        if heavy_untuned:
+        artifact = TvmArtifact(executable, self.tvm_target, input_shapes, tasks, tuning, self.rpc)
+        if heavy := artifact.heavy_untuned:
             log.warning(
                 "TVM: %d compute-heavy task(s) run untuned schedules (%s); tune with trials=N "
                 "or minutes=M for competitive latency.",
-                len(heavy_untuned),
-                ", ".join(heavy_untuned[:5]) + ("..." if len(heavy_untuned) > 5 else ""),
+                len(heavy),
+                ", ".join(heavy[:5]) + ("..." if len(heavy) > 5 else ""),
             )
-        return TvmArtifact(executable, self.tvm_target, input_shapes, tasks, tuning, self.rpc)
+        return artifact
 
     def _schedule(
         self, fused: tvm.IRModule, database: TuningDatabase
@@ -711,7 +697,7 @@ class TvmBackend:
                 continue
             applied[name] = scheduled
             tasks.append(TaskInfo(name, "default", heavy))
-        return applied, sorted(tasks, key=lambda t: (TASK_STATUSES.index(t.status), t.name))
+        return applied, sorted(tasks, key=lambda t: (TVM_STATUSES.index(t.status), t.name))
 
     # ---- tuning
 
@@ -742,7 +728,6 @@ class TvmBackend:
         enough_time = self.minutes is not None and spent.get("minutes", 0) >= self.minutes
         if spent and (enough_trials or enough_time or spent.get("exhausted")) and covered:
             summary.reused = True
-            summary.trials_run = 0
             return summary
         tracker = self._run_tuner(tasks, database)
         summary.curve = tracker.curve
@@ -851,22 +836,17 @@ class TvmBackend:
                 runs=runs,
                 warmup=warmup,
             )
-            cache = (
-                self.cache if self.cache is not None else (LatencyCache() if use_cache else None)
-            )
-            if use_cache and cache is not None and (hit := cache.get(key)) is not None:
-                return hit
-            if self.rpc is not None:
-                from graphopt.backends.tvm_rpc import measure_library
 
-                latency = measure_library(lib, arrays, self.rpc, repeat=max(5, runs // 5))
-            else:
-                latency = time_callable(
+            def measure() -> Latency:
+                if self.rpc is not None:
+                    from graphopt.backends.tvm_rpc import measure_library
+
+                    return measure_library(lib, arrays, self.rpc, repeat=max(5, runs // 5))
+                return time_callable(
                     lambda: model.run(arrays), warmup=warmup, runs=runs, max_time_s=max_time_s
                 )
-        if use_cache and cache is not None:
-            cache.put(key, latency)
-        return latency
+
+            return cached_latency(key, measure, self.cache, use_cache)
 
 
 def _lower_pipeline() -> Any:

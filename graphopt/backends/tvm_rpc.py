@@ -251,10 +251,14 @@ def _remote_vm(
         gc.collect()
 
 
-def _flatten_outputs(value: Any) -> list[np.ndarray]:
-    if isinstance(value, tuple | list):
-        return [arr for v in value for arr in _flatten_outputs(v)]
-    return [value.numpy()]
+def flatten_outputs(value: Any) -> list[np.ndarray]:
+    """A Relax VM's result (a tensor, or nested tuples/arrays of them) as a flat list of arrays,
+    local or remote."""
+    if hasattr(value, "numpy"):
+        return [value.numpy()]
+    if hasattr(value, "__len__") and not isinstance(value, str | bytes):
+        return [arr for v in value for arr in flatten_outputs(v)]
+    return [np.asarray(value)]
 
 
 def run_library(
@@ -270,7 +274,7 @@ def run_library(
     ``dev_type`` names the remote device (``"cpu"``, ``"cuda"``, ``"opencl"``, ``"vulkan"``...).
     """
     with _remote_vm(lib_path, inputs, device, dev_type, entry) as (vm, _):
-        return _flatten_outputs(vm.get_outputs(entry))
+        return flatten_outputs(vm.get_outputs(entry))
 
 
 def measure_library(
