@@ -84,6 +84,8 @@ class _Branch:
     padding: tuple[int, ...] = ()
     groups: int = 1
     scale: torch.Tensor | None = None  # identity branches: per-channel a (and shift t in bias)
+    input: Any = None  # the node the branch reads (x)
+    padding_mode: str = "zeros"
 
 
 def _tuple(v: Any, dims: int) -> tuple[int, ...]:
@@ -144,8 +146,8 @@ def _conv_branch(gm: fx.GraphModule, leaf: fx.Node, single_use: bool = True) -> 
         _tuple(padding, dims),
         layer.groups,
     )
-    branch.padding_mode = layer.padding_mode  # type: ignore[attr-defined]
-    branch.input = layer.input_node  # type: ignore[attr-defined]
+    branch.padding_mode = layer.padding_mode
+    branch.input = layer.input_node
     return branch
 
 
@@ -157,7 +159,7 @@ def _bn_branch(gm: fx.GraphModule, leaf: fx.Node) -> _Branch | None:
         return None
     a, t = bn_affine(bn.mean, bn.var, bn.gamma, bn.beta, bn.eps)
     branch = _Branch(leaf, "bn", bias=t.double(), scale=a.double())
-    branch.input = bn.input_node  # type: ignore[attr-defined]
+    branch.input = bn.input_node
     return branch
 
 
@@ -194,7 +196,7 @@ def _why_not(branches: list[_Branch]) -> str:
     ref = convs[0]
     dims = ref.weight.dim() - 2
     for b in convs:
-        if getattr(b, "padding_mode", "zeros") != "zeros":
+        if b.padding_mode != "zeros":
             return "padding-mode"
         if (
             b.weight.dim() != ref.weight.dim()
@@ -250,15 +252,14 @@ def _macs(b: _Branch) -> int:
     return int(b.weight.numel())
 
 
-def _sequential(gm: fx.GraphModule, stats: Counter) -> bool:
-    changed = False
+def _sequential(gm: fx.GraphModule, stats: Counter) -> None:
     for node in list(gm.graph.nodes):
         if node.graph is None:
             continue
         second = _conv_branch(gm, node, single_use=False)
-        if second is None or not isinstance(second.input, fx.Node):  # type: ignore[attr-defined]
+        if second is None or not isinstance(second.input, fx.Node):
             continue
-        first = _conv_branch(gm, second.input)  # type: ignore[attr-defined]
+        first = _conv_branch(gm, second.input)
         if first is None or first.weight.dim() != second.weight.dim():
             continue
         reason = ""
@@ -267,9 +268,9 @@ def _sequential(gm: fx.GraphModule, stats: Counter) -> bool:
             w2 = second.weight.flatten(1)  # [O, M]
             weight = torch.einsum("om,mi...->oi...", w2, w1)
             bias = w2 @ first.bias + second.bias
-            outer, pad_mode = first, getattr(first, "padding_mode", "zeros")
+            outer, pad_mode = first, first.padding_mode
         elif _pointwise(first) and first.groups == 1:
-            pad_mode = getattr(second, "padding_mode", "zeros")
+            pad_mode = second.padding_mode
             if any(second.padding) and pad_mode == "zeros" and bool(first.bias.abs().max() > 0):
                 reason = "bias-at-padding"
             w1 = first.weight.flatten(1)  # [M, I]
@@ -287,14 +288,12 @@ def _sequential(gm: fx.GraphModule, stats: Counter) -> bool:
         merged = _Branch(node, "conv", weight, bias, outer.stride, outer.dilation, outer.padding, 1)
         new = _new_conv(gm, merged, outer.padding, pad_mode, _dtype(gm, [first, second]))
         with gm.graph.inserting_before(node):
-            conv = gm.graph.call_module(new, (first.input,))  # type: ignore[attr-defined]
+            conv = gm.graph.call_module(new, (first.input,))
         conv.meta = dict(node.meta)
         node.replace_all_uses_with(conv)
         gm.graph.erase_node(node)
         gm.graph.erase_node(first.node)
         stats["collapsed-sequential"] += 1
-        changed = True
-    return changed
 
 
 _MULS = {operator.mul, torch.mul}
@@ -438,6 +437,9 @@ def _set_linear(m: nn.Linear, weight: torch.Tensor, bias: torch.Tensor) -> None:
             m.bias.copy_(bias.to(dtype))
 
 
+_MERGES = ("collapsed", "collapsed-sequential", "folded-affine")  # stats that change the graph
+
+
 @register_pass
 class Reparameterize(Pass):
     """Collapse parallel linear branches summed on one input (RepVGG, ACNet, MobileOne) into one
@@ -450,24 +452,23 @@ class Reparameterize(Pass):
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         stats: Counter = Counter()
         while True:  # each rule can enable the other (SESR: kxk->1x1 merged, then + x)
-            refusals = Counter()
-            _sequential(gm, refusals)
-            _affine_linear(gm, refusals)
+            sweep: Counter = Counter()
+            _sequential(gm, sweep)
+            _affine_linear(gm, sweep)
             for node in list(gm.graph.nodes):
-                if node.graph is None or not _is_add(node):
+                if node.graph is None or not _is_add(node) or not node.users:
                     continue
                 users = list(node.users)
                 if len(users) == 1 and _is_add(users[0]):
                     continue  # an inner add: its root handles the whole sum
-                self._collapse(gm, node, refusals)
-            gm.graph.eliminate_dead_code()  # the replaced sums: never collapse them again
-            merged = {k: v for k, v in refusals.items() if not k.startswith("skipped")}
-            stats.update(merged)
-            if not merged:
-                stats.update(refusals)  # the refusals of the last, fixed-point sweep
+                self._collapse(gm, node, sweep)
+            if not any(sweep[k] for k in _MERGES):
+                stats.update(sweep)  # the refusals of the last, fixed-point sweep
                 break
-        if stats["collapsed"] or stats["collapsed-sequential"] or stats["folded-affine"]:
-            gm.graph.eliminate_dead_code()
+            stats.update({k: v for k, v in sweep.items() if not k.startswith("skipped")})
+            gm.graph.eliminate_dead_code()  # the replaced sums: never collapse them again
+        modified = any(stats[k] for k in _MERGES)
+        if modified:
             gm.delete_all_unused_submodules()
             gm.recompile()
         stats["convs"] = sum(
@@ -476,7 +477,6 @@ class Reparameterize(Pass):
             if (layer := _as_layer(gm, n, include_linear=False)) is not None
             and layer.kind == "conv"
         )
-        modified = stats["collapsed"] + stats["collapsed-sequential"] + stats["folded-affine"] > 0
         return PassResult(gm, modified=modified, stats=+stats)
 
     def _collapse(self, gm: fx.GraphModule, root: fx.Node, stats: Counter) -> None:
@@ -490,7 +490,7 @@ class Reparameterize(Pass):
             if branch is None:
                 rest.append(leaf)
                 continue
-            by_input.setdefault(branch.input, []).append(branch)  # type: ignore[attr-defined]
+            by_input.setdefault(branch.input, []).append(branch)
         for x, branches in by_input.items():
             if x in leaves:  # x itself is summed too: an identity branch
                 branches.append(_Branch(x, "identity"))
