@@ -90,10 +90,11 @@ class OptimizedModel:
             )
             if not ok or dtype != spec.dtype:
                 got = f"{str(dtype).replace('torch.', '')}{list(shape)}"
+                free = " (N = any batch size)" if None in spec.shape else ""
                 raise InputError(
-                    f"input {i} should be {spec.describe()} (N = any "
-                    f"batch size), got {got}. The model was optimized for that "
-                    "shape; re-run optimize() with example inputs of the new shape."
+                    f"input {i} should be {spec.describe()}{free}, got {got}. The model was "
+                    "optimized for that shape; re-run optimize() with example inputs of the new "
+                    "shape."
                 )
 
     def __call__(self, *args: Any) -> Any:
@@ -119,7 +120,12 @@ class OptimizedModel:
                 f"the {self.report.backend} backend saves {' or '.join(suffixes)} files; name "
                 f"the output accordingly (got {path.name!r})."
             )
-        return self.artifact.save(path)
+        try:
+            return self.artifact.save(path)
+        except OSError as exc:  # every backend: an unwritable place is the user's to fix
+            raise GraphoptError(
+                f"cannot write {path}: {exc.strerror or exc}; choose a writable directory."
+            ) from exc
 
     def __repr__(self) -> str:
         return (

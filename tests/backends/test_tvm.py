@@ -93,6 +93,10 @@ def test_tvm_artifact_is_static_shape(tmp_path):
         result(torch.randn(3, 3, 16, 16))
     with pytest.raises(GraphoptError, match=r"\.so"):
         result.save(tmp_path / "model.onnx")
+    blocked = tmp_path / "file"
+    blocked.write_text("not a directory")
+    with pytest.raises(GraphoptError, match="cannot write"):
+        result.save(blocked / "model.so")
 
 
 def test_exported_library_runs_in_a_fresh_process_without_graphopt(tuned, tmp_path):
