@@ -51,12 +51,14 @@ whose weights are not constants (its branch is simply left out of the merge).
 
 from __future__ import annotations
 
+import math
 import operator
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import fx, nn
 
 from graphopt.pass_manager import Numerics, Pass, PassContext, PassResult
@@ -65,12 +67,30 @@ from graphopt.passes.fold_conv_bn import (
     _as_layer,
     _call_counts,
     _param_owners,
+    _rank,
     bn_affine,
 )
 from graphopt.pipeline import register_pass
 
-_ADDS = {operator.add, torch.add, operator.iadd}
+aten = torch.ops.aten
+# in-place forms (``out += y``; aten's add_) mutate their first operand: _binary requires that
+# operand to have no other use, so reading it as an out-of-place op is sound
+_INPLACE = {operator.iadd, operator.isub, operator.imul, aten.add_.Tensor, aten.sub_.Tensor}
+_INPLACE |= {aten.mul_.Tensor}
+_ADDS = {operator.add, torch.add, operator.iadd, aten.add.Tensor, aten.add_.Tensor}
+_SUBS = {operator.sub, torch.sub, operator.isub, aten.sub.Tensor, aten.sub_.Tensor}
+_MULS = {operator.mul, torch.mul, operator.imul, aten.mul.Tensor, aten.mul_.Tensor}
+_DIVS = {operator.truediv, torch.div, aten.div.Tensor}
+_TRANSPOSES = {torch.transpose}
+_CATS = {torch.cat, torch.concat, aten.cat.default}
+_PADS = {F.pad, aten.pad.default, aten.constant_pad_nd.default}
+_POOL_FUNCTIONS = {F.avg_pool1d: 1, F.avg_pool2d: 2, F.avg_pool3d: 3}
+_POOL_FUNCTIONS |= {aten.avg_pool1d.default: 1, aten.avg_pool2d.default: 2}
+_POOL_FUNCTIONS |= {aten.avg_pool3d.default: 3}
+_POOL_MODULES = {nn.AvgPool1d: 1, nn.AvgPool2d: 2, nn.AvgPool3d: 3}
 _CONV_BY_DIMS = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+_F64 = torch.float64
+_FC_MAX = 4096  # conv -> FC: at most this many input features (the identity basis is n x n)
 
 
 @dataclass
@@ -83,42 +103,162 @@ class _Branch:
     dilation: tuple[int, ...] = ()
     padding: tuple[int, ...] = ()
     groups: int = 1
-    scale: torch.Tensor | None = None  # identity branches: per-channel a (and shift t in bias)
+    scale: torch.Tensor | None = None  # bn / identity: per-channel a (shift t is the bias)
     input: Any = None  # the node the branch reads (x)
     padding_mode: str = "zeros"
+    pool: bool = False  # an average pool written as a depthwise conv
+
+
+# ------------------------------------------------------------------------------------------------
+# node predicates
+
+
+def _binary(node: fx.Node, functions: set, method: str) -> bool:
+    if node.op == "call_function" and node.target in functions:
+        if node.target in _INPLACE and (
+            not isinstance(node.args[0], fx.Node) or len(node.args[0].users) != 1
+        ):
+            return False
+        return len(node.args) == 2 and not node.kwargs.get("alpha")
+    return node.op == "call_method" and node.target == method and len(node.args) == 2
+
+
+def _is_add(node: fx.Node) -> bool:
+    return _binary(node, _ADDS, "add")
+
+
+def _is_sub(node: fx.Node) -> bool:
+    return _binary(node, _SUBS, "sub")
+
+
+def _is_sum(node: fx.Node) -> bool:
+    """An add or subtract of two graph values (not of a scalar)."""
+    return (_is_add(node) or _is_sub(node)) and all(isinstance(a, fx.Node) for a in node.args)
+
+
+def _is_pad(node: Any) -> bool:
+    return isinstance(node, fx.Node) and node.op == "call_function" and node.target in _PADS
+
+
+def _shape(node: Any) -> tuple[int, ...] | None:
+    if not isinstance(node, fx.Node):
+        return None
+    meta = node.meta.get("tensor_meta", node.meta.get("val"))
+    return tuple(int(d) for d in meta.shape) if hasattr(meta, "shape") else None
 
 
 def _tuple(v: Any, dims: int) -> tuple[int, ...]:
     return tuple(int(x) for x in v) if isinstance(v, list | tuple) else (int(v),) * dims
 
 
-def _is_add(node: fx.Node) -> bool:
-    if node.op == "call_function" and node.target in _ADDS:
-        return len(node.args) == 2 and not node.kwargs.get("alpha")
-    return node.op == "call_method" and node.target == "add" and len(node.args) == 2
+def _constant(gm: fx.GraphModule, arg: Any) -> torch.Tensor | None:
+    if isinstance(arg, int | float) and not isinstance(arg, bool):
+        return torch.tensor(float(arg), dtype=_F64)
+    if isinstance(arg, fx.Node) and arg.op == "get_attr":
+        obj: Any = gm
+        for part in arg.target.split("."):
+            obj = getattr(obj, part)
+        return obj.detach().double() if isinstance(obj, torch.Tensor) else None
+    return None
 
 
-def _leaves(node: fx.Node, root: fx.Node) -> list[fx.Node]:
-    """The operands of the add tree rooted at ``node`` (inner adds used only by the tree)."""
-    out: list[fx.Node] = []
-    for arg in node.args:
-        if not isinstance(arg, fx.Node):
-            return []  # a scalar in the sum: not a branch structure
-        if _is_add(arg) and len(arg.users) == 1 and arg is not root:
-            inner = _leaves(arg, root)
-            if not inner:
-                return []
-            out += inner
-        else:
-            out.append(arg)
-    return out
+def _vector(c: torch.Tensor, rank: int | None, axis: int) -> torch.Tensor | None:
+    """``c`` as a vector along ``axis`` of a rank-``rank`` tensor it broadcasts against: shape
+    [n], or [1] for a scalar; None if it varies along any other axis."""
+    if c.numel() == 1:
+        return c.reshape(1)
+    rank = c.dim() if rank is None and axis < 0 else rank
+    if rank is None or c.dim() > rank:
+        return None
+    shape = (1,) * (rank - c.dim()) + tuple(c.shape)
+    axis %= rank
+    if any(s != 1 for i, s in enumerate(shape) if i != axis):
+        return None
+    return c.reshape(-1)
+
+
+def _full(v: torch.Tensor, n: int) -> torch.Tensor | None:
+    """A [1] or [n] vector as [n]; None for any other length."""
+    if v.numel() == 1:
+        return v.reshape(1).expand(n).clone()
+    return v.reshape(n) if v.numel() == n else None
+
+
+def _scaled(gm: fx.GraphModule, node: fx.Node, rank: int | None) -> tuple[fx.Node, Any] | None:
+    """``node`` as ``c * inner`` (or ``inner / c``) with ``c`` a constant per channel (axis 1)."""
+    if node.op != "call_function" or len(node.args) != 2 or node.kwargs:
+        return None
+    if node.target not in _MULS | _DIVS or node.target in _INPLACE:
+        return None
+    x, c = node.args
+    if node.target in _MULS and _constant(gm, x) is not None:
+        x, c = c, x  # c * x
+    if not isinstance(x, fx.Node) or _constant(gm, x) is not None:
+        return None
+    const = _constant(gm, c)
+    vec = _vector(const, rank, 1) if const is not None else None
+    if vec is None:
+        return None
+    if node.target in _DIVS:
+        return (x, 1 / vec) if bool((vec != 0).all()) else None
+    return x, vec
+
+
+def _times(c: torch.Tensor | None, factor: torch.Tensor) -> torch.Tensor:
+    return factor if c is None else c * factor
+
+
+def _expand(gm: fx.GraphModule, node: fx.Node, root: fx.Node, rank: int | None) -> list:
+    """The terms of a signed, per-channel-scaled sum that ``node`` contributes: (leaf, coef)."""
+    if node is root or len(node.users) != 1:
+        return [(node, None)]
+    if _is_sum(node):
+        return _terms(gm, node, root, rank)
+    scaled = _scaled(gm, node, rank)
+    if scaled is not None:
+        inner, vec = scaled
+        return [(leaf, _times(c, vec)) for leaf, c in _expand(gm, inner, root, rank)]
+    return [(node, None)]
+
+
+def _terms(gm: fx.GraphModule, node: fx.Node, root: fx.Node, rank: int | None) -> list:
+    a, b = node.args
+    second = _expand(gm, b, root, rank)
+    if _is_sub(node):
+        minus = torch.tensor([-1.0], dtype=_F64)
+        second = [(leaf, _times(c, minus)) for leaf, c in second]
+    return _expand(gm, a, root, rank) + second
+
+
+def _inner(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """A sum whose value only feeds a bigger sum (possibly through a per-channel scale): the
+    bigger sum's root handles it."""
+    if len(node.users) != 1:
+        return False
+    user = next(iter(node.users))
+    if _is_sum(user):
+        return True
+    scaled = _scaled(gm, user, _rank(user))
+    return (
+        scaled is not None
+        and scaled[0] is node
+        and len(user.users) == 1
+        and _is_sum(next(iter(user.users)))
+    )
+
+
+# ------------------------------------------------------------------------------------------------
+# branches
 
 
 def _conv_branch(gm: fx.GraphModule, leaf: fx.Node, single_use: bool = True) -> _Branch | None:
-    layer = _as_layer(gm, leaf, include_linear=False)
-    if layer is None or layer.kind != "conv" or not layer.constant:
-        return None
+    """``leaf`` as a convolution (or an average pool, as a depthwise one) with constant weights."""
     if single_use and len(leaf.users) != 1:
+        return None
+    layer = _as_layer(gm, leaf, include_linear=False)
+    if layer is None:
+        return _pool_branch(gm, leaf)
+    if layer.kind != "conv" or not layer.constant:
         return None
     if layer.module is not None:
         m = layer.module
@@ -134,9 +274,9 @@ def _conv_branch(gm: fx.GraphModule, leaf: fx.Node, single_use: bool = True) -> 
     bias = (
         layer.bias.detach().double()
         if layer.bias is not None
-        else torch.zeros(weight.shape[0], dtype=torch.float64)
+        else torch.zeros(weight.shape[0], dtype=_F64)
     )
-    branch = _Branch(
+    return _Branch(
         leaf,
         "conv",
         weight,
@@ -145,22 +285,66 @@ def _conv_branch(gm: fx.GraphModule, leaf: fx.Node, single_use: bool = True) -> 
         _tuple(dilation, dims),
         _tuple(padding, dims),
         layer.groups,
+        input=layer.input_node,
+        padding_mode=layer.padding_mode,
     )
-    branch.padding_mode = layer.padding_mode
-    branch.input = layer.input_node
-    return branch
+
+
+def _pool_branch(gm: fx.GraphModule, leaf: fx.Node) -> _Branch | None:
+    """An average pool that counts its zero padding, as the depthwise conv it is (kernel 1/k^d)."""
+    if leaf.op == "call_module":
+        m = gm.get_submodule(leaf.target)
+        dims = _POOL_MODULES.get(type(m))
+        if dims is None:
+            return None
+        x, kernel, stride, padding = leaf.args[0], m.kernel_size, m.stride, m.padding
+        ceil, include = m.ceil_mode, m.count_include_pad
+        divisor = getattr(m, "divisor_override", None)
+    elif leaf.op == "call_function" and leaf.target in _POOL_FUNCTIONS:
+        dims = _POOL_FUNCTIONS[leaf.target]
+        names = ["input", "kernel_size", "stride", "padding", "ceil_mode", "count_include_pad"]
+        v = dict(zip([*names, "divisor_override"], leaf.args, strict=False)) | dict(leaf.kwargs)
+        x, kernel, stride, padding = v["input"], v["kernel_size"], v.get("stride"), v.get("padding")
+        ceil, include = v.get("ceil_mode", False), v.get("count_include_pad", True)
+        divisor = v.get("divisor_override")
+    else:
+        return None
+    kernel = _tuple(kernel, dims)
+    stride = _tuple(stride if stride not in (None, [], ()) else kernel, dims)
+    padding = _tuple(padding or 0, dims)
+    shape = _shape(x)
+    if ceil or divisor or (not include and any(padding)) or shape is None or len(shape) != dims + 2:
+        return None
+    channels = int(shape[1])
+    weight = torch.full((channels, 1, *kernel), 1.0 / math.prod(kernel), dtype=_F64)
+    zeros = torch.zeros(channels, dtype=_F64)
+    return _Branch(
+        leaf, "conv", weight, zeros, stride, (1,) * dims, padding, channels, input=x, pool=True
+    )
+
+
+def _affine_branch(b: _Branch, a: torch.Tensor, t: torch.Tensor | float = 0.0) -> _Branch:
+    """The branch ``a * b(x) + t`` (``a``, ``t`` per output channel or scalars)."""
+    if b.kind == "conv":
+        view = (-1,) + (1,) * (b.weight.dim() - 1)
+        return replace(b, weight=b.weight * a.reshape(view), bias=b.bias * a + t)
+    scale = a if b.scale is None else b.scale * a
+    bias = t if b.bias is None else b.bias * a + t
+    return replace(b, scale=scale, bias=torch.as_tensor(bias, dtype=_F64).reshape(-1))
 
 
 def _bn_branch(gm: fx.GraphModule, leaf: fx.Node) -> _Branch | None:
+    """An eval BatchNorm of ``x`` (the identity-BN branch), or of a conv/pool of ``x`` (folded)."""
     bn = _as_bn(gm, leaf)
     if bn is None or bn.training or bn.mean is None or not bn.constant:
         return None
     if bn.output_node is not leaf or len(leaf.users) != 1:
         return None
-    a, t = bn_affine(bn.mean, bn.var, bn.gamma, bn.beta, bn.eps)
-    branch = _Branch(leaf, "bn", bias=t.double(), scale=a.double())
-    branch.input = bn.input_node
-    return branch
+    a, t = (v.double() for v in bn_affine(bn.mean, bn.var, bn.gamma, bn.beta, bn.eps))
+    inner = _conv_branch(gm, bn.input_node) if isinstance(bn.input_node, fx.Node) else None
+    if inner is not None:  # conv/pool -> BN that fold-conv-bn left (after a pool, shared conv)
+        return replace(_affine_branch(inner, a, t), node=leaf)
+    return _Branch(leaf, "bn", bias=t, scale=a, input=bn.input_node)
 
 
 def merge_branches(branches: list[_Branch], channels: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -169,8 +353,8 @@ def merge_branches(branches: list[_Branch], channels: int) -> tuple[torch.Tensor
     ref = convs[0]
     dims = ref.weight.dim() - 2
     k_max = [max(b.weight.shape[2 + d] for b in convs) for d in range(dims)]
-    weight = torch.zeros(ref.weight.shape[:2] + tuple(k_max), dtype=torch.float64)
-    bias = torch.zeros(ref.weight.shape[0], dtype=torch.float64)
+    weight = torch.zeros(ref.weight.shape[:2] + tuple(k_max), dtype=_F64)
+    bias = torch.zeros(ref.weight.shape[0], dtype=_F64)
     for b in convs:
         lo = [(k_max[d] - b.weight.shape[2 + d]) // 2 for d in range(dims)]
         index = (slice(None), slice(None)) + tuple(
@@ -183,7 +367,8 @@ def merge_branches(branches: list[_Branch], channels: int) -> tuple[torch.Tensor
     for b in branches:
         if b.kind == "conv":
             continue
-        scale = b.scale if b.scale is not None else torch.ones(channels, dtype=torch.float64)
+        ones = torch.ones(1, dtype=_F64)
+        scale = _full(b.scale if b.scale is not None else ones, channels)
         for o in range(channels):
             weight[(o, o % per_group) + centre] += scale[o]
         if b.bias is not None:
@@ -225,6 +410,18 @@ def _why_not(branches: list[_Branch]) -> str:
     return ""
 
 
+def _merged_padding(branches: list[_Branch], weight: torch.Tensor) -> tuple[int, ...]:
+    convs = [b for b in branches if b.kind == "conv"]
+    ref = convs[0]
+    return tuple(
+        max(
+            b.padding[d] + ref.dilation[d] * (weight.shape[2 + d] - b.weight.shape[2 + d]) // 2
+            for b in convs
+        )
+        for d in range(weight.dim() - 2)
+    )
+
+
 def _dense(weight: torch.Tensor, groups: int) -> torch.Tensor:
     """A grouped kernel [O, I/g, k..] as the equivalent dense one [O, I, k..]."""
     if groups == 1:
@@ -237,6 +434,18 @@ def _dense(weight: torch.Tensor, groups: int) -> torch.Tensor:
             g * o_g : (g + 1) * o_g
         ]
     return dense
+
+
+def _regroup(dense: torch.Tensor, groups: int) -> torch.Tensor | None:
+    """A dense kernel [O, I, k..] as a ``groups``-grouped one [O, I/g, k..] if it is one."""
+    if groups == 1:
+        return dense
+    out, inputs = dense.shape[:2]
+    o_g, i_g = out // groups, inputs // groups
+    grouped = torch.cat(
+        [dense[g * o_g : (g + 1) * o_g, g * i_g : (g + 1) * i_g] for g in range(groups)]
+    )
+    return grouped if torch.equal(_dense(grouped, groups), dense) else None
 
 
 def _pointwise(b: _Branch) -> bool:
@@ -252,6 +461,184 @@ def _macs(b: _Branch) -> int:
     return int(b.weight.numel())
 
 
+# ------------------------------------------------------------------------------------------------
+# sequential: conv -> [explicit pad] -> conv/pool
+
+
+@dataclass
+class _Pad:
+    """An explicit constant pad in front of a conv: ``pad(source)`` (+ ``shift``), border value
+    ``border`` per channel (shape [1] or [C]); ``nodes`` are what to erase once merged."""
+
+    source: fx.Node
+    amounts: tuple[int, ...]  # symmetric padding per spatial dim
+    border: torch.Tensor
+    shift: torch.Tensor
+    nodes: list[fx.Node] = field(default_factory=list)
+
+
+def _explicit_pad(gm: fx.GraphModule, node: Any, dims: int) -> _Pad | None:
+    """``node`` as a constant pad of a tensor, in the forms DiverseBranchBlock's BN-and-pad
+    takes: ``F.pad(z, p, value=c)``; ``F.pad(z, p) + v``; ``F.pad(z, p)`` then in-place writes
+    of ``v`` over the border rows and columns (the reference ``BNAndPadLayer``)."""
+    if not isinstance(node, fx.Node):
+        return None
+    zero = torch.zeros(1, dtype=_F64)
+    shift, nodes = zero, []
+    if _is_add(node) and len(node.users) == 1:
+        a, b = node.args
+        pad, c = (a, b) if _is_pad(a) else (b, a)
+        const = _constant(gm, c)
+        vec = _vector(const, _rank(node), 1) if const is not None else None
+        if not _is_pad(pad) or vec is None or len(pad.users) != 1:
+            return None
+        shift, nodes, node = vec, [node], pad
+    if not _is_pad(node):
+        return None
+    names = ["input", "pad", "value"] if node.target is aten.constant_pad_nd.default else None
+    names = names or ["input", "pad", "mode", "value"]
+    v = dict(zip(names, node.args, strict=False)) | dict(node.kwargs)
+    pads = list(v["pad"])
+    if v.get("mode", "constant") != "constant" or len(pads) % 2 or len(pads) > 2 * dims:
+        return None
+    pads += [0] * (2 * dims - len(pads))
+    if any(pads[2 * i] != pads[2 * i + 1] for i in range(dims)):
+        return None  # asymmetric: no conv padding expresses it
+    amounts = tuple(int(pads[2 * i]) for i in reversed(range(dims)))
+    border = shift + float(v.get("value") or 0.0)
+    writes = [u for u in node.users if _write_chain(u) is not None]
+    readers = [u for u in node.users if u not in writes]
+    if len(readers) != 1:
+        return None
+    if writes:
+        if nodes:
+            return None
+        value = _border_writes(gm, node, writes, readers[0], amounts)
+        if value is None:
+            return None
+        border = value
+    chains = [n for w in writes for n in reversed(_write_chain(w))]
+    return _Pad(node.args[0], amounts, border, shift, [*nodes, *chains, node])
+
+
+def _write_chain(node: fx.Node) -> list[fx.Node] | None:
+    """``node`` (a user of a padded tensor) as an in-place write into a region of it: an
+    ``operator.setitem``, or aten's slice -> ... -> slice -> ``copy_``. The nodes, in order."""
+    if node.op != "call_function":
+        return None
+    if node.target is operator.setitem:
+        return [node]
+    chain = [node]
+    while chain[-1].target is aten.slice.Tensor and len(chain[-1].users) == 1:
+        chain.append(next(iter(chain[-1].users)))
+        if chain[-1].op != "call_function":
+            return None
+    last = chain[-1]
+    if len(chain) < 2 or last.target is not aten.copy_.default or last.users:
+        return None
+    return chain
+
+
+def _write_region(chain: list[fx.Node], rank: int) -> tuple[tuple, Any] | None:
+    """The index (one entry per dim) and the value of a write chain."""
+    if chain[0].target is operator.setitem:
+        _, index, value = chain[0].args
+        if not isinstance(index, tuple) or len(index) != rank:
+            return None
+        return index, value
+    index = [slice(None)] * rank
+    for s in chain[:-1]:
+        args = [*s.args, None, None, None, 1][1:5]
+        dim, start, end, step = (int(args[0]) % rank, args[1], args[2], args[3] or 1)
+        if index[dim] != slice(None) or step != 1:
+            return None
+        index[dim] = slice(start, end)
+    return tuple(index), chain[-1].args[1]
+
+
+def _border_writes(
+    gm: fx.GraphModule,
+    pad: fx.Node,
+    writes: list[fx.Node],
+    reader: fx.Node,
+    amounts: tuple[int, ...],
+) -> torch.Tensor | None:
+    """The per-channel value that ``writes`` (``pad[idx] = v``) put on exactly the padded
+    border, before ``reader`` reads it; None if they do anything else."""
+    shape = _shape(pad)
+    if shape is None:
+        return None
+    order = {n: i for i, n in enumerate(pad.graph.nodes)}
+    written = torch.zeros(shape[2:], dtype=torch.bool)
+    value = None
+    full = slice(None)
+    for w in writes:
+        chain = _write_chain(w)
+        region = _write_region(chain, len(shape))
+        if region is None or order[chain[-1]] > order[reader]:
+            return None
+        index, val = region
+        if index[:2] != (full, full):
+            return None
+        if not all(isinstance(i, slice | int) for i in index):
+            return None
+        const = _constant(gm, val)
+        vec = _channel_values(const, len(shape)) if const is not None else None
+        if vec is None or (value is not None and not torch.equal(vec, value)):
+            return None
+        value = vec
+        written[index[2:]] = True
+    interior = torch.ones_like(written)
+    interior[tuple(slice(a, n - a) for a, n in zip(amounts, shape[2:], strict=True))] = False
+    return value if torch.equal(written, interior) else None
+
+
+def _channel_values(c: torch.Tensor, rank: int) -> torch.Tensor | None:
+    """A per-channel constant, also when already broadcast to a region's shape (aten graphs
+    write ``v.expand(region)``, which constant folding turns into a full tensor)."""
+    vec = _vector(c, rank, 1)
+    if vec is not None or c.dim() != rank:
+        return vec
+    vec = c[(0, slice(None)) + (0,) * (rank - 2)]
+    shape = (1, -1) + (1,) * (rank - 2)
+    return vec if torch.equal(vec.reshape(shape).expand_as(c), c) else None
+
+
+def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
+    scale = max(1.0, float(a.abs().max()), float(b.abs().max()))
+    return bool((a - b).abs().max() <= 1e-6 * scale)
+
+
+def _absorbed(gm: fx.GraphModule, node: fx.Node, x: fx.Node, weight: torch.Tensor) -> bool:
+    """Whether ``node`` is (through per-channel ops) a term of a sum that also holds a conv of
+    ``x`` with a kernel at least as large as ``weight``'s: the parallel rule will then fold the
+    merged kernel into that conv, so its extra multiply-adds are never paid."""
+    cur, root = node, None
+    for _ in range(8):
+        if len(cur.users) != 1:
+            break
+        cur = next(iter(cur.users))
+        if _is_sum(cur):
+            root = cur
+        elif root is not None:
+            break
+    if root is None:
+        return False
+    for leaf, _ in _terms(gm, root, root, _rank(root)):
+        if leaf is node:
+            continue
+        b = _conv_branch(gm, leaf) or _bn_branch(gm, leaf)
+        if (
+            b is not None
+            and b.kind == "conv"
+            and not b.pool
+            and b.input is x
+            and all(k >= m for k, m in zip(b.weight.shape[2:], weight.shape[2:], strict=True))
+        ):
+            return True
+    return False
+
+
 def _sequential(gm: fx.GraphModule, stats: Counter) -> None:
     for node in list(gm.graph.nodes):
         if node.graph is None:
@@ -259,91 +646,89 @@ def _sequential(gm: fx.GraphModule, stats: Counter) -> None:
         second = _conv_branch(gm, node, single_use=False)
         if second is None or not isinstance(second.input, fx.Node):
             continue
+        dims = second.weight.dim() - 2
+        pad = None if _pointwise(second) else _explicit_pad(gm, second.input, dims)
+        if pad is not None:
+            if second.padding_mode != "zeros" or (any(second.padding) and pad.border.any()):
+                continue  # a zero ring outside a non-zero border: no single padding says that
+            padding = tuple(a + b for a, b in zip(pad.amounts, second.padding, strict=True))
+            second = replace(second, padding=padding, input=pad.source)
         first = _conv_branch(gm, second.input)
         if first is None or first.weight.dim() != second.weight.dim():
             continue
         reason = ""
-        if _pointwise(second) and second.groups == 1:
-            w1 = _dense(first.weight, first.groups)
-            w2 = second.weight.flatten(1)  # [O, M]
-            weight = torch.einsum("om,mi...->oi...", w2, w1)
-            bias = w2 @ first.bias + second.bias
+        w1, w2 = _dense(first.weight, first.groups), _dense(second.weight, second.groups)
+        if _pointwise(second) and not second.pool:
+            weight = torch.einsum("om,mi...->oi...", w2.flatten(1), w1)
+            bias = w2.flatten(1) @ first.bias + second.bias
             outer, pad_mode = first, first.padding_mode
-        elif _pointwise(first) and first.groups == 1:
+        elif _pointwise(first):
             pad_mode = second.padding_mode
-            if any(second.padding) and pad_mode == "zeros" and bool(first.bias.abs().max() > 0):
-                reason = "bias-at-padding"
-            w1 = first.weight.flatten(1)  # [M, I]
-            w2 = _dense(second.weight, second.groups)
-            weight = torch.einsum("om...,mi->oi...", w2, w1)
-            bias = second.bias + (w2.flatten(2).sum(-1) @ first.bias)
+            b1 = first.bias + (pad.shift if pad is not None else 0.0)
+            border = pad.border if pad is not None else torch.zeros(1, dtype=_F64)
+            if any(second.padding) and pad_mode == "zeros" and not _close(b1, border):
+                reason = "bias-at-padding"  # the border of conv1(x) is not conv1's bias
+            weight = torch.einsum("om...,mi->oi...", w2, w1.flatten(1))
+            bias = second.bias + (w2.flatten(2).sum(-1) @ b1)
             outer = second
         else:
             continue
-        if not reason and weight.numel() > (_macs(first) + _macs(second)):
+        groups = math.gcd(first.groups, second.groups)
+        grouped = _regroup(weight, groups)
+        if grouped is None:
+            groups, grouped = 1, weight
+        weight = grouped
+        more = weight.numel() > _macs(first) + _macs(second)
+        if not reason and more and not _absorbed(gm, node, first.input, weight):
             reason = "more-macs"
         if reason:
             stats[f"skipped:{reason}"] += 1
             continue
-        merged = _Branch(node, "conv", weight, bias, outer.stride, outer.dilation, outer.padding, 1)
-        new = _new_conv(gm, merged, outer.padding, pad_mode, _dtype(gm, [first, second]))
+        merged = _Branch(
+            node, "conv", weight, bias, outer.stride, outer.dilation, outer.padding, groups
+        )
+        new = _new_conv(gm, merged, outer.padding, pad_mode, _dtype(gm, node))
         with gm.graph.inserting_before(node):
             conv = gm.graph.call_module(new, (first.input,))
         conv.meta = dict(node.meta)
         node.replace_all_uses_with(conv)
         gm.graph.erase_node(node)
-        gm.graph.erase_node(first.node)
+        for dead in [*(pad.nodes if pad is not None else []), first.node]:
+            if not dead.users:
+                gm.graph.erase_node(dead)
         stats["collapsed-sequential"] += 1
 
 
-_MULS = {operator.mul, torch.mul}
-_SUBS = {operator.sub, torch.sub}
-_DIVS = {operator.truediv, torch.div}
-_TRANSPOSES = {torch.transpose}
+# ------------------------------------------------------------------------------------------------
+# per-channel affines next to a Linear or a conv
 
 
-def _constant(gm: fx.GraphModule, arg: Any) -> torch.Tensor | None:
-    if isinstance(arg, int | float) and not isinstance(arg, bool):
-        return torch.tensor(float(arg), dtype=torch.float64)
-    if isinstance(arg, fx.Node) and arg.op == "get_attr":
-        obj: Any = gm
-        for part in arg.target.split("."):
-            obj = getattr(obj, part)
-        return obj.detach().double() if isinstance(obj, torch.Tensor) else None
-    return None
-
-
-def _per_feature(c: torch.Tensor, features: int) -> torch.Tensor | None:
-    """``c`` as a vector over the last dimension (length ``features``), if it is one."""
-    if c.numel() == 1:
-        return c.reshape(1).expand(features).clone()
-    if c.numel() == features and c.shape[-1] == features:
-        return c.reshape(features)
-    return None
-
-
-def _affine(gm: fx.GraphModule, node: fx.Node, features: int) -> tuple[fx.Node, Any, Any] | None:
-    """``node`` as ``a * x + t`` per feature of the last dim: (x, a, t), or None."""
+def _affine(
+    gm: fx.GraphModule, node: fx.Node, features: int, axis: int = -1
+) -> tuple[fx.Node, Any, Any] | None:
+    """``node`` as ``a * x + t`` per feature along ``axis``: (x, a, t), or None."""
     if node.op == "call_function" and len(node.args) == 2 and not node.kwargs:
+        if node.target in _INPLACE:
+            return None
         x, c = node.args
-        if not isinstance(x, fx.Node) and node.target in _MULS | _ADDS:
-            x, c = c, x  # c * x, c + x
+        if isinstance(c, fx.Node) and _constant(gm, c) is None:
+            x, c = c, x  # c * x, c + x, c - x
         const = _constant(gm, c)
-        vec = _per_feature(const, features) if const is not None else None
+        vec = _vector(const, _rank(node), axis) if const is not None else None
+        vec = _full(vec, features) if vec is not None else None
         if not isinstance(x, fx.Node) or vec is None:
             return None
-        ones, zeros = (
-            torch.ones(features, dtype=torch.float64),
-            torch.zeros(features, dtype=torch.float64),
-        )
+        ones, zeros = torch.ones(features, dtype=_F64), torch.zeros(features, dtype=_F64)
         if node.target in _MULS:
             return x, vec, zeros
         if node.target in _ADDS:
             return x, ones, vec
-        if node.target in _SUBS and node.args[0] is x:
-            return x, ones, -vec
+        if node.target in _SUBS:
+            return (x, ones, -vec) if node.args[0] is x else (x, -ones, vec)
         if node.target in _DIVS and node.args[0] is x and bool((vec != 0).all()):
             return x, 1 / vec, zeros
+        return None
+    if axis != -1:
         return None
     # transpose -> BatchNorm1d -> transpose: BN over the feature axis of (N, T, C)
     inner = _is_swap(node)
@@ -361,8 +746,7 @@ def _affine(gm: fx.GraphModule, node: fx.Node, features: int) -> tuple[fx.Node, 
 
 def _is_swap(node: fx.Node) -> fx.Node | None:
     """The input of ``node`` if it swaps the last two dims of a rank-3 tensor, else None."""
-    rank = len(node.meta["tensor_meta"].shape) if "tensor_meta" in node.meta else None
-    if rank != 3 or not isinstance(node.args[0] if node.args else None, fx.Node):
+    if _rank(node) != 3 or not isinstance(node.args[0] if node.args else None, fx.Node):
         return None
     if (
         node.op == "call_method"
@@ -404,11 +788,7 @@ def _affine_linear(gm: fx.GraphModule, stats: Counter) -> None:
         m = layer.module
         out_f, in_f = m.weight.shape
         weight = m.weight.detach().double()
-        bias = (
-            m.bias.detach().double()
-            if m.bias is not None
-            else torch.zeros(out_f, dtype=torch.float64)
-        )
+        bias = m.bias.detach().double() if m.bias is not None else torch.zeros(out_f, dtype=_F64)
         # after: the Linear's only use is a per-feature affine of it
         end = _chain_end(gm, node)
         if end is not None and (aff := _affine(gm, end, out_f)) is not None and aff[0] is node:
@@ -427,6 +807,40 @@ def _affine_linear(gm: fx.GraphModule, stats: Counter) -> None:
             stats["folded-affine"] += 1
 
 
+def _affine_conv(gm: fx.GraphModule, stats: Counter) -> None:
+    """A conv whose only use is a per-channel affine (``* c``, ``+ c``, ``- c``, ``/ c``, an eval
+    BatchNorm) becomes one conv (a new module: a shared conv module is never changed)."""
+    for node in list(gm.graph.nodes):
+        if node.graph is None:
+            continue
+        b = _conv_branch(gm, node)
+        if b is None or b.pool:
+            continue  # pools stay pools unless they merge with a conv
+        user = next(iter(node.users))
+        bn = _as_bn(gm, user)
+        if bn is not None:
+            if bn.training or bn.mean is None or not bn.constant or bn.input_node is not node:
+                continue
+            a, t = (v.double() for v in bn_affine(bn.mean, bn.var, bn.gamma, bn.beta, bn.eps))
+            end, dead = bn.output_node, [bn.output_node, bn.node]
+        else:
+            aff = _affine(gm, user, b.weight.shape[0], axis=1)
+            if aff is None or aff[0] is not node:
+                continue
+            _, a, t = aff
+            end, dead = user, [user]
+        merged = _affine_branch(b, a, t)
+        name = _new_conv(gm, merged, b.padding, b.padding_mode, _dtype(gm, node))
+        with gm.graph.inserting_before(end):
+            conv = gm.graph.call_module(name, (b.input,))
+        conv.meta = dict(end.meta)
+        end.replace_all_uses_with(conv)
+        for n in [*dict.fromkeys(dead), node]:
+            if n.graph is not None and not n.users:
+                gm.graph.erase_node(n)
+        stats["folded-affine"] += 1
+
+
 def _set_linear(m: nn.Linear, weight: torch.Tensor, bias: torch.Tensor) -> None:
     dtype = m.weight.dtype
     with torch.no_grad():
@@ -437,31 +851,209 @@ def _set_linear(m: nn.Linear, weight: torch.Tensor, bias: torch.Tensor) -> None:
             m.bias.copy_(bias.to(dtype))
 
 
-_MERGES = ("collapsed", "collapsed-sequential", "folded-affine")  # stats that change the graph
+# ------------------------------------------------------------------------------------------------
+# concatenation of convs of one input (DBB transform IV)
+
+
+def _concat(gm: fx.GraphModule, stats: Counter) -> None:
+    """``cat([conv_a(x), conv_b(x), ...], dim=1)``: consecutive convs of one input with the same
+    kernel size, stride, padding and dilation become one conv with the kernels stacked."""
+    for node in list(gm.graph.nodes):
+        if node.graph is None or node.op != "call_function" or node.target not in _CATS:
+            continue
+        v = dict(zip(["tensors", "dim"], node.args, strict=False)) | dict(node.kwargs)
+        items, rank = list(v["tensors"]), _rank(node)
+        if rank is None or int(v.get("dim", 0)) % rank != 1:
+            continue
+        branches = [
+            _conv_branch(gm, t) if isinstance(t, fx.Node) and items.count(t) == 1 else None
+            for t in items
+        ]
+        out: list[Any] = []
+        i = 0
+        while i < len(items):
+            j = i + 1
+            ref = branches[i]
+            while ref is not None and j < len(items) and _stackable(ref, branches[j]):
+                j += 1
+            if j - i < 2:
+                out.append(items[i])
+                i += 1
+                continue
+            run = branches[i:j]
+            weight = torch.cat([b.weight for b in run])
+            bias = torch.cat([b.bias for b in run])
+            merged = replace(ref, weight=weight, bias=bias)
+            name = _new_conv(gm, merged, ref.padding, "zeros", _dtype(gm, ref.node))
+            with gm.graph.inserting_before(node):
+                conv = gm.graph.call_module(name, (ref.input,))
+            conv.meta = dict(ref.node.meta)
+            out.append(conv)
+            stats["merged-concat"] += 1
+            i = j
+        if len(out) == len(items):
+            continue
+        if len(out) == 1:
+            node.replace_all_uses_with(out[0])
+        else:
+            with gm.graph.inserting_before(node):
+                cat = gm.graph.call_function(torch.cat, (out, 1))
+            cat.meta = dict(node.meta)
+            node.replace_all_uses_with(cat)
+        gm.graph.erase_node(node)
+
+
+def _stackable(ref: _Branch, b: _Branch | None) -> bool:
+    return (
+        b is not None
+        and not ref.pool
+        and not b.pool
+        and b.input is ref.input
+        and ref.groups == 1
+        and b.groups == 1
+        and b.padding_mode == ref.padding_mode == "zeros"
+        and b.weight.shape[1:] == ref.weight.shape[1:]
+        and (b.stride, b.padding, b.dilation) == (ref.stride, ref.padding, ref.dilation)
+    )
+
+
+# ------------------------------------------------------------------------------------------------
+# conv branches into a fully connected layer (RepMLP)
+
+
+@dataclass
+class _FC:
+    """``reshape(fc(reshape(x)))`` back to x's layout, optionally followed by a per-channel
+    affine (``scale``, ``shift``): RepMLP's partition perceptron."""
+
+    leaf: fx.Node
+    out: fx.Node  # the reshape back to [N, O, h, w]
+    fc: fx.Node
+    module: nn.Module
+    scale: torch.Tensor | None
+    shift: torch.Tensor | None
+
+
+def _fc_leaf(gm: fx.GraphModule, leaf: fx.Node, x: fx.Node) -> _FC | None:
+    node, scale, shift = leaf, None, None
+    bn = _as_bn(gm, leaf)
+    if bn is not None:
+        if bn.training or bn.mean is None or not bn.constant or bn.output_node is not leaf:
+            return None
+        scale, shift = (v.double() for v in bn_affine(bn.mean, bn.var, bn.gamma, bn.beta, bn.eps))
+        node = bn.input_node
+    if not isinstance(node, fx.Node) or len(node.users) != 1 or not node.args:
+        return None
+    fc = node.args[0]
+    if not isinstance(fc, fx.Node) or fc.op != "call_module" or len(fc.users) != 1:
+        return None
+    m = gm.get_submodule(fc.target)
+    flat = fc.args[0] if fc.args else None
+    if not isinstance(flat, fx.Node) or not flat.args or flat.args[0] is not x:
+        return None
+    xs, fs, outs = _shape(x), _shape(flat), _shape(node)
+    if xs is None or fs is None or outs is None or len(xs) != 4 or len(outs) != 4:
+        return None
+    n, c, h, w = xs
+    if isinstance(m, nn.Linear):
+        features_in, features_out = m.in_features, m.out_features
+        flat_ok = fs == (n, c * h * w)
+    elif isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1) and m.stride == (1, 1):
+        features_in, features_out = m.in_channels, m.out_channels
+        flat_ok = fs == (n, c * h * w, 1, 1) and m.padding == (0, 0)
+    else:
+        return None
+    if not flat_ok or features_in != c * h * w or outs[0] != n or outs[2:] != (h, w):
+        return None
+    if features_out != outs[1] * h * w or not _reshape_like(flat) or not _reshape_like(node):
+        return None
+    return _FC(leaf, node, fc, m, scale, shift)
+
+
+def _reshape_like(node: fx.Node) -> bool:
+    """A row-major reshape (the shapes, checked by the caller, say which)."""
+    if node.op == "call_method":
+        return node.target in ("reshape", "view", "flatten")
+    return node.op == "call_function" and node.target in (torch.reshape, torch.flatten)
+
+
+def _into_fc(gm: fx.GraphModule, fc: _FC, branches: list[_Branch], x: fx.Node) -> str:
+    """Fold the conv branches of ``x`` into the FC; return a refusal reason or ''."""
+    convs = [b for b in branches if b.kind == "conv"]
+    ref = convs[0]
+    n, c, h, w = _shape(x)
+    if any(s != 1 for s in ref.stride) or ref.weight.dim() != 4:
+        return "fc-stride"
+    if c * h * w > _FC_MAX:
+        return "fc-too-large"
+    out_c = ref.weight.shape[0]
+    weight, bias = merge_branches(branches, out_c)
+    padding = _merged_padding(branches, weight)
+    basis = torch.eye(c * h * w, dtype=_F64).reshape(c * h * w, c, h, w)
+    response = F.conv2d(basis, weight, None, 1, padding, ref.dilation, ref.groups)
+    if response.shape[2:] != (h, w):
+        return "fc-shape"
+    matrix = response.reshape(c * h * w, out_c * h * w).T  # [O*h*w, C*h*w]
+    m = fc.module
+    groups = m.groups if isinstance(m, nn.Conv2d) else 1
+    fc_w = m.weight.detach().double().reshape(m.weight.shape[0], -1)
+    fc_dense = _dense(fc_w, groups)
+    fc_b = m.bias.detach().double() if m.bias is not None else torch.zeros(len(fc_w), dtype=_F64)
+    if fc.scale is not None:
+        a, t = fc.scale.repeat_interleave(h * w), fc.shift.repeat_interleave(h * w)
+        fc_dense, fc_b = fc_dense * a[:, None], fc_b * a + t
+    total = fc_dense + matrix
+    total = _regroup(total, groups)
+    if total is None:
+        return "fc-groups"  # the convs mix channel groups that the grouped FC keeps apart
+    new = (
+        nn.Linear(m.in_features, m.out_features)
+        if isinstance(m, nn.Linear)
+        else nn.Conv2d(m.in_channels, m.out_channels, 1, groups=groups)
+    )
+    with torch.no_grad():
+        new.weight.copy_(total.reshape(new.weight.shape))
+        new.bias.copy_(fc_b + bias.repeat_interleave(h * w))
+    new.to(m.weight.dtype)
+    name = _free_name(gm, "reparam_fc")
+    gm.add_submodule(name, new)
+    with gm.graph.inserting_before(fc.fc):
+        node = gm.graph.call_module(name, fc.fc.args)
+    node.meta = dict(fc.fc.meta)
+    fc.fc.replace_all_uses_with(node)
+    gm.graph.erase_node(fc.fc)
+    return ""
+
+
+# ------------------------------------------------------------------------------------------------
+# the pass
+
+
+_MERGES = ("collapsed", "collapsed-sequential", "folded-affine", "merged-concat", "merged-into-fc")
 
 
 @register_pass
 class Reparameterize(Pass):
-    """Collapse parallel linear branches summed on one input (RepVGG, ACNet, MobileOne) into one
-    convolution: kernels padded to the largest, centred, and summed; identity and identity-BN
-    branches become the identity kernel."""
+    """Collapse linear structures (parallel branches, conv chains, affines, concatenations,
+    conv branches beside an FC) into one layer: RepVGG, ACNet, DBB, MobileOne, FastViT, SESR,
+    RepMLP, SLAB."""
 
     name = "reparameterize"
     numerics = Numerics.exact()
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         stats: Counter = Counter()
-        while True:  # each rule can enable the other (SESR: kxk->1x1 merged, then + x)
+        while True:  # each rule can enable the others (SESR: kxk->1x1 merged, then + x)
             sweep: Counter = Counter()
+            _affine_conv(gm, sweep)
             _sequential(gm, sweep)
             _affine_linear(gm, sweep)
+            _concat(gm, sweep)
             for node in list(gm.graph.nodes):
-                if node.graph is None or not _is_add(node) or not node.users:
+                if node.graph is None or not _is_sum(node) or not node.users:
                     continue
-                users = list(node.users)
-                if len(users) == 1 and _is_add(users[0]):
-                    continue  # an inner add: its root handles the whole sum
-                self._collapse(gm, node, sweep)
+                if not _inner(gm, node):
+                    self._collapse(gm, node, sweep)
             if not any(sweep[k] for k in _MERGES):
                 stats.update(sweep)  # the refusals of the last, fixed-point sweep
                 break
@@ -480,73 +1072,117 @@ class Reparameterize(Pass):
         return PassResult(gm, modified=modified, stats=+stats)
 
     def _collapse(self, gm: fx.GraphModule, root: fx.Node, stats: Counter) -> None:
-        leaves = _leaves(root, root)
-        if len(leaves) < 2:
+        terms = _terms(gm, root, root, _rank(root))
+        if len(terms) < 2:
             return
-        by_input: dict[fx.Node, list[_Branch]] = {}
-        rest: list[fx.Node] = []
-        for leaf in leaves:
-            branch = _conv_branch(gm, leaf) or _bn_branch(gm, leaf)
-            if branch is None:
-                rest.append(leaf)
-                continue
-            by_input.setdefault(branch.input, []).append(branch)
-        for x, branches in by_input.items():
-            if x in leaves:  # x itself is summed too: an identity branch
-                branches.append(_Branch(x, "identity"))
-        merged: list[fx.Node] = []
-        used: set[fx.Node] = set()
-        for x, branches in by_input.items():
-            convs = [b for b in branches if b.kind == "conv"]
-            if not convs or len(branches) < 2:
+        found = [(_conv_branch(gm, leaf) or _bn_branch(gm, leaf)) for leaf, _ in terms]
+        by_input: dict[fx.Node, list[int]] = {}
+        for i, b in enumerate(found):
+            if b is not None:
+                by_input.setdefault(b.input, []).append(i)
+        for i, (leaf, _) in enumerate(terms):
+            if found[i] is None and leaf in by_input:  # x itself is summed: an identity branch
+                found[i] = _Branch(leaf, "identity", input=leaf)
+                by_input[leaf].append(i)
+        operands: list[tuple[fx.Node, Any]] = []
+        used: set[int] = set()
+        for x, idxs in by_input.items():
+            branches = [
+                _affine_branch(found[i], c) if (c := terms[i][1]) is not None else found[i]
+                for i in idxs
+            ]
+            if not any(b.kind == "conv" for b in branches):
                 continue
             reason = _why_not(branches)
+            fc = next(
+                (
+                    (j, f)
+                    for j, (leaf, c) in enumerate(terms)
+                    if j not in idxs and c is None and (f := _fc_leaf(gm, leaf, x))
+                ),
+                None,
+            )
+            if fc is not None and not reason:
+                refused = _into_fc(gm, fc[1], branches, x)
+                if not refused:
+                    operands.append((fc[1].out, None))
+                    used.update([*idxs, fc[0]])
+                    stats["merged-into-fc"] += 1
+                    stats["branches-merged"] += len(branches)
+                    continue
+                stats[f"skipped:{refused}"] += 1
+            if len(branches) < 2:
+                continue
             if reason:
                 stats[f"skipped:{reason}"] += 1
                 continue
-            merged.append(self._replace(gm, root, x, branches))
-            used.update(b.node for b in branches)
+            operands.append((self._replace(gm, root, x, branches), None))
+            used.update(idxs)
             stats["collapsed"] += 1
             stats["branches-merged"] += len(branches)
-        if not merged:
+        if not operands:
             return
-        operands = merged + [leaf for leaf in leaves if leaf not in used]
+        operands += [term for i, term in enumerate(terms) if i not in used]
         with gm.graph.inserting_before(root):
-            total = operands[0]
-            for operand in operands[1:]:
-                total = gm.graph.call_function(operator.add, (total, operand))
+            total = _scaled_node(gm, root, *operands[0])
+            for leaf, coef in operands[1:]:
+                if coef is not None and coef.numel() == 1 and float(coef) == -1.0:
+                    total = gm.graph.call_function(operator.sub, (total, leaf))
+                else:
+                    total = gm.graph.call_function(
+                        operator.add, (total, _scaled_node(gm, root, leaf, coef))
+                    )
                 total.meta = dict(root.meta)
         root.replace_all_uses_with(total)
+        _erase_tree(gm, root)
 
     def _replace(
         self, gm: fx.GraphModule, root: fx.Node, x: fx.Node, branches: list[_Branch]
     ) -> fx.Node:
         ref = next(b for b in branches if b.kind == "conv")
-        dims = ref.weight.dim() - 2
-        channels = ref.weight.shape[0]
-        weight, bias = merge_branches(branches, channels)
-        convs = [b for b in branches if b.kind == "conv"]
-        padding = tuple(
-            max(
-                b.padding[d] + ref.dilation[d] * (weight.shape[2 + d] - b.weight.shape[2 + d]) // 2
-                for b in convs
-            )
-            for d in range(dims)
-        )
+        weight, bias = merge_branches(branches, ref.weight.shape[0])
+        padding = _merged_padding(branches, weight)
         merged = _Branch(root, "conv", weight, bias, ref.stride, ref.dilation, padding, ref.groups)
-        name = _new_conv(gm, merged, padding, "zeros", _dtype(gm, convs))
+        name = _new_conv(gm, merged, padding, "zeros", _dtype(gm, root))
         with gm.graph.inserting_before(root):
             node = gm.graph.call_module(name, (x,))
         node.meta = dict(root.meta)
         return node
 
 
-def _dtype(gm: fx.GraphModule, branches: list[_Branch]) -> torch.dtype:
-    for b in branches:
-        if b.node.op == "call_module":
-            for p in gm.get_submodule(b.node.target).parameters():
-                return p.dtype
-    return torch.float32
+def _erase_tree(gm: fx.GraphModule, root: fx.Node) -> None:
+    """Erase a replaced sum and the sums and scales under it that nothing else reads (dead-code
+    elimination keeps in-place adds, which count as side effects)."""
+    stack = [root]
+    while stack:
+        node = stack.pop()
+        if node.graph is None or node.users:
+            continue
+        if node is not root and not (_is_sum(node) or _scaled(gm, node, _rank(node))):
+            continue
+        args = [a for a in node.args if isinstance(a, fx.Node)]
+        gm.graph.erase_node(node)
+        stack += args
+
+
+def _scaled_node(gm: fx.GraphModule, root: fx.Node, leaf: fx.Node, coef: Any) -> fx.Node:
+    """``leaf`` times its per-channel coefficient, as graph nodes (a constant for the scale)."""
+    if coef is None:
+        return leaf
+    rank = _rank(root) or 1
+    shape = (-1,) + (1,) * (rank - 2) if coef.numel() > 1 else (1,)
+    name = _free_name(gm, "reparam_scale")
+    gm.register_buffer(name, coef.reshape(shape).to(_dtype(gm, root)))
+    const = gm.graph.get_attr(name)
+    node = gm.graph.call_function(operator.mul, (leaf, const))
+    node.meta = dict(root.meta)
+    return node
+
+
+def _dtype(gm: fx.GraphModule, node: fx.Node) -> torch.dtype:
+    meta = node.meta.get("tensor_meta")
+    dtype = getattr(meta, "dtype", None)
+    return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else torch.float32
 
 
 def _new_conv(

@@ -341,3 +341,248 @@ def test_shared_linear_is_not_changed_for_one_use():
     assert_pass_preserves(
         "reparameterize", Shared().eval(), (torch.randn(4, 8),), expect_modified=False
     )
+
+
+# ------------------------------------------------------------------------------------------------
+# DiverseBranchBlock, FastViT RepMixer, RepMLP, concatenation, affines after a conv
+
+PIPE = "fold-constants,fold-conv-bn,reparameterize,eliminate-dead-code"
+
+
+def _pipeline(model: nn.Module, inputs: tuple, pipeline: str = PIPE):
+    """Run the passes of the default pipeline around reparameterize, strictly (a broken
+    numeric contract raises), and return (result, reparameterize's record)."""
+    captured = capture(model, inputs)
+    result = PassManager(parse_pipeline(pipeline), strict=True).run(
+        captured.graph, PassContext(sample_inputs=captured.example_inputs)
+    )
+    assert result.end_to_end.ok, result.end_to_end
+    record = next(r for r in result.records if r.spec == "reparameterize")
+    assert record.status == "ok"
+    return result, record
+
+
+class BNAndPad(nn.Module):
+    """DBB's BNAndPadLayer: BN, then pad with BN's output for a zero input (exactness of the
+    1x1 -> kxk merge). ``reference``: the upstream in-place border writes; else pad-and-add."""
+
+    def __init__(self, pad: int, channels: int, reference: bool) -> None:
+        super().__init__()
+        self.bn, self.pad, self.reference = nn.BatchNorm2d(channels), pad, reference
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.bn(x)
+        if self.pad == 0:
+            return out
+        bn = self.bn
+        v = (bn.bias.detach() - bn.running_mean * bn.weight.detach() / torch.sqrt(
+            bn.running_var + bn.eps)).view(1, -1, 1, 1)  # fmt: skip
+        p = self.pad
+        if not self.reference:
+            return F.pad(out - v, [p] * 4) + v
+        out = F.pad(out, [p] * 4)
+        out[:, :, 0:p, :] = v
+        out[:, :, -p:, :] = v
+        out[:, :, :, 0:p] = v
+        out[:, :, :, -p:] = v
+        return out
+
+
+class IdentityBasedConv1x1(nn.Module):
+    def __init__(self, channels: int, groups: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(channels, channels // groups, 1, 1) * 0.3)
+        eye = torch.zeros(channels, channels // groups, 1, 1)
+        for i in range(channels):
+            eye[i, i % (channels // groups)] = 1
+        self.register_buffer("id_tensor", eye)
+        self.groups = groups
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(x, self.weight + self.id_tensor, None, 1, 0, 1, self.groups)
+
+
+def _conv_bn2d(cin, cout, k, stride=1, padding=0, groups=1):
+    return nn.Sequential(nn.Conv2d(cin, cout, k, stride, padding, groups=groups, bias=False),
+                         nn.BatchNorm2d(cout))  # fmt: skip
+
+
+class DBB(nn.Module):
+    """DiverseBranchBlock (DingXiaoH/DiverseBranchBlock), train-time, as upstream writes it."""
+
+    def __init__(self, cin, cout, k, stride=1, groups=1, reference=True) -> None:
+        super().__init__()
+        p = k // 2
+        self.dbb_origin = _conv_bn2d(cin, cout, k, stride, p, groups)
+        self.dbb_avg = nn.Sequential()
+        if groups < cout:
+            self.dbb_avg.add_module("conv", nn.Conv2d(cin, cout, 1, groups=groups, bias=False))
+            self.dbb_avg.add_module("bn", BNAndPad(p, cout, reference))
+            self.dbb_avg.add_module("avg", nn.AvgPool2d(k, stride, 0))
+            self.dbb_1x1 = _conv_bn2d(cin, cout, 1, stride, 0, groups)
+        else:
+            self.dbb_avg.add_module("avg", nn.AvgPool2d(k, stride, p))
+        self.dbb_avg.add_module("avgbn", nn.BatchNorm2d(cout))
+        internal = cin if groups < cout else 2 * cin
+        self.dbb_1x1_kxk = nn.Sequential()
+        if internal == cin:
+            self.dbb_1x1_kxk.add_module("idconv1", IdentityBasedConv1x1(cin, groups))
+        else:
+            self.dbb_1x1_kxk.add_module(
+                "conv1", nn.Conv2d(cin, internal, 1, groups=groups, bias=False)
+            )
+        self.dbb_1x1_kxk.add_module("bn1", BNAndPad(p, internal, reference))
+        self.dbb_1x1_kxk.add_module(
+            "conv2", nn.Conv2d(internal, cout, k, stride, 0, groups=groups, bias=False)
+        )
+        self.dbb_1x1_kxk.add_module("bn2", nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        out = self.dbb_origin(x)
+        if hasattr(self, "dbb_1x1"):
+            out += self.dbb_1x1(x)
+        out += self.dbb_avg(x)
+        out += self.dbb_1x1_kxk(x)
+        return torch.relu(out)
+
+
+@pytest.mark.parametrize("reference", [True, False], ids=["setitem-pad", "pad-add"])
+@pytest.mark.parametrize(
+    ("cin", "cout", "k", "stride", "groups"),
+    [(4, 8, 3, 1, 1), (8, 8, 3, 2, 1), (8, 8, 5, 1, 2), (8, 8, 3, 1, 8), (8, 8, 3, 2, 8)],
+)
+def test_diverse_branch_block_collapses_to_one_conv(cin, cout, k, stride, groups, reference):
+    torch.manual_seed(k + stride + groups)
+    block = zoo.randomize_bn_stats_(DBB(cin, cout, k, stride, groups, reference)).eval()
+    result, record = _pipeline(block, (_x(cin, size=10),))
+    after = op_counts(result.graph)
+    assert after["Conv2d"] == 1 and after["BatchNorm2d"] == 0 and after["AvgPool2d"] == 0
+    assert after["add"] == 0 and after["pad"] == 0 and after["setitem"] == 0
+    assert record.stats["convs"] == 1 and record.stats["collapsed"] == 1
+    conv = next(m for m in result.graph.modules() if isinstance(m, nn.Conv2d))
+    assert conv.kernel_size == (k, k) and conv.stride == (stride, stride) and conv.groups == groups
+
+
+def test_pad_with_a_value_other_than_the_bias_is_refused():
+    """1x1 -> pad(v) -> kxk is exact only when v is what the 1x1 gives for a zero input."""
+
+    class WrongPad(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Conv2d(4, 4, 1), nn.Conv2d(4, 4, 3)
+
+        def forward(self, x):
+            return self.b(F.pad(self.a(x), [1, 1, 1, 1], value=0.5))
+
+    torch.manual_seed(0)
+    result = assert_pass_preserves("reparameterize", WrongPad().eval(), (_x(4),))
+    assert result.stats["skipped:bias-at-padding"] == 1 and not result.modified
+
+
+class RepMixer(nn.Module):
+    """FastViT RepMixer, train-time: x + ls * (mixer(x) - norm(x)), mixer = depthwise kxk-BN
+    + depthwise 1x1-BN + identity BN, norm = identity BN; then a large+small kernel pair."""
+
+    def __init__(self, dim: int, k: int = 3) -> None:
+        super().__init__()
+        self.mixer_conv = _conv_bn2d(dim, dim, k, 1, k // 2, dim)
+        self.mixer_scale = _conv_bn2d(dim, dim, 1, 1, 0, dim)
+        self.mixer_skip = nn.BatchNorm2d(dim)
+        self.norm = nn.BatchNorm2d(dim)
+        self.layer_scale = nn.Parameter(0.5 + torch.rand(dim, 1, 1))
+        self.large = _conv_bn2d(dim, dim, 7, 2, 3, dim)
+        self.small = _conv_bn2d(dim, dim, 3, 2, 1, dim)
+
+    def forward(self, x):
+        mixer = self.mixer_conv(x) + self.mixer_scale(x) + self.mixer_skip(x)
+        x = x + self.layer_scale * (mixer - self.norm(x))
+        return F.gelu(self.large(x) + self.small(x))
+
+
+def test_fastvit_repmixer_and_large_small_kernels_become_depthwise_convs():
+    torch.manual_seed(0)
+    block = zoo.randomize_bn_stats_(RepMixer(8)).eval()
+    result, record = _pipeline(block, (_x(8, size=12),))
+    after = op_counts(result.graph)
+    assert after["Conv2d"] == 2 and after["BatchNorm2d"] == 0
+    assert after["add"] == after["sub"] == after["mul"] == 0
+    assert record.stats["collapsed"] == 2 and record.stats["branches-merged"] == 7
+    kernels = sorted(m.kernel_size for m in result.graph.modules() if isinstance(m, nn.Conv2d))
+    assert kernels == [(3, 3), (7, 7)]
+    assert all(m.groups == 8 for m in result.graph.modules() if isinstance(m, nn.Conv2d))
+
+
+class RepMLPUnit(nn.Module):
+    """RepMLP's partition perceptron (DingXiaoH/RepMLP): fc3 a grouped 1x1 conv over the
+    flattened h x w partition, BN over channels, plus kxk conv-BN branches (groups = S)."""
+
+    def __init__(self, c: int, h: int, w: int, s: int, ks=(1, 3), linear=False) -> None:
+        super().__init__()
+        self.c, self.h, self.w = c, h, w
+        n = c * h * w
+        self.fc3 = nn.Linear(n, n) if linear else nn.Conv2d(n, n, 1, groups=s)
+        self.fc3_bn = nn.BatchNorm2d(c)
+        self.convs = nn.ModuleList(_conv_bn2d(c, c, k, 1, k // 2, s) for k in ks)
+
+    def forward(self, x):
+        flat = x.reshape(-1, self.c * self.h * self.w) if isinstance(self.fc3, nn.Linear) else (
+            x.reshape(-1, self.c * self.h * self.w, 1, 1))  # fmt: skip
+        out = self.fc3_bn(self.fc3(flat).reshape(-1, self.c, self.h, self.w))
+        for conv in self.convs:
+            out = out + conv(x)
+        return torch.relu(out)
+
+
+@pytest.mark.parametrize(("groups", "linear"), [(1, False), (2, False), (4, False), (1, True)])
+def test_repmlp_conv_branches_fold_into_the_fc(groups, linear):
+    torch.manual_seed(groups)
+    unit = zoo.randomize_bn_stats_(RepMLPUnit(8, 4, 4, groups, linear=linear)).eval()
+    result, record = _pipeline(unit, (_x(8, size=4),))
+    after = op_counts(result.graph)
+    fcs = "Linear" if linear else "Conv2d"
+    assert after[fcs] == 1 and after["BatchNorm2d"] == 0 and after["add"] == 0
+    assert record.stats["merged-into-fc"] == 1 and record.stats["branches-merged"] == 2
+
+
+def test_repmlp_convs_that_mix_the_fc_groups_are_refused():
+    torch.manual_seed(0)
+    unit = zoo.randomize_bn_stats_(RepMLPUnit(8, 4, 4, 2)).eval()
+    unit.convs = nn.ModuleList([_conv_bn2d(8, 8, 3, 1, 1, 1)])  # dense conv, fc3 in 2 groups
+    zoo.randomize_bn_stats_(unit)
+    result, record = _pipeline(unit.eval(), (_x(8, size=4),))
+    assert record.stats["skipped:fc-groups"] == 1 and op_counts(result.graph)["add"] == 1
+
+
+def test_concatenated_convs_of_one_input_become_one_conv():
+    class Inception(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Conv2d(4, 3, 3, padding=1), nn.Conv2d(4, 5, 3, padding=1)
+            self.c = nn.Conv2d(4, 2, 1)  # another kernel size: stacking would add MACs
+
+        def forward(self, x):
+            return torch.cat([self.a(x), self.b(x), self.c(x)], dim=1)
+
+    torch.manual_seed(0)
+    result = assert_pass_preserves("reparameterize", Inception().eval(), (_x(4),))
+    assert result.stats["merged-concat"] == 1 and result.stats["convs"] == 2
+    gm, _ = run_pass("reparameterize", Inception().eval(), (_x(4),))
+    assert sorted(m.out_channels for m in gm.modules() if isinstance(m, nn.Conv2d)) == [2, 8]
+
+
+def test_per_channel_affines_after_a_conv_fold_into_it():
+    class Affine(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(4, 6, 3, padding=1)
+            self.register_buffer("s", 0.5 + torch.rand(6, 1, 1))
+            self.register_buffer("t", torch.randn(1, 6, 1, 1))
+
+        def forward(self, x):
+            return torch.relu(2.0 - (self.conv(x) * self.s + self.t) / 3.0)
+
+    torch.manual_seed(0)
+    result = assert_pass_preserves(
+        "reparameterize", Affine().eval(), (_x(4),), more_inputs=[(_x(4, batch=1),)]
+    )
+    assert result.stats["folded-affine"] == 4 and result.stats["convs"] == 1
