@@ -1900,4 +1900,34 @@ def _pad(ctx: _Ctx) -> Value:
     return ctx.call(F.pad, x, _torch_pad(trailing), mode=torch_mode)
 
 
+def _depth_to_space_dcr(x: torch.Tensor, block: int) -> torch.Tensor:
+    """ONNX DepthToSpace, mode DCR (depth-column-row: the block index varies slowest)."""
+    n, c, h, w = x.shape
+    x = x.reshape(n, block, block, c // (block * block), h, w).permute(0, 3, 4, 1, 5, 2)
+    return x.reshape(n, c // (block * block), h * block, w * block)
+
+
+def _space_to_depth(x: torch.Tensor, block: int) -> torch.Tensor:
+    """ONNX SpaceToDepth (output channels ordered (row-in-block, column-in-block, channel);
+    torch's pixel_unshuffle orders them (channel, row, column))."""
+    n, c, h, w = x.shape
+    x = x.reshape(n, c, h // block, block, w // block, block).permute(0, 3, 5, 1, 2, 4)
+    return x.reshape(n, c * block * block, h // block, w // block)
+
+
+@_converter("DepthToSpace")
+def _depth_to_space(ctx: _Ctx) -> Value:
+    block, mode = int(ctx.attr("blocksize")), ctx.attr("mode", "DCR")
+    if mode == "CRD":
+        return ctx.call(F.pixel_shuffle, ctx.tensor(0), block)
+    if mode != "DCR":
+        raise ctx.fail(f"DepthToSpace mode {mode!r} is not DCR or CRD")
+    return ctx.call(_depth_to_space_dcr, ctx.tensor(0), block)
+
+
+@_converter("SpaceToDepth")
+def _space_to_depth_op(ctx: _Ctx) -> Value:
+    return ctx.call(_space_to_depth, ctx.tensor(0), int(ctx.attr("blocksize")))
+
+
 SUPPORTED_OPS: frozenset[str] = frozenset(_CONVERTERS)
