@@ -147,6 +147,20 @@ def _shape(node: Any) -> tuple[int, ...] | None:
     return tuple(int(d) for d in meta.shape) if hasattr(meta, "shape") else None
 
 
+_CACHE: dict[int, tuple[torch.Tensor, int, torch.Tensor]] = {}  # id -> (tensor, version, f64)
+
+
+def _f64(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in float64, converted once per pass run (every sweep looks at every conv again;
+    the weights only change by being replaced). Callers never modify the result in place."""
+    hit = _CACHE.get(id(t))
+    if hit is not None and hit[0] is t and hit[1] == t._version:
+        return hit[2]
+    value = t.detach().double()
+    _CACHE[id(t)] = (t, t._version, value)
+    return value
+
+
 def _tuple(v: Any, dims: int) -> tuple[int, ...]:
     return tuple(int(x) for x in v) if isinstance(v, list | tuple) else (int(v),) * dims
 
@@ -270,12 +284,8 @@ def _conv_branch(gm: fx.GraphModule, leaf: fx.Node, single_use: bool = True) -> 
     if isinstance(padding, str):
         return None  # "same"/"valid": rare in re-parameterizable blocks; left alone
     dims = layer.weight.dim() - 2
-    weight = layer.weight.detach().double()
-    bias = (
-        layer.bias.detach().double()
-        if layer.bias is not None
-        else torch.zeros(weight.shape[0], dtype=_F64)
-    )
+    weight = _f64(layer.weight)
+    bias = _f64(layer.bias) if layer.bias is not None else torch.zeros(weight.shape[0], dtype=_F64)
     return _Branch(
         leaf,
         "conv",
@@ -1043,6 +1053,7 @@ class Reparameterize(Pass):
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         stats: Counter = Counter()
+        _CACHE.clear()
         while True:  # each rule can enable the others (SESR: kxk->1x1 merged, then + x)
             sweep: Counter = Counter()
             _affine_conv(gm, sweep)
@@ -1059,6 +1070,7 @@ class Reparameterize(Pass):
                 break
             stats.update({k: v for k, v in sweep.items() if not k.startswith("skipped")})
             gm.graph.eliminate_dead_code()  # the replaced sums: never collapse them again
+        _CACHE.clear()
         modified = any(stats[k] for k in _MERGES)
         if modified:
             gm.delete_all_unused_submodules()

@@ -11,7 +11,9 @@ from hypothesis import strategies as st
 from torch import nn
 
 from graphopt import zoo
+from graphopt.backends.onnxruntime import export_onnx
 from graphopt.capture import capture
+from graphopt.onnx_import import import_onnx
 from graphopt.pass_manager import PassContext, PassManager
 from graphopt.pipeline import parse_pipeline
 from graphopt.report import op_counts
@@ -211,26 +213,6 @@ def test_random_multi_branch_blocks(n_convs, kernel, groups, stride, dilation, i
         assert result.stats["collapsed"] == 1 and result.stats["convs"] == 1
 
 
-@pytest.mark.parametrize(
-    ("name", "blocks"), [("repvgg_a0", 22), ("mobileone_s0", 43)]
-)  # fmt: skip
-def test_train_time_zoo_networks_collapse_to_deploy_form(name, blocks):
-    entry = zoo.get(name)
-    captured = capture(entry.model, entry.example_inputs)
-    before = op_counts(captured.graph)
-    pipe = parse_pipeline("fold-conv-bn,reparameterize,eliminate-dead-code")
-    result = PassManager(pipe, strict=True).run(
-        captured.graph, PassContext(sample_inputs=captured.example_inputs)
-    )
-    after = op_counts(result.graph)
-    assert before["BatchNorm2d"] > 0 and after["BatchNorm2d"] == 0
-    assert after["Conv2d"] == blocks and after["add"] == 0  # one conv per block
-    rep = result.records[1]
-    assert rep.status == "ok" and rep.stats["collapsed"] == blocks
-    assert rep.stats["convs"] == blocks
-    assert result.end_to_end.ok
-
-
 class Sequential2(nn.Module):
     def __init__(self, first: nn.Conv2d, second: nn.Conv2d, residual: bool = False) -> None:
         super().__init__()
@@ -346,7 +328,7 @@ def test_shared_linear_is_not_changed_for_one_use():
 # ------------------------------------------------------------------------------------------------
 # DiverseBranchBlock, FastViT RepMixer, RepMLP, concatenation, affines after a conv
 
-PIPE = "fold-constants,fold-conv-bn,reparameterize,eliminate-dead-code"
+PIPE = "remove-identity,fold-constants,fold-conv-bn,reparameterize,eliminate-dead-code"
 
 
 def _pipeline(model: nn.Module, inputs: tuple, pipeline: str = PIPE):
@@ -586,3 +568,39 @@ def test_per_channel_affines_after_a_conv_fold_into_it():
         "reparameterize", Affine().eval(), (_x(4),), more_inputs=[(_x(4, batch=1),)]
     )
     assert result.stats["folded-affine"] == 4 and result.stats["convs"] == 1
+
+
+# (convs, adds left: residuals around a non-linearity) of each train-time zoo network's deploy form
+DEPLOY = {
+    "repvgg_a0": (22, 0),
+    "mobileone_s0": (43, 0),
+    "dbb_resnet18": (20, 8),  # ResNet-18's 20 convs and 8 residual adds
+    "acnet_resnet18": (20, 8),
+    "fastvit_t": (49, 10),  # the ConvFFN residuals (GELU inside) stay
+    "sesr_m5": (7, 2),  # the long residuals around the PReLU blocks stay
+}
+
+
+@pytest.mark.parametrize("source", ["torch", "onnx"])
+@pytest.mark.parametrize("name", sorted(DEPLOY))
+def test_train_time_zoo_networks_collapse_to_deploy_form(name, source):
+    """Traced from torch, or imported from the ONNX export (BN already folded into the convs
+    there by the exporter): the same deploy form either way."""
+    entry = zoo.get(name)
+    if source == "onnx":
+        graph = import_onnx(export_onnx(entry.model, entry.example_inputs))
+        before, model = op_counts(graph), graph
+    else:
+        before, model = op_counts(capture(entry.model, entry.example_inputs).graph), entry.model
+    result, record = _pipeline(model, entry.example_inputs)
+    after = op_counts(result.graph)
+    convs, adds = DEPLOY[name]
+    assert before["Conv2d"] + before["conv2d"] > convs  # there was something to collapse
+    gelu_adds = after["erf"]  # ONNX writes GELU as x * 0.5 * (1 + erf(x / sqrt 2))
+    assert after["Conv2d"] == convs and after["conv2d"] == 0 and after["add"] - gelu_adds == adds
+    # (ONNX writes GELU and PReLU with Mul: only the torch graph has no mul left at all)
+    for op in ("BatchNorm2d", "AvgPool2d", "avg_pool2d", "pad", "sub", "truediv"):
+        assert after[op] == 0, op
+    assert after["mul"] == 0 or source == "onnx"
+    assert record.stats["convs"] == convs
+    assert record.stats.get("collapsed", 0) + record.stats.get("collapsed-sequential", 0) > 0
