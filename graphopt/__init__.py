@@ -43,6 +43,7 @@ _LAZY: dict[str, str] = {
     "parse_pipeline": "graphopt.pipeline",
     "Target": "graphopt.target",
     "Report": "graphopt.report",
+    "tune_mode": "graphopt.tune",
 }
 _SUBMODULES = {
     "zoo",
@@ -57,6 +58,7 @@ _SUBMODULES = {
     "target",
     "report",
     "onnx_import",
+    "tune",
 }
 
 __all__ = [
@@ -80,6 +82,7 @@ __all__ = [
     "optimize",
     "parse_pipeline",
     "register_pass",
+    "tune_mode",
 ]
 
 
@@ -104,3 +107,4 @@ if TYPE_CHECKING:  # pragma: no cover
     from graphopt.pipeline import parse_pipeline, register_pass
     from graphopt.report import Report
     from graphopt.target import Target
+    from graphopt.tune import tune_mode

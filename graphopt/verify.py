@@ -220,6 +220,8 @@ def _module_text(module: torch.nn.Module) -> str:
 
 
 def _constant_text(value: Any, elide: bool) -> str:
+    if isinstance(value, torch.nn.Module):  # a module handed to a function (tune-conv-bn)
+        return f"module {_module_text(value)}"
     if isinstance(value, torch.Tensor):
         if elide:
             return f"const {_tensor_type(value)}"

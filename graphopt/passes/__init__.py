@@ -8,5 +8,13 @@ from graphopt.passes.fold_constants import FoldConstants
 from graphopt.passes.fold_conv_bn import FoldConvBN
 from graphopt.passes.remove_identity import RemoveIdentity
 from graphopt.passes.reparameterize import Reparameterize
+from graphopt.passes.tune_conv_bn import TuneConvBN
 
-__all__ = ["EliminateDeadCode", "FoldConstants", "FoldConvBN", "RemoveIdentity", "Reparameterize"]
+__all__ = [
+    "EliminateDeadCode",
+    "FoldConstants",
+    "FoldConvBN",
+    "RemoveIdentity",
+    "Reparameterize",
+    "TuneConvBN",
+]
