@@ -1,13 +1,21 @@
 """Built-in models for tests, examples and benchmarks; nothing is downloaded.
 
     >>> from graphopt import zoo
-    >>> zoo.names()
-    ['digits_cnn', 'mobilenetv2', 'mobileone_s0', 'repvgg_a0', 'resnet18', 'resnet50', 'vit_s']
+    >>> zoo.names()  # doctest: +NORMALIZE_WHITESPACE
+    ['acnet_resnet18', 'dbb_resnet18', 'digits_cnn', 'fastvit_t', 'mobilenetv2',
+     'mobileone_s0', 'repvgg_a0', 'resnet18', 'resnet50', 'sesr_m5', 'vit_s']
     >>> m = zoo.get("resnet18")
     >>> y = m.model(*m.example_inputs)
 
 Every model is written in plain torch (no torchvision), is FX-traceable with
-``torch.fx.symbolic_trace`` and exports to ONNX with a dynamic batch dimension.
+``torch.fx.symbolic_trace`` and exports to ONNX with a dynamic batch dimension. The example
+input is one 1x3x224x224 image and the task "classification", except for ``digits_cnn`` (one
+1x1x8x8 digit) and ``sesr_m5`` (a 1x1x128x128 luma image, "super-resolution", output
+1x1x256x256).
+
+Six are the *train-time* form of a structurally re-parameterisable network: multi-branch
+blocks that collapse into one convolution each at inference (``repvgg_a0``, ``mobileone_s0``,
+``dbb_resnet18``, ``acnet_resnet18``, ``fastvit_t``; ``sesr_m5``'s expanded linear blocks).
 
 All models except ``digits_cnn`` have random weights. Their BatchNorm layers get random running
 statistics and affine parameters (:func:`randomize_bn_stats_`), so folding a BatchNorm into a
@@ -32,6 +40,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from graphopt.errors import GraphoptError, close_matches
 
@@ -173,12 +182,14 @@ class ResNet(nn.Module):
     """torchvision-equivalent ResNet (stem 7x7/2 + maxpool, four stages, avgpool, fc)."""
 
     def __init__(
-        self, block: type[BasicBlock] | type[Bottleneck], layers: list[int], num_classes: int = 1000
+        self,
+        block: type[BasicBlock | Bottleneck | RepBasicBlock],
+        layers: list[int],
+        num_classes: int = 1000,
     ) -> None:
         super().__init__()
         self.inplanes = 64
-        self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
-        self.bn1 = nn.BatchNorm2d(64)
+        self._make_stem()
         self.relu = nn.ReLU()
         self.maxpool = nn.MaxPool2d(3, 2, 1)
         self.layer1 = self._make_layer(block, 64, layers[0], 1)
@@ -188,8 +199,19 @@ class ResNet(nn.Module):
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(512 * block.expansion, num_classes)
 
+    def _make_stem(self) -> None:
+        self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+
+    def _stem_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn1(self.conv1(x))
+
     def _make_layer(
-        self, block: type[BasicBlock] | type[Bottleneck], planes: int, blocks: int, stride: int
+        self,
+        block: type[BasicBlock | Bottleneck | RepBasicBlock],
+        planes: int,
+        blocks: int,
+        stride: int,
     ) -> nn.Sequential:
         downsample = None
         if stride != 1 or self.inplanes != planes * block.expansion:
@@ -203,7 +225,7 @@ class ResNet(nn.Module):
         return nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.maxpool(self.relu(self._stem_forward(x)))
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
         return self.fc(torch.flatten(self.avgpool(x), 1))
 
@@ -392,7 +414,13 @@ def _repvgg_a0() -> nn.Module:
 
 class MobileOneBlock(nn.Module):
     """MobileOne training block: ``num_conv_branches`` kxk conv-BN branches, a 1x1 'scale'
-    conv-BN branch (when k > 1) and an identity BN branch (when shapes allow), summed, ReLU."""
+    conv-BN branch (when k > 1 and ``use_scale_branch``) and an identity BN branch (when shapes
+    allow), summed, then ``activation`` (a module class; None: no activation).
+
+    FastViT's variant (apple/ml-fastvit ``models/modules/mobileone.py``) is the same block with
+    GELU, or with no activation; its RepMixer ``norm`` keeps only the identity BN
+    (``num_conv_branches=0, use_scale_branch=False``).
+    """
 
     def __init__(
         self,
@@ -402,6 +430,9 @@ class MobileOneBlock(nn.Module):
         stride: int = 1,
         groups: int = 1,
         num_conv_branches: int = 1,
+        *,
+        activation: type[nn.Module] | None = nn.ReLU,
+        use_scale_branch: bool = True,
     ) -> None:
         super().__init__()
         self.num_conv_branches = num_conv_branches
@@ -409,18 +440,18 @@ class MobileOneBlock(nn.Module):
         self.rbr_conv = nn.ModuleList(
             _conv_bn(cin, cout, k, stride, groups) for _ in range(num_conv_branches)
         )
-        self.rbr_scale = _conv_bn(cin, cout, 1, stride, groups) if k > 1 else None
-        self.activation = nn.ReLU()
+        use_scale = k > 1 and use_scale_branch
+        self.rbr_scale = _conv_bn(cin, cout, 1, stride, groups) if use_scale else None
+        if not num_conv_branches and self.rbr_scale is None and self.rbr_skip is None:
+            raise GraphoptError("MobileOneBlock: no branch left; give it a conv branch.")
+        self.activation = activation() if activation is not None else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.rbr_conv[0](x)
-        for branch in self.rbr_conv[1:]:
-            out = out + branch(x)
-        if self.rbr_scale is not None:
-            out = out + self.rbr_scale(x)
-        if self.rbr_skip is not None:
-            out = out + self.rbr_skip(x)
-        return self.activation(out)
+        out = None
+        for branch in [*self.rbr_conv, self.rbr_scale, self.rbr_skip]:
+            if branch is not None:
+                out = branch(x) if out is None else out + branch(x)
+        return out if self.activation is None else self.activation(out)
 
 
 class MobileOne(_StagedNet):
@@ -458,6 +489,440 @@ def _mobileone_s0() -> nn.Module:
             convs = [b.conv for b in [*m.rbr_conv, m.rbr_scale] if b is not None]
             for conv in convs:
                 _scale_(conv, _branch_scale(len(convs), m.rbr_skip is not None))
+    return model
+
+
+# --------------------------------------------------------------------------------------------
+# ResNet-18 with re-parameterisable conv-BN blocks: DiverseBranchBlock, ACNet (train-time)
+
+
+class IdentityBasedConv1x1(nn.Module):
+    """DBB's 1x1 convolution (no bias) whose kernel is a learned weight plus the identity.
+
+    The identity is a buffer (1 at ``[c, c mod (C/groups)]``), so the graph holds
+    ``conv2d(x, weight + id_tensor)``. Upstream initialises the weight to 0; here it is small
+    and random, so that it matters when the branch is merged.
+    """
+
+    def __init__(self, channels: int, groups: int = 1) -> None:
+        super().__init__()
+        self.groups = groups
+        input_dim = channels // groups
+        self.weight = nn.Parameter(torch.randn(channels, input_dim, 1, 1) * 0.5 / input_dim**0.5)
+        id_value = torch.zeros(channels, input_dim, 1, 1)
+        id_value[torch.arange(channels), torch.arange(channels) % input_dim] = 1.0
+        self.register_buffer("id_tensor", id_value)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(x, self.weight + self.id_tensor, None, 1, 0, 1, self.groups)
+
+
+class BNAndPad(nn.Module):
+    """BatchNorm, then a border of ``pad`` pixels that hold the BN's output for a zero input.
+
+    DBB's ``BNAndPadLayer``: padding with ``v = beta - mean * gamma / sqrt(var + eps)`` rather
+    than 0 makes the following unpadded kxk conv (or avg-pool) see exactly what a padded conv on
+    the BN's *input* would, which is what lets the branch collapse into one conv. Written as
+    ``pad(y - v) + v`` instead of upstream's in-place writes to the four borders, so it traces
+    with FX and exports to ONNX; the border values are the same, the interior equals ``y`` up to
+    float rounding.
+    """
+
+    def __init__(self, num_features: int, pad: int) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm2d(num_features)
+        self.pad = pad
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.bn(x)
+        if self.pad == 0:
+            return y
+        bn = self.bn
+        v = bn.bias - bn.running_mean * bn.weight / torch.sqrt(bn.running_var + bn.eps)
+        v = v.view(1, -1, 1, 1)
+        return F.pad(y - v, [self.pad] * 4) + v
+
+
+class DiverseBranchBlock(nn.Module):
+    """DiverseBranchBlock (DingXiaoH/DiverseBranchBlock ``diversebranchblock.py``, train-time):
+    a kxk conv-BN's replacement, the sum of (no activation):
+
+    - ``dbb_origin``: kxk conv-BN, stride s, padding k//2;
+    - ``dbb_1x1``: 1x1 conv-BN, stride s (only when groups < out_channels);
+    - ``dbb_avg``: 1x1 conv -> BNAndPad(k//2) -> AvgPool(k, s) -> BN; for depthwise
+      (groups == out_channels) AvgPool(k, s, padding k//2) -> BN on the input itself;
+    - ``dbb_1x1_kxk``: 1x1 conv (IdentityBasedConv1x1 when the internal width is in_channels:
+      the default, or 2 * in_channels for depthwise) -> BNAndPad(k//2) -> kxk conv (stride s,
+      padding 0) -> BN.
+    """
+
+    def __init__(
+        self,
+        cin: int,
+        cout: int,
+        k: int,
+        stride: int = 1,
+        groups: int = 1,
+        internal_channels_1x1_kxk: int | None = None,
+    ) -> None:
+        super().__init__()
+        p = k // 2
+        self.dbb_origin = _conv_bn(cin, cout, k, stride, groups)
+        self.dbb_avg = nn.Sequential()
+        if groups < cout:
+            self.dbb_avg.add_module("conv", nn.Conv2d(cin, cout, 1, groups=groups, bias=False))
+            self.dbb_avg.add_module("bn", BNAndPad(cout, p))
+            self.dbb_avg.add_module("avg", nn.AvgPool2d(k, stride, 0))
+            self.dbb_1x1 = _conv_bn(cin, cout, 1, stride, groups)
+        else:
+            self.dbb_avg.add_module("avg", nn.AvgPool2d(k, stride, p))
+            self.dbb_1x1 = None
+        self.dbb_avg.add_module("avgbn", nn.BatchNorm2d(cout))
+        internal = internal_channels_1x1_kxk or (cin if groups < cout else 2 * cin)
+        self.dbb_1x1_kxk = nn.Sequential()
+        if internal == cin:
+            self.dbb_1x1_kxk.add_module("idconv1", IdentityBasedConv1x1(cin, groups))
+        else:
+            conv1 = nn.Conv2d(cin, internal, 1, groups=groups, bias=False)
+            self.dbb_1x1_kxk.add_module("conv1", conv1)
+        self.dbb_1x1_kxk.add_module("bn1", BNAndPad(internal, p))
+        conv2 = nn.Conv2d(internal, cout, k, stride, 0, groups=groups, bias=False)
+        self.dbb_1x1_kxk.add_module("conv2", conv2)
+        self.dbb_1x1_kxk.add_module("bn2", nn.BatchNorm2d(cout))
+
+    def branch_convs(self) -> list[nn.Conv2d]:
+        """The last convolution of each branch (the one that sets the branch's magnitude)."""
+        convs = [self.dbb_origin.conv, self.dbb_1x1_kxk.conv2]
+        if self.dbb_1x1 is not None:
+            convs += [self.dbb_1x1.conv, self.dbb_avg.conv]
+        return convs
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.dbb_origin(x)
+        if self.dbb_1x1 is not None:
+            out = out + self.dbb_1x1(x)
+        out = out + self.dbb_avg(x)
+        return out + self.dbb_1x1_kxk(x)
+
+
+class ACBlock(nn.Module):
+    """ACNet's asymmetric convolution block (DingXiaoH/ACNet ``acnet/acb.py``, train-time): a
+    kxk conv-BN's replacement, kxk conv-BN + 1xk conv-BN + kx1 conv-BN, same stride, summed.
+
+    Padding p = k//2 for the square conv; the 1xk gets (p - k//2, p) and the kx1 gets
+    (p, p - k//2), so all three windows share a centre.
+    """
+
+    def __init__(self, cin: int, cout: int, k: int, stride: int = 1, groups: int = 1) -> None:
+        super().__init__()
+        p = k // 2
+        self.square_conv = nn.Conv2d(cin, cout, k, stride, p, groups=groups, bias=False)
+        self.square_bn = nn.BatchNorm2d(cout)
+        self.ver_conv = nn.Conv2d(
+            cin, cout, (k, 1), stride, (p, p - k // 2), groups=groups, bias=False
+        )
+        self.ver_bn = nn.BatchNorm2d(cout)
+        self.hor_conv = nn.Conv2d(
+            cin, cout, (1, k), stride, (p - k // 2, p), groups=groups, bias=False
+        )
+        self.hor_bn = nn.BatchNorm2d(cout)
+
+    def branch_convs(self) -> list[nn.Conv2d]:
+        return [self.square_conv, self.ver_conv, self.hor_conv]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        square = self.square_bn(self.square_conv(x))
+        vertical = self.ver_bn(self.ver_conv(x))
+        horizontal = self.hor_bn(self.hor_conv(x))
+        return square + vertical + horizontal
+
+
+_RepConvBN = DiverseBranchBlock | ACBlock
+
+
+class RepBasicBlock(nn.Module):
+    """ResNet basic block whose two conv3x3-BN are re-parameterisable blocks (``conv1``,
+    ``conv2``): block-ReLU, block, plus (downsampled) identity, ReLU. Subclasses pick the block.
+    """
+
+    expansion = 1
+
+    def __init__(
+        self, cin: int, planes: int, stride: int = 1, downsample: nn.Module | None = None
+    ) -> None:
+        super().__init__()
+        self.conv1 = self.conv_bn(cin, planes, 3, stride)
+        self.conv2 = self.conv_bn(planes, planes, 3, 1)
+        self.relu = nn.ReLU()
+        self.downsample = downsample
+
+    @staticmethod
+    def conv_bn(cin: int, cout: int, k: int, stride: int) -> _RepConvBN:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.conv1(x))
+        return self.relu(self.conv2(out) + identity)
+
+
+class DBBBasicBlock(RepBasicBlock):
+    """ResNet basic block with DiverseBranchBlocks for its conv3x3-BN."""
+
+    conv_bn = staticmethod(DiverseBranchBlock)
+
+
+class ACBBasicBlock(RepBasicBlock):
+    """ResNet basic block with ACNet ACBlocks for its conv3x3-BN."""
+
+    conv_bn = staticmethod(ACBlock)
+
+
+class DBBResNet(ResNet):
+    """ResNet whose 7x7 stem conv-BN is a DiverseBranchBlock too (as in the DBB repository)."""
+
+    def _make_stem(self) -> None:
+        self.stem = DiverseBranchBlock(3, 64, 7, 2)
+
+    def _stem_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.stem(x)
+
+
+def _rep_resnet18(net: type[ResNet], block: type[RepBasicBlock]) -> ResNet:
+    model = net(block, [2, 2, 2, 2])
+    _init_weights(model)
+    # As _resnet: the residual branch is scaled by 1/sqrt(2); on top, each of the n summed
+    # branches of a re-parameterisable block by 1/sqrt(n) (the stem's too).
+    for m in model.modules():
+        if isinstance(m, RepBasicBlock):
+            for conv in m.conv2.branch_convs():
+                _scale_(conv, 1 / math.sqrt(2))
+            if m.downsample is not None:
+                _scale_(m.downsample[0], 1 / math.sqrt(2))
+    for m in model.modules():
+        if isinstance(m, (DiverseBranchBlock, ACBlock)):
+            convs = m.branch_convs()
+            for conv in convs:
+                _scale_(conv, _branch_scale(len(convs), False))
+    return model
+
+
+def _dbb_resnet18() -> nn.Module:
+    """ResNet-18, train-time DiverseBranchBlocks (4 branches) for the 7x7 stem and each 3x3."""
+    return _rep_resnet18(DBBResNet, DBBBasicBlock)
+
+
+def _acnet_resnet18() -> nn.Module:
+    """ResNet-18, train-time ACNet: each block's 3x3 conv-BN is 3x3 + 1x3 + 3x1 conv-BN."""
+    return _rep_resnet18(ResNet, ACBBasicBlock)
+
+
+# --------------------------------------------------------------------------------------------
+# FastViT (train-time, RepMixer stages only)
+
+
+class ReparamLargeKernelConv(nn.Module):
+    """RepLKNet-style large kernel (apple/ml-fastvit ``models/modules/replknet.py``): a kxk
+    conv-BN (``lkb_origin``) plus a small-kernel conv-BN (``small_conv``, padding small//2), same
+    stride and groups, summed, then GELU.
+
+    Upstream computes ``self.activation(out)`` but returns ``out``, so its GELU is a no-op; timm's
+    port applies it, and so does this one.
+    """
+
+    def __init__(
+        self, cin: int, cout: int, k: int, stride: int, groups: int, small_kernel: int
+    ) -> None:
+        super().__init__()
+        self.lkb_origin = _conv_bn(cin, cout, k, stride, groups)
+        self.small_conv = _conv_bn(cin, cout, small_kernel, stride, groups)
+        self.activation = nn.GELU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.activation(self.lkb_origin(x) + self.small_conv(x))
+
+
+class PatchEmbed(nn.Module):
+    """FastViT downsampling between stages: ReparamLargeKernelConv(7x7 + 3x3, stride 2,
+    groups = in channels, so each input channel makes out/in output channels), then a 1x1
+    MobileOneBlock (conv + identity BN, GELU)."""
+
+    def __init__(self, cin: int, cout: int, patch_size: int = 7, stride: int = 2) -> None:
+        super().__init__()
+        self.proj = nn.Sequential(
+            ReparamLargeKernelConv(cin, cout, patch_size, stride, groups=cin, small_kernel=3),
+            MobileOneBlock(cout, cout, 1, activation=nn.GELU),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x)
+
+
+class RepMixer(nn.Module):
+    """FastViT token mixer: ``x + layer_scale * (mixer(x) - norm(x))``.
+
+    ``mixer``: depthwise kxk MobileOneBlock (conv-BN + 1x1 scale conv-BN + identity BN, no
+    activation); ``norm``: only an identity BN. At inference it is one depthwise kxk conv.
+    """
+
+    def __init__(self, dim: int, k: int = 3) -> None:
+        super().__init__()
+        self.norm = MobileOneBlock(
+            dim, dim, k, groups=dim, num_conv_branches=0, activation=None, use_scale_branch=False
+        )
+        self.mixer = MobileOneBlock(dim, dim, k, groups=dim, activation=None)
+        self.layer_scale = nn.Parameter(torch.ones(dim, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.layer_scale * (self.mixer(x) - self.norm(x))
+
+
+class ConvFFN(nn.Module):
+    """FastViT's convolutional FFN: depthwise 7x7 conv-BN, 1x1 (dim -> hidden), GELU, 1x1 back."""
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.conv = _conv_bn(dim, dim, 7, groups=dim)
+        self.fc1 = nn.Conv2d(dim, hidden, 1)
+        self.act = nn.GELU()
+        self.fc2 = nn.Conv2d(hidden, dim, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(self.conv(x))))
+
+
+class RepMixerBlock(nn.Module):
+    """FastViT block: ``x = token_mixer(x)`` (RepMixer), ``x + layer_scale * convffn(x)``."""
+
+    def __init__(self, dim: int, mlp_ratio: float = 3.0) -> None:
+        super().__init__()
+        self.token_mixer = RepMixer(dim)
+        self.convffn = ConvFFN(dim, int(dim * mlp_ratio))
+        self.layer_scale = nn.Parameter(torch.ones(dim, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.token_mixer(x)
+        return x + self.layer_scale * self.convffn(x)
+
+
+class FastViT(nn.Module):
+    """FastViT without attention stages (apple/ml-fastvit ``models/fastvit.py`` layout): a stem
+    of three MobileOneBlocks (3x3/2, depthwise 3x3/2, 1x1; GELU), RepMixer stages joined by
+    PatchEmbeds, GAP, linear head (upstream's final conv_exp + SE is left out)."""
+
+    def __init__(
+        self,
+        layers: list[int],
+        embed_dims: list[int],
+        mlp_ratio: float = 3.0,
+        num_classes: int = 1000,
+    ) -> None:
+        super().__init__()
+        d0 = embed_dims[0]
+        self.patch_embed = nn.Sequential(
+            MobileOneBlock(3, d0, 3, 2, activation=nn.GELU),
+            MobileOneBlock(d0, d0, 3, 2, groups=d0, activation=nn.GELU),
+            MobileOneBlock(d0, d0, 1, activation=nn.GELU),
+        )
+        network: list[nn.Module] = []
+        for i, (depth, dim) in enumerate(zip(layers, embed_dims, strict=True)):
+            if i > 0:
+                network.append(PatchEmbed(embed_dims[i - 1], dim))
+            network.append(nn.Sequential(*(RepMixerBlock(dim, mlp_ratio) for _ in range(depth))))
+        self.network = nn.Sequential(*network)
+        self.gap = nn.AdaptiveAvgPool2d(1)
+        self.head = nn.Linear(embed_dims[-1], num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.network(self.patch_embed(x))
+        return self.head(torch.flatten(self.gap(x), 1))
+
+
+def _fastvit_t() -> nn.Module:
+    """FastViT-T8-style, train-time, no attention: RepMixer x [2, 2, 4, 2], random layer scales."""
+    model = FastViT([2, 2, 4, 2], [48, 96, 192, 384])
+    _init_weights(model)
+    for m in model.modules():
+        if isinstance(m, MobileOneBlock):
+            convs = [b.conv for b in [*m.rbr_conv, m.rbr_scale] if b is not None]
+            for conv in convs:
+                _scale_(conv, _branch_scale(len(convs), m.rbr_skip is not None))
+        elif isinstance(m, ReparamLargeKernelConv):
+            for conv in (m.lkb_origin.conv, m.small_conv.conv):
+                _scale_(conv, _branch_scale(2, False))
+    # Each block adds two residual branches whose layer scale is O(1) and whose mixer - norm
+    # difference holds two unrelated BNs: scaled like MobileOne's alone, magnitudes still grow
+    # ~3x per stage. So the mixer's convs and the FFN's output get a further 1/2, and the FFN's
+    # depthwise 7x7 1/sqrt(2) (Kaiming's gain of 2 assumes a ReLU before it; there is none).
+    for m in model.modules():
+        if isinstance(m, RepMixer):
+            _scale_(m.mixer.rbr_conv[0].conv, 0.5)
+            _scale_(m.mixer.rbr_scale.conv, 0.5)
+        elif isinstance(m, ConvFFN):
+            _scale_(m.conv.conv, 1 / math.sqrt(2))
+            _scale_(m.fc2, 0.5 * _branch_scale(1, True))
+    # layer scales start at 1e-5 upstream, which would make every RepMixer (nearly) the
+    # identity and its rewrite untestable; here they are random, U(0.5, 1.5) per channel
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (RepMixer, RepMixerBlock)):
+                m.layer_scale.uniform_(0.5, 1.5)
+    return model
+
+
+# --------------------------------------------------------------------------------------------
+# SESR (super-resolution, expanded linear blocks)
+
+
+class LinearBlock(nn.Module):
+    """SESR's expanded linear block (ARM-software/sesr ``LinearBlock_e``): kxk conv (cin ->
+    ``feature_size``, padding k//2, bias) then 1x1 conv (-> cout, bias), nothing in between."""
+
+    def __init__(self, cin: int, cout: int, k: int, feature_size: int = 256) -> None:
+        super().__init__()
+        self.conv_expand = nn.Conv2d(cin, feature_size, k, padding=k // 2)
+        self.conv_squeeze = nn.Conv2d(feature_size, cout, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv_squeeze(self.conv_expand(x))
+
+
+class SESR(nn.Module):
+    """SESR (ARM-software/sesr ``models/sesr.py``, training with expanded linear blocks):
+    a 5x5 input block, ``m`` residual 3x3 blocks each followed by a per-channel PReLU, a long
+    residual, a 5x5 output block to scale**2 channels, the input added (broadcast over those
+    channels), depth-to-space. Upstream's ``inputs - 0.5`` and final clip to [0, 1] are left out.
+    """
+
+    def __init__(self, m: int = 5, f: int = 16, feature_size: int = 256, scale: int = 2) -> None:
+        super().__init__()
+        self.scale = scale
+        self.input_block = LinearBlock(1, f, 5, feature_size)
+        self.linear_blocks = nn.ModuleList(LinearBlock(f, f, 3, feature_size) for _ in range(m))
+        self.activations = nn.ModuleList(nn.PReLU(f) for _ in range(m))
+        self.output_block = LinearBlock(f, scale**2, 5, feature_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features_0 = features = self.input_block(x)
+        for block, activation in zip(self.linear_blocks, self.activations, strict=True):
+            features = activation(block(features) + features)
+        out = self.output_block(features + features_0) + x
+        return F.pixel_shuffle(out, self.scale)
+
+
+def _sesr_m5() -> nn.Module:
+    """SESR-M5 x2 super-resolution, train-time expanded linear blocks (f=16, 256 inside)."""
+    model = SESR()
+    _init_weights(model)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.Conv2d):
+                # random biases, so that folding them through the next conv is checked
+                nn.init.normal_(m.bias, 0.0, 0.05)
+            elif isinstance(m, nn.PReLU):
+                m.weight.uniform_(0.1, 0.4)
+        for block in model.linear_blocks:
+            _scale_(block.conv_squeeze, _branch_scale(1, True))
     return model
 
 
@@ -655,13 +1120,21 @@ def _digits_cnn(seed: int) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
 
 
 _RANDOM: dict[str, Callable[[], nn.Module]] = {
+    "acnet_resnet18": _acnet_resnet18,
+    "dbb_resnet18": _dbb_resnet18,
+    "fastvit_t": _fastvit_t,
     "mobilenetv2": _mobilenetv2,
     "mobileone_s0": _mobileone_s0,
     "repvgg_a0": _repvgg_a0,
     "resnet18": _resnet18,
     "resnet50": _resnet50,
+    "sesr_m5": _sesr_m5,
     "vit_s": _vit_s,
 }
+
+# Where a model's input or task is not the default: one 224x224 RGB image, classification.
+_INPUT_SHAPE: dict[str, tuple[int, ...]] = {"sesr_m5": (1, 1, 128, 128)}
+_TASK: dict[str, str] = {"sesr_m5": "super-resolution"}
 
 
 def _first_line(fn: Callable[..., object]) -> str:
@@ -706,5 +1179,5 @@ def get(name: str, *, seed: int = 0) -> ZooModel:
     gen = torch.Generator().manual_seed(seed)
     randomize_bn_stats_(model, gen)
     model.eval()
-    inputs = (torch.randn(1, 3, 224, 224, generator=gen),)
-    return ZooModel(name, model, inputs, _first_line(build), "classification")
+    inputs = (torch.randn(*_INPUT_SHAPE.get(name, (1, 3, 224, 224)), generator=gen),)
+    return ZooModel(name, model, inputs, _first_line(build), _TASK.get(name, "classification"))
