@@ -44,6 +44,7 @@ _LAZY: dict[str, str] = {
     "Target": "graphopt.target",
     "Report": "graphopt.report",
     "tune_mode": "graphopt.tune",
+    "MonarchLinear": "graphopt.monarch",
 }
 _SUBMODULES = {
     "zoo",
@@ -59,6 +60,7 @@ _SUBMODULES = {
     "report",
     "onnx_import",
     "tune",
+    "monarch",
 }
 
 __all__ = [
@@ -83,6 +85,7 @@ __all__ = [
     "parse_pipeline",
     "register_pass",
     "tune_mode",
+    "MonarchLinear",
 ]
 
 
@@ -103,6 +106,7 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:  # pragma: no cover
     from graphopt.api import OptimizedModel, optimize
     from graphopt.capture import capture
+    from graphopt.monarch import MonarchLinear
     from graphopt.pass_manager import Numerics, Pass, PassContext, PassManager, PassResult
     from graphopt.pipeline import parse_pipeline, register_pass
     from graphopt.report import Report

@@ -8,7 +8,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -148,6 +148,7 @@ def optimize(
     database: str | Path | None = None,
     rpc: Any = None,
     calibration_data: Iterable[Any] | None = None,
+    finetune: Callable[[fx.GraphModule], Any] | None = None,
     leaf_modules: Sequence[type[nn.Module]] = (),
     concrete_args: dict[str, Any] | None = None,
     instruments: Sequence[Instrument] = (),
@@ -170,6 +171,11 @@ def optimize(
     ``database``: its tuning database directory (default: one per target in the cache
     directory, reused by later runs). ``rpc``: ``"host:port/key"`` of a device registered at a
     TVM RPC tracker, where TVM tunes, runs and measures.
+
+    ``calibration_data``: input tuples for passes that calibrate (``substitute-monarch``
+    measures each substitute's error on them). ``finetune``: ``callable(graph_module)`` that a
+    lossy pass runs on the graph after changing it, e.g. a few epochs of training after
+    ``substitute-monarch`` (the verification after that pass then compares the fine-tuned graph).
 
     >>> result = optimize(model, "cpu", example_inputs=(x,))
     >>> print(result.report)
@@ -209,6 +215,7 @@ def optimize(
     ctx = PassContext(
         sample_inputs=inputs if verify else None,
         calibration_data=calibration_data,
+        finetune=finetune,
         target=tgt,
         backend=runtime,
         strict=strict,

@@ -18,7 +18,7 @@ import tempfile
 import textwrap
 import time
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, ClassVar, Literal
@@ -72,11 +72,17 @@ class Numerics:
 
 @dataclass
 class PassResult:
-    """What a pass returns: the (possibly new) graph, whether it changed, and statistics."""
+    """What a pass returns: the (possibly new) graph, whether it changed, and statistics.
+
+    ``decisions``: optionally one entry per thing the pass decided on (a latency-aware pass:
+    per layer, what it measured, what it kept and why); ``str()`` of each is a report line and
+    dataclass entries serialise with the report's JSON.
+    """
 
     graph: fx.GraphModule
     modified: bool
     stats: Counter = field(default_factory=Counter)
+    decisions: list[Any] = field(default_factory=list)
 
 
 @dataclass
@@ -84,7 +90,9 @@ class PassContext:
     """Data a pass may use; options of a pass live in its ``Options`` instead.
 
     ``sample_inputs`` drive the numeric check after each pass; ``calibration_data`` is an
-    iterable of input tuples for passes that calibrate; ``strict`` turns rollbacks into errors.
+    iterable of input tuples for passes that calibrate; ``strict`` turns rollbacks into errors;
+    ``finetune`` is the user's ``callable(graph_module)`` that lossy passes run on the graph
+    after they changed it (dense-to-sparse fine-tuning: it trains the graph in place).
     """
 
     sample_inputs: tuple[Any, ...] | None = None
@@ -96,6 +104,7 @@ class PassContext:
     strict: bool = False
     verify: bool = True
     cache_dir: Path | None = None
+    finetune: Callable[[fx.GraphModule], Any] | None = None
 
 
 class Pass:
@@ -158,6 +167,7 @@ class PassRecord:
     modified: bool = False
     time_s: float = 0.0
     stats: dict[str, int] = field(default_factory=dict)
+    decisions: list[Any] = field(default_factory=list)
     comparison: verify.Comparison | None = None
     message: str = ""
     reproducer: str | None = None
@@ -362,6 +372,7 @@ class PassManager:
                 new_gm = result.graph
                 record.modified = bool(result.modified)
                 record.stats = dict(result.stats)
+                record.decisions = list(result.decisions)
                 new_gm.graph.lint()
                 new_gm.recompile()
             except Exception as exc:  # noqa: BLE001 - a pass failing must not lose the model

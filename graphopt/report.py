@@ -145,6 +145,7 @@ class Report:
                 f"{'yes' if r.modified else 'no':<7} {r.time_s * 1e3:7.1f}ms  "
                 f"{err:<52} {stats}"
             )
+            lines += [f"      {d}" for d in r.decisions]
             if r.message and r.status != "ok":
                 lines.append(f"      {r.message}")
             if r.reproducer:

@@ -8,6 +8,7 @@ from graphopt.passes.fold_constants import FoldConstants
 from graphopt.passes.fold_conv_bn import FoldConvBN
 from graphopt.passes.remove_identity import RemoveIdentity
 from graphopt.passes.reparameterize import Reparameterize
+from graphopt.passes.substitute_monarch import SubstituteMonarch
 from graphopt.passes.tune_conv_bn import TuneConvBN
 
 __all__ = [
@@ -16,5 +17,6 @@ __all__ = [
     "FoldConvBN",
     "RemoveIdentity",
     "Reparameterize",
+    "SubstituteMonarch",
     "TuneConvBN",
 ]
