@@ -37,9 +37,12 @@ from graphopt.pipeline import get_pass
 __all__ = [
     "CNNCase",
     "assert_pass_preserves",
+    "random_bn",
     "random_cnn",
     "random_cnns",
+    "random_input",
     "run_pass",
+    "seeded",
     "verify_rewrite",
 ]
 
@@ -179,6 +182,23 @@ _ACTS = {
     "identity": nn.Identity,
     "dropout": lambda: nn.Dropout(0.3),
 }
+
+
+def seeded(seed: int = 0) -> torch.Generator:
+    """A fresh CPU generator: tests draw from their own, never from the global RNG."""
+    return torch.Generator().manual_seed(seed)
+
+
+def random_bn(cls: type[nn.Module], channels: int, seed: int = 0, **kwargs: Any) -> nn.Module:
+    """``cls(channels, **kwargs)`` with random statistics and affine parameters (never identity)."""
+    bn = cls(channels, **kwargs)
+    randomize_bn(bn, seeded(seed))
+    return bn
+
+
+def random_input(shape: tuple[int, ...], seed: int = 1) -> torch.Tensor:
+    """A standard-normal tensor of ``shape`` from its own generator."""
+    return torch.randn(shape, generator=seeded(seed))
 
 
 def randomize_bn(bn: nn.Module, gen: torch.Generator) -> None:

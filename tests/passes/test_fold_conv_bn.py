@@ -19,9 +19,11 @@ from graphopt.capture import capture
 from graphopt.passes.fold_conv_bn import FoldConvBN, bn_affine, fold_after, fold_before
 from graphopt.testing import (
     assert_pass_preserves,
+    random_bn,
     random_cnns,
-    randomize_bn,
+    random_input,
     run_pass,
+    seeded,
     verify_rewrite,
 )
 
@@ -40,18 +42,7 @@ _BN_FUNCTIONS = {
 }
 
 
-def _gen(seed: int = 0) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
-def _bn(cls: type[nn.Module], c: int, seed: int = 0, **kw) -> nn.Module:
-    bn = cls(c, **kw)
-    randomize_bn(bn, _gen(seed))
-    return bn
-
-
-def _x(shape: tuple[int, ...], seed: int = 1) -> torch.Tensor:
-    return torch.randn(shape, generator=_gen(seed))
+_gen, _bn, _x = seeded, random_bn, random_input
 
 
 def _batches(dims: int, c: int, batch: int = 2) -> tuple[torch.Tensor, torch.Tensor]:

@@ -23,7 +23,15 @@ from graphopt import verify, zoo
 from graphopt.errors import CaptureError, GraphoptError
 from graphopt.passes import tune_conv_bn as tune
 from graphopt.passes.tune_conv_bn import TuneConvBN, tune_conv_bn
-from graphopt.testing import assert_pass_preserves, random_cnns, randomize_bn, verify_rewrite
+from graphopt.testing import (
+    assert_pass_preserves,
+    random_bn,
+    random_cnns,
+    random_input,
+    randomize_bn,
+    seeded,
+    verify_rewrite,
+)
 
 NUMERICS = TuneConvBN.numerics
 _CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
@@ -32,18 +40,7 @@ _BN = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
 _SIZE = {1: 11, 2: 7, 3: 5}
 
 
-def _gen(seed: int = 0) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
-def _bn(cls: type[nn.Module], c: int, seed: int = 0, **kw) -> nn.Module:
-    bn = cls(c, **kw)
-    randomize_bn(bn, _gen(seed))
-    return bn
-
-
-def _x(shape: tuple[int, ...], seed: int = 1) -> torch.Tensor:
-    return torch.randn(shape, generator=_gen(seed))
+_gen, _bn, _x = seeded, random_bn, random_input
 
 
 def _eval_mode(model: nn.Module, train: bool = False) -> nn.Module:
