@@ -4,6 +4,7 @@ One module per pass, named after the pass with ``_`` (``fold-conv-bn`` -> ``fold
 """
 
 from graphopt.passes.eliminate_dead_code import EliminateDeadCode
+from graphopt.passes.equalize import EqualizeLayers
 from graphopt.passes.fold_constants import FoldConstants
 from graphopt.passes.fold_conv_bn import FoldConvBN
 from graphopt.passes.remove_identity import RemoveIdentity
@@ -13,6 +14,7 @@ from graphopt.passes.tune_conv_bn import TuneConvBN
 
 __all__ = [
     "EliminateDeadCode",
+    "EqualizeLayers",
     "FoldConstants",
     "FoldConvBN",
     "RemoveIdentity",

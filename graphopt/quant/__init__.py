@@ -1,0 +1,44 @@
+"""Quantisation building blocks: calibration observers and int8 parameters (issue 6).
+
+``graphopt.quant.calibration`` turns statistics gathered over calibration batches into the
+scales and zero points of symmetric int8 / asymmetric uint8 tensors, per-channel int8 weights
+and int32 biases, and picks the calibration method per layer by measured error.
+"""
+
+from graphopt.quant.calibration import (
+    OBSERVERS,
+    EntropyObserver,
+    HistogramObserver,
+    MethodChoice,
+    MinMaxObserver,
+    MSEObserver,
+    Observer,
+    PercentileObserver,
+    QParams,
+    bias_qparams,
+    choose_observer,
+    fake_quant_error,
+    make_observer,
+    quantize_bias,
+    validate_calibration_batches,
+    weight_qparams,
+)
+
+__all__ = [
+    "OBSERVERS",
+    "EntropyObserver",
+    "HistogramObserver",
+    "MSEObserver",
+    "MethodChoice",
+    "MinMaxObserver",
+    "Observer",
+    "PercentileObserver",
+    "QParams",
+    "bias_qparams",
+    "choose_observer",
+    "fake_quant_error",
+    "make_observer",
+    "quantize_bias",
+    "validate_calibration_batches",
+    "weight_qparams",
+]
