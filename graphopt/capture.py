@@ -17,7 +17,9 @@ from __future__ import annotations
 import copy
 import logging
 import os
+import sys
 import traceback
+import types
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -320,3 +322,15 @@ def _example_for(node: fx.Node) -> torch.Tensor:
     if dtype.is_floating_point:
         return torch.randn(dims, generator=gen).to(dtype)
     return torch.randint(0, 2, dims, generator=gen).to(dtype)
+
+
+class _CallableModule(types.ModuleType):
+    """``graphopt.capture`` is both this module and the function :func:`capture`: once anything
+    has imported the module, the package attribute is the module (Python's import system sets
+    it), so calling the module calls the function."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Captured:
+        return capture(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

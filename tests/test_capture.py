@@ -118,3 +118,15 @@ def test_tensors_frozen_by_tracing_are_noted():
     assert any("frozen into constants" in n and "_tensor_constant0" in n for n in cap.notes)
     plain = capture(nn.Linear(4, 2), (torch.randn(2, 4),))
     assert not any("frozen" in n for n in plain.notes)
+
+
+def test_graphopt_capture_is_callable_after_its_module_was_imported():
+    """``import graphopt.capture`` makes the package attribute the module; calling it still
+    captures (it used to raise "'module' object is not callable")."""
+    import graphopt
+    import graphopt.capture  # noqa: F401 - the import is the point
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2)).eval()
+    captured = graphopt.capture(model, (torch.randn(1, 3),))
+    x = torch.randn(4, 3)
+    assert torch.equal(captured.graph(x), model(x))
