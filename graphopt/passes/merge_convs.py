@@ -1,0 +1,637 @@
+"""merge-convs: consecutive convolutions with nothing non-linear between them merged into one,
+where the merged conv is measured faster on the target (exact mode of Kim et al., ICML 2023).
+
+A *stretch* is a maximal run of convs ``c_1 .. c_L`` (module or functional, constant weights)
+where each conv's output is used only by the next, plus residual bodies ``x + c_a(..c_b(x))``
+whose convs all lie in the run (the add continues the stretch). Position ``p`` is the value
+after conv ``p`` (after the add where a residual ends there), position 0 the stretch's input. A
+span ``(i, j]`` -- convs ``i+1..j`` -- becomes one conv by :func:`graphopt.merge_algebra.merge`
+(float64, cast back to the graph's dtype)::
+
+    k = k1 + (k2 - 1)*s1    s = s1*s2    p = p1 + p2*s1    W = W2 * W1    b = b2 + W2 . b1
+    x + body(x)             -> +1 at the centre tap (the residual folded, the add removed)
+
+A span must hold a residual body whole, or lie inside it; a span that is exactly a body is
+timed both with the residual folded and with the add kept after the merged conv.
+
+Every single conv and every mergeable span is timed on the target's backend
+(``PassContext.backend``, default ONNX Runtime on ``PassContext.target``) as a one-conv model at
+its real input shape (from ``tensor_meta``), with the residual add in the unit where the add
+stays in the graph, so the sum over single convs is the stretch as it is now. All of a stretch's
+units are timed interleaved in one run (``time_interleaved``), each median stored in the latency
+cache under the unit's structure (conv hyper-parameters, shapes, dtype, backend, version,
+settings): identical units are timed once and a second run measures nothing.
+
+Stage 1 of the dynamic program (:func:`graphopt.merge_plan.plan_exact`) then splits each
+stretch::
+
+    T_opt(i, j) = min( T'(i, j),  min_{i<k<j} T_opt(i, k) + T'(k, j) )
+
+with ``T' = T * min_speedup`` for merged spans, ``T' = T`` for single convs: a merged span is
+chosen only when it beats every other split by the factor ``min_speedup`` (and strictly, ties
+go to fewer merges), so the pass never makes a stretch slower on the target by its own
+measurements. :func:`plan_stretch` decides from the numbers alone; :func:`apply` only mutates.
+
+``PassResult.decisions`` holds one :class:`StretchPlan` per stretch: convs, the chosen spans,
+predicted against unmerged latency, every candidate's latency and every refusal with its reason.
+
+Statistics: ``merged-spans``, ``convs-removed``, ``residuals-folded``, ``timed-units``;
+``skipped:<reason>`` per refused candidate span (``padding``, ``bias-at-padding``,
+``residual-shape``, ``residual-centre``, ``kernel-size`` -- see :mod:`graphopt.merge_algebra`)
+and per stretch left as it is: ``not-faster`` (no merge measured faster), ``all-refused``
+(every merge refused; nothing is timed), ``target-not-measurable`` (a phone without an RPC
+device), ``no-shape`` (no ``tensor_meta``), ``dtype`` (not floating point); per conv
+``padding-mode`` (not zero padding, never part of a stretch).
+
+Not handled: activations between convs (exact mode keeps them; a stretch ends there), a conv
+whose output has other users inside a stretch, residual bodies that contain another residual
+or a non-conv op, BatchNorm between convs (run ``fold-conv-bn`` first), ConvTranspose,
+non-zero padding modes and string padding.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import networkx as nx
+import torch
+from torch import fx, nn
+
+# a module import: merge_algebra imports reparameterize, so this package, then this module
+import graphopt.merge_algebra as algebra
+from graphopt.backends.measure import Latency, LatencyCache, cache_key, time_interleaved
+from graphopt.errors import PipelineError
+from graphopt.merge_plan import plan_exact
+from graphopt.pass_manager import Numerics, Pass, PassContext, PassResult
+from graphopt.pipeline import register_pass
+from graphopt.report import Progress
+
+from .reparameterize import _conv_branch, _free_name, _is_add
+from .substitute_monarch import _backend_for, _cache_for, _measurable
+
+log = logging.getLogger(__name__)
+
+_CONV_BY_DIMS = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+_UNIT_VERSION = "merge-convs/1"  # bump when a unit's exported form changes
+
+
+# ------------------------------------------------------------------------------------------------
+# finding stretches
+
+
+@dataclass
+class Stretch:
+    """An activation-free run of convs: ``convs`` in order, ``values[p]`` the fx node holding
+    position ``p`` (``values[0]`` the input), ``residuals`` as ``(a, b, add)`` -- the add after
+    conv index ``b`` (0-based) adds position ``a``."""
+
+    convs: list[fx.Node]
+    specs: list[algebra.ConvSpec]
+    values: list[fx.Node]
+    residuals: list[tuple[int, int, fx.Node]] = field(default_factory=list)
+
+    @property
+    def length(self) -> int:
+        return len(self.convs)
+
+    @property
+    def name(self) -> str:
+        return f"{self.convs[0].name}..{self.convs[-1].name}"
+
+
+def _conv_input(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
+    branch = _conv_branch(gm, node, single_use=False)
+    return branch.input if branch is not None and isinstance(branch.input, fx.Node) else None
+
+
+def _shape(node: fx.Node) -> tuple[int, ...] | None:
+    meta = node.meta.get("tensor_meta")
+    return tuple(int(d) for d in meta.shape) if hasattr(meta, "shape") else None
+
+
+def _residual_body(
+    add: fx.Node, convs: dict[fx.Node, tuple[algebra.ConvSpec, fx.Node]]
+) -> tuple[fx.Node, list[fx.Node]] | None:
+    """``add`` as ``x + c_1(..c_k(x))`` with single-use convs: (x, [c_1..c_k]), else None."""
+    if not _is_add(add) or not all(isinstance(a, fx.Node) for a in add.args):
+        return None
+    for x, y in (add.args, add.args[::-1]):
+        body, node = [], y
+        while node in convs and len(node.users) == 1 and node not in body:
+            body.append(node)
+            node = convs[node][1]
+            if node is x:
+                if _shape(x) is None or _shape(x) != _shape(add):
+                    break  # broadcasting add: not x + f(x) of one shape
+                return x, body[::-1]
+    return None
+
+
+def find_stretches(gm: fx.GraphModule) -> tuple[list[Stretch], Counter]:
+    """The stretches of ``gm`` (with at least two convs or one residual body), and refusals of
+    convs that spec_of cannot read (``skipped:padding-mode``), by reason."""
+    stats: Counter = Counter()
+    convs: dict[fx.Node, tuple[algebra.ConvSpec, fx.Node]] = {}
+    for node in gm.graph.nodes:
+        if node.op not in ("call_module", "call_function"):
+            continue
+        spec = algebra.spec_of(gm, node)
+        if isinstance(spec, algebra.Refusal):
+            if spec.reason != "not-a-conv":
+                stats[f"skipped:{spec.reason}"] += 1
+            continue
+        source = _conv_input(gm, node)
+        if source is not None:
+            convs[node] = (spec, source)
+    # the chain graph: an edge u -> v where v continues the linear stretch ending at u
+    chain = nx.DiGraph()
+    chain.add_nodes_from(convs)
+    bodies: dict[fx.Node, tuple[fx.Node, list[fx.Node]]] = {}
+    for node in gm.graph.nodes:
+        found = _residual_body(node, convs) if node.op == "call_function" else None
+        if found is not None:
+            bodies[node] = found
+            chain.add_edge(found[1][-1], node)
+    for c, (_, source) in convs.items():
+        users = set(source.users)
+        body_from_here = [a for a, (x, body) in bodies.items() if x is source and body[0] is c]
+        linear_source = source in convs or source in bodies
+        if linear_source and (users == {c} or (body_from_here and users == {c, *body_from_here})):
+            chain.add_edge(source, c)
+    stretches = []
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    for component in nx.weakly_connected_components(chain):
+        nodes = sorted(component, key=order.__getitem__)
+        if nodes[0] not in convs:
+            continue
+        path = list(nx.topological_sort(chain.subgraph(nodes)))
+        stretch = Stretch([], [], [convs[path[0]][1]])
+        for node in path:
+            if node in convs:
+                stretch.convs.append(node)
+                stretch.specs.append(convs[node][0])
+                stretch.values.append(node)
+            else:  # a residual add: it closes the body that starts at its x
+                x, body = bodies[node]
+                b = len(stretch.convs) - 1
+                stretch.residuals.append((b - len(body) + 1, b, node))
+                stretch.values[-1] = node
+        if stretch.length >= 2 or stretch.residuals:
+            stretches.append(stretch)
+    stretches.sort(key=lambda s: order[s.convs[0]])
+    return stretches, stats
+
+
+# ------------------------------------------------------------------------------------------------
+# candidate spans
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One way to compute span ``(i, j]`` as one conv: ``folded`` residual adds inside it,
+    ``keeps_add``: the unit ends in the residual add that stays in the graph. ``latency_ms`` is
+    the measured median (None until timed); ``refusal`` why the merge algebra refused it."""
+
+    i: int
+    j: int
+    folded: int = 0
+    keeps_add: bool = False
+    latency_ms: float | None = None
+    refusal: algebra.Refusal | None = None
+
+    @property
+    def merges(self) -> bool:
+        return self.j - self.i > 1 or self.folded > 0
+
+    @property
+    def label(self) -> str:
+        convs = f"conv {self.j}" if self.j - self.i == 1 else f"convs {self.i + 1}..{self.j}"
+        extra = " +residual" * self.folded + (" then add" if self.keeps_add else "")
+        return convs + extra
+
+    def __str__(self) -> str:
+        if self.refusal is not None:
+            return f"{self.label}: refused {self.refusal}"
+        t = f"{self.latency_ms:.4f} ms" if self.latency_ms is not None else "not timed"
+        return f"{self.label}: {t}"
+
+
+def _span_kind(stretch: Stretch, i: int, j: int) -> tuple[str, list[tuple[int, int]]]:
+    """("invalid" | "plain" | "exact-body" | "ends-at-add", residuals folded inside)."""
+    folded, kind = [], "plain"
+    for a, b, _ in stretch.residuals:
+        lo, hi = a, b + 1  # the body is span (a, b+1]
+        if i == lo and j == hi:
+            kind = "exact-body"
+        elif i <= lo and hi <= j:
+            folded.append((a, b))
+        elif lo <= i and j <= hi:
+            if j == hi:
+                kind = "ends-at-add"
+        elif j <= lo or hi <= i:
+            continue
+        else:
+            return "invalid", []
+    return kind, folded
+
+
+def _merge_span(
+    stretch: Stretch, i: int, j: int, folded: list[tuple[int, int]], max_kernel: int
+) -> algebra.ConvSpec | algebra.Refusal:
+    """Convs ``i+1..j`` as one conv, the residuals ``folded`` (whole bodies) folded in."""
+    parts: list[algebra.ConvSpec] = []
+    k = i
+    for a, b in sorted(folded):
+        parts.extend(stretch.specs[k:a])
+        body = algebra.merge(stretch.specs[a : b + 1], residual=True, max_kernel=max_kernel)
+        if isinstance(body, algebra.Refusal):
+            return algebra.Refusal(body.reason, body.detail, body.position + a - i)
+        parts.append(body)
+        k = b + 1
+    parts.extend(stretch.specs[k:j])
+    if len(parts) == 1:
+        return parts[0]
+    return algebra.merge(parts, max_kernel=max_kernel)
+
+
+def candidates(
+    stretch: Stretch, max_kernel: int, max_span: int
+) -> list[tuple[Candidate, algebra.ConvSpec | None]]:
+    """Every single conv and every span of at most ``max_span`` convs, with its merged conv
+    (None for a refused one)."""
+    out: list[tuple[Candidate, algebra.ConvSpec | None]] = []
+    for i in range(stretch.length):
+        for j in range(i + 1, min(stretch.length, i + max_span) + 1):
+            kind, folded = _span_kind(stretch, i, j)
+            if kind == "invalid":
+                continue
+            variants = [(folded, kind == "ends-at-add")]
+            if kind == "exact-body":  # fold the add, or keep it after the merged body
+                body = next((a, b) for a, b, _ in stretch.residuals if a == i and b + 1 == j)
+                variants = [([*folded, body], False), (folded, True)]
+            for fold, keeps_add in variants:
+                spec = _merge_span(stretch, i, j, fold, max_kernel)
+                cand = Candidate(i, j, len(fold), keeps_add)
+                if isinstance(spec, algebra.Refusal):
+                    out.append((Candidate(i, j, len(fold), keeps_add, refusal=spec), None))
+                else:
+                    out.append((cand, spec))
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# deciding: pure
+
+
+@dataclass
+class StretchPlan:
+    """What was decided for one stretch: its candidates, the chosen spans (one candidate per
+    span of the partition), predicted and unmerged latency, or why nothing merges."""
+
+    stretch: str
+    convs: tuple[str, ...]
+    input_shape: tuple[int, ...]
+    candidates: list[Candidate] = field(default_factory=list)
+    chosen: list[Candidate] = field(default_factory=list)
+    predicted_ms: float | None = None
+    unmerged_ms: float | None = None
+    reason: str = ""
+
+    @property
+    def merged(self) -> list[Candidate]:
+        return [c for c in self.chosen if c.merges]
+
+    def __str__(self) -> str:
+        shape = "x".join(str(d) for d in self.input_shape)
+        head = f"stretch {self.stretch} [{len(self.convs)} convs, input {shape}]"
+        if self.merged:
+            spans = ", ".join(c.label for c in self.merged)
+            verdict = (
+                f"merged {spans}: predicted {self.predicted_ms:.4f} ms against "
+                f"{self.unmerged_ms:.4f} ms unmerged ({self.unmerged_ms / self.predicted_ms:.2f}x)"
+            )
+        else:
+            unmerged = f"{self.unmerged_ms:.4f} ms" if self.unmerged_ms is not None else "untimed"
+            verdict = f"left as it is ({self.reason}); unmerged {unmerged}"
+        tried = "; ".join(str(c) for c in self.candidates if c.merges)
+        return f"{head}: {verdict}" + (f"  [candidates: {tried}]" if tried else "")
+
+
+def plan_stretch(layer: StretchPlan, length: int, min_speedup: float) -> StretchPlan:
+    """Choose the spans of one stretch from the timed candidates (pure; fills ``chosen``).
+
+    Merged spans enter stage 1 at ``latency * min_speedup``, singles at their latency; the
+    residual variants of a span compete as one entry (the faster after that scaling).
+    """
+    best: dict[tuple[int, int], tuple[float, Candidate]] = {}
+    for c in layer.candidates:
+        if c.refusal is not None or c.latency_ms is None:
+            continue
+        t = c.latency_ms * (min_speedup if c.merges else 1.0)
+        if (c.i, c.j) not in best or t < best[c.i, c.j][0]:
+            best[c.i, c.j] = (t, c)
+    singles = [best.get((k, k + 1)) for k in range(length)]
+    singles_plain = [
+        next(
+            (
+                c
+                for c in layer.candidates
+                if (c.i, c.j) == (k, k + 1) and not c.merges and c.latency_ms is not None
+            ),
+            None,
+        )
+        for k in range(length)
+    ]
+    if any(s is None for s in singles_plain):
+        return _replace(layer, chosen=[], reason="not-measured")
+    layer = _replace(layer, unmerged_ms=sum(s.latency_ms for s in singles_plain))
+    if any(s is None for s in singles):
+        return _replace(layer, chosen=[], reason="not-measured")
+    if not any(c.merges for _, c in best.values()):  # every merge refused by the algebra
+        return _replace(
+            layer, chosen=singles_plain, predicted_ms=layer.unmerged_ms, reason="all-refused"
+        )
+    plan = plan_exact(length, {k: t for k, (t, _) in best.items()}, [])
+    chosen = [best[span][1] for span in plan.spans]
+    predicted = sum(c.latency_ms for c in chosen)
+    if not any(c.merges for c in chosen):
+        chosen = singles_plain
+        return _replace(layer, chosen=chosen, predicted_ms=layer.unmerged_ms, reason="not-faster")
+    return _replace(layer, chosen=chosen, predicted_ms=predicted, reason="")
+
+
+def _replace(layer: StretchPlan, **values: Any) -> StretchPlan:
+    return dataclasses.replace(layer, **values)
+
+
+# ------------------------------------------------------------------------------------------------
+# measuring
+
+
+class _Unit(nn.Module):
+    """A conv as the backend times it; with ``add``, followed by the residual add."""
+
+    def __init__(self, conv: nn.Module, add: bool) -> None:
+        super().__init__()
+        self.conv = conv
+        self.add = add
+
+    def forward(self, x: torch.Tensor, *residual: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        return y + residual[0] if self.add else y
+
+
+def _conv_module(spec: algebra.ConvSpec, dtype: torch.dtype) -> nn.Module:
+    conv = _CONV_BY_DIMS[spec.dims](
+        spec.in_channels,
+        spec.out_channels,
+        spec.kernel_size,
+        stride=spec.stride,
+        padding=spec.padding,
+        dilation=spec.dilation,
+        groups=spec.groups,
+        bias=True,
+    )
+    with torch.no_grad():
+        conv.weight.copy_(spec.weight)
+        conv.bias.copy_(spec.bias)
+    return conv.to(dtype).eval().requires_grad_(False)
+
+
+class _Timer:
+    """Times a stretch's units on the backend, through the latency cache (and an in-run memo)."""
+
+    def __init__(self, backend: Any, cache: LatencyCache | None, options: Any) -> None:
+        self.backend = backend
+        self.cache = cache
+        self.options = options
+        self.memo: dict[str, Latency] = {}
+        self.measured = 0
+
+    def key(self, unit: _Unit, shapes: list[tuple[int, ...]], dtype: torch.dtype) -> str:
+        settings = self.backend.settings() if hasattr(self.backend, "settings") else {}
+        return cache_key(
+            unit=_UNIT_VERSION,
+            module=repr(unit.conv),
+            add=unit.add,
+            shapes=[list(s) for s in shapes],
+            dtype=str(dtype),
+            target=str(getattr(self.backend, "target", "")),
+            backend=getattr(self.backend, "name", type(self.backend).__name__),
+            version=getattr(self.backend, "version", ""),
+            settings=settings,
+            runs=self.options.runs,
+        )
+
+    def latencies(
+        self, units: dict[str, tuple[_Unit, list[tuple[int, ...]]]], dtype: torch.dtype
+    ) -> dict[str, Latency]:
+        """``{key: latency}`` for units keyed by :meth:`key` (each distinct structure once)."""
+        found: dict[str, Latency] = {}
+        for key in units:
+            hit = self.memo.get(key) or (self.cache.get(key) if self.cache is not None else None)
+            if hit is not None:
+                found[key] = hit
+        if len(found) == len(units):
+            return found
+        # something is missing: time the whole stretch in one interleaved run, so its ratios
+        # come from one machine state, and store every unit
+        timed = self._time(units, dtype)
+        self.measured += len(timed)
+        for key, latency in timed.items():
+            self.memo[key] = latency
+            if self.cache is not None:
+                self.cache.put(key, latency)
+        return timed
+
+    def _time(
+        self, units: dict[str, tuple[_Unit, list[tuple[int, ...]]]], dtype: torch.dtype
+    ) -> dict[str, Latency]:
+        gen = torch.Generator().manual_seed(0)
+        runs, max_time = self.options.runs, self.options.max_time_s
+        inputs = {
+            key: tuple(torch.randn(s, generator=gen).to(dtype) for s in shapes)
+            for key, (_, shapes) in units.items()
+        }
+        if getattr(self.backend, "rpc", None) is not None:  # the device times each library
+            return {
+                key: self.backend.measure(
+                    unit, inputs[key], runs=runs, max_time_s=max_time, use_cache=False
+                )
+                for key, (unit, _) in units.items()
+            }
+        calls = {}
+        for key, (unit, _) in units.items():
+            artifact = self.backend.compile(unit, inputs[key])
+            arrays = [x.numpy() for x in inputs[key]]
+            calls[key] = lambda a=artifact, arrays=arrays: a.run(arrays)
+        return time_interleaved(calls, warmup=3, runs=runs, max_time_s=max_time, rewarm=2)
+
+
+# ------------------------------------------------------------------------------------------------
+# rewriting
+
+
+def apply(
+    gm: fx.GraphModule, stretch: Stretch, chosen: list[Candidate], spec: algebra.ConvSpec
+) -> None:
+    """Put one conv holding ``spec`` in place of the merged span ``chosen[0]`` of ``stretch``
+    (the only mutation of the pass): it reads position ``i`` and replaces position ``j``'s value
+    (the add where the span folds the residual that ends there)."""
+    (cand,) = chosen
+    dtype = stretch.values[cand.i].meta["tensor_meta"].dtype
+    name = _free_name(gm, "merged_conv")
+    gm.add_submodule(name, _conv_module(spec, dtype))
+    folded = [
+        (a, b, add)
+        for a, b, add in stretch.residuals
+        if cand.i <= a
+        and b + 1 <= cand.j
+        and not (cand.keeps_add and (a, b + 1) == (cand.i, cand.j))
+    ]
+    ends_at_fold = any(b + 1 == cand.j for _, b, _ in folded)
+    old = stretch.values[cand.j] if ends_at_fold else stretch.convs[cand.j - 1]
+    with gm.graph.inserting_before(old):
+        new = gm.graph.call_module(name, (stretch.values[cand.i],))
+    new.meta = dict(old.meta)
+    old.replace_all_uses_with(new)
+    if stretch.values[cand.j] is old:  # a later span of this stretch reads the new conv
+        stretch.values[cand.j] = new
+    _erase(gm, [add for _, _, add in folded] + stretch.convs[cand.i : cand.j])
+
+
+def _erase(gm: fx.GraphModule, nodes: list[fx.Node]) -> None:
+    """Erase ``nodes`` (and get_attr inputs left unused), last first."""
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    for node in sorted(nodes, key=lambda n: -order[n]):
+        if node.users:
+            continue
+        inputs = [a for a in node.all_input_nodes if a.op == "get_attr"]
+        gm.graph.erase_node(node)
+        for attr in inputs:
+            if not attr.users:
+                gm.graph.erase_node(attr)
+
+
+# ------------------------------------------------------------------------------------------------
+# the pass
+
+
+@register_pass
+class MergeConvs(Pass):
+    """Merge runs of convolutions with nothing non-linear between them where the merged conv is
+    measured faster on the target (see the module docstring).
+
+    >>> PassManager("fold-conv-bn,merge-convs{max_kernel=7}").run(gm, ctx)
+    >>> print("\\n".join(map(str, result.decisions)))      # why each stretch merged or not
+    """
+
+    name = "merge-convs"
+    numerics = Numerics.exact()
+
+    @dataclass(frozen=True)
+    class Options:
+        max_kernel: int = 7  # merged kernels larger than this are refused (kernel-size)
+        max_span: int = 4  # at most this many convs merged into one
+        min_speedup: float = 1.05  # unmerged / merged latency needed to keep a merge
+        runs: int = 30  # timed calls per unit
+        max_time_s: float = 20.0  # time budget of one stretch's interleaved timing
+        cache: bool = True  # reuse (and store) latencies in the on-disk cache
+        progress: bool = False  # a line on stderr per stretch while timing
+
+    def __init__(self, options: Any = None, **values: Any) -> None:
+        super().__init__(options, **values)
+        o = self.options
+        if o.max_kernel < 1 or o.max_span < 2 or o.runs < 1 or o.min_speedup < 1.0:
+            raise PipelineError(
+                "merge-convs: max_kernel and runs must be >= 1, max_span >= 2 and "
+                f"min_speedup >= 1.0; got {o}."
+            )
+
+    def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        opts = self.options
+        stretches, stats = find_stretches(gm)
+        if not stretches:
+            return PassResult(gm, modified=False, stats=+stats)
+        backend = _backend_for(ctx)
+        if not _measurable(backend):  # a phone is timed only through its RPC device
+            stats["skipped:target-not-measurable"] += len(stretches)
+            return PassResult(gm, modified=False, stats=+stats)
+        timer = _Timer(backend, _cache_for(ctx, backend) if opts.cache else None, opts)
+        say = Progress(opts.progress, prefix="merge-convs ")
+        decisions: list[StretchPlan] = []
+        rewrites: list[tuple[Stretch, Candidate, algebra.ConvSpec]] = []
+        for n, stretch in enumerate(stretches, start=1):
+            say(f"stretch {n}/{len(stretches)}: {stretch.name} ({stretch.length} convs)")
+            layer, specs = self._decide(stretch, timer, stats)
+            decisions.append(layer)
+            log.info("merge-convs: %s", layer)
+            for cand in layer.merged:
+                rewrites.append((stretch, cand, specs[cand]))
+        for stretch, cand, spec in rewrites:
+            apply(gm, stretch, [cand], spec)
+            stats["merged-spans"] += 1
+            stats["convs-removed"] += cand.j - cand.i - 1
+            stats["residuals-folded"] += cand.folded
+        if timer.measured:
+            stats["timed-units"] += timer.measured
+        if rewrites:
+            gm.graph.lint()
+            gm.recompile()
+        return PassResult(gm, modified=bool(rewrites), stats=+stats, decisions=list(decisions))
+
+    def _decide(
+        self, stretch: Stretch, timer: _Timer, stats: Counter
+    ) -> tuple[StretchPlan, dict[Candidate, algebra.ConvSpec]]:
+        opts = self.options
+        shape = _shape(stretch.values[0])
+        layer = StretchPlan(stretch.name, tuple(c.name for c in stretch.convs), shape or ())
+        meta = stretch.values[0].meta.get("tensor_meta")
+        dtype = getattr(meta, "dtype", None)
+        if shape is None or any(_shape(v) is None for v in stretch.values):
+            layer.reason = "no-shape"
+            stats["skipped:no-shape"] += 1
+            return layer, {}
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            layer.reason = "dtype"
+            stats["skipped:dtype"] += 1
+            return layer, {}
+        built = candidates(stretch, opts.max_kernel, opts.max_span)
+        for cand, spec in built:
+            if spec is None:
+                stats[f"skipped:{cand.refusal.reason}"] += 1
+        if not any(spec is not None and cand.merges for cand, spec in built):
+            layer.candidates = [cand for cand, _ in built]  # nothing to time: all refused
+            layer.reason = "all-refused"
+            stats["skipped:all-refused"] += 1
+            return layer, {}
+        units: dict[str, tuple[_Unit, list[tuple[int, ...]]]] = {}
+        keys: dict[int, str] = {}
+        for n, (cand, spec) in enumerate(built):
+            if spec is None:
+                continue
+            unit = _Unit(_conv_module(spec, dtype), cand.keeps_add)
+            shapes = [_shape(stretch.values[cand.i])]
+            if cand.keeps_add:
+                a = next(a for a, b, _ in stretch.residuals if b + 1 == cand.j)
+                shapes.append(_shape(stretch.values[a]))
+            keys[n] = timer.key(unit, shapes, dtype)
+            units.setdefault(keys[n], (unit, shapes))
+        latencies = timer.latencies(units, dtype)
+        timed, specs = [], {}
+        for n, (cand, spec) in enumerate(built):
+            if n in keys:
+                cand = Candidate(
+                    cand.i, cand.j, cand.folded, cand.keeps_add, latencies[keys[n]].median_ms
+                )
+                specs[cand] = spec
+            timed.append(cand)
+        layer.candidates = timed
+        decided = plan_stretch(layer, stretch.length, opts.min_speedup)
+        if decided.reason:
+            stats[f"skipped:{decided.reason}"] += 1
+        return decided, specs
