@@ -131,6 +131,21 @@ def cache_key(**parts: Any) -> str:
     return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
 
 
+def backend_key(backend: Any, runs: int, **parts: Any) -> str:
+    """:func:`cache_key` of a unit timed on ``backend``: ``parts`` say what the unit is, the
+    backend's target, name, version and session settings and the run count say where and how
+    it was timed (latency-aware passes cache their per-layer measurements under it)."""
+    settings = backend.settings() if hasattr(backend, "settings") else {}
+    return cache_key(
+        **parts,
+        target=str(getattr(backend, "target", "")),
+        backend=getattr(backend, "name", type(backend).__name__),
+        version=getattr(backend, "version", ""),
+        settings=settings,
+        runs=runs,
+    )
+
+
 def write_json_atomic(path: Path, data: Any, indent: int | None = None) -> None:
     """Write ``data`` as JSON to ``path`` so that readers see the old file or the new, whole."""
     path.parent.mkdir(parents=True, exist_ok=True)

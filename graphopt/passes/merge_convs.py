@@ -63,7 +63,7 @@ from torch import fx, nn
 
 # a module import: merge_algebra imports reparameterize, so this package, then this module
 import graphopt.merge_algebra as algebra
-from graphopt.backends.measure import Latency, LatencyCache, cache_key, time_interleaved
+from graphopt.backends.measure import Latency, LatencyCache, backend_key, time_interleaved
 from graphopt.errors import PipelineError
 from graphopt.merge_plan import plan_exact
 from graphopt.pass_manager import Numerics, Pass, PassContext, PassResult
@@ -413,18 +413,14 @@ class _Timer:
         self.measured = 0
 
     def key(self, unit: _Unit, shapes: list[tuple[int, ...]], dtype: torch.dtype) -> str:
-        settings = self.backend.settings() if hasattr(self.backend, "settings") else {}
-        return cache_key(
+        return backend_key(
+            self.backend,
+            self.options.runs,
             unit=_UNIT_VERSION,
             module=repr(unit.conv),
             add=unit.add,
             shapes=[list(s) for s in shapes],
             dtype=str(dtype),
-            target=str(getattr(self.backend, "target", "")),
-            backend=getattr(self.backend, "name", type(self.backend).__name__),
-            version=getattr(self.backend, "version", ""),
-            settings=settings,
-            runs=self.options.runs,
         )
 
     def latencies(

@@ -57,7 +57,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from graphopt.backends.measure import Latency, LatencyCache, cache_key, time_interleaved
+from graphopt.backends.measure import Latency, LatencyCache, backend_key, time_interleaved
 from graphopt.errors import PipelineError
 from graphopt.monarch import BlockDiagonalLinear, LowRankLinear, MonarchLinear, PointwiseConv
 from graphopt.pass_manager import Numerics, Pass, PassContext, PassResult
@@ -426,17 +426,13 @@ class _Timer:
         self.measured = 0  # units actually timed in this run (the rest came from the cache)
 
     def _key(self, module: nn.Module, shape: tuple[int, ...], dtype: torch.dtype) -> str:
-        settings = self.backend.settings() if hasattr(self.backend, "settings") else {}
-        return cache_key(
+        return backend_key(
+            self.backend,
+            self.options.runs,
             unit=_UNIT_VERSION,
             module=repr(module),
             shape=list(shape),
             dtype=str(dtype),
-            target=str(getattr(self.backend, "target", "")),
-            backend=getattr(self.backend, "name", type(self.backend).__name__),
-            version=getattr(self.backend, "version", ""),
-            settings=settings,
-            runs=self.options.runs,
         )
 
     def latencies(
