@@ -1,0 +1,688 @@
+"""Calibrated QDQ insertion on an ONNX graph, placed so that ONNX Runtime fuses integer kernels.
+
+``quantize_onnx(model, calibration)`` runs the float model in ONNX Runtime over the calibration
+batches, observes the activations that must be quantised, and rewrites a copy of the graph:
+
+    activation t (per tensor):   t -> QuantizeLinear(s, z) -> DequantizeLinear(s, z) -> consumers
+    weight W (per channel c):    DequantizeLinear(int8 Wq, s_w[c], 0, axis)      Wq = round(W / s_w)
+    bias b (per channel c):      DequantizeLinear(int32 bq, s_x * s_w[c], 0)     bq = round(b / s_b)
+
+Which tensors get a pair follows ORT's QDQ selectors (``shared/notes/algorithms.md`` §5.2):
+
+* Conv: ``DQ(x), DQ(W), DQ(b) -> Conv -> Q`` becomes ``QLinearConv``; the Q on the output is
+  required. Gemm becomes ``QGemm`` (float output allowed), MatMul ``QLinearMatMul`` (with Q)
+  or ``MatMulIntegerToFloat`` (without).
+* A Relu that is the only consumer of a quantised op's output is not given a pair of its own
+  input: the pair goes on its output, and with uint8 activations (zero point 0 = q_min, the
+  range starting at 0) ORT's ``ReluQuantFusion`` deletes the Relu, the clip of Q doing its work.
+* Add, Mul, Concat, GlobalAveragePool, AveragePool get pairs on their inputs and their output
+  (``QLinearAdd`` ... ``QLinearGlobalAveragePool``).
+* Data-movement ops (MaxPool, Flatten, Reshape, Transpose, Squeeze, Unsqueeze, Slice, Expand,
+  Tile) after a quantised tensor get an output pair with the *same* scale and zero point as the
+  input, so that ORT drops both and runs them on the integers.
+* The output of a Gemm/MatMul that is a graph output (logits) stays float: the integer kernel
+  still runs (``QGemm`` / ``MatMulIntegerToFloat`` with float output), without a last rounding.
+
+Activations are asymmetric uint8 by default, not symmetric int8: with symmetric int8 the zero
+point of a post-ReLU tensor is 0, not q_min = -128, so ``ReluQuantFusion`` cannot remove the
+Relu and half the code range is spent on values that never occur. ``activations="int8"`` gives
+symmetric int8 (z = 0) for EPs that need it; then a Relu gets its own input and output pairs.
+
+A node is left in float, with the reason in :class:`QuantReport`, when it is in ``skip``, when
+its weight is not a float32 initializer, when its attributes are outside what the integer
+kernel handles (Gemm with ``transA`` / alpha / beta != 1, a 1-D or 5-D Conv), or when its bias
+would overflow int32 at ``s_x * s_w``. Such a Conv/Gemm reading a quantised tensor gets its own
+DQ with the scale repeated per channel (axis 1): from a per-tensor DQ, ORT's
+``WeightBiasQuantization`` would quantise its float weights anyway. Calibration batches are checked by
+:func:`graphopt.quant.calibration.validate_calibration_batches` (NaN / inf, wrong shape, count).
+
+    >>> qmodel, report = quantize_onnx(proto, [(x,) for x in batches], method="entropy")  # doctest: +SKIP
+    >>> print(report)                                                                      # doctest: +SKIP
+    >>> integer_op_counts(ort_optimized_model(qmodel))                                     # doctest: +SKIP
+
+Not handled: per-channel activations, int16 / int4, QDQ on constants that feed Add/Mul/Concat
+(those ops stay float), ConvTranspose, ORT's enlarging of the weight scale when a bias would
+overflow (the layer stays float instead), and pre-processing such as BN folding (export in
+eval mode folds BN already).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import tempfile
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+from graphopt.errors import BackendError, GraphoptError, InputError, close_matches
+from graphopt.quant.calibration import (
+    OBSERVERS,
+    MethodChoice,
+    Observer,
+    QParams,
+    choose_observer,
+    make_observer,
+    quantize_bias,
+    validate_calibration_batches,
+    weight_qparams,
+)
+
+__all__ = [
+    "INTEGER_OPS",
+    "LayerDecision",
+    "QuantReport",
+    "integer_op_counts",
+    "ort_optimized_model",
+    "quantize_onnx",
+]
+
+COMPUTE_OPS = ("Conv", "Gemm", "MatMul")
+# ops with an integer kernel that needs its own output scale (QLinearAdd, QLinearConcat, ...)
+OWN_SCALE_OPS = ("Add", "Mul", "Concat", "GlobalAveragePool", "AveragePool")
+# ops ORT runs on the integers when DQ -> op -> Q share one scale and zero point
+SAME_SCALE_OPS = (
+    "MaxPool",
+    "Flatten",
+    "Reshape",
+    "Transpose",
+    "Squeeze",
+    "Unsqueeze",
+    "Slice",
+    "Expand",
+    "Tile",
+)
+# what ORT's optimised graph holds when it fused a QDQ group into an integer kernel
+INTEGER_OPS = (
+    "QLinearConv",
+    "QLinearMatMul",
+    "MatMulInteger",
+    "ConvInteger",
+    "MatMulIntegerToFloat",
+    "DynamicQuantizeMatMul",
+    "QGemm",
+    "QLinearAdd",
+    "QLinearMul",
+    "QLinearConcat",
+    "QLinearGlobalAveragePool",
+    "QLinearAveragePool",
+    "NhwcQLinearConv",
+)
+METHODS = (*OBSERVERS, "auto")
+_ACTIVATION_TYPES = {"uint8": TensorProto.UINT8, "int8": TensorProto.INT8}
+
+
+# ------------------------------------------------------------------------------------------------
+# report
+
+
+@dataclass
+class LayerDecision:
+    """What became of one compute node: quantised, or kept in float and why."""
+
+    node: str
+    op_type: str
+    quantized: bool
+    reason: str = ""
+
+    def __str__(self) -> str:
+        state = "int8" if self.quantized else f"float ({self.reason})"
+        return f"{self.op_type} {self.node}: {state}"
+
+
+@dataclass
+class QuantReport:
+    """The outcome of :func:`quantize_onnx`.
+
+    ``layers``: one decision per Conv / Gemm / MatMul / Add / ... node considered;
+    ``activations``: the quantisation parameters of each quantised activation tensor (shared
+    ones repeated under every name); ``choices``: for ``method="auto"``, the method kept per
+    tensor with the error of each candidate; ``batches``: calibration batches seen.
+    """
+
+    method: str
+    activation_dtype: str
+    layers: list[LayerDecision] = field(default_factory=list)
+    activations: dict[str, QParams] = field(default_factory=dict)
+    choices: dict[str, MethodChoice] = field(default_factory=dict)
+    batches: int = 0
+
+    @property
+    def quantized(self) -> list[str]:
+        """Names of the nodes that were quantised."""
+        return [d.node for d in self.layers if d.quantized]
+
+    @property
+    def float_layers(self) -> dict[str, str]:
+        """Nodes kept in float, with the reason."""
+        return {d.node: d.reason for d in self.layers if not d.quantized}
+
+    def __str__(self) -> str:
+        head = (
+            f"QDQ quantisation ({self.method}, {self.activation_dtype} activations, "
+            f"{self.batches} calibration batches): {len(self.quantized)} of {len(self.layers)} "
+            "layers quantised"
+        )
+        lines = [head, *(f"  {d}" for d in self.layers)]
+        lines += [f"  {name}: {qp}" for name, qp in self.activations.items()]
+        return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------
+# graph helpers
+
+
+class _Graph:
+    """Index of an ONNX graph: initializers, producers, consumers, float tensors."""
+
+    def __init__(self, model: onnx.ModelProto) -> None:
+        self.model = model
+        g = model.graph
+        self.init = {t.name: t for t in g.initializer}
+        self.inputs = [i.name for i in g.input if i.name not in self.init]
+        self.outputs = {o.name for o in g.output}
+        self.producer: dict[str, onnx.NodeProto] = {}
+        self.consumers: dict[str, list[onnx.NodeProto]] = {}
+        for node in g.node:
+            for o in node.output:
+                self.producer[o] = node
+            for i in node.input:
+                if i:
+                    self.consumers.setdefault(i, []).append(node)
+        inferred = onnx.shape_inference.infer_shapes(model)
+        self.elem_type: dict[str, int] = {}
+        self.channels: dict[str, int] = {}  # size of axis 1, where known
+        for vi in itertools.chain(
+            inferred.graph.value_info, inferred.graph.input, inferred.graph.output
+        ):
+            self.elem_type[vi.name] = vi.type.tensor_type.elem_type
+            dims = vi.type.tensor_type.shape.dim
+            if len(dims) >= 2 and dims[1].HasField("dim_value"):
+                self.channels[vi.name] = dims[1].dim_value
+
+    def is_float_activation(self, name: str) -> bool:
+        return (
+            bool(name) and name not in self.init and self.elem_type.get(name) == TensorProto.FLOAT
+        )
+
+    def array(self, name: str) -> np.ndarray:
+        return numpy_helper.to_array(self.init[name])
+
+
+def _attr(node: onnx.NodeProto, name: str, default: Any) -> Any:
+    for a in node.attribute:
+        if a.name == name:
+            return helper.get_attribute_value(a)
+    return default
+
+
+def _weight_reason(g: _Graph, node: onnx.NodeProto, index: int) -> str:
+    """Why input ``index`` of ``node`` cannot be a quantised weight ('' when it can)."""
+    if len(node.input) <= index or node.input[index] not in g.init:
+        return "weight is not a constant initializer"
+    if g.init[node.input[index]].data_type != TensorProto.FLOAT:
+        return "weight is not float32"
+    return ""
+
+
+def _compute_reason(g: _Graph, node: onnx.NodeProto) -> str:
+    """Why a Conv / Gemm / MatMul cannot become an integer kernel ('' when it can)."""
+    if not g.is_float_activation(node.input[0]):
+        return "activation input is not a float32 tensor"
+    if reason := _weight_reason(g, node, 1):
+        return reason
+    w = g.array(node.input[1])
+    has_bias = len(node.input) > 2 and node.input[2]
+    if has_bias and node.input[2] not in g.init:
+        return "bias is not a constant initializer"
+    if node.op_type == "Conv":
+        if w.ndim != 4:
+            return f"{w.ndim - 2}-D convolution (QLinearConv on CPU is used for 2-D here)"
+        if has_bias and g.array(node.input[2]).shape != (w.shape[0],):
+            return "bias shape differs from the output channels"
+    elif node.op_type == "Gemm":
+        if _attr(node, "transA", 0) or _attr(node, "alpha", 1.0) != 1.0:
+            return "Gemm with transA or alpha != 1 (QGemm's selector refuses it)"
+        if _attr(node, "beta", 1.0) != 1.0:
+            return "Gemm with beta != 1"
+        n = w.shape[0] if _attr(node, "transB", 0) else w.shape[1]
+        if has_bias and g.array(node.input[2]).shape != (n,):
+            return "Gemm bias is not a vector over the output features"
+    elif node.op_type == "MatMul":
+        if w.ndim != 2:
+            return "MatMul weight is not 2-D"
+        if len(node.input) > 2:
+            return "unexpected third MatMul input"
+    return ""
+
+
+def _weight_axis(node: onnx.NodeProto) -> int:
+    """The output-channel axis of the weight (§5.2 rule 2)."""
+    if node.op_type == "Conv":
+        return 0
+    if node.op_type == "Gemm":
+        return 0 if _attr(node, "transB", 0) else 1
+    return 1  # MatMul B[K, N]
+
+
+# ------------------------------------------------------------------------------------------------
+# planning: which tensors get a Q/DQ pair
+
+
+@dataclass
+class _Plan:
+    layers: list[LayerDecision] = field(default_factory=list)
+    quantized_nodes: list[onnx.NodeProto] = field(default_factory=list)
+    observed: list[str] = field(default_factory=list)  # tensors with their own statistics
+    alias: dict[str, str] = field(default_factory=dict)  # tensor -> tensor whose qparams it shares
+
+    def add(self, name: str) -> None:
+        if name not in self.observed and name not in self.alias:
+            self.observed.append(name)
+
+    def has(self, name: str) -> bool:
+        return name in self.observed or name in self.alias
+
+    def root(self, name: str) -> str:
+        while name in self.alias:
+            name = self.alias[name]
+        return name
+
+
+def _plan(g: _Graph, skip: set[str], activations: str) -> _Plan:
+    plan = _Plan()
+    nodes = list(g.model.graph.node)
+    for node in nodes:
+        op = node.op_type
+        if op not in COMPUTE_OPS and op not in OWN_SCALE_OPS:
+            continue
+        if node.name in skip:
+            plan.layers.append(LayerDecision(node.name, op, False, "in the skip list"))
+            continue
+        if op in COMPUTE_OPS:
+            reason = _compute_reason(g, node)
+            act_inputs = [node.input[0]]
+        else:
+            act_inputs = [i for i in node.input if i]
+            reason = ""
+            if any(i in g.init for i in act_inputs):
+                reason = "a constant operand (only activation operands are quantised)"
+            elif not all(g.is_float_activation(i) for i in act_inputs):
+                reason = "an operand is not a float32 tensor"
+            elif op == "AveragePool" and _attr(node, "count_include_pad", 0):
+                reason = "AveragePool with count_include_pad"
+        if not reason and len(node.output) != 1:
+            reason = "more than one output"
+        if reason:
+            plan.layers.append(LayerDecision(node.name, op, False, reason))
+            continue
+        plan.layers.append(LayerDecision(node.name, op, True))
+        plan.quantized_nodes.append(node)
+        for i in act_inputs:
+            plan.add(i)
+        out = node.output[0]
+        users = g.consumers.get(out, [])
+        if op in ("Gemm", "MatMul") and (out in g.outputs or not users):
+            continue  # float output: QGemm / MatMulIntegerToFloat, one rounding fewer
+        relu = users[0] if len(users) == 1 and users[0].op_type == "Relu" else None
+        if relu is not None and out not in g.outputs and relu.name not in skip:
+            if activations == "int8":
+                plan.add(out)  # z = 0 != q_min: ORT keeps the Relu, which needs its own pair
+            plan.add(relu.output[0])
+        else:
+            plan.add(out)
+    # data-movement ops after a quantised tensor share its parameters (forward, in order)
+    for node in nodes:
+        if node.op_type not in SAME_SCALE_OPS or node.name in skip or len(node.output) != 1:
+            continue
+        src, out = node.input[0], node.output[0]
+        if node.op_type == "MaxPool" and _opset(g.model) < 12:
+            continue  # int8 MaxPool needs opset 12
+        if plan.has(src) and g.is_float_activation(out) and not plan.has(out):
+            plan.alias[out] = src
+    return plan
+
+
+def _opset(model: onnx.ModelProto) -> int:
+    for o in model.opset_import:
+        if o.domain in ("", "ai.onnx"):
+            return o.version
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------
+# calibration
+
+
+def _session(model: onnx.ModelProto, level: str = "none") -> ort.InferenceSession:
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = {
+        "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    }[level]
+    opts.intra_op_num_threads = min(2, os.cpu_count() or 1)
+    opts.log_severity_level = 3
+    try:
+        return ort.InferenceSession(
+            model.SerializeToString(), opts, providers=["CPUExecutionProvider"]
+        )
+    except Exception as exc:
+        raise BackendError(
+            f"ONNX Runtime could not load the model: {type(exc).__name__}: {exc}"
+        ) from exc
+
+
+def _reference_inputs(model: onnx.ModelProto, first: Sequence[Any], names: list[str]) -> list:
+    """Tensors shaped like the model's inputs (batch 1); unknown sizes taken from ``first``."""
+    by_name = {i.name: i for i in model.graph.input}
+    refs = []
+    for j, name in enumerate(names):
+        dims = by_name[name].type.tensor_type.shape.dim
+        shape = [1]
+        for k, d in enumerate(list(dims)[1:], start=1):
+            if d.HasField("dim_value"):
+                shape.append(d.dim_value)
+            else:
+                x = first[j] if j < len(first) else None
+                shape.append(int(x.shape[k]) if x is not None and x.ndim > k else 1)
+        refs.append(torch.zeros(shape if dims else []))
+    return refs
+
+
+def _batches(
+    model: onnx.ModelProto, calibration: Iterable[Any], names: list[str]
+) -> Iterable[tuple[torch.Tensor, ...]]:
+    it = iter(calibration)
+    try:
+        first = next(it)
+    except StopIteration:
+        raise InputError(
+            "the calibration data is empty; pass an iterable of input tuples (a few hundred "
+            "samples representative of deployment)."
+        ) from None
+    items = tuple(first) if isinstance(first, (tuple, list)) else (first,)
+    as_t = [torch.as_tensor(x) if isinstance(x, np.ndarray) else x for x in items]
+    refs = _reference_inputs(model, as_t, names)
+    return validate_calibration_batches(itertools.chain([first], it), refs)
+
+
+def _collect(
+    model: onnx.ModelProto,
+    g: _Graph,
+    plan: _Plan,
+    calibration: Iterable[Any],
+    method: str,
+    symmetric: bool,
+) -> tuple[dict[str, QParams], dict[str, MethodChoice], int]:
+    """Run the float model on a copy whose graph outputs include every observed tensor."""
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    present = {o.name for o in probe.graph.output}
+    for name in plan.observed:
+        if name not in present and name not in g.inputs:
+            probe.graph.output.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, None))
+    session = _session(probe)
+    out_names = [o.name for o in session.get_outputs()]
+    observers: dict[str, Observer] = {}
+    kept: dict[str, list[torch.Tensor]] = {}
+    n = 0
+    for batch in _batches(model, calibration, g.inputs):
+        feed = {name: x.detach().float().numpy() for name, x in zip(g.inputs, batch, strict=True)}
+        values = dict(zip(out_names, session.run(out_names, feed), strict=True))
+        values.update(feed)
+        for name in plan.observed:
+            x = torch.from_numpy(np.ascontiguousarray(values[name]))
+            if method == "auto":
+                kept.setdefault(name, []).append(x)
+            else:
+                observers.setdefault(name, make_observer(method)).observe(x)
+        n += 1
+    qparams: dict[str, QParams] = {}
+    choices: dict[str, MethodChoice] = {}
+    for name in plan.observed:
+        if method == "auto":
+            choices[name] = choose_observer(kept[name], symmetric=symmetric, name=name)
+            qparams[name] = choices[name].qparams
+        else:
+            qparams[name] = observers[name].qparams(symmetric=symmetric)
+    for name in plan.alias:
+        qparams[name] = qparams[plan.root(name)]
+    return qparams, choices, n
+
+
+# ------------------------------------------------------------------------------------------------
+# rewriting
+
+
+def _np_dtype(qp: QParams) -> type:
+    return {"uint8": np.uint8, "int8": np.int8, "int32": np.int32}[qp.dtype]
+
+
+def _add_init(model: onnx.ModelProto, name: str, array: np.ndarray) -> str:
+    model.graph.initializer.append(numpy_helper.from_array(array, name))
+    return name
+
+
+def _qdq_activation(
+    model: onnx.ModelProto, g: _Graph, name: str, qp: QParams, float_nodes: set[str]
+) -> list:
+    """Q/DQ nodes for activation ``name``; consumers are rewired to the DQ output.
+
+    A float Conv/Gemm (``float_nodes``) reading a per-tensor DQ would get its weights quantised
+    by ORT's ``WeightBiasQuantization``; it gets its own DQ with the same scale repeated per
+    channel (axis 1), which that transformer and the QDQ selectors leave alone.
+    """
+    scale = _add_init(model, f"{name}_scale", np.asarray(qp.scale.item(), dtype=np.float32))
+    zp = _add_init(model, f"{name}_zero_point", np.asarray(int(qp.zero_point), dtype=_np_dtype(qp)))
+    quantized, dequantized = f"{name}_quantized", f"{name}_dequantized"
+    if name in g.outputs:
+        # keep the graph output's name on the DQ result; the producer writes a new name
+        source = f"{name}_float"
+        producer = g.producer.get(name)
+        if producer is not None:
+            producer.output[list(producer.output).index(name)] = source
+        for user in g.consumers.get(name, []):
+            user.input[:] = [source if i == name else i for i in user.input]
+        dequantized, name = name, source
+    else:
+        for user in g.consumers.get(name, []):
+            user.input[:] = [dequantized if i == name else i for i in user.input]
+    extra = []
+    keep_float = [u for u in g.consumers.get(name, []) if u.name in float_nodes]
+    channels = g.channels.get(dequantized if dequantized == name else name)
+    if keep_float and channels:
+        c_scale = _add_init(
+            model, f"{name}_scale_c", np.full(channels, qp.scale.item(), dtype=np.float32)
+        )
+        c_zp = _add_init(
+            model, f"{name}_zero_point_c", np.full(channels, int(qp.zero_point), _np_dtype(qp))
+        )
+        out = f"{name}_dequantized_c"
+        extra.append(
+            helper.make_node(
+                "DequantizeLinear", [quantized, c_scale, c_zp], [out], name=f"{name}_DQc", axis=1
+            )
+        )
+        for user in keep_float:
+            user.input[:] = [out if i == dequantized else i for i in user.input]
+    return [
+        helper.make_node("QuantizeLinear", [name, scale, zp], [quantized], name=f"{name}_Q"),
+        helper.make_node(
+            "DequantizeLinear", [quantized, scale, zp], [dequantized], name=f"{name}_DQ"
+        ),
+        *extra,
+    ]
+
+
+def _dq_constant(model: onnx.ModelProto, base: str, q: np.ndarray, qp: QParams) -> tuple:
+    """A DequantizeLinear of an integer initializer (per channel when ``qp.axis`` is set)."""
+    qname = _add_init(model, f"{base}_quantized", q)
+    scale = _add_init(model, f"{base}_scale", qp.scale.numpy().astype(np.float32))
+    zp = _add_init(model, f"{base}_zero_point", qp.zero_point.numpy().astype(q.dtype))
+    attrs = {"axis": qp.axis} if qp.axis is not None and qp.scale.dim() > 0 else {}
+    out = f"{base}_dequantized"
+    node = helper.make_node(
+        "DequantizeLinear", [qname, scale, zp], [out], name=f"{base}_DQ", **attrs
+    )
+    return node, out
+
+
+def _quantize_weights(
+    model: onnx.ModelProto, g: _Graph, node: onnx.NodeProto, x_qp: QParams
+) -> tuple[list, str]:
+    """Per-channel int8 weight and int32 bias DQs for ``node``; ('', nodes) or a reason."""
+    w = torch.from_numpy(g.array(node.input[1]).copy())
+    w_qp = weight_qparams(w, axis=_weight_axis(node))
+    new_inputs = list(node.input)
+    has_bias = len(node.input) > 2 and node.input[2]
+    if has_bias:
+        b = torch.from_numpy(g.array(node.input[2]).copy())
+        try:
+            b_q = quantize_bias(b, x_qp, w_qp)
+        except GraphoptError as exc:
+            return [], f"bias overflows int32 at s_x*s_w ({exc})"
+    tag = node.name or node.output[0]
+    w_node, w_out = _dq_constant(model, f"{tag}_W", w_qp.quantize(w).numpy().astype(np.int8), w_qp)
+    new_nodes = [w_node]
+    new_inputs[1] = w_out
+    if has_bias:
+        b_scale = QParams(
+            (x_qp.scale.double() * w_qp.scale.double()).float(),
+            torch.zeros(b.shape[0], dtype=torch.int64),
+            -(2**31),
+            2**31 - 1,
+            "int32",
+            axis=0,
+        )
+        b_node, b_out = _dq_constant(model, f"{tag}_B", b_q.numpy().astype(np.int32), b_scale)
+        new_nodes.append(b_node)
+        new_inputs[2] = b_out
+    node.input[:] = new_inputs
+    return new_nodes, ""
+
+
+def quantize_onnx(
+    model: onnx.ModelProto,
+    calibration: Iterable[Any],
+    method: str = "minmax",
+    skip: Iterable[str] = (),
+    *,
+    activations: str = "uint8",
+) -> tuple[onnx.ModelProto, QuantReport]:
+    """A QDQ-quantised copy of ``model`` calibrated on ``calibration``, and the report.
+
+    ``calibration``: an iterable of batches, each a tuple of numpy arrays or torch tensors in the
+    order of the model's inputs (a lone tensor counts as a 1-tuple). ``method``: ``minmax``,
+    ``percentile``, ``entropy``, ``mse``, or ``auto`` (per tensor, the method with the lowest
+    fake-quantisation error; keeps every batch of every observed tensor in memory).
+    ``skip``: node names to keep in float. ``activations``: ``uint8`` (asymmetric, the default;
+    see the module docstring) or ``int8`` (symmetric). ``model`` is not modified.
+    """
+    if method not in METHODS:
+        raise GraphoptError(
+            f"unknown calibration method {method!r}; use one of {', '.join(METHODS)}."
+            + close_matches(method, METHODS)
+        )
+    if activations not in _ACTIVATION_TYPES:
+        raise GraphoptError(f"activations must be 'uint8' or 'int8'; got {activations!r}.")
+    if _opset(model) < 13:
+        raise InputError(
+            f"the model has opset {_opset(model)}; per-channel DequantizeLinear needs opset "
+            ">= 13. Re-export with a newer opset or convert it with onnx.version_converter."
+        )
+    work = onnx.ModelProto()
+    work.CopyFrom(model)
+    for i, node in enumerate(work.graph.node):
+        if not node.name:
+            node.name = f"{node.op_type}_{i}"
+    names = {n.name for n in work.graph.node}
+    skip = set(skip)
+    for s in skip:
+        if s not in names:
+            raise InputError(
+                f"skip names node {s!r}, which is not in the graph." + close_matches(s, names)
+            )
+    g = _Graph(work)
+    plan = _plan(g, skip, activations)
+    report = QuantReport(method, activations, plan.layers)
+    qparams, report.choices, report.batches = _collect(
+        work, g, plan, calibration, method, symmetric=activations == "int8"
+    )
+    # weights first: a layer whose bias cannot be quantised goes back to float
+    weight_nodes: dict[str, list] = {}
+    for node in plan.quantized_nodes:
+        if node.op_type not in COMPUTE_OPS:
+            continue
+        new_nodes, reason = _quantize_weights(work, g, node, qparams[node.input[0]])
+        if reason:
+            for d in report.layers:
+                if d.node == node.name:
+                    d.quantized, d.reason = False, reason
+            continue
+        weight_nodes[node.name] = new_nodes
+    report.activations = {name: qparams[name] for name in [*plan.observed, *plan.alias]}
+    float_nodes = {
+        d.node for d in report.layers if not d.quantized and d.op_type in ("Conv", "Gemm")
+    }
+    qdq: dict[str, list] = {}
+    for name in [*plan.observed, *plan.alias]:
+        qdq[name] = _qdq_activation(work, g, name, qparams[name], float_nodes)
+    # rebuild the node list in topological order: Q/DQ right after the producer
+    ordered: list[onnx.NodeProto] = []
+    for name in g.inputs:
+        ordered += qdq.pop(name, [])
+    for node in list(work.graph.node):
+        ordered += weight_nodes.pop(node.name, [])
+        ordered.append(node)
+        for out in node.output:
+            key = out[: -len("_float")] if out.endswith("_float") else out
+            ordered += qdq.pop(key, [])
+    del work.graph.node[:]
+    work.graph.node.extend(ordered)
+    for name in {i for n in plan.quantized_nodes for i in n.input[1:3] if i in g.init}:
+        if not any(name in n.input for n in work.graph.node):
+            work.graph.initializer.remove(g.init[name])
+    onnx.checker.check_model(work)
+    return work, report
+
+
+# ------------------------------------------------------------------------------------------------
+# checking what ORT made of it
+
+
+def ort_optimized_model(model: onnx.ModelProto, level: str = "extended") -> onnx.ModelProto:
+    """The graph ONNX Runtime (CPU) runs after its optimisations, read back from the file
+    ``SessionOptions.optimized_model_filepath`` writes. ``level``: ``extended`` or ``all``.
+    """
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "optimized.onnx")
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = {
+            "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+            "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+        }[level]
+        opts.optimized_model_filepath = path
+        opts.intra_op_num_threads = 1
+        opts.log_severity_level = 3
+        try:
+            ort.InferenceSession(
+                model.SerializeToString(), opts, providers=["CPUExecutionProvider"]
+            )
+        except Exception as exc:
+            raise BackendError(
+                f"ONNX Runtime could not load the quantised model: {type(exc).__name__}: {exc}"
+            ) from exc
+        return onnx.load(path)
+
+
+def integer_op_counts(model: onnx.ModelProto) -> Counter:
+    """How many nodes of each integer-kernel op type (:data:`INTEGER_OPS`) ``model`` holds."""
+    return Counter(n.op_type for n in model.graph.node if n.op_type in INTEGER_OPS)
