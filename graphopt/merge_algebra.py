@@ -32,7 +32,7 @@ channel, when the merged conv keeps the shape: ``C == O``, stride 1, odd kernel,
 
 Refusal reasons: ``padding``, ``bias-at-padding``, ``residual-shape``, ``residual-centre``,
 ``kernel-size`` (merged kernel above ``max_kernel``), ``groups`` (``densify=False`` and the chain
-would lose its groups); from :func:`spec_of` also ``not-a-conv`` and ``padding-mode``. Every
+would lose its groups). Every
 computation is in float64; there is no case that merges inexactly without ``move_padding``.
 
 >>> a = ConvSpec(torch.randn(8, 4, 1, 1, dtype=torch.float64))            # 1x1, no bias
@@ -49,12 +49,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import fx
 
 from graphopt.errors import InputError
-from graphopt.passes.reparameterize import _conv_branch, _dense
 
-__all__ = ["ConvSpec", "Refusal", "merge", "merge_pair", "spec_of"]
+__all__ = ["ConvSpec", "Refusal", "dense_kernel", "merge", "merge_pair", "regroup"]
 
 _F64 = torch.float64
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
@@ -140,16 +138,30 @@ class Refusal:
         return f"{self.reason} (conv {self.position}): {self.detail}"
 
 
-def spec_of(gm: fx.GraphModule, node: fx.Node) -> ConvSpec | Refusal:
-    """The conv ``node`` of ``gm`` (module or functional, constant weights) as a ConvSpec."""
-    branch = _conv_branch(gm, node, single_use=False)
-    if branch is None or branch.kind != "conv" or branch.pool:
-        return Refusal("not-a-conv", f"{node.name} is not a conv with constant weights")
-    if branch.padding_mode != "zeros":
-        return Refusal("padding-mode", f"{node.name} pads with {branch.padding_mode!r}")
-    return ConvSpec(
-        branch.weight, branch.bias, branch.stride, branch.padding, branch.dilation, branch.groups
+def dense_kernel(weight: torch.Tensor, groups: int) -> torch.Tensor:
+    """A grouped kernel [O, I/g, k..] as the equivalent dense one [O, I, k..]."""
+    if groups == 1:
+        return weight
+    out, per_group = weight.shape[0], weight.shape[1]
+    dense = weight.new_zeros((out, per_group * groups) + tuple(weight.shape[2:]))
+    o_g = out // groups
+    for g in range(groups):
+        dense[g * o_g : (g + 1) * o_g, g * per_group : (g + 1) * per_group] = weight[
+            g * o_g : (g + 1) * o_g
+        ]
+    return dense
+
+
+def regroup(dense: torch.Tensor, groups: int) -> torch.Tensor | None:
+    """A dense kernel [O, I, k..] as a ``groups``-grouped one [O, I/g, k..] if it is one."""
+    if groups == 1:
+        return dense
+    out, inputs = dense.shape[:2]
+    o_g, i_g = out // groups, inputs // groups
+    grouped = torch.cat(
+        [dense[g * o_g : (g + 1) * o_g, g * i_g : (g + 1) * i_g] for g in range(groups)]
     )
+    return grouped if torch.equal(dense_kernel(grouped, groups), dense) else None
 
 
 def _taps(k1: int, d1: int, k2: int, d2: int, s1: int) -> tuple[int, int, int, int]:
@@ -165,7 +177,7 @@ def _super_blocks(weight: torch.Tensor, groups: int, big: int) -> torch.Tensor:
     """A ``groups``-grouped kernel as ``big`` dense diagonal blocks ``[big, O/big, I/big, k..]``
     (``big`` divides ``groups``)."""
     out = weight.shape[0] // big
-    blocks = [_dense(weight[g * out : (g + 1) * out], groups // big) for g in range(big)]
+    blocks = [dense_kernel(weight[g * out : (g + 1) * out], groups // big) for g in range(big)]
     return torch.stack(blocks)
 
 

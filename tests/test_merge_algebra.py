@@ -14,7 +14,8 @@ from hypothesis import strategies as st
 from torch import fx, nn
 
 from graphopt.errors import InputError
-from graphopt.merge_algebra import ConvSpec, Refusal, merge, spec_of
+from graphopt.merge_algebra import ConvSpec, Refusal, merge
+from graphopt.passes.merge_convs import spec_of
 
 D = torch.float64
 REASONS = {

@@ -61,17 +61,15 @@ import networkx as nx
 import torch
 from torch import fx, nn
 
-# a module import: merge_algebra imports reparameterize, so this package, then this module
 import graphopt.merge_algebra as algebra
 from graphopt.backends.measure import Latency, LatencyCache, backend_key, time_interleaved
 from graphopt.errors import PipelineError
 from graphopt.merge_plan import plan_exact
 from graphopt.pass_manager import Numerics, Pass, PassContext, PassResult
+from graphopt.passes.reparameterize import _conv_branch, _free_name, _is_add
+from graphopt.passes.substitute_monarch import _backend_for, _cache_for, _measurable
 from graphopt.pipeline import register_pass
 from graphopt.report import Progress
-
-from .reparameterize import _conv_branch, _free_name, _is_add
-from .substitute_monarch import _backend_for, _cache_for, _measurable
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +79,19 @@ _UNIT_VERSION = "merge-convs/1"  # bump when a unit's exported form changes
 
 # ------------------------------------------------------------------------------------------------
 # finding stretches
+
+
+def spec_of(gm: fx.GraphModule, node: fx.Node) -> algebra.ConvSpec | algebra.Refusal:
+    """The conv ``node`` of ``gm`` (module or functional, constant weights) as a ConvSpec, or
+    the refusal ``not-a-conv`` / ``padding-mode``."""
+    branch = _conv_branch(gm, node, single_use=False)
+    if branch is None or branch.kind != "conv" or branch.pool:
+        return algebra.Refusal("not-a-conv", f"{node.name} is not a conv with constant weights")
+    if branch.padding_mode != "zeros":
+        return algebra.Refusal("padding-mode", f"{node.name} pads with {branch.padding_mode!r}")
+    return algebra.ConvSpec(
+        branch.weight, branch.bias, branch.stride, branch.padding, branch.dilation, branch.groups
+    )
 
 
 @dataclass
@@ -139,7 +150,7 @@ def find_stretches(gm: fx.GraphModule) -> tuple[list[Stretch], Counter]:
     for node in gm.graph.nodes:
         if node.op not in ("call_module", "call_function"):
             continue
-        spec = algebra.spec_of(gm, node)
+        spec = spec_of(gm, node)
         if isinstance(spec, algebra.Refusal):
             if spec.reason != "not-a-conv":
                 stats[f"skipped:{spec.reason}"] += 1

@@ -61,6 +61,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from graphopt.merge_algebra import dense_kernel, regroup
 from graphopt.pass_manager import Numerics, Pass, PassContext, PassResult
 from graphopt.passes.fold_conv_bn import (
     _as_bn,
@@ -432,32 +433,6 @@ def _merged_padding(branches: list[_Branch], weight: torch.Tensor) -> tuple[int,
     )
 
 
-def _dense(weight: torch.Tensor, groups: int) -> torch.Tensor:
-    """A grouped kernel [O, I/g, k..] as the equivalent dense one [O, I, k..]."""
-    if groups == 1:
-        return weight
-    out, per_group = weight.shape[0], weight.shape[1]
-    dense = weight.new_zeros((out, per_group * groups) + tuple(weight.shape[2:]))
-    o_g = out // groups
-    for g in range(groups):
-        dense[g * o_g : (g + 1) * o_g, g * per_group : (g + 1) * per_group] = weight[
-            g * o_g : (g + 1) * o_g
-        ]
-    return dense
-
-
-def _regroup(dense: torch.Tensor, groups: int) -> torch.Tensor | None:
-    """A dense kernel [O, I, k..] as a ``groups``-grouped one [O, I/g, k..] if it is one."""
-    if groups == 1:
-        return dense
-    out, inputs = dense.shape[:2]
-    o_g, i_g = out // groups, inputs // groups
-    grouped = torch.cat(
-        [dense[g * o_g : (g + 1) * o_g, g * i_g : (g + 1) * i_g] for g in range(groups)]
-    )
-    return grouped if torch.equal(_dense(grouped, groups), dense) else None
-
-
 def _pointwise(b: _Branch) -> bool:
     return (
         all(k == 1 for k in b.weight.shape[2:])
@@ -667,7 +642,10 @@ def _sequential(gm: fx.GraphModule, stats: Counter) -> None:
         if first is None or first.weight.dim() != second.weight.dim():
             continue
         reason = ""
-        w1, w2 = _dense(first.weight, first.groups), _dense(second.weight, second.groups)
+        w1, w2 = (
+            dense_kernel(first.weight, first.groups),
+            dense_kernel(second.weight, second.groups),
+        )
         if _pointwise(second) and not second.pool:
             weight = torch.einsum("om,mi...->oi...", w2.flatten(1), w1)
             bias = w2.flatten(1) @ first.bias + second.bias
@@ -684,7 +662,7 @@ def _sequential(gm: fx.GraphModule, stats: Counter) -> None:
         else:
             continue
         groups = math.gcd(first.groups, second.groups)
-        grouped = _regroup(weight, groups)
+        grouped = regroup(weight, groups)
         if grouped is None:
             groups, grouped = 1, weight
         weight = grouped
@@ -1007,13 +985,13 @@ def _into_fc(gm: fx.GraphModule, fc: _FC, branches: list[_Branch], x: fx.Node) -
     m = fc.module
     groups = m.groups if isinstance(m, nn.Conv2d) else 1
     fc_w = m.weight.detach().double().reshape(m.weight.shape[0], -1)
-    fc_dense = _dense(fc_w, groups)
+    fc_dense = dense_kernel(fc_w, groups)
     fc_b = m.bias.detach().double() if m.bias is not None else torch.zeros(len(fc_w), dtype=_F64)
     if fc.scale is not None:
         a, t = fc.scale.repeat_interleave(h * w), fc.shift.repeat_interleave(h * w)
         fc_dense, fc_b = fc_dense * a[:, None], fc_b * a + t
     total = fc_dense + matrix
-    total = _regroup(total, groups)
+    total = regroup(total, groups)
     if total is None:
         return "fc-groups"  # the convs mix channel groups that the grouped FC keeps apart
     new = (
