@@ -83,6 +83,7 @@ _SUBS = {operator.sub, torch.sub, operator.isub, aten.sub.Tensor, aten.sub_.Tens
 _MULS = {operator.mul, torch.mul, operator.imul, aten.mul.Tensor, aten.mul_.Tensor}
 _DIVS = {operator.truediv, torch.div, aten.div.Tensor}
 _TRANSPOSES = {torch.transpose}
+_BINARY = {"mul": _MULS, "add": _ADDS, "sub": _SUBS, "div": _DIVS}
 _CATS = {torch.cat, torch.concat, aten.cat.default}
 _PADS = {F.pad, aten.pad.default, aten.constant_pad_nd.default}
 _POOL_FUNCTIONS = {F.avg_pool1d: 1, F.avg_pool2d: 2, F.avg_pool3d: 3}
@@ -199,50 +200,64 @@ def _full(v: torch.Tensor, n: int) -> torch.Tensor | None:
     return v.reshape(n) if v.numel() == n else None
 
 
-def _scaled(gm: fx.GraphModule, node: fx.Node, rank: int | None) -> tuple[fx.Node, Any] | None:
-    """``node`` as ``c * inner`` (or ``inner / c``) with ``c`` a constant per channel (axis 1)."""
-    if node.op != "call_function" or len(node.args) != 2 or node.kwargs:
+def _constant_operand(
+    gm: fx.GraphModule, node: fx.Node, axis: int
+) -> tuple[fx.Node, str, torch.Tensor, bool] | None:
+    """``node`` as a binary op (``mul``, ``add``, ``sub``, ``div``; not in place) of a graph
+    value ``x`` and a constant that is a vector along ``axis`` ([n], or [1] for a scalar):
+    ``(x, op, vector, x is the first operand)``, or None."""
+    if node.op != "call_function" or len(node.args) != 2 or node.kwargs or node.target in _INPLACE:
         return None
-    if node.target not in _MULS | _DIVS or node.target in _INPLACE:
+    op = next((name for name, targets in _BINARY.items() if node.target in targets), None)
+    if op is None:
         return None
     x, c = node.args
-    if node.target in _MULS and _constant(gm, x) is not None:
-        x, c = c, x  # c * x
-    if not isinstance(x, fx.Node) or _constant(gm, x) is not None:
-        return None
+    if _constant(gm, x) is not None:
+        x, c = c, x  # c * x, c + x, c - x
     const = _constant(gm, c)
-    vec = _vector(const, rank, 1) if const is not None else None
-    if vec is None:
+    if not isinstance(x, fx.Node) or _constant(gm, x) is not None or const is None:
         return None
-    if node.target in _DIVS:
-        return (x, 1 / vec) if bool((vec != 0).all()) else None
-    return x, vec
+    vec = _vector(const, _rank(node), axis)
+    return (x, op, vec, node.args[0] is x) if vec is not None else None
+
+
+def _scaled(gm: fx.GraphModule, node: fx.Node) -> tuple[fx.Node, Any] | None:
+    """``node`` as ``c * inner`` (or ``inner / c``) with ``c`` a constant per channel (axis 1)."""
+    found = _constant_operand(gm, node, 1)
+    if found is None:
+        return None
+    x, op, vec, x_first = found
+    if op == "mul":
+        return x, vec
+    if op == "div" and x_first and bool((vec != 0).all()):
+        return x, 1 / vec
+    return None
 
 
 def _times(c: torch.Tensor | None, factor: torch.Tensor) -> torch.Tensor:
     return factor if c is None else c * factor
 
 
-def _expand(gm: fx.GraphModule, node: fx.Node, root: fx.Node, rank: int | None) -> list:
+def _expand(gm: fx.GraphModule, node: fx.Node, root: fx.Node) -> list:
     """The terms of a signed, per-channel-scaled sum that ``node`` contributes: (leaf, coef)."""
     if node is root or len(node.users) != 1:
         return [(node, None)]
     if _is_sum(node):
-        return _terms(gm, node, root, rank)
-    scaled = _scaled(gm, node, rank)
+        return _terms(gm, node, root)
+    scaled = _scaled(gm, node)
     if scaled is not None:
         inner, vec = scaled
-        return [(leaf, _times(c, vec)) for leaf, c in _expand(gm, inner, root, rank)]
+        return [(leaf, _times(c, vec)) for leaf, c in _expand(gm, inner, root)]
     return [(node, None)]
 
 
-def _terms(gm: fx.GraphModule, node: fx.Node, root: fx.Node, rank: int | None) -> list:
+def _terms(gm: fx.GraphModule, node: fx.Node, root: fx.Node) -> list:
     a, b = node.args
-    second = _expand(gm, b, root, rank)
+    second = _expand(gm, b, root)
     if _is_sub(node):
         minus = torch.tensor([-1.0], dtype=_F64)
         second = [(leaf, _times(c, minus)) for leaf, c in second]
-    return _expand(gm, a, root, rank) + second
+    return _expand(gm, a, root) + second
 
 
 def _inner(gm: fx.GraphModule, node: fx.Node) -> bool:
@@ -253,7 +268,7 @@ def _inner(gm: fx.GraphModule, node: fx.Node) -> bool:
     user = next(iter(node.users))
     if _is_sum(user):
         return True
-    scaled = _scaled(gm, user, _rank(user))
+    scaled = _scaled(gm, user)
     return (
         scaled is not None
         and scaled[0] is node
@@ -465,17 +480,15 @@ class _Pad:
 def _explicit_pad(gm: fx.GraphModule, node: Any, dims: int) -> _Pad | None:
     """``node`` as a constant pad of a tensor, in the forms DiverseBranchBlock's BN-and-pad
     takes: ``F.pad(z, p, value=c)``; ``F.pad(z, p) + v``; ``F.pad(z, p)`` then in-place writes
-    of ``v`` over the border rows and columns (the reference ``BNAndPadLayer``)."""
+    of ``v`` over the border rows and columns (the reference ``BNAndPadLayer``; FX cannot trace
+    item assignment, so capture uses torch.export, which writes them as slice -> copy_)."""
     if not isinstance(node, fx.Node):
         return None
-    zero = torch.zeros(1, dtype=_F64)
-    shift, nodes = zero, []
-    if _is_add(node) and len(node.users) == 1:
-        a, b = node.args
-        pad, c = (a, b) if _is_pad(a) else (b, a)
-        const = _constant(gm, c)
-        vec = _vector(const, _rank(node), 1) if const is not None else None
-        if not _is_pad(pad) or vec is None or len(pad.users) != 1:
+    shift, nodes = torch.zeros(1, dtype=_F64), []
+    found = _constant_operand(gm, node, 1) if len(node.users) == 1 else None
+    if found is not None and found[1] == "add":
+        pad, _, vec, _ = found
+        if not _is_pad(pad) or len(pad.users) != 1:
             return None
         shift, nodes, node = vec, [node], pad
     if not _is_pad(node):
@@ -491,8 +504,9 @@ def _explicit_pad(gm: fx.GraphModule, node: Any, dims: int) -> _Pad | None:
         return None  # asymmetric: no conv padding expresses it
     amounts = tuple(int(pads[2 * i]) for i in reversed(range(dims)))
     border = shift + float(v.get("value") or 0.0)
-    writes = [u for u in node.users if _write_chain(u) is not None]
-    readers = [u for u in node.users if u not in writes]
+    chains = {u: _write_chain(u) for u in node.users}
+    writes = [chain for chain in chains.values() if chain is not None]
+    readers = [u for u, chain in chains.items() if chain is None]
     if len(readers) != 1:
         return None
     if writes:
@@ -502,35 +516,24 @@ def _explicit_pad(gm: fx.GraphModule, node: Any, dims: int) -> _Pad | None:
         if value is None:
             return None
         border = value
-    chains = [n for w in writes for n in reversed(_write_chain(w))]
-    return _Pad(node.args[0], amounts, border, shift, [*nodes, *chains, node])
+    dead = [n for chain in writes for n in reversed(chain)]
+    return _Pad(node.args[0], amounts, border, shift, [*nodes, *dead, node])
 
 
 def _write_chain(node: fx.Node) -> list[fx.Node] | None:
-    """``node`` (a user of a padded tensor) as an in-place write into a region of it: an
-    ``operator.setitem``, or aten's slice -> ... -> slice -> ``copy_``. The nodes, in order."""
-    if node.op != "call_function":
-        return None
-    if node.target is operator.setitem:
-        return [node]
+    """``node`` (a user of a padded tensor) as an in-place write into a region of it, aten's
+    slice -> ... -> slice -> ``copy_``: the nodes, in order; None if it is anything else."""
     chain = [node]
     while chain[-1].target is aten.slice.Tensor and len(chain[-1].users) == 1:
         chain.append(next(iter(chain[-1].users)))
-        if chain[-1].op != "call_function":
-            return None
     last = chain[-1]
-    if len(chain) < 2 or last.target is not aten.copy_.default or last.users:
+    if len(chain) < 2 or last.op != "call_function" or last.target is not aten.copy_.default:
         return None
-    return chain
+    return None if last.users else chain
 
 
 def _write_region(chain: list[fx.Node], rank: int) -> tuple[tuple, Any] | None:
-    """The index (one entry per dim) and the value of a write chain."""
-    if chain[0].target is operator.setitem:
-        _, index, value = chain[0].args
-        if not isinstance(index, tuple) or len(index) != rank:
-            return None
-        return index, value
+    """The index (one slice per dim) and the value of a write chain."""
     index = [slice(None)] * rank
     for s in chain[:-1]:
         args = [*s.args, None, None, None, 1][1:5]
@@ -544,12 +547,12 @@ def _write_region(chain: list[fx.Node], rank: int) -> tuple[tuple, Any] | None:
 def _border_writes(
     gm: fx.GraphModule,
     pad: fx.Node,
-    writes: list[fx.Node],
+    writes: list[list[fx.Node]],
     reader: fx.Node,
     amounts: tuple[int, ...],
 ) -> torch.Tensor | None:
-    """The per-channel value that ``writes`` (``pad[idx] = v``) put on exactly the padded
-    border, before ``reader`` reads it; None if they do anything else."""
+    """The per-channel value that the write chains put on exactly the padded border, before
+    ``reader`` reads it; None if they do anything else."""
     shape = _shape(pad)
     if shape is None:
         return None
@@ -557,15 +560,12 @@ def _border_writes(
     written = torch.zeros(shape[2:], dtype=torch.bool)
     value = None
     full = slice(None)
-    for w in writes:
-        chain = _write_chain(w)
+    for chain in writes:
         region = _write_region(chain, len(shape))
         if region is None or order[chain[-1]] > order[reader]:
             return None
         index, val = region
         if index[:2] != (full, full):
-            return None
-        if not all(isinstance(i, slice | int) for i in index):
             return None
         const = _constant(gm, val)
         vec = _channel_values(const, len(shape)) if const is not None else None
@@ -609,7 +609,7 @@ def _absorbed(gm: fx.GraphModule, node: fx.Node, x: fx.Node, weight: torch.Tenso
             break
     if root is None:
         return False
-    for leaf, _ in _terms(gm, root, root, _rank(root)):
+    for leaf, _ in _terms(gm, root, root):
         if leaf is node:
             continue
         b = _conv_branch(gm, leaf) or _bn_branch(gm, leaf)
@@ -695,25 +695,20 @@ def _affine(
     gm: fx.GraphModule, node: fx.Node, features: int, axis: int = -1
 ) -> tuple[fx.Node, Any, Any] | None:
     """``node`` as ``a * x + t`` per feature along ``axis``: (x, a, t), or None."""
-    if node.op == "call_function" and len(node.args) == 2 and not node.kwargs:
-        if node.target in _INPLACE:
-            return None
-        x, c = node.args
-        if isinstance(c, fx.Node) and _constant(gm, c) is None:
-            x, c = c, x  # c * x, c + x, c - x
-        const = _constant(gm, c)
-        vec = _vector(const, _rank(node), axis) if const is not None else None
-        vec = _full(vec, features) if vec is not None else None
-        if not isinstance(x, fx.Node) or vec is None:
+    found = _constant_operand(gm, node, axis)
+    if found is not None:
+        x, op, vec, x_first = found
+        vec = _full(vec, features)
+        if vec is None:
             return None
         ones, zeros = torch.ones(features, dtype=_F64), torch.zeros(features, dtype=_F64)
-        if node.target in _MULS:
+        if op == "mul":
             return x, vec, zeros
-        if node.target in _ADDS:
+        if op == "add":
             return x, ones, vec
-        if node.target in _SUBS:
-            return (x, ones, -vec) if node.args[0] is x else (x, -ones, vec)
-        if node.target in _DIVS and node.args[0] is x and bool((vec != 0).all()):
+        if op == "sub":
+            return (x, ones, -vec) if x_first else (x, -ones, vec)
+        if op == "div" and x_first and bool((vec != 0).all()):
             return x, 1 / vec, zeros
         return None
     if axis != -1:
@@ -1062,7 +1057,7 @@ class Reparameterize(Pass):
         return PassResult(gm, modified=modified, stats=+stats)
 
     def _collapse(self, gm: fx.GraphModule, root: fx.Node, stats: Counter) -> None:
-        terms = _terms(gm, root, root, _rank(root))
+        terms = _terms(gm, root, root)
         if len(terms) < 2:
             return
         found = [(_conv_branch(gm, leaf) or _bn_branch(gm, leaf)) for leaf, _ in terms]
@@ -1148,7 +1143,7 @@ def _erase_tree(gm: fx.GraphModule, root: fx.Node) -> None:
         node = stack.pop()
         if node.graph is None or node.users:
             continue
-        if node is not root and not (_is_sum(node) or _scaled(gm, node, _rank(node))):
+        if node is not root and not (_is_sum(node) or _scaled(gm, node)):
             continue
         args = [a for a in node.args if isinstance(a, fx.Node)]
         gm.graph.erase_node(node)
