@@ -25,14 +25,13 @@ from graphopt.passes.equalize import (
     scale_pair,
 )
 from graphopt.passes.fold_conv_bn import FoldConvBN
-from graphopt.testing import assert_pass_preserves, random_cnns, run_pass
+from graphopt.testing import assert_pass_preserves, random_cnns, run_pass, seeded
 
 _CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 _SIZE = {1: 11, 2: 7, 3: 5}
 
 
-def _gen(seed: int = 0) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
+_gen = seeded
 
 
 def _skew_(layer: nn.Module, seed: int = 0) -> nn.Module:

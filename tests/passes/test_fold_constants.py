@@ -13,11 +13,9 @@ from torch import fx, nn
 from graphopt import verify
 from graphopt.capture import capture
 from graphopt.passes.fold_constants import FoldConstants
-from graphopt.testing import assert_pass_preserves, random_cnns, run_pass, verify_rewrite
+from graphopt.testing import assert_pass_preserves, random_cnns, run_pass, seeded, verify_rewrite
 
-
-def _gen(seed: int = 0) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
+_gen = seeded
 
 
 def _x(*shape: int, seed: int = 1) -> torch.Tensor:

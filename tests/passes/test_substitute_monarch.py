@@ -43,7 +43,7 @@ from graphopt.passes.substitute_monarch import (
 )
 from graphopt.pipeline import parse_pipeline
 from graphopt.target import Target
-from graphopt.testing import assert_pass_preserves, run_pass
+from graphopt.testing import assert_pass_preserves, run_pass, seeded
 
 # (in_features, out_features, nblocks): square, widening, narrowing, sizes nblocks does not
 # divide, one block, and the 768 -> 3072
@@ -58,8 +58,7 @@ SHAPES = [
 ]
 
 
-def _gen(seed: int = 0) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
+_gen = seeded
 
 
 def _random_monarch(n_in: int, n_out: int, b: int, seed: int = 0, **kw) -> MonarchLinear:

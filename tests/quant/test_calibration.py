@@ -32,12 +32,12 @@ from graphopt.quant import (
     validate_calibration_batches,
     weight_qparams,
 )
+from graphopt.testing import seeded
 
 CLIPPING = ("percentile", "entropy", "mse")
 
 
-def _gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
+_gen = seeded
 
 
 def _observe(method: str, batches: list[torch.Tensor], **options) -> object:
