@@ -2,9 +2,9 @@
 
 ``graphopt.quant.calibration`` turns statistics gathered over calibration batches into the
 scales and zero points of symmetric int8 / asymmetric uint8 tensors, per-channel int8 weights
-and int32 biases, and picks the calibration method per layer by measured error. ``graphopt.quant.qdq`` calibrates
-an ONNX model and inserts QuantizeLinear/DequantizeLinear pairs that ONNX Runtime fuses into
-integer kernels.
+and int32 biases, and picks the calibration method per layer by measured error.
+``graphopt.quant.qdq`` calibrates an ONNX model and inserts QuantizeLinear/DequantizeLinear
+pairs that ONNX Runtime fuses into integer kernels.
 """
 
 from graphopt.quant.calibration import (
