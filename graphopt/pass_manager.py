@@ -92,7 +92,9 @@ class PassContext:
     ``sample_inputs`` drive the numeric check after each pass; ``calibration_data`` is an
     iterable of input tuples for passes that calibrate; ``strict`` turns rollbacks into errors;
     ``finetune`` is the user's ``callable(graph_module)`` that lossy passes run on the graph
-    after they changed it (dense-to-sparse fine-tuning: it trains the graph in place).
+    after they changed it (dense-to-sparse fine-tuning: it trains the graph in place);
+    ``metric`` is the user's ``callable(module) -> float`` (higher is better, e.g. accuracy on
+    a held-out split) that lossy passes rank their choices by.
     """
 
     sample_inputs: tuple[Any, ...] | None = None
@@ -105,6 +107,7 @@ class PassContext:
     verify: bool = True
     cache_dir: Path | None = None
     finetune: Callable[[fx.GraphModule], Any] | None = None
+    metric: Callable[[torch.nn.Module], float] | None = None
 
 
 class Pass:

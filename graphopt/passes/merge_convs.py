@@ -51,21 +51,27 @@ non-zero padding modes and string padding.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import itertools
 import logging
+import time
 from collections import Counter
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 import networkx as nx
 import torch
+import torch.nn.functional as F
 from torch import fx, nn
 
 import graphopt.merge_algebra as algebra
 from graphopt.backends.measure import Latency, LatencyCache, backend_key, time_interleaved
-from graphopt.errors import PipelineError
+from graphopt.errors import InputError, PipelineError
 from graphopt.merge_plan import plan_exact
 from graphopt.pass_manager import Numerics, Pass, PassContext, PassResult
+from graphopt.passes import merge_depth as depth
 from graphopt.passes.reparameterize import _conv_branch, _free_name, _is_add
 from graphopt.passes.substitute_monarch import _backend_for, _cache_for, _measurable
 from graphopt.pipeline import register_pass
@@ -96,14 +102,18 @@ def spec_of(gm: fx.GraphModule, node: fx.Node) -> algebra.ConvSpec | algebra.Ref
 
 @dataclass
 class Stretch:
-    """An activation-free run of convs: ``convs`` in order, ``values[p]`` the fx node holding
-    position ``p`` (``values[0]`` the input), ``residuals`` as ``(a, b, add)`` -- the add after
-    conv index ``b`` (0-based) adds position ``a``."""
+    """A run of convs: ``convs`` in order, ``values[p]`` the fx node holding position ``p``
+    (``values[0]`` the input; the conv or residual add, before any activation),
+    ``residuals`` as ``(a, b, add)`` -- the add after conv index ``b`` (0-based) adds position
+    ``a`` --, and ``acts[p]`` the element-wise activation applied to position ``p`` (only when
+    the stretch was found through activations, for depth compression; exact-mode stretches
+    are activation-free)."""
 
     convs: list[fx.Node]
     specs: list[algebra.ConvSpec]
     values: list[fx.Node]
     residuals: list[tuple[int, int, fx.Node]] = field(default_factory=list)
+    acts: dict[int, fx.Node] = field(default_factory=dict)
 
     @property
     def length(self) -> int:
@@ -124,10 +134,61 @@ def _shape(node: fx.Node) -> tuple[int, ...] | None:
     return tuple(int(d) for d in meta.shape) if hasattr(meta, "shape") else None
 
 
+_ACT_MODULES = (
+    nn.ReLU,
+    nn.ReLU6,
+    nn.Hardtanh,
+    nn.LeakyReLU,
+    nn.PReLU,
+    nn.ELU,
+    nn.SiLU,
+    nn.GELU,
+    nn.Hardswish,
+    nn.Mish,
+)
+_ACT_FUNCTIONS = {
+    F.relu,
+    F.relu_,
+    torch.relu,
+    torch.relu_,
+    F.relu6,
+    F.hardtanh,
+    F.leaky_relu,
+    F.elu,
+    F.silu,
+    F.gelu,
+    F.hardswish,
+    F.mish,
+}
+_ACT_METHODS = {"relu", "relu_"}
+
+
+def activation_input(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
+    """The input of ``node`` when it is an element-wise activation between convs (a ReLU-like
+    module, function or method with one tensor argument), else None."""
+    if node.op == "call_module":
+        found = isinstance(gm.get_submodule(str(node.target)), _ACT_MODULES)
+    elif node.op == "call_function":
+        found = node.target in _ACT_FUNCTIONS
+    elif node.op == "call_method":
+        found = node.target in _ACT_METHODS
+    else:
+        found = False
+    if not found or not node.args or not isinstance(node.args[0], fx.Node):
+        return None
+    if any(isinstance(a, fx.Node) for a in [*node.args[1:], *node.kwargs.values()]):
+        return None
+    return node.args[0]
+
+
 def _residual_body(
-    add: fx.Node, convs: dict[fx.Node, tuple[algebra.ConvSpec, fx.Node]]
+    gm: fx.GraphModule,
+    add: fx.Node,
+    convs: dict[fx.Node, tuple[algebra.ConvSpec, fx.Node]],
+    through_activations: bool,
 ) -> tuple[fx.Node, list[fx.Node]] | None:
-    """``add`` as ``x + c_1(..c_k(x))`` with single-use convs: (x, [c_1..c_k]), else None."""
+    """``add`` as ``x + c_1(..c_k(x))`` with single-use convs (and, through activations,
+    single-use activations between them): (x, [c_1..c_k]), else None."""
     if not _is_add(add) or not all(isinstance(a, fx.Node) for a in add.args):
         return None
     for x, y in (add.args, add.args[::-1]):
@@ -139,12 +200,22 @@ def _residual_body(
                 if _shape(x) is None or _shape(x) != _shape(add):
                     break  # broadcasting add: not x + f(x) of one shape
                 return x, body[::-1]
+            inner = activation_input(gm, node) if through_activations else None
+            if inner is not None and len(node.users) == 1:
+                node = inner
     return None
 
 
-def find_stretches(gm: fx.GraphModule) -> tuple[list[Stretch], Counter]:
+def find_stretches(
+    gm: fx.GraphModule, through_activations: bool = False
+) -> tuple[list[Stretch], Counter]:
     """The stretches of ``gm`` (with at least two convs or one residual body), and refusals of
-    convs that spec_of cannot read (``skipped:padding-mode``), by reason."""
+    convs that spec_of cannot read (``skipped:padding-mode``), by reason.
+
+    ``through_activations``: a stretch continues through an element-wise activation between
+    two convs (recorded in ``Stretch.acts``), as depth compression needs; the activation
+    after a stretch's last position is recorded too.
+    """
     stats: Counter = Counter()
     convs: dict[fx.Node, tuple[algebra.ConvSpec, fx.Node]] = {}
     for node in gm.graph.nodes:
@@ -163,16 +234,32 @@ def find_stretches(gm: fx.GraphModule) -> tuple[list[Stretch], Counter]:
     chain.add_nodes_from(convs)
     bodies: dict[fx.Node, tuple[fx.Node, list[fx.Node]]] = {}
     for node in gm.graph.nodes:
-        found = _residual_body(node, convs) if node.op == "call_function" else None
+        found = (
+            _residual_body(gm, node, convs, through_activations)
+            if node.op == "call_function"
+            else None
+        )
         if found is not None:
             bodies[node] = found
             chain.add_edge(found[1][-1], node)
+    after: dict[fx.Node, fx.Node] = {}  # a stretch value -> the activation applied to it
     for c, (_, source) in convs.items():
         users = set(source.users)
         body_from_here = [a for a, (x, body) in bodies.items() if x is source and body[0] is c]
-        linear_source = source in convs or source in bodies
+        value = source
+        inner = activation_input(gm, source) if through_activations else None
+        if inner is not None and len(inner.users) == 1:
+            value = inner
+        linear_source = value in convs or value in bodies
         if linear_source and (users == {c} or (body_from_here and users == {c, *body_from_here})):
-            chain.add_edge(source, c)
+            chain.add_edge(value, c)
+            if value is not source:
+                after[value] = source
+    if through_activations:  # the activation after a stretch's end
+        for value in list(convs) + list(bodies):
+            users = list(value.users)
+            if value not in after and len(users) == 1 and activation_input(gm, users[0]):
+                after[value] = users[0]
     stretches = []
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     for component in nx.weakly_connected_components(chain):
@@ -191,6 +278,8 @@ def find_stretches(gm: fx.GraphModule) -> tuple[list[Stretch], Counter]:
                 b = len(stretch.convs) - 1
                 stretch.residuals.append((b - len(body) + 1, b, node))
                 stretch.values[-1] = node
+            if node in after:
+                stretch.acts[len(stretch.convs)] = after[node]
         if stretch.length >= 2 or stretch.residuals:
             stretches.append(stretch)
     stretches.sort(key=lambda s: order[s.convs[0]])
@@ -250,30 +339,50 @@ def _span_kind(stretch: Stretch, i: int, j: int) -> tuple[str, list[tuple[int, i
     return kind, folded
 
 
-def _merge_span(
-    stretch: Stretch, i: int, j: int, folded: list[tuple[int, int]], max_kernel: int
+def merge_specs(
+    specs: list[algebra.ConvSpec],
+    bodies: list[tuple[int, int]],
+    max_kernel: int,
+    move_padding: bool = False,
 ) -> algebra.ConvSpec | algebra.Refusal:
-    """Convs ``i+1..j`` as one conv, the residuals ``folded`` (whole bodies) folded in."""
+    """``specs`` (applied in order) as one conv, the residual ``bodies`` ``(a, b)`` -- convs
+    ``a..b`` (0-based, whole) with ``x + body(x)`` around them -- folded in."""
     parts: list[algebra.ConvSpec] = []
-    k = i
-    for a, b in sorted(folded):
-        parts.extend(stretch.specs[k:a])
-        body = algebra.merge(stretch.specs[a : b + 1], residual=True, max_kernel=max_kernel)
+    k = 0
+    for a, b in sorted(bodies):
+        parts.extend(specs[k:a])
+        body = algebra.merge(
+            specs[a : b + 1], residual=True, max_kernel=max_kernel, move_padding=move_padding
+        )
         if isinstance(body, algebra.Refusal):
-            return algebra.Refusal(body.reason, body.detail, body.position + a - i)
+            return algebra.Refusal(body.reason, body.detail, body.position + a)
         parts.append(body)
         k = b + 1
-    parts.extend(stretch.specs[k:j])
+    parts.extend(specs[k:])
     if len(parts) == 1:
         return parts[0]
-    return algebra.merge(parts, max_kernel=max_kernel)
+    return algebra.merge(parts, max_kernel=max_kernel, move_padding=move_padding)
+
+
+def _merge_span(
+    stretch: Stretch,
+    i: int,
+    j: int,
+    folded: list[tuple[int, int]],
+    max_kernel: int,
+    move_padding: bool = False,
+) -> algebra.ConvSpec | algebra.Refusal:
+    """Convs ``i+1..j`` as one conv, the residuals ``folded`` (whole bodies) folded in."""
+    relative = [(a - i, b - i) for a, b in folded]
+    return merge_specs(stretch.specs[i:j], relative, max_kernel, move_padding)
 
 
 def candidates(
-    stretch: Stretch, max_kernel: int, max_span: int
+    stretch: Stretch, max_kernel: int, max_span: int, move_padding: bool = False
 ) -> list[tuple[Candidate, algebra.ConvSpec | None]]:
     """Every single conv and every span of at most ``max_span`` convs, with its merged conv
-    (None for a refused one)."""
+    (None for a refused one). ``move_padding``: depth compression's padding moved to the
+    span's first conv (see :mod:`graphopt.merge_algebra`)."""
     out: list[tuple[Candidate, algebra.ConvSpec | None]] = []
     for i in range(stretch.length):
         for j in range(i + 1, min(stretch.length, i + max_span) + 1):
@@ -285,7 +394,7 @@ def candidates(
                 body = next((a, b) for a, b, _ in stretch.residuals if a == i and b + 1 == j)
                 variants = [([*folded, body], False), (folded, True)]
             for fold, keeps_add in variants:
-                spec = _merge_span(stretch, i, j, fold, max_kernel)
+                spec = _merge_span(stretch, i, j, fold, max_kernel, move_padding)
                 cand = Candidate(i, j, len(fold), keeps_add)
                 if isinstance(spec, algebra.Refusal):
                     out.append((Candidate(i, j, len(fold), keeps_add, refusal=spec), None))
@@ -384,16 +493,20 @@ def _replace(layer: StretchPlan, **values: Any) -> StretchPlan:
 
 
 class _Unit(nn.Module):
-    """A conv as the backend times it; with ``add``, followed by the residual add."""
+    """A conv as the backend times it; with ``add``, followed by the residual add; with
+    ``act``, followed by the activation (depth compression times each span with the
+    activation after it, which the backend fuses into the conv)."""
 
-    def __init__(self, conv: nn.Module, add: bool) -> None:
+    def __init__(self, conv: nn.Module, add: bool, act: nn.Module | None = None) -> None:
         super().__init__()
         self.conv = conv
         self.add = add
+        self.act = act
 
     def forward(self, x: torch.Tensor, *residual: torch.Tensor) -> torch.Tensor:
         y = self.conv(x)
-        return y + residual[0] if self.add else y
+        y = y + residual[0] if self.add else y
+        return self.act(y) if self.act is not None else y
 
 
 def _conv_module(spec: algebra.ConvSpec, dtype: torch.dtype) -> nn.Module:
@@ -430,6 +543,7 @@ class _Timer:
             unit=_UNIT_VERSION,
             module=repr(unit.conv),
             add=unit.add,
+            act=repr(unit.act) if unit.act is not None else None,
             shapes=[list(s) for s in shapes],
             dtype=str(dtype),
         )
@@ -483,32 +597,41 @@ class _Timer:
 # rewriting
 
 
-def apply(
-    gm: fx.GraphModule, stretch: Stretch, chosen: list[Candidate], spec: algebra.ConvSpec
-) -> None:
-    """Put one conv holding ``spec`` in place of the merged span ``chosen[0]`` of ``stretch``
-    (the only mutation of the pass): it reads position ``i`` and replaces position ``j``'s value
-    (the add where the span folds the residual that ends there)."""
-    (cand,) = chosen
-    dtype = stretch.values[cand.i].meta["tensor_meta"].dtype
-    name = _free_name(gm, "merged_conv")
-    gm.add_submodule(name, _conv_module(spec, dtype))
-    folded = [
+def folded_bodies(stretch: Stretch, cand: Candidate) -> list[tuple[int, int, fx.Node]]:
+    """The residuals ``(a, b, add)`` of ``stretch`` that ``cand`` folds into its conv."""
+    return [
         (a, b, add)
         for a, b, add in stretch.residuals
         if cand.i <= a
         and b + 1 <= cand.j
         and not (cand.keeps_add and (a, b + 1) == (cand.i, cand.j))
     ]
+
+
+def apply(
+    gm: fx.GraphModule,
+    stretch: Stretch,
+    cand: Candidate,
+    module: nn.Module,
+    source: fx.Node | None = None,
+) -> fx.Node:
+    """Put ``module`` (one conv, or depth compression's fine-tunable span) in place of the
+    merged span ``cand`` of ``stretch`` (the only mutation of the pass): it reads ``source``
+    (default: position ``i``) and replaces position ``j``'s value (the add where the span
+    folds the residual that ends there). Returns the new node."""
+    name = _free_name(gm, "merged_conv")
+    gm.add_submodule(name, module)
+    folded = folded_bodies(stretch, cand)
     ends_at_fold = any(b + 1 == cand.j for _, b, _ in folded)
     old = stretch.values[cand.j] if ends_at_fold else stretch.convs[cand.j - 1]
     with gm.graph.inserting_before(old):
-        new = gm.graph.call_module(name, (stretch.values[cand.i],))
+        new = gm.graph.call_module(name, (source or stretch.values[cand.i],))
     new.meta = dict(old.meta)
     old.replace_all_uses_with(new)
     if stretch.values[cand.j] is old:  # a later span of this stretch reads the new conv
         stretch.values[cand.j] = new
     _erase(gm, [add for _, _, add in folded] + stretch.convs[cand.i : cand.j])
+    return new
 
 
 def _erase(gm: fx.GraphModule, nodes: list[fx.Node]) -> None:
@@ -548,9 +671,22 @@ class MergeConvs(Pass):
         runs: int = 30  # timed calls per unit
         max_time_s: float = 20.0  # time budget of one stretch's interleaved timing
         cache: bool = True  # reuse (and store) latencies in the on-disk cache
-        progress: bool = False  # a line on stderr per stretch while timing
+        progress: bool = False  # progress lines and a bar on stderr while measuring
+        # depth compression (remove activations): a budget turns it on
+        budget: float = 0.0  # the model's latency times this (0 < budget <= 1)
+        budget_ms: float = 0.0  # or the model's latency in ms on the target
+        importance_batches: int = 4  # calibration batches the importance is measured on
+        resolution: int = 1000  # time bins of the budget in the dynamic program
+        min_cosine: float = 0.5  # the declared contract of depth compression (output cosine)
 
-    def __init__(self, options: Any = None, **values: Any) -> None:
+    def __init__(
+        self,
+        options: Any = None,
+        *,
+        finetune: Callable[[fx.GraphModule], Any] | None = None,
+        metric: Callable[[nn.Module], float] | None = None,
+        **values: Any,
+    ) -> None:
         super().__init__(options, **values)
         o = self.options
         if o.max_kernel < 1 or o.max_span < 2 or o.runs < 1 or o.min_speedup < 1.0:
@@ -558,10 +694,30 @@ class MergeConvs(Pass):
                 "merge-convs: max_kernel and runs must be >= 1, max_span >= 2 and "
                 f"min_speedup >= 1.0; got {o}."
             )
+        if not 0.0 <= o.budget <= 1.0 or o.budget_ms < 0 or (o.budget and o.budget_ms):
+            raise PipelineError(
+                "merge-convs: give budget as a fraction of the model's latency (0 < budget <= 1)"
+                f" or budget_ms as a latency in ms, not both; got budget={o.budget}, "
+                f"budget_ms={o.budget_ms}."
+            )
+        if o.importance_batches < 1 or o.resolution < 10:
+            raise PipelineError(
+                "merge-convs: importance_batches must be >= 1 and resolution >= 10; "
+                f"got {o.importance_batches}, {o.resolution}."
+            )
+        self.finetune = finetune
+        self.metric = metric
+        if self.depth:
+            self.numerics = Numerics.lossy("cosine", o.min_cosine)
+
+    @property
+    def depth(self) -> bool:
+        """Depth compression (a budget given) rather than the exact mode."""
+        return bool(self.options.budget or self.options.budget_ms)
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         opts = self.options
-        stretches, stats = find_stretches(gm)
+        stretches, stats = find_stretches(gm, through_activations=self.depth)
         if not stretches:
             return PassResult(gm, modified=False, stats=+stats)
         backend = _backend_for(ctx)
@@ -570,17 +726,24 @@ class MergeConvs(Pass):
             return PassResult(gm, modified=False, stats=+stats)
         timer = _Timer(backend, _cache_for(ctx, backend) if opts.cache else None, opts)
         say = Progress(opts.progress, prefix="merge-convs ")
+        if self.depth:
+            return self._run_depth(gm, ctx, stretches, stats, timer, say)
         decisions: list[StretchPlan] = []
         rewrites: list[tuple[Stretch, Candidate, algebra.ConvSpec]] = []
         for n, stretch in enumerate(stretches, start=1):
             say(f"stretch {n}/{len(stretches)}: {stretch.name} ({stretch.length} convs)")
-            layer, specs = self._decide(stretch, timer, stats)
+            layer, specs = self._timed(stretch, timer, stats, gm)
+            if not layer.reason:
+                layer = plan_stretch(layer, stretch.length, opts.min_speedup)
+                if layer.reason:
+                    stats[f"skipped:{layer.reason}"] += 1
             decisions.append(layer)
             log.info("merge-convs: %s", layer)
             for cand in layer.merged:
                 rewrites.append((stretch, cand, specs[cand]))
         for stretch, cand, spec in rewrites:
-            apply(gm, stretch, [cand], spec)
+            dtype = stretch.values[cand.i].meta["tensor_meta"].dtype
+            apply(gm, stretch, cand, _conv_module(spec, dtype))
             stats["merged-spans"] += 1
             stats["convs-removed"] += cand.j - cand.i - 1
             stats["residuals-folded"] += cand.folded
@@ -588,12 +751,16 @@ class MergeConvs(Pass):
             stats["timed-units"] += timer.measured
         if rewrites:
             gm.graph.lint()
+            gm.delete_all_unused_submodules()
             gm.recompile()
         return PassResult(gm, modified=bool(rewrites), stats=+stats, decisions=list(decisions))
 
-    def _decide(
-        self, stretch: Stretch, timer: _Timer, stats: Counter
+    def _timed(
+        self, stretch: Stretch, timer: _Timer, stats: Counter, gm: fx.GraphModule
     ) -> tuple[StretchPlan, dict[Candidate, algebra.ConvSpec]]:
+        """The stretch's candidates, timed (``layer.reason`` says why nothing was timed). In
+        depth mode padding moves to each span's first conv and every unit ends in the
+        activation after its last position."""
         opts = self.options
         shape = _shape(stretch.values[0])
         layer = StretchPlan(stretch.name, tuple(c.name for c in stretch.convs), shape or ())
@@ -607,7 +774,7 @@ class MergeConvs(Pass):
             layer.reason = "dtype"
             stats["skipped:dtype"] += 1
             return layer, {}
-        built = candidates(stretch, opts.max_kernel, opts.max_span)
+        built = candidates(stretch, opts.max_kernel, opts.max_span, move_padding=self.depth)
         for cand, spec in built:
             if spec is None:
                 stats[f"skipped:{cand.refusal.reason}"] += 1
@@ -615,13 +782,19 @@ class MergeConvs(Pass):
             layer.candidates = [cand for cand, _ in built]  # nothing to time: all refused
             layer.reason = "all-refused"
             stats["skipped:all-refused"] += 1
-            return layer, {}
+            if not self.depth:
+                return layer, {}
         units: dict[str, tuple[_Unit, list[tuple[int, ...]]]] = {}
         keys: dict[int, str] = {}
         for n, (cand, spec) in enumerate(built):
             if spec is None:
                 continue
-            unit = _Unit(_conv_module(spec, dtype), cand.keeps_add)
+            act = stretch.acts.get(cand.j) if self.depth else None
+            unit = _Unit(
+                _conv_module(spec, dtype),
+                cand.keeps_add,
+                _activation_module(gm, act) if act is not None else None,
+            )
             shapes = [_shape(stretch.values[cand.i])]
             if cand.keeps_add:
                 a = next(a for a, b, _ in stretch.residuals if b + 1 == cand.j)
@@ -638,7 +811,168 @@ class MergeConvs(Pass):
                 specs[cand] = spec
             timed.append(cand)
         layer.candidates = timed
-        decided = plan_stretch(layer, stretch.length, opts.min_speedup)
-        if decided.reason:
-            stats[f"skipped:{decided.reason}"] += 1
-        return decided, specs
+        return layer, specs
+
+    # --------------------------------------------------------------------------------------------
+    # depth compression
+
+    def _run_depth(
+        self,
+        gm: fx.GraphModule,
+        ctx: PassContext,
+        stretches: list[Stretch],
+        stats: Counter,
+        timer: _Timer,
+        say: Progress,
+    ) -> PassResult:
+        opts = self.options
+        metric = self.metric or ctx.metric
+        batches = list(itertools.islice(_input_batches(ctx), opts.importance_batches))
+        if not batches:
+            stats["skipped:no-calibration-data"] += len(stretches)
+            return PassResult(gm, modified=False, stats=+stats)
+        before = copy.deepcopy(gm)
+        # tables: T over the stretches numbered end to end
+        usable: list[tuple[Stretch, StretchPlan, dict[Candidate, algebra.ConvSpec]]] = []
+        for n, stretch in enumerate(stretches, start=1):
+            say(f"timing stretch {n}/{len(stretches)}: {stretch.name} ({stretch.length} convs)")
+            layer, specs = self._timed(stretch, timer, stats, gm)
+            if layer.reason and layer.reason != "all-refused":
+                continue
+            usable.append((stretch, layer, specs))
+        if not usable:
+            return PassResult(gm, modified=False, stats=+stats)
+        chain = depth.Chain.of([s for s, _, _ in usable])
+        table: dict[tuple[int, int], float] = {}
+        best: dict[tuple[int, int], Candidate] = {}
+        for (_, layer, _), off in zip(usable, chain.offsets, strict=True):
+            for c in layer.candidates:
+                if c.refusal is None and c.latency_ms is not None:
+                    span = (off + c.i, off + c.j)
+                    if span not in table or c.latency_ms < table[span]:
+                        table[span], best[span] = c.latency_ms, c
+        unmerged = sum(table[k, k + 1] for k in range(chain.length) if (k, k + 1) in table)
+        if any((k, k + 1) not in table for k in range(chain.length)):
+            raise InputError("merge-convs: a single conv could not be timed; see the log")
+        # the model is timed at the traced shapes, as the units are
+        inputs = tuple(ctx.sample_inputs) if ctx.sample_inputs is not None else tuple(batches[0])
+        model_ms = depth.model_latency(timer, {"model": gm}, inputs)["model"].median_ms
+        fixed = max(0.0, model_ms - unmerged)
+        target_ms = opts.budget * model_ms if opts.budget else opts.budget_ms
+        # the table predicts (fixed + sum T); scale the budget into the table's terms
+        stretch_budget = target_ms * (fixed + unmerged) / model_ms - fixed
+        result = depth.DepthPlan(
+            budget_ms=target_ms, model_ms=model_ms, fixed_ms=fixed, unmerged_ms=unmerged
+        )
+        if stretch_budget <= 0:
+            raise InputError(
+                f"merge-convs: the budget {target_ms:.4f} ms leaves nothing for the convs (the "
+                f"model takes {model_ms:.4f} ms, {fixed:.4f} ms of it outside them); raise it"
+            )
+        say(f"importance on {len(batches)} calibration batches")
+        importance = depth.Importance(gm, chain.acts(), batches, metric)
+        h = depth.importance_table(chain, table, importance, say)
+        start = time.perf_counter()
+        chosen = depth.plan_depth(
+            chain.length, table, h, set(chain.acts()), stretch_budget, opts.resolution
+        )
+        result.planning_s = time.perf_counter() - start
+        result.importance = float(chosen.objective or 0.0)
+        result.importance_source = (
+            f"metric {getattr(metric, '__name__', 'callable')}" if metric else "output error"
+        )
+        result.evaluated_sets = importance.evaluated
+        result.predicted_ms = chosen.latency
+        for _, layer, _ in usable:
+            for c in layer.candidates:
+                if c.refusal is not None:
+                    result.refusals[c.refusal.reason] = result.refusals.get(c.refusal.reason, 0) + 1
+        acts = chain.acts()
+        result.kept = [acts[p].name for p in chosen.activations]
+        result.removed = [acts[p].name for p in chosen.removed]
+        # the architecture: activations removed, spans in their fine-tunable form
+        for p in chosen.removed:
+            node = acts[p]
+            node.replace_all_uses_with(node.args[0])
+            gm.graph.erase_node(node)
+            stats["activations-removed"] += 1
+        spans: list[tuple[str, depth.MergedSpan]] = []
+        for vi, vj in chosen.spans:
+            s, i, j = chain.local(vi, vj)
+            stretch, _, specs = usable[s]
+            cand = best[vi, vj]
+            alone = sum(table[k, k + 1] for k in range(vi, vj))
+            if not cand.merges:
+                continue
+            spec = specs[cand]
+            folded = [(a - i, b - i) for a, b, _ in folded_bodies(stretch, cand)]
+            dtype = stretch.values[i].meta["tensor_meta"].dtype
+            module = depth.MergedSpan(stretch.specs[i:j], folded, dtype)
+            source = stretch.values[i]
+            if i > 0 and i in stretch.acts and (vi in chosen.activations):
+                source = stretch.acts[i]
+            node = apply(gm, stretch, cand, module, source)
+            spans.append((str(node.target), module))
+            kernel = "x".join(map(str, spec.kernel_size))
+            result.spans.append(
+                f"{stretch.name} {cand.label}: one {kernel} conv (stride "
+                f"{'x'.join(map(str, spec.stride))}, groups {spec.groups}) "
+                f"{cand.latency_ms:.4f} ms, one at a time {alone:.4f} ms"
+            )
+            stats["merged-spans"] += 1
+            stats["convs-removed"] += cand.j - cand.i - 1
+            stats["residuals-folded"] += cand.folded
+        gm.graph.lint()
+        gm.recompile()
+        finetune = self.finetune or ctx.finetune
+        if finetune is not None:
+            say(f"fine-tuning with {getattr(finetune, '__name__', finetune)!s}")
+            returned = finetune(gm)
+            if isinstance(returned, fx.GraphModule) and returned is not gm:
+                gm = returned
+            gm.eval()
+            result.finetuned = str(getattr(finetune, "__name__", finetune))
+            stats["finetuned"] += 1
+        for name, module in spans:  # the final merge: each span becomes its one conv
+            dtype = module.convs[0].weight.dtype
+            gm.add_submodule(name, _conv_module(module.spec(), dtype))
+        gm.delete_all_unused_submodules()
+        gm.recompile()
+        measured = depth.model_latency(timer, {"before": before, "after": gm}, inputs)
+        result.measured_before_ms = measured["before"].median_ms
+        result.measured_after_ms = measured["after"].median_ms
+        if timer.measured:
+            stats["timed-units"] += timer.measured
+        log.info("merge-convs: %s", result)
+        return PassResult(gm, modified=True, stats=+stats, decisions=[result])
+
+
+class _Apply(nn.Module):
+    """A functional activation as a module (for timing units)."""
+
+    def __init__(self, fn: Any, args: tuple, kwargs: dict, method: bool) -> None:
+        super().__init__()
+        self.fn, self.args, self.kwargs, self.method = fn, args, kwargs, method
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.method:
+            return getattr(x, self.fn)(*self.args, **self.kwargs)
+        return self.fn(x, *self.args, **self.kwargs)
+
+    def extra_repr(self) -> str:
+        return f"{getattr(self.fn, '__name__', self.fn)}, args={self.args}, kwargs={self.kwargs}"
+
+
+def _activation_module(gm: fx.GraphModule, node: fx.Node) -> nn.Module:
+    if node.op == "call_module":
+        return copy.deepcopy(gm.get_submodule(str(node.target)))
+    kwargs = {k: v for k, v in node.kwargs.items() if k != "inplace"}
+    return _Apply(node.target, tuple(node.args[1:]), kwargs, node.op == "call_method")
+
+
+def _input_batches(ctx: PassContext) -> Iterable[tuple[Any, ...]]:
+    if ctx.calibration_data is not None:
+        return (b if isinstance(b, tuple | list) else (b,) for b in ctx.calibration_data)
+    if ctx.sample_inputs is not None:
+        return [tuple(ctx.sample_inputs)]
+    return []
