@@ -93,8 +93,9 @@ class PassContext:
     iterable of input tuples for passes that calibrate; ``strict`` turns rollbacks into errors;
     ``finetune`` is the user's ``callable(graph_module)`` that lossy passes run on the graph
     after they changed it (dense-to-sparse fine-tuning: it trains the graph in place);
-    ``metric`` is the user's ``callable(module) -> float`` (higher is better, e.g. accuracy on
-    a held-out split) that lossy passes rank their choices by.
+    ``metric`` is the user's ``metric(predict) -> float`` (higher is better, e.g. accuracy on
+    a held-out split; ``predict(*arrays)`` runs the candidate network on numpy inputs) that
+    lossy passes rank their choices by.
     """
 
     sample_inputs: tuple[Any, ...] | None = None
@@ -107,7 +108,7 @@ class PassContext:
     verify: bool = True
     cache_dir: Path | None = None
     finetune: Callable[[fx.GraphModule], Any] | None = None
-    metric: Callable[[torch.nn.Module], float] | None = None
+    metric: Callable[[Callable[..., Any]], float] | None = None
 
 
 class Pass:

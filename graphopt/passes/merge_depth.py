@@ -15,14 +15,17 @@ Tables, all from the target and the user's data:
 * ``h(i, j, a_i, a_j)``: the importance of segment ``(i, j]`` with its inner activations removed
   and the one at ``j`` kept or not: the negated relative output error
   ``-sum||y' - y||^2 / sum||y||^2`` over the calibration batches, or, given a ``metric``
-  (``callable(module) -> float``, higher is better, e.g. accuracy on a held-out split), the
-  change of the metric. Each distinct set of removed activations is evaluated once, on one copy
+  (``metric(predict) -> float``, higher is better, e.g. accuracy on a held-out split;
+  ``predict(*arrays)`` runs the network on numpy inputs), the change of the metric. Each distinct set of removed activations is evaluated once, on one copy
   of the graph whose activations are switched off and on.
 
 :func:`graphopt.merge_plan.plan` then keeps the activations of the largest summed importance
 whose predicted latency fits the budget. The budget is ``budget`` times the model's latency, or
-``budget_ms``: the model is timed whole, and the part outside the stretches
-(``fixed = max(0, T_model - sum of single convs)``) is kept out of the stretches' budget.
+``budget_ms``. The model is timed whole and predicted as ``scale * sum T`` over the chosen spans,
+``scale = T_model / sum of the single convs`` (algorithms.md §6.2: units timed alone are not
+the model; on ONNX Runtime MobileNetV2 takes about 1.6x its convs timed alone, the layout
+changes between them and the head growing with the convs), so the spans' budget is
+``budget * sum of single convs``, or ``budget_ms / scale``.
 
 Then the architecture is fixed: the removed activations become identities and each chosen span
 becomes a :class:`MergedSpan` -- its convs with the zero padding moved to the span's input, the
@@ -175,7 +178,7 @@ class _Switch(nn.Module):
 
 def _outputs(value: Any) -> list[torch.Tensor]:
     if isinstance(value, torch.Tensor):
-        return [value.detach().double()]
+        return [value.detach()]
     if isinstance(value, dict):
         value = list(value.values())
     if isinstance(value, list | tuple):
@@ -188,7 +191,9 @@ class Importance:
 
     ``acts``: the activation nodes of ``gm`` by any key; ``score(removed)`` is the importance
     of removing those keys (0 for none): ``-relative output error`` over ``batches``, or the
-    change of ``metric`` (``callable(module) -> float``, higher is better).
+    change of ``metric(predict) -> float`` (higher is better; ``predict(*arrays)`` runs the
+    graph on numpy inputs and returns numpy outputs -- the same form ``optimize(metric=...)``
+    gives int8 quantisation).
     """
 
     def __init__(
@@ -220,7 +225,15 @@ class Importance:
         self.memo: dict[frozenset, float] = {frozenset(): 0.0}
         with torch.no_grad():
             self.reference = [_outputs(self.copy(*b)) for b in batches]
-        self.base = metric(self.copy) if metric is not None else 0.0
+        self.base = float(metric(self.predict)) if metric is not None else 0.0
+
+    def predict(self, *arrays: Any) -> Any:
+        """The switchable graph on numpy (or torch) inputs, numpy outputs: what the user's
+        ``metric(predict)`` calls."""
+        with torch.no_grad():
+            out = self.copy(*(torch.as_tensor(a) for a in arrays))
+        outs = [t.numpy() for t in _outputs(out)]
+        return outs[0] if len(outs) == 1 else tuple(outs)
 
     def score(self, removed: Iterable[Any]) -> float:
         key = frozenset(removed)
@@ -229,13 +242,13 @@ class Importance:
                 switch.on = k not in key
             with torch.no_grad():
                 if self.metric is not None:
-                    value = float(self.metric(self.copy)) - self.base
+                    value = float(self.metric(self.predict)) - self.base
                 else:
                     err = ref = 0.0
                     for batch, expected in zip(self.batches, self.reference, strict=True):
                         for y, y0 in zip(_outputs(self.copy(*batch)), expected, strict=True):
-                            err += float(((y - y0) ** 2).sum())
-                            ref += float((y0**2).sum())
+                            err += float(((y.double() - y0.double()) ** 2).sum())
+                            ref += float((y0.double() ** 2).sum())
                     value = -err / ref if ref > 0 else -err
             for switch in self.switches.values():
                 switch.on = True
@@ -260,7 +273,7 @@ class DepthPlan:
 
     budget_ms: float
     model_ms: float | None = None
-    fixed_ms: float = 0.0
+    scale: float = 1.0
     unmerged_ms: float = 0.0
     predicted_ms: float = 0.0
     measured_before_ms: float | None = None
@@ -274,20 +287,27 @@ class DepthPlan:
     spans: list[str] = field(default_factory=list)
     refusals: dict[str, int] = field(default_factory=dict)
     finetuned: str = ""
+    attempts: list[tuple[float, float, float]] = field(default_factory=list)
 
     def __str__(self) -> str:
         lines = [
-            f"depth compression: budget {self.budget_ms:.4f} ms; stretches {self.unmerged_ms:.4f}"
-            f" ms unmerged -> {self.predicted_ms:.4f} ms predicted (+{self.fixed_ms:.4f} ms "
-            f"outside them); importance ({self.importance_source}) {self.importance:.6g} from "
-            f"{self.evaluated_sets} evaluated sets; planned in {self.planning_s:.2f} s"
+            f"depth compression: budget {self.budget_ms:.4f} ms; convs timed alone "
+            f"{self.unmerged_ms:.4f} ms unmerged -> {self.predicted_ms:.4f} ms planned (model = "
+            f"{self.scale:.2f} x convs); importance ({self.importance_source}) "
+            f"{self.importance:.6g} from {self.evaluated_sets} evaluated sets; planned in "
+            f"{self.planning_s:.2f} s"
         ]
         if self.measured_before_ms is not None and self.measured_after_ms is not None:
-            predicted = self.fixed_ms + self.predicted_ms
+            predicted = self.scale * self.predicted_ms
             lines.append(
                 f"  model measured {self.measured_before_ms:.4f} -> {self.measured_after_ms:.4f} "
                 f"ms ({self.measured_before_ms / self.measured_after_ms:.2f}x); predicted "
                 f"{predicted:.4f} ms"
+            )
+        for n, (predicted, measured, ratio) in enumerate(self.attempts, start=1):
+            lines.append(
+                f"  plan {n}: predicted {predicted:.4f} ms, measured {measured:.4f} ms = "
+                f"{ratio:.3f} x the model"
             )
         lines.append(f"  activations removed ({len(self.removed)}): {', '.join(self.removed)}")
         lines.append(f"  activations kept ({len(self.kept)})")
@@ -364,16 +384,20 @@ def importance_table(
 
 
 def model_latency(timer: Any, modules: dict[str, nn.Module], inputs: tuple[Any, ...]) -> dict:
-    """Whole graphs timed interleaved on the timer's backend, through its cache."""
-    keys = {
+    """Whole graphs timed interleaved on the timer's backend, through its cache (keyed by the
+    graphs' structure, weights aside, and by what they were timed beside: a second run finds
+    every measurement the first made)."""
+    graphs = {name: str(m) for name, m in modules.items()}
+    keys = {  # a graph timed beside others is stored apart from it timed alone
         name: backend_key(
             timer.backend,
             timer.options.runs,
             unit=_MODEL_UNIT,
-            graph=str(m),
+            graph=graph,
+            beside=sorted(g for n, g in graphs.items() if n != name),
             shapes=[list(x.shape) for x in inputs if isinstance(x, torch.Tensor)],
         )
-        for name, m in modules.items()
+        for name, graph in graphs.items()
     }
     found: dict[str, Latency] = {}
     for name, key in keys.items():

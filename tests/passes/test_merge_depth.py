@@ -1,7 +1,8 @@
 """merge-convs in depth-compression mode (``budget``): activations removed under a latency
 budget chosen by importance, spans fine-tunable, then merged exactly.
 
-Latencies are scripted (a fixed cost per conv plus 1 ms per million multiply-adds) except in the two tests
+Latencies are scripted (a fixed cost per conv plus 1 ms per million multiply-adds) except in
+the test
 that time on ONNX Runtime for real; the budget arithmetic, importance and the merge are real.
 """
 
@@ -262,7 +263,7 @@ def test_plan_meets_the_budget_and_the_result_is_the_finetuned_architecture(scri
     result = p.run(gm, _ctx(x, tmp_path))
     (decision,) = result.decisions
     assert result.modified
-    assert decision.predicted_ms <= 0.6 * (decision.fixed_ms + decision.unmerged_ms) + 1e-9
+    assert decision.predicted_ms <= 0.6 * decision.unmerged_ms + 1e-9
     assert result.stats["activations-removed"] == len(decision.removed) > 0
     assert seen["relu6"] == before_relu6 - len(decision.removed)
     assert not any(isinstance(m, MergedSpan) for m in result.graph.modules())
@@ -323,14 +324,13 @@ def test_metric_drives_importance(scripted, tmp_path):
     x = _x()
     calls = []
 
-    def agreement(module: nn.Module) -> float:
+    def agreement(predict) -> float:
         calls.append(1)
-        probe = _x(8, seed=21)
-        with torch.no_grad():
-            return float((module(probe).argmax(1) == reference).float().mean())
+        return float((predict(probe.numpy()).argmax(1) == reference).mean())
 
+    probe = _x(8, seed=21)
     with torch.no_grad():
-        reference = _model()(_x(8, seed=21)).argmax(1)
+        reference = _model()(probe).argmax(1).numpy()
     gm = _folded(_model(), x)
     result = MergeConvs(budget=0.7, metric=agreement).run(gm, _ctx(x, tmp_path))
     (d,) = result.decisions
@@ -407,3 +407,25 @@ def test_depth_mode_on_onnxruntime_second_run_measures_nothing(tmp_path):
     again = MergeConvs(budget=0.7, runs=10, max_time_s=5).run(_folded(model, x), ctx)
     assert "timed-units" not in again.stats
     assert again.decisions[0].removed == d.removed
+
+
+def test_a_plan_measured_over_budget_is_planned_again(scripted, monkeypatch, tmp_path):
+    """The whole model measured 25% slower than the tables predict: the pass re-plans under a
+    smaller budget until the measurement fits (or no faster plan exists)."""
+    scripted_model = merge_depth.model_latency
+
+    def pessimistic(timer, modules, inputs):
+        out = scripted_model(timer, modules, inputs)
+        if "after" in out:
+            ms = out["after"].median_ms * 1.25
+            out["after"] = Latency(ms, ms, ms, 1)
+        return out
+
+    monkeypatch.setattr(merge_depth, "model_latency", pessimistic)
+    x = _x()
+    result = MergeConvs(budget=0.8).run(_folded(_model(), x), _ctx(x, tmp_path))
+    (d,) = result.decisions
+    assert len(d.attempts) >= 2, str(d)
+    assert d.attempts[1][0] < d.attempts[0][0]  # the second plan predicts less
+    ratios = [r for _, _, r in d.attempts]
+    assert d.measured_after_ms / d.measured_before_ms == pytest.approx(min(ratios))
