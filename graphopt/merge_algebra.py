@@ -49,6 +49,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from graphopt.errors import InputError
 
@@ -56,6 +57,7 @@ __all__ = ["ConvSpec", "Refusal", "dense_kernel", "merge", "merge_pair", "regrou
 
 _F64 = torch.float64
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+_LAYER = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 
 
 def _ints(v: Any, dims: int, what: str) -> tuple[int, ...]:
@@ -109,6 +111,26 @@ class ConvSpec:
     @property
     def kernel_size(self) -> tuple[int, ...]:
         return tuple(self.weight.shape[2:])
+
+    def module(
+        self, dtype: torch.dtype = torch.float32, padding: int | tuple[int, ...] | None = None
+    ) -> nn.Module:
+        """This conv as an ``nn.Conv1d/2d/3d`` with a bias, in ``dtype`` (``padding``: another
+        padding than the spec's, e.g. 0 for a span whose padding moved to its input)."""
+        conv = _LAYER[self.dims](
+            self.in_channels,
+            self.out_channels,
+            self.kernel_size,
+            stride=self.stride,
+            padding=self.padding if padding is None else padding,
+            dilation=self.dilation,
+            groups=self.groups,
+            bias=True,
+        )
+        with torch.no_grad():
+            conv.weight.copy_(self.weight)
+            conv.bias.copy_(self.bias)
+        return conv.to(dtype)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """Run the conv on ``x`` (float64 weights; ``x`` is converted to float64)."""

@@ -80,7 +80,6 @@ from graphopt.report import Progress
 
 log = logging.getLogger(__name__)
 
-_CONV_BY_DIMS = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 _UNIT_VERSION = "merge-convs/1"  # bump when a unit's exported form changes
 
 
@@ -511,20 +510,7 @@ class _Unit(nn.Module):
 
 
 def _conv_module(spec: algebra.ConvSpec, dtype: torch.dtype) -> nn.Module:
-    conv = _CONV_BY_DIMS[spec.dims](
-        spec.in_channels,
-        spec.out_channels,
-        spec.kernel_size,
-        stride=spec.stride,
-        padding=spec.padding,
-        dilation=spec.dilation,
-        groups=spec.groups,
-        bias=True,
-    )
-    with torch.no_grad():
-        conv.weight.copy_(spec.weight)
-        conv.bias.copy_(spec.bias)
-    return conv.to(dtype).eval().requires_grad_(False)
+    return spec.module(dtype).eval().requires_grad_(False)
 
 
 class _Timer:
@@ -912,6 +898,12 @@ class MergeConvs(Pass):
                 break  # nothing faster can be planned
         result.importance = float(chosen.objective or 0.0)
         result.predicted_ms = chosen.latency
+        if best_ratio >= 1.0:  # every plan measured no faster than the model: leave it
+            result.reason = "not-faster"
+            stats["skipped:not-faster"] += 1
+            if timer.measured:
+                stats["timed-units"] += timer.measured
+            return PassResult(gm, modified=False, stats=+stats, decisions=[result])
         acts = chain.acts()
         result.kept = [acts[p].name for p in chosen.activations]
         result.removed = [acts[p].name for p in chosen.removed]

@@ -92,24 +92,11 @@ class MergedSpan(nn.Module):
     ) -> None:
         super().__init__()
         dims = convs[0].dims
-        layer = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[dims]
         self.paddings = [tuple(c.padding) for c in convs]
         self.bodies = sorted(bodies)
-        self.convs = nn.ModuleList()
-        for spec in convs:
-            conv = layer(
-                spec.in_channels,
-                spec.out_channels,
-                spec.kernel_size,
-                stride=spec.stride,
-                dilation=spec.dilation,
-                groups=spec.groups,
-                bias=True,
-            )
-            with torch.no_grad():
-                conv.weight.copy_(spec.weight)
-                conv.bias.copy_(spec.bias)
-            self.convs.append(conv.to(dtype).requires_grad_(requires_grad))
+        self.convs = nn.ModuleList(
+            c.module(dtype, padding=0).requires_grad_(requires_grad) for c in convs
+        )
         moved = [0] * dims  # p = p1 + p2*s1 + p3*s1*s2 ...
         stride = [1] * dims
         for spec in convs:
@@ -288,6 +275,7 @@ class DepthPlan:
     refusals: dict[str, int] = field(default_factory=dict)
     finetuned: str = ""
     attempts: list[tuple[float, float, float]] = field(default_factory=list)
+    reason: str = ""  # why nothing was changed ("not-faster": no plan measured faster)
 
     def __str__(self) -> str:
         lines = [
@@ -317,6 +305,8 @@ class DepthPlan:
             lines.append(f"  spans refused by the merge algebra: {why}")
         if self.finetuned:
             lines.append(f"  fine-tuned with {self.finetuned} before the final merge")
+        if self.reason:
+            lines.append(f"  left as it is ({self.reason}): no plan was measured faster whole")
         return "\n".join(lines)
 
 

@@ -21,7 +21,7 @@ from graphopt.backends.measure import Latency
 from graphopt.backends.onnxruntime import OnnxRuntimeBackend
 from graphopt.capture import capture
 from graphopt.errors import PipelineError
-from graphopt.pass_manager import PassContext
+from graphopt.pass_manager import PassContext, PassManager
 from graphopt.passes import merge_convs
 from graphopt.passes.fold_conv_bn import FoldConvBN
 from graphopt.passes.merge_convs import MergeConvs, find_stretches
@@ -341,3 +341,21 @@ def test_mobilenetv2_on_onnxruntime(tmp_path):
     assert len(result.decisions) == 2
     for d in result.decisions:  # whatever it decided, the report says it with the numbers
         assert d.unmerged_ms is not None and ("merged" in str(d) or d.reason == "not-faster")
+
+
+_ZOO_SIZES = {"vit_s": 224, "sesr_m5": 32, "digits_cnn": 8}
+
+
+@pytest.mark.parametrize("name", zoo.names())
+def test_every_zoo_model_stays_exact(scripted_timing, tmp_path, name):
+    """Every merge the algebra allows is taken (every unit 'measured' 1 ms), after the default
+    pipeline's exact passes: the numbers stay within the exact tolerance on every zoo model."""
+    entry = zoo.get(name)
+    size = _ZOO_SIZES.get(name, 64)
+    x = entry.example_inputs[0][..., :size, :size].contiguous()
+    gm = capture(entry.model, (x,)).graph
+    ctx = PassContext(sample_inputs=(x,))
+    gm = PassManager("remove-identity,fold-conv-bn,reparameterize,eliminate-dead-code").run(
+        gm, ctx
+    ).graph
+    assert_pass_preserves(MergeConvs(), gm, (x,), ctx=_ctx(x, tmp_path))

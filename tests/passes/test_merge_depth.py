@@ -429,3 +429,26 @@ def test_a_plan_measured_over_budget_is_planned_again(scripted, monkeypatch, tmp
     assert d.attempts[1][0] < d.attempts[0][0]  # the second plan predicts less
     ratios = [r for _, _, r in d.attempts]
     assert d.measured_after_ms / d.measured_before_ms == pytest.approx(min(ratios))
+
+
+def test_no_plan_measured_faster_leaves_the_model(scripted, monkeypatch, tmp_path):
+    """Every plan measured slower whole than the model (as tiny networks can be): the pass
+    changes nothing and says why."""
+    scripted_model = merge_depth.model_latency
+
+    def slower(timer, modules, inputs):
+        out = scripted_model(timer, modules, inputs)
+        if "after" in out:
+            ms = out["before"].median_ms * 1.1
+            out["after"] = Latency(ms, ms, ms, 1)
+        return out
+
+    monkeypatch.setattr(merge_depth, "model_latency", slower)
+    x = _x()
+    gm = _folded(_model(), x)
+    code = gm.code
+    result = MergeConvs(budget=0.8).run(gm, _ctx(x, tmp_path))
+    (d,) = result.decisions
+    assert not result.modified and result.graph.code == code
+    assert d.reason == "not-faster" and result.stats["skipped:not-faster"] == 1
+    assert len(d.attempts) >= 2 and "no plan was measured faster" in str(d)
