@@ -355,7 +355,9 @@ def test_every_zoo_model_stays_exact(scripted_timing, tmp_path, name):
     x = entry.example_inputs[0][..., :size, :size].contiguous()
     gm = capture(entry.model, (x,)).graph
     ctx = PassContext(sample_inputs=(x,))
-    gm = PassManager("remove-identity,fold-conv-bn,reparameterize,eliminate-dead-code").run(
-        gm, ctx
-    ).graph
+    gm = (
+        PassManager("remove-identity,fold-conv-bn,reparameterize,eliminate-dead-code")
+        .run(gm, ctx)
+        .graph
+    )
     assert_pass_preserves(MergeConvs(), gm, (x,), ctx=_ctx(x, tmp_path))
