@@ -3,7 +3,7 @@ flow of ``merge-convs{budget=...}`` -- tables measured on ONNX Runtime, importan
 activation set on a held-out split, the two-stage DP plan, fine-tuning through the ``finetune``
 hook, the final merge -- with accuracy and latency before and after.
 
-Run: python examples/merge_convs_digits.py [--budget 0.85] [--epochs 15] [--finetune-epochs 20]
+Run: python examples/merge_convs_digits.py [--budget 0.85] [--epochs 15] [--finetune-epochs 60]
 
 The 8x8 digits are upsampled to 64x64 so that the convs do measurable work (at 32x32 the
 whole network takes 0.06 ms, below what this machine times reliably). The network has
@@ -129,7 +129,7 @@ def accuracy(predict, x: torch.Tensor, y: torch.Tensor) -> float:
 
 
 def trained_model(x: torch.Tensor, y: torch.Tensor, epochs: int, seed: int) -> nn.Module:
-    path = default_cache_dir() / "examples" / f"digits-mobilenetv2-e{epochs}-s{seed}.pt"
+    path = default_cache_dir() / "examples" / f"digits-mobilenetv2-{SIZE}px-e{epochs}-s{seed}.pt"
     torch.manual_seed(seed)
     model = DigitsMobileNet()
     try:
@@ -150,7 +150,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--budget", type=float, default=0.85)
     parser.add_argument("--epochs", type=int, default=15)
-    parser.add_argument("--finetune-epochs", type=int, default=20)
+    parser.add_argument("--finetune-epochs", type=int, default=60)
+    parser.add_argument("--finetune-lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--runs", type=int, default=200)
     args = parser.parse_args()
@@ -172,7 +173,7 @@ def main() -> None:
     def finetune(gm: torch.fx.GraphModule) -> None:
         before_finetune.append(accuracy(gm.eval(), x_test, y_test))  # architecture, no training
         start = time.perf_counter()
-        train(gm, x_train, y_train, args.finetune_epochs, 3e-3, args.seed + 1, teacher)
+        train(gm, x_train, y_train, args.finetune_epochs, args.finetune_lr, args.seed + 1, teacher)
         print(f"fine-tuned the fixed architecture: {time.perf_counter() - start:.0f} s")
 
     default = Target.parse("cpu").default_pipeline

@@ -131,6 +131,11 @@ def cache_key(**parts: Any) -> str:
     return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
 
 
+# bump when how units are timed changes, so cached latencies from before are not reused
+# (2: ONNX Runtime sessions stop spinning after each run)
+TIMING_VERSION = 2
+
+
 def backend_key(backend: Any, runs: int, **parts: Any) -> str:
     """:func:`cache_key` of a unit timed on ``backend``: ``parts`` say what the unit is, the
     backend's target, name, version and session settings and the run count say where and how
@@ -138,6 +143,7 @@ def backend_key(backend: Any, runs: int, **parts: Any) -> str:
     settings = backend.settings() if hasattr(backend, "settings") else {}
     return cache_key(
         **parts,
+        timing=TIMING_VERSION,
         target=str(getattr(backend, "target", "")),
         backend=getattr(backend, "name", type(backend).__name__),
         version=getattr(backend, "version", ""),

@@ -573,11 +573,23 @@ class _Timer:
                 for key, (unit, _) in units.items()
             }
         calls = {}
+        bar = None
+        if self.options.progress:  # building the units is most of a stretch's measuring time
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(units), desc="merge-convs units", unit="unit", leave=False)
         for key, (unit, _) in units.items():
             artifact = self.backend.compile(unit, inputs[key])
             arrays = [x.numpy() for x in inputs[key]]
             calls[key] = lambda a=artifact, arrays=arrays: a.run(arrays)
-        return time_interleaved(calls, warmup=3, runs=runs, max_time_s=max_time, rewarm=2)
+            if bar is not None:
+                bar.update(1)
+        if bar is not None:
+            bar.set_description(f"merge-convs timing {len(units)} units interleaved")
+        timed = time_interleaved(calls, warmup=3, runs=runs, max_time_s=max_time, rewarm=2)
+        if bar is not None:
+            bar.close()
+        return timed
 
 
 # ------------------------------------------------------------------------------------------------
