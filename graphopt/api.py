@@ -34,7 +34,7 @@ from graphopt.pass_manager import (
     PrintTiming,
     Reproducer,
 )
-from graphopt.pipeline import parse_pipeline
+from graphopt.pipeline import PassSpec, Pipeline, format_value, parse_pipeline
 from graphopt.report import Progress, Report, op_counts
 from graphopt.target import Target
 from graphopt.verify import compare, exact_tolerance, run_module
@@ -44,6 +44,10 @@ log = logging.getLogger(__name__)
 
 SAVE_SUFFIXES = {"onnxruntime": (".onnx", ".ort"), "tvm": (".so",)}
 BACKEND_CHOICES = ("onnxruntime", "tvm", "auto")
+PRECISIONS = ("fp32", "int8")
+# equalize-layers for int8: repvgg_a0's 22-conv chain does not converge in the pass's default
+# 100 sweeps (about 20 s there); the ranges even out in the first sweeps, 20 keep most of it
+INT8_EQUALIZE = PassSpec("equalize-layers", (("max_sweeps", "20"),))
 
 
 class OptimizedModel:
@@ -51,6 +55,10 @@ class OptimizedModel:
 
     Call it with torch tensors (returns tensors) or numpy arrays (returns arrays). The batch
     dimension is dynamic; every other dimension and the dtype must match the example inputs.
+    With ``precision="int8"`` the artifact (what runs and what ``save`` writes) is the int8 QDQ
+    ONNX model, ``quantization`` its :class:`~graphopt.quant.improve.Int8Report` (which layers
+    are int8, which stayed float and why, the metric drop), and ``graph_module`` the float graph
+    it was quantised from.
     """
 
     def __init__(
@@ -60,12 +68,14 @@ class OptimizedModel:
         report: Report,
         inputs: list[InputSpec],
         backend: Any,
+        quantization: Any = None,
     ) -> None:
         self.artifact = artifact
         self.graph_module = graph_module
         self.report = report
         self.inputs = inputs
         self.backend = backend
+        self.quantization = quantization
 
     def check_inputs(self, args: Sequence[Any]) -> None:
         """Raise :class:`InputError` unless ``args`` fit the optimized model's inputs."""
@@ -148,6 +158,9 @@ def optimize(
     database: str | Path | None = None,
     rpc: Any = None,
     calibration_data: Iterable[Any] | None = None,
+    precision: str = "fp32",
+    max_drop: float | None = None,
+    metric: Callable[[Callable[..., Any]], float] | None = None,
     finetune: Callable[[fx.GraphModule], Any] | None = None,
     leaf_modules: Sequence[type[nn.Module]] = (),
     concrete_args: dict[str, Any] | None = None,
@@ -173,9 +186,24 @@ def optimize(
     TVM RPC tracker, where TVM tunes, runs and measures.
 
     ``calibration_data``: input tuples for passes that calibrate (``substitute-monarch``
-    measures each substitute's error on them). ``finetune``: ``callable(graph_module)`` that a
-    lossy pass runs on the graph after changing it, e.g. a few epochs of training after
-    ``substitute-monarch`` (the verification after that pass then compares the fine-tuned graph).
+    measures each substitute's error on them; ``insert-qdq`` calibrates int8 on them): batches,
+    each a tuple of tensors / arrays in input order whose first axis is the samples.
+
+    ``precision="int8"``: the target's pipeline gets ``fold-conv-bn`` and ``reparameterize``
+    (where missing), then ``equalize-layers`` and ``insert-qdq``, in that order; the ONNX
+    export is calibrated on ``calibration_data`` (required), improved (SmoothQuant, bias
+    correction) and quantised to a QDQ model whose Conv/Gemm/MatMul ONNX Runtime runs as integer
+    kernels. ``max_drop``: the metric drop allowed against fp32; layers are kept in float, the
+    most sensitive first, until the drop is within it (default: no fallback, the drop is only
+    reported). ``metric``: ``metric(predict) -> score`` (higher is better), where
+    ``predict(*arrays)`` runs a model on numpy inputs, e.g. held-out accuracy; default: top-1
+    agreement with fp32 on the calibration data (output cosine for non-classifier outputs).
+    ``merge-convs{budget=...}`` ranks the activations it may remove by the same ``metric``
+    (default: the output error on ``calibration_data``). ``finetune``:
+    ``callable(graph_module)`` that a lossy pass runs on the graph after changing it, e.g. a few
+    epochs of training after ``substitute-monarch`` or, after ``merge-convs{budget=...}`` fixed
+    the architecture, before its final merge (the verification after that pass then compares
+    the fine-tuned graph).
 
     >>> result = optimize(model, "cpu", example_inputs=(x,))
     >>> print(result.report)
@@ -190,6 +218,11 @@ def optimize(
             + close_matches(backend, BACKEND_CHOICES)
             + f" Choose one of: {', '.join(BACKEND_CHOICES)}."
         )
+    int8 = _check_precision(precision, pipe, calibration_data, backend, max_drop, metric)
+    if precision == "int8":
+        pipe = int8_pipeline(pipe, max_drop)
+    elif int8 and max_drop is not None:
+        pipe = int8_pipeline(pipe, max_drop, complete=False)
     tvm_options = {
         "trials": trials,
         "minutes": tune_minutes,
@@ -205,6 +238,15 @@ def optimize(
     )
     inputs = captured.example_inputs
     original = copy.deepcopy(captured.graph)
+    if int8:  # bad calibration data fails here, before any pass runs
+        from graphopt.quant.calibration import validate_calibration_batches
+
+        calibration_data = list(validate_calibration_batches(calibration_data, inputs))
+        if not calibration_data:
+            raise InputError(
+                "the calibration data is empty; pass batches of representative inputs "
+                "(a few hundred samples)."
+            )
     # the ground truth: the user's module itself, or ONNX Runtime on the user's ONNX file
     onnx_original = _load_original_onnx(ort, model) if captured.method == "onnx" else None
     # one eval-mode copy of the user's module serves as reference and as the baseline export
@@ -216,6 +258,7 @@ def optimize(
         sample_inputs=inputs if verify else None,
         calibration_data=calibration_data,
         finetune=finetune,
+        metric=metric,
         target=tgt,
         backend=runtime,
         strict=strict,
@@ -247,11 +290,19 @@ def optimize(
         gm, inputs, input_names, original, manager, result, verify_outputs, strict, report, say
     )
     say(f"lowering to {runtime.name}")
-    artifact = lowering.lower(runtime)
-    if backend == "auto":
-        runtime, artifact = _choose_backend(lowering, ort, artifact, tvm_options, measure, tgt, say)
-    elif runtime.name == "tvm":
-        _report_tvm(report, artifact)
+    quantization = None
+    if int8:  # backend is onnxruntime or auto here (_check_precision refuses tvm)
+        artifact, quantization = lowering.lower_int8(runtime, calibration_data, metric)
+        if backend == "auto":
+            report.backend_choice = "onnxruntime: int8 QDQ models are lowered to ONNX Runtime"
+    else:
+        artifact = lowering.lower(runtime)
+        if backend == "auto":
+            runtime, artifact = _choose_backend(
+                lowering, ort, artifact, tvm_options, measure, tgt, say
+            )
+        elif runtime.name == "tvm":
+            _report_tvm(report, artifact)
     _report_mobile(report, tgt, runtime)
     if measure:
         _measure(report, lowering, ort, runtime, artifact, user_model, captured, onnx_original, say)
@@ -260,7 +311,62 @@ def optimize(
         specs = [
             dataclasses.replace(s, shape=tuple(x.shape)) for s, x in zip(specs, inputs, strict=True)
         ]
-    return OptimizedModel(artifact, gm, report, specs, runtime)
+    return OptimizedModel(artifact, gm, report, specs, runtime, quantization)
+
+
+def int8_pipeline(
+    pipe: Pipeline, max_drop: float | None = None, *, complete: bool = True
+) -> Pipeline:
+    """The pipeline ``optimize(precision="int8")`` runs: ``pipe`` with ``fold-conv-bn`` and
+    ``reparameterize`` added where missing, then ``equalize-layers``, then ``insert-qdq`` last.
+
+    Re-parameterise before quantising: a multi-branch block collapses into one conv whose
+    merged weights are rounded once; quantising the branches first rounds each branch and then
+    the merged kernel again (``tests/test_int8_api.py`` measures both on ``repvgg_a0``).
+    Equalise after re-parameterising (it needs the single convs) and before quantising (it
+    evens out the per-channel ranges the int8 scales see). ``max_drop`` is set on
+    ``insert-qdq``. ``complete=False`` only sets ``max_drop`` on the pipeline's own pass.
+    """
+    qdq = next((s for s in pipe if s.name == "insert-qdq"), PassSpec("insert-qdq"))
+    if max_drop is not None:
+        options = tuple((k, v) for k, v in qdq.options if k != "max_drop")
+        qdq = PassSpec("insert-qdq", (*options, ("max_drop", format_value(float(max_drop)))))
+    if not complete:
+        return Pipeline(tuple(qdq if s.name == "insert-qdq" else s for s in pipe))
+    specs = [s for s in pipe if s.name not in ("equalize-layers", "insert-qdq")]
+    for needed in ("fold-conv-bn", "reparameterize"):
+        if needed not in [s.name for s in specs]:
+            specs.append(PassSpec(needed))
+    equalize = next((s for s in pipe if s.name == "equalize-layers"), INT8_EQUALIZE)
+    return Pipeline((*specs, equalize, qdq))
+
+
+def _check_precision(precision, pipe, calibration_data, backend, max_drop, metric) -> bool:
+    """Whether this run quantises to int8; raises on an inconsistent request."""
+    if precision not in PRECISIONS:
+        raise GraphoptError(
+            f"unknown precision {precision!r}; use 'fp32' (default) or 'int8'."
+            + close_matches(str(precision), PRECISIONS)
+        )
+    int8 = precision == "int8" or any(s.name == "insert-qdq" for s in pipe)
+    if not int8:
+        if max_drop is not None:
+            raise GraphoptError("max_drop applies to int8 quantisation; pass precision='int8' too.")
+        return False
+    if calibration_data is None:
+        raise InputError(
+            "int8 quantisation needs calibration data: pass calibration_data=[(x,), ...], "
+            "batches of inputs representative of deployment (a few hundred samples in all; "
+            "from the CLI, --calibration data.npz)."
+        )
+    if backend == "tvm":
+        raise BackendError(
+            "int8 is lowered to ONNX Runtime's integer kernels (QLinearConv, QGemm ...); the "
+            "TVM backend does not run the QDQ model here. Use backend='onnxruntime'."
+        )
+    if max_drop is not None and not max_drop >= 0:
+        raise InputError(f"max_drop must be a metric drop >= 0 (e.g. 0.01), got {max_drop}.")
+    return True
 
 
 class _Lowering:
@@ -280,6 +386,63 @@ class _Lowering:
         self.report = report
         self.say = say
         self.errors: dict[str, Any] = {}  # backend name -> Comparison of its artifact
+
+    def lower_int8(self, runtime: Any, calibration: list, metric: Any) -> tuple[Any, Any]:
+        """Export, quantise with the options of the pipeline's ``insert-qdq`` and load in ONNX
+        Runtime; check the int8 artifact against the model under that pass's contract."""
+        from graphopt.backends.onnxruntime import export_onnx
+        from graphopt.passes.insert_qdq import InsertQDQ
+        from graphopt.quant.improve import quantize_int8
+
+        position = max(i for i, p in enumerate(self.manager.passes) if isinstance(p, InsertQDQ))
+        record = self.result.records[position]
+        if record.status not in ("ok", "unverified"):
+            raise GraphoptError(f"insert-qdq {record.status}: {record.message}")
+        o = self.manager.passes[position].options
+        proto = export_onnx(self.gm, self.inputs, input_names=self.input_names)
+        qproto, quant = quantize_int8(
+            proto,
+            calibration,
+            method=o.method,
+            activations=o.activations,
+            smoothquant=o.smoothquant,
+            alpha=o.alpha,
+            correct_bias=o.bias_correction,
+            max_drop=o.max_drop,
+            metric=metric,
+            progress=self.say,
+        )
+        artifact = runtime.load(qproto)
+        record.modified = True
+        record.stats = {
+            **record.stats,
+            "int8": len(quant.int8_layers),
+            "float": len(quant.float_layers),
+        }
+        record.decisions = [*record.decisions, *quant.lines()]
+        if quant.max_drop is not None and quant.drop > quant.max_drop:
+            self.report.warnings.append(
+                f"int8: {quant.metric} drop {quant.drop:.4g} is above max_drop "
+                f"{quant.max_drop:g} even with {len(quant.fallback)} layers in float."
+            )
+        if self.reference is None:
+            return artifact, quant
+        arrays = [x.numpy() for x in self.inputs]
+        got = [torch.from_numpy(np.asarray(o)) for o in artifact.run(arrays)]
+        error = self.errors[runtime.name] = compare(self.reference, got, InsertQDQ.numerics)
+        self.report.artifact_error = error
+        if not error.ok:
+            message = (
+                f"the int8 artifact is further from the model than insert-qdq's contract "
+                f"{InsertQDQ.numerics} allows: {error.describe()}. Use more representative "
+                "calibration data, set max_drop, or skip the worst layers."
+            )
+            if self.strict:
+                raise VerificationError(
+                    message, output=error.output, measured=error.measured, allowed=error.allowed
+                )
+            self.report.warnings.append(message)
+        return artifact, quant
 
     def lower(self, runtime: Any) -> Any:
         """Compile for ``runtime``; verify (and on a disagreement bisect) unless it can't run."""

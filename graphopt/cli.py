@@ -4,6 +4,7 @@ graphopt optimize resnet18 --target cpu [-o out.onnx] [--pipeline STR] [--json r
 graphopt optimize model.onnx --target cpu -o model.opt.onnx
 graphopt optimize resnet18 --backend tvm --tune-minutes 20 -o resnet18.so
 graphopt optimize resnet18 --target aarch64-linux --backend tvm --rpc 127.0.0.1:9190/board
+graphopt optimize resnet18 --int8 --calibration data.npz [--max-drop 0.01] -o resnet18.int8.onnx
 graphopt passes                 every pass with its doc, options and numerics
 graphopt zoo                    the built-in models
 graphopt bench [MODELS...]      graphopt against torch eager, torch.compile, ONNX Runtime...
@@ -40,11 +41,21 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
         instruments.append(PrintIR())
     if args.dump_ir:
         instruments.append(DumpIR(args.dump_ir))
+    calibration = (
+        _load_calibration(args.calibration, args.calibration_batch) if args.calibration else None
+    )
+    int8 = {}
+    if args.int8:
+        int8 = {"precision": "int8", "max_drop": args.max_drop}
+    elif args.max_drop is not None:
+        raise GraphoptError("--max-drop applies to int8 quantisation; add --int8.")
     result = graphopt.optimize(
         model,
         args.target,
         inputs,
         args.pipeline,
+        calibration_data=calibration,
+        **int8,
         strict=args.strict,
         verify=not args.no_verify,
         measure=not args.no_measure,
@@ -70,6 +81,36 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
         print(f"report written to {args.json}")
     failed = result.report.rolled_back
     return 1 if failed and args.strict else 0
+
+
+def _load_calibration(path: str, batch_size: int) -> list[tuple]:
+    """Calibration batches from an ``.npz``: one array per model input, in input order (the
+    order they were given to ``np.savez``), first axis = samples; cut into ``batch_size``."""
+    import numpy as np
+
+    if batch_size < 1:
+        raise GraphoptError(f"--calibration-batch must be 1 or more, got {batch_size}.")
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            arrays = [npz[name] for name in npz.files]
+    except (OSError, ValueError) as exc:
+        raise GraphoptError(
+            f"cannot read calibration data {path}: {exc}. Write it with "
+            "numpy.savez(path, input0_samples, input1_samples, ...) (first axis = samples)."
+        ) from exc
+    if not arrays:
+        raise GraphoptError(f"{path} holds no arrays; save one array per model input.")
+    n = {a.shape[0] if a.ndim else 0 for a in arrays}
+    if len(n) != 1 or 0 in n:
+        raise GraphoptError(
+            f"the arrays in {path} must all have the same number of samples on their first "
+            f"axis; got shapes {', '.join(str(a.shape) for a in arrays)}."
+        )
+    total = n.pop()
+    return [
+        tuple(a[i : i + batch_size].astype(np.float32) for a in arrays)
+        for i in range(0, total, batch_size)
+    ]
 
 
 def _cmd_passes(args: argparse.Namespace) -> int:
@@ -139,6 +180,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-measure", action="store_true", help="skip the latency comparison")
     p.add_argument("--print-ir", action="store_true", help="print the IR diff after each pass")
     p.add_argument("--dump-ir", default=None, metavar="DIR", help="write IR after each pass")
+    p.add_argument("--int8", action="store_true", help="quantise to int8 (needs --calibration)")
+    p.add_argument(
+        "--calibration",
+        default=None,
+        metavar="DATA.npz",
+        help="calibration samples: one array per model input, in input order, first axis = "
+        "samples (numpy.savez)",
+    )
+    p.add_argument(
+        "--calibration-batch", type=int, default=32, help="samples per calibration batch"
+    )
+    p.add_argument(
+        "--max-drop",
+        type=float,
+        default=None,
+        help="int8: allowed drop of top-1 agreement with fp32 on the calibration data "
+        "(e.g. 0.01); the most sensitive layers stay float until it holds",
+    )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
     p.set_defaults(func=_cmd_optimize)
 

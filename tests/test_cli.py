@@ -96,3 +96,22 @@ def test_python_dash_m_and_custom_pass_example():
     )
     assert out.returncode == 0, out.stderr
     assert "('drop-double-neg', 'ok', {'removed': 1})" in out.stdout
+
+
+def test_optimize_int8_with_npz_calibration(tmp_path, capsys):
+    import numpy as np
+
+    from graphopt import zoo
+
+    data = tmp_path / "calib.npz"
+    np.savez(data, zoo.digits_data("train")[0][:128].numpy())
+    out = tmp_path / "d.int8.onnx"
+    argv = ["optimize", "digits_cnn", "--int8", "--calibration", str(data), "--no-measure"]
+    code = main([*argv, "--max-drop", "0.01", "-o", str(out)])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "int8: 3 of 3 layers int8" in captured.out
+    assert "calibrating [####################] 4/4 batches" in captured.err  # progress bar
+    assert "QuantizeLinear" in {n.op_type for n in onnx.load(str(out)).graph.node}
+    assert main(["optimize", "digits_cnn", "--int8", "-q", "--no-measure"]) == 2
+    assert "calibration_data" in capsys.readouterr().err

@@ -4,7 +4,9 @@
 scales and zero points of symmetric int8 / asymmetric uint8 tensors, per-channel int8 weights
 and int32 biases, and picks the calibration method per layer by measured error.
 ``graphopt.quant.qdq`` calibrates an ONNX model and inserts QuantizeLinear/DequantizeLinear
-pairs that ONNX Runtime fuses into integer kernels.
+pairs that ONNX Runtime fuses into integer kernels. ``graphopt.quant.improve`` adds the accuracy
+improvers (SmoothQuant, bias correction, the mixed-precision fallback under ``max_drop``) and
+:func:`quantize_int8`, the whole calibrated flow that ``optimize(precision="int8")`` runs.
 """
 
 from graphopt.quant.calibration import (
@@ -25,6 +27,18 @@ from graphopt.quant.calibration import (
     validate_calibration_batches,
     weight_qparams,
 )
+from graphopt.quant.improve import (
+    BiasCorrection,
+    Int8Report,
+    LayerSensitivity,
+    SmoothQuantDecision,
+    apply_bias_shifts,
+    bias_correction,
+    calibration_batches,
+    default_metric,
+    quantize_int8,
+    smooth_quant,
+)
 from graphopt.quant.qdq import (
     LayerDecision,
     QuantReport,
@@ -35,9 +49,12 @@ from graphopt.quant.qdq import (
 
 __all__ = [
     "OBSERVERS",
+    "BiasCorrection",
     "EntropyObserver",
     "HistogramObserver",
+    "Int8Report",
     "LayerDecision",
+    "LayerSensitivity",
     "MSEObserver",
     "MethodChoice",
     "MinMaxObserver",
@@ -45,14 +62,21 @@ __all__ = [
     "PercentileObserver",
     "QParams",
     "QuantReport",
+    "SmoothQuantDecision",
+    "apply_bias_shifts",
+    "bias_correction",
     "bias_qparams",
+    "calibration_batches",
     "choose_observer",
+    "default_metric",
     "fake_quant_error",
     "integer_op_counts",
     "make_observer",
     "ort_optimized_model",
     "quantize_bias",
+    "quantize_int8",
     "quantize_onnx",
+    "smooth_quant",
     "validate_calibration_batches",
     "weight_qparams",
 ]

@@ -10,18 +10,27 @@ batches, observes the activations that must be quantised, and rewrites a copy of
 Which tensors get a pair follows ORT's QDQ selectors (``shared/notes/algorithms.md`` §5.2):
 
 * Conv: ``DQ(x), DQ(W), DQ(b) -> Conv -> Q`` becomes ``QLinearConv``; the Q on the output is
-  required. Gemm becomes ``QGemm`` (float output allowed), MatMul ``QLinearMatMul`` (with Q)
-  or ``MatMulIntegerToFloat`` (without).
-* A Relu that is the only consumer of a quantised op's output is not given a pair of its own
-  input: the pair goes on its output, and with uint8 activations (zero point 0 = q_min, the
-  range starting at 0) ORT's ``ReluQuantFusion`` deletes the Relu, the clip of Q doing its work.
+  required. Gemm becomes ``QGemm``, MatMul ``QLinearMatMul`` (with Q) or
+  ``MatMulIntegerToFloat`` (without); their output gets a pair only when a quantised op reads
+  it, otherwise it stays float (logits, a transformer's MatMul before its bias Add): one
+  rounding fewer and no Q/DQ in front of a float op.
+* A Relu, or a Clip with constant bounds around 0 (ReLU6), that is the only consumer of a
+  quantised op's output is not given a pair of its own input: the pair goes on its output,
+  and with uint8 activations (zero point 0 = q_min, the range starting at 0) ORT's
+  ``ReluQuantFusion`` / ``ClipQuantFusion`` delete it, the clip of Q doing its work. For a
+  Clip the scale is shrunk, if needed, until ``[s(q_min - z), s(q_max - z)]`` lies inside the
+  bounds in float32 (ClipQuantFusion's condition).
 * Add, Mul, Concat, GlobalAveragePool, AveragePool get pairs on their inputs and their output
-  (``QLinearAdd`` ... ``QLinearGlobalAveragePool``).
+  (``QLinearAdd`` ... ``QLinearGlobalAveragePool``) when every operand already has a pair:
+  a ResNet's residual Add between QLinearConvs becomes ``QLinearAdd``, with the Relu after it
+  folded into its Q; an Add that would need a new Q on a float operand (a transformer's
+  residual, next to a float bias Add and LayerNorm) stays float, which is faster in ORT.
 * Data-movement ops (MaxPool, Flatten, Reshape, Transpose, Squeeze, Unsqueeze, Slice, Expand,
   Tile) after a quantised tensor get an output pair with the *same* scale and zero point as the
   input, so that ORT drops both and runs them on the integers.
-* The output of a Gemm/MatMul that is a graph output (logits) stays float: the integer kernel
-  still runs (``QGemm`` / ``MatMulIntegerToFloat`` with float output), without a last rounding.
+* A float consumer of a tensor produced by a float op (or a graph input) keeps reading the
+  exact tensor, not the DQ; below a quantised producer every consumer reads the DQ, since ORT
+  fuses the producer's output Q only when the Q is its sole reader.
 
 Activations are asymmetric uint8 by default, not symmetric int8: with symmetric int8 the zero
 point of a post-ReLU tensor is 0, not q_min = -128, so ``ReluQuantFusion`` cannot remove the
@@ -30,11 +39,14 @@ symmetric int8 (z = 0) for EPs that need it; then a Relu gets its own input and 
 
 A node is left in float, with the reason in :class:`QuantReport`, when it is in ``skip``, when
 its weight is not a float32 initializer, when its attributes are outside what the integer
-kernel handles (Gemm with ``transA`` / alpha / beta != 1, a 1-D or 5-D Conv), or when its bias
-would overflow int32 at ``s_x * s_w``. Such a Conv/Gemm reading a quantised tensor gets its own
-DQ with the scale repeated per channel (axis 1): from a per-tensor DQ, ORT's
-``WeightBiasQuantization`` would quantise its float weights anyway. Calibration batches are checked by
-:func:`graphopt.quant.calibration.validate_calibration_batches` (NaN / inf, wrong shape, count).
+kernel handles (Gemm with ``transA`` / alpha / beta != 1, a 1-D or 5-D Conv), when its bias
+would overflow int32 at ``s_x * s_w``, or when a tensor it would quantise holds inf or NaN on
+the calibration data (an attention mask's -inf). Such a Conv/Gemm reading a quantised tensor
+gets its own DQ with the scale repeated per channel (axis 1): from a per-tensor DQ, ORT's
+``WeightBiasQuantization`` would quantise its float weights anyway. Calibration batches are
+checked by :func:`graphopt.quant.calibration.validate_calibration_batches` (NaN / inf, wrong
+shape, count); integer model inputs (token ids, masks) are checked as float64 and fed to the
+model in their own dtype.
 
     >>> qmodel, report = quantize_onnx(proto, [(x,) for x in batches], method="entropy")  # doctest: +SKIP
     >>> print(report)                                                                      # doctest: +SKIP
@@ -53,7 +65,7 @@ import os
 import tempfile
 from collections import Counter
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -215,6 +227,19 @@ class _Graph:
     def array(self, name: str) -> np.ndarray:
         return numpy_helper.to_array(self.init[name])
 
+    def constant(self, name: str) -> np.ndarray | None:
+        """The value of an initializer or of a ``Constant`` node's output; None otherwise."""
+        if name in self.init:
+            return self.array(name)
+        node = self.producer.get(name)
+        if node is not None and node.op_type == "Constant" and node.attribute:
+            value = helper.get_attribute_value(node.attribute[0])
+            if isinstance(value, onnx.TensorProto):
+                return numpy_helper.to_array(value)
+            if isinstance(value, (int, float, list)):  # value_float(s), value_int(s)
+                return np.asarray(value)
+        return None
+
 
 def _attr(node: onnx.NodeProto, name: str, default: Any) -> Any:
     for a in node.attribute:
@@ -282,6 +307,9 @@ class _Plan:
     quantized_nodes: list[onnx.NodeProto] = field(default_factory=list)
     observed: list[str] = field(default_factory=list)  # tensors with their own statistics
     alias: dict[str, str] = field(default_factory=dict)  # tensor -> tensor whose qparams it shares
+    wants: dict[str, list[str]] = field(default_factory=dict)  # node -> tensors it gave pairs
+    # output of a Relu / Clip that ORT deletes when the Q's range lies inside [lo, hi]
+    bounds: dict[str, tuple[float, float]] = field(default_factory=dict)
 
     def add(self, name: str) -> None:
         if name not in self.observed and name not in self.alias:
@@ -296,58 +324,161 @@ class _Plan:
         return name
 
 
-def _plan(g: _Graph, skip: set[str], activations: str) -> _Plan:
+def _clip_bounds(g: _Graph, node: onnx.NodeProto) -> tuple[float, float] | None:
+    """``(lo, hi)`` of a Relu, or of a Clip with constant bounds around 0; None otherwise."""
+    if node.op_type == "Relu":
+        return 0.0, float("inf")
+    if node.op_type != "Clip":
+        return None
+    if _opset(g.model) < 11:
+        lo, hi = _attr(node, "min", -np.inf), _attr(node, "max", np.inf)
+    else:
+        bounds = []
+        for k, default in ((1, -np.inf), (2, np.inf)):
+            if len(node.input) <= k or not node.input[k]:
+                bounds.append(default)
+                continue
+            value = g.constant(node.input[k])
+            if value is None or value.size != 1:
+                return None  # bounds computed at run time: ORT cannot fold the Clip
+            bounds.append(float(value.reshape(())))
+        lo, hi = bounds
+    # the Q's range contains 0 (zero padding stays exact), so it fits only bounds around 0
+    return (float(lo), float(hi)) if lo <= 0 <= hi and lo < hi else None
+
+
+def _operand_reason(g: _Graph, node: onnx.NodeProto, act_inputs: list[str]) -> str:
+    """Why an Add / Mul / Concat / pool cannot become its integer kernel ('' when it can)."""
+    if any(g.constant(i) is not None for i in act_inputs):
+        return "a constant operand (only activation operands are quantised)"
+    if not all(g.is_float_activation(i) for i in act_inputs):
+        return "an operand is not a float32 tensor"
+    if node.op_type == "AveragePool" and _attr(node, "count_include_pad", 0):
+        return "AveragePool with count_include_pad"
+    return ""
+
+
+def _output_pairs(
+    g: _Graph, node: onnx.NodeProto, skip: set[str], activations: str, plan: _Plan
+) -> list[str]:
+    """The tensors after a quantised ``node`` that get a pair, a Relu / Clip taken into account.
+
+    A Gemm / MatMul output that no quantised op reads stays float (QGemm with float output,
+    MatMulIntegerToFloat): one rounding fewer, and no Q/DQ before a float consumer.
+    """
+    out = node.output[0]
+    users = g.consumers.get(out, [])
+    act = users[0] if len(users) == 1 and out not in g.outputs else None
+    bounds = _clip_bounds(g, act) if act is not None and act.name not in skip else None
+    after = act.output[0] if bounds is not None else out
+    if node.op_type in ("Gemm", "MatMul") and not plan.has(after):
+        return []
+    if bounds is None:
+        return [out]
+    if activations == "int8":
+        return [out, after]  # z = 0 != q_min: ORT keeps the activation, between two pairs
+    # the pair goes after the Relu / Clip only; ORT deletes the activation (its
+    # Relu/ClipQuantFusion), the clip of Q doing its work
+    plan.bounds[after] = bounds
+    return [after]
+
+
+def _plan(
+    g: _Graph, skip: set[str], activations: str, refused: dict[str, str] | None = None
+) -> _Plan:
+    """Which tensors get a Q/DQ pair. ``refused``: nodes to keep in float, with the reason.
+
+    1. Conv / Gemm / MatMul: the activation input and (Conv always, Gemm / MatMul when a
+       quantised op reads it) the output, after a Relu / Clip that ORT can delete.
+    2. In graph order: a data-movement op whose input has a pair shares it (an alias of the
+       same scale and zero point); Add / Mul / Concat / pools are quantised only when every
+       operand already has a pair, so they never add a QuantizeLinear on a float tensor: a
+       transformer's residual Add between a float bias Add and LayerNorm stays float, a
+       ResNet's between two QLinearConvs becomes QLinearAdd.
+    """
     plan = _Plan()
+    refused = refused or {}
     nodes = list(g.model.graph.node)
-    for node in nodes:
-        op = node.op_type
-        if op not in COMPUTE_OPS and op not in OWN_SCALE_OPS:
-            continue
-        if node.name in skip:
-            plan.layers.append(LayerDecision(node.name, op, False, "in the skip list"))
-            continue
-        if op in COMPUTE_OPS:
-            reason = _compute_reason(g, node)
-            act_inputs = [node.input[0]]
-        else:
-            act_inputs = [i for i in node.input if i]
-            reason = ""
-            if any(i in g.init for i in act_inputs):
-                reason = "a constant operand (only activation operands are quantised)"
-            elif not all(g.is_float_activation(i) for i in act_inputs):
-                reason = "an operand is not a float32 tensor"
-            elif op == "AveragePool" and _attr(node, "count_include_pad", 0):
-                reason = "AveragePool with count_include_pad"
+    decisions: dict[str, LayerDecision] = {}
+
+    def decide(node: onnx.NodeProto, act_inputs: list[str], reason: str) -> bool:
         if not reason and len(node.output) != 1:
             reason = "more than one output"
-        if reason:
-            plan.layers.append(LayerDecision(node.name, op, False, reason))
-            continue
-        plan.layers.append(LayerDecision(node.name, op, True))
-        plan.quantized_nodes.append(node)
-        for i in act_inputs:
-            plan.add(i)
-        out = node.output[0]
-        users = g.consumers.get(out, [])
-        if op in ("Gemm", "MatMul") and (out in g.outputs or not users):
-            continue  # float output: QGemm / MatMulIntegerToFloat, one rounding fewer
-        relu = users[0] if len(users) == 1 and users[0].op_type == "Relu" else None
-        if relu is not None and out not in g.outputs and relu.name not in skip:
-            if activations == "int8":
-                plan.add(out)  # z = 0 != q_min: ORT keeps the Relu, which needs its own pair
-            plan.add(relu.output[0])
-        else:
-            plan.add(out)
-    # data-movement ops after a quantised tensor share its parameters (forward, in order)
+        reason = reason or refused.get(node.name, "")
+        decisions[node.name] = LayerDecision(node.name, node.op_type, not reason, reason)
+        if not reason:
+            plan.quantized_nodes.append(node)
+            plan.wants[node.name] = list(act_inputs)
+            for name in act_inputs:
+                plan.add(name)
+        return not reason
+
+    compute = []
     for node in nodes:
-        if node.op_type not in SAME_SCALE_OPS or node.name in skip or len(node.output) != 1:
-            continue
-        src, out = node.input[0], node.output[0]
-        if node.op_type == "MaxPool" and _opset(g.model) < 12:
-            continue  # int8 MaxPool needs opset 12
-        if plan.has(src) and g.is_float_activation(out) and not plan.has(out):
-            plan.alias[out] = src
+        if node.op_type in COMPUTE_OPS and node.name in skip:
+            decisions[node.name] = LayerDecision(node.name, node.op_type, False, "in the skip list")
+        elif node.op_type in COMPUTE_OPS and decide(
+            node, [node.input[0]], _compute_reason(g, node)
+        ):
+            compute.append(node)
+    for node in compute:  # outputs once every compute input is known
+        for name in _output_pairs(g, node, skip, activations, plan):
+            plan.wants[node.name].append(name)
+            plan.add(name)
+    for node in nodes:
+        op = node.op_type
+        if op in SAME_SCALE_OPS and node.name not in skip and len(node.output) == 1:
+            src, out = node.input[0], node.output[0]
+            if op == "MaxPool" and _opset(g.model) < 12:
+                continue  # int8 MaxPool needs opset 12
+            if plan.has(src) and g.is_float_activation(out) and out not in plan.alias:
+                # same values, rearranged: one scale for both sides, so ORT drops the pair
+                if out in plan.observed:
+                    plan.observed.remove(out)
+                plan.alias[out] = src
+        elif op in OWN_SCALE_OPS:
+            if node.name in skip:
+                decisions[node.name] = LayerDecision(node.name, op, False, "in the skip list")
+                continue
+            act_inputs = [i for i in node.input if i]
+            reason = _operand_reason(g, node, act_inputs)
+            if not reason and (bare := [i for i in act_inputs if not plan.has(i)]):
+                reason = (
+                    f"operand {bare[0]!r} has no Q/DQ pair (its producer stays float); an "
+                    "integer kernel here would add a QuantizeLinear"
+                )
+            if decide(node, act_inputs, reason):
+                for name in _output_pairs(g, node, skip, activations, plan):
+                    plan.wants[node.name].append(name)
+                    plan.add(name)
+    order = {n.name: i for i, n in enumerate(nodes)}
+    plan.layers = sorted(decisions.values(), key=lambda d: order[d.node])
+    plan.quantized_nodes.sort(key=lambda n: order[n.name])
     return plan
+
+
+def _fit_bounds(qp: QParams, lo: float, hi: float) -> QParams:
+    """``qp`` with its scale shrunk, if needed, so that ``[s(q_min - z), s(q_max - z)]`` lies
+    inside ``[lo, hi]`` in float32: ORT's ClipQuantFusion only deletes a Clip then (it allows
+    float32 epsilon); rounding the observed range to a zero point can overshoot ``hi``."""
+    z = int(qp.zero_point)
+    s = np.float32(qp.scale.item())
+    limits = []
+    if qp.qmax > z and np.isfinite(hi):
+        limits.append(hi / (qp.qmax - z))
+    if qp.qmin < z and np.isfinite(lo):
+        limits.append(lo / (qp.qmin - z))
+    for limit in limits:
+        if s > limit:
+            s = np.float32(limit)
+    # float32 rounding of the division may still leave s*(q - z) a hair outside
+    while (np.isfinite(hi) and s * np.float32(qp.qmax - z) > hi) or (
+        np.isfinite(lo) and s * np.float32(qp.qmin - z) < lo
+    ):
+        s = np.nextafter(s, np.float32(0))
+    if s == np.float32(qp.scale.item()):
+        return qp
+    return replace(qp, scale=torch.tensor(s, dtype=torch.float32))
 
 
 def _opset(model: onnx.ModelProto) -> int:
@@ -369,6 +500,8 @@ def _session(model: onnx.ModelProto, level: str = "none") -> ort.InferenceSessio
         "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
     }[level]
     opts.intra_op_num_threads = min(2, os.cpu_count() or 1)
+    # no spinning after a run: torch computes the statistics in between, on the same cores
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     opts.log_severity_level = 3
     try:
         return ort.InferenceSession(
@@ -411,7 +544,27 @@ def _batches(
     items = tuple(first) if isinstance(first, (tuple, list)) else (first,)
     as_t = [torch.as_tensor(x) if isinstance(x, np.ndarray) else x for x in items]
     refs = _reference_inputs(model, as_t, names)
-    return validate_calibration_batches(itertools.chain([first], it), refs)
+    # integer inputs (token ids, masks) are checked as float64, exact below 2**53, and fed to
+    # the model in its own dtype by _collect
+    integer = [j for j, name in enumerate(names) if _input_dtype(model, name) != np.float32]
+    return validate_calibration_batches(
+        (_as_float(batch, integer) for batch in itertools.chain([first], it)), refs
+    )
+
+
+def _input_dtype(model: onnx.ModelProto, name: str) -> np.dtype:
+    vi = next(i for i in model.graph.input if i.name == name)
+    return helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type)
+
+
+def _as_float(batch: Any, integer: list[int]) -> tuple:
+    items = tuple(batch) if isinstance(batch, (tuple, list)) else (batch,)
+    return tuple(
+        torch.as_tensor(x).double()
+        if j in integer and isinstance(x, (np.ndarray, torch.Tensor))
+        else x
+        for j, x in enumerate(items)
+    )
 
 
 def _collect(
@@ -421,8 +574,13 @@ def _collect(
     calibration: Iterable[Any],
     method: str,
     symmetric: bool,
-) -> tuple[dict[str, QParams], dict[str, MethodChoice], int]:
-    """Run the float model on a copy whose graph outputs include every observed tensor."""
+) -> tuple[dict[str, QParams], dict[str, MethodChoice], int, set[str]]:
+    """Run the float model on a copy whose graph outputs include every observed tensor.
+
+    Returns the parameters of the observed tensors, the ``auto`` choices, the number of
+    batches, and the observed tensors that held inf or NaN in some batch (an attention mask's
+    -inf, for instance): those get no parameters.
+    """
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
     present = {o.name for o in probe.graph.output}
@@ -433,13 +591,23 @@ def _collect(
     out_names = [o.name for o in session.get_outputs()]
     observers: dict[str, Observer] = {}
     kept: dict[str, list[torch.Tensor]] = {}
+    nonfinite: set[str] = set()
     n = 0
     for batch in _batches(model, calibration, g.inputs):
-        feed = {name: x.detach().float().numpy() for name, x in zip(g.inputs, batch, strict=True)}
+        feed = {
+            name: x.detach().numpy().astype(_input_dtype(model, name))
+            for name, x in zip(g.inputs, batch, strict=True)
+        }
         values = dict(zip(out_names, session.run(out_names, feed), strict=True))
         values.update(feed)
         for name in plan.observed:
-            x = torch.from_numpy(np.ascontiguousarray(values[name]))
+            if name in nonfinite:
+                continue
+            array = values[name]
+            if not (np.isfinite(array.min()) and np.isfinite(array.max())):  # NaN propagates
+                nonfinite.add(name)
+                continue
+            x = torch.from_numpy(np.ascontiguousarray(array))
             if method == "auto":
                 kept.setdefault(name, []).append(x)
             else:
@@ -448,14 +616,14 @@ def _collect(
     qparams: dict[str, QParams] = {}
     choices: dict[str, MethodChoice] = {}
     for name in plan.observed:
+        if name in nonfinite:
+            continue
         if method == "auto":
             choices[name] = choose_observer(kept[name], symmetric=symmetric, name=name)
             qparams[name] = choices[name].qparams
         else:
             qparams[name] = observers[name].qparams(symmetric=symmetric)
-    for name in plan.alias:
-        qparams[name] = qparams[plan.root(name)]
-    return qparams, choices, n
+    return qparams, choices, n, nonfinite
 
 
 # ------------------------------------------------------------------------------------------------
@@ -472,31 +640,44 @@ def _add_init(model: onnx.ModelProto, name: str, array: np.ndarray) -> str:
 
 
 def _qdq_activation(
-    model: onnx.ModelProto, g: _Graph, name: str, qp: QParams, float_nodes: set[str]
+    model: onnx.ModelProto,
+    g: _Graph,
+    name: str,
+    qp: QParams,
+    float_nodes: set[str],
+    int8_readers: set[str],
 ) -> list:
     """Q/DQ nodes for activation ``name``; consumers are rewired to the DQ output.
 
+    A float consumer of a tensor that a float op (or the caller) produced keeps reading the
+    exact tensor: no rounding, no DQ to run (a transformer's residual Add beside the MatMul
+    that reads the same LayerNorm output). Below a quantised producer every consumer reads
+    the DQ, since ORT fuses the producer's output Q only when the Q is its sole reader.
     A float Conv/Gemm (``float_nodes``) reading a per-tensor DQ would get its weights quantised
     by ORT's ``WeightBiasQuantization``; it gets its own DQ with the same scale repeated per
     channel (axis 1), which that transformer and the QDQ selectors leave alone.
     """
+    producer = g.producer.get(name)
+    users = g.consumers.get(name, [])
+    if (producer is None or producer.name not in int8_readers) and name not in g.outputs:
+        users = [u for u in users if u.name in int8_readers]
     scale = _add_init(model, f"{name}_scale", np.asarray(qp.scale.item(), dtype=np.float32))
     zp = _add_init(model, f"{name}_zero_point", np.asarray(int(qp.zero_point), dtype=_np_dtype(qp)))
     quantized, dequantized = f"{name}_quantized", f"{name}_dequantized"
     if name in g.outputs:
         # keep the graph output's name on the DQ result; the producer writes a new name
         source = f"{name}_float"
-        producer = g.producer.get(name)
         if producer is not None:
             producer.output[list(producer.output).index(name)] = source
-        for user in g.consumers.get(name, []):
+        for user in users:
             user.input[:] = [source if i == name else i for i in user.input]
         dequantized, name = name, source
+        users = []
     else:
-        for user in g.consumers.get(name, []):
+        for user in users:
             user.input[:] = [dequantized if i == name else i for i in user.input]
     extra = []
-    keep_float = [u for u in g.consumers.get(name, []) if u.name in float_nodes]
+    keep_float = [u for u in users if u.name in float_nodes]
     channels = g.channels.get(dequantized if dequantized == name else name)
     if keep_float and channels:
         c_scale = _add_init(
@@ -612,15 +793,31 @@ def quantize_onnx(
             )
     g = _Graph(work)
     plan = _plan(g, skip, activations)
-    report = QuantReport(method, activations, plan.layers)
-    qparams, report.choices, report.batches = _collect(
+    qparams, choices, batches, nonfinite = _collect(
         work, g, plan, calibration, method, symmetric=activations == "int8"
     )
+    if nonfinite:
+        # a node whose operand or result is not finite (an attention mask's -inf) stays float;
+        # planning again only drops pairs, so every tensor left was observed
+        refused = {
+            node: f"{bad[0]!r} holds inf or NaN on the calibration data"
+            for node, wants in plan.wants.items()
+            if (bad := [t for t in wants if plan.root(t) in nonfinite])
+        }
+        plan = _plan(g, skip, activations, refused)
+    for name, (lo, hi) in plan.bounds.items():
+        qparams[name] = _fit_bounds(qparams[name], lo, hi)
+    for name in plan.alias:
+        qparams[name] = qparams[plan.root(name)]
+    report = QuantReport(method, activations, plan.layers, batches=batches)
+    report.choices = {k: v for k, v in choices.items() if plan.has(k)}
     # weights first: a layer whose bias cannot be quantised goes back to float
     weight_nodes: dict[str, list] = {}
+    replaced = set()  # float weights and biases that a DQ of integers may have replaced
     for node in plan.quantized_nodes:
         if node.op_type not in COMPUTE_OPS:
             continue
+        replaced.update(i for i in node.input[1:3] if i in g.init)
         new_nodes, reason = _quantize_weights(work, g, node, qparams[node.input[0]])
         if reason:
             for d in report.layers:
@@ -632,9 +829,13 @@ def quantize_onnx(
     float_nodes = {
         d.node for d in report.layers if not d.quantized and d.op_type in ("Conv", "Gemm")
     }
+    # nodes that read a DQ: the quantised ones, the data-movement ops ORT runs on the
+    # integers and the Relu / Clip it deletes in front of a Q
+    int8_readers = {d.node for d in report.layers if d.quantized}
+    int8_readers |= {g.producer[name].name for name in [*plan.alias, *plan.bounds]}
     qdq: dict[str, list] = {}
     for name in [*plan.observed, *plan.alias]:
-        qdq[name] = _qdq_activation(work, g, name, qparams[name], float_nodes)
+        qdq[name] = _qdq_activation(work, g, name, qparams[name], float_nodes, int8_readers)
     # rebuild the node list in topological order: Q/DQ right after the producer
     ordered: list[onnx.NodeProto] = []
     for name in g.inputs:
@@ -647,9 +848,11 @@ def quantize_onnx(
             ordered += qdq.pop(key, [])
     del work.graph.node[:]
     work.graph.node.extend(ordered)
-    for name in {i for n in plan.quantized_nodes for i in n.input[1:3] if i in g.init}:
-        if not any(name in n.input for n in work.graph.node):
-            work.graph.initializer.remove(g.init[name])
+    used = {i for n in work.graph.node for i in n.input}
+    if unused := replaced - used:
+        kept = [t for t in work.graph.initializer if t.name not in unused]
+        del work.graph.initializer[:]
+        work.graph.initializer.extend(kept)
     onnx.checker.check_model(work)
     return work, report
 

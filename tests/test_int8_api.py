@@ -1,0 +1,193 @@
+"""optimize(..., precision="int8"): the int8 artifact, its report, errors, and the order of
+re-parameterisation and quantisation measured on the train-time RepVGG."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from torch import nn
+
+import graphopt
+from graphopt import zoo
+from graphopt.api import int8_pipeline
+from graphopt.backends.onnxruntime import export_onnx
+from graphopt.capture import capture
+from graphopt.errors import BackendError, GraphoptError, InputError
+from graphopt.pass_manager import PassContext, PassManager
+from graphopt.pipeline import parse_pipeline
+from graphopt.quant.calibration import weight_qparams
+from graphopt.quant.improve import _predictor, quantize_int8
+from graphopt.quant.qdq import integer_op_counts, ort_optimized_model
+from graphopt.target import Target
+from graphopt.testing import seeded
+
+
+@pytest.fixture(scope="module")
+def digits():
+    zm = zoo.get("digits_cnn")
+    xtr, _ = zoo.digits_data("train")
+    calib = [(xtr[i : i + 32],) for i in range(0, 256, 32)]
+    return zm, calib
+
+
+def test_digits_int8_end_to_end(digits, tmp_path):
+    zm, calib = digits
+    before = {k: v.clone() for k, v in zm.model.state_dict().items()}
+    result = graphopt.optimize(
+        zm.model,
+        "cpu",
+        example_inputs=zm.example_inputs,
+        calibration_data=calib,
+        precision="int8",
+        measure=False,
+    )
+    xte, yte = zoo.digits_data("test")
+    with torch.no_grad():
+        acc_fp32 = float((zm.model(xte).argmax(1) == yte).float().mean()) * 100
+    acc_int8 = float((result(xte).argmax(1) == yte).float().mean()) * 100
+    assert acc_fp32 - acc_int8 <= 0.5, (acc_fp32, acc_int8)
+    # the artifact is the int8 QDQ model, and ONNX Runtime runs integer kernels
+    ops = integer_op_counts(ort_optimized_model(result.artifact.proto))
+    assert ops["QLinearConv"] == 2, ops
+    saved = onnx.load(str(result.save(tmp_path / "digits.int8.onnx")))
+    assert {"QuantizeLinear", "DequantizeLinear"} <= {n.op_type for n in saved.graph.node}
+    q = result.quantization
+    assert len(q.int8_layers) == 3 and not q.float_layers
+    assert q.quant.method == "auto" and q.quant.choices  # per-tensor method choice by default
+    assert all(b.applied for b in q.bias)
+    text = str(result.report)
+    assert "insert-qdq" in text and "int8: 3 of 3 layers int8" in text
+    assert "Conv /features.0/Conv: int8" in text
+    record = result.report.records[-1]
+    assert record.name == "insert-qdq" and record.modified and record.stats["int8"] == 3
+    assert result.report.artifact_error.ok
+    assert all(torch.equal(v, zm.model.state_dict()[k]) for k, v in before.items())
+
+
+def test_int8_needs_calibration_data(digits):
+    zm, _ = digits
+    with pytest.raises(InputError, match="calibration_data"):
+        graphopt.optimize(zm.model, "cpu", zm.example_inputs, precision="int8", measure=False)
+
+
+@pytest.mark.parametrize(
+    "batch, match",
+    [
+        (torch.full((4, 1, 8, 8), float("nan")), "NaN"),
+        (torch.zeros(4, 1, 7, 8), "shape"),
+        ((torch.zeros(4, 1, 8, 8), torch.zeros(4, 1, 8, 8)), "2 inputs"),
+    ],
+)
+def test_bad_calibration_data_raises_input_error(digits, batch, match):
+    zm, _ = digits
+    batches = [batch if isinstance(batch, tuple) else (batch,)]
+    with pytest.raises(InputError, match=match):
+        graphopt.optimize(
+            zm.model,
+            "cpu",
+            zm.example_inputs,
+            calibration_data=batches,
+            precision="int8",
+            measure=False,
+        )
+
+
+def test_precision_and_backend_errors(digits):
+    zm, calib = digits
+    with pytest.raises(GraphoptError, match="'int8'"):
+        graphopt.optimize(zm.model, "cpu", zm.example_inputs, precision="int4")
+    with pytest.raises(BackendError, match="backend='onnxruntime'"):
+        graphopt.optimize(
+            zm.model, "cpu", zm.example_inputs, calibration_data=calib, precision="int8",
+            backend="tvm",
+        )  # fmt: skip
+    with pytest.raises(GraphoptError, match="precision='int8'"):
+        graphopt.optimize(zm.model, "cpu", zm.example_inputs, max_drop=0.01)
+
+
+def test_int8_pipeline_order():
+    default = [s.name for s in int8_pipeline(parse_pipeline(Target.parse("cpu").default_pipeline))]
+    assert default[-2:] == ["equalize-layers", "insert-qdq"]
+    assert default.index("fold-conv-bn") < default.index("reparameterize") < len(default) - 2
+    custom = int8_pipeline(parse_pipeline("insert-qdq{method=minmax},remove-identity"), 0.01)
+    assert [s.name for s in custom] == [
+        "remove-identity",
+        "fold-conv-bn",
+        "reparameterize",
+        "equalize-layers",
+        "insert-qdq",
+    ]
+    assert str(custom).endswith("insert-qdq{method=minmax,max_drop=0.01}")
+
+
+def test_max_drop_reaches_the_quantiser_through_optimize(digits):
+    """The fallback search itself is tested on quantize_int8 (tests/quant/test_improve.py);
+    here: max_drop travels from optimize() through insert-qdq to the quantiser and holds."""
+    zm, calib = digits
+    result = graphopt.optimize(
+        zm.model,
+        "cpu",
+        zm.example_inputs,
+        pipeline="remove-identity,insert-qdq{method=minmax}",
+        calibration_data=calib,
+        precision="int8",
+        max_drop=0.0,
+        measure=False,
+    )
+    q = result.quantization
+    assert q.max_drop == 0.0 and q.drop <= 0.0
+    assert result.report.pipeline.endswith("insert-qdq{method=minmax,max_drop=0.0}")
+    assert q.fallback or q.drop_all == 0.0  # either all int8 held, or layers fell back
+
+
+# ------------------------------------------------------------------------------------------------
+# re-parameterisation and quantisation: which order
+
+
+def _cosine(y: np.ndarray, ref: np.ndarray) -> float:
+    y, ref = y.astype(np.float64), ref.astype(np.float64)
+    return float(
+        np.mean((y * ref).sum(1) / (np.linalg.norm(y, axis=1) * np.linalg.norm(ref, axis=1)))
+    )
+
+
+def test_repvgg_reparameterize_then_quantize_beats_quantize_then_reparameterize():
+    """Quantise RepVGG-A0 (train-time, 64x64 inputs) in both orders; keep optimize's order.
+
+    reparam-then-quantize: the int8 pipeline optimize() runs (fold, reparameterize, equalize)
+    and then the int8 quantiser. quantize-then-reparam: every branch's folded weights rounded to
+    per-channel int8 first, the branches merged, and the merged convs quantised as deployed
+    (they are no longer on an int8 grid, so they are rounded a second time). Same quantiser
+    settings (minmax, SmoothQuant, bias correction), same data.
+    """
+    zm = zoo.get("repvgg_a0")
+    gen = seeded(0)
+    x = torch.randn(1, 3, 64, 64, generator=gen)
+    calib = [(torch.randn(8, 3, 64, 64, generator=gen),) for _ in range(4)]
+    test = torch.randn(32, 3, 64, 64, generator=gen)
+    with torch.no_grad():
+        ref = zm.model(test).numpy()
+    ctx = PassContext(sample_inputs=(x,))
+
+    def int8_cosine(gm) -> float:
+        q, _ = quantize_int8(export_onnx(gm, (x,)), calib, method="minmax")
+        return _cosine(_predictor(q)(test.numpy()), ref)
+
+    chosen = [s for s in int8_pipeline(parse_pipeline(Target.parse("cpu").default_pipeline))]
+    fx_part = ",".join(str(s) for s in chosen if s.name != "insert-qdq")
+    gm = PassManager(fx_part, strict=True).run(capture(zm.model, (x,)).graph, ctx).graph
+    reparam_first = int8_cosine(gm)
+
+    gm = PassManager("fold-conv-bn", strict=True).run(capture(zm.model, (x,)).graph, ctx).graph
+    with torch.no_grad():
+        for m in gm.modules():
+            if isinstance(m, nn.Conv2d):
+                m.weight.copy_(weight_qparams(m.weight).fake_quantize(m.weight))
+    gm = PassManager("reparameterize,eliminate-dead-code").run(gm, PassContext()).graph
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in gm.modules())  # fully merged
+    quantize_first = int8_cosine(gm)
+    print(f"repvgg_a0 int8 output cosine: reparam->quantize {reparam_first:.5f}, "
+          f"quantize->reparam {quantize_first:.5f}")  # fmt: skip
+    assert reparam_first > quantize_first
