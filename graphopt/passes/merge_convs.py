@@ -539,16 +539,20 @@ class _Timer:
         self, units: dict[str, tuple[_Unit, list[tuple[int, ...]]]], dtype: torch.dtype
     ) -> dict[str, Latency]:
         """``{key: latency}`` for units keyed by :meth:`key` (each distinct structure once)."""
+        return self.cached(list(units), lambda: self._time(units, dtype))
+
+    def cached(self, keys: list[str], time: Callable[[], dict[str, Latency]]) -> dict[str, Latency]:
+        """``{key: latency}`` from the in-run memo or the cache; where one is missing, ``time()``
+        times them all in one interleaved run, so their ratios come from one machine state,
+        and every latency is stored."""
         found: dict[str, Latency] = {}
-        for key in units:
+        for key in keys:
             hit = self.memo.get(key) or (self.cache.get(key) if self.cache is not None else None)
             if hit is not None:
                 found[key] = hit
-        if len(found) == len(units):
+        if len(found) == len(keys):
             return found
-        # something is missing: time the whole stretch in one interleaved run, so its ratios
-        # come from one machine state, and store every unit
-        timed = self._time(units, dtype)
+        timed = time()
         self.measured += len(timed)
         for key, latency in timed.items():
             self.memo[key] = latency
@@ -560,32 +564,41 @@ class _Timer:
         self, units: dict[str, tuple[_Unit, list[tuple[int, ...]]]], dtype: torch.dtype
     ) -> dict[str, Latency]:
         gen = torch.Generator().manual_seed(0)
-        runs, max_time = self.options.runs, self.options.max_time_s
-        inputs = {
-            key: tuple(torch.randn(s, generator=gen).to(dtype) for s in shapes)
-            for key, (_, shapes) in units.items()
-        }
+        return self.time_modules(
+            {
+                key: (unit, tuple(torch.randn(s, generator=gen).to(dtype) for s in shapes))
+                for key, (unit, shapes) in units.items()
+            },
+            self.options.runs,
+        )
+
+    def time_modules(
+        self, modules: dict[str, tuple[nn.Module, tuple[Any, ...]]], runs: int
+    ) -> dict[str, Latency]:
+        """Modules (units or whole graphs) with their inputs, each compiled on the backend and
+        timed interleaved (on an RPC device: each in turn, where the device times it)."""
+        max_time = self.options.max_time_s
         if getattr(self.backend, "rpc", None) is not None:  # the device times each library
             return {
                 key: self.backend.measure(
-                    unit, inputs[key], runs=runs, max_time_s=max_time, use_cache=False
+                    module, inputs, runs=runs, max_time_s=max_time, use_cache=False
                 )
-                for key, (unit, _) in units.items()
+                for key, (module, inputs) in modules.items()
             }
         calls = {}
         bar = None
-        if self.options.progress:  # building the units is most of a stretch's measuring time
+        if self.options.progress:  # compiling is most of the measuring time
             from tqdm import tqdm
 
-            bar = tqdm(total=len(units), desc="merge-convs units", unit="unit", leave=False)
-        for key, (unit, _) in units.items():
-            artifact = self.backend.compile(unit, inputs[key])
-            arrays = [x.numpy() for x in inputs[key]]
+            bar = tqdm(total=len(modules), desc="merge-convs compiling", unit="unit", leave=False)
+        for key, (module, inputs) in modules.items():
+            artifact = self.backend.compile(module, inputs)
+            arrays = [x.numpy() if isinstance(x, torch.Tensor) else x for x in inputs]
             calls[key] = lambda a=artifact, arrays=arrays: a.run(arrays)
             if bar is not None:
                 bar.update(1)
         if bar is not None:
-            bar.set_description(f"merge-convs timing {len(units)} units interleaved")
+            bar.set_description(f"merge-convs timing {len(modules)} interleaved")
         timed = time_interleaved(calls, warmup=3, runs=runs, max_time_s=max_time, rewarm=2)
         if bar is not None:
             bar.close()
@@ -870,21 +883,29 @@ class MergeConvs(Pass):
             f"metric {getattr(metric, '__name__', 'callable')}" if metric else "output error"
         )
         result.evaluated_sets = importance.evaluated
-        for _, layer, _ in usable:
-            for c in layer.candidates:
-                if c.refusal is not None:
-                    result.refusals[c.refusal.reason] = result.refusals.get(c.refusal.reason, 0) + 1
+        result.refusals = dict(
+            Counter(
+                c.refusal.reason
+                for _, layer, _ in usable
+                for c in layer.candidates
+                if c.refusal is not None
+            )
+        )
         # plan, then measure the merged architecture whole; where it misses the budget, plan
         # again under a budget shrunk by the miss (algorithms.md §6.2: validate end to end)
         fraction = target_ms / model_ms
-        planned_for = target_ms / scale
-        chosen, best_ratio = None, math.inf
-        for attempt in range(1, opts.validate_rounds + 1):
+        acts = set(chain.acts())
+
+        def planned(budget_ms: float) -> Any:
             start = time.perf_counter()
-            trial_plan = depth.plan_depth(
-                chain.length, table, h, set(chain.acts()), planned_for, opts.resolution
-            )
-            result.planning_s += time.perf_counter() - start
+            try:
+                return depth.plan_depth(chain.length, table, h, acts, budget_ms, opts.resolution)
+            finally:
+                result.planning_s += time.perf_counter() - start
+
+        trial_plan = planned(target_ms / scale)
+        chosen, best_ratio = trial_plan, math.inf
+        for attempt in range(1, opts.validate_rounds + 1):
             trial = copy.deepcopy(before)
             trial_stretches = self._aligned(trial, usable)
             self._realize(trial, trial_stretches, usable, best, trial_plan, None)
@@ -899,13 +920,10 @@ class MergeConvs(Pass):
                 chosen, best_ratio = trial_plan, ratio
                 result.measured_before_ms = measured["before"].median_ms
                 result.measured_after_ms = measured["after"].median_ms
-            if ratio <= fraction:
+            if ratio <= fraction or attempt == opts.validate_rounds:
                 break
-            planned_for = trial_plan.latency * fraction / ratio
             try:
-                depth.plan_depth(
-                    chain.length, table, h, set(chain.acts()), planned_for, opts.resolution
-                )
+                trial_plan = planned(trial_plan.latency * fraction / ratio)
             except InputError:
                 break  # nothing faster can be planned
         result.importance = float(chosen.objective or 0.0)
@@ -916,9 +934,9 @@ class MergeConvs(Pass):
             if timer.measured:
                 stats["timed-units"] += timer.measured
             return PassResult(gm, modified=False, stats=+stats, decisions=[result])
-        acts = chain.acts()
-        result.kept = [acts[p].name for p in chosen.activations]
-        result.removed = [acts[p].name for p in chosen.removed]
+        nodes = chain.acts()
+        result.kept = [nodes[p].name for p in chosen.activations]
+        result.removed = [nodes[p].name for p in chosen.removed]
         # the architecture: activations removed, spans in their fine-tunable form
         spans = self._realize(gm, [s for s, _, _ in usable], usable, best, chosen, result)
         stats["activations-removed"] += len(chosen.removed)
@@ -928,8 +946,6 @@ class MergeConvs(Pass):
             if cand.merges:
                 stats["convs-removed"] += cand.j - cand.i - 1
                 stats["residuals-folded"] += cand.folded
-        gm.graph.lint()
-        gm.recompile()
         finetune = self.finetune or ctx.finetune
         if finetune is not None:
             say(f"fine-tuning with {getattr(finetune, '__name__', finetune)!s}")

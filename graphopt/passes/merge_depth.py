@@ -48,7 +48,6 @@ from __future__ import annotations
 import copy
 import logging
 import math
-from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -58,7 +57,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 import graphopt.merge_algebra as algebra
-from graphopt.backends.measure import Latency, backend_key, time_interleaved
+from graphopt.backends.measure import backend_key
 from graphopt.errors import InputError
 from graphopt.merge_plan import plan
 from graphopt.report import Progress
@@ -198,7 +197,7 @@ class Importance:
         self.switches: dict[Any, _Switch] = {}
         for node in list(self.copy.graph.nodes):
             key = names.get(node.name)
-            if key is None or key not in acts:
+            if key is None:
                 continue
             switch = _Switch()
             name = f"_importance_switch_{len(self.switches)}"
@@ -389,26 +388,10 @@ def model_latency(timer: Any, modules: dict[str, nn.Module], inputs: tuple[Any, 
         )
         for name, graph in graphs.items()
     }
-    found: dict[str, Latency] = {}
-    for name, key in keys.items():
-        hit = timer.cache.get(key) if timer.cache is not None else None
-        if hit is not None:
-            found[name] = hit
-    if len(found) == len(modules):
-        return found
-    arrays = [x.numpy() if isinstance(x, torch.Tensor) else x for x in inputs]
-    calls = {}
-    for name, m in modules.items():
-        artifact = timer.backend.compile(m, inputs)
-        calls[name] = lambda a=artifact: a.run(arrays)
-    timed = time_interleaved(
-        calls, warmup=3, runs=max(timer.options.runs, 20), max_time_s=timer.options.max_time_s
-    )
-    timer.measured += len(timed)
-    for name, latency in timed.items():
-        if timer.cache is not None:
-            timer.cache.put(keys[name], latency)
-    return timed
+    modules_by_key = {keys[name]: (m, inputs) for name, m in modules.items()}
+    runs = max(timer.options.runs, 20)
+    by_key = timer.cached(list(modules_by_key), lambda: timer.time_modules(modules_by_key, runs))
+    return {name: by_key[key] for name, key in keys.items()}
 
 
 def plan_depth(
@@ -428,7 +411,3 @@ def plan_depth(
         candidates=candidates,
         resolution=budget_ms / resolution,
     )
-
-
-def refusal_counts(built: list[tuple[Any, Any]]) -> Counter:
-    return Counter(c.refusal.reason for c, spec in built if spec is None)
