@@ -291,10 +291,12 @@ def optimize(
     )
     say(f"lowering to {runtime.name}")
     quantization = None
-    if int8:  # backend is onnxruntime or auto here (_check_precision refuses tvm)
+    if int8:
         artifact, quantization = lowering.lower_int8(runtime, calibration_data, metric)
-        if backend == "auto":
-            report.backend_choice = "onnxruntime: int8 QDQ models are lowered to ONNX Runtime"
+        if backend == "auto":  # TVM has no integer kernels for the QDQ graph: never faster
+            report.backend_choice = (
+                "onnxruntime: int8 QDQ models are lowered to ONNX Runtime's integer kernels"
+            )
     else:
         artifact = lowering.lower(runtime)
         if backend == "auto":
@@ -359,11 +361,6 @@ def _check_precision(precision, pipe, calibration_data, backend, max_drop, metri
             "batches of inputs representative of deployment (a few hundred samples in all; "
             "from the CLI, --calibration data.npz)."
         )
-    if backend == "tvm":
-        raise BackendError(
-            "int8 is lowered to ONNX Runtime's integer kernels (QLinearConv, QGemm ...); the "
-            "TVM backend does not run the QDQ model here. Use backend='onnxruntime'."
-        )
     if max_drop is not None and not max_drop >= 0:
         raise InputError(f"max_drop must be a metric drop >= 0 (e.g. 0.01), got {max_drop}.")
     return True
@@ -412,7 +409,12 @@ class _Lowering:
             metric=metric,
             progress=self.say,
         )
-        artifact = runtime.load(qproto)
+        artifact = runtime.load(qproto, [tuple(x.shape) for x in self.inputs])
+        if runtime.name == "tvm":
+            from graphopt.backends.tvm import qdq_import_summary
+
+            record.decisions = [*record.decisions, qdq_import_summary(artifact.imported_ops)]
+            _report_tvm(self.report, artifact)
         record.modified = True
         record.stats = {
             **record.stats,

@@ -14,7 +14,7 @@ from graphopt import zoo
 from graphopt.api import int8_pipeline
 from graphopt.backends.onnxruntime import export_onnx
 from graphopt.capture import capture
-from graphopt.errors import BackendError, GraphoptError, InputError
+from graphopt.errors import GraphoptError, InputError
 from graphopt.pass_manager import PassContext, PassManager
 from graphopt.pipeline import parse_pipeline
 from graphopt.quant.calibration import weight_qparams
@@ -98,13 +98,38 @@ def test_precision_and_backend_errors(digits):
     zm, calib = digits
     with pytest.raises(GraphoptError, match="'int8'"):
         graphopt.optimize(zm.model, "cpu", zm.example_inputs, precision="int4")
-    with pytest.raises(BackendError, match="backend='onnxruntime'"):
-        graphopt.optimize(
-            zm.model, "cpu", zm.example_inputs, calibration_data=calib, precision="int8",
-            backend="tvm",
-        )  # fmt: skip
     with pytest.raises(GraphoptError, match="precision='int8'"):
         graphopt.optimize(zm.model, "cpu", zm.example_inputs, max_drop=0.01)
+
+
+def test_int8_on_tvm_runs_the_qdq_graph_and_says_what_it_made_of_it(digits):
+    """backend='tvm' compiles the same QDQ model; TVM 0.27 imports it as fake quantisation
+    (float conv between quantize/dequantize), which the report says."""
+    pytest.importorskip("tvm", reason="the TVM backend needs pip install 'graphopt[tvm]'")
+    zm, calib = digits
+    kwargs = dict(calibration_data=calib, precision="int8", measure=False)
+    on_tvm = graphopt.optimize(zm.model, "cpu", zm.example_inputs, backend="tvm", **kwargs)
+    on_ort = graphopt.optimize(zm.model, "cpu", zm.example_inputs, **kwargs)
+    assert on_tvm.report.backend == "tvm" and on_tvm.report.artifact_error.ok
+    ops = on_tvm.artifact.imported_ops
+    # one quantize per activation pair (input, 2 conv outputs, pool, flatten), float compute
+    assert ops["relax.quantize"] == 5 and ops["relax.nn.conv2d"] == 2, ops
+    text = str(on_tvm.report)
+    assert "TVM imports the QDQ graph as fake quantisation: 5 quantize" in text
+    assert "(2 conv2d, 1 matmul)" in text and "TVM tasks:" in text
+    # the same int8 model: the same test-set accuracy, within fp32's - 0.5 points
+    xte, yte = zoo.digits_data("test")
+    fixed = zm.example_inputs[0].shape[0]  # TVM compiled the example's static batch
+
+    def accuracy(run) -> float:
+        hits = [int((run(xte[i : i + fixed]).argmax(1) == yte[i : i + fixed]).sum())
+                for i in range(0, len(xte) - len(xte) % fixed, fixed)]  # fmt: skip
+        return 100.0 * sum(hits) / (len(xte) - len(xte) % fixed)
+
+    with torch.no_grad():
+        acc_fp32 = accuracy(zm.model)
+    acc_tvm, acc_ort = accuracy(on_tvm), accuracy(on_ort)
+    assert acc_fp32 - acc_tvm <= 0.5 and abs(acc_tvm - acc_ort) <= 0.5, (acc_tvm, acc_ort)
 
 
 def test_int8_pipeline_order():
@@ -122,24 +147,49 @@ def test_int8_pipeline_order():
     assert str(custom).endswith("insert-qdq{method=minmax,max_drop=0.01}")
 
 
-def test_max_drop_reaches_the_quantiser_through_optimize(digits):
-    """The fallback search itself is tested on quantize_int8 (tests/quant/test_improve.py);
-    here: max_drop travels from optimize() through insert-qdq to the quantiser and holds."""
-    zm, calib = digits
-    result = graphopt.optimize(
-        zm.model,
-        "cpu",
-        zm.example_inputs,
-        pipeline="remove-identity,insert-qdq{method=minmax}",
-        calibration_data=calib,
-        precision="int8",
-        max_drop=0.0,
-        measure=False,
-    )
+class InputOutlierMlp(nn.Module):
+    """fc1 -> relu -> fc2 whose input feature 0 is ~400x the others (a raw, unnormalised
+    feature): per-tensor int8 on the model input flattens every other feature. No float pass
+    can fix it (equalisation and SmoothQuant need a producer; the input has none), so the only
+    way to meet max_drop is keeping fc1 in float."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(16, 32)
+        self.fc2 = nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+def test_max_drop_fallback_through_optimize():
+    gen = seeded(3)
+    model = InputOutlierMlp().eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+        model.fc1.weight[:, 0] *= 1e-3  # the big feature moves the logits as much as the others
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    scale = torch.ones(16)
+    scale[0] = 400.0
+    calib = [(torch.randn(32, 16, generator=gen) * scale,) for _ in range(4)]
+
+    def run(max_drop):
+        return graphopt.optimize(
+            model, "cpu", (calib[0][0][:1],), calibration_data=calib, precision="int8",
+            max_drop=max_drop, measure=False,
+        )  # fmt: skip
+
+    reported = run(None).quantization  # no budget: every layer int8, the drop only reported
+    assert reported.drop_all > 0.2 and not reported.fallback, reported.drop_all
+    result = run(0.02)
     q = result.quantization
-    assert q.max_drop == 0.0 and q.drop <= 0.0
-    assert result.report.pipeline.endswith("insert-qdq{method=minmax,max_drop=0.0}")
-    assert q.fallback or q.drop_all == 0.0  # either all int8 held, or layers fell back
+    assert q.drop_all == reported.drop_all and q.drop <= 0.02
+    assert q.fallback == ["/fc1/Gemm"] and q.int8_layers == ["/fc2/Gemm"]
+    assert result.report.pipeline.endswith("insert-qdq{max_drop=0.02}")
+    assert "Gemm /fc1/Gemm: float (mixed-precision fallback" in str(result.report)
+    assert integer_op_counts(ort_optimized_model(result.artifact.proto))["QGemm"] == 1
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
 
 
 # ------------------------------------------------------------------------------------------------

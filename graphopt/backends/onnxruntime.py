@@ -305,8 +305,9 @@ class OnnxRuntimeBackend:
         opts.add_session_config_entry("session.force_spinning_stop", "1")
         return opts
 
-    def load(self, proto: onnx.ModelProto) -> OrtArtifact:
-        """Build a session for an ONNX model."""
+    def load(self, proto: onnx.ModelProto, input_shapes: Any = None) -> OrtArtifact:
+        """Build a session for an ONNX model (``input_shapes``: unused, ONNX Runtime takes the
+        model's own, dynamic batch included)."""
         try:
             session = ort.InferenceSession(
                 proto.SerializeToString(), self.session_options(), providers=self.providers

@@ -37,12 +37,14 @@ import os
 import shutil
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 import torch
 
 from graphopt.backends._tvm_worker import CROSS_EXPORT, import_tensor_intrinsics, init_worker
@@ -75,6 +77,7 @@ except ImportError as exc:  # pragma: no cover - exercised where the extra is mi
 
 # op names whose fused tasks are worth tuning; the rest (elementwise, reshapes) get the default
 # schedule, which is close to what tuning would find for memory-bound loops.
+_QDQ_COMPUTE = ("relax.nn.conv1d", "relax.nn.conv2d", "relax.nn.conv3d", "relax.matmul")
 HEAVY_OPS = ("conv", "matmul", "dense", "pool", "mean", "sum", "softmax", "batch_matmul")
 DB_FORMAT = 1
 SECONDS_PER_TRIAL = 1.5  # measured here: ResNet-18 candidates, 2 cores, persistent builder
@@ -215,14 +218,49 @@ def to_relax(
 def _relax_from_onnx(
     module: torch.nn.Module, inputs: tuple[torch.Tensor, ...], names: Sequence[str] | None
 ) -> tvm.IRModule:
-    from tvm.relax.frontend.onnx import from_onnx
-
     from graphopt.backends.onnxruntime import export_onnx
 
     proto = export_onnx(module, inputs, input_names=names, dynamic_batch=False)
-    shapes = {i.name: list(x.shape) for i, x in zip(proto.graph.input, inputs, strict=True)}
+    return relax_from_proto(proto, [tuple(x.shape) for x in inputs])
+
+
+def relax_from_proto(proto: onnx.ModelProto, input_shapes: Sequence[tuple[int, ...]]) -> Any:
+    """Import an ONNX model into Relax with static input shapes and weights as constants."""
+    from tvm.relax.frontend.onnx import from_onnx
+
+    names = [i.name for i in proto.graph.input]
+    shapes = {n: list(s) for n, s in zip(names, input_shapes, strict=True)}
     mod = from_onnx(proto, shape_dict=shapes, keep_params_in_input=False)
     return relax.transform.DecomposeOpsForInference()(mod)
+
+
+def op_counts(mod: tvm.IRModule) -> Counter:
+    """Relax operators called in ``mod``'s ``main`` (``relax.nn.conv2d``: 3, ...)."""
+    counts: Counter = Counter()
+
+    def visit(expr: Any) -> None:
+        if isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op):
+            counts[expr.op.name] += 1
+
+    relax.analysis.post_order_visit(mod["main"], visit)
+    return counts
+
+
+def qdq_import_summary(ops: Counter) -> str:
+    """What TVM made of a QDQ graph: its quantize/dequantize ops and the compute between them.
+
+    TVM 0.27's Relax ONNX frontend imports QuantizeLinear/DequantizeLinear as ``relax.quantize``
+    / ``relax.dequantize`` and keeps Conv/MatMul/Gemm float: fake quantisation, no integer
+    kernel. Said in the report so nobody expects int8 speed from it. ``ops``: op_counts of
+    the imported module."""
+    compute = {k.rsplit(".", 1)[-1]: v for k, v in ops.items() if k in _QDQ_COMPUTE}
+    integer = ", ".join(f"{v} {k}" for k, v in sorted(compute.items())) or "no conv/matmul"
+    return (
+        f"TVM imports the QDQ graph as fake quantisation: {ops['relax.quantize']} quantize and "
+        f"{ops['relax.dequantize']} dequantize around float compute ({integer}); TVM "
+        f"{tvm.__version__}'s ONNX frontend has no integer conv/matmul kernel, so this runs at "
+        "float speed or slower (ONNX Runtime runs the same model on integer kernels)."
+    )
 
 
 def fuse_passes() -> list[Any]:
@@ -465,6 +503,7 @@ class TvmArtifact:
     tasks: list[TaskInfo]
     tuning: TuningSummary | None = None
     rpc: Any = None  # an RpcDevice: run and measure there
+    imported_ops: Counter | None = None  # Relax ops of the imported model (ONNX loads)
     _vm: Any = None
     _dev: Any = None
 
@@ -654,6 +693,24 @@ class TvmBackend:
         """Import, tune within the budget, apply the database, schedule the rest, build."""
         mod = to_relax(module, example_inputs, input_names=input_names)
         return self.compile_relax(mod, [tuple(x.shape) for x in example_inputs])
+
+    def load(
+        self, proto: onnx.ModelProto, input_shapes: Sequence[tuple[int, ...]] | None = None
+    ) -> TvmArtifact:
+        """Compile an ONNX model (e.g. the int8 QDQ model) for ``input_shapes`` (TVM compiles
+        static shapes: required)."""
+        if input_shapes is None:
+            raise BackendError("the TVM backend compiles static shapes: pass input_shapes.")
+        try:
+            mod = relax_from_proto(proto, input_shapes)
+        except Exception as exc:
+            raise BackendError(
+                f"TVM could not import the ONNX model ({type(exc).__name__}: "
+                f"{str(exc).splitlines()[0] if str(exc) else ''}). Use backend='onnxruntime'."
+            ) from exc
+        artifact = self.compile_relax(mod, [tuple(s) for s in input_shapes])
+        artifact.imported_ops = op_counts(mod)
+        return artifact
 
     def compile_relax(self, mod: tvm.IRModule, input_shapes: list[tuple[int, ...]]) -> TvmArtifact:
         fused = fuse(mod, self.tvm_target)

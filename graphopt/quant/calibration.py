@@ -291,6 +291,26 @@ def validate_calibration_batches(
         yield tuple(out)
 
 
+def to_fixed_batch(
+    batches: Iterable[tuple[torch.Tensor, ...]], fixed: int | None
+) -> Iterable[tuple[torch.Tensor, ...]]:
+    """Cut each batch into pieces of ``fixed`` samples, the batch size a model's inputs fix
+    (an ONNX file exported with batch 1 runs one sample at a time); ``None``: as they come."""
+    for i, batch in enumerate(batches):
+        n = int(batch[0].shape[0]) if batch and batch[0].dim() else 0
+        if fixed is None or n == fixed:
+            yield batch
+            continue
+        if n % fixed:
+            raise InputError(
+                f"the model's inputs have a fixed batch size of {fixed}, and calibration batch "
+                f"{i} holds {n} samples, not a multiple of {fixed}. Give batches of a multiple "
+                f"of {fixed} samples, or export the model with a dynamic batch dimension."
+            )
+        for k in range(0, n, fixed):
+            yield tuple(x[k : k + fixed] for x in batch)
+
+
 # ------------------------------------------------------------------------------------------------
 # observers
 

@@ -67,8 +67,12 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from graphopt.errors import BackendError, InputError
-from graphopt.quant.calibration import validate_calibration_batches, weight_qparams
-from graphopt.quant.qdq import QuantReport, quantize_onnx
+from graphopt.quant.calibration import (
+    to_fixed_batch,
+    validate_calibration_batches,
+    weight_qparams,
+)
+from graphopt.quant.qdq import QuantReport, fixed_batch, quantize_onnx
 
 log = logging.getLogger(__name__)
 
@@ -318,7 +322,7 @@ def calibration_batches(calibration: Iterable[Any], model: onnx.ModelProto) -> l
         refs.append(torch.zeros(shape))
     return [
         tuple(x.detach().cpu().float().numpy() for x in batch)
-        for batch in validate_calibration_batches(items, refs)
+        for batch in to_fixed_batch(validate_calibration_batches(items, refs), fixed_batch(model))
     ]
 
 
@@ -641,13 +645,15 @@ def _means(
 def _predictor(model: onnx.ModelProto) -> Callable[..., Any]:
     session = _session(model, optimize=True)
     names = [i.name for i in session.get_inputs()]
+    fixed = fixed_batch(model)
 
     def predict(*arrays: Any) -> Any:
-        feed = {
-            n: np.ascontiguousarray(np.asarray(a), dtype=np.float32)
-            for n, a in zip(names, arrays, strict=True)
-        }
-        outs = session.run(None, feed)
+        batch = tuple(torch.from_numpy(np.asarray(a, dtype=np.float32)) for a in arrays)
+        runs = [
+            session.run(None, {n: x.numpy() for n, x in zip(names, piece, strict=True)})
+            for piece in to_fixed_batch([batch], fixed)  # a fixed-batch model: piece by piece
+        ]
+        outs = [np.concatenate(o) if len(runs) > 1 else o[0] for o in zip(*runs, strict=True)]
         return outs[0] if len(outs) == 1 else tuple(outs)
 
     return predict

@@ -83,6 +83,7 @@ from graphopt.quant.calibration import (
     choose_observer,
     make_observer,
     quantize_bias,
+    to_fixed_batch,
     validate_calibration_batches,
     weight_qparams,
 )
@@ -547,9 +548,23 @@ def _batches(
     # integer inputs (token ids, masks) are checked as float64, exact below 2**53, and fed to
     # the model in its own dtype by _collect
     integer = [j for j, name in enumerate(names) if _input_dtype(model, name) != np.float32]
-    return validate_calibration_batches(
-        (_as_float(batch, integer) for batch in itertools.chain([first], it)), refs
+    return to_fixed_batch(
+        validate_calibration_batches(
+            (_as_float(batch, integer) for batch in itertools.chain([first], it)), refs
+        ),
+        fixed_batch(model),
     )
+
+
+def fixed_batch(model: onnx.ModelProto) -> int | None:
+    """The batch size every input of ``model`` fixes (dim 0 a number), else None (dynamic)."""
+    sizes = set()
+    for vi in model.graph.input:
+        dims = vi.type.tensor_type.shape.dim
+        if not dims or not dims[0].HasField("dim_value") or dims[0].dim_value <= 0:
+            return None
+        sizes.add(dims[0].dim_value)
+    return sizes.pop() if len(sizes) == 1 else None
 
 
 def _input_dtype(model: onnx.ModelProto, name: str) -> np.dtype:

@@ -256,3 +256,28 @@ def test_bad_calibration_data_raises(outlier_head, batch, match):
     proto, _ = outlier_head
     with pytest.raises(InputError, match=match):
         quantize_int8(proto, [(batch,)], method="minmax")
+
+
+def test_fixed_batch_model_is_calibrated_sample_by_sample(outlier_head):
+    """An ONNX file exported with batch 1 takes calibration batches of any size (each is cut
+    into single samples), gives the same parameters as the dynamic-batch export, and the metric's
+    predict runs it on many samples at once."""
+    _, calib = outlier_head
+    model = _init(OutlierHead(), 5)
+    fixed = export_onnx(model, (torch.from_numpy(calib[0][0][:1]),), dynamic_batch=False)
+    dynamic = export_onnx(model, (torch.from_numpy(calib[0][0][:1]),))
+    assert fixed.graph.input[0].type.tensor_type.shape.dim[0].dim_value == 1
+    _, a = quantize_int8(fixed, calib, method="minmax", correct_bias=False)
+    _, b = quantize_int8(dynamic, calib, method="minmax", correct_bias=False)
+    assert a.quant.batches == 4 * len(calib[0][0]) and b.quant.batches == len(calib)
+    for name, qp in b.quant.activations.items():
+        assert torch.equal(qp.scale, a.quant.activations[name].scale), name
+    x = np.concatenate([c[0] for c in calib])
+    np.testing.assert_array_equal(_predictor(fixed)(x), _predictor(dynamic)(x))
+
+
+def test_fixed_batch_that_does_not_divide_the_calibration_batch_is_an_input_error():
+    model = _init(GemmMlp(), 1)
+    fixed = export_onnx(model, (torch.zeros(2, 16),), dynamic_batch=False)
+    with pytest.raises(InputError, match="fixed batch size of 2.*multiple of 2"):
+        quantize_onnx(fixed, [(np.zeros((5, 16), np.float32),)])
