@@ -234,6 +234,33 @@ def relax_from_proto(proto: onnx.ModelProto, input_shapes: Sequence[tuple[int, .
     return relax.transform.DecomposeOpsForInference()(mod)
 
 
+def _first_line(exc: Exception) -> str:
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+
+
+def _fold_shapes(proto: onnx.ModelProto, input_shapes: Sequence[tuple[int, ...]]) -> Any:
+    """``proto`` with static input shapes and its constant subgraphs folded (Shape ->
+    ConstantOfShape chains of a transformer export, which TVM's ONNX importer rejects), by ONNX
+    Runtime's basic level: constant folding and semantics-preserving rewrites only (it leaves
+    the weights' DequantizeLinear unfolded and moves Q/DQ pairs through data-movement ops)."""
+    import onnxruntime as ort
+
+    fixed = onnx.ModelProto()
+    fixed.CopyFrom(proto)
+    for vi, shape in zip(fixed.graph.input, input_shapes, strict=True):
+        dims = vi.type.tensor_type.shape.dim
+        for d, size in zip(dims, shape, strict=True):
+            d.Clear()
+            d.dim_value = int(size)
+    with tempfile.TemporaryDirectory() as tmp:
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        opts.optimized_model_filepath = str(Path(tmp) / "folded.onnx")
+        opts.log_severity_level = 3
+        ort.InferenceSession(fixed.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        return onnx.load(opts.optimized_model_filepath)
+
+
 def op_counts(mod: tvm.IRModule) -> Counter:
     """Relax operators called in ``mod``'s ``main`` (``relax.nn.conv2d``: 3, ...)."""
     counts: Counter = Counter()
@@ -704,10 +731,14 @@ class TvmBackend:
         try:
             mod = relax_from_proto(proto, input_shapes)
         except Exception as exc:
-            raise BackendError(
-                f"TVM could not import the ONNX model ({type(exc).__name__}: "
-                f"{str(exc).splitlines()[0] if str(exc) else ''}). Use backend='onnxruntime'."
-            ) from exc
+            first = _first_line(exc)
+            try:  # shape arithmetic TVM's importer rejects, folded away at the static shapes
+                mod = relax_from_proto(_fold_shapes(proto, input_shapes), input_shapes)
+            except Exception as again:
+                raise BackendError(
+                    f"TVM could not import the ONNX model ({first}; with its shape arithmetic "
+                    f"folded: {_first_line(again)}). Use backend='onnxruntime'."
+                ) from again
         artifact = self.compile_relax(mod, [tuple(s) for s in input_shapes])
         artifact.imported_ops = op_counts(mod)
         return artifact

@@ -12,6 +12,7 @@ import subprocess
 import sys
 
 import numpy as np
+import onnx
 import pytest
 import torch
 from torch import nn
@@ -274,3 +275,37 @@ def test_resnet18_tuned_database_reused(tmp_path):
     assert again.tvm_tuning["reused"] and again.tvm_tuning["trials_run"] == 0
     assert first.tvm_tasks == again.tvm_tasks
     assert first.artifact_error.ok and again.artifact_error.ok
+
+
+def _scalar_constant_of_shape_model() -> onnx.ModelProto:
+    """y = x + ConstantOfShape(shape=[]) (a scalar 0.5): transformer exports build masks this
+    way, and TVM 0.27's ONNX importer rejects it (broadcast_to a rank-0 shape)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    nodes = [
+        helper.make_node("ConstantOfShape", ["empty"], ["half"], value=helper.make_tensor(
+            "v", TensorProto.FLOAT, [1], [0.5])),
+        helper.make_node("Add", ["x", "half"], ["y"]),
+    ]  # fmt: skip
+    graph = helper.make_graph(
+        nodes,
+        "scalar_cos",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(np.zeros(0, np.int64), "empty")],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+
+
+def test_onnx_load_folds_shape_arithmetic_tvm_cannot_import(tmp_path):
+    from graphopt.backends.tvm import relax_from_proto
+
+    model = _scalar_constant_of_shape_model()
+    with pytest.raises(Exception, match="broadcast_to"):
+        relax_from_proto(model, [(2, 4)])  # what TVM's importer does with it as written
+    backend = TvmBackend("cpu", database=tmp_path / "db")
+    x = np.random.default_rng(0).standard_normal((2, 4)).astype(np.float32)
+    out = backend.load(model, [(2, 4)]).run([x])[0]
+    np.testing.assert_array_equal(out, x + np.float32(0.5))
+    with pytest.raises(BackendError, match="static shapes"):
+        backend.load(model)
