@@ -83,6 +83,25 @@ def _pad2d(weight: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
     return F.pad(weight, (0, cols - weight.shape[1], 0, rows - weight.shape[0]))
 
 
+def _rows(x: torch.Tensor, features: int, width: int) -> tuple[torch.Size, torch.Tensor]:
+    """``x``'s leading shape and ``x`` as rows of ``features``, zero-padded to ``width``."""
+    lead = x.shape[:-1]
+    x = x.reshape(-1, features)
+    return lead, (F.pad(x, (0, width - features)) if width != features else x)
+
+
+def _unrows(
+    y: torch.Tensor, lead: torch.Size, features: int, width: int, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """Rows of ``width`` cropped to ``features``, plus ``bias``, back in the ``lead`` shape
+    (the widths are the layer's own numbers: FX traces the layer)."""
+    if width != features:
+        y = y[:, :features]
+    if bias is not None:
+        y = y + bias
+    return y.reshape(lead + (features,))
+
+
 def _check_bias(bias: torch.Tensor | None, out_features: int) -> None:
     if bias is not None and tuple(bias.shape) != (out_features,):
         raise ValueError(f"bias must have shape ({out_features},), got {tuple(bias.shape)}")
@@ -157,10 +176,7 @@ class MonarchLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, p, s, r = self.nblocks, self.in_block, self.out_block, self.rank
-        lead = x.shape[:-1]
-        x = x.reshape(-1, self.in_features)
-        if b * p != self.in_features:
-            x = F.pad(x, (0, b * p - self.in_features))
+        lead, x = _rows(x, self.in_features, b * p)
         if self.interleave_output:
             xb = x.reshape(-1, b, p).transpose(0, 1)  # (b, N, p): block k = x[:, k*p:(k+1)*p]
         else:
@@ -172,11 +188,7 @@ class MonarchLinear(nn.Module):
             y = w.permute(1, 2, 0).reshape(-1, s * b)  # y[:, s' * b + l] = w[l, :, s']
         else:
             y = w.transpose(0, 1).reshape(-1, b * s)  # y[:, l * s + s'] = w[l, :, s']
-        if b * s != self.out_features:
-            y = y[:, : self.out_features]
-        if self.bias is not None:
-            y = y + self.bias
-        return y.reshape(lead + (self.out_features,))
+        return _unrows(y, lead, self.out_features, b * s, self.bias)
 
     # -- the slice view: T[k, l] = W[rows of output block l, columns of input block k]
 
@@ -287,17 +299,10 @@ class BlockDiagonalLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, p, s = self.nblocks, self.in_block, self.out_block
-        lead = x.shape[:-1]
-        x = x.reshape(-1, self.in_features)
-        if b * p != self.in_features:
-            x = F.pad(x, (0, b * p - self.in_features))
+        lead, x = _rows(x, self.in_features, b * p)
         w = torch.matmul(x.reshape(-1, b, p).transpose(0, 1), self.blocks)  # (b, N, s)
         y = w.transpose(0, 1).reshape(-1, b * s)
-        if b * s != self.out_features:
-            y = y[:, : self.out_features]
-        if self.bias is not None:
-            y = y + self.bias
-        return y.reshape(lead + (self.out_features,))
+        return _unrows(y, lead, self.out_features, b * s, self.bias)
 
     def dense_weight(self) -> torch.Tensor:
         """The ``n_out x n_in`` matrix this layer multiplies by (without the bias)."""
