@@ -109,40 +109,13 @@ def test_symmetric_int8_activations_also_fuse(small):
 
 
 def test_digits_accuracy_and_quantize_static(digits, tmp_path):
-    from onnxruntime.quantization import (
-        CalibrationDataReader,
-        QuantFormat,
-        QuantType,
-        quantize_static,
-    )
-
     proto, calib, xte, yte = digits
     fp32 = _accuracy(proto, xte, yte)
     ours = {}
     for method in METHODS:
         qmodel, _ = quantize_onnx(proto, calib, method=method)
         ours[method] = (_accuracy(qmodel, xte, yte), integer_op_counts(ort_optimized_model(qmodel)))
-
-    class Reader(CalibrationDataReader):
-        def __init__(self) -> None:
-            self.it = iter([{proto.graph.input[0].name: b[0]} for b in calib])
-
-        def get_next(self):
-            return next(self.it, None)
-
-    import onnx
-
-    onnx.save(proto, tmp_path / "fp32.onnx")
-    quantize_static(
-        str(tmp_path / "fp32.onnx"),
-        str(tmp_path / "ort.onnx"),
-        Reader(),
-        quant_format=QuantFormat.QDQ,
-        per_channel=True,
-        activation_type=QuantType.QUInt8,
-        weight_type=QuantType.QInt8,
-    )
-    ort_model = onnx.load(tmp_path / "ort.onnx")
+    ort_model = _static(proto, calib, tmp_path)
     theirs = _accuracy(ort_model, xte, yte)
     theirs_ops = integer_op_counts(ort_optimized_model(ort_model))
     print(f"\ndigits fp32 accuracy {fp32:.2f}")
