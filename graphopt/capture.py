@@ -89,14 +89,7 @@ def capture(
             f"onnx.ModelProto; got {type(model).__name__}."
         )
     inputs = _as_tensors(example_inputs) if example_inputs is not None else None
-    try:
-        model = copy.deepcopy(model)
-    except Exception as exc:
-        raise CaptureError(
-            f"could not copy the model ({type(exc).__name__}: {exc}); graphopt "
-            "works on a copy so that your model is never changed. Make the "
-            "module deep-copyable (no open files or locks as attributes)."
-        ) from exc
+    model = _copy_model(model, "graphopt works")
     notes: list[str] = []
     if model.training:
         notes.append(
@@ -181,6 +174,18 @@ def annotate_shapes(gm: fx.GraphModule, inputs: Sequence[torch.Tensor]) -> None:
 
 def _placeholders(gm: fx.GraphModule) -> list[fx.Node]:
     return [n for n in gm.graph.nodes if n.op == "placeholder"]
+
+
+def _copy_model(model: nn.Module, who: str) -> nn.Module:
+    """A deep copy of the user's module, so that nothing graphopt does can change theirs."""
+    try:
+        return copy.deepcopy(model)
+    except Exception as exc:
+        raise CaptureError(
+            f"could not copy the model ({type(exc).__name__}: {exc}); {who} on a copy so that "
+            "your model is never changed. Make the module deep-copyable (no open files or "
+            "locks as attributes)."
+        ) from exc
 
 
 def _as_tensors(example_inputs: Any) -> tuple[torch.Tensor, ...]:

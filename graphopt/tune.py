@@ -40,7 +40,6 @@ BatchNorm layers) first.
 
 from __future__ import annotations
 
-import copy
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -48,7 +47,14 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from graphopt.capture import _as_tensors, _check_runs, _failing_line, _first_line, _Tracer
+from graphopt.capture import (
+    _as_tensors,
+    _check_runs,
+    _copy_model,
+    _failing_line,
+    _first_line,
+    _Tracer,
+)
 from graphopt.errors import CaptureError, GraphoptError
 from graphopt.pass_manager import PassContext, PassManager
 from graphopt.passes.tune_conv_bn import TuneConvBN
@@ -101,13 +107,7 @@ def tune_mode(
             "call .train() on the returned module for dropout: its BatchNorms stay frozen."
         )
     inputs = _as_tensors(example_inputs) if example_inputs is not None else None
-    try:
-        model = copy.deepcopy(model)
-    except Exception as exc:
-        raise CaptureError(
-            f"could not copy the model ({type(exc).__name__}: {exc}); tune_mode works on a "
-            "copy so that your model is never changed. Make the module deep-copyable."
-        ) from exc
+    model = _copy_model(model, "tune_mode works")
     if inputs is not None:
         _check_runs(model, inputs)
     gm = _trace(model, leaf_modules, concrete_args)
