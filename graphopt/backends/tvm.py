@@ -204,14 +204,13 @@ def to_relax(
             exported = torch.export.export(module, inputs)
         return from_exported_program(exported, keep_params_as_input=False)
     except Exception as exc:  # torch.export or the Relax importer: try the ONNX route
-        first = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        first = _first_line(exc)
     try:
         return _relax_from_onnx(module, inputs, input_names)
     except Exception as exc:
         raise BackendError(
             "TVM could not import the graph: torch.export -> Relax failed "
-            f"({first}) and ONNX -> Relax failed ({type(exc).__name__}: "
-            f"{str(exc).splitlines()[0] if str(exc) else ''}). Use backend='onnxruntime'."
+            f"({first}) and ONNX -> Relax failed ({_first_line(exc)}). Use backend='onnxruntime'."
         ) from exc
 
 
@@ -243,7 +242,7 @@ def _fold_shapes(proto: onnx.ModelProto, input_shapes: Sequence[tuple[int, ...]]
     ConstantOfShape chains of a transformer export, which TVM's ONNX importer rejects), by ONNX
     Runtime's basic level: constant folding and semantics-preserving rewrites only (it leaves
     the weights' DequantizeLinear unfolded and moves Q/DQ pairs through data-movement ops)."""
-    import onnxruntime as ort
+    from graphopt.quant.qdq import ort_optimized_model
 
     fixed = onnx.ModelProto()
     fixed.CopyFrom(proto)
@@ -252,13 +251,7 @@ def _fold_shapes(proto: onnx.ModelProto, input_shapes: Sequence[tuple[int, ...]]
         for d, size in zip(dims, shape, strict=True):
             d.Clear()
             d.dim_value = int(size)
-    with tempfile.TemporaryDirectory() as tmp:
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-        opts.optimized_model_filepath = str(Path(tmp) / "folded.onnx")
-        opts.log_severity_level = 3
-        ort.InferenceSession(fixed.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-        return onnx.load(opts.optimized_model_filepath)
+    return ort_optimized_model(fixed, "basic")
 
 
 def op_counts(mod: tvm.IRModule) -> Counter:

@@ -878,12 +878,14 @@ def quantize_onnx(
 
 def ort_optimized_model(model: onnx.ModelProto, level: str = "extended") -> onnx.ModelProto:
     """The graph ONNX Runtime (CPU) runs after its optimisations, read back from the file
-    ``SessionOptions.optimized_model_filepath`` writes. ``level``: ``extended`` or ``all``.
+    ``SessionOptions.optimized_model_filepath`` writes. ``level``: ``basic`` (constant folding
+    and semantics-preserving rewrites only), ``extended`` or ``all``.
     """
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "optimized.onnx")
         opts = ort.SessionOptions()
         opts.graph_optimization_level = {
+            "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
             "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
             "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
         }[level]
@@ -896,7 +898,7 @@ def ort_optimized_model(model: onnx.ModelProto, level: str = "extended") -> onnx
             )
         except Exception as exc:
             raise BackendError(
-                f"ONNX Runtime could not load the quantised model: {type(exc).__name__}: {exc}"
+                f"ONNX Runtime could not load the model: {type(exc).__name__}: {exc}"
             ) from exc
         return onnx.load(path)
 
