@@ -457,18 +457,7 @@ def measure_model(built: Built, args: argparse.Namespace, log: Callable[[str], N
             break
         log(f"{case.name}: other processes used {other:.1f} cores while timing; timing again")
     fp32 = timings["ORT fp32"].median_ms
-    result["rows"] = [
-        {
-            "variant": label,
-            **rows[label],
-            "median_ms": t.median_ms,
-            "p10_ms": t.p10_ms,
-            "p90_ms": t.p90_ms,
-            "runs": t.runs,
-            "speedup_vs_fp32": fp32 / t.median_ms,
-        }
-        for label, t in timings.items()
-    ]
+    result["rows"] = [_row(label, rows[label], t, fp32) for label, t in timings.items()]
     if built.tvm is not None:
         # far slower: its own short interleaved run against ORT fp32, after the others
         names = [i.name for i in case.proto.graph.input]
@@ -481,19 +470,25 @@ def measure_model(built: Built, args: argparse.Namespace, log: Callable[[str], N
             runs=args.tvm_runs,
             max_time_s=args.max_time_s,
         )
-        result["rows"].append(
-            {
-                "variant": TVM_LABEL,
-                **rows[TVM_LABEL],
-                "median_ms": t[TVM_LABEL].median_ms,
-                "p10_ms": t[TVM_LABEL].p10_ms,
-                "p90_ms": t[TVM_LABEL].p90_ms,
-                "runs": t[TVM_LABEL].runs,
-                "fp32_ms_same_run": t["ORT fp32"].median_ms,
-                "speedup_vs_fp32": t["ORT fp32"].median_ms / t[TVM_LABEL].median_ms,
-            }
+        same_run = {"fp32_ms_same_run": t["ORT fp32"].median_ms}
+        row = _row(
+            TVM_LABEL, {**rows[TVM_LABEL], **same_run}, t[TVM_LABEL], t["ORT fp32"].median_ms
         )
+        result["rows"].append(row)
     return result
+
+
+def _row(label: str, info: dict, t: Any, fp32_ms: float) -> dict:
+    """One variant's row: what was recorded while building it, its timing, its ratio."""
+    return {
+        "variant": label,
+        **info,
+        "median_ms": t.median_ms,
+        "p10_ms": t.p10_ms,
+        "p90_ms": t.p90_ms,
+        "runs": t.runs,
+        "speedup_vs_fp32": fp32_ms / t.median_ms,
+    }
 
 
 def verdicts(models: list[dict]) -> dict:
