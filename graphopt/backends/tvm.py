@@ -227,10 +227,16 @@ def relax_from_proto(proto: onnx.ModelProto, input_shapes: Sequence[tuple[int, .
     """Import an ONNX model into Relax with static input shapes and weights as constants."""
     from tvm.relax.frontend.onnx import from_onnx
 
-    names = [i.name for i in proto.graph.input]
+    names = _onnx_inputs(proto)
     shapes = {n: list(s) for n, s in zip(names, input_shapes, strict=True)}
     mod = from_onnx(proto, shape_dict=shapes, keep_params_in_input=False)
     return relax.transform.DecomposeOpsForInference()(mod)
+
+
+def _onnx_inputs(proto: onnx.ModelProto) -> list[str]:
+    """The model's inputs that are not weights (older exports list weights as inputs too)."""
+    weights = {t.name for t in proto.graph.initializer}
+    return [i.name for i in proto.graph.input if i.name not in weights]
 
 
 def _first_line(exc: Exception) -> str:
@@ -246,7 +252,9 @@ def _fold_shapes(proto: onnx.ModelProto, input_shapes: Sequence[tuple[int, ...]]
 
     fixed = onnx.ModelProto()
     fixed.CopyFrom(proto)
-    for vi, shape in zip(fixed.graph.input, input_shapes, strict=True):
+    wanted = set(_onnx_inputs(proto))
+    inputs = [vi for vi in fixed.graph.input if vi.name in wanted]
+    for vi, shape in zip(inputs, input_shapes, strict=True):
         dims = vi.type.tensor_type.shape.dim
         for d, size in zip(dims, shape, strict=True):
             d.Clear()
@@ -721,6 +729,11 @@ class TvmBackend:
         static shapes: required)."""
         if input_shapes is None:
             raise BackendError("the TVM backend compiles static shapes: pass input_shapes.")
+        if len(names := _onnx_inputs(proto)) != len(input_shapes):
+            raise BackendError(
+                f"the ONNX model takes {len(names)} input(s) {names}, but {len(input_shapes)} "
+                "input shape(s) were given: give one static shape per model input, in order."
+            )
         try:
             mod = relax_from_proto(proto, input_shapes)
         except Exception as exc:

@@ -309,3 +309,5 @@ def test_onnx_load_folds_shape_arithmetic_tvm_cannot_import(tmp_path):
     np.testing.assert_array_equal(out, x + np.float32(0.5))
     with pytest.raises(BackendError, match="static shapes"):
         backend.load(model)
+    with pytest.raises(BackendError, match=r"takes 1 input\(s\) \['x'\], but 2 input shape"):
+        backend.load(model, [(2, 4), (2, 4)])
