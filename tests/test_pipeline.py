@@ -2,11 +2,24 @@
 
 from __future__ import annotations
 
+import dataclasses
+import re
+import typing
+
 import pytest
 
 from graphopt.errors import PipelineError
+from graphopt.pass_manager import Pass
 from graphopt.passes import FoldConvBN
-from graphopt.pipeline import parse_pipeline, registered_passes
+from graphopt.pipeline import (
+    _REGISTRY,
+    check_option,
+    get_pass,
+    option_fields,
+    parse_pipeline,
+    register_pass,
+    registered_passes,
+)
 
 
 @pytest.mark.parametrize(
@@ -96,3 +109,100 @@ def test_registry_lists_builtin_passes_with_docs():
         cls = passes[name]
         assert cls.name == name and cls.__doc__
         assert cls.__module__.endswith(name.replace("-", "_"))
+
+
+# ------------------------------------------------------------------------------------------------
+# option values are checked where they are made (issue 15, item 15)
+
+
+@pytest.mark.parametrize(
+    "text, needle",
+    [
+        ("merge-convs{budget=nan}", "bad value 'nan' for option 'budget' of pass 'merge-convs'"),
+        ("merge-convs{budget=-0.5}", "option 'budget' of pass 'merge-convs': out of range"),
+        ("merge-convs{max_time_s=inf}", "expected a finite number"),
+        ("equalize-layers{tolerance=-1}", "valid: numbers >= 0"),
+        ("equalize-layers{max_sweeps=-3}", "valid: integers >= 0"),
+        ("fold-constants{max_elements=-5}", "option 'max_elements' of pass 'fold-constants'"),
+        ("substitute-monarch{calibration_rows=-1}", "out of range"),
+        ("merge-convs{runs=3.5}", "expected an integer"),
+        ("merge-convs{budget=lots}", "expected a number"),
+    ],
+)
+def test_bad_numbers_are_refused_at_parse_time_with_a_caret(text, needle):
+    with pytest.raises(PipelineError, match=re.escape(needle)) as info:
+        parse_pipeline(text)
+    lines = str(info.value).splitlines()
+    assert lines[-1].index("^") == lines[-2].index("=") + 1  # under the value
+
+
+def test_every_registered_default_is_valid():
+    for cls in registered_passes().values():
+        cls()  # checks each default against the rules
+        for name, f in option_fields(cls).items():
+            if f.default is not dataclasses.MISSING:
+                assert check_option(cls, name, f.default) == f.default
+
+
+@pytest.mark.parametrize(
+    "values, needle",
+    [
+        ({"budget": "0.1"}, "expected a float, got str. Give the number itself: budget=0.1"),
+        ({"budget": float("nan")}, "bad value nan for option 'budget'"),
+        ({"budget_ms": -1.0}, "valid: numbers >= 0"),
+        ({"runs": True}, "expected an integer, got bool"),
+        ({"cache": "yes"}, "expected true or false"),
+        ({"resolution": None}, "expected an integer, got None"),
+    ],
+)
+def test_pass_constructor_checks_values_like_the_parser(values, needle):
+    with pytest.raises(PipelineError, match=re.escape(needle)):
+        get_pass("merge-convs")(**values)
+
+
+def test_options_object_and_replace_are_checked_too():
+    options = get_pass("equalize-layers").Options
+    with pytest.raises(PipelineError, match="'tolerance' of pass 'equalize-layers'"):
+        options(tolerance=float("-inf"))
+    with pytest.raises(PipelineError, match="'max_sweeps'"):
+        dataclasses.replace(options(), max_sweeps=-1)
+
+
+def test_an_int_for_a_float_option_is_stored_as_the_parser_would():
+    p = get_pass("merge-convs")(max_time_s=5)
+    assert p.options.max_time_s == 5.0 and isinstance(p.options.max_time_s, float)
+    assert str(p) == str(parse_pipeline("merge-convs{max_time_s=5}").instantiate()[0])
+
+
+def test_optional_float_accepts_none_in_a_pipeline_string():
+    (spec,) = parse_pipeline("insert-qdq{max_drop=none}")
+    assert spec.instantiate().options.max_drop is None
+    with pytest.raises(PipelineError, match="'max_drop'.*out of range"):
+        parse_pipeline("insert-qdq{max_drop=-0.1}")
+
+
+def test_metadata_bounds_and_negative_defaults():
+    class CheckBounds(Pass):
+        name = "test-check-bounds"
+
+        @dataclasses.dataclass(frozen=True)
+        class Options:
+            fraction: float = dataclasses.field(default=0.5, metadata={"min": 0, "max": 1})
+            offset: int = -1  # a negative default: negative values are meant
+            shift: float = dataclasses.field(default=0.0, metadata={"min": None})
+            mode: typing.Literal["a", "b"] = "a"
+
+    register_pass(CheckBounds)
+    try:
+        assert CheckBounds(offset=-7, shift=-2.5).options.offset == -7
+        with pytest.raises(PipelineError, match=re.escape("valid: numbers in [0, 1]")):
+            parse_pipeline("test-check-bounds{fraction=1.5}")
+        with pytest.raises(PipelineError, match=re.escape("valid: numbers in [0, 1]")):
+            CheckBounds(fraction=-0.1)
+        with pytest.raises(PipelineError, match="expected one of 'a', 'b'"):
+            CheckBounds(mode="c")
+        assert str(parse_pipeline("test-check-bounds{shift=-1.5,offset=-2}")) == (
+            "test-check-bounds{shift=-1.5,offset=-2}"
+        )
+    finally:
+        _REGISTRY.pop("test-check-bounds", None)
