@@ -8,6 +8,8 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
+import math
+import numbers
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -20,11 +22,13 @@ from graphopt.backends import get_backend
 from graphopt.backends.measure import time_interleaved
 from graphopt.capture import Captured, InputSpec, capture
 from graphopt.errors import (
+    ArgumentError,
     BackendError,
     GraphoptError,
     InputError,
     VerificationError,
     close_matches,
+    graphopt_errors_only,
 )
 from graphopt.pass_manager import (
     Instrument,
@@ -33,11 +37,13 @@ from graphopt.pass_manager import (
     PassManager,
     PrintTiming,
     Reproducer,
+    run_samples,
+    sample_labels,
 )
 from graphopt.pipeline import PassSpec, Pipeline, format_value, parse_pipeline
 from graphopt.report import Progress, Report, op_counts
 from graphopt.target import Target
-from graphopt.verify import compare, exact_tolerance, run_module
+from graphopt.verify import compare, exact_tolerance, rounding_error, run_module
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +113,7 @@ class OptimizedModel:
                     "shape."
                 )
 
+    @graphopt_errors_only
     def __call__(self, *args: Any) -> Any:
         self.check_inputs(args)
         as_torch = any(isinstance(x, torch.Tensor) for x in args)
@@ -116,6 +123,7 @@ class OptimizedModel:
             outputs = [torch.from_numpy(np.asarray(o)) for o in outputs]
         return outputs[0] if len(outputs) == 1 else tuple(outputs)
 
+    @graphopt_errors_only
     def save(self, path: str | Path) -> Path:
         """Write the deployable artifact.
 
@@ -123,6 +131,10 @@ class OptimizedModel:
         list and XNNPACK session settings beside it). TVM: ``.so``, a shared library with the
         weights embedded that ``tvm.runtime.load_module`` + ``relax.VirtualMachine`` run.
         """
+        if not isinstance(path, str | Path):
+            raise ArgumentError(
+                f"save() takes a file path (str or pathlib.Path), got {type(path).__name__}."
+            )
         path = Path(path)
         suffixes = SAVE_SUFFIXES[self.report.backend]
         if path.suffix not in suffixes:
@@ -143,6 +155,7 @@ class OptimizedModel:
         )
 
 
+@graphopt_errors_only
 def optimize(
     model: nn.Module | str | Path | Any,
     target: str | Target = "cpu",
@@ -167,6 +180,7 @@ def optimize(
     instruments: Sequence[Instrument] = (),
     progress: bool = False,
     name: str | None = None,
+    accept_mismatch: bool = False,
 ) -> OptimizedModel:
     """Optimize ``model`` for ``target`` and return an :class:`OptimizedModel`.
 
@@ -205,10 +219,19 @@ def optimize(
     the architecture, before its final merge (the verification after that pass then compares
     the fine-tuned graph).
 
+    ``verify``: every check runs on the example inputs and, where one of them is constant (all
+    zeros...), on a seeded random input of the same shape too; exact contracts allow the
+    model's own float32 rounding (measured against a float64 run) where that is larger than
+    ``1e-5 x max|output|``. A check that fails at capture or on the final artifact raises
+    :class:`VerificationError` naming the stage at fault (capture, a pass, export, backend);
+    ``accept_mismatch=True`` (for experts) returns the artifact anyway, with the mismatch in
+    ``report.warnings``. Only :class:`GraphoptError` subclasses escape ``optimize``.
+
     >>> result = optimize(model, "cpu", example_inputs=(x,))
     >>> print(result.report)
     >>> result.save("model.onnx")
     """
+    _check_arguments(trials, tune_minutes, database, max_drop, instruments, metric, finetune)
     say = Progress(progress)
     tgt = Target.parse(target)  # bad strings fail before any heavy work
     pipe = parse_pipeline(pipeline if pipeline is not None else tgt.default_pipeline)
@@ -237,6 +260,7 @@ def optimize(
         model, example_inputs, leaf_modules=leaf_modules, concrete_args=concrete_args
     )
     inputs = captured.example_inputs
+    samples = captured.check_inputs
     original = copy.deepcopy(captured.graph)
     if int8:  # bad calibration data fails here, before any pass runs
         from graphopt.quant.calibration import validate_calibration_batches
@@ -253,9 +277,15 @@ def optimize(
     user_model = (
         copy.deepcopy(model).eval() if onnx_original is None and (verify or measure) else None
     )
-    verify_outputs = _reference_outputs(user_model, captured, onnx_original) if verify else None
+    check = _Check(samples, accept_mismatch)
+    if verify:
+        check.reference = _reference_outputs(user_model, samples, onnx_original)
+        check.measure_rounding(user_model if user_model is not None else captured.graph)
+        check.capture(captured)
     ctx = PassContext(
         sample_inputs=inputs if verify else None,
+        extra_sample_inputs=samples[1:] if verify else [],
+        rounding=check.rounding,
         calibration_data=calibration_data,
         finetune=finetune,
         metric=metric,
@@ -286,9 +316,9 @@ def optimize(
         graph_error=result.end_to_end,
         threads=getattr(runtime, "threads", 0),
     )
-    lowering = _Lowering(
-        gm, inputs, input_names, original, manager, result, verify_outputs, strict, report, say
-    )
+    check.attach(report)
+    check.pipeline(result)
+    lowering = _Lowering(gm, inputs, input_names, original, manager, result, check, report, say)
     say(f"lowering to {runtime.name}")
     quantization = None
     if int8:
@@ -313,7 +343,140 @@ def optimize(
         specs = [
             dataclasses.replace(s, shape=tuple(x.shape)) for s, x in zip(specs, inputs, strict=True)
         ]
+    gm.eval()  # what graphopt returns is in eval mode, whatever the input was
     return OptimizedModel(artifact, gm, report, specs, runtime, quantization)
+
+
+def _check_arguments(trials, tune_minutes, database, max_drop, instruments, metric, finetune):
+    """Refuse impossible argument values before any heavy work, each with what to pass."""
+    if isinstance(trials, bool) or not isinstance(trials, numbers.Integral) or trials < 0:
+        raise ArgumentError(f"trials must be an integer >= 0 (0: no tuning), got {trials!r}.")
+    if tune_minutes is not None and (
+        isinstance(tune_minutes, bool)
+        or not isinstance(tune_minutes, numbers.Real)
+        or not math.isfinite(tune_minutes)
+        or tune_minutes <= 0
+    ):
+        raise ArgumentError(
+            f"tune_minutes must be a finite number of minutes > 0 (or None), got {tune_minutes!r}."
+        )
+    if max_drop is not None and (
+        isinstance(max_drop, bool)
+        or not isinstance(max_drop, numbers.Real)
+        or not math.isfinite(max_drop)
+        or max_drop < 0
+    ):
+        raise ArgumentError(
+            f"max_drop must be a number >= 0, a drop of the metric (e.g. 0.01), got {max_drop!r}."
+        )
+    if database is not None:
+        if not isinstance(database, str | Path):
+            raise ArgumentError(
+                f"database must be a directory path, got {type(database).__name__}."
+            )
+        path = Path(database)
+        if path.exists() and not path.is_dir():
+            raise ArgumentError(
+                f"database={str(database)!r} is a file; TVM's tuning database is a directory. "
+                "Pass a directory (it is created if missing)."
+            )
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ArgumentError(
+                f"cannot create the tuning database directory {str(database)!r}: "
+                f"{exc.strerror or exc}; pass a writable directory."
+            ) from exc
+    for inst in instruments:
+        if not isinstance(inst, Instrument):
+            raise ArgumentError(
+                f"instruments must be graphopt.pass_manager.Instrument instances (PrintIR(), "
+                f"DumpIR(dir), ...), got a {type(inst).__name__}."
+            )
+    for label, fn in (("metric", metric), ("finetune", finetune)):
+        if fn is not None and not callable(fn):
+            raise ArgumentError(f"{label} must be a callable, got a {type(fn).__name__}.")
+
+
+class _Check:
+    """The end-to-end checks of one ``optimize`` run: reference outputs on every sample, the
+    model's float32 rounding, and what happens when a stage breaks the contract."""
+
+    def __init__(self, samples: list[tuple], accept_mismatch: bool) -> None:
+        self.samples = samples
+        self.accept = accept_mismatch
+        self.reference: list[torch.Tensor] | None = None
+        self.rounding: list[float] | None = None
+        self.labels: list[str] | None = None
+        self.warnings: list[str] = []
+        self.report: Report | None = None
+
+    def measure_rounding(self, module: nn.Module) -> None:
+        """How far float32 rounding alone moves the model's outputs (``None`` for the floor)."""
+        per_sample = len(self.reference) // len(self.samples)
+        self.labels = sample_labels(per_sample, len(self.samples))
+        errors: list[float] = []
+        for k, sample in enumerate(self.samples):
+            got = rounding_error(
+                module, sample, self.reference[k * per_sample : (k + 1) * per_sample]
+            )
+            if got is None:
+                return
+            errors += got
+        self.rounding = errors
+
+    def compare(self, outputs: list[torch.Tensor], numerics: Numerics) -> Any:
+        return compare(
+            self.reference, outputs, numerics, rounding=self.rounding, labels=self.labels
+        )
+
+    def capture(self, captured: Captured) -> None:
+        """The captured graph, before any pass, must compute what the user's model computes."""
+        error = self.compare(run_samples(captured.graph, self.samples), Numerics.exact())
+        if not error.ok:
+            what = "importing the ONNX model" if captured.method == "onnx" else captured.method
+            self.fail(
+                "capture",
+                f"the captured graph ({what}) differs from the model before any pass ran: "
+                f"{error.describe()}. Capture is at fault: report it with the model; "
+                "leaf_modules=[...] keeps the offending module opaque.",
+                error,
+            )
+
+    def pipeline(self, result: Any) -> None:
+        """Each pass is checked and rolled back alone; the passes together must hold too."""
+        error = result.end_to_end
+        if error is not None and not error.ok:
+            self.fail(
+                "pipeline",
+                "every pass kept its own contract, but together they moved the outputs beyond "
+                f"the pipeline's contract: {error.describe()}. Drop passes from the pipeline "
+                "to find the combination (PassManager with strict=True shows each step).",
+                error,
+            )
+
+    def attach(self, report: Report) -> None:
+        self.report = report
+        report.warnings += self.warnings
+
+    def fail(self, stage: str, message: str, error: Any) -> None:
+        """Raise :class:`VerificationError` naming ``stage``, or with ``accept_mismatch`` warn."""
+        log.warning(message)
+        if self.report is not None:
+            self.report.warnings.append(message)
+        else:
+            self.warnings.append(message)
+        if self.accept:
+            return
+        exc = VerificationError(
+            message + " (accept_mismatch=True returns the artifact anyway, with this warning.)",
+            output=error.output,
+            measured=error.measured,
+            allowed=error.allowed,
+            stage=stage,
+        )
+        exc.report = self.report
+        raise exc
 
 
 def int8_pipeline(
@@ -361,25 +524,21 @@ def _check_precision(precision, pipe, calibration_data, backend, max_drop, metri
             "batches of inputs representative of deployment (a few hundred samples in all; "
             "from the CLI, --calibration data.npz)."
         )
-    if max_drop is not None and not max_drop >= 0:
-        raise InputError(f"max_drop must be a metric drop >= 0 (e.g. 0.01), got {max_drop}.")
     return True
 
 
 class _Lowering:
     """Lowers the rewritten graph to a backend and checks the artifact against the model."""
 
-    def __init__(
-        self, gm, inputs, input_names, original, manager, result, reference, strict, report, say
-    ) -> None:
+    def __init__(self, gm, inputs, input_names, original, manager, result, check, report, say):
         self.gm = gm
         self.inputs = inputs
         self.input_names = input_names
         self.original = original
         self.manager = manager
         self.result = result
-        self.reference = reference
-        self.strict = strict
+        self.check = check
+        self.reference = check.reference
         self.report = report
         self.say = say
         self.errors: dict[str, Any] = {}  # backend name -> Comparison of its artifact
@@ -429,22 +588,27 @@ class _Lowering:
             )
         if self.reference is None:
             return artifact, quant
-        arrays = [x.numpy() for x in self.inputs]
-        got = [torch.from_numpy(np.asarray(o)) for o in artifact.run(arrays)]
-        error = self.errors[runtime.name] = compare(self.reference, got, InsertQDQ.numerics)
+        error = self.errors[runtime.name] = self.check.compare(
+            self.run(artifact), InsertQDQ.numerics
+        )
         self.report.artifact_error = error
         if not error.ok:
-            message = (
+            self.check.fail(
+                "insert-qdq",
                 f"the int8 artifact is further from the model than insert-qdq's contract "
                 f"{InsertQDQ.numerics} allows: {error.describe()}. Use more representative "
-                "calibration data, set max_drop, or skip the worst layers."
+                "calibration data, set max_drop, or skip the worst layers.",
+                error,
             )
-            if self.strict:
-                raise VerificationError(
-                    message, output=error.output, measured=error.measured, allowed=error.allowed
-                )
-            self.report.warnings.append(message)
         return artifact, quant
+
+    def run(self, artifact: Any) -> list[torch.Tensor]:
+        """The artifact's outputs on every check sample, concatenated."""
+        return [
+            torch.from_numpy(np.asarray(o))
+            for sample in self.check.samples
+            for o in artifact.run([x.numpy() for x in sample])
+        ]
 
     def lower(self, runtime: Any) -> Any:
         """Compile for ``runtime``; verify (and on a disagreement bisect) unless it can't run."""
@@ -457,38 +621,23 @@ class _Lowering:
                 "not run: pass rpc='host:port/key' to check its numbers on the device."
             )
             return artifact
-        arrays = [x.numpy() for x in self.inputs]
-        got = [torch.from_numpy(np.asarray(o)) for o in artifact.run(arrays)]
-        error = self.errors[runtime.name] = compare(
-            self.reference, got, _artifact_numerics(self.result)
+        error = self.errors[runtime.name] = self.check.compare(
+            self.run(artifact), _artifact_numerics(self.result)
         )
         if runtime.name == self.report.backend:
             self.report.artifact_error = error
         if not error.ok:
             self.say("the artifact disagrees with the model: bisecting the pipeline")
             quiet = runtime.without_tuning() if hasattr(runtime, "without_tuning") else runtime
-            self.report.artifact_diagnosis = _bisect_lowering(
-                quiet,
-                self.original,
-                self.manager,
-                self.result,
-                self.inputs,
-                self.input_names,
-                self.reference,
-            )
-            message = (
+            stage, diagnosis = _bisect_lowering(quiet, self, _artifact_numerics(self.result))
+            self.report.artifact_diagnosis = diagnosis
+            self.check.fail(
+                stage,
                 f"the {runtime.name} artifact differs from the original model beyond the "
-                f"pipeline's contract: {error.describe()}. {self.report.artifact_diagnosis}"
+                f"pipeline's contract: {error.describe()}. The rewritten graph itself was "
+                f"within its contract. {diagnosis}",
+                error,
             )
-            if self.strict:
-                raise VerificationError(
-                    message + " The rewritten graph itself was within its "
-                    "contract; the difference comes from lowering.",
-                    output=error.output,
-                    measured=error.measured,
-                    allowed=error.allowed,
-                )
-            log.warning(message)
         return artifact
 
 
@@ -588,13 +737,18 @@ def _load_original_onnx(runtime: Any, model: Any) -> Any:
 
 
 def _reference_outputs(
-    user_model: nn.Module | None, captured: Captured, onnx_original: Any
+    user_model: nn.Module | None, samples: list[tuple], onnx_original: Any
 ) -> list[torch.Tensor]:
-    """Outputs of the user's model itself (its eval copy / ONNX Runtime on the user's file)."""
+    """Outputs of the user's model itself (its eval copy / ONNX Runtime on the user's file) on
+    every check sample, concatenated."""
     if onnx_original is not None:
-        arrays = [x.numpy() for x in captured.example_inputs]
-        return [torch.from_numpy(np.asarray(o)) for o in onnx_original.run(arrays)]
-    return run_module(user_model, captured.example_inputs)
+        return [
+            torch.from_numpy(np.asarray(o))
+            for sample in samples
+            for o in onnx_original.run([x.numpy() for x in sample])
+        ]
+    # copies: a model that writes to its inputs was refused at capture; these are ours anyway
+    return [t for sample in samples for t in run_module(user_model, [x.clone() for x in sample])]
 
 
 def _artifact_numerics(result: Any) -> Numerics:
@@ -612,52 +766,85 @@ def _artifact_numerics(result: Any) -> Numerics:
     return Numerics.exact()
 
 
-def _bisect_lowering(
-    runtime: Any,
-    original: fx.GraphModule,
-    manager: PassManager,
-    result: Any,
-    inputs: tuple[torch.Tensor, ...],
-    input_names: list[str],
-    reference: list[torch.Tensor],
-) -> str:
-    """Find the first applied pass after which the lowered artifact disagrees with the model.
+def _bisect_lowering(runtime: Any, lowering: _Lowering, numerics: Numerics) -> tuple[str, str]:
+    """Find the stage at which the lowered artifact first disagrees with the model.
 
     Binary search over prefixes of the passes that changed the graph: each probe re-runs the
     prefix on a copy of the captured graph, lowers it and compares. A disagreement already at
-    prefix 0 means the exporter/backend, not a pass, is at fault.
+    prefix 0 means the export or the backend is at fault, not a pass; which one is told apart
+    by running the same export in ONNX's reference evaluator (and, for TVM, in ONNX Runtime).
+    Returns ``(stage, diagnosis)``.
     """
     applied = [
         p
-        for p, r in zip(manager.passes, result.records, strict=True)
+        for p, r in zip(lowering.manager.passes, lowering.result.records, strict=True)
         if r.status == "ok" and r.modified
     ]
-    numerics = _artifact_numerics(result)
-    arrays = [x.numpy() for x in inputs]
 
-    def agrees(k: int) -> bool:
-        gm = copy.deepcopy(original)
-        gm = PassManager(applied[:k], verify=False).run(gm, PassContext()).graph
+    def graph(k: int) -> fx.GraphModule:
+        gm = copy.deepcopy(lowering.original)
+        return PassManager(applied[:k], verify=False).run(gm, PassContext()).graph
+
+    def agrees(k: int, backend: Any = runtime) -> bool:
         try:
-            artifact = runtime.compile(gm, inputs, input_names=input_names)
-            got = [torch.from_numpy(np.asarray(o)) for o in artifact.run(arrays)]
+            artifact = backend.compile(graph(k), lowering.inputs, input_names=lowering.input_names)
+            return lowering.check.compare(lowering.run(artifact), numerics).ok
         except GraphoptError:
             return False
-        return compare(reference, got, numerics).ok
 
     if not agrees(0):
-        return (
-            f"The unrewritten graph already disagrees once lowered to {runtime.name}: the "
-            "export or the backend is at fault, not a pass."
-        )
+        return _blame_lowering(runtime, lowering, graph(0), numerics, agrees)
     lo, hi = 0, len(applied)  # agrees(lo) is true, agrees(hi) is false
     while hi - lo > 1:
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if agrees(mid) else (lo, mid)
-    return (
-        f"Bisection: the lowered artifact first disagrees after pass {applied[hi - 1]} "
-        f"(the graph agreed in torch, so that rewrite does not survive lowering to "
-        f"{runtime.name})."
+    culprit = applied[hi - 1]
+    return f"pass {culprit.name}", (
+        f"Bisection: the lowered artifact first disagrees after pass {culprit} (the graph "
+        f"agreed in torch, so that rewrite does not survive lowering to {runtime.name})."
+    )
+
+
+def _blame_lowering(runtime, lowering, gm, numerics, agrees) -> tuple[str, str]:
+    """The unrewritten graph disagrees once lowered: the exporter's or the backend's fault?"""
+    if runtime.name != "onnxruntime":
+        ort = get_backend("onnxruntime", Target.parse(lowering.report.target))
+        if agrees(0, ort):
+            return f"backend {runtime.name}", (
+                f"The unrewritten graph already disagrees once lowered to {runtime.name}, while "
+                f"ONNX Runtime runs it right: the {runtime.name} backend is at fault, not a pass."
+            )
+    from graphopt.backends.onnxruntime import export_onnx
+
+    try:
+        from onnx.reference import ReferenceEvaluator
+
+        proto = export_onnx(gm, lowering.inputs, input_names=lowering.input_names)
+        evaluator = ReferenceEvaluator(proto)
+        names = [i.name for i in proto.graph.input]
+        got = [
+            torch.from_numpy(np.asarray(o))
+            for sample in lowering.check.samples
+            for o in evaluator.run(
+                None, {n: x.numpy() for n, x in zip(names, sample, strict=False)}
+            )
+        ]
+        export_ok = lowering.check.compare(got, numerics).ok
+    except Exception:  # noqa: BLE001 - the reference evaluator lacks ops: cannot tell
+        return "export or backend", (
+            f"The unrewritten graph already disagrees once lowered to {runtime.name}: the ONNX "
+            "export or the backend is at fault, not a pass (ONNX's reference evaluator could "
+            "not run the export to tell which)."
+        )
+    if export_ok:
+        return "backend onnxruntime", (
+            "The unrewritten graph already disagrees once lowered: its ONNX export is right "
+            "(ONNX's reference evaluator agrees with the model), ONNX Runtime runs it wrong."
+        )
+    return "export", (
+        "The unrewritten graph already disagrees once lowered: its ONNX export computes "
+        "something else (ONNX's reference evaluator disagrees with the model too); the "
+        "export is at fault, not a pass."
     )
 
 

@@ -59,6 +59,13 @@ class Captured:
     inputs: list[InputSpec]
     notes: list[str] = field(default_factory=list)
 
+    @property
+    def check_inputs(self) -> list[tuple[torch.Tensor, ...]]:
+        """The input samples every check runs on: the example inputs, and where one of them is
+        constant (all zeros...), a seeded random sample of the same shapes and dtypes too."""
+        extra = discriminating_inputs(self.example_inputs)
+        return [self.example_inputs] + ([extra] if extra is not None else [])
+
 
 def is_onnx_input(model: Any) -> bool:
     if isinstance(model, str | os.PathLike):
@@ -132,6 +139,7 @@ def capture(
             "pass e.g. example_inputs=(torch.randn(1, 3, 224, 224),)."
         )
     annotate_shapes(gm, inputs)
+    gm.eval()  # a new GraphModule is in training mode; the captured model is in eval mode
     specs = [
         InputSpec(n.name, (None, *t.shape[1:]) if t.dim() else (), t.dtype)
         for n, t in zip(_placeholders(gm), inputs, strict=False)
@@ -177,7 +185,12 @@ def _placeholders(gm: fx.GraphModule) -> list[fx.Node]:
 
 
 def _copy_model(model: nn.Module, who: str) -> nn.Module:
-    """A deep copy of the user's module, so that nothing graphopt does can change theirs."""
+    """A deep copy of the user's module, so that nothing graphopt does can change theirs.
+
+    Refuses first what a copy would silently lose or cannot run: forward hooks (capture drops
+    them) and parameters on the ``meta`` device (no values).
+    """
+    _check_module(model)
     try:
         return copy.deepcopy(model)
     except Exception as exc:
@@ -186,6 +199,46 @@ def _copy_model(model: nn.Module, who: str) -> nn.Module:
             "your model is never changed. Make the module deep-copyable (no open files or "
             "locks as attributes)."
         ) from exc
+
+
+def _check_module(model: nn.Module) -> None:
+    hooks = []
+    for name, m in model.named_modules():
+        for kind, table in (
+            ("forward pre-hook", m._forward_pre_hooks),
+            ("forward hook", m._forward_hooks),
+        ):
+            hooks += [
+                f"{kind} {_callable_label(fn)} on {name or 'the model'}" for fn in table.values()
+            ]
+    glob = torch.nn.modules.module
+    for kind, table in (
+        ("global forward pre-hook", glob._global_forward_pre_hooks),
+        ("global forward hook", glob._global_forward_hooks),
+    ):
+        hooks += [f"{kind} {_callable_label(fn)}" for fn in table.values()]
+    if hooks:
+        shown = "; ".join(hooks[:4]) + (f"; and {len(hooks) - 4} more" if len(hooks) > 4 else "")
+        raise CaptureError(
+            f"the model has {len(hooks)} forward hook(s) ({shown}); a captured graph runs "
+            "forward() only, so their effect would be lost. Remove them (handle.remove()) "
+            "before optimizing, or move what they do into forward()."
+        )
+    meta = [
+        name
+        for name, t in [*model.named_parameters(), *model.named_buffers()]
+        if t.device.type == "meta"
+    ]
+    if meta:
+        raise CaptureError(
+            f"{len(meta)} parameter(s)/buffer(s) of the model are on the 'meta' device (no "
+            f"values), e.g. {meta[0]!r}; load real weights first (model.to_empty(device='cpu') "
+            "then load_state_dict(...))."
+        )
+
+
+def _callable_label(fn: Any) -> str:
+    return getattr(fn, "__qualname__", None) or type(fn).__name__
 
 
 def _as_tensors(example_inputs: Any) -> tuple[torch.Tensor, ...]:
@@ -198,10 +251,16 @@ def _as_tensors(example_inputs: Any) -> tuple[torch.Tensor, ...]:
         )
     out = []
     for i, x in enumerate(example_inputs):
+        # copies: graphopt runs models many times and never on the caller's own tensors
         if isinstance(x, torch.Tensor):
-            out.append(x.detach())
+            if x.device.type == "meta":
+                raise InputError(
+                    f"example input {i} is on the 'meta' device and holds no values; pass "
+                    "a real tensor."
+                )
+            out.append(_clone(x.detach().cpu()))
         elif type(x).__module__ == "numpy":
-            out.append(torch.from_numpy(x))
+            out.append(torch.from_numpy(x).clone())
         else:
             raise InputError(
                 f"example input {i} is a {type(x).__name__}; graphopt takes "
@@ -210,10 +269,65 @@ def _as_tensors(example_inputs: Any) -> tuple[torch.Tensor, ...]:
     return tuple(out)
 
 
+def _clone(t: torch.Tensor) -> torch.Tensor:
+    # an inference tensor (made under torch.inference_mode()) cloned outside inference mode is
+    # a normal tensor, which every later step (tracing, passes, autograd in fine-tuning) takes
+    with torch.inference_mode(False):
+        return t.clone()
+
+
+def check_example_inputs(inputs: Sequence[torch.Tensor]) -> None:
+    """Refuse example inputs that cannot tell a right graph from a wrong one.
+
+    Empty tensors (batch 0) compare nothing; NaN/inf make every comparison meaningless.
+    """
+    for i, x in enumerate(inputs):
+        if x.dim() > 0 and x.numel() == 0:
+            raise InputError(
+                f"example input {i} is empty (shape {tuple(x.shape)}): checks on it compare "
+                "nothing. Pass at least one sample, e.g. batch size 1."
+            )
+        if x.is_floating_point() or x.is_complex():
+            finite = torch.isfinite(x)
+            if not bool(finite.all()):
+                bad = int((~finite).sum())
+                raise InputError(
+                    f"example input {i} holds {bad} NaN/inf value(s): checks on it would "
+                    "compare NaN with NaN. Pass finite, representative inputs."
+                )
+
+
+def is_constant(x: torch.Tensor) -> bool:
+    """Every element equal (all zeros, all ones...): such an input hides most rewrite bugs."""
+    if x.numel() <= 1:
+        return False
+    flat = x.reshape(-1)
+    return bool((flat == flat[0]).all())
+
+
+def discriminating_inputs(inputs: Sequence[torch.Tensor], seed: int = 0) -> tuple | None:
+    """A second sample where some floating input is constant: each constant floating input
+    replaced by seeded random values of its shape and dtype (``None`` when none is constant)."""
+    if not any(x.is_floating_point() and is_constant(x) for x in inputs):
+        return None
+    gen = torch.Generator().manual_seed(seed)
+    return tuple(
+        torch.randn(x.shape, generator=gen, dtype=torch.float64).to(x.dtype)
+        if x.is_floating_point() and is_constant(x)
+        else x.clone()
+        for x in inputs
+    )
+
+
 def _check_runs(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+    """Run ``model`` once on copies of ``inputs``: it must run, return tensors and leave its
+    inputs alone (a model that updates its input in place cannot be captured faithfully:
+    tracing turns ``x += 1`` on an input into an out-of-place add)."""
+    check_example_inputs(inputs)
+    copies = tuple(_clone(x) for x in inputs)
     try:
         with torch.no_grad():
-            model(*inputs)
+            out = model(*copies)
     except Exception as exc:
         shapes = ", ".join(f"{tuple(t.shape)} {str(t.dtype).replace('torch.', '')}" for t in inputs)
         raise InputError(
@@ -221,6 +335,42 @@ def _check_runs(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
             f"{type(exc).__name__}: {_first_line(exc)}. Pass inputs of the shape "
             "and dtype the model expects."
         ) from exc
+    from graphopt.verify import flatten_outputs
+
+    if not flatten_outputs(out):
+        raise CaptureError(
+            f"the model returned {_describe_value(out)}, not tensors; graphopt optimizes "
+            "models whose forward() returns a tensor or a tuple/list/dict of tensors."
+        )
+    changed = [
+        i for i, (x, c) in enumerate(zip(inputs, copies, strict=True)) if not torch.equal(x, c)
+    ]
+    if not changed and (probe := discriminating_inputs(inputs)) is not None:
+        # `x.mul_(2)` leaves an all-zero input as it was: look again on random values
+        copies = tuple(_clone(x) for x in probe)
+        try:
+            with torch.no_grad():
+                model(*copies)
+        except Exception:  # noqa: BLE001 - the random probe is ours; the user's inputs ran
+            copies = probe
+        changed = [
+            i for i, (x, c) in enumerate(zip(probe, copies, strict=True)) if not torch.equal(x, c)
+        ]
+    if changed:
+        raise CaptureError(
+            f"the model updates its input(s) {', '.join(map(str, changed))} in place (e.g. "
+            "`x += 1` or `x.mul_(2)` on an argument of forward()); a captured graph cannot "
+            "reproduce that effect on the caller's tensor. Work on a copy in forward() "
+            "(`x = x + 1`, `x = x.mul(2)`)."
+        )
+
+
+def _describe_value(out: Any) -> str:
+    if out is None:
+        return "None"
+    if isinstance(out, int | float | bool | str):
+        return f"a {type(out).__name__} ({out!r})"
+    return f"a {type(out).__name__} holding no tensor"
 
 
 def _first_line(exc: BaseException) -> str:
@@ -288,7 +438,7 @@ def _capture_onnx(model: Any, example_inputs: Sequence[Any] | None) -> Captured:
         and not Path(model).exists()
     ):
         raise CaptureError(f"{model!r} is neither an existing .onnx file nor a zoo model name.")
-    gm = onnx_import.import_onnx(model)
+    gm = onnx_import.import_onnx(model).eval()  # ONNX graphs are inference graphs
     placeholders = _placeholders(gm)
     if example_inputs is None:
         inputs = tuple(_example_for(n) for n in placeholders)

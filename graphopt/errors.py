@@ -8,8 +8,10 @@ Every message says what was measured or found, what was expected, and what to do
     ├── TargetError         a target string is not understood
     ├── InputError          inputs of the wrong number, shape or dtype
     ├── PassError           a pass raised; carries the pass's position and a reproducer path
-    ├── VerificationError   a rewrite broke its numeric contract (strict mode)
-    └── BackendError        ONNX Runtime / TVM failures, chained ``from`` the original
+    ├── VerificationError   a rewrite, the capture or the artifact broke its numeric contract
+    ├── BackendError        ONNX Runtime / TVM failures, chained ``from`` the original
+    ├── ArgumentError       an argument of the wrong type or an impossible value
+    └── InternalError       an unexpected failure inside graphopt (a bug), chained
 """
 
 from __future__ import annotations
@@ -67,9 +69,12 @@ class VerificationError(GraphoptError):
         measured: float = float("nan"),
         allowed: float = float("nan"),
         reproducer: str | None = None,
+        stage: str = "",
     ) -> None:
         super().__init__(message)
         self.pass_name = pass_name
+        self.stage = stage  # "capture", "pass <name>", "pipeline", "export", "backend <name>"
+        self.report = None  # the run's report, where optimize() got that far
         self.output = output
         self.measured = measured
         self.allowed = allowed
@@ -86,3 +91,42 @@ def close_matches(word: str, choices: Iterable[str]) -> str:
     if not matches:
         return ""
     return " Did you mean " + " or ".join(repr(m) for m in matches) + "?"
+
+
+class ArgumentError(GraphoptError):
+    """An argument of a graphopt call has the wrong type or an impossible value."""
+
+
+class InternalError(GraphoptError):
+    """Something failed that graphopt did not expect: a bug to report (the cause is chained)."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type name when the message is empty)."""
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def graphopt_errors_only(fn):  # type: ignore[no-untyped-def]
+    """Decorate a public entry point so that only :class:`GraphoptError` escapes it.
+
+    An unexpected exception becomes an :class:`InternalError` chained ``from`` the original,
+    with a message that says where to look (a user callback's traceback, or a bug to report).
+    """
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):  # type: ignore[no-untyped-def]
+        try:
+            return fn(*args, **kwargs)
+        except GraphoptError:
+            raise
+        except Exception as exc:
+            raise InternalError(
+                f"{fn.__qualname__} failed unexpectedly: {type(exc).__name__}: "
+                f"{first_line(exc)}. If the chained traceback ends in your own code (a metric "
+                "or finetune callback, the model's forward), fix it there; otherwise this is a "
+                "graphopt bug: please report it with the model and this message."
+            ) from exc
+
+    return wrapper

@@ -95,7 +95,11 @@ class PassContext:
     after they changed it (dense-to-sparse fine-tuning: it trains the graph in place);
     ``metric`` is the user's ``metric(predict) -> float`` (higher is better, e.g. accuracy on
     a held-out split; ``predict(*arrays)`` runs the candidate network on numpy inputs) that
-    lossy passes rank their choices by.
+    lossy passes rank their choices by. ``extra_sample_inputs``: more input tuples every check
+    runs on besides ``sample_inputs`` (``optimize`` adds a random one where an example input is
+    constant). ``rounding``: per output of all samples in order, the model's own float32
+    rounding error (:func:`graphopt.verify.rounding_error`), which widens exact contracts of
+    deep models.
     """
 
     sample_inputs: tuple[Any, ...] | None = None
@@ -109,6 +113,30 @@ class PassContext:
     cache_dir: Path | None = None
     finetune: Callable[[fx.GraphModule], Any] | None = None
     metric: Callable[[Callable[..., Any]], float] | None = None
+    extra_sample_inputs: list[tuple[Any, ...]] = field(default_factory=list)
+    rounding: list[float] | None = None
+
+    def check_samples(self) -> list[tuple[Any, ...]]:
+        """Every input tuple the checks run on ([] without sample inputs)."""
+        if self.sample_inputs is None:
+            return []
+        return [tuple(self.sample_inputs), *self.extra_sample_inputs]
+
+
+def run_samples(gm: torch.nn.Module, samples: Sequence[tuple[Any, ...]]) -> list[torch.Tensor]:
+    """The outputs of ``gm`` on each sample, concatenated in order."""
+    return [t for sample in samples for t in verify.run_module(gm, sample)]
+
+
+def sample_labels(per_sample: int, samples: int) -> list[str] | None:
+    """Output names for :func:`run_samples`' outputs; ``None`` (the default names) for one sample."""
+    if samples <= 1:
+        return None
+    return [
+        f"output[{i}]" if j == 0 else f"output[{i}] on random sample {j}"
+        for j in range(samples)
+        for i in range(per_sample)
+    ]
 
 
 class Pass:
@@ -360,9 +388,11 @@ class PassManager:
         ctx = ctx or PassContext()
         strict = self.strict or ctx.strict
         instruments = self.instruments + list(ctx.instruments)
-        inputs = ctx.sample_inputs if (self.verify and ctx.verify) else None
-        reference = verify.run_module(gm, inputs) if inputs is not None else None
+        samples = ctx.check_samples() if (self.verify and ctx.verify) else []
+        reference = run_samples(gm, samples) if samples else None
         original = reference
+        labels = sample_labels(len(reference) // len(samples), len(samples)) if samples else None
+        check = {"rounding": ctx.rounding, "labels": labels}
         records: list[PassRecord] = []
         for position, p in enumerate(self.passes):
             record = PassRecord(position, p.name, str(p), str(p.numerics))
@@ -386,11 +416,11 @@ class PassManager:
             # modified=False is held to the same contract, so a dishonest one cannot slip by
             if failure is None and reference is not None:
                 try:
-                    outputs = verify.run_module(new_gm, inputs)
+                    outputs = run_samples(new_gm, samples)
                 except Exception as exc:  # noqa: BLE001
                     failure = exc
                 else:
-                    record.comparison = verify.compare(reference, outputs, p.numerics)
+                    record.comparison = verify.compare(reference, outputs, p.numerics, **check)
             elif failure is None and reference is None:
                 record.status = "unverified"
             if failure is not None:
@@ -427,7 +457,7 @@ class PassManager:
         end_to_end = None
         if original is not None:
             end_to_end = verify.compare(
-                original, verify.run_module(gm, inputs), _combined(self.passes, records)
+                original, run_samples(gm, samples), _combined(self.passes, records), **check
             )
         return PipelineResult(gm, records, end_to_end)
 
