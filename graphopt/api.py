@@ -20,7 +20,7 @@ from torch import fx, nn
 
 from graphopt.backends import get_backend
 from graphopt.backends.measure import time_interleaved
-from graphopt.capture import Captured, InputSpec, capture
+from graphopt.capture import Captured, InputSpec, capture, set_eval
 from graphopt.errors import (
     ArgumentError,
     BackendError,
@@ -343,7 +343,7 @@ def optimize(
         specs = [
             dataclasses.replace(s, shape=tuple(x.shape)) for s, x in zip(specs, inputs, strict=True)
         ]
-    gm.eval()  # what graphopt returns is in eval mode, whatever the input was
+    set_eval(gm)  # what graphopt returns is in eval mode, whatever the input was
     return OptimizedModel(artifact, gm, report, specs, runtime, quantization)
 
 

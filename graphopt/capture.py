@@ -139,7 +139,7 @@ def capture(
             "pass e.g. example_inputs=(torch.randn(1, 3, 224, 224),)."
         )
     annotate_shapes(gm, inputs)
-    gm.eval()  # a new GraphModule is in training mode; the captured model is in eval mode
+    set_eval(gm)  # a new GraphModule is in training mode; the captured model is in eval mode
     specs = [
         InputSpec(n.name, (None, *t.shape[1:]) if t.dim() else (), t.dtype)
         for n, t in zip(_placeholders(gm), inputs, strict=False)
@@ -172,6 +172,17 @@ def _frozen_constants(gm: fx.GraphModule) -> list[str]:
         for n in gm.graph.nodes
         if n.op == "get_attr" and n.target.startswith("_tensor_constant")
     ]
+
+
+def set_eval(gm: nn.Module) -> nn.Module:
+    """``gm.eval()``, also for a ``torch.export`` module, whose ``eval()`` raises (its graph
+    was specialised to the mode it was exported in: eval, see :func:`capture`)."""
+    try:
+        gm.eval()
+    except NotImplementedError:
+        for m in gm.modules():
+            m.training = False
+    return gm
 
 
 def annotate_shapes(gm: fx.GraphModule, inputs: Sequence[torch.Tensor]) -> None:
@@ -438,7 +449,7 @@ def _capture_onnx(model: Any, example_inputs: Sequence[Any] | None) -> Captured:
         and not Path(model).exists()
     ):
         raise CaptureError(f"{model!r} is neither an existing .onnx file nor a zoo model name.")
-    gm = onnx_import.import_onnx(model).eval()  # ONNX graphs are inference graphs
+    gm = set_eval(onnx_import.import_onnx(model))  # ONNX graphs are inference graphs
     placeholders = _placeholders(gm)
     if example_inputs is None:
         inputs = tuple(_example_for(n) for n in placeholders)
