@@ -9,14 +9,17 @@ second run measures nothing. A corrupt cache file is reported and ignored, never
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
+import math
 import os
 import statistics
 import tempfile
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -156,9 +159,13 @@ def write_json_atomic(path: Path, data: Any, indent: int | None = None) -> None:
     """Write ``data`` as JSON to ``path`` so that readers see the old file or the new, whole."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=indent)
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=indent)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)  # no stray temporary file beside the cache
+        raise
 
 
 def cached_latency(
@@ -176,56 +183,115 @@ def cached_latency(
     return latency
 
 
+def valid_latency(entry: Any) -> Latency | None:
+    """``entry`` (a cache entry or a Latency) as a Latency, or None when it is not a real
+    measurement: a NaN, infinite or negative time, or fewer than one run. One such entry would
+    otherwise be trusted forever by every latency-aware pass."""
+    try:
+        if isinstance(entry, Latency):
+            latency = entry
+        else:
+            latency = Latency(
+                float(entry["median_ms"]),
+                float(entry["p10_ms"]),
+                float(entry["p90_ms"]),
+                int(entry["runs"]),
+            )
+    except (KeyError, TypeError, ValueError, OverflowError):
+        return None
+    times = (latency.median_ms, latency.p10_ms, latency.p90_ms)
+    if not all(math.isfinite(t) and t >= 0 for t in times) or latency.runs < 1:
+        return None
+    return latency
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    """An exclusive ``flock`` on ``<path>.lock`` (where there is no flock: no lock)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not on POSIX
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 class LatencyCache:
-    """A JSON file of ``key -> Latency``. Writes are atomic; a bad file is ignored with a warning."""
+    """A JSON file of ``key -> Latency``, shared by processes.
+
+    A write merges: under an exclusive lock on ``<file>.lock`` it re-reads the file, adds its
+    entry and replaces the file atomically, so processes writing together keep every entry.
+    Entries that are not real measurements (NaN, infinite or negative times) are dropped on read
+    and never written. A file that is not a latency cache (bad JSON, another version) is ignored
+    with a warning and rewritten on the next write; it is never an error.
+    """
 
     VERSION = 1
 
     def __init__(self, path: str | Path | None = None) -> None:
         self.path = Path(path) if path else default_cache_dir() / "latency.json"
         self._entries: dict[str, dict[str, Any]] | None = None
+        self._lock = threading.Lock()
+
+    def _read(self) -> dict[str, dict[str, Any]]:
+        """The valid entries of the file on disk (none when it is missing or unreadable)."""
+        if not self.path.exists():
+            return {}
+        try:
+            data = json.loads(self.path.read_text())
+            if (
+                not isinstance(data, dict)
+                or data.get("version") != self.VERSION
+                or not isinstance(data.get("entries"), dict)
+            ):
+                raise ValueError(f"not a graphopt latency cache of version {self.VERSION}")
+        except (OSError, ValueError) as exc:  # JSONDecodeError and UnicodeDecodeError included
+            log.warning("ignoring latency cache %s (%s); it will be rewritten", self.path, exc)
+            return {}
+        entries = {}
+        dropped = 0
+        for key, value in data["entries"].items():
+            if (latency := valid_latency(value)) is not None:
+                entries[key] = asdict(latency)
+            else:
+                dropped += 1
+        if dropped:
+            log.warning(
+                "latency cache %s: ignored %d entr%s that are not real measurements (NaN, "
+                "infinite or negative times); they will be measured again",
+                self.path,
+                dropped,
+                "y" if dropped == 1 else "ies",
+            )
+        return entries
 
     def _load(self) -> dict[str, dict[str, Any]]:
-        if self._entries is not None:
-            return self._entries
-        self._entries = {}
-        if self.path.exists():
-            try:
-                data = json.loads(self.path.read_text())
-                if (
-                    not isinstance(data, dict)
-                    or data.get("version") != self.VERSION
-                    or not isinstance(data.get("entries"), dict)
-                ):
-                    raise ValueError(f"not a graphopt latency cache of version {self.VERSION}")
-                self._entries = {
-                    k: v
-                    for k, v in data["entries"].items()
-                    if isinstance(v, dict) and set(v) >= {"median_ms", "p10_ms", "p90_ms", "runs"}
-                }
-            except (OSError, ValueError) as exc:
-                log.warning("ignoring latency cache %s (%s); it will be rewritten", self.path, exc)
+        if self._entries is None:
+            self._entries = self._read()
         return self._entries
 
     def get(self, key: str) -> Latency | None:
         entry = self._load().get(key)
-        if entry is None:
-            return None
-        try:
-            return Latency(
-                float(entry["median_ms"]),
-                float(entry["p10_ms"]),
-                float(entry["p90_ms"]),
-                int(entry["runs"]),
-            )
-        except (TypeError, ValueError):
-            return None
+        return None if entry is None else valid_latency(entry)
 
     def put(self, key: str, latency: Latency) -> None:
+        if valid_latency(latency) is None:
+            log.warning("not caching %s for %s: not a real measurement", latency, key)
+            return
         entries = self._load()
         entries[key] = asdict(latency)
         try:
-            write_json_atomic(self.path, {"version": self.VERSION, "entries": entries})
+            with self._lock, _file_lock(self.path):
+                # read-modify-write under the lock: what other processes wrote since is kept
+                merged = {**self._read(), key: asdict(latency)}
+                write_json_atomic(self.path, {"version": self.VERSION, "entries": merged})
+            entries.update(merged)
         except OSError as exc:  # a read-only cache dir costs re-measuring, nothing more
             log.warning("could not write latency cache %s: %s", self.path, exc)
 

@@ -16,10 +16,15 @@ and ``measure`` refuses, since a phone's latency cannot be measured from here.
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import functools
 import io
 import logging
+import threading
+import types
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -71,50 +76,93 @@ _EXEC_MODES = {
 SETTING_NAMES = ("threads", "optimization_level", "execution_mode", "inter_op_threads")
 
 
+# torch.onnx.export is not thread-safe (both exporters keep global state: the TorchScript
+# exporter's GLOBALS, the dynamo exporter's registries): concurrent optimize() calls in threads
+# failed inside it, 4 of 6. Every export in this process holds this lock.
+EXPORT_LOCK = threading.RLock()
+
+
 def export_onnx(
     module: torch.nn.Module,
     example_inputs: Sequence[torch.Tensor],
     *,
     input_names: Sequence[str] | None = None,
+    output_names: Sequence[str] | None = None,
     dynamic_batch: bool = True,
     opset: int = OPSET,
 ) -> onnx.ModelProto:
-    """Export ``module`` to an ONNX ``ModelProto`` with (by default) a dynamic batch axis."""
+    """Export ``module`` to an ONNX ``ModelProto`` with (by default) a dynamic batch axis.
+
+    The model's interface is kept: one graph input per example input, named ``input_names``
+    (default ``input0``...) in their order, even an input that no node reads (the TorchScript
+    exporter drops those), and one graph output per output tensor, named ``output_names``
+    (default ``output0``...). Integer inputs that feed a shape (``Reshape``, ``Expand``,
+    ``ConstantOfShape``, ``Slice`` of an imported ONNX model) stay runtime inputs: they are not
+    frozen into the example's values.
+
+    Exports are serialized by a process-wide lock (``torch.onnx.export`` is not thread-safe).
+    The TorchScript exporter is tried first, then the dynamo exporter (``onnxscript``).
+    """
     inputs = tuple(example_inputs)
+    if input_names is not None and len(input_names) != len(inputs):
+        raise BackendError(
+            f"{len(input_names)} input name(s) for {len(inputs)} example input(s): give one "
+            "name per input, in order."
+        )
     names = [
         f"input{i}" if input_names is None else _clean(input_names[i]) for i in range(len(inputs))
     ]
-    with torch.no_grad():
-        outputs = verify.flatten_outputs(module(*inputs))
-    out_names = [f"output{i}" for i in range(len(outputs))]
+    with (
+        torch.no_grad()
+    ):  # on copies: a model that writes to its inputs must not touch the caller's
+        outputs = verify.flatten_outputs(module(*_copies(inputs)))
+    if output_names is not None and len(output_names) != len(outputs):
+        raise BackendError(
+            f"{len(output_names)} output name(s) for the {len(outputs)} output tensor(s) the "
+            "model returns: give one name per output, in order (or none for output0...)."
+        )
+    out_names = (
+        [f"output{i}" for i in range(len(outputs))]
+        if output_names is None
+        else [_clean(n, "output") for n in output_names]
+    )
     dynamic_axes = None
     if dynamic_batch:
         dynamic_axes = {n: {0: "batch"} for n, t in zip(names, inputs, strict=True) if t.dim() > 0}
         dynamic_axes.update(
             {n: {0: "batch"} for n, t in zip(out_names, outputs, strict=True) if t.dim() > 0}
         )
-    buffer = io.BytesIO()
-    try:
-        with warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(
-                module,
-                inputs,
-                buffer,
-                dynamo=False,
-                opset_version=opset,
-                input_names=names,
-                output_names=out_names,
-                dynamic_axes=dynamic_axes,
-                do_constant_folding=True,
+    with EXPORT_LOCK, _exportable(module) as exportable:
+        buffer = io.BytesIO()
+        try:
+            with warnings.catch_warnings(), torch.no_grad():
+                warnings.simplefilter("ignore")
+                torch.onnx.export(
+                    exportable,
+                    _copies(inputs),
+                    buffer,
+                    dynamo=False,
+                    opset_version=opset,
+                    input_names=names,
+                    output_names=out_names,
+                    dynamic_axes=dynamic_axes,
+                    do_constant_folding=True,
+                )
+            proto = onnx.load_from_string(buffer.getvalue())
+        except Exception as legacy_exc:  # noqa: BLE001 - fall back on the other exporter
+            log.info("TorchScript exporter failed (%s); trying the dynamo exporter", legacy_exc)
+            proto = _export_dynamo(
+                module, _copies(inputs), names, out_names, dynamic_batch, opset, legacy_exc
             )
-        proto = onnx.load_from_string(buffer.getvalue())
-    except Exception as legacy_exc:  # noqa: BLE001 - fall back on the other exporter
-        log.info("TorchScript exporter failed (%s); trying the dynamo exporter", legacy_exc)
-        proto = _export_dynamo(module, inputs, names, out_names, dynamic_batch, opset, legacy_exc)
+    _keep_interface(proto, names, inputs, out_names, dynamic_batch)
+    _explicit_same_pads(proto)
     if proto.ir_version > MAX_IR_VERSION:
         proto.ir_version = MAX_IR_VERSION
     return proto
+
+
+def _copies(inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    return tuple(x.clone() if isinstance(x, torch.Tensor) else x for x in inputs)
 
 
 def _export_dynamo(module, inputs, names, out_names, dynamic_batch, opset, legacy_exc):
@@ -137,16 +185,342 @@ def _export_dynamo(module, inputs, names, out_names, dynamic_batch, opset, legac
             )
         return program.model_proto
     except Exception as exc:
+        hint = (
+            " Install onnxscript (a dependency of graphopt) for the dynamo exporter."
+            if isinstance(exc, ImportError)
+            else ""
+        )
         raise BackendError(
             f"could not export the graph to ONNX: the TorchScript exporter said "
             f"{type(legacy_exc).__name__}: {str(legacy_exc).splitlines()[0]}; the "
             f"dynamo exporter said {type(exc).__name__}: "
-            f"{str(exc).splitlines()[0] if str(exc) else ''}."
+            f"{str(exc).splitlines()[0] if str(exc) else ''}.{hint}"
         ) from exc
 
 
-def _clean(name: str) -> str:
-    return "".join(c if c.isalnum() or c == "_" else "_" for c in name) or "input"
+@contextlib.contextmanager
+def _exportable(module: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """``module`` as the TorchScript exporter can take it.
+
+    * A module from ``torch.export``'s ``ExportedProgram.module()`` refuses ``train()`` and
+      ``eval()`` (NotImplementedError), which the exporter calls to set eval mode: its graph
+      has no mode left to set, so both become no-ops for the export.
+    * The ONNX importer's runtime-shape helpers (``Reshape``/``Expand``/``ConstantOfShape``/
+      ``Slice`` whose shape is a runtime tensor) read the shape with ``tolist()``, which tracing
+      freezes to the example's values: in a copy of the graph they become functions that export
+      as the ONNX op itself, with the shape tensor kept as its input.
+    """
+    patched = {m: (m.train, m.eval) for m in module.modules() if _refuses_train(m)}
+    for m in patched:
+        m.train = types.MethodType(lambda self, mode=True: self, m)
+        m.eval = types.MethodType(lambda self: self, m)
+    try:
+        yield _with_shape_ops(module)
+    finally:
+        for m, (train, evaluate) in patched.items():  # torch.export's own refusal again
+            m.train, m.eval = train, evaluate
+
+
+def _refuses_train(module: torch.nn.Module) -> bool:
+    # ExportedProgram.module() sets train/eval on the instance to functions that raise
+    train = module.__dict__.get("train")
+    return train is not None and getattr(train, "__name__", "") == "_train"
+
+
+# --------------------------------------------------------------------------- runtime shapes
+
+
+def _int64(g: Any, value: Any) -> Any:
+    return g.op("Cast", value, to_i=onnx.TensorProto.INT64)
+
+
+class _ReshapeOp(torch.autograd.Function):
+    """ONNX ``Reshape(x, shape)`` with ``shape`` a runtime tensor (traced as the op itself)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, shape: torch.Tensor, allowzero: int) -> torch.Tensor:
+        dims = [int(d) for d in shape.tolist()]
+        if not allowzero:
+            dims = [x.shape[i] if d == 0 else d for i, d in enumerate(dims)]
+        return x.reshape(dims).clone()
+
+    @staticmethod
+    def symbolic(g: Any, x: Any, shape: Any, allowzero: int) -> Any:
+        if allowzero:
+            return g.op("Reshape", x, _int64(g, shape), allowzero_i=1)
+        return g.op("Reshape", x, _int64(g, shape))
+
+
+class _ExpandOp(torch.autograd.Function):
+    """ONNX ``Expand(x, shape)`` (bidirectional broadcast) with a runtime ``shape``."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, shape: torch.Tensor) -> torch.Tensor:
+        dims = tuple(int(d) for d in shape.tolist())
+        return x.expand(torch.broadcast_shapes(x.shape, dims)).clone()
+
+    @staticmethod
+    def symbolic(g: Any, x: Any, shape: Any) -> Any:
+        return g.op("Expand", x, _int64(g, shape))
+
+
+class _ConstantOfShapeOp(torch.autograd.Function):
+    """ONNX ``ConstantOfShape(shape)`` with a runtime ``shape``, filled with ``value``."""
+
+    @staticmethod
+    def forward(ctx: Any, shape: torch.Tensor, value: float, dtype: str) -> torch.Tensor:
+        return torch.full([int(d) for d in shape.tolist()], value, dtype=getattr(torch, dtype))
+
+    @staticmethod
+    def symbolic(g: Any, shape: Any, value: float, dtype: str) -> Any:
+        fill = torch.tensor([value], dtype=getattr(torch, dtype))
+        return g.op("ConstantOfShape", _int64(g, shape), value_t=fill)
+
+
+class _SliceOp(torch.autograd.Function):
+    """ONNX ``Slice(x, starts, ends, axes, steps)`` with runtime ``starts`` / ``ends``."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        x: torch.Tensor,
+        starts: torch.Tensor,
+        ends: torch.Tensor,
+        axes: torch.Tensor,
+        steps: torch.Tensor,
+    ) -> torch.Tensor:
+        y = x
+        for s, e, a, st in zip(
+            starts.tolist(), ends.tolist(), axes.tolist(), steps.tolist(), strict=True
+        ):
+            # Python's slice clamps as ONNX Slice does, negative steps included
+            axis = int(a) % x.dim()
+            picked = range(*slice(int(s), int(e), int(st)).indices(x.shape[axis]))
+            y = torch.index_select(y, axis, torch.tensor(list(picked), dtype=torch.int64))
+        return y
+
+    @staticmethod
+    def symbolic(g: Any, x: Any, starts: Any, ends: Any, axes: Any, steps: Any) -> Any:
+        return g.op("Slice", x, _int64(g, starts), _int64(g, ends), axes, steps)
+
+
+class _RangeOp(torch.autograd.Function):
+    """ONNX ``Range(start, limit, delta)`` with bounds known only at run time (0-D tensors)."""
+
+    @staticmethod
+    def forward(
+        ctx: Any, start: torch.Tensor, limit: torch.Tensor, delta: torch.Tensor
+    ) -> torch.Tensor:
+        return torch.arange(start.item(), limit.item(), delta.item(), dtype=start.dtype)
+
+    @staticmethod
+    def symbolic(g: Any, start: Any, limit: Any, delta: Any) -> Any:
+        return g.op("Range", start, limit, delta)
+
+
+def _index_tensor(v: Any) -> torch.Tensor:
+    """Slice bounds as a 1-D int64 tensor: a tensor, or a list of ints and 0-D tensors."""
+    if isinstance(v, torch.Tensor):
+        return v.reshape(-1).to(torch.int64)
+    return torch.cat([torch.as_tensor(d, dtype=torch.int64).reshape(1) for d in v])
+
+
+def _has_tensor(v: Any) -> bool:
+    return isinstance(v, torch.Tensor) or (
+        isinstance(v, list | tuple) and any(isinstance(d, torch.Tensor) for d in v)
+    )
+
+
+def _reshape_twin(original: Callable[..., Any], x: Any, shape: Any, allowzero: int = 0) -> Any:
+    if not isinstance(shape, torch.Tensor):
+        return original(x, shape, allowzero)
+    return _ReshapeOp.apply(x, shape, int(allowzero))
+
+
+def _expand_twin(original: Callable[..., Any], x: Any, shape: Any) -> Any:
+    if not isinstance(shape, torch.Tensor):
+        return original(x, shape)
+    return _ExpandOp.apply(x, shape)
+
+
+def _full_twin(original: Callable[..., Any], shape: Any, value: Any, dtype: torch.dtype) -> Any:
+    if not isinstance(shape, torch.Tensor) or not isinstance(value, int | float | bool):
+        return original(shape, value, dtype)
+    return _ConstantOfShapeOp.apply(shape, value, str(dtype).removeprefix("torch."))
+
+
+def _slice_twin(
+    original: Callable[..., Any], x: Any, starts: Any, ends: Any, axes: Any, steps: Any
+) -> Any:
+    if not (_has_tensor(starts) or _has_tensor(ends)):
+        return original(x, starts, ends, axes, steps)
+    return _SliceOp.apply(
+        x,
+        _index_tensor(starts),
+        _index_tensor(ends),
+        torch.tensor(list(axes), dtype=torch.int64),
+        torch.tensor(list(steps), dtype=torch.int64),
+    )
+
+
+def _range_twin(
+    original: Callable[..., Any], start: Any, limit: Any, delta: Any, dtype: torch.dtype
+) -> Any:
+    if not any(isinstance(v, torch.Tensor) for v in (start, limit, delta)):
+        return original(start, limit, delta, dtype)
+    bounds = [torch.as_tensor(v).reshape(()).to(dtype) for v in (start, limit, delta)]
+    return _RangeOp.apply(*bounds)
+
+
+def _shape_op_table() -> dict[Any, Callable[..., torch.Tensor]]:
+    """The ONNX importer's runtime-shape helpers -> twins that export as the ONNX op."""
+    from graphopt import onnx_import
+
+    twins = {
+        "_reshape_dynamic": _reshape_twin,
+        "_expand_dynamic": _expand_twin,
+        "_full_dynamic": _full_twin,
+        "_slice_dynamic": _slice_twin,
+        "_slice_onnx": _slice_twin,
+        "_range_dynamic": _range_twin,
+    }
+    table = {}
+    for name, twin in twins.items():
+        if (original := getattr(onnx_import, name, None)) is not None:
+            table[original] = functools.update_wrapper(functools.partial(twin, original), twin)
+    return table
+
+
+def _with_shape_ops(module: torch.nn.Module) -> torch.nn.Module:
+    """``module``, or a GraphModule over a copy of its graph whose runtime-shape helpers are
+    replaced by their exportable twins (parameters shared, nothing of ``module`` changes)."""
+    if not isinstance(module, torch.fx.GraphModule):
+        return module
+    table = _shape_op_table()
+    if not any(n.op == "call_function" and n.target in table for n in module.graph.nodes):
+        return module
+    graph = copy.deepcopy(module.graph)
+    for node in graph.nodes:
+        if node.op == "call_function" and node.target in table:
+            node.target = table[node.target]
+    twin = torch.fx.GraphModule(module, graph)
+    twin.train(module.training)
+    return twin
+
+
+# --------------------------------------------------------------------------- interface
+
+
+_ONNX_DTYPES = {
+    torch.float32: onnx.TensorProto.FLOAT,
+    torch.float64: onnx.TensorProto.DOUBLE,
+    torch.float16: onnx.TensorProto.FLOAT16,
+    torch.bfloat16: onnx.TensorProto.BFLOAT16,
+    torch.int64: onnx.TensorProto.INT64,
+    torch.int32: onnx.TensorProto.INT32,
+    torch.int16: onnx.TensorProto.INT16,
+    torch.int8: onnx.TensorProto.INT8,
+    torch.uint8: onnx.TensorProto.UINT8,
+    torch.bool: onnx.TensorProto.BOOL,
+}
+
+
+def _keep_interface(
+    proto: onnx.ModelProto,
+    names: list[str],
+    inputs: tuple[torch.Tensor, ...],
+    out_names: list[str],
+    dynamic_batch: bool,
+) -> None:
+    """Give ``proto`` the model's inputs, by name, count and order: the TorchScript exporter
+    drops an input no node reads (a runtime then gets more feeds than inputs). Its outputs must
+    be the model's, one per output tensor, named ``out_names``."""
+    graph = proto.graph
+    present = {}
+    for vi in graph.input:
+        kept = onnx.ValueInfoProto()
+        kept.CopyFrom(vi)
+        present[vi.name] = kept
+    if [vi.name for vi in graph.input[: len(names)]] != names:
+        wanted = set(names)
+        ordered = [
+            present.get(n) or _value_info(n, x, dynamic_batch)
+            for n, x in zip(names, inputs, strict=True)
+        ]
+        rest = [vi for name, vi in present.items() if name not in wanted]  # listed weights
+        del graph.input[:]
+        graph.input.extend(ordered + rest)
+    got = [o.name for o in graph.output]
+    if got != out_names:
+        raise BackendError(
+            f"the ONNX export has outputs {got}, not the model's {out_names}: the exporter "
+            "merged or dropped an output. Return each output tensor once."
+        )
+
+
+def _value_info(name: str, x: torch.Tensor, dynamic_batch: bool) -> onnx.ValueInfoProto:
+    if x.dtype not in _ONNX_DTYPES:
+        raise BackendError(f"input {name!r} has dtype {x.dtype}, which ONNX export cannot declare.")
+    dims: list[Any] = list(x.shape)
+    if dynamic_batch and dims:
+        dims[0] = "batch"
+    return onnx.helper.make_tensor_value_info(name, _ONNX_DTYPES[x.dtype], dims)
+
+
+def _explicit_same_pads(proto: onnx.ModelProto) -> None:
+    """Stride-1 ``Conv`` with ``auto_pad=SAME_*`` and a dilation gets explicit ``pads``.
+
+    ``padding='same'`` exports as ``auto_pad``, which ONNX Runtime's Conv refuses with a
+    dilation ("Dilation not supported for AutoPadType::SAME_UPPER"). With stride 1 the padding
+    does not depend on the input size: total_i = dilation_i * (kernel_i - 1), the odd one at
+    the end for SAME_UPPER (torch's ``same``) and at the start for SAME_LOWER.
+    """
+    weights = {t.name: list(t.dims) for t in proto.graph.initializer}
+    for node in proto.graph.node:
+        if node.op_type != "Conv":
+            continue
+        attrs = {a.name: a for a in node.attribute}
+        mode = attrs["auto_pad"].s.decode() if "auto_pad" in attrs else "NOTSET"
+        if mode not in ("SAME_UPPER", "SAME_LOWER"):
+            continue
+        if "kernel_shape" in attrs:
+            kernel = list(attrs["kernel_shape"].ints)
+        elif len(node.input) > 1 and node.input[1] in weights:
+            kernel = weights[node.input[1]][2:]
+        else:  # kernel size unknown here: leave it to the runtime
+            continue
+        dilations = list(attrs["dilations"].ints) if "dilations" in attrs else [1] * len(kernel)
+        strides = list(attrs["strides"].ints) if "strides" in attrs else [1] * len(kernel)
+        # without a dilation ONNX Runtime takes auto_pad; with a stride the pads depend on size
+        if all(d == 1 for d in dilations) or any(s != 1 for s in strides):
+            continue
+        totals = [d * (k - 1) for d, k in zip(dilations, kernel, strict=True)]
+        small = [t // 2 for t in totals]
+        large = [t - t // 2 for t in totals]
+        begin, end = (small, large) if mode == "SAME_UPPER" else (large, small)
+        kept = [a for a in node.attribute if a.name not in ("auto_pad", "pads")]
+        del node.attribute[:]
+        node.attribute.extend(kept)
+        node.attribute.append(onnx.helper.make_attribute("pads", begin + end))
+
+
+def _fixed_batch_inputs(proto: onnx.ModelProto, inputs: Sequence[torch.Tensor]) -> list[str]:
+    """The graph inputs whose batch axis (dim 0) is a number although it was asked dynamic."""
+    fixed = []
+    for vi, x in zip(proto.graph.input, inputs, strict=False):
+        dims = vi.type.tensor_type.shape.dim
+        if x.dim() > 0 and dims and dims[0].HasField("dim_value"):
+            fixed.append(vi.name)
+    return fixed
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return text[:1].lower() + text[1:]
+
+
+def _clean(name: str, default: str = "input") -> str:
+    return "".join(c if c.isalnum() or c == "_" else "_" for c in str(name)) or default
 
 
 @dataclass
@@ -161,12 +535,21 @@ class OrtArtifact:
     session: ort.InferenceSession
     target: Target | None = None
     mobile_package: Any = None  # set by save("*.ort"): a MobilePackage
+    # why the batch axis is static although a dynamic one was asked for (None: it is dynamic,
+    # or was never asked for): the dynamic-batch export or load failed, this says how
+    static_batch_reason: str | None = None
 
     @property
     def input_names(self) -> list[str]:
         return [i.name for i in self.session.get_inputs()]
 
     def run(self, arrays: Sequence[np.ndarray]) -> list[np.ndarray]:
+        metas = self.session.get_inputs()
+        if len(arrays) != len(metas):
+            raise InputError(
+                f"the model takes {len(metas)} input(s) ({', '.join(m.name for m in metas)}), "
+                f"but {len(arrays)} were given: pass one array per input, in that order."
+            )
         feeds = {}
         for meta, array in zip(self.session.get_inputs(), arrays, strict=True):
             dtype = _NP_DTYPES.get(meta.type)
@@ -324,13 +707,47 @@ class OnnxRuntimeBackend:
         example_inputs: Sequence[torch.Tensor],
         *,
         input_names: Sequence[str] | None = None,
+        output_names: Sequence[str] | None = None,
         dynamic_batch: bool = True,
     ) -> OrtArtifact:
-        """Export ``module`` and build its session."""
-        proto = export_onnx(
-            module, example_inputs, input_names=input_names, dynamic_batch=dynamic_batch
+        """Export ``module`` and build its session.
+
+        With ``dynamic_batch`` (the default) the batch axis stays free; a valid model that
+        cannot be exported or loaded that way (BatchNorm without running statistics through the
+        TorchScript exporter, a model whose code fixes the batch...) is exported again with the
+        example's batch, and ``artifact.static_batch_reason`` says why. Only when both fail is
+        it a ``BackendError``, which gives both reasons.
+        """
+        names = {"input_names": input_names, "output_names": output_names}
+        if not dynamic_batch:
+            return self.load(export_onnx(module, example_inputs, dynamic_batch=False, **names))
+        batch = next((int(x.shape[0]) for x in example_inputs if x.dim() > 0), None)
+        try:
+            artifact = self.load(export_onnx(module, example_inputs, **names))
+        except BackendError as exc:
+            dynamic_exc = exc
+        else:
+            if fixed := _fixed_batch_inputs(artifact.proto, example_inputs):
+                # the dynamo exporter specializes a batch the model's code fixes, silently
+                artifact.static_batch_reason = (
+                    f"the batch is fixed at {batch}: the exporter specialized the batch axis "
+                    f"of {', '.join(fixed)} (the model's code fixes it, e.g. a reshape to a "
+                    "constant batch). Run the artifact with that batch size, or make that "
+                    "code use x.shape[0] and optimize again."
+                )
+                log.warning("ONNX Runtime: %s", artifact.static_batch_reason)
+            return artifact
+        try:
+            artifact = self.load(export_onnx(module, example_inputs, dynamic_batch=False, **names))
+        except BackendError as exc:
+            raise BackendError(f"{exc} With a dynamic batch it failed too: {dynamic_exc}") from exc
+        artifact.static_batch_reason = (
+            f"the batch is fixed at {batch}: with a dynamic batch {_first_line(dynamic_exc)}. "
+            "Run the artifact with that batch size (or change what fixes the batch in the "
+            "model and optimize again)."
         )
-        return self.load(proto)
+        log.warning("ONNX Runtime: %s", artifact.static_batch_reason)
+        return artifact
 
     def measure(
         self,
