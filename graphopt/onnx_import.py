@@ -58,7 +58,14 @@ from graphopt.errors import CaptureError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SUPPORTED_OPS", "import_onnx", "load_onnx"]
+__all__ = [
+    "SUPPORTED_OPS",
+    "OnnxBatchNorm1d",
+    "OnnxBatchNorm2d",
+    "OnnxBatchNorm3d",
+    "import_onnx",
+    "load_onnx",
+]
 
 ModelSource = str | os.PathLike | bytes | bytearray | memoryview | onnx.ModelProto
 
@@ -81,7 +88,19 @@ _ONNX_TO_TORCH: dict[int, torch.dtype] = {
     onnx.TensorProto.BOOL: torch.bool,
     onnx.TensorProto.COMPLEX64: torch.complex64,
     onnx.TensorProto.COMPLEX128: torch.complex128,
+    onnx.TensorProto.FLOAT8E4M3FN: torch.float8_e4m3fn,
+    onnx.TensorProto.FLOAT8E4M3FNUZ: torch.float8_e4m3fnuz,
+    onnx.TensorProto.FLOAT8E5M2: torch.float8_e5m2,
+    onnx.TensorProto.FLOAT8E5M2FNUZ: torch.float8_e5m2fnuz,
 }
+
+# uint16/32/64: torch stores them but has no arithmetic or comparison kernels; the converters
+# that support them compute in int64 (see _wide_uint) and the others refuse them at import.
+_WIDE_UINT = (torch.uint16, torch.uint32, torch.uint64)
+# float8: storage only in torch (no arithmetic); only Cast and data movement accept them.
+_FLOAT8 = (torch.float8_e4m3fn, torch.float8_e4m3fnuz, torch.float8_e5m2, torch.float8_e5m2fnuz)
+_SIGNED_OF = {torch.uint16: torch.int16, torch.uint32: torch.int32, torch.uint64: torch.int64}
+_SIGN_BIT = -(2**63)  # int64 with only the sign bit set: x ^ _SIGN_BIT orders uint64 as int64
 
 
 # --------------------------------------------------------------------------------------------
@@ -234,11 +253,22 @@ def _sanitize(name: str, default: str) -> str:
     return s
 
 
+_NUMPY_FLOAT8 = {
+    "float8_e4m3fn": torch.float8_e4m3fn,
+    "float8_e4m3fnuz": torch.float8_e4m3fnuz,
+    "float8_e5m2": torch.float8_e5m2,
+    "float8_e5m2fnuz": torch.float8_e5m2fnuz,
+}
+
+
 def _to_torch(array: np.ndarray) -> torch.Tensor:
     if array.dtype.name == "bfloat16":
         return torch.from_numpy(np.ascontiguousarray(array).view(np.uint16).copy()).view(
             torch.bfloat16
         )
+    float8 = _NUMPY_FLOAT8.get(array.dtype.name)
+    if float8 is not None:
+        return torch.from_numpy(np.ascontiguousarray(array).view(np.uint8).copy()).view(float8)
     if array.dtype == object or array.dtype.kind in "SUV":
         raise TypeError(f"tensors of numpy dtype {array.dtype} have no torch equivalent")
     return torch.from_numpy(np.array(array, copy=True))
@@ -271,7 +301,7 @@ def _gather(data: torch.Tensor, indices: torch.Tensor, axis: int) -> torch.Tenso
     axis = axis % data.dim()
     indices = indices.to(torch.int64)
     indices = torch.where(indices < 0, indices + data.shape[axis], indices)
-    out = torch.index_select(data, axis, indices.reshape(-1))
+    out = _gather_any(data, axis, indices.reshape(-1))
     return out.reshape(data.shape[:axis] + indices.shape + data.shape[axis + 1 :])
 
 
@@ -291,19 +321,164 @@ def _full_dynamic(shape: torch.Tensor, value: Any, dtype: torch.dtype) -> torch.
     return torch.full([int(d) for d in shape.tolist()], value, dtype=dtype)
 
 
-def _slice_dynamic(
+def _udiv64(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Unsigned 64-bit division of int64 bit patterns (uint64 values above 2**63 - 1 are
+    negative as int64).  With h = a >> 1 (logical), floor(a / b) is 2 * (h // b) or one more."""
+    a, b = torch.broadcast_tensors(a, b)
+    big_b = b < 0  # b >= 2**63: the quotient is 1 when a >= b, else 0
+    safe_b = torch.where(big_b | (b == 0), torch.ones_like(b), b)  # ONNX: x / 0 is undefined
+    half = (a >> 1) & (2**63 - 1)
+    q = torch.div(half, safe_b, rounding_mode="floor") * 2
+    r = a - q * safe_b  # in [0, 2b): compare as unsigned
+    q = q + ((r ^ _SIGN_BIT) >= (safe_b ^ _SIGN_BIT)).to(torch.int64)
+    return torch.where(big_b, ((a ^ _SIGN_BIT) >= (b ^ _SIGN_BIT)).to(torch.int64), q)
+
+
+def _int_div(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return torch.div(a, b, rounding_mode="trunc")  # ONNX integer Div truncates toward zero
+
+
+def _reduce_max(x: torch.Tensor, dims: list[int], keepdim: bool) -> torch.Tensor:
+    return _reduce_extreme(x, dims, keepdim, True)
+
+
+def _reduce_min(x: torch.Tensor, dims: list[int], keepdim: bool) -> torch.Tensor:
+    return _reduce_extreme(x, dims, keepdim, False)
+
+
+# ONNX op -> (torch function on int64, whether it orders values: comparisons, max, min, clamp)
+_WIDE_UINT_FNS: dict[str, tuple[Callable[..., torch.Tensor], bool]] = {
+    "Add": (torch.add, False),
+    "Sub": (torch.sub, False),
+    "Mul": (torch.mul, False),
+    "Pow": (torch.pow, False),
+    "Div": (_int_div, False),
+    "Neg": (torch.neg, False),
+    "Sign": (torch.sign, False),
+    "ReduceSum": (torch.sum, False),
+    "Equal": (torch.eq, True),
+    "Less": (torch.lt, True),
+    "LessOrEqual": (torch.le, True),
+    "Greater": (torch.gt, True),
+    "GreaterOrEqual": (torch.ge, True),
+    "Max": (torch.maximum, True),
+    "Min": (torch.minimum, True),
+    "Clip": (torch.clamp, True),
+    "ReduceMax": (_reduce_max, True),
+    "ReduceMin": (_reduce_min, True),
+}
+
+
+def _wide_uint(op: str, dtype: torch.dtype, *args: Any, **kwargs: Any) -> torch.Tensor:
+    """ONNX ``op`` on uint16/uint32/uint64 tensors, for which torch has no kernels.
+
+    Computed in int64 and cast back to ``dtype``, which wraps modulo 2**bits as the unsigned type
+    does.  uint64 values above 2**63 - 1 become negative int64 bit patterns: + - * still wrap
+    exactly; ops that order values (comparisons, max, min, clamp) flip the sign bit before and
+    after, which makes int64's order the unsigned order; uint64 Div divides unsigned (_udiv64).
+    """
+    fn, ordered = _WIDE_UINT_FNS[op]
+    big = dtype == torch.uint64
+    if op == "Div" and big:
+        fn = _udiv64
+    flip = ordered and big
+
+    def widen(a: Any) -> Any:
+        if isinstance(a, torch.Tensor) and a.dtype in _WIDE_UINT:
+            a = a.to(torch.int64)
+            return a ^ _SIGN_BIT if flip else a
+        return a
+
+    y = fn(*[widen(a) for a in args], **kwargs)
+    if y.dtype != torch.int64:  # a comparison, or a float exponent / base: not in the uint domain
+        return y
+    return (y ^ _SIGN_BIT if flip else y).to(dtype)
+
+
+def _bitcast_signed(x: torch.Tensor) -> torch.Tensor:
+    """uint16/32/64 as the same-width signed type (bits unchanged), for data-movement kernels
+    (index_select, flip) that torch lacks for the wide unsigned types."""
+    signed = _SIGNED_OF.get(x.dtype)
+    return x if signed is None else x.view(signed)
+
+
+def _gather_any(x: torch.Tensor, axis: int, index: torch.Tensor) -> torch.Tensor:
+    """``torch.index_select`` that also moves uint16/32/64 tensors."""
+    if x.dtype in _WIDE_UINT:
+        return torch.index_select(_bitcast_signed(x), axis, index).view(x.dtype)
+    return torch.index_select(x, axis, index)
+
+
+def _onnx_slice_range(start: int, end: int, step: int, size: int) -> tuple[int, int]:
+    """ONNX Slice's clamped [start, end) on one axis of ``size`` (step != 0)."""
+    start = start + size if start < 0 else start
+    end = end + size if end < 0 else end
+    if step > 0:
+        return min(max(start, 0), size), min(max(end, 0), size)
+    return min(max(start, 0), size - 1), min(max(end, -1), size - 1)
+
+
+def _slice_onnx(
     x: torch.Tensor, starts: Any, ends: Any, axes: list[int], steps: list[int]
 ) -> torch.Tensor:
+    """ONNX Slice at run time (bounds or dims known only then), negative steps included."""
     starts = starts.tolist() if isinstance(starts, torch.Tensor) else list(starts)
     ends = ends.tolist() if isinstance(ends, torch.Tensor) else list(ends)
-    index: list[slice] = [slice(None)] * x.dim()
+    y = x
     for s, e, a, st in zip(starts, ends, axes, steps, strict=True):
-        index[a % x.dim()] = slice(int(s), int(e), st)
-    return x[tuple(index)]
+        a = a % x.dim()
+        begin, stop = _onnx_slice_range(int(s), int(e), int(st), x.shape[a])
+        if st > 0:
+            y = y.narrow(a, begin, max(stop - begin, 0))[
+                (slice(None),) * a + (slice(None, None, st),)
+            ]
+        else:  # x[begin], x[begin + st], ... while > stop: slice the flipped axis forwards
+            n = x.shape[a]
+            count = max(-(-(begin - stop) // -st), 0)
+            y = _bitcast_signed(y).flip(a).view(y.dtype) if y.dtype in _WIDE_UINT else y.flip(a)
+            if not count:
+                y = y.narrow(a, 0, 0)
+                continue
+            y = y.narrow(a, n - 1 - begin, (count - 1) * -st + 1)
+            y = y[(slice(None),) * a + (slice(None, None, -st),)]
+    return y
 
 
-def _reduce_all(x: torch.Tensor, fn: Callable[..., torch.Tensor], keepdim: bool) -> torch.Tensor:
-    return fn(x, dim=tuple(range(x.dim())), keepdim=keepdim)
+def _range_dynamic(start: Any, limit: Any, delta: Any, dtype: torch.dtype) -> torch.Tensor:
+    """ONNX Range with bounds known only at run time (0-D tensors or Python numbers)."""
+
+    def num(v: Any) -> Any:
+        return v.item() if isinstance(v, torch.Tensor) else v
+
+    return torch.arange(num(start), num(limit), num(delta), dtype=dtype)
+
+
+def _reduce_extreme(x: torch.Tensor, dims: list[int], keepdim: bool, largest: bool) -> torch.Tensor:
+    """ONNX ReduceMax/ReduceMin, which also reduce an empty set: to -inf/+inf (the dtype's
+    lowest/highest value for integers), where torch's amax/amin raise."""
+    fn = torch.amax if largest else torch.amin
+    if x.numel():
+        return fn(x, dim=dims, keepdim=keepdim)
+    dims = [d % x.dim() for d in dims]
+    shape = [1 if k in dims else n for k, n in enumerate(x.shape) if keepdim or k not in dims]
+    if x.dtype.is_floating_point:
+        fill = -math.inf if largest else math.inf
+    elif x.dtype == torch.bool:
+        fill = not largest
+    else:
+        info = torch.iinfo(x.dtype)
+        fill = info.min if largest else info.max
+    return torch.full(shape, fill, dtype=x.dtype)
+
+
+def _pad_axis(x: torch.Tensor, axis: int, before: int, after: int, mode: str) -> torch.Tensor:
+    """Reflect/replicate/circular padding of one axis of any tensor: torch's F.pad pads these
+    modes only on the last 1-3 dims of 2-D to 5-D inputs, so move the axis last and fold the
+    others into one (the modes are separable, so axes can be padded one after another)."""
+    y = x.movedim(axis, -1)
+    lead = y.shape[:-1]
+    y = F.pad(y.reshape(1, -1, y.shape[-1]), [before, after], mode=mode)
+    return y.reshape(*lead, y.shape[-1]).movedim(-1, axis)
 
 
 def _layer_norm_manual(
@@ -458,10 +633,19 @@ class _Importer:
             elem = vi.type.tensor_type.elem_type if vi.type.HasField("tensor_type") else 0
             ph.meta["onnx_elem_type"] = elem
             ph.meta["onnx_dtype"] = _ONNX_TO_TORCH.get(elem)
+            if elem and ph.meta["onnx_dtype"] is None:  # int4, string, ...: no torch tensor
+                raise CaptureError(
+                    f"ONNX graph input {vi.name!r} has element type "
+                    f"{onnx.TensorProto.DataType.Name(elem)}, which has no torch dtype, so "
+                    f"graphopt's importer cannot represent it. Give the model an input of a "
+                    f"supported type (e.g. int8 or float32, with a Cast inside the model) and "
+                    f"re-export it."
+                )
             self.env[vi.name] = ph
 
         for index, node in enumerate(g.node):
             ctx = _Ctx(self, node, index)
+            _check_storage_dtypes(ctx)
             try:
                 result = _CONVERTERS[node.op_type](ctx)
             except CaptureError:
@@ -503,7 +687,10 @@ class _Importer:
         gm.meta["onnx_input_names"] = input_names
         gm.meta["onnx_output_names"] = [o.name for o in g.output]
         gm.meta["onnx_opset"] = self.opset
-        return gm
+        # the output node carries the names too: graph passes copy nodes' meta, not gm.meta
+        output_node = next(n for n in gm.graph.nodes if n.op == "output")
+        output_node.meta["onnx_output_names"] = list(gm.meta["onnx_output_names"])
+        return gm.eval()  # an ONNX graph is an inference graph (BatchNorm, Dropout)
 
     def distrust_shapes_after(self, name: str, shape: list[int | str | None]) -> None:
         """Set the shape of ``name`` and forget static dims of every value computed from it.
@@ -539,6 +726,76 @@ class _Importer:
                 f"model without these ops (e.g. another opset or a simpler module), or add a "
                 f"converter for them."
             )
+
+
+# Ops that only move or reinterpret data, which torch does for every dtype it stores.
+_DATA_MOVEMENT = frozenset(
+    [
+        "Identity",
+        "Reshape",
+        "Flatten",
+        "Transpose",
+        "Squeeze",
+        "Unsqueeze",
+        "Concat",
+        "Split",
+        "Expand",
+        "Tile",
+        "Where",
+        "Cast",
+        "CastLike",
+        "Shape",
+        "Size",
+        "Dropout",
+    ]
+)
+# uint16/32/64 inputs: data movement, and the converters that compute them via _wide_uint (those
+# refuse themselves for the variants they do not handle).
+_WIDE_UINT_OPS = _DATA_MOVEMENT | frozenset(
+    [
+        "Gather",
+        "Slice",
+        "Pad",
+        "Equal",
+        "Add",
+        "Sub",
+        "Mul",
+        "Div",
+        "Pow",
+        "Less",
+        "LessOrEqual",
+        "Greater",
+        "GreaterOrEqual",
+        "And",
+        "Or",
+        "Xor",
+        "Sum",
+        "Max",
+        "Min",
+        "Mean",
+        "Abs",
+        "Neg",
+        "Sign",
+        "Clip",
+        "ReduceSum",
+        "ReduceMax",
+        "ReduceMin",
+        "ReduceMean",
+        "ReduceL2",
+    ]
+)
+
+
+def _check_storage_dtypes(ctx: _Ctx) -> None:
+    """Refuse, at import, ops on dtypes torch stores but cannot compute with (float8 except
+    for data movement; uint16/32/64 outside _WIDE_UINT_OPS), instead of a NotImplementedError
+    when the graph runs."""
+    for i in range(len(ctx.node.input)):
+        dtype = ctx.dtype(i)
+        if (dtype in _FLOAT8 and ctx.op not in _DATA_MOVEMENT) or (
+            dtype in _WIDE_UINT and ctx.op not in _WIDE_UINT_OPS
+        ):
+            raise _refuse_dtype(ctx, dtype)
 
 
 class _Ctx:
@@ -892,6 +1149,28 @@ def _conv_transpose(ctx: _Ctx) -> Value:
     return ctx.call(operator.getitem, y, tuple(index))
 
 
+class _InferenceBatchNorm:
+    """Mixin for ONNX's inference-form BatchNormalization (``training_mode=0``): the module stays
+    in eval mode whatever ``.train()`` says, so it always normalizes with the running statistics
+    and never updates them -- what the ONNX node computes.  Passes see an ordinary eval-mode
+    ``nn.BatchNorm*d`` (``isinstance`` holds and ``forward`` is torch's own)."""
+
+    def train(self, mode: bool = True) -> nn.Module:
+        return super().train(False)  # type: ignore[misc]
+
+
+class OnnxBatchNorm1d(_InferenceBatchNorm, nn.BatchNorm1d):
+    """``nn.BatchNorm1d`` pinned to eval mode (ONNX BatchNormalization, training_mode=0)."""
+
+
+class OnnxBatchNorm2d(_InferenceBatchNorm, nn.BatchNorm2d):
+    """``nn.BatchNorm2d`` pinned to eval mode (ONNX BatchNormalization, training_mode=0)."""
+
+
+class OnnxBatchNorm3d(_InferenceBatchNorm, nn.BatchNorm3d):
+    """``nn.BatchNorm3d`` pinned to eval mode (ONNX BatchNormalization, training_mode=0)."""
+
+
 @_converter("BatchNormalization")
 def _batch_norm(ctx: _Ctx) -> Value:
     if ctx.attr("training_mode", 0):
@@ -909,7 +1188,7 @@ def _batch_norm(ctx: _Ctx) -> Value:
     rank = ctx.rank(0)
     if all(p is not None for p in params) and rank in (2, 3, 4, 5):
         scale, bias, mean, var = params
-        cls = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}[rank]
+        cls = {2: OnnxBatchNorm1d, 3: OnnxBatchNorm1d, 4: OnnxBatchNorm2d, 5: OnnxBatchNorm3d}[rank]
         mod = cls(scale.numel(), eps=eps, dtype=scale.dtype)
         _set_param(mod, "weight", scale)
         _set_param(mod, "bias", bias)
@@ -1026,7 +1305,33 @@ _UNARY: dict[str, Callable[..., torch.Tensor]] = {
 
 @_converter(*_UNARY)
 def _unary(ctx: _Ctx) -> Value:
+    wide = _wide_uint_dtype(ctx)
+    if wide is not None:
+        if ctx.op == "Abs":
+            return ctx.tensor(0)  # |x| = x for unsigned x
+        if ctx.op not in ("Neg", "Sign"):
+            raise _refuse_dtype(ctx, wide)
+        return ctx.call(_wide_uint, ctx.op, wide, ctx.tensor(0))
     return ctx.call(_UNARY[ctx.op], ctx.tensor(0))
+
+
+def _wide_uint_dtype(ctx: _Ctx) -> torch.dtype | None:
+    """The uint16/32/64 dtype of the node's inputs, if any (they need _wide_uint)."""
+    for i in range(len(ctx.node.input)):
+        dtype = ctx.dtype(i)
+        if dtype in _WIDE_UINT:
+            return dtype
+    return None
+
+
+def _refuse_dtype(ctx: _Ctx, dtype: torch.dtype) -> CaptureError:
+    kind = "float8" if dtype in _FLOAT8 else "unsigned 16/32/64-bit"
+    return ctx.fail(
+        f"an input has dtype {str(dtype).replace('torch.', '')}, and torch has no {ctx.op} "
+        f"kernel for {kind} tensors, which graphopt's importer computes only for some ops",
+        "Cast the tensor to a supported dtype (e.g. int64 or float32) in the model before this "
+        "node, or report the op with the model.",
+    )
 
 
 _BINARY: dict[str, Callable[..., torch.Tensor]] = {
@@ -1103,6 +1408,12 @@ def _binary(ctx: _Ctx) -> Value:
         fused = _fuse_linear_bias(ctx, a, b)
         if fused is not None:
             return fused
+    wide = _wide_uint_dtype(ctx)
+    if wide is not None:
+        if ctx.op in ("And", "Or", "Xor"):
+            raise _refuse_dtype(ctx, wide)
+        y = ctx.call(_wide_uint, ctx.op, wide, a, b)
+        return _pow_dtype(ctx, y) if ctx.op == "Pow" else y
     # A 0-D constant next to a runtime tensor becomes a Python scalar (``x * 0.125``): same
     # result (ONNX requires equal dtypes), and easier for passes to match than a buffer.
     if isinstance(a, fx.Node) and _is_scalar_const(b):
@@ -1111,7 +1422,17 @@ def _binary(ctx: _Ctx) -> Value:
         a, b = b, a.item()  # torch.add/mul want the tensor first; both are commutative
     if ctx.op == "Div" and (_is_int_dtype(ctx.dtype(0)) or _is_int_dtype(ctx.dtype(1))):
         return ctx.call(torch.div, a, b, rounding_mode="trunc")
-    return ctx.call(_BINARY[ctx.op], a, b)
+    y = ctx.call(_BINARY[ctx.op], a, b)
+    return _pow_dtype(ctx, y) if ctx.op == "Pow" else y
+
+
+def _pow_dtype(ctx: _Ctx, y: Any) -> Any:
+    """ONNX Pow's result has the base's type (int base ** float exponent is an int, the float
+    result truncated toward zero); torch promotes to the wider of the two."""
+    base, exponent = ctx.dtype(0), ctx.dtype(1)
+    if base is None or base == exponent:
+        return y
+    return ctx.method("to", y, base)
 
 
 def _is_scalar_const(v: Any) -> bool:
@@ -1147,9 +1468,15 @@ def _fuse_linear_bias(ctx: _Ctx, a: Any, b: Any) -> fx.Node | None:
 def _variadic(ctx: _Ctx) -> Value:
     fn = {"Sum": torch.add, "Mean": torch.add, "Max": torch.maximum, "Min": torch.minimum}[ctx.op]
     inputs = [ctx.tensor(i) for i in range(len(ctx.node.input)) if ctx.has(i)]
+    wide = _wide_uint_dtype(ctx)
+    if wide is not None and ctx.op == "Mean":
+        raise _refuse_dtype(ctx, wide)
     y = inputs[0]
     for other in inputs[1:]:
-        y = ctx.call(fn, y, other)
+        if wide is not None:
+            y = ctx.call(_wide_uint, ctx.op, wide, y, other)
+        else:
+            y = ctx.call(fn, y, other)
     if ctx.op == "Mean" and len(inputs) > 1:
         y = ctx.call(torch.div, y, float(len(inputs)))
     return y
@@ -1205,15 +1532,21 @@ def _clip(ctx: _Ctx) -> Value:
     else:
         lo_v, hi_v = ctx.value(1), ctx.value(2)
         if isinstance(lo_v, fx.Node) or isinstance(hi_v, fx.Node):
-            return ctx.call(
-                torch.clamp,
-                x,
+            bounds = (
                 None if lo_v is None else ctx.tensor(1),
                 None if hi_v is None else ctx.tensor(2),
             )
+            wide = _wide_uint_dtype(ctx)
+            if wide is not None:
+                return ctx.call(_wide_uint, "Clip", wide, x, *bounds)
+            return ctx.call(torch.clamp, x, *bounds)
         lo, hi = _scalar_of(ctx, 1, "min"), _scalar_of(ctx, 2, "max")
     if lo is None and hi is None:
         return x
+    wide = _wide_uint_dtype(ctx)
+    if wide is not None:  # bounds as tensors of x's dtype, so that _wide_uint widens them too
+        lo, hi = (None if v is None else torch.tensor(v, dtype=wide) for v in (lo, hi))
+        return ctx.call(_wide_uint, "Clip", wide, x, lo, hi)
     return ctx.call(torch.clamp, x, lo, hi)
 
 
@@ -1252,7 +1585,21 @@ def _cast(ctx: _Ctx) -> Value:
     v = ctx.value(0)
     if isinstance(v, _Sym) and _is_int_dtype(dtype):
         return _Sym(v.items, v.scalar, dtype)
-    return ctx.method("to", ctx.materialize(v), dtype)
+    x = ctx.materialize(v)
+    if dtype in _FLOAT8 and ctx.dtype(0) not in _FLOAT8:
+        # torch's cast saturates to E4M3FN and overflows (to inf or NaN) for the other float8
+        # types; ONNX's saturate=1 (the default) clamps to the largest finite value.
+        saturate = bool(ctx.attr("saturate", 1))
+        if dtype == torch.float8_e4m3fn and not saturate:
+            raise ctx.fail(
+                "Cast to FLOAT8E4M3FN with saturate=0 (out-of-range values become NaN) is not "
+                "supported: torch's cast to float8_e4m3fn always saturates",
+                "Export the model with saturate=1, or cast to float16/float32 instead.",
+            )
+        if saturate and dtype != torch.float8_e4m3fn:
+            limit = float(torch.finfo(dtype).max)
+            x = ctx.call(torch.clamp, x, -limit, limit)
+    return ctx.method("to", x, dtype)
 
 
 @_converter("Identity")
@@ -1339,23 +1686,63 @@ _REDUCE: dict[str, Callable[..., torch.Tensor]] = {
 @_converter(*_REDUCE, "ReduceL2")
 def _reduce(ctx: _Ctx) -> Value:
     keepdim = bool(ctx.attr("keepdims", 1))
+    noop = bool(ctx.attr("noop_with_empty_axes", 0))
+    x = ctx.tensor(0)
+    dtype = ctx.dtype(0)
+    wide = _wide_uint_dtype(ctx)
+    if wide is not None and ctx.op not in ("ReduceSum", "ReduceMax", "ReduceMin"):
+        raise _refuse_dtype(ctx, wide)
     axes = ctx.attr("axes")
+    if axes is None and isinstance(ctx.value(1), fx.Node):  # axes known only at run time
+        return ctx.call(_reduce_onnx, x, ctx.tensor(1), ctx.op, keepdim, noop)
     if axes is None and ctx.has(1):
         axes = ctx.const_ints(1, "axes")
-    x = ctx.tensor(0)
     if not axes:
-        if ctx.attr("noop_with_empty_axes", 0):
+        if noop:
             return x
         rank = ctx.rank(0)
         if rank is None:
-            fn = _REDUCE.get(ctx.op)
-            if fn is None:
-                raise ctx.fail("reducing over all axes needs the input rank, which is unknown")
-            return ctx.call(_reduce_all, x, fn, keepdim)
+            return ctx.call(_reduce_onnx, x, None, ctx.op, keepdim, noop)
         axes = list(range(rank))
+    axes = list(axes)
+    if wide is not None or ctx.op in ("ReduceMean", "ReduceSum") and _is_int_dtype(dtype):
+        return ctx.call(_reduce_onnx, x, axes, ctx.op, keepdim, noop)
     if ctx.op == "ReduceL2":
-        return ctx.call(torch.linalg.vector_norm, x, 2, dim=list(axes), keepdim=keepdim)
-    return ctx.call(_REDUCE[ctx.op], x, dim=list(axes), keepdim=keepdim)
+        return ctx.call(torch.linalg.vector_norm, x, 2, dim=axes, keepdim=keepdim)
+    if ctx.op in ("ReduceMax", "ReduceMin"):
+        sizes = [ctx.static_dim(0, a) for a in axes]
+        if not all(isinstance(n, int) and n > 0 for n in sizes):  # may reduce an empty set
+            return ctx.call(_reduce_extreme, x, axes, keepdim, ctx.op == "ReduceMax")
+    return ctx.call(_REDUCE[ctx.op], x, dim=axes, keepdim=keepdim)
+
+
+def _reduce_onnx(
+    x: torch.Tensor, axes: Any, op: str, keepdim: bool, noop: bool = False
+) -> torch.Tensor:
+    """ONNX ReduceSum/Mean/Max/Min/L2 at run time: axes known only then (a tensor, or None for
+    all axes), integer dtypes (the result keeps the input's dtype: torch.sum widens to int64,
+    torch.mean refuses integers; ONNX's integer mean truncates toward zero), uint16/32/64."""
+    if isinstance(axes, torch.Tensor):
+        axes = [int(a) for a in axes.reshape(-1).tolist()]
+    if not axes:
+        if noop:
+            return x
+        axes = list(range(x.dim()))
+    if x.dtype in _WIDE_UINT:
+        if op == "ReduceSum":
+            return _wide_uint(op, x.dtype, x, dim=axes, keepdim=keepdim)
+        return _wide_uint(op, x.dtype, x, axes, keepdim)
+    if op in ("ReduceMax", "ReduceMin"):
+        return _reduce_extreme(x, axes, keepdim, op == "ReduceMax")
+    if op == "ReduceL2":
+        return torch.linalg.vector_norm(x, 2, dim=axes, keepdim=keepdim)
+    if x.dtype.is_floating_point or x.dtype.is_complex:
+        return (torch.sum if op == "ReduceSum" else torch.mean)(x, dim=axes, keepdim=keepdim)
+    total = torch.sum(x, dim=axes, keepdim=keepdim, dtype=torch.int64)
+    if op == "ReduceMean":
+        count = math.prod(x.shape[a] for a in axes)
+        total = torch.div(total.to(x.dtype).to(torch.int64), count, rounding_mode="trunc")
+    return total.to(x.dtype)
 
 
 # --------------------------------------------------------------------------------------------
@@ -1593,6 +1980,8 @@ def _range(ctx: _Ctx) -> Value:
         else:
             args.append(v)
     dtype = ctx.dtype(0) or ctx.dtype(1)
+    if any(isinstance(a, fx.Node) for a in args):  # bounds computed at run time
+        return ctx.call(_range_dynamic, *args, dtype)
     return ctx.call(torch.arange, *args, dtype=dtype)
 
 
@@ -1759,7 +2148,7 @@ def _slice(ctx: _Ctx) -> Value:
         if n is None:
             raise ctx.fail("runtime slice bounds need constant axes")
         return ctx.call(
-            _slice_dynamic,
+            _slice_onnx,
             ctx.materialize(data),
             ctx.tensor(1),
             ctx.tensor(2),
@@ -1791,9 +2180,13 @@ def _slice(ctx: _Ctx) -> Value:
         if st < 0:
             size = ctx.static_dim(0, a)
             if size is None or not isinstance(s, int) or not isinstance(e, int):
-                raise ctx.fail("a negative slice step needs a static dim and constant bounds")
-            picked = list(range(size))[slice(s, e, st)]
-            x = ctx.call(torch.index_select, x, a, torch.tensor(picked, dtype=torch.int64))
+                # dim or bounds known only at run time: ONNX's clamping needs the dim's size
+                bounds = [_make_sym_or_int(ctx, v) for v in (s, e)]
+                x = ctx.call(_slice_onnx, x, [bounds[0]], [bounds[1]], [a], [st])
+                continue
+            begin, stop = _onnx_slice_range(s, e, st, size)
+            picked = list(range(begin, stop, st))
+            x = ctx.call(_gather_any, x, a, torch.tensor(picked, dtype=torch.int64))
             continue
         start = None if isinstance(s, int) and s == 0 else s
         if isinstance(s, int) and s <= -_BIG:
@@ -1806,6 +2199,11 @@ def _slice(ctx: _Ctx) -> Value:
         return x
     full = tuple([Ellipsis] + index) if negative else tuple(index)
     return ctx.call(operator.getitem, x, full)
+
+
+def _make_sym_or_int(ctx: _Ctx, v: int | fx.Node) -> Any:
+    """A slice bound for _slice_onnx: an int, or a size node as a 0-D tensor at run time."""
+    return v if isinstance(v, int) else ctx.call(_dim_to_tensor, v)
 
 
 @_converter("Gather")
@@ -1826,8 +2224,13 @@ def _gather_op(ctx: _Ctx) -> Value:
                 idx = torch.where(idx < 0, idx + size, idx).to(torch.int64)
             if size is not None or bool((idx >= 0).all()):
                 rank = ctx.rank(0)
-                return ctx.call(torch.index_select, x, axis % rank if rank else axis, idx)
+                return ctx.call(_index_select_fn(ctx), x, axis % rank if rank else axis, idx)
     return ctx.call(_gather, x, ctx.materialize(idx), axis)
+
+
+def _index_select_fn(ctx: _Ctx) -> Callable[..., torch.Tensor]:
+    # torch.index_select stays what passes match; uint16/32/64 need the bitcast variant
+    return _gather_any if ctx.dtype(0) in _WIDE_UINT else torch.index_select
 
 
 @_converter("Expand")
@@ -1890,14 +2293,19 @@ def _pad(ctx: _Ctx) -> Value:
     }.get(mode)
     if torch_mode is None:
         raise ctx.fail(f"pad mode {mode!r} is not supported")
-    if torch_mode != "constant" and (n - first > 3 or first == 0):
-        raise ctx.fail(
-            f"{mode} padding of dims {list(range(first, n))} is not expressible with "
-            f"torch's F.pad (at most the last 3 dims, never the first)"
-        )
     if torch_mode == "constant":
         return ctx.call(F.pad, x, _torch_pad(trailing), value=value or 0)
-    return ctx.call(F.pad, x, _torch_pad(trailing), mode=torch_mode)
+    if ctx.dtype(0) in _WIDE_UINT and torch_mode != "circular":
+        raise _refuse_dtype(ctx, ctx.dtype(0))
+    if any(p < 0 for p in pads):
+        raise ctx.fail(f"negative pads {pads} (cropping) in {mode} mode are not supported")
+    # torch pads these modes on the last k <= 3 dims of a batched (k + 2)-D input
+    if n - first <= 3 and n == (n - first) + 2:
+        return ctx.call(F.pad, x, _torch_pad(trailing), mode=torch_mode)
+    for axis in range(first, n):  # otherwise one axis at a time (the modes are separable)
+        if pads[axis] or pads[axis + n]:
+            x = ctx.call(_pad_axis, x, axis, pads[axis], pads[axis + n], torch_mode)
+    return x
 
 
 def _depth_to_space_dcr(x: torch.Tensor, block: int) -> torch.Tensor:
@@ -1908,8 +2316,9 @@ def _depth_to_space_dcr(x: torch.Tensor, block: int) -> torch.Tensor:
 
 
 def _space_to_depth(x: torch.Tensor, block: int) -> torch.Tensor:
-    """ONNX SpaceToDepth (output channels ordered (row-in-block, column-in-block, channel);
-    torch's pixel_unshuffle orders them (channel, row, column))."""
+    """ONNX SpaceToDepth, mode DCR (the default; output channels ordered (row-in-block,
+    column-in-block, channel); mode CRD, opset 28, is torch's pixel_unshuffle: (channel, row,
+    column))."""
     n, c, h, w = x.shape
     x = x.reshape(n, c, h // block, block, w // block, block).permute(0, 3, 5, 1, 2, 4)
     return x.reshape(n, c * block * block, h // block, w // block)
@@ -1927,7 +2336,12 @@ def _depth_to_space(ctx: _Ctx) -> Value:
 
 @_converter("SpaceToDepth")
 def _space_to_depth_op(ctx: _Ctx) -> Value:
-    return ctx.call(_space_to_depth, ctx.tensor(0), int(ctx.attr("blocksize")))
+    block, mode = int(ctx.attr("blocksize")), ctx.attr("mode", "DCR")
+    if mode == "CRD":
+        return ctx.call(F.pixel_unshuffle, ctx.tensor(0), block)
+    if mode != "DCR":
+        raise ctx.fail(f"SpaceToDepth mode {mode!r} is not DCR or CRD")
+    return ctx.call(_space_to_depth, ctx.tensor(0), block)
 
 
 SUPPORTED_OPS: frozenset[str] = frozenset(_CONVERTERS)

@@ -21,7 +21,14 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
 from graphopt.errors import CaptureError
-from graphopt.onnx_import import SUPPORTED_OPS, import_onnx, load_onnx
+from graphopt.onnx_import import (
+    SUPPORTED_OPS,
+    OnnxBatchNorm1d,
+    OnnxBatchNorm2d,
+    OnnxBatchNorm3d,
+    import_onnx,
+    load_onnx,
+)
 
 RTOL = 1e-5
 
@@ -149,7 +156,7 @@ def test_conv_bn_relu_becomes_modules() -> None:
     )
     # Without constant folding the exporter keeps BatchNormalization as its own node.
     gm = _roundtrip(model, _randn(3, 10, 10), do_constant_folding=False)
-    assert _modules(gm) == [nn.Conv2d, nn.BatchNorm2d]
+    assert _modules(gm) == [nn.Conv2d, OnnxBatchNorm2d]
     bn = next(m for m in gm.modules() if isinstance(m, nn.BatchNorm2d))
     assert not bn.training
     torch.testing.assert_close(bn.running_var, model[1].running_var)
@@ -192,14 +199,14 @@ def test_conv1d_and_conv3d_with_batchnorm() -> None:
         )
     )
     gm1 = _roundtrip(m1, _randn(4, 12), do_constant_folding=False)
-    assert _modules(gm1) == [nn.Conv1d, nn.BatchNorm1d, nn.ConvTranspose1d]
+    assert _modules(gm1) == [nn.Conv1d, OnnxBatchNorm1d, nn.ConvTranspose1d]
     m3 = _randomize_bn(
         nn.Sequential(
             nn.Conv3d(2, 4, 3, padding=(1, 0, 1), stride=(1, 2, 1)), nn.BatchNorm3d(4), nn.Sigmoid()
         )
     )
     gm3 = _roundtrip(m3, _randn(2, 5, 6, 7), do_constant_folding=False)
-    assert _modules(gm3) == [nn.Conv3d, nn.BatchNorm3d]
+    assert _modules(gm3) == [nn.Conv3d, OnnxBatchNorm3d]
 
 
 def test_linear_2d_gemm_and_3d_matmul_add() -> None:
