@@ -8,6 +8,10 @@ graphopt optimize resnet18 --int8 --calibration data.npz [--max-drop 0.01] -o re
 graphopt passes                 every pass with its doc, options and numerics
 graphopt zoo                    the built-in models
 graphopt bench [MODELS...]      graphopt against torch eager, torch.compile, ONNX Runtime...
+graphopt --version
+
+Exit status: 0 done; 1 ``--strict`` and a pass was rolled back; 2 an error, reported as one
+line ``graphopt: error: ...`` on stderr (``--debug`` adds the traceback); 130 interrupted.
 """
 
 from __future__ import annotations
@@ -16,21 +20,46 @@ import argparse
 import dataclasses
 import inspect
 import logging
+import math
 import os
 import sys
+import traceback
+import zipfile
 from pathlib import Path
 
-from graphopt.errors import GraphoptError
+from graphopt.errors import GraphoptError, InputError
 
 
 def _cmd_optimize(args: argparse.Namespace) -> int:
     import graphopt
     from graphopt import zoo
     from graphopt.pass_manager import DumpIR, PrintIR
+    from graphopt.pipeline import parse_pipeline
+    from graphopt.target import Target
 
+    # everything a user typed is checked before a model is built or a minute is spent tuning
+    if args.max_drop is not None and not args.int8:
+        raise GraphoptError("--max-drop applies to int8 quantisation; add --int8.")
+    Target.parse(args.target)
+    if args.pipeline is not None:
+        parse_pipeline(args.pipeline)
+    _check_outputs(args)
+    calibration = (
+        _load_calibration(args.calibration, args.calibration_batch) if args.calibration else None
+    )
     source = args.model
     if Path(source).suffix == ".onnx" or Path(source).exists():
+        if not Path(source).is_file():
+            raise InputError(
+                f"{source}: no such file. Give a path to an .onnx file or a zoo model name "
+                "(`graphopt zoo` lists them)."
+            )
         model, inputs, name = source, None, Path(source).name
+    elif os.sep in source or Path(source).suffix:  # a path, not a zoo name
+        raise InputError(
+            f"{source}: no such file, and not a zoo model. Give a path to an .onnx file or a "
+            "zoo model name (`graphopt zoo` lists them)."
+        )
     else:
         if not args.quiet:  # digits_cnn trains for a few seconds on its first use
             print(f"building zoo model {source} ({zoo.describe(source)})", file=sys.stderr)
@@ -41,14 +70,7 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
         instruments.append(PrintIR())
     if args.dump_ir:
         instruments.append(DumpIR(args.dump_ir))
-    calibration = (
-        _load_calibration(args.calibration, args.calibration_batch) if args.calibration else None
-    )
-    int8 = {}
-    if args.int8:
-        int8 = {"precision": "int8", "max_drop": args.max_drop}
-    elif args.max_drop is not None:
-        raise GraphoptError("--max-drop applies to int8 quantisation; add --int8.")
+    int8 = {"precision": "int8", "max_drop": args.max_drop} if args.int8 else {}
     result = graphopt.optimize(
         model,
         args.target,
@@ -67,6 +89,7 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
         tune_minutes=args.tune_minutes,
         database=args.database,
         rpc=args.rpc,
+        accept_mismatch=args.accept_mismatch,
     )
     print(result.report)
     if args.output:
@@ -77,10 +100,30 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
             print(package.describe())
             print(f"build: {package.build_command()}")
     if args.json:
-        Path(args.json).write_text(result.report.to_json())
+        try:
+            Path(args.json).write_text(result.report.to_json())
+        except OSError as exc:
+            raise InputError(f"cannot write the report to {args.json}: {exc.strerror}.") from exc
         print(f"report written to {args.json}")
     failed = result.report.rolled_back
     return 1 if failed and args.strict else 0
+
+
+def _check_outputs(args: argparse.Namespace) -> None:
+    """Output paths that cannot be written fail now, not after the optimization."""
+    for flag, value in (("-o/--output", args.output), ("--json", args.json)):
+        if value is None:
+            continue
+        path = Path(value)
+        if path.is_dir():
+            raise InputError(f"{flag} {value} is a directory; give a file name.")
+        if not path.parent.is_dir():
+            raise InputError(
+                f"{flag} {value}: the directory {path.parent} does not exist; create it first."
+            )
+    for flag, value in (("--dump-ir", args.dump_ir), ("--database", args.database)):
+        if value is not None and Path(value).exists() and not Path(value).is_dir():
+            raise InputError(f"{flag} {value} is a file; give a directory.")
 
 
 def _load_calibration(path: str, batch_size: int) -> list[tuple]:
@@ -89,20 +132,46 @@ def _load_calibration(path: str, batch_size: int) -> list[tuple]:
     import numpy as np
 
     if batch_size < 1:
-        raise GraphoptError(f"--calibration-batch must be 1 or more, got {batch_size}.")
+        raise InputError(f"--calibration-batch must be 1 or more, got {batch_size}.")
+    how = (
+        "Write it with numpy.savez(path, input0_samples, input1_samples, ...) (first axis = "
+        "samples)."
+    )
+    if not Path(path).is_file():
+        raise InputError(f"calibration data {path}: no such file. {how}")
+    with open(path, "rb") as f:
+        magic = f.read(6)
+    if magic == b"\x93NUMPY":
+        raise InputError(
+            f"calibration data {path} is a single .npy array, not an .npz archive. "
+            "Save it with numpy.savez(path, samples) (one array per model input)."
+        )
+    if not zipfile.is_zipfile(path):
+        raise InputError(
+            f"calibration data {path} is damaged or not an .npz archive (a zip of arrays). {how}"
+        )
     try:
         with np.load(path, allow_pickle=False) as npz:
-            arrays = [npz[name] for name in npz.files]
-    except (OSError, ValueError) as exc:
-        raise GraphoptError(
-            f"cannot read calibration data {path}: {exc}. Write it with "
-            "numpy.savez(path, input0_samples, input1_samples, ...) (first axis = samples)."
-        ) from exc
+            names = list(npz.files)
+            arrays = [npz[name] for name in names]
+    except Exception as exc:  # zip, CRC, header and object-array errors of a damaged file
+        reason = (str(exc).splitlines() or [type(exc).__name__])[0].rstrip(".")
+        raise InputError(f"cannot read calibration data {path}: {reason}. {how}") from exc
     if not arrays:
-        raise GraphoptError(f"{path} holds no arrays; save one array per model input.")
+        raise InputError(f"{path} holds no arrays; save one array per model input.")
+    for name, a in zip(names, arrays, strict=True):
+        if a.dtype.kind not in "biuf":
+            raise InputError(
+                f"array {name!r} in {path} has dtype {a.dtype}; calibration samples are numbers."
+            )
+        if a.dtype.kind == "f" and not np.isfinite(a).all():
+            raise InputError(
+                f"array {name!r} in {path} holds NaN or infinite values; calibration samples "
+                "must be finite."
+            )
     n = {a.shape[0] if a.ndim else 0 for a in arrays}
     if len(n) != 1 or 0 in n:
-        raise GraphoptError(
+        raise InputError(
             f"the arrays in {path} must all have the same number of samples on their first "
             f"axis; got shapes {', '.join(str(a.shape) for a in arrays)}."
         )
@@ -146,16 +215,67 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return bench.main(args)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with the CLI's one-line errors (argparse prints the usage block as well)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"graphopt: error: {message} (see `{self.prog} --help`)\n")
+
+
+def _count(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    value = _count(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
+def _amount(text: str) -> float:
+    """argparse type: a finite number >= 0 (minutes, a metric drop)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
+    return value
+
+
+def _add_common(parser: argparse.ArgumentParser, default: object) -> None:
+    # on the main parser and again after each command (``graphopt optimize ... --debug``)
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        default=default,
+        help="on an error, print the traceback as well (and log at debug level)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    from graphopt import __version__
+
+    parser = _Parser(
         prog="graphopt",
         description="Verified graph optimization "
         "of PyTorch and ONNX models for ONNX Runtime and TVM.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log what graphopt does")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("--version", action="version", version=f"graphopt {__version__}")
+    _add_common(parser, False)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("optimize", help="optimize a zoo model or an .onnx file for a target")
+    _add_common(p, argparse.SUPPRESS)
     p.add_argument("model", help="a zoo model name (see `graphopt zoo`) or a path to an .onnx file")
     p.add_argument(
         "--target", default="cpu", help="cpu, cuda, llvm -mcpu=..., aarch64-linux, android-arm64"
@@ -167,8 +287,8 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("onnxruntime", "tvm", "auto"),
         help="auto: the faster of ONNX Runtime (settings measured) and tuned TVM",
     )
-    p.add_argument("--trials", type=int, default=0, help="TVM tuning budget in trials")
-    p.add_argument("--tune-minutes", type=float, default=None, help="TVM tuning budget")
+    p.add_argument("--trials", type=_count, default=0, help="TVM tuning budget in trials")
+    p.add_argument("--tune-minutes", type=_amount, default=None, help="TVM tuning budget")
     p.add_argument("--database", default=None, help="TVM tuning database directory")
     p.add_argument("--rpc", default=None, metavar="HOST:PORT/KEY", help="TVM RPC device")
     p.add_argument(
@@ -176,6 +296,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json", default=None, help="write the report as JSON to this file")
     p.add_argument("--strict", action="store_true", help="fail instead of rolling back a pass")
+    p.add_argument(
+        "--accept-mismatch",
+        action="store_true",
+        help="experts: return an artifact whose end-to-end check failed (warned in the report) "
+        "instead of an error",
+    )
     p.add_argument("--no-verify", action="store_true", help="skip numeric checks")
     p.add_argument("--no-measure", action="store_true", help="skip the latency comparison")
     p.add_argument("--print-ir", action="store_true", help="print the IR diff after each pass")
@@ -189,11 +315,11 @@ def build_parser() -> argparse.ArgumentParser:
         "samples (numpy.savez)",
     )
     p.add_argument(
-        "--calibration-batch", type=int, default=32, help="samples per calibration batch"
+        "--calibration-batch", type=_positive_int, default=32, help="samples per calibration batch"
     )
     p.add_argument(
         "--max-drop",
-        type=float,
+        type=_amount,
         default=None,
         help="int8: allowed drop of top-1 agreement with fp32 on the calibration data "
         "(e.g. 0.01); the most sensitive layers stay float until it holds",
@@ -202,13 +328,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_optimize)
 
     p = sub.add_parser("passes", help="list the passes with their options")
+    _add_common(p, argparse.SUPPRESS)
     p.add_argument("--verbose", action="store_true", help="print each pass's full documentation")
     p.set_defaults(func=_cmd_passes)
 
     p = sub.add_parser("zoo", help="list the built-in models")
+    _add_common(p, argparse.SUPPRESS)
     p.set_defaults(func=_cmd_zoo)
 
     p = sub.add_parser("bench", help="benchmark graphopt against the tools a user would pick")
+    _add_common(p, argparse.SUPPRESS)
     from graphopt.bench import add_arguments
 
     add_arguments(p)
@@ -217,23 +346,61 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    """Run the command; returns the exit status (see the module docstring). Errors are one line
+    on stderr, never a traceback unless ``--debug`` asks for one."""
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # Ctrl-C: the user knows; no traceback, the shell's status
+        return 130
+
+
+def _main(argv: list[str] | None) -> int:
+    debug = "--debug" in (sys.argv[1:] if argv is None else argv)
+    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version, a bad argument (already printed)
+        return exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 2
+    except Exception as exc:  # the parser's imports (torch, a broken install)
+        return _fail(exc, debug)
+    debug = args.debug
     logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING,
+        level=logging.DEBUG if debug else logging.INFO if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
     try:
         return args.func(args)
-    except GraphoptError as exc:
-        print(f"graphopt: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("graphopt: interrupted", file=sys.stderr)
-        return 130
     except BrokenPipeError:  # `graphopt passes | head`: the reader left, not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except Exception as exc:
+        return _fail(exc, debug)
+
+
+def _fail(exc: Exception, debug: bool) -> int:
+    """Report an error as one line on stderr (the traceback first with ``--debug``); status 2."""
+    if debug:
+        traceback.print_exception(exc, file=sys.stderr)
+    if isinstance(exc, GraphoptError):
+        message = one_line(str(exc)) or type(exc).__name__
+    else:  # not raised on purpose: say so, and how to see where
+        detail = one_line(str(exc))
+        message = (
+            f"unexpected {type(exc).__name__}"
+            + (f": {detail}" if detail else "")
+            + ". "
+            + ("" if debug else "Rerun with --debug for the traceback; ")
+            + "please report it, this input should have been refused with a clear message."
+        )
+    print(f"graphopt: error: {message}", file=sys.stderr, flush=True)
+    return 2
+
+
+def one_line(text: str) -> str:
+    """A multi-line message on one line: lines joined, a caret line under a pipeline dropped
+    (the message already gives the column)."""
+    lines = [line.strip() for line in text.splitlines()]
+    return " ".join(line for line in lines if line and set(line) != {"^"})
 
 
 if __name__ == "__main__":

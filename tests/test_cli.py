@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import onnx
+import pytest
 
 from graphopt.cli import main
 
@@ -115,3 +116,150 @@ def test_optimize_int8_with_npz_calibration(tmp_path, capsys):
     assert "QuantizeLinear" in {n.op_type for n in onnx.load(str(out)).graph.node}
     assert main(["optimize", "digits_cnn", "--int8", "-q", "--no-measure"]) == 2
     assert "calibration_data" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------
+# every error is one line on stderr and status 2 (issue 15, item 15)
+
+
+def _one_error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    lines = err.splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("graphopt: error: ") and "Traceback" not in err
+    return lines[0]
+
+
+def _bad_npz(tmp_path, kind: str) -> Path:
+    import numpy as np
+
+    path = tmp_path / f"{kind}.npz"
+    if kind == "garbage":
+        path.write_bytes(b"PK\x03\x04 this is not a zip")
+    elif kind == "truncated":
+        np.savez(path, np.zeros((64, 1, 8, 8), np.float32))
+        path.write_bytes(path.read_bytes()[:300])
+    elif kind == "crc":
+        np.savez(path, np.arange(4000, dtype=np.float32).reshape(1000, 4))
+        data = bytearray(path.read_bytes())
+        data[300] ^= 0xFF
+        path.write_bytes(bytes(data))
+    elif kind == "npy":
+        with open(path, "wb") as f:
+            np.save(f, np.zeros((4, 1, 8, 8), np.float32))
+    elif kind == "strings":
+        np.savez(path, np.array(["a", "b"]))
+    elif kind == "nan":
+        np.savez(path, np.full((4, 1, 8, 8), np.nan, np.float32))
+    return path
+
+
+@pytest.mark.parametrize(
+    "kind, needle",
+    [
+        ("garbage", "is damaged or not an .npz archive"),
+        ("truncated", "is damaged or not an .npz archive"),
+        ("crc", "Bad CRC-32"),
+        ("npy", "is a single .npy array"),
+        ("strings", "has dtype <U1; calibration samples are numbers"),
+        ("nan", "holds NaN or infinite values"),
+        ("missing", "no such file"),
+    ],
+)
+def test_bad_calibration_file_is_one_line_and_status_2(tmp_path, capsys, kind, needle):
+    path = _bad_npz(tmp_path, kind) if kind != "missing" else tmp_path / "none.npz"
+    argv = ["optimize", "digits_cnn", "--int8", "--calibration", str(path), "--no-measure"]
+    assert main(argv) == 2
+    assert needle in _one_error_line(capsys)
+
+
+def test_corrupt_npz_in_a_subprocess_exits_2_with_one_line(tmp_path):
+    path = _bad_npz(tmp_path, "truncated")
+    out = subprocess.run(
+        [sys.executable, "-m", "graphopt", "optimize", "digits_cnn", "--int8"]
+        + ["--calibration", str(path), "--no-measure"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.count("\n") == 1 and out.stderr.startswith("graphopt: error: ")
+    assert "Traceback" not in out.stderr and out.stdout == ""
+
+
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["optimize", "digits_cnn", "--pipeline", "fold-conv-nb"], "at column 1: fold-conv-nb"),
+        (["optimize", "digits_cnn", "--pipeline", "merge-convs{budget=nan}"], "finite number"),
+        (["optimize", "digits_cnn", "--target", "llvm -mcpu=notacpu"], "unknown -mcpu=notacpu"),
+        (["optimize", "digits_cnn", "--target", "llvm -mtriple=foo-bar-baz"], "-mtriple"),
+        (["optimize", "resnet19"], "Did you mean 'resnet18'"),
+        (["optimize", "missing.onnx"], "missing.onnx: no such file"),
+        (["optimize", "model.pt"], "no such file, and not a zoo model"),
+        (["optimize", "digits_cnn", "--trials", "-3"], "--trials: expected an integer >= 0"),
+        (["optimize", "digits_cnn", "--tune-minutes", "nan"], "expected a finite number"),
+        (["optimize", "digits_cnn", "--int8", "--max-drop", "-0.1"], "--max-drop"),
+        (["optimize", "digits_cnn", "--calibration-batch", "0"], "integer >= 1"),
+        (["optimize", "digits_cnn", "-o", "no/such/dir/x.onnx"], "does not exist"),
+        (["optimize", "digits_cnn", "--max-drop", "0.1"], "add --int8"),
+        (["optimize"], "the following arguments are required: model"),
+        (["frobnicate"], "invalid choice: 'frobnicate'"),
+    ],
+)
+def test_bad_arguments_are_one_line_and_status_2(capsys, monkeypatch, tmp_path, argv, needle):
+    monkeypatch.chdir(tmp_path)  # relative paths above do not exist there
+    assert main(argv) == 2
+    assert needle in _one_error_line(capsys)
+
+
+def test_output_directory_is_checked_before_any_work(tmp_path, capsys, monkeypatch):
+    import graphopt.zoo
+
+    monkeypatch.setattr(graphopt.zoo, "get", lambda *a, **k: pytest.fail("model was built"))
+    assert main(["optimize", "digits_cnn", "--json", str(tmp_path)]) == 2
+    assert "is a directory" in _one_error_line(capsys)
+
+
+def test_unexpected_error_is_one_line_with_a_debug_hint(capsys, monkeypatch):
+    import graphopt.zoo
+
+    def broken():
+        raise RuntimeError("boom\nsecond line")
+
+    monkeypatch.setattr(graphopt.zoo, "names", broken)
+    assert main(["zoo"]) == 2
+    line = _one_error_line(capsys)
+    assert "unexpected RuntimeError: boom second line" in line
+    assert "Rerun with --debug" in line
+
+
+def test_debug_prints_the_traceback(capsys, monkeypatch):
+    import graphopt.zoo
+
+    monkeypatch.setattr(graphopt.zoo, "names", lambda: 1 / 0)
+    assert main(["zoo", "--debug"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "ZeroDivisionError" in err
+    assert err.splitlines()[-1].startswith("graphopt: error: unexpected ZeroDivisionError")
+    assert main(["--debug", "optimize", "digits_cnn", "--target", "tpu"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "TargetError" in err
+
+
+def test_keyboard_interrupt_exits_130_quietly(capsys, monkeypatch):
+    import graphopt.zoo
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(graphopt.zoo, "names", interrupted)
+    assert main(["zoo"]) == 130
+    assert capsys.readouterr().err == ""
+
+
+def test_version(capsys):
+    import graphopt
+
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"graphopt {graphopt.__version__}"
