@@ -1,10 +1,17 @@
 """The report of an ``optimize`` run: per pass what changed, how long it took, how far the
-numbers moved; end to end, the error of the artifact and its latency against the baseline."""
+numbers moved; end to end, the error of the artifact and its latency against the baseline.
+
+Printing never fails on what a run left behind: a latency that is missing, NaN, infinite or not
+positive prints as ``n/a`` (and gives no speedup), a comparison that cannot describe itself
+prints its fields, a TVM task without a status counts as ``unknown``. ``to_json`` writes strict
+JSON: non-finite numbers become ``null``.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import sys
 import time
 from collections import Counter
@@ -66,13 +73,17 @@ class Report:
     @property
     def untuned_tasks(self) -> list[str]:
         """TVM tasks running a schedule no measurement chose (default or naive loops)."""
-        return [t["name"] for t in self.tvm_tasks if t["status"] != "tuned"]
+        return [
+            str(t.get("name", "?")) for t in self.tvm_tasks if t.get("status", "unknown") != "tuned"
+        ]
 
     @property
     def speedup(self) -> float | None:
-        if self.latency_baseline and self.latency_optimized:
-            return self.latency_baseline.median_ms / self.latency_optimized.median_ms
-        return None
+        """Baseline / optimized median latency; None unless both are real measurements."""
+        base, opt = _median(self.latency_baseline), _median(self.latency_optimized)
+        if base is None or opt is None:
+            return None
+        return base / opt
 
     @property
     def rolled_back(self) -> list[PassRecord]:
@@ -103,20 +114,17 @@ class Report:
             )
         }
         for key in ("backend_latencies", "ort_settings_latencies"):
-            d[key] = {k: dataclasses.asdict(v) for k, v in getattr(self, key).items()}
+            d[key] = {k: _asdict(v) for k, v in getattr(self, key).items()}
         d["untuned_tasks"] = self.untuned_tasks
         d["records"] = [r.to_dict() for r in self.records]
-        for key in ("graph_error", "artifact_error"):
-            value = getattr(self, key)
-            d[key] = dataclasses.asdict(value) if value else None
-        for key in ("latency_baseline", "latency_optimized"):
-            value = getattr(self, key)
-            d[key] = dataclasses.asdict(value) if value else None
+        for key in ("graph_error", "artifact_error", "latency_baseline", "latency_optimized"):
+            d[key] = _asdict(getattr(self, key))
         d["speedup"] = self.speedup
         return d
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, default=str)
+        """Strict JSON (NaN and infinities as ``null``; other objects as their ``str``)."""
+        return json.dumps(_strict(self.to_dict()), indent=2, default=str, allow_nan=False)
 
     def __str__(self) -> str:
         lines = [
@@ -135,14 +143,14 @@ class Report:
         lines.append("-" * len(header))
         for r in self.records:
             err = (
-                r.comparison.describe()
+                _describe(r.comparison)
                 if r.comparison
                 else ("not checked (no sample inputs)" if r.status == "unverified" else "-")
             )
-            stats = " ".join(f"{k}={v}" for k, v in sorted(r.stats.items()))
+            stats = " ".join(f"{k}={v}" for k, v in sorted((r.stats or {}).items(), key=str))
             lines.append(
                 f" {r.position + 1:>2}  {r.spec:<26} {r.status:<11} "
-                f"{'yes' if r.modified else 'no':<7} {r.time_s * 1e3:7.1f}ms  "
+                f"{'yes' if r.modified else 'no':<7} {_time_ms(r.time_s):>9}  "
                 f"{err:<52} {stats}"
             )
             lines += [f"      {d}" for d in r.decisions]
@@ -153,45 +161,51 @@ class Report:
         lines.append("")
         lines.append("operations: " + _ops_line(self.ops_before, self.ops_after))
         if self.graph_error:
-            lines.append(f"end to end, rewritten graph vs original:  {self.graph_error.describe()}")
+            lines.append(f"end to end, rewritten graph vs original:  {_describe(self.graph_error)}")
         if self.artifact_error:
             lines.append(
                 f"end to end, {self.backend} artifact vs original model: "
-                f"{self.artifact_error.describe()}"
+                f"{_describe(self.artifact_error)}"
             )
         if self.artifact_diagnosis:
             lines.append(f"  {self.artifact_diagnosis}")
-        if self.latency_baseline and self.latency_optimized:
+        if self.latency_baseline is not None and self.latency_optimized is not None:
+            speedup = self.speedup
             lines.append(
                 f"latency (median, {self.threads} threads, same run): "
-                f"{self.baseline_name} {self.latency_baseline.median_ms:.3f} ms -> "
-                f"graphopt {self.latency_optimized.median_ms:.3f} ms "
-                f"({self.speedup:.2f}x)"
+                f"{self.baseline_name} {_ms(self.latency_baseline)} -> "
+                f"graphopt {_ms(self.latency_optimized)} "
+                + (
+                    f"({speedup:.2f}x)"
+                    if speedup is not None
+                    else "(no speedup: a latency is not a valid measurement)"
+                )
             )
-        elif self.latency_optimized:
-            lines.append(f"latency (median): graphopt {self.latency_optimized.median_ms:.3f} ms")
+        elif self.latency_optimized is not None:
+            lines.append(f"latency (median): graphopt {_ms(self.latency_optimized)}")
         if self.backend_latencies:
             lines.append(
                 "backends measured (median, same run): "
-                + ", ".join(f"{k} {v.median_ms:.3f} ms" for k, v in self.backend_latencies.items())
+                + ", ".join(f"{k} {_ms(v)}" for k, v in self.backend_latencies.items())
                 + (f" -> {self.backend_choice}" if self.backend_choice else "")
             )
         if self.ort_settings_latencies:
-            best = self.ort_settings.get("label", "")
+            best = (self.ort_settings or {}).get("label", "")
             lines.append(
                 "ONNX Runtime session settings (median, same run): "
                 + ", ".join(
-                    f"{'*' if k == best else ''}{k} {v.median_ms:.3f} ms"
+                    f"{'*' if k == best else ''}{k} {_ms(v)}"
                     for k, v in self.ort_settings_latencies.items()
                 )
             )
         if self.tvm_tuning:
             lines.append(f"TVM tuning: {self.tvm_tuning.get('summary', '')}")
         if self.tvm_tasks:
-            counts = {s: sum(t["status"] == s for t in self.tvm_tasks) for s in TVM_STATUSES}
+            statuses = [t.get("status", "unknown") for t in self.tvm_tasks]
+            counts = {s: statuses.count(s) for s in (*TVM_STATUSES, *sorted(set(statuses)))}
             lines.append(
                 f"TVM tasks: {len(self.tvm_tasks)} ("
-                + ", ".join(f"{n} {s}" for s, n in counts.items())
+                + ", ".join(f"{n} {s}" for s, n in counts.items() if n or s in TVM_STATUSES)
                 + ")"
             )
             untuned = self.untuned_tasks
@@ -207,6 +221,63 @@ class Report:
 
 
 TVM_STATUSES = ("tuned", "default", "naive")
+
+
+def _median(latency: Any) -> float | None:
+    """A latency's median in ms when it is a real measurement (finite, > 0), else None."""
+    value = getattr(latency, "median_ms", None)
+    if isinstance(value, (int, float)) and math.isfinite(value) and value > 0:
+        return float(value)
+    return None
+
+
+def _ms(latency: Any) -> str:
+    value = _median(latency)
+    if value is not None:
+        return f"{value:.3f} ms"
+    raw = getattr(latency, "median_ms", None)
+    return "n/a" if raw is None else f"n/a (measured {raw} ms)"
+
+
+def _time_ms(seconds: Any) -> str:
+    if isinstance(seconds, (int, float)) and math.isfinite(seconds) and seconds >= 0:
+        return f"{seconds * 1e3:7.1f}ms"
+    return "n/a"
+
+
+def _describe(comparison: Any) -> str:
+    """``comparison.describe()``, or its fields when a value it formats is missing or odd."""
+    try:
+        return comparison.describe()
+    except (TypeError, ValueError, AttributeError, KeyError):
+        fields = ("metric", "measured", "allowed", "output", "ok")
+        shown = ", ".join(f"{f}={getattr(comparison, f, None)!r}" for f in fields)
+        return f"{type(comparison).__name__}({shown})"
+
+
+def _asdict(value: Any) -> Any:
+    if value is None:
+        return None
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.asdict(value)
+    return value
+
+
+def _strict(value: Any) -> Any:
+    """``value`` made JSON-safe: NaN and infinite floats None, numpy scalars Python numbers,
+    dict keys JSON can write (others as their ``str``)."""
+    if hasattr(value, "item") and getattr(value, "ndim", None) == 0:  # a numpy/torch scalar
+        value = value.item()
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {
+            (k if isinstance(k, (str, int, float, bool)) or k is None else str(k)): _strict(v)
+            for k, v in value.items()
+        }
+    if isinstance(value, (list, tuple)):
+        return [_strict(v) for v in value]
+    return value
 
 
 def _ops_line(before: dict[str, int], after: dict[str, int]) -> str:

@@ -263,3 +263,59 @@ def test_version(capsys):
 
     assert main(["--version"]) == 0
     assert capsys.readouterr().out.strip() == f"graphopt {graphopt.__version__}"
+
+
+# ------------------------------------------------------------------------------------------------
+# the report the CLI prints never fails on what a run left behind
+
+
+def _report(**fields):
+    from graphopt.report import Report
+
+    return Report("m", "cpu", "onnxruntime", "1.0", "fold-conv-bn", "fx", **fields)
+
+
+def test_report_with_nan_and_zero_latencies_prints_and_writes_strict_json():
+    from graphopt.backends.measure import Latency
+
+    nan = float("nan")
+    report = _report(
+        latency_baseline=Latency(1.0, 0.9, 1.1, 10),
+        latency_optimized=Latency(0.0, 0.0, 0.0, 10),
+        backend_latencies={"onnxruntime": Latency(nan, nan, nan, 0)},
+        ort_settings_latencies={"default": Latency(float("inf"), 1.0, 1.0, 3)},
+        baseline_name="onnxruntime",
+    )
+    assert report.speedup is None  # was ZeroDivisionError
+    text = str(report)
+    assert "no speedup: a latency is not a valid measurement" in text
+    assert "onnxruntime n/a (measured nan ms)" in text
+    data = json.loads(report.to_json())  # json.loads accepts NaN; the text must not hold one
+    assert "NaN" not in report.to_json() and "Infinity" not in report.to_json()
+    assert data["backend_latencies"]["onnxruntime"]["median_ms"] is None
+    assert data["speedup"] is None
+    report.latency_baseline = Latency(nan, nan, nan, 1)
+    report.latency_optimized = Latency(2.0, 2.0, 2.0, 1)
+    assert report.speedup is None and "n/a" in str(report)
+
+
+def test_report_with_missing_fields_prints():
+    import numpy as np
+
+    from graphopt.pass_manager import PassRecord
+    from graphopt.verify import Comparison
+
+    bad = Comparison(ok=False, metric="max_abs", measured=None, allowed=1e-5, output="out")
+    record = PassRecord(0, "fold-conv-bn", "fold-conv-bn", "exact", time_s=None, comparison=bad)
+    report = _report(
+        records=[record],
+        graph_error=bad,
+        tvm_tasks=[{"name": "conv"}, {"status": "tuned"}],
+        tvm_tuning={"summary": "1 trial", "best": np.float32("nan")},
+    )
+    text = str(report)
+    assert "Comparison(metric='max_abs', measured=None" in text
+    assert "TVM tasks: 2 (1 tuned, 0 default, 0 naive, 1 unknown)" in text
+    assert report.untuned_tasks == ["conv"]
+    data = json.loads(report.to_json())
+    assert data["tvm_tuning"]["best"] is None
