@@ -135,7 +135,7 @@ def export_onnx(
     with EXPORT_LOCK, _exportable(module) as exportable:
         buffer = io.BytesIO()
         try:
-            with warnings.catch_warnings(), torch.no_grad():
+            with warnings.catch_warnings(), torch.no_grad(), _AttentionForExport():
                 warnings.simplefilter("ignore")
                 torch.onnx.export(
                     exportable,
@@ -219,6 +219,29 @@ def _exportable(module: torch.nn.Module) -> Iterator[torch.nn.Module]:
     finally:
         for m, (train, evaluate) in patched.items():  # torch.export's own refusal again
             m.train, m.eval = train, evaluate
+
+
+class _AttentionForExport(torch.overrides.TorchFunctionMode):
+    """``F.scaled_dot_product_attention`` as the TorchScript exporter can take it.
+
+    Its ONNX symbolic refuses ``enable_gqa=True`` (grouped-query attention: fewer key/value
+    heads than query heads); the exporter then fell back on the dynamo exporter, ~30x slower.
+    Here each key/value head is repeated for its group of query heads first, which is what
+    ``enable_gqa`` means:  k' = repeat_interleave(k, Hq / Hkv, dim=-3), the same for v.
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        kwargs = dict(kwargs or {})
+        if getattr(func, "__name__", "") == "scaled_dot_product_attention" and kwargs.get(
+            "enable_gqa"
+        ):
+            query, key, value = args[:3]
+            groups = query.shape[-3] // key.shape[-3]
+            key = key.repeat_interleave(groups, dim=-3)
+            value = value.repeat_interleave(groups, dim=-3)
+            kwargs["enable_gqa"] = False
+            return func(query, key, value, *args[3:], **kwargs)
+        return func(*args, **kwargs)
 
 
 def _refuses_train(module: torch.nn.Module) -> bool:
@@ -742,7 +765,7 @@ class OnnxRuntimeBackend:
         except BackendError as exc:
             raise BackendError(f"{exc} With a dynamic batch it failed too: {dynamic_exc}") from exc
         artifact.static_batch_reason = (
-            f"the batch is fixed at {batch}: with a dynamic batch {_first_line(dynamic_exc)}. "
+            f"the batch is fixed at {batch}: with a dynamic batch, {_first_line(dynamic_exc)}. "
             "Run the artifact with that batch size (or change what fixes the batch in the "
             "model and optimize again)."
         )

@@ -16,7 +16,7 @@ from graphopt.backends import onnxruntime as ort_backend
 from graphopt.backends.measure import Latency, LatencyCache, time_interleaved
 from graphopt.backends.onnxruntime import OnnxRuntimeBackend, SettingsChoice, export_onnx
 from graphopt.capture import capture
-from graphopt.errors import BackendError
+from graphopt.errors import BackendError, InputError
 from graphopt.testing import small_conv_net
 
 
@@ -201,3 +201,270 @@ def test_every_candidate_setting_gives_the_default_sessions_numbers():
     for settings in backend.candidate_settings():
         (got,) = backend.with_settings(**settings).load(proto).run([xb])
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=str(settings))
+
+
+# ---- issue 15: the model's interface survives export (item 10)
+
+
+class _TwoInTwoOut(torch.nn.Module):
+    """Reads only its first input; returns two tensors."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(4, 3)
+
+    def forward(self, x, unused):
+        y = self.linear(x)
+        return y, y.relu()
+
+
+def test_export_keeps_unused_inputs_by_name_count_and_order_and_takes_output_names():
+    m = _TwoInTwoOut().eval()
+    x, unused = torch.randn(2, 4), torch.randn(2, 7)
+    proto = export_onnx(m, (x, unused), input_names=["x", "mask"], output_names=["logits", "act"])
+    assert [i.name for i in proto.graph.input] == ["x", "mask"]
+    assert [o.name for o in proto.graph.output] == ["logits", "act"]
+    mask_dims = proto.graph.input[1].type.tensor_type.shape.dim
+    assert mask_dims[0].dim_param and mask_dims[1].dim_value == 7
+    artifact = OnnxRuntimeBackend("cpu").load(proto)
+    got = artifact.run([x.numpy(), unused.numpy()])  # was: ValueError: zip() ...
+    with torch.no_grad():
+        want = m(x, unused)
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_allclose(g, w.numpy(), rtol=1e-5, atol=1e-6)
+    with pytest.raises(BackendError, match="output name"):
+        export_onnx(m, (x, unused), output_names=["only_one"])
+    with pytest.raises(InputError, match="takes 2 input"):
+        artifact.run([x.numpy()])
+
+
+def _shape_model(op: str) -> onnx.ModelProto:
+    """An ONNX model whose integer input ``shape`` drives ``op`` at run time, plus an unused
+    input."""
+    from onnx import TensorProto, helper
+
+    def const(name, values):
+        return helper.make_node(
+            "Constant",
+            [],
+            [name],
+            value=helper.make_tensor(name, TensorProto.INT64, [len(values)], values),
+        )
+
+    x_shape = [3, 1] if op == "Expand" else [2, 3, 4]
+    shape_len = {"Expand": 3, "Slice": 1}.get(op, 2)
+    nodes = {
+        "Reshape": [helper.make_node("Reshape", ["x", "shape"], ["y"])],
+        "Expand": [helper.make_node("Expand", ["x", "shape"], ["y"])],
+        "ConstantOfShape": [
+            helper.make_node(
+                "ConstantOfShape",
+                ["shape"],
+                ["y"],
+                value=helper.make_tensor("v", TensorProto.FLOAT, [1], [2.5]),
+            )
+        ],
+        "Slice": [
+            const("starts", [-1]),
+            const("axes", [2]),
+            const("steps", [-1]),
+            helper.make_node("Slice", ["x", "starts", "shape", "axes", "steps"], ["y"]),
+        ],
+    }[op]
+    rank = {"Reshape": 2, "Expand": 3, "ConstantOfShape": 2, "Slice": 3}[op]
+    graph = helper.make_graph(
+        nodes,
+        op,
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape),
+            helper.make_tensor_value_info("shape", TensorProto.INT64, [shape_len]),
+            helper.make_tensor_value_info("unused", TensorProto.FLOAT, [2, 5]),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [f"d{i}" for i in range(rank)])],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize(
+    "op, example, other",
+    [
+        ("Reshape", [6, 4], [4, 6]),
+        ("Expand", [2, 3, 1], [1, 3, 5]),
+        ("ConstantOfShape", [2, 2], [3, 1]),
+        ("Slice", [0], [-6]),
+    ],
+)
+def test_runtime_shape_inputs_stay_inputs_when_an_imported_onnx_model_is_exported(
+    op, example, other
+):
+    from graphopt.onnx_import import import_onnx
+
+    gm = import_onnx(_shape_model(op))
+    x = torch.randn(3, 1) if op == "Expand" else torch.randn(2, 3, 4)
+    unused = torch.randn(2, 5)
+    proto = export_onnx(
+        gm, (x, torch.tensor(example), unused), input_names=["x", "shape", "unused"]
+    )
+    assert [i.name for i in proto.graph.input] == ["x", "shape", "unused"]
+    artifact = OnnxRuntimeBackend("cpu").load(proto)
+    for shape in (example, other):  # another shape value: not frozen to the example's
+        (got,) = artifact.run([x.numpy(), np.array(shape, np.int64), unused.numpy()])
+        with torch.no_grad():
+            want = gm(x, torch.tensor(shape), unused)
+        assert got.shape == tuple(want.shape)
+        np.testing.assert_allclose(got, want.numpy(), rtol=1e-6, atol=1e-6)
+
+
+# ---- issue 15: the torch.export fallback lowers; attention exports (item 12)
+
+
+class _ShapeBranch(torch.nn.Module):
+    """Control flow on a shape: symbolic tracing fails, torch.export specializes it."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(4, 4)
+        self.bn = torch.nn.BatchNorm1d(4)
+
+    def forward(self, x):
+        if x.shape[0] > 1:
+            return self.bn(self.linear(x))
+        return -x
+
+
+def test_a_torch_export_module_exports_and_still_refuses_train():
+    m = _ShapeBranch().eval()
+    with torch.no_grad():
+        m.bn.running_mean.normal_()
+    x = torch.randn(3, 4)
+    gm = torch.export.export(m, (x,), strict=False).module()
+    artifact = OnnxRuntimeBackend("cpu").compile(gm, (x,))  # was: Calling train() ...
+    (got,) = artifact.run([x.numpy()])
+    with torch.no_grad():
+        np.testing.assert_allclose(got, m(x).numpy(), rtol=1e-5, atol=1e-5)
+    with pytest.raises(NotImplementedError):  # torch.export's own guard is back in place
+        gm.train()
+
+
+def test_the_dynamo_exporter_is_installed():
+    import onnxscript  # noqa: F401 - torch.onnx's dynamo exporter imports it
+
+    m = _TwoInTwoOut().eval()
+    x = torch.randn(2, 4)
+    proto = ort_backend._export_dynamo(
+        m, (x, x), ["x", "unused"], ["a", "b"], True, ort_backend.OPSET, RuntimeError("-")
+    )
+    assert [o.name for o in proto.graph.output] == ["a", "b"]
+
+
+class _Attention(torch.nn.Module):
+    """Multi-head self-attention through F.scaled_dot_product_attention (as timm's ViT)."""
+
+    def __init__(self, gqa: bool):
+        super().__init__()
+        self.qkv = torch.nn.Linear(8, 24)
+        self.gqa = gqa
+
+    def forward(self, x):
+        qkv = self.qkv(x).reshape(x.shape[0], x.shape[1], 3, 2, 4).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        if self.gqa:  # grouped-query: one key/value head for two query heads
+            out = torch.nn.functional.scaled_dot_product_attention(
+                q, k[:, :1], v[:, :1], enable_gqa=True
+            )
+        else:
+            out = torch.nn.functional.scaled_dot_product_attention(q, k, v, dropout_p=0.0)
+        return out.transpose(1, 2).reshape(x.shape[0], x.shape[1], 8)
+
+
+@pytest.mark.parametrize("gqa", [False, True])
+@pytest.mark.parametrize("traced", [False, True])
+def test_scaled_dot_product_attention_exports_with_a_dynamic_batch(gqa, traced):
+    m = _Attention(gqa).eval()
+    module = torch.fx.symbolic_trace(m) if traced else m
+    artifact = OnnxRuntimeBackend("cpu").compile(module, (torch.randn(2, 5, 8),))
+    assert artifact.static_batch_reason is None
+    for batch in (1, 3):
+        x = torch.randn(batch, 5, 8)
+        (got,) = artifact.run([x.numpy()])
+        with torch.no_grad():
+            np.testing.assert_allclose(got, m(x).numpy(), rtol=1e-5, atol=1e-5)
+
+
+# ---- issue 15: exports in threads (item 13)
+
+
+def test_exports_in_threads_all_succeed():
+    from concurrent.futures import ThreadPoolExecutor
+
+    def job(seed):
+        m, x = small_conv_net(seed)
+        (got,) = OnnxRuntimeBackend("cpu", threads=1).compile(m, (x,)).run([x.numpy()])
+        with torch.no_grad():
+            return float(np.abs(got - m(x).numpy()).max())
+
+    with ThreadPoolExecutor(6) as pool:
+        errors = list(pool.map(job, range(6)))  # was: 4 of 6 failed inside the exporter
+    assert all(e < 1e-4 for e in errors), errors
+
+
+# ---- issue 15: dynamic batch or a static one, said (item 16)
+
+
+class _BatchFixedInCode(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3)
+        self.bn = torch.nn.BatchNorm2d(4, track_running_stats=False)
+
+    def forward(self, x):
+        return self.bn(self.conv(x)).reshape(2, 4, 36)  # the batch is 2, in the code
+
+
+def _check(artifact, m, batches):
+    for batch in batches:
+        x = torch.randn(batch, 3, 8, 8)
+        (got,) = artifact.run([x.numpy()])
+        with torch.no_grad():
+            np.testing.assert_allclose(got, m(x).numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_valid_models_that_broke_the_dynamic_batch_export_lower():
+    x = torch.randn(2, 3, 8, 8)
+    no_stats = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4, track_running_stats=False)
+    ).eval()
+    dilated_same = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3, padding="same", dilation=(2, 3))
+    ).eval()
+    for m in (no_stats, dilated_same):
+        artifact = OnnxRuntimeBackend("cpu").compile(m, (x,))
+        assert artifact.static_batch_reason is None
+        _check(artifact, m, (2, 3))
+
+
+def test_a_batch_the_model_fixes_is_static_and_said():
+    m = _BatchFixedInCode().eval()
+    artifact = OnnxRuntimeBackend("cpu").compile(m, (torch.randn(2, 3, 8, 8),))
+    assert "batch is fixed at 2" in artifact.static_batch_reason
+    _check(artifact, m, (2,))
+
+
+def test_a_failing_dynamic_batch_export_falls_back_to_a_static_batch(monkeypatch):
+    real = ort_backend.export_onnx
+
+    def no_dynamic(module, inputs, *, dynamic_batch=True, **kw):
+        if dynamic_batch:
+            raise BackendError("could not export the graph to ONNX: something dynamic")
+        return real(module, inputs, dynamic_batch=False, **kw)
+
+    monkeypatch.setattr(ort_backend, "export_onnx", no_dynamic)
+    m, x = _model()
+    artifact = OnnxRuntimeBackend("cpu").compile(m, (x,))
+    assert artifact.static_batch_reason.startswith("the batch is fixed at 1: with a dynamic")
+    assert "something dynamic" in artifact.static_batch_reason
+    (got,) = artifact.run([x.numpy()])
+    with torch.no_grad():
+        np.testing.assert_allclose(got, m(x).numpy(), rtol=1e-4, atol=1e-5)
+    dims = artifact.proto.graph.input[0].type.tensor_type.shape.dim
+    assert dims[0].dim_value == 1

@@ -1,0 +1,100 @@
+"""The on-disk latency cache: writes from processes and threads merge, only real measurements
+are trusted, a corrupt file is ignored (issue 15, items 13 and 14)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from graphopt.backends.measure import Latency, LatencyCache, cached_latency, valid_latency
+
+
+def _write_entries(path: str, worker: int, count: int) -> None:
+    for k in range(count):  # a fresh cache object each time, as separate optimize() runs do
+        LatencyCache(path).put(f"w{worker}-{k}", Latency(1.0 + k, 0.5, 2.0 + k, 10))
+
+
+def test_processes_writing_the_cache_together_keep_every_entry(tmp_path):
+    path = str(tmp_path / "latency.json")
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_write_entries, args=(path, w, 6)) for w in range(6)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+        assert p.exitcode == 0
+    cache = LatencyCache(path)
+    assert len(cache) == 36  # was: 6 of 36, the last writer's view
+    assert cache.get("w3-5") == Latency(6.0, 0.5, 7.0, 10)
+    assert not list(tmp_path.glob(".latency-*"))  # no temporary file left behind
+
+
+def test_threads_writing_one_cache_keep_every_entry(tmp_path):
+    path = str(tmp_path / "latency.json")
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(lambda w: _write_entries(path, w, 5), range(4)))
+    assert len(LatencyCache(path)) == 20
+
+
+BAD = [
+    {"median_ms": float("nan"), "p10_ms": 1.0, "p90_ms": 1.0, "runs": 5},
+    {"median_ms": -1.0, "p10_ms": -1.0, "p90_ms": -1.0, "runs": 5},
+    {"median_ms": float("inf"), "p10_ms": 1.0, "p90_ms": 1.0, "runs": 5},
+    {"median_ms": 1.0, "p10_ms": 1.0, "p90_ms": float("-inf"), "runs": 5},
+    {"median_ms": 1.0, "p10_ms": 1.0, "p90_ms": 1.0, "runs": 0},
+    {"median_ms": "fast", "p10_ms": 1.0, "p90_ms": 1.0, "runs": 5},
+    {"median_ms": 1.0},
+]
+
+
+@pytest.mark.parametrize("entry", BAD)
+def test_entries_that_are_not_measurements_are_dropped_on_read(tmp_path, caplog, entry):
+    path = tmp_path / "latency.json"
+    good = {"median_ms": 2.0, "p10_ms": 1.5, "p90_ms": 3.0, "runs": 20}
+    # json writes NaN/Infinity tokens, which Python's json reads back
+    path.write_text(json.dumps({"version": 1, "entries": {"bad": entry, "good": good}}))
+    with caplog.at_level(logging.WARNING):
+        cache = LatencyCache(path)
+        assert cache.get("bad") is None  # was: NaN/-1 ms, trusted by merge-convs forever
+        assert cache.get("good") == Latency(2.0, 1.5, 3.0, 20)
+    if isinstance(entry.get("median_ms"), float) or entry.get("runs") == 0:
+        assert "not real measurements" in caplog.text
+    # the next write drops it from the file too
+    cache.put("other", Latency(1.0, 1.0, 1.0, 3))
+    assert "bad" not in json.loads(path.read_text())["entries"]
+
+
+def test_a_bad_measurement_is_never_written_and_is_measured_again(tmp_path):
+    path = tmp_path / "latency.json"
+    cache = LatencyCache(path)
+    nan = Latency(float("nan"), float("nan"), float("nan"), 5)
+    assert valid_latency(nan) is None and valid_latency(Latency(0.0, 0.0, 0.0, 1)) is not None
+    cache.put("k", nan)
+    assert not path.exists() and cache.get("k") is None
+    calls = []
+
+    def measure():
+        calls.append(1)
+        return nan if len(calls) == 1 else Latency(1.0, 0.9, 1.1, 5)
+
+    assert cached_latency("k", measure, cache, True) is nan
+    assert cached_latency("k", measure, cache, True) == Latency(1.0, 0.9, 1.1, 5)
+    assert len(calls) == 2 and LatencyCache(path).get("k") == Latency(1.0, 0.9, 1.1, 5)
+
+
+@pytest.mark.parametrize(
+    "content", [b"{not json", b"\xff\xfe\x00garbage", b"", b'{"version": 1, "entries": [1]}']
+)
+def test_a_corrupt_cache_file_is_ignored_with_a_warning_and_replaced(tmp_path, caplog, content):
+    path = tmp_path / "latency.json"
+    path.write_bytes(content)
+    with caplog.at_level(logging.WARNING):
+        cache = LatencyCache(path)
+        assert cache.get("k") is None and len(cache) == 0
+        cache.put("k", Latency(1.0, 0.9, 1.2, 10))  # the merge re-reads it: no crash either
+    assert "ignoring latency cache" in caplog.text
+    assert LatencyCache(path).get("k") == Latency(1.0, 0.9, 1.2, 10)
