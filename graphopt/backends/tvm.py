@@ -198,11 +198,17 @@ def to_relax(
     """Import ``module`` into Relax with weights bound as constants and static input shapes."""
     from tvm.relax.frontend.torch import from_exported_program
 
+    from graphopt.backends.onnxruntime import EXPORT_LOCK
+
     inputs = tuple(example_inputs)
     try:
-        with torch.no_grad():
-            exported = torch.export.export(module, inputs)
-        return from_exported_program(exported, keep_params_as_input=False)
+        # torch.export shares global state with torch.onnx.export: one export at a time
+        with EXPORT_LOCK, torch.no_grad():
+            exported = torch.export.export(module, tuple(x.clone() for x in inputs))
+            exported = exported.run_decompositions(_relax_decompositions())
+        return from_exported_program(
+            exported, keep_params_as_input=False, run_ep_decomposition=False
+        )
     except Exception as exc:  # torch.export or the Relax importer: try the ONNX route
         first = _first_line(exc)
     try:
@@ -212,6 +218,59 @@ def to_relax(
             "TVM could not import the graph: torch.export -> Relax failed "
             f"({first}) and ONNX -> Relax failed ({_first_line(exc)}). Use backend='onnxruntime'."
         ) from exc
+
+
+def _relax_decompositions() -> dict[Any, Callable[..., Any]]:
+    """torch.export's core-ATen decompositions, plus what TVM's importer would get wrong.
+
+    TVM 0.27's ``from_exported_program`` reads only the two operands of these ops and drops
+    their scalar arguments, so the artifact computed something else (issue 15, item 7):
+
+        add(x, y, alpha=a)   -> x + a*y          sub(x, y, alpha=a) -> x - a*y
+        rsub(x, y, alpha=a)  -> y - a*x
+        elu(x, alpha, scale, input_scale)  (selu, celu)
+            -> scale * where(x > 0, x, alpha * (exp(input_scale * x) - 1))
+
+    With alpha = 1 (scale = input_scale = 1) the op is kept as it is.
+    """
+    from torch.export import default_decompositions
+
+    aten = torch.ops.aten
+
+    def scaled(y: Any, alpha: Any) -> Any:
+        return y if alpha == 1 else aten.mul.Tensor(y, alpha)
+
+    def add(x: Any, y: Any, alpha: Any = 1) -> Any:
+        return NotImplemented if alpha == 1 else aten.add.Tensor(x, scaled(y, alpha))
+
+    def sub(x: Any, y: Any, alpha: Any = 1) -> Any:
+        return NotImplemented if alpha == 1 else aten.sub.Tensor(x, scaled(y, alpha))
+
+    def rsub(x: Any, y: Any, alpha: Any = 1) -> Any:
+        return aten.sub.Tensor(y, scaled(x, alpha))
+
+    def elu(x: Any, alpha: Any = 1.0, scale: Any = 1.0, input_scale: Any = 1.0) -> Any:
+        if scale == 1 and input_scale == 1:
+            return NotImplemented
+        negative = aten.mul.Tensor(
+            aten.sub.Tensor(aten.exp.default(aten.mul.Tensor(x, input_scale)), 1), alpha
+        )
+        picked = aten.where.self(aten.gt.Scalar(x, 0), x, negative)
+        return aten.mul.Tensor(picked, scale)
+
+    table = default_decompositions()
+    table.update(
+        {
+            aten.add.Tensor: add,
+            aten.add.Scalar: add,
+            aten.sub.Tensor: sub,
+            aten.sub.Scalar: sub,
+            aten.rsub.Tensor: rsub,
+            aten.rsub.Scalar: rsub,
+            aten.elu.default: elu,
+        }
+    )
+    return table
 
 
 def _relax_from_onnx(
@@ -750,7 +809,13 @@ class TvmBackend:
         return artifact
 
     def compile_relax(self, mod: tvm.IRModule, input_shapes: list[tuple[int, ...]]) -> TvmArtifact:
-        fused = fuse(mod, self.tvm_target)
+        try:
+            fused = fuse(mod, self.tvm_target)
+        except Exception as exc:  # TVM's legalization raises its own (and plain) errors
+            raise BackendError(
+                f"TVM could not lower the model ({_first_line(exc)}). Use "
+                "backend='onnxruntime' for this model."
+            ) from exc
         database = TuningDatabase(self.database_path, self.tvm_target)
         tuning = self.tune(fused, database)
         tuning.warnings[:0] = database.warnings
@@ -761,7 +826,11 @@ class TvmBackend:
                     scheduled, target=self.tvm_target, relax_pipeline=_lower_pipeline()
                 )
             except Exception as exc:
-                raise BackendError(f"TVM failed to build the module: {exc}") from exc
+                raise BackendError(
+                    f"TVM failed to build the module: {_first_line(exc)}. TVM "
+                    f"{tvm.__version__} cannot lower an operator of this model; use "
+                    "backend='onnxruntime' for it."
+                ) from exc
         artifact = TvmArtifact(executable, self.tvm_target, input_shapes, tasks, tuning, self.rpc)
         if heavy := artifact.heavy_untuned:
             log.warning(

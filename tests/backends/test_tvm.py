@@ -311,3 +311,42 @@ def test_onnx_load_folds_shape_arithmetic_tvm_cannot_import(tmp_path):
         backend.load(model)
     with pytest.raises(BackendError, match=r"takes 1 input\(s\) \['x'\], but 2 input shape"):
         backend.load(model, [(2, 4), (2, 4)])
+
+
+class _ScalarArguments(nn.Module):
+    """Ops whose scalar arguments TVM's importer dropped: alpha of add/sub/rsub, the scales of
+    selu (elu with scale and input_scale), and div's rounding modes beside them."""
+
+    def forward(self, x, y, unused):
+        return (
+            torch.add(x, y, alpha=2),
+            torch.sub(x, y, alpha=3),
+            torch.rsub(x, y, alpha=0.5),
+            x.add(1.5, alpha=2),
+            nn.functional.selu(x),
+            torch.div(x, y, rounding_mode="floor") + torch.div(x, y, rounding_mode="trunc"),
+        )
+
+
+def test_lowering_keeps_alpha_of_add_and_sub_and_the_scales_of_selu(tmp_path):
+    model = _ScalarArguments()
+    gen = torch.Generator().manual_seed(0)
+    x, y, unused = (torch.randn(2, 3, generator=gen) + 0.1 for _ in range(3))
+    artifact = TvmBackend("cpu", database=tmp_path / "db").compile(model, (x, y, unused))
+    got = artifact.run([x.numpy(), y.numpy(), unused.numpy()])
+    want = model(x, y, unused)
+    names = ["add", "sub", "rsub", "add scalar", "selu", "div"]
+    for name, g, w in zip(names, got, want, strict=True):
+        np.testing.assert_allclose(g, w.numpy(), rtol=1e-5, atol=1e-5, err_msg=name)
+
+
+def test_an_operator_tvm_cannot_lower_is_a_backend_error(tmp_path):
+    class Interpolate(nn.Module):
+        def forward(self, x):
+            return nn.functional.interpolate(
+                x[None], scale_factor=2.5, mode="linear", align_corners=True
+            )
+
+    # was: RuntimeError "Cannot convert infinity to BigInt" from TVM's legalization
+    with pytest.raises(BackendError, match="backend='onnxruntime'"):
+        TvmBackend("cpu", database=tmp_path / "db").compile(Interpolate(), (torch.randn(3, 4),))
