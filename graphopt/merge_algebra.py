@@ -116,21 +116,24 @@ class ConvSpec:
         self, dtype: torch.dtype = torch.float32, padding: int | tuple[int, ...] | None = None
     ) -> nn.Module:
         """This conv as an ``nn.Conv1d/2d/3d`` with a bias, in ``dtype`` (``padding``: another
-        padding than the spec's, e.g. 0 for a span whose padding moved to its input)."""
-        conv = _LAYER[self.dims](
-            self.in_channels,
-            self.out_channels,
-            self.kernel_size,
-            stride=self.stride,
-            padding=self.padding if padding is None else padding,
-            dilation=self.dilation,
-            groups=self.groups,
-            bias=True,
-        )
-        with torch.no_grad():
+        padding than the spec's, e.g. 0 for a span whose padding moved to its input). The
+        float64 weights are rounded once, to ``dtype``; the parameters are normal tensors even
+        under ``torch.inference_mode()`` (the module can be fine-tuned)."""
+        with torch.inference_mode(False), torch.no_grad():
+            conv = _LAYER[self.dims](
+                self.in_channels,
+                self.out_channels,
+                self.kernel_size,
+                stride=self.stride,
+                padding=self.padding if padding is None else padding,
+                dilation=self.dilation,
+                groups=self.groups,
+                bias=True,
+                dtype=dtype,
+            )
             conv.weight.copy_(self.weight)
             conv.bias.copy_(self.bias)
-        return conv.to(dtype)
+        return conv
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """Run the conv on ``x`` (float64 weights; ``x`` is converted to float64)."""

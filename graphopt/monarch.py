@@ -102,6 +102,13 @@ def _unrows(
     return y.reshape(lead + (features,))
 
 
+def _parameter(shape: tuple[int, ...], dtype: torch.dtype | None) -> nn.Parameter:
+    """An uninitialised parameter, a normal tensor even under ``torch.inference_mode()`` (an
+    inference tensor could not be fine-tuned: autograd cannot save it)."""
+    with torch.inference_mode(False):
+        return nn.Parameter(torch.empty(shape, dtype=dtype))
+
+
 def _check_bias(bias: torch.Tensor | None, out_features: int) -> None:
     if bias is not None and tuple(bias.shape) != (out_features,):
         raise ValueError(f"bias must have shape ({out_features},), got {tuple(bias.shape)}")
@@ -146,9 +153,9 @@ class MonarchLinear(nn.Module):
         # every block-diagonal matrix with b blocks
         self.interleave_output = self.out_block <= self.in_block
         q = b * self.rank
-        self.blocks1 = nn.Parameter(torch.empty(b, self.in_block, q, dtype=dtype))
-        self.blocks2 = nn.Parameter(torch.empty(b, q, self.out_block, dtype=dtype))
-        self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype)) if bias else None
+        self.blocks1 = _parameter((b, self.in_block, q), dtype)
+        self.blocks2 = _parameter((b, q, self.out_block), dtype)
+        self.bias = _parameter((out_features,), dtype) if bias else None
         self.reset_parameters()
 
     @staticmethod
@@ -283,8 +290,8 @@ class BlockDiagonalLinear(nn.Module):
         self.nblocks = nblocks
         self.in_block = math.ceil(in_features / nblocks)
         self.out_block = math.ceil(out_features / nblocks)
-        self.blocks = nn.Parameter(torch.empty(nblocks, self.in_block, self.out_block, dtype=dtype))
-        self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype)) if bias else None
+        self.blocks = _parameter((nblocks, self.in_block, self.out_block), dtype)
+        self.bias = _parameter((out_features,), dtype) if bias else None
         with torch.no_grad():
             bound = self.in_block**-0.5
             nn.init.uniform_(self.blocks, -bound, bound)
@@ -349,9 +356,9 @@ class LowRankLinear(nn.Module):
         self.in_features = in_features
         self.out_features = out_features
         self.rank = rank
-        self.down = nn.Parameter(torch.empty(in_features, rank, dtype=dtype))
-        self.up = nn.Parameter(torch.empty(rank, out_features, dtype=dtype))
-        self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype)) if bias else None
+        self.down = _parameter((in_features, rank), dtype)
+        self.up = _parameter((rank, out_features), dtype)
+        self.bias = _parameter((out_features,), dtype) if bias else None
         with torch.no_grad():
             nn.init.uniform_(self.down, -(in_features**-0.5), in_features**-0.5)
             nn.init.uniform_(self.up, -(rank**-0.5), rank**-0.5)

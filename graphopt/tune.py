@@ -107,7 +107,11 @@ def tune_mode(
             "call .train() on the returned module for dropout: its BatchNorms stay frozen."
         )
     inputs = _as_tensors(example_inputs) if example_inputs is not None else None
-    model = _copy_model(model, "tune_mode works")
+    # the copy is made for training: under torch.inference_mode() its parameters would be
+    # inference tensors, which autograd cannot save ("Inference tensors cannot be saved for
+    # backward" at the first loss.backward()); made outside it, they are normal parameters
+    with torch.inference_mode(False):
+        model = _copy_model(model, "tune_mode works")
     if inputs is not None:
         _check_runs(model, inputs)
     gm = _trace(model, leaf_modules, concrete_args)

@@ -32,11 +32,7 @@ class EliminateDeadCode(Pass):
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         stats: Counter = Counter()
-        before = len(gm.graph.nodes)
-        # FX's own purity check misses in-place ops (``y.add_(1)``, ``F.relu(y, inplace=True)``,
-        # ``nn.ReLU(inplace=True)``): their result is often unused, their effect is not
-        gm.graph.eliminate_dead_code(is_impure_node=lambda n: n.is_impure() or mutates_input(gm, n))
-        stats["removed-nodes"] = before - len(gm.graph.nodes)
+        stats["removed-nodes"] = remove_dead_nodes(gm)
         if self.options.remove_unused_modules:
             modules_before = sum(1 for _ in gm.modules())
             gm.delete_all_unused_submodules()
@@ -45,6 +41,23 @@ class EliminateDeadCode(Pass):
         gm.recompile()
         changed = sum(stats.values()) > 0
         return PassResult(gm, modified=changed, stats=+stats)
+
+
+def is_impure(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """``node`` must stay even when nothing reads its value: FX's own rule (placeholders,
+    the output, calls it knows to have side effects) or an in-place op (:func:`mutates_input`)."""
+    return node.is_impure() or mutates_input(gm, node)
+
+
+def remove_dead_nodes(gm: fx.GraphModule) -> int:
+    """Erase the nodes of ``gm`` whose values nothing uses and that have no effect; the number
+    erased. Every pass that cleans up after itself calls this, never
+    ``gm.graph.eliminate_dead_code()`` bare: FX's purity check misses in-place ops
+    (``y.add_(1)``, ``F.relu(y, inplace=True)``, ``nn.ReLU(inplace=True)``), whose result is
+    often unused while their effect is not."""
+    before = len(gm.graph.nodes)
+    gm.graph.eliminate_dead_code(is_impure_node=lambda n: is_impure(gm, n))
+    return before - len(gm.graph.nodes)
 
 
 def mutates_input(gm: fx.GraphModule, node: fx.Node) -> bool:

@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from graphopt.pass_manager import Numerics, Pass, PassContext, PassResult
+from graphopt.passes._tensors import as_parameter
 from graphopt.passes.fold_conv_bn import (
     _as_bn,
     _as_layer,
@@ -410,6 +411,6 @@ def _store(
 def _put(gm: fx.GraphModule, layer: _Layer, which: str, value: torch.Tensor) -> None:
     old = getattr(layer, which)
     if layer.module is not None:
-        setattr(layer.module, which, nn.Parameter(value, requires_grad=old.requires_grad))
+        setattr(layer.module, which, as_parameter(value, old.requires_grad))
     else:
         _set_attr(gm, getattr(layer, f"{which}_node").target, value)

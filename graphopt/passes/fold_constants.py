@@ -20,6 +20,7 @@ import torch
 from torch import fx
 
 from graphopt.pass_manager import Numerics, Pass, PassContext, PassResult
+from graphopt.passes.eliminate_dead_code import is_impure
 from graphopt.pipeline import register_pass
 
 _RANDOM = {
@@ -59,13 +60,12 @@ def _is_random(target: Any, name: str) -> bool:
     return any(seeded in getattr(packet, o).tags for o in packet.overloads())
 
 
-def _is_pure(node: fx.Node) -> bool:
+def _is_pure(gm: fx.GraphModule, node: fx.Node) -> bool:
     if node.op not in ("call_function", "call_method"):
         return False  # call_module may hold state; placeholders are inputs
     name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
-    if _is_random(node.target, name) or name.endswith("_") and name != "__getitem__":
-        return False  # random or in-place
-    return not node.is_impure()
+    # in place (``c.add_(1)``, ``F.relu(c, inplace=True)``): running it would change a constant
+    return not (_is_random(node.target, name) or is_impure(gm, node))
 
 
 @register_pass
@@ -89,7 +89,7 @@ class FoldConstants(Pass):
             inputs = node.all_input_nodes
             if node.op == "output" or not inputs or any(n not in values for n in inputs):
                 continue
-            if not _is_pure(node):
+            if not _is_pure(gm, node):
                 stats["skipped:impure"] += 1
                 continue
             args = fx.node.map_arg(node.args, lambda n: values[n])
@@ -117,7 +117,8 @@ class FoldConstants(Pass):
             while hasattr(gm, f"_folded_constant_{counter}"):
                 counter += 1
             name = f"_folded_constant_{counter}"
-            gm.register_buffer(name, value.detach().clone())
+            with torch.inference_mode(False):  # a normal tensor (see graphopt.passes._tensors)
+                gm.register_buffer(name, value.detach().clone())
             with gm.graph.inserting_before(node):
                 const = gm.graph.get_attr(name)
             const.meta.update(node.meta)

@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from graphopt.pass_manager import Numerics, Pass, PassContext, PassResult
+from graphopt.passes._tensors import as_normal, as_parameter
 from graphopt.pipeline import register_pass
 
 aten = torch.ops.aten
@@ -515,8 +516,8 @@ def _fold(gm: fx.GraphModule, layer: _Layer, bn: _BN, *, after: bool) -> None:
     fold = fold_after if after else fold_before
     weight, bias = fold(layer.kind, layer.weight, layer.bias, a, t, layer.groups)
     if layer.module is not None:
-        layer.module.weight = nn.Parameter(weight, requires_grad=layer.weight.requires_grad)
-        layer.module.bias = nn.Parameter(bias, requires_grad=layer.weight.requires_grad)
+        layer.module.weight = as_parameter(weight, layer.weight.requires_grad)
+        layer.module.bias = as_parameter(bias, layer.weight.requires_grad)
     else:
         _set_attr(gm, layer.weight_node.target, weight)
         if isinstance(layer.bias_node, fx.Node):
@@ -546,9 +547,9 @@ def _set_attr(gm: fx.GraphModule, target: str, value: torch.Tensor) -> None:
     owner = gm.get_submodule(".".join(path)) if path else gm
     old = getattr(owner, name)
     if isinstance(old, nn.Parameter):
-        setattr(owner, name, nn.Parameter(value, requires_grad=old.requires_grad))
+        setattr(owner, name, as_parameter(value, old.requires_grad))
     else:
-        setattr(owner, name, value)
+        setattr(owner, name, as_normal(value))
 
 
 def _give_bias(gm: fx.GraphModule, layer: _Layer, bias: torch.Tensor) -> None:
@@ -562,7 +563,7 @@ def _give_bias(gm: fx.GraphModule, layer: _Layer, bias: torch.Tensor) -> None:
     while hasattr(gm, name):
         i += 1
         name = f"{base}_folded_bias_{i}".replace(".", "_")
-    gm.register_buffer(name, bias)
+    gm.register_buffer(name, as_normal(bias))
     with gm.graph.inserting_before(layer.node):
         bias_node = gm.graph.get_attr(name)
     node = layer.node

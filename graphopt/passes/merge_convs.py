@@ -73,6 +73,7 @@ from graphopt.errors import InputError, PipelineError
 from graphopt.merge_plan import plan_exact
 from graphopt.pass_manager import Numerics, Pass, PassContext, PassResult
 from graphopt.passes import merge_depth as depth
+from graphopt.passes._tensors import grad_enabled
 from graphopt.passes.reparameterize import _conv_branch, _free_name, _is_add
 from graphopt.passes.substitute_monarch import _backend_for, _cache_for, _measurable
 from graphopt.pipeline import register_pass
@@ -949,7 +950,8 @@ class MergeConvs(Pass):
         finetune = self.finetune or ctx.finetune
         if finetune is not None:
             say(f"fine-tuning with {getattr(finetune, '__name__', finetune)!s}")
-            returned = finetune(gm)
+            with grad_enabled():
+                returned = finetune(gm)
             if isinstance(returned, fx.GraphModule) and returned is not gm:
                 gm = returned
             gm.eval()

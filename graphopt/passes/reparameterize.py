@@ -54,6 +54,9 @@ from __future__ import annotations
 import math
 import operator
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -63,6 +66,8 @@ from torch import fx, nn
 
 from graphopt.merge_algebra import dense_kernel, regroup
 from graphopt.pass_manager import Numerics, Pass, PassContext, PassResult
+from graphopt.passes._tensors import as_normal, as_parameter
+from graphopt.passes.eliminate_dead_code import mutates_input, remove_dead_nodes
 from graphopt.passes.fold_conv_bn import (
     _as_bn,
     _as_layer,
@@ -149,18 +154,84 @@ def _shape(node: Any) -> tuple[int, ...] | None:
     return tuple(int(d) for d in meta.shape) if hasattr(meta, "shape") else None
 
 
-_CACHE: dict[int, tuple[torch.Tensor, int, torch.Tensor]] = {}  # id -> (tensor, version, f64)
+# The float64 copies of the weights, for one run of the pass (every sweep looks at every conv
+# again; a weight only changes by being replaced, never in place). The dict holds each tensor it
+# converted, so no id in it can be reused while it lives; outside a run nothing is cached.
+_RUN_CACHE: ContextVar[dict[int, tuple[torch.Tensor, torch.Tensor]] | None] = ContextVar(
+    "reparameterize_float64", default=None
+)
+
+
+@contextmanager
+def float64_weights() -> Iterator[None]:
+    """Within: :func:`_f64` converts each weight once (one run of a pass that reads weights many
+    times; the weights must not be modified in place within it)."""
+    token = _RUN_CACHE.set({})
+    try:
+        yield
+    finally:
+        _RUN_CACHE.reset(token)
 
 
 def _f64(t: torch.Tensor) -> torch.Tensor:
-    """``t`` in float64, converted once per pass run (every sweep looks at every conv again;
-    the weights only change by being replaced). Callers never modify the result in place."""
-    hit = _CACHE.get(id(t))
-    if hit is not None and hit[0] is t and hit[1] == t._version:
-        return hit[2]
-    value = t.detach().double()
-    _CACHE[id(t)] = (t, t._version, value)
-    return value
+    """``t`` in float64 (callers never modify the result in place)."""
+    cache = _RUN_CACHE.get()
+    if cache is None:
+        return t.detach().double()
+    hit = cache.get(id(t))
+    if hit is None or hit[0] is not t:
+        hit = cache[id(t)] = (t, t.detach().double())
+    return hit[1]
+
+
+# ops whose result may share memory with their first operand: a write to one changes the other
+_VIEWS = {"view", "view_as", "reshape", "reshape_as", "transpose", "permute", "flatten"}
+_VIEWS |= {"unflatten", "squeeze", "unsqueeze", "expand", "expand_as", "narrow", "select", "t"}
+_VIEWS |= {"contiguous", "as_strided", "unfold", "chunk", "split", "unbind", "detach", "getitem"}
+_VIEWS |= {"__getitem__", "movedim", "swapaxes", "swapdims", "diagonal", "real", "imag"}
+
+
+def _aliases(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """``node``'s value may share memory with its first operand (a view, or an in-place op,
+    which returns the tensor it wrote)."""
+    if not node.args or not isinstance(node.args[0], fx.Node):
+        return False
+    if node.op == "call_method":
+        return node.target in _VIEWS or mutates_input(gm, node)
+    if node.op == "call_function":
+        if isinstance(node.target, torch._ops.OpOverload):
+            returns = node.target._schema.returns
+            return bool(returns) and returns[0].alias_info is not None
+        return getattr(node.target, "__name__", "") in _VIEWS or mutates_input(gm, node)
+    return node.op == "call_module" and mutates_input(gm, node)
+
+
+def _written_before(gm: fx.GraphModule, x: Any, end: fx.Node) -> bool:
+    """Whether an in-place op writes to ``x`` (or a tensor sharing its memory) after ``x`` is
+    first read and before ``end``: a merge that moves the reads of ``x`` to ``end`` would then
+    read the written value where the original read the old one (``a = conv3(x); x.mul_(2);
+    b = conv1(x); a + b``). A write before every read changes nothing."""
+    if not isinstance(x, fx.Node):
+        return False
+    order = {n: i for i, n in enumerate(x.graph.nodes)}
+    alias, stack = {x}, [x]
+    while stack:  # x's alias class: its bases and the views and in-place results of it
+        node = stack.pop()
+        near = [u for u in node.users if _aliases(gm, u)]
+        if _aliases(gm, node):
+            near.append(node.args[0])
+        for n in near:
+            if n not in alias:
+                alias.add(n)
+                stack.append(n)
+    writes = [
+        n
+        for n in x.graph.nodes
+        if mutates_input(gm, n) and n.args and isinstance(n.args[0], fx.Node) and n.args[0] in alias
+    ]
+    reads = [order[u] for u in x.users if u not in writes]
+    start = min(reads, default=order[x])
+    return any(start < order[n] < order[end] for n in writes)
 
 
 def _tuple(v: Any, dims: int) -> tuple[int, ...]:
@@ -666,6 +737,8 @@ def _sequential(gm: fx.GraphModule, stats: Counter) -> None:
         if grouped is None:
             groups, grouped = 1, weight
         weight = grouped
+        if not reason and _written_before(gm, first.input, node):
+            reason = "written-in-place"  # the merged conv would read x after the write
         more = weight.numel() > _macs(first) + _macs(second)
         if not reason and more and not _absorbed(gm, node, first.input, weight):
             reason = "more-macs"
@@ -785,6 +858,9 @@ def _affine_linear(gm: fx.GraphModule, stats: Counter) -> None:
         x = layer.input_node
         if isinstance(x, fx.Node) and len(x.users) == 1 and (aff := _affine(gm, x, in_f)):
             source, a, t = aff
+            if _written_before(gm, source, node):
+                stats["skipped:written-in-place"] += 1
+                continue
             _set_linear(m, weight * a[None, :], bias + weight @ t)
             node.replace_input_with(x, source)
             stats["folded-affine"] += 1
@@ -812,6 +888,9 @@ def _affine_conv(gm: fx.GraphModule, stats: Counter) -> None:
                 continue
             _, a, t = aff
             end, dead = user, [user]
+        if _written_before(gm, b.input, end):
+            stats["skipped:written-in-place"] += 1
+            continue
         merged = _affine_branch(b, a, t)
         name = _new_conv(gm, merged, b.padding, b.padding_mode, _dtype(gm, node))
         with gm.graph.inserting_before(end):
@@ -825,13 +904,10 @@ def _affine_conv(gm: fx.GraphModule, stats: Counter) -> None:
 
 
 def _set_linear(m: nn.Linear, weight: torch.Tensor, bias: torch.Tensor) -> None:
-    dtype = m.weight.dtype
-    with torch.no_grad():
-        m.weight.copy_(weight.to(dtype))
-        if m.bias is None:
-            m.bias = nn.Parameter(bias.to(dtype))
-        else:
-            m.bias.copy_(bias.to(dtype))
+    """New parameters (never an in-place write: the old ones may be inference tensors, and the
+    run's float64 cache relies on weights not changing in place)."""
+    m.weight = as_parameter(weight.to(m.weight.dtype), m.weight.requires_grad)
+    m.bias = as_parameter(bias.to(m.weight.dtype), m.weight.requires_grad)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -857,6 +933,8 @@ def _concat(gm: fx.GraphModule, stats: Counter) -> None:
         while i < len(items):
             j = i + 1
             ref = branches[i]
+            if ref is not None and _written_before(gm, ref.input, node):
+                ref = None  # x is written between the convs and the cat: they stay apart
             while ref is not None and j < len(items) and _stackable(ref, branches[j]):
                 j += 1
             if j - i < 2:
@@ -989,15 +1067,15 @@ def _into_fc(gm: fx.GraphModule, fc: _FC, branches: list[_Branch], x: fx.Node) -
     total = regroup(total, groups)
     if total is None:
         return "fc-groups"  # the convs mix channel groups that the grouped FC keeps apart
-    new = (
-        nn.Linear(m.in_features, m.out_features)
-        if isinstance(m, nn.Linear)
-        else nn.Conv2d(m.in_channels, m.out_channels, 1, groups=groups)
-    )
-    with torch.no_grad():
+    dtype = m.weight.dtype
+    with torch.inference_mode(False), torch.no_grad():  # normal parameters, as in _new_conv
+        new = (
+            nn.Linear(m.in_features, m.out_features, dtype=dtype)
+            if isinstance(m, nn.Linear)
+            else nn.Conv2d(m.in_channels, m.out_channels, 1, groups=groups, dtype=dtype)
+        )
         new.weight.copy_(total.reshape(new.weight.shape))
         new.bias.copy_(fc_b + bias.repeat_interleave(h * w))
-    new.to(m.weight.dtype)
     name = _free_name(gm, "reparam_fc")
     gm.add_submodule(name, new)
     with gm.graph.inserting_before(fc.fc):
@@ -1025,8 +1103,22 @@ class Reparameterize(Pass):
     numerics = Numerics.exact()
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        with float64_weights():
+            stats = self._sweeps(gm)
+        modified = any(stats[k] for k in _MERGES)
+        if modified:
+            gm.delete_all_unused_submodules()
+            gm.recompile()
+        stats["convs"] = sum(
+            1
+            for n in gm.graph.nodes
+            if (layer := _as_layer(gm, n, include_linear=False)) is not None
+            and layer.kind == "conv"
+        )
+        return PassResult(gm, modified=modified, stats=+stats)
+
+    def _sweeps(self, gm: fx.GraphModule) -> Counter:
         stats: Counter = Counter()
-        _CACHE.clear()
         while True:  # each rule can enable the others (SESR: kxk->1x1 merged, then + x)
             sweep: Counter = Counter()
             _affine_conv(gm, sweep)
@@ -1040,21 +1132,9 @@ class Reparameterize(Pass):
                     self._collapse(gm, node, sweep)
             if not any(sweep[k] for k in _MERGES):
                 stats.update(sweep)  # the refusals of the last, fixed-point sweep
-                break
+                return stats
             stats.update({k: v for k, v in sweep.items() if not k.startswith("skipped")})
-            gm.graph.eliminate_dead_code()  # the replaced sums: never collapse them again
-        _CACHE.clear()
-        modified = any(stats[k] for k in _MERGES)
-        if modified:
-            gm.delete_all_unused_submodules()
-            gm.recompile()
-        stats["convs"] = sum(
-            1
-            for n in gm.graph.nodes
-            if (layer := _as_layer(gm, n, include_linear=False)) is not None
-            and layer.kind == "conv"
-        )
-        return PassResult(gm, modified=modified, stats=+stats)
+            remove_dead_nodes(gm)  # the replaced sums (never collapse them again), not in-place ops
 
     def _collapse(self, gm: fx.GraphModule, root: fx.Node, stats: Counter) -> None:
         terms = _terms(gm, root, root)
@@ -1079,6 +1159,8 @@ class Reparameterize(Pass):
             if not any(b.kind == "conv" for b in branches):
                 continue
             reason = _why_not(branches)
+            if not reason and _written_before(gm, x, root):
+                reason = "written-in-place"  # x changes between the branches' reads and the sum
             fc = next(
                 (
                     (j, f)
@@ -1157,7 +1239,7 @@ def _scaled_node(gm: fx.GraphModule, root: fx.Node, leaf: fx.Node, coef: Any) ->
     rank = _rank(root) or 1
     shape = (-1,) + (1,) * (rank - 2) if coef.numel() > 1 else (1,)
     name = _free_name(gm, "reparam_scale")
-    gm.register_buffer(name, coef.reshape(shape).to(_dtype(gm, root)))
+    gm.register_buffer(name, as_normal(coef.reshape(shape).to(_dtype(gm, root))))
     const = gm.graph.get_attr(name)
     node = gm.graph.call_function(operator.mul, (leaf, const))
     node.meta = dict(root.meta)
@@ -1173,23 +1255,26 @@ def _dtype(gm: fx.GraphModule, node: fx.Node) -> torch.dtype:
 def _new_conv(
     gm: fx.GraphModule, b: _Branch, padding: tuple[int, ...], mode: str, dtype: torch.dtype
 ) -> str:
-    """Register a conv module holding ``b``'s float64 weight and bias; return its name."""
+    """Register a conv module holding ``b``'s float64 weight and bias, rounded once to ``dtype``;
+    return its name."""
     dims = b.weight.dim() - 2
-    conv = _CONV_BY_DIMS[dims](
-        b.weight.shape[1] * b.groups,
-        b.weight.shape[0],
-        tuple(b.weight.shape[2:]),
-        stride=b.stride,
-        padding=padding,
-        dilation=b.dilation,
-        groups=b.groups,
-        bias=True,
-        padding_mode=mode,
-    )
-    with torch.no_grad():
+    # built outside inference mode: parameters made under torch.inference_mode() are inference
+    # tensors, which autograd cannot save (the graph could not be fine-tuned or run with grad)
+    with torch.inference_mode(False), torch.no_grad():
+        conv = _CONV_BY_DIMS[dims](
+            b.weight.shape[1] * b.groups,
+            b.weight.shape[0],
+            tuple(b.weight.shape[2:]),
+            stride=b.stride,
+            padding=padding,
+            dilation=b.dilation,
+            groups=b.groups,
+            bias=True,
+            padding_mode=mode,
+            dtype=dtype,
+        )
         conv.weight.copy_(b.weight)
         conv.bias.copy_(b.bias)
-    conv.to(dtype)
     name = _free_name(gm, "reparam")
     gm.add_submodule(name, conv)
     return name

@@ -61,6 +61,7 @@ from graphopt.backends.measure import Latency, LatencyCache, backend_key, time_i
 from graphopt.errors import PipelineError
 from graphopt.monarch import BlockDiagonalLinear, LowRankLinear, MonarchLinear, PointwiseConv
 from graphopt.pass_manager import Numerics, Pass, PassContext, PassResult
+from graphopt.passes._tensors import grad_enabled
 from graphopt.pipeline import register_pass
 
 log = logging.getLogger(__name__)
@@ -638,7 +639,8 @@ class SubstituteMonarch(Pass):
             finetune = self.finetune or ctx.finetune
             if finetune is not None:
                 modes = {m: m.training for m in gm.modules()}
-                finetune(gm)
+                with grad_enabled():
+                    finetune(gm)
                 for m, mode in modes.items():  # each as it was: eval BN stays eval
                     m.training = mode
                 stats["finetuned"] += 1

@@ -11,7 +11,7 @@ from hypothesis import given
 from torch import fx, nn
 
 from graphopt import verify
-from graphopt.passes.eliminate_dead_code import EliminateDeadCode
+from graphopt.passes.eliminate_dead_code import EliminateDeadCode, remove_dead_nodes
 from graphopt.testing import assert_pass_preserves, random_cnns, run_pass, verify_rewrite
 
 
@@ -209,3 +209,39 @@ def test_random_cnns_keep_numerics_report_honestly_and_are_idempotent(case):
     assert verify.fingerprint(again) == printed
     assert all(n.users or n.op in ("placeholder", "output") for n in again.graph.nodes)
     assert isinstance(again, fx.GraphModule)
+
+
+# ------------------------------------------------------------------------------------------------
+# issue 15: inference mode; one rule for every pass
+
+
+def test_under_inference_mode(under_inference_mode):
+    result = under_inference_mode(EliminateDeadCode(), _DeadBranches(), (_x(2, 3, 6, 6),))
+    assert result.stats["removed-nodes"] == 5
+    result = under_inference_mode(EliminateDeadCode(), _InPlace("method"), (_x(3, 4),))
+    assert "removed-nodes" not in result.stats  # the unused y.add_(1) stays
+
+
+def test_no_pass_cleans_up_with_fx_dead_code_elimination_alone():
+    """#15.3: FX's ``graph.eliminate_dead_code()`` deletes in-place ops whose result is unused;
+    every pass cleans up through ``remove_dead_nodes`` (one rule, ``is_impure``)."""
+    import pathlib
+
+    import graphopt.passes
+
+    root = pathlib.Path(graphopt.passes.__file__).parent
+    bare = [
+        f"{path.name}:{i}"
+        for path in sorted(root.glob("*.py"))
+        if path.name != "eliminate_dead_code.py"  # the rule's own home
+        for i, line in enumerate(path.read_text().splitlines(), 1)
+        if ".eliminate_dead_code(" in line and "is_impure_node" not in line
+    ]
+    assert not bare, f"FX dead-code elimination without the in-place rule at {bare}"
+
+
+def test_remove_dead_nodes_keeps_in_place_ops():
+    gm = torch.fx.symbolic_trace(_InPlace("torch.relu_"))
+    gm.graph.call_function(torch.sigmoid, (next(iter(gm.graph.nodes)),))  # dead, pure
+    assert remove_dead_nodes(gm) == 1
+    assert any(n.target is torch.relu_ for n in gm.graph.nodes)

@@ -355,3 +355,10 @@ def test_random_cnns_after_folding(case):
     )
     if result.modified:
         assert_pass_preserves(EqualizeLayers(), result.graph, case.inputs, expect_modified=False)
+
+
+def test_under_inference_mode(under_inference_mode):
+    """The rescaled weights are normal parameters, also when the pass runs under
+    torch.inference_mode() (inference tensors could not be fine-tuned afterwards)."""
+    result = under_inference_mode(EqualizeLayers(), _pointwise_dw_pointwise().eval(), (_x(2, 4),))
+    assert result.stats["equalized"] == 2

@@ -263,3 +263,32 @@ def test_random_cnns_keep_numerics_report_honestly_and_are_idempotent(case):
     again, second = run_pass(FoldConstants(), copy.deepcopy(result.graph), case.inputs)
     assert not second.modified, dict(second.stats)
     assert verify.fingerprint(again) == printed
+
+
+# ------------------------------------------------------------------------------------------------
+# issue 15: inference mode; the shared in-place rule
+
+
+def test_under_inference_mode(under_inference_mode):
+    """The folded constants are normal tensors: made under inference_mode they would be
+    inference tensors, and the graph could not be run with autograd afterwards."""
+    result = under_inference_mode(FoldConstants(), _ConstantScaledConv(), (_x(2, 3, 5, 5),))
+    assert dict(result.stats) == {"folded": 2}
+
+
+def test_in_place_flag_on_a_constant_is_not_folded():
+    """``F.leaky_relu(c, inplace=True)`` writes to ``c`` on every call: the pass's own purity
+    check only knew names ending in ``_`` and folded it (running it once, at rewrite time);
+    it now shares the in-place rule of eliminate-dead-code."""
+
+    class M(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.c = nn.Parameter(torch.randn(4, generator=_gen(3)), requires_grad=False)
+
+        def forward(self, x):
+            return x + F.leaky_relu(self.c, 0.5, inplace=True)
+
+    gm, result = run_pass("fold-constants", M(), (_x(4),))
+    assert not result.modified
+    assert dict(result.stats) == {"skipped:impure": 1}

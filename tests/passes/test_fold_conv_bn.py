@@ -733,3 +733,43 @@ def test_random_cnns_fold_is_idempotent_and_complete(case):
     assert {k: v for k, v in second.stats.items() if k.startswith("skipped:")} == {
         k: v for k, v in first.stats.items() if k.startswith("skipped:")
     }
+
+
+# ------------------------------------------------------------------------------------------------
+# issue 15: inference mode, float64
+
+
+def test_under_inference_mode(under_inference_mode):
+    """The folded weights are normal parameters (made under inference_mode they would be
+    inference tensors: no fine-tuning, no autograd through the graph afterwards)."""
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        _bn(nn.BatchNorm2d, 8),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, groups=4, bias=False),
+        _bn(nn.BatchNorm2d, 8, seed=1),
+    ).eval()
+    result = under_inference_mode(FoldConvBN(), model, (_x((2, 3, 6, 6)),))
+    assert dict(result.stats) == {"folded": 2}
+
+
+@pytest.mark.parametrize("kind", ["conv", "convT", "linear", "bn-before"])
+def test_float64_folds_at_float64_precision(kind):
+    """#15.9: a float64 model is folded in float64 and keeps float64's exact contract."""
+    if kind == "conv":
+        model, x = nn.Sequential(nn.Conv2d(3, 8, 3, groups=1), _bn(nn.BatchNorm2d, 8)), (2, 3, 6, 6)
+    elif kind == "convT":
+        model = nn.Sequential(nn.ConvTranspose2d(4, 6, 3, groups=2), _bn(nn.BatchNorm2d, 6))
+        x = (2, 4, 5, 5)
+    elif kind == "linear":
+        model, x = nn.Sequential(nn.Linear(5, 7), _bn(nn.BatchNorm1d, 7)), (4, 5)
+    else:
+        model, x = nn.Sequential(_bn(nn.BatchNorm2d, 4), nn.Conv2d(4, 6, 1)), (2, 4, 5, 5)
+    model, x = model.double().eval(), _x(x).double()
+    gm, result = run_pass(FoldConvBN, model, (x,))
+    assert result.stats["folded"] + result.stats["folded-bn-before"] == 1
+    assert all(p.dtype == torch.float64 for p in gm.parameters())
+    with torch.no_grad():
+        want, got = model(x), gm(x)
+    assert got.dtype == torch.float64
+    assert (got - want).abs().max() <= 1e-10 * want.abs().max()

@@ -230,3 +230,11 @@ def test_removed_nodes_leave_no_dangling_modules():
     assert dict(result.stats) == {"identity": 1, "dropout": 1}
     assert [name for name, _ in gm.named_children()] == ["0"]
     assert isinstance(gm, fx.GraphModule)
+
+
+def test_under_inference_mode(under_inference_mode):
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3), nn.Identity(), nn.Dropout(0.5), nn.ReLU(), nn.Dropout2d(0.2)
+    ).eval()
+    result = under_inference_mode(RemoveIdentity(), model, (_x(2, 3, 6, 6),))
+    assert dict(result.stats) == {"identity": 1, "dropout": 2}

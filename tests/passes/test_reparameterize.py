@@ -15,6 +15,7 @@ from graphopt.backends.onnxruntime import export_onnx
 from graphopt.capture import capture
 from graphopt.onnx_import import import_onnx
 from graphopt.pass_manager import PassContext, PassManager
+from graphopt.passes.reparameterize import Reparameterize
 from graphopt.pipeline import parse_pipeline
 from graphopt.report import op_counts
 from graphopt.testing import assert_pass_preserves, randomize_bn, run_pass
@@ -604,3 +605,148 @@ def test_train_time_zoo_networks_collapse_to_deploy_form(name, source):
     assert after["mul"] == 0 or source == "onnx"
     assert record.stats["convs"] == convs
     assert record.stats.get("collapsed", 0) + record.stats.get("collapsed-sequential", 0) > 0
+
+
+# ------------------------------------------------------------------------------------------------
+# issue 15: inference mode, in-place statements, float64
+
+
+def _repvgg_block(c: int = 8) -> nn.Module:
+    return Branches(c, c, [((3, 3), (1, 1)), ((1, 1), (0, 0))], identity_bn=True).eval()
+
+
+def test_merges_under_inference_mode(under_inference_mode):
+    """#15.1: under torch.inference_mode() the pass failed on every model (its float64 cache
+    read the version counter, which inference tensors do not have) and was rolled back; now it
+    merges, and the merged conv's parameters are normal tensors (the graph can be trained)."""
+    result = under_inference_mode(Reparameterize(), _repvgg_block(), (_x(8),))
+    assert result.stats["collapsed"] == 1 and result.stats["branches-merged"] == 3
+
+
+@pytest.mark.parametrize("mode", [torch.inference_mode, torch.no_grad])
+def test_zoo_repvgg_merges_in_a_pipeline_under(mode):
+    """#15.1 as users met it: the pipeline under inference_mode rolled reparameterize back and
+    left RepVGG un-merged."""
+    entry = zoo.get("repvgg_a0")
+    x = entry.example_inputs[0][..., :32, :32].contiguous()
+    with mode():
+        gm = capture(entry.model, (x,)).graph
+        result = PassManager("fold-conv-bn,reparameterize", strict=True).run(
+            gm, PassContext(sample_inputs=(x,))
+        )
+    record = result.records[1]
+    assert record.status == "ok" and record.stats["convs"] == DEPLOY["repvgg_a0"][0]
+    assert result.end_to_end.ok
+
+
+def test_float64_cache_lives_for_one_run():
+    """The float64 copies of the weights are kept for one run of the pass, then dropped (a
+    module-level cache keyed by id() could hand a new tensor an old tensor's copy)."""
+    from graphopt.passes import reparameterize
+
+    seen = []
+    original = reparameterize._f64
+
+    def spy(t):
+        seen.append(reparameterize._RUN_CACHE.get())
+        return original(t)
+
+    reparameterize._f64 = spy
+    try:
+        run_pass("reparameterize", _repvgg_block(), (_x(8),))
+    finally:
+        reparameterize._f64 = original
+    assert seen and all(cache is seen[0] for cache in seen) and seen[0] is not None
+    assert reparameterize._RUN_CACHE.get() is None
+
+
+class UnusedInPlace(nn.Module):
+    """A merged sum followed by an in-place statement whose result is not used."""
+
+    def __init__(self, op: str) -> None:
+        super().__init__()
+        self.c3, self.c1 = nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(4, 4, 1)
+        self.op = op
+
+    def forward(self, x):
+        v = self.c3(x) + self.c1(x)
+        if self.op == "mul_":
+            v.mul_(-0.5)
+        elif self.op == "relu_":
+            torch.relu_(v)
+        else:
+            F.relu(v, inplace=True)
+        return v
+
+
+@pytest.mark.parametrize("op", ["mul_", "relu_", "inplace=True"])
+def test_unused_in_place_statement_is_kept(op):
+    """#15.3: the clean-up after a sweep (FX's dead-code elimination) deleted ``v.mul_(s)`` and
+    ``torch.relu_(v)``: nothing reads their result, but their effect on ``v`` is the output."""
+    torch.manual_seed(0)
+    result = assert_pass_preserves(
+        "reparameterize", UnusedInPlace(op).eval(), (_x(4),), expect_modified=True
+    )
+    assert result.stats["collapsed"] == 1
+
+
+class WrittenBetween(nn.Module):
+    """``x`` written in place between the reads of two convs that would merge."""
+
+    def __init__(self, sequential: bool, write_first: bool = False) -> None:
+        super().__init__()
+        self.c3, self.c1 = nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(4, 4, 1)
+        self.sequential, self.write_first = sequential, write_first
+
+    def forward(self, x):
+        y = torch.relu(x)
+        if self.write_first:
+            y.mul_(2.0)  # before every read: every conv sees the written value
+        a = self.c3(y)
+        if not self.write_first:
+            y.mul_(2.0)
+        if self.sequential:
+            return self.c1(a) + y
+        return a + self.c1(y)
+
+
+@pytest.mark.parametrize("sequential", [False, True], ids=["parallel", "sequential"])
+def test_no_merge_through_a_value_written_in_place(sequential):
+    """#15.3: merging ``conv3(y) + conv1(y)`` (or ``conv1(conv3(y))``) into one conv moves its
+    reads of ``y`` after ``y.mul_(2)``: refused. Written before every read, it merges."""
+    torch.manual_seed(0)
+    result = assert_pass_preserves(
+        "reparameterize", WrittenBetween(sequential).eval(), (_x(4),), expect_modified=False
+    )
+    assert result.stats["skipped:written-in-place"] >= 1
+    result = assert_pass_preserves(
+        "reparameterize",
+        WrittenBetween(sequential, write_first=True).eval(),
+        (_x(4),),
+        expect_modified=True,
+    )
+    assert "skipped:written-in-place" not in result.stats
+
+
+@pytest.mark.parametrize("kind", ["repvgg", "sequential", "affine-linear", "fc"])
+def test_float64_models_merge_at_float64_precision(kind):
+    """#15.9: the merged kernels were written through a float32 module (rounded to float32,
+    then cast back), so float64 models missed float64's exact contract and were rolled back."""
+    torch.manual_seed(0)
+    if kind == "repvgg":
+        model, x = _repvgg_block(), _x(8)
+    elif kind == "sequential":
+        model = Sequential2(nn.Conv2d(4, 8, 3, padding=1), nn.Conv2d(8, 4, 1), residual=True)
+        x = _x(4)
+    elif kind == "affine-linear":
+        model, x = TokenBN(), torch.randn(2, 5, 16)
+    else:
+        model, x = zoo.randomize_bn_stats_(RepMLPUnit(8, 4, 4, 2)), _x(8, size=4)
+    model, x = model.double().eval(), x.double()
+    gm, result = run_pass("reparameterize", model, (x,))
+    assert result.modified
+    assert all(p.dtype == torch.float64 for p in gm.parameters())
+    with torch.no_grad():
+        want, got = model(x), gm(x)
+    assert got.dtype == torch.float64
+    assert (got - want).abs().max() <= 1e-10 * want.abs().max()

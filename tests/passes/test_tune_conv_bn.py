@@ -616,3 +616,28 @@ def test_random_cnns_pass_is_honest_and_idempotent(case):
     second = TuneConvBN(freeze_bn=True).run(first.graph, graphopt.PassContext())
     assert not second.modified, dict(second.stats)
     assert verify.fingerprint(second.graph) == printed
+
+
+# ------------------------------------------------------------------------------------------------
+# issue 15: inference mode, no_grad
+
+
+def test_under_inference_mode(under_inference_mode):
+    before = _ConvBNReLU()
+    randomize_bn(before.bn, _gen())
+    result = under_inference_mode(TuneConvBN(), before.eval(), (_x((2, 3, 6, 6)),))
+    assert dict(result.stats) == {"tuned": 1}
+
+
+@pytest.mark.parametrize("mode", [torch.inference_mode, torch.no_grad])
+def test_tune_mode_called_under(mode):
+    """#15.1: tune_mode called under torch.inference_mode() (where inference code often sets
+    up the model) returned a copy whose parameters were inference tensors: the first
+    ``loss.backward()`` failed ("Inference tensors cannot be saved for backward"). Now the copy
+    is made outside inference mode and trains like Eval mode."""
+    model = _small_model()
+    x = _x((2, 3, 6, 6))
+    with mode():
+        tuned = graphopt.tune_mode(model, (x,))
+    assert not any(t.is_inference() for t in tuned.state_dict(keep_vars=True).values())
+    _assert_trains_like(_eval_mode(model, train=True), tuned.train(), (x,))
