@@ -2015,7 +2015,7 @@ def _reshape(ctx: _Ctx) -> Value:
     if items is not None:
         dims = _reshape_dims(ctx, items, allowzero)
         if dims is not None:
-            return ctx.method("reshape", x, *dims)
+            return ctx.method("reshape", x, *dims) if dims else ctx.method("reshape", x, ())
     return ctx.call(_reshape_dynamic, x, ctx.materialize(shape), int(allowzero))
 
 
@@ -2258,6 +2258,8 @@ def _tile(ctx: _Ctx) -> Value:
     repeats = _sym_items(ctx.value(1))
     if repeats is None:
         raise ctx.fail("repeats must be a constant or a shape value")
+    if not repeats:  # a 0-D input has no dims to repeat
+        return ctx.tensor(0)
     return ctx.method("repeat", ctx.tensor(0), *repeats)
 
 
@@ -2299,6 +2301,13 @@ def _pad(ctx: _Ctx) -> Value:
         raise _refuse_dtype(ctx, ctx.dtype(0))
     if any(p < 0 for p in pads):
         raise ctx.fail(f"negative pads {pads} (cropping) in {mode} mode are not supported")
+    for axis in range(n):
+        size = ctx.static_dim(0, axis)
+        if mode == "reflect" and size is not None and max(pads[axis], pads[axis + n]) >= size:
+            raise ctx.fail(
+                f"reflect pads ({pads[axis]}, {pads[axis + n]}) of axis {axis} are not smaller "
+                f"than its size {size} (torch reflects at most once)"
+            )
     # torch pads these modes on the last k <= 3 dims of a batched (k + 2)-D input
     if n - first <= 3 and n == (n - first) + 2:
         return ctx.call(F.pad, x, _torch_pad(trailing), mode=torch_mode)
