@@ -63,8 +63,10 @@ __all__ = [
     "OnnxBatchNorm1d",
     "OnnxBatchNorm2d",
     "OnnxBatchNorm3d",
+    "from_numpy",
     "import_onnx",
     "load_onnx",
+    "to_numpy",
 ]
 
 ModelSource = str | os.PathLike | bytes | bytearray | memoryview | onnx.ModelProto
@@ -274,6 +276,30 @@ def _to_torch(array: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.array(array, copy=True))
 
 
+def from_numpy(array: np.ndarray) -> torch.Tensor:
+    """A torch tensor (a copy) of a numpy array, including the ml_dtypes arrays ONNX uses for
+    bfloat16 and float8.  Raises TypeError for dtypes torch has no equivalent of (int4, str)."""
+    return _to_torch(np.asarray(array))
+
+
+def to_numpy(tensor: torch.Tensor) -> np.ndarray:
+    """A numpy array of a tensor, as ONNX Runtime and ``onnx.reference`` take and return them:
+    bfloat16 and float8 become ml_dtypes arrays (``tensor.numpy()`` raises ``TypeError: Got
+    unsupported ScalarType BFloat16`` for them), every other dtype goes through ``.numpy()``.
+
+        >>> to_numpy(torch.ones(2, dtype=torch.bfloat16)).dtype.name
+        'bfloat16'
+    """
+    t = tensor.detach().cpu().contiguous()
+    if t.dtype == torch.bfloat16 or t.dtype in _FLOAT8:
+        import ml_dtypes  # a dependency of onnx
+
+        bits = t.view(torch.uint16 if t.dtype == torch.bfloat16 else torch.uint8).numpy()
+        name = str(t.dtype).replace("torch.", "")
+        return bits.view(getattr(ml_dtypes, name))
+    return t.numpy()
+
+
 def _tensor_from_proto(proto: onnx.TensorProto, base_dir: str | None = None) -> torch.Tensor:
     return _to_torch(numpy_helper.to_array(proto, base_dir or ""))
 
@@ -349,6 +375,7 @@ def _reduce_min(x: torch.Tensor, dims: list[int], keepdim: bool) -> torch.Tensor
 # ONNX op -> (torch function on int64, whether it orders values: comparisons, max, min, clamp)
 _WIDE_UINT_FNS: dict[str, tuple[Callable[..., torch.Tensor], bool]] = {
     "Add": (torch.add, False),
+    "Sum": (torch.add, False),
     "Sub": (torch.sub, False),
     "Mul": (torch.mul, False),
     "Pow": (torch.pow, False),
@@ -382,9 +409,13 @@ def _wide_uint(op: str, dtype: torch.dtype, *args: Any, **kwargs: Any) -> torch.
     if op == "Div" and big:
         fn = _udiv64
     flip = ordered and big
+    # next to a float operand (Pow's exponent or base) the unsigned value itself is needed
+    to_float = any(isinstance(a, torch.Tensor) and a.is_floating_point() for a in args)
 
     def widen(a: Any) -> Any:
         if isinstance(a, torch.Tensor) and a.dtype in _WIDE_UINT:
+            if to_float:
+                return a.to(torch.float64)
             a = a.to(torch.int64)
             return a ^ _SIGN_BIT if flip else a
         return a
@@ -1394,7 +1425,7 @@ def _sym_binary(ctx: _Ctx) -> Value | None:
         and (not isinstance(a, _Sym) or a.scalar)
         and (not isinstance(b, _Sym) or b.scalar)
     )
-    dtype = torch.bool if ctx.op == "Equal" else torch.int64
+    dtype = torch.bool if ctx.op == "Equal" else (ctx.dtype(0) or torch.int64)
     return _make_sym(out, scalar, dtype)
 
 
@@ -1581,7 +1612,15 @@ def _cast(ctx: _Ctx) -> Value:
     to = _ONNX_TO_TORCH.get(int(ctx.attr("to", 0)))
     dtype = to if ctx.op == "Cast" else ctx.dtype(1)
     if dtype is None:
-        raise ctx.fail("the target dtype is unknown or has no torch equivalent")
+        target = (
+            onnx.TensorProto.DataType.Name(int(ctx.attr("to", 0)))
+            if ctx.op == "Cast"
+            else f"of input {ctx.node.input[1]!r}"
+        )
+        raise ctx.fail(
+            f"the target type {target} is unknown or has no torch dtype",
+            "Cast to a type torch has (e.g. int8, float16, float32) instead.",
+        )
     v = ctx.value(0)
     if isinstance(v, _Sym) and _is_int_dtype(dtype):
         return _Sym(v.items, v.scalar, dtype)

@@ -27,8 +27,10 @@ from graphopt.onnx_import import (
     OnnxBatchNorm1d,
     OnnxBatchNorm2d,
     OnnxBatchNorm3d,
+    from_numpy,
     import_onnx,
     load_onnx,
+    to_numpy,
 )
 
 RTOL = 1e-5
@@ -1248,6 +1250,27 @@ def test_storage_only_dtypes_are_refused_at_import_naming_op_and_node() -> None:
     model = _make_model([node], [("x", TensorProto.INT4, [4])], ["y"], opset=21)
     with pytest.raises(CaptureError, match=r"input 'x'.*INT4"):
         import_onnx(model)
+
+
+def test_bfloat16_model_and_numpy_conversion() -> None:
+    # item 11: bfloat16 tensors go through torch.bfloat16; to_numpy/from_numpy convert them (and
+    # float8) to the ml_dtypes arrays ONNX uses, where tensor.numpy() raises TypeError
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    w = np.array([[0.5, -1.25, 3.0]] * 2).astype(ml_dtypes.bfloat16)
+    nodes = [
+        helper.make_node("Add", ["x", "w"], ["a"]),
+        helper.make_node("Mul", ["a", "a"], ["b"]),
+        helper.make_node("ReduceSum", ["b"], ["z"], keepdims=0),
+    ]
+    model = _make_model(nodes, [("x", TensorProto.BFLOAT16, ["N", 3])], ["b", "z"], [("w", w)])
+    x = _f32(2, 3).astype(ml_dtypes.bfloat16)
+    _check_against_reference(model, [x], rtol=1e-2, atol=1e-2)
+    for dtype in (torch.bfloat16, torch.float8_e4m3fn, torch.uint32):
+        t = torch.tensor([1.5, 2.0]).to(dtype)
+        array = to_numpy(t)
+        assert array.dtype.name == str(dtype).replace("torch.", "")
+        back = from_numpy(array)
+        assert back.dtype == dtype and torch.equal(back.view(torch.uint8), t.view(torch.uint8))
 
 
 @pytest.mark.parametrize("to", ["FLOAT8E4M3FN", "FLOAT8E5M2", "FLOAT8E4M3FNUZ", "FLOAT8E5M2FNUZ"])
