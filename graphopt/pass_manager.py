@@ -28,7 +28,13 @@ from torch import fx
 
 from graphopt import verify
 from graphopt.errors import GraphoptError, PassError, PipelineError, VerificationError
-from graphopt.pipeline import Pipeline, format_value, option_fields, parse_pipeline
+from graphopt.pipeline import (
+    Pipeline,
+    check_option,
+    format_value,
+    option_fields,
+    parse_pipeline,
+)
 
 if TYPE_CHECKING:
     from graphopt.target import Target
@@ -166,6 +172,12 @@ class Pass:
                         f"options: {', '.join(valid) or 'none'}."
                     )
             options = self.Options(**values)
+        # registered passes check in Options(); a pass used without registering is checked here
+        for f in dataclasses.fields(options):
+            value = getattr(options, f.name)
+            checked = check_option(type(self), f.name, value)
+            if checked is not value:  # frozen: the coerced value (int -> float) is set as-is
+                object.__setattr__(options, f.name, checked)
         self.options = options
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
