@@ -112,9 +112,8 @@ def export_onnx(
     names = [
         f"input{i}" if input_names is None else _clean(input_names[i]) for i in range(len(inputs))
     ]
-    with (
-        torch.no_grad()
-    ):  # on copies: a model that writes to its inputs must not touch the caller's
+    # on copies: a model that writes to its inputs must not touch the caller's tensors
+    with torch.no_grad():
         outputs = verify.flatten_outputs(module(*_copies(inputs)))
     if output_names is not None and len(output_names) != len(outputs):
         raise BackendError(
