@@ -4,7 +4,9 @@ A measurement warms up, then times single runs until it has ``runs`` samples (or
 has passed, with at least 5 samples) and reports the median and the 10th/90th percentiles.
 Latency-aware passes ask a backend for ``measure(...)``; results are cached on disk keyed by
 (graph fingerprint, target, backend and its version, input shapes, session settings), so a
-second run measures nothing. A corrupt cache file is reported and ignored, never fatal.
+second run measures nothing. Processes and threads share the file: a write merges its entry into
+what is on disk under a file lock. A corrupt cache file, and any entry that is not a real
+measurement (NaN, infinite or negative), is reported and ignored, never fatal.
 """
 
 from __future__ import annotations

@@ -3,7 +3,12 @@
 Export uses torch's TorchScript-based exporter (``dynamo=False``): on the zoo models it is ~15x
 faster than the dynamo exporter (0.15 s against 2.5 s on a small CNN here), handles FX graphs
 with arbitrary ``call_function`` nodes, and keeps the batch dimension dynamic through
-``dynamic_axes``. Where it fails the dynamo exporter is tried. Sessions use full graph
+``dynamic_axes``. Where it fails the dynamo exporter (``onnxscript``) is tried. One export runs
+at a time in a process (``EXPORT_LOCK``: ``torch.onnx.export`` is not thread-safe). The export
+keeps the model's interface: every input by name, count and order (also one no node reads), one
+output per output tensor (``output_names``), and integer inputs that feed a shape stay inputs.
+A valid model whose batch cannot stay dynamic is compiled with the example's batch, and
+``OrtArtifact.static_batch_reason`` says why. Sessions use full graph
 optimization, sequential execution and one intra-op thread per available core by default;
 ``OnnxRuntimeBackend.select_settings`` times a few alternatives against each other and
 ``with_settings`` applies the winner.
