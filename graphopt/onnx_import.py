@@ -24,10 +24,27 @@ Conv, ConvTranspose, BatchNormalization, Gemm and MatMul-by-a-constant become re
 passes written for traced PyTorch models apply to imported ONNX models too.  A ``MatMul`` whose only
 consumer is an ``Add`` of a 1-D constant becomes one ``nn.Linear`` with a bias.
 
+The GraphModule comes back in eval mode.  ONNX's BatchNormalization (``training_mode=0``) is an
+inference op, so its modules are :class:`OnnxBatchNorm2d` (and 1d/3d): ``nn.BatchNorm*d``
+subclasses that stay in eval mode whatever ``.train()`` says -- running statistics, never updated.
+
+Dtypes and shapes follow the ONNX spec, not torch's promotion: ``Pow`` has the base's type,
+integer ``Div`` truncates, ``ReduceSum``/``ReduceMean`` keep integer types, 0-D values stay 0-D.
+uint16/32/64 (which torch stores but cannot compute with) are computed in int64 and wrapped back
+for arithmetic, comparisons, Max/Min/Clip and ReduceSum/Max/Min; float8 (storage only in torch)
+is accepted by Cast and data movement.  Any other op on these dtypes, and graph inputs of types
+torch lacks (int4, string, ...), are refused at import with a :class:`CaptureError` naming the node
+-- rather than a NotImplementedError when the graph runs.  :func:`to_numpy` / :func:`from_numpy`
+convert bfloat16 and float8 tensors to and from the ml_dtypes arrays that ONNX Runtime and
+``onnx.reference`` use.
+
 Placeholders carry the ONNX input's declared shape and dtype in ``node.meta["onnx_shape"]`` (dims
 are ints, strings for symbolic dims, or None) and ``node.meta["onnx_dtype"]`` (a ``torch.dtype``;
-``node.meta["onnx_elem_type"]`` holds the ONNX enum).  ``gm.meta`` records the ONNX input and
-output names and the opset.
+``node.meta["onnx_elem_type"]`` holds the ONNX enum) and its name in ``node.meta["onnx_name"]``.
+Every graph input gets a placeholder, in order, used or not.  ``gm.meta`` records the ONNX input
+names (``"onnx_input_names"``), output names (``"onnx_output_names"``) and the opset
+(``"onnx_opset"``); the output node's ``meta["onnx_output_names"]`` repeats the output names,
+since graph passes keep node meta but may build a new GraphModule.
 
 Note for re-export: ``torch.onnx.export(gm, ..., dynamo=False, dynamic_axes=...)`` needs
 ``input_names`` and ``output_names`` passed explicitly (the TorchScript exporter otherwise mistakes
