@@ -14,7 +14,7 @@ from graphopt import zoo
 from graphopt.api import int8_pipeline
 from graphopt.backends.onnxruntime import export_onnx
 from graphopt.capture import capture
-from graphopt.errors import GraphoptError, InputError
+from graphopt.errors import GraphoptError, InputError, VerificationError
 from graphopt.pass_manager import PassContext, PassManager
 from graphopt.pipeline import parse_pipeline
 from graphopt.quant.calibration import weight_qparams
@@ -174,13 +174,20 @@ def test_max_drop_fallback_through_optimize():
     scale[0] = 400.0
     calib = [(torch.randn(32, 16, generator=gen) * scale,) for _ in range(4)]
 
-    def run(max_drop):
+    def run(max_drop, **kwargs):
         return graphopt.optimize(
             model, "cpu", (calib[0][0][:1],), calibration_data=calib, precision="int8",
-            max_drop=max_drop, measure=False,
+            max_drop=max_drop, measure=False, **kwargs,
         )  # fmt: skip
 
-    reported = run(None).quantization  # no budget: every layer int8, the drop only reported
+    # no budget: every layer int8; the artifact breaks insert-qdq's contract, which raises...
+    with pytest.raises(VerificationError, match="int8 artifact") as info:
+        run(None)
+    assert info.value.stage == "insert-qdq"
+    # ...unless the mismatch is accepted: then it is a warning and the drop is only reported
+    everything_int8 = run(None, accept_mismatch=True)
+    assert any("int8 artifact" in w for w in everything_int8.report.warnings)
+    reported = everything_int8.quantization
     assert reported.drop_all > 0.2 and not reported.fallback, reported.drop_all
     result = run(0.02)
     q = result.quantization
