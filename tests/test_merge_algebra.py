@@ -313,3 +313,24 @@ def test_random_chains_exact_or_refused(case):
     if residual:
         assert ref.shape == x.shape
     close(merged, chain, x, residual)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_module_rounds_the_float64_weights_once_to_its_dtype(dtype):
+    """#15.9: ``module()`` built a float32 conv and cast it to ``dtype`` afterwards, so a
+    float64 model's merged kernel was rounded to float32 on the way."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(6, 3, 3, 3, generator=g, dtype=torch.float64)
+    spec = ConvSpec(w, torch.randn(6, generator=g, dtype=torch.float64), padding=1, groups=1)
+    conv = spec.module(dtype)
+    assert conv.weight.dtype == dtype
+    assert torch.equal(conv.weight, w.to(dtype)) and torch.equal(conv.bias, spec.bias.to(dtype))
+
+
+def test_module_made_under_inference_mode_can_be_trained():
+    spec = ConvSpec(torch.randn(4, 4, 1, 1, dtype=torch.float64))
+    with torch.inference_mode():
+        conv = spec.module()
+    assert not conv.weight.is_inference()
+    conv(torch.randn(1, 4, 3, 3)).sum().backward()
+    assert conv.weight.grad is not None

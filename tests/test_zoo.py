@@ -472,3 +472,43 @@ def test_sesr_m5_layout() -> None:
         model.output_block.conv_squeeze.bias.zero_()
     want = F.interpolate(x, scale_factor=2, mode="nearest")
     torch.testing.assert_close(_run(model, (x,)), want, rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------------------------------------
+# the default pass pipeline on the zoo models, in the modes users call it from (issue 15)
+
+# two small models (with crops of the inputs) keep the extra modes cheap; optimize() runs every
+# zoo model in grad mode in tests/test_api.py
+PIPELINE_MODELS = ["repvgg_a0", "sesr_m5"]
+_MODES = {"inference_mode": torch.inference_mode, "no_grad": torch.no_grad}
+
+
+@pytest.mark.parametrize("mode", list(_MODES))
+@pytest.mark.parametrize("name", PIPELINE_MODELS)
+def test_default_pipeline_under(name: str, mode: str) -> None:
+    """Under torch.inference_mode() reparameterize failed on every model and was rolled back
+    (RepVGG and SESR stayed un-merged). Every pass of the default pipeline applies under
+    inference_mode and no_grad, the re-parameterizable blocks merge, the numbers are kept and
+    the user's model is left alone."""
+    from graphopt.capture import capture
+    from graphopt.pass_manager import PassContext, PassManager
+    from graphopt.target import DEFAULT_PIPELINES
+
+    entry = zoo.get(name)
+    x = entry.example_inputs[0][..., :32, :32].contiguous()
+    before = {k: v.clone() for k, v in entry.model.state_dict().items()}
+    want = _run(entry.model, (x,))
+    with _MODES[mode]():
+        gm = capture(entry.model, (x,)).graph
+        result = PassManager(DEFAULT_PIPELINES["cpu"], strict=True).run(
+            gm, PassContext(sample_inputs=(x,))
+        )
+        got = result.graph(x)
+    assert all(r.status == "ok" for r in result.records), [
+        (r.name, r.status, r.message) for r in result.records
+    ]
+    assert result.end_to_end is not None and result.end_to_end.ok
+    merges = next(r.stats for r in result.records if r.name == "reparameterize")
+    assert merges.get("collapsed", 0) + merges.get("collapsed-sequential", 0) > 0
+    assert (got - want).abs().max() <= 1e-4 * want.abs().max()
+    assert all(torch.equal(before[k], v) for k, v in entry.model.state_dict().items())

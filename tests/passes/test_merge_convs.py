@@ -361,3 +361,29 @@ def test_every_zoo_model_stays_exact(scripted_timing, tmp_path, name):
         .graph
     )
     assert_pass_preserves(MergeConvs(), gm, (x,), ctx=_ctx(x, tmp_path))
+
+
+# ------------------------------------------------------------------------------------------------
+# issue 15: inference mode, float64
+
+
+def test_under_inference_mode(scripted_timing, tmp_path, under_inference_mode):
+    """Under torch.inference_mode() the pass failed (reparameterize's float64 cache read the
+    version counter of inference tensors) and its merged convs held inference tensors."""
+    x = _x(1, 8, 8, 8)
+    p = MergeConvs()
+    result = under_inference_mode(p, _Residual().eval(), (x,), ctx=lambda: _ctx(x, tmp_path))
+    assert result.stats["residuals-folded"] == 1 and result.stats["merged-spans"] == 1
+
+
+def test_float64_model_merges_at_float64_precision(scripted_timing, tmp_path):
+    """#15.9: the merged conv was built as a float32 module and cast back (the merged kernel
+    rounded to float32)."""
+    torch.manual_seed(0)
+    model, x = _Residual().double().eval(), _x(1, 8, 8, 8).double()
+    gm, result = run_pass(MergeConvs(), model, (x,), _ctx(x, tmp_path))
+    assert result.stats["merged-spans"] == 1
+    assert all(p.dtype == torch.float64 for p in gm.parameters())
+    with torch.no_grad():
+        want, got = model(x), gm(x)
+    assert (got - want).abs().max() <= 1e-10 * want.abs().max()

@@ -452,3 +452,37 @@ def test_no_plan_measured_faster_leaves_the_model(scripted, monkeypatch, tmp_pat
     assert not result.modified and result.graph.code == code
     assert d.reason == "not-faster" and result.stats["skipped:not-faster"] == 1
     assert len(d.attempts) >= 2 and "no plan was measured faster" in str(d)
+
+
+# ------------------------------------------------------------------------------------------------
+# issue 15: inference mode, no_grad
+
+
+@pytest.mark.parametrize("mode", [torch.inference_mode, torch.no_grad])
+def test_finetune_hook_trains_when_the_pass_runs_under(mode, scripted, tmp_path):
+    """Run under inference_mode or no_grad, the pass calls the fine-tuning hook with autograd
+    on, and the fine-tunable spans hold normal parameters: the hook's ``loss.backward()`` and
+    optimizer step work (they failed: no graph under no_grad; inference tensors that autograd
+    cannot save under inference_mode), and the final merge computes what the trained
+    architecture computes."""
+    model, x = _model(), _x()
+    gm = _folded(model, x)
+    probe = _x(3, seed=9)
+    seen = {}
+
+    def finetune(g: fx.GraphModule) -> None:
+        opt = torch.optim.SGD(g.parameters(), lr=1e-2)
+        loss = g(probe).square().mean()
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            seen["out"] = g(probe)
+
+    with mode():
+        result = MergeConvs(budget=0.6, finetune=finetune).run(gm, _ctx(x, tmp_path))
+    (decision,) = result.decisions
+    assert result.modified and decision.finetuned == "finetune"
+    assert not any(t.is_inference() for t in result.graph.state_dict(keep_vars=True).values())
+    with torch.no_grad():
+        out = result.graph(probe)
+    torch.testing.assert_close(out, seen["out"], rtol=1e-5, atol=1e-5 * float(out.abs().max()))

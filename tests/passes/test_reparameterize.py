@@ -623,22 +623,6 @@ def test_merges_under_inference_mode(under_inference_mode):
     assert result.stats["collapsed"] == 1 and result.stats["branches-merged"] == 3
 
 
-@pytest.mark.parametrize("mode", [torch.inference_mode, torch.no_grad])
-def test_zoo_repvgg_merges_in_a_pipeline_under(mode):
-    """#15.1 as users met it: the pipeline under inference_mode rolled reparameterize back and
-    left RepVGG un-merged."""
-    entry = zoo.get("repvgg_a0")
-    x = entry.example_inputs[0][..., :32, :32].contiguous()
-    with mode():
-        gm = capture(entry.model, (x,)).graph
-        result = PassManager("fold-conv-bn,reparameterize", strict=True).run(
-            gm, PassContext(sample_inputs=(x,))
-        )
-    record = result.records[1]
-    assert record.status == "ok" and record.stats["convs"] == DEPLOY["repvgg_a0"][0]
-    assert result.end_to_end.ok
-
-
 def test_float64_cache_lives_for_one_run():
     """The float64 copies of the weights are kept for one run of the pass, then dropped (a
     module-level cache keyed by id() could hand a new tensor an old tensor's copy)."""

@@ -718,3 +718,26 @@ def test_pass_manager_rolls_back_a_rewrite_that_breaks_the_output_contract(
     out = pm.run(gm, _ctx(x, tmp_path))
     assert out.records[0].status == "rolled-back" and out.records[0].modified
     assert isinstance(out.graph.fc1, nn.Linear)
+
+
+# ------------------------------------------------------------------------------------------------
+# issue 15: inference mode
+
+
+def test_under_inference_mode_with_a_training_hook(scripted_timing, tmp_path, under_inference_mode):
+    """The substitutes are normal parameters and the fine-tuning hook runs with autograd on,
+    also when the pass runs under torch.inference_mode()."""
+    x = torch.randn(1, 16, 64, generator=_gen())
+    losses = []
+
+    def finetune(gm):
+        opt = torch.optim.SGD(gm.parameters(), lr=1e-3)
+        loss = gm(x).square().mean()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+
+    p = SubstituteMonarch(finetune=finetune, nblocks="4", min_features=0, max_error=1e-4)
+    result = under_inference_mode(p, _monarch_mlp(), (x,), ctx=lambda: _ctx(x, tmp_path))
+    assert result.stats["kept:monarch"] == 2 and result.stats["finetuned"] == 1
+    assert len(losses) == 2  # one per run of the pass
