@@ -232,13 +232,20 @@ def optimize(
     >>> result.save("model.onnx")
     """
     _check_arguments(trials, tune_minutes, database, max_drop, instruments, metric, finetune)
+    if calibration_data is not None and (
+        isinstance(calibration_data, str | bytes) or not isinstance(calibration_data, Iterable)
+    ):
+        raise ArgumentError(
+            "calibration_data must be an iterable of input batches, e.g. [(x1,), (x2,)], got "
+            f"a {type(calibration_data).__name__}."
+        )
     say = Progress(progress)
     tgt = Target.parse(target)  # bad strings fail before any heavy work
     pipe = parse_pipeline(pipeline if pipeline is not None else tgt.default_pipeline)
     if backend not in BACKEND_CHOICES:
         raise BackendError(
             f"unknown backend {backend!r}."
-            + close_matches(backend, BACKEND_CHOICES)
+            + close_matches(str(backend), BACKEND_CHOICES)
             + f" Choose one of: {', '.join(BACKEND_CHOICES)}."
         )
     int8 = _check_precision(precision, pipe, calibration_data, backend, max_drop, metric)

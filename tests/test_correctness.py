@@ -298,10 +298,12 @@ def test_exact_passes_are_judged_against_the_models_own_float32_rounding():
         ({"metric": 3}, "metric"),
         ({"precision": "int8", "calibration_data": [], "max_drop": "0.1"}, "max_drop"),
         ({"precision": "int8", "calibration_data": [], "max_drop": math.nan}, "max_drop"),
+        ({"precision": "int8", "calibration_data": 3}, "calibration_data"),
+        ({"backend": 3}, "backend"),
     ],
 )
 def test_bad_arguments_are_argument_errors(kwargs, words):
-    with pytest.raises(ArgumentError, match=words):
+    with pytest.raises(GraphoptError, match=words):
         graphopt.optimize(_conv_net(), "cpu", (torch.randn(1, 3, 8, 8),), measure=False, **kwargs)
 
 
@@ -360,3 +362,15 @@ def test_optimize_under_inference_mode_and_no_grad(mode):
     with torch.no_grad():
         want = model(x.clone())
     assert (got - want).abs().max() <= exact_tolerance(want)
+
+
+def test_zero_dimensional_inputs_and_outputs_keep_their_shape():
+    class Scale(nn.Module):
+        def forward(self, x):
+            return x * 3
+
+    x = torch.tensor(2.0)
+    result = graphopt.optimize(Scale(), "cpu", (x,), measure=False)
+    assert result.report.artifact_error.ok
+    got = result(torch.tensor(5.0))
+    assert got.shape == () and float(got) == 15.0

@@ -631,7 +631,7 @@ class TvmArtifact:
                     f"input {i} has shape {list(a.shape)}; the TVM artifact was compiled for "
                     f"{list(want)} (shapes are static); optimize again with that shape."
                 )
-        args = [tvm.runtime.tensor(np.ascontiguousarray(a), device=dev) for a in arrays]
+        args = [tvm.runtime.tensor(np.asarray(a, order="C"), device=dev) for a in arrays]
         try:
             out = vm["main"](*args)
         except Exception as exc:

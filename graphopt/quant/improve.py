@@ -251,7 +251,7 @@ def _probe(model: onnx.ModelProto, tensors: Sequence[str]) -> ort.InferenceSessi
 
 def _feed(model: onnx.ModelProto, batch: Batch) -> dict[str, np.ndarray]:
     return {
-        n: np.ascontiguousarray(x, dtype=np.float32)
+        n: np.asarray(x, dtype=np.float32, order="C")
         for n, x in zip(_input_names(model), batch, strict=True)
     }
 

@@ -622,7 +622,7 @@ def _collect(
             if not (np.isfinite(array.min()) and np.isfinite(array.max())):  # NaN propagates
                 nonfinite.add(name)
                 continue
-            x = torch.from_numpy(np.ascontiguousarray(array))
+            x = torch.from_numpy(np.asarray(array, order="C"))
             if method == "auto":
                 kept.setdefault(name, []).append(x)
             else:
