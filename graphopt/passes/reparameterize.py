@@ -114,6 +114,7 @@ class _Branch:
     input: Any = None  # the node the branch reads (x)
     padding_mode: str = "zeros"
     pool: bool = False  # an average pool written as a depthwise conv
+    dtype: torch.dtype | None = None  # the model's dtype of the weights (they are float64 here)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -384,6 +385,7 @@ def _conv_branch(gm: fx.GraphModule, leaf: fx.Node, single_use: bool = True) -> 
         layer.groups,
         input=layer.input_node,
         padding_mode=layer.padding_mode,
+        dtype=layer.weight.dtype,
     )
 
 
@@ -748,7 +750,7 @@ def _sequential(gm: fx.GraphModule, stats: Counter) -> None:
         merged = _Branch(
             node, "conv", weight, bias, outer.stride, outer.dilation, outer.padding, groups
         )
-        new = _new_conv(gm, merged, outer.padding, pad_mode, _dtype(gm, node))
+        new = _new_conv(gm, merged, outer.padding, pad_mode, _dtype(gm, node, (first, second)))
         with gm.graph.inserting_before(node):
             conv = gm.graph.call_module(new, (first.input,))
         conv.meta = dict(node.meta)
@@ -892,7 +894,7 @@ def _affine_conv(gm: fx.GraphModule, stats: Counter) -> None:
             stats["skipped:written-in-place"] += 1
             continue
         merged = _affine_branch(b, a, t)
-        name = _new_conv(gm, merged, b.padding, b.padding_mode, _dtype(gm, node))
+        name = _new_conv(gm, merged, b.padding, b.padding_mode, _dtype(gm, node, (b,)))
         with gm.graph.inserting_before(end):
             conv = gm.graph.call_module(name, (b.input,))
         conv.meta = dict(end.meta)
@@ -945,7 +947,7 @@ def _concat(gm: fx.GraphModule, stats: Counter) -> None:
             weight = torch.cat([b.weight for b in run])
             bias = torch.cat([b.bias for b in run])
             merged = replace(ref, weight=weight, bias=bias)
-            name = _new_conv(gm, merged, ref.padding, "zeros", _dtype(gm, ref.node))
+            name = _new_conv(gm, merged, ref.padding, "zeros", _dtype(gm, ref.node, run))
             with gm.graph.inserting_before(node):
                 conv = gm.graph.call_module(name, (ref.input,))
             conv.meta = dict(ref.node.meta)
@@ -1210,7 +1212,7 @@ class Reparameterize(Pass):
         weight, bias = merge_branches(branches, ref.weight.shape[0])
         padding = _merged_padding(branches, weight)
         merged = _Branch(root, "conv", weight, bias, ref.stride, ref.dilation, padding, ref.groups)
-        name = _new_conv(gm, merged, padding, "zeros", _dtype(gm, root))
+        name = _new_conv(gm, merged, padding, "zeros", _dtype(gm, root, branches))
         with gm.graph.inserting_before(root):
             node = gm.graph.call_module(name, (x,))
         node.meta = dict(root.meta)
@@ -1246,10 +1248,13 @@ def _scaled_node(gm: fx.GraphModule, root: fx.Node, leaf: fx.Node, coef: Any) ->
     return node
 
 
-def _dtype(gm: fx.GraphModule, node: fx.Node) -> torch.dtype:
-    meta = node.meta.get("tensor_meta")
-    dtype = getattr(meta, "dtype", None)
-    return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else torch.float32
+def _dtype(gm: fx.GraphModule, node: fx.Node, branches: Any = ()) -> torch.dtype:
+    """The dtype a new layer computing ``node`` gets: ``node``'s own, else its branches'
+    weights' (a graph without shape annotations), else float32."""
+    dtype = getattr(node.meta.get("tensor_meta"), "dtype", None)
+    if isinstance(dtype, torch.dtype) and dtype.is_floating_point:
+        return dtype
+    return next((b.dtype for b in branches if b is not None and b.dtype), torch.float32)
 
 
 def _new_conv(

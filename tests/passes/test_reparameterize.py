@@ -734,3 +734,17 @@ def test_float64_models_merge_at_float64_precision(kind):
         want, got = model(x), gm(x)
     assert got.dtype == torch.float64
     assert (got - want).abs().max() <= 1e-10 * want.abs().max()
+
+
+def test_float64_graph_without_shape_annotations_keeps_its_dtype():
+    """A graph without ``tensor_meta`` (traced, not captured): the merged conv takes its
+    branches' dtype, not float32 (which would not run on float64 inputs)."""
+    torch.manual_seed(0)
+    model = _repvgg_block().double()
+    gm = torch.fx.symbolic_trace(model)
+    result = Reparameterize().run(gm, PassContext())
+    assert result.stats["collapsed"] == 1
+    x = _x(8).double()
+    with torch.no_grad():
+        want, got = model(x), result.graph(x)
+    assert (got - want).abs().max() <= 1e-10 * want.abs().max()
