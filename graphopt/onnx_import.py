@@ -466,12 +466,21 @@ def _onnx_slice_range(start: int, end: int, step: int, size: int) -> tuple[int, 
     return min(max(start, 0), size - 1), min(max(end, -1), size - 1)
 
 
+def _ints(v: Any) -> list[int]:
+    """A list of ints from a runtime 0-D/1-D tensor or a list."""
+    if isinstance(v, torch.Tensor):
+        return [int(a) for a in v.reshape(-1).tolist()]
+    return [int(a) for a in v]
+
+
 def _slice_onnx(
-    x: torch.Tensor, starts: Any, ends: Any, axes: list[int], steps: list[int]
+    x: torch.Tensor, starts: Any, ends: Any, axes: Any = None, steps: Any = None
 ) -> torch.Tensor:
-    """ONNX Slice at run time (bounds or dims known only then), negative steps included."""
-    starts = starts.tolist() if isinstance(starts, torch.Tensor) else list(starts)
-    ends = ends.tolist() if isinstance(ends, torch.Tensor) else list(ends)
+    """ONNX Slice at run time (bounds, axes, steps or dims known only then), negative steps
+    included."""
+    starts, ends = _ints(starts), _ints(ends)
+    axes = list(range(len(starts))) if axes is None else _ints(axes)
+    steps = [1] * len(starts) if steps is None else _ints(steps)
     y = x
     for s, e, a, st in zip(starts, ends, axes, steps, strict=True):
         a = a % x.dim()
@@ -490,6 +499,51 @@ def _slice_onnx(
             y = y.narrow(a, n - 1 - begin, (count - 1) * -st + 1)
             y = y[(slice(None),) * a + (slice(None, None, -st),)]
     return y
+
+
+def _unsqueeze_dynamic(x: torch.Tensor, axes: Any) -> torch.Tensor:
+    """ONNX Unsqueeze with axes known only at run time."""
+    axes = _ints(axes)
+    for a in sorted(a % (x.dim() + len(axes)) for a in axes):
+        x = x.unsqueeze(a)
+    return x
+
+
+def _squeeze_dynamic(x: torch.Tensor, axes: Any) -> torch.Tensor:
+    """ONNX Squeeze with axes known only at run time."""
+    for a in sorted({a % x.dim() for a in _ints(axes)}, reverse=True):
+        x = x.squeeze(a)
+    return x
+
+
+def _split_dynamic(x: torch.Tensor, split: Any, axis: int) -> tuple[torch.Tensor, ...]:
+    """ONNX Split with split sizes known only at run time."""
+    return tuple(torch.split(x, _ints(split), axis))
+
+
+def _tile_dynamic(x: torch.Tensor, repeats: Any) -> torch.Tensor:
+    """ONNX Tile with repeats known only at run time."""
+    repeats = _ints(repeats)
+    return x.repeat(*repeats) if repeats else x
+
+
+def _pad_dynamic(x: torch.Tensor, pads: Any, mode: str, value: Any, axes: Any) -> torch.Tensor:
+    """ONNX Pad with pads, axes or the constant value known only at run time (``mode`` is
+    torch's name: constant, reflect, replicate, circular)."""
+    pads, rank = _ints(pads), x.dim()
+    if axes is not None:
+        axes, full = _ints(axes), [0] * (2 * rank)
+        for k, a in enumerate(axes):
+            full[a % rank], full[a % rank + rank] = pads[k], pads[k + len(axes)]
+        pads = full
+    if mode == "constant":
+        if isinstance(value, torch.Tensor):
+            value = value.reshape(-1)[0].item() if value.numel() else 0
+        return F.pad(x, _torch_pad(pads), value=value or 0)
+    for axis in range(rank):
+        if pads[axis] or pads[axis + rank]:
+            x = _pad_axis(x, axis, pads[axis], pads[axis + rank], mode)
+    return x
 
 
 def _range_dynamic(start: Any, limit: Any, delta: Any, dtype: torch.dtype) -> torch.Tensor:
@@ -2109,6 +2163,8 @@ def _transpose(ctx: _Ctx) -> Value:
 @_converter("Squeeze")
 def _squeeze(ctx: _Ctx) -> Value:
     axes = ctx.attr("axes")
+    if axes is None and isinstance(ctx.value(1), fx.Node):  # axes known only at run time
+        return ctx.call(_squeeze_dynamic, ctx.tensor(0), ctx.tensor(1))
     if axes is None and ctx.has(1):
         axes = ctx.const_ints(1, "axes")
     v = ctx.value(0)
@@ -2135,6 +2191,8 @@ def _squeeze(ctx: _Ctx) -> Value:
 @_converter("Unsqueeze")
 def _unsqueeze(ctx: _Ctx) -> Value:
     axes = ctx.attr("axes")
+    if axes is None and isinstance(ctx.value(1), fx.Node):  # axes known only at run time
+        return ctx.call(_unsqueeze_dynamic, ctx.tensor(0), ctx.tensor(1))
     if axes is None:
         axes = ctx.const_ints(1, "axes")
     if axes is None:
@@ -2175,6 +2233,9 @@ def _split(ctx: _Ctx) -> list[Value]:
     axis = int(ctx.attr("axis", 0))
     outputs = len(ctx.node.output)
     split = ctx.attr("split")
+    if split is None and isinstance(ctx.value(1), fx.Node):  # sizes known only at run time
+        parts = ctx.call(_split_dynamic, ctx.tensor(0), ctx.tensor(1), axis)
+        return [ctx.call(operator.getitem, parts, k) for k in range(outputs)]
     if split is None and ctx.has(1):
         split = ctx.const_ints(1, "split")
     x = ctx.tensor(0)
@@ -2197,19 +2258,14 @@ def _slice(ctx: _Ctx) -> Value:
         axes, steps = ctx.attr("axes"), None
     else:
         starts, ends = _sym_items(ctx.value(1)), _sym_items(ctx.value(2))
+        if any(isinstance(ctx.value(i), fx.Node) for i in (3, 4)):  # axes/steps at run time
+            runtime = [ctx.tensor(i) if ctx.has(i) else None for i in (1, 2, 3, 4)]
+            return ctx.call(_slice_onnx, ctx.tensor(0), *runtime)
         axes, steps = ctx.const_ints(3, "axes"), ctx.const_ints(4, "steps")
     data = ctx.value(0)
     if starts is None or ends is None:  # bounds computed at run time by real tensor ops
-        n = len(axes) if axes is not None else None
-        if n is None:
-            raise ctx.fail("runtime slice bounds need constant axes")
         return ctx.call(
-            _slice_onnx,
-            ctx.materialize(data),
-            ctx.tensor(1),
-            ctx.tensor(2),
-            axes,
-            steps or [1] * n,
+            _slice_onnx, ctx.materialize(data), ctx.tensor(1), ctx.tensor(2), axes, steps
         )
     axes = list(axes) if axes is not None else list(range(len(starts)))
     steps = list(steps) if steps is not None else [1] * len(starts)
@@ -2312,8 +2368,8 @@ def _expand(ctx: _Ctx) -> Value:
 @_converter("Tile")
 def _tile(ctx: _Ctx) -> Value:
     repeats = _sym_items(ctx.value(1))
-    if repeats is None:
-        raise ctx.fail("repeats must be a constant or a shape value")
+    if repeats is None:  # computed at run time by tensor ops
+        return ctx.call(_tile_dynamic, ctx.tensor(0), ctx.tensor(1))
     if not repeats:  # a 0-D input has no dims to repeat
         return ctx.tensor(0)
     return ctx.method("repeat", ctx.tensor(0), *repeats)
@@ -2325,6 +2381,9 @@ def _pad(ctx: _Ctx) -> Value:
     if ctx.opset < 11 or "pads" in ctx.attrs:
         pads, value = list(ctx.attr("pads")), float(ctx.attr("value", 0.0))
         axes = None
+    elif any(isinstance(ctx.value(i), fx.Node | _Sym) for i in (1, 2, 3)):
+        # pads, the constant value or the axes known only at run time
+        return _pad_at_run_time(ctx, mode)
     else:
         pads = ctx.const_ints(1, "pads")
         value = _scalar_of(ctx, 2, "constant_value") if ctx.has(2) else 0
@@ -2343,12 +2402,7 @@ def _pad(ctx: _Ctx) -> Value:
     x = ctx.tensor(0)
     if not any(trailing):
         return x
-    torch_mode = {
-        "constant": "constant",
-        "reflect": "reflect",
-        "edge": "replicate",
-        "wrap": "circular",
-    }.get(mode)
+    torch_mode = _TORCH_PAD_MODE.get(mode)
     if torch_mode is None:
         raise ctx.fail(f"pad mode {mode!r} is not supported")
     if torch_mode == "constant":
@@ -2371,6 +2425,24 @@ def _pad(ctx: _Ctx) -> Value:
         if pads[axis] or pads[axis + n]:
             x = ctx.call(_pad_axis, x, axis, pads[axis], pads[axis + n], torch_mode)
     return x
+
+
+_TORCH_PAD_MODE = {
+    "constant": "constant",
+    "reflect": "reflect",
+    "edge": "replicate",
+    "wrap": "circular",
+}
+
+
+def _pad_at_run_time(ctx: _Ctx, mode: str) -> Value:
+    torch_mode = _TORCH_PAD_MODE.get(mode)
+    if torch_mode is None:
+        raise ctx.fail(f"pad mode {mode!r} is not supported")
+    if ctx.dtype(0) in _WIDE_UINT and torch_mode not in ("constant", "circular"):
+        raise _refuse_dtype(ctx, ctx.dtype(0))
+    optional = [ctx.tensor(i) if ctx.has(i) else None for i in (2, 3)]
+    return ctx.call(_pad_dynamic, ctx.tensor(0), ctx.tensor(1), torch_mode, *optional)
 
 
 def _depth_to_space_dcr(x: torch.Tensor, block: int) -> torch.Tensor:

@@ -1390,6 +1390,46 @@ def test_pad_reflect_edge_wrap_on_any_single_axis(
     _check_against_reference(model, [_f32(*shape)])
 
 
+def test_axes_pads_repeats_and_split_sizes_given_at_run_time() -> None:
+    # ONNX backend node tests feed these as graph inputs; they were refused ("must be a
+    # constant"): now computed when the graph runs
+    i64 = TensorProto.INT64
+    nodes = [
+        helper.make_node("ReduceSum", ["x", "raxes"], ["rsum"], keepdims=0),
+        helper.make_node("Unsqueeze", ["x", "uaxes"], ["unsq"]),
+        helper.make_node("Squeeze", ["unsq", "uaxes"], ["sq"]),
+        helper.make_node("Split", ["x", "split"], ["s0", "s1"], axis=1),
+        helper.make_node("Tile", ["x", "repeats"], ["tile"]),
+        helper.make_node("Pad", ["x", "pads", "value"], ["pad"], mode="constant"),
+        helper.make_node("Pad", ["x", "pads"], ["rpad"], mode="reflect"),
+        helper.make_node("Slice", ["x", "starts", "ends", "saxes", "steps"], ["slice"]),
+    ]
+    runtime = {
+        "raxes": np.array([1], np.int64),
+        "uaxes": np.array([0, -1], np.int64),
+        "split": np.array([1, 3], np.int64),
+        "repeats": np.array([2, 1], np.int64),
+        "pads": np.array([0, 1, 1, 2], np.int64),
+        "value": np.array(1.5, np.float32),
+        "starts": np.array([-1], np.int64),
+        "ends": np.array([-10], np.int64),
+        "saxes": np.array([1], np.int64),
+        "steps": np.array([-2], np.int64),
+    }
+    inputs = [("x", FLOAT, ["N", 4])] + [
+        (name, FLOAT if name == "value" else i64, list(v.shape)) for name, v in runtime.items()
+    ]
+    outs = ["rsum", "sq", "s0", "s1", "tile", "pad", "rpad", "slice"]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info(n, t, shape) for n, t, shape in inputs],
+        [helper.make_tensor_value_info(o, FLOAT, [None] * (o != "rsum") + [None]) for o in outs],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
+    _check_against_reference(model, [_f32(3, 4), *runtime.values()])
+
+
 def test_unused_input_kept_and_output_names_recorded() -> None:
     # item 10 (importer side): inputs by name, count and order; output names for the exporter
     nodes = [
