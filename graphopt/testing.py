@@ -901,6 +901,8 @@ class _ScaleOutput:
         self.scale = scale
 
     def __call__(self, module: nn.Module, args: Any, output: Any) -> Any:
+        if isinstance(output, tuple):  # the model itself, returning extra outputs
+            return tuple(o * self.scale for o in output)
         return output * self.scale
 
 
@@ -976,7 +978,9 @@ def _onnx_bytes(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> bytes:
     return f.getvalue()
 
 
-def fuzz_case(seed: int, family: str | None = None, *, max_layers: int = 5) -> FuzzCase:
+def fuzz_case(
+    seed: int, family: str | None = None, *, max_layers: int = 5, mode: str | None = None
+) -> FuzzCase:
     """The fuzz model of ``seed`` (the family drawn from the seed unless given).
 
     Every model is tiny (at most 8 channels, 8 wide), so one costs milliseconds. The same seed
@@ -988,7 +992,10 @@ def fuzz_case(seed: int, family: str | None = None, *, max_layers: int = 5) -> F
     family = family or drawn  # drawn either way: a given family changes nothing else
     if family not in FAMILIES:
         raise ValueError(f"unknown fuzz family {family!r}; use one of {', '.join(FAMILIES)}")
-    mode = rng.choice(_GRAD_MODES)
+    drawn_mode = rng.choice(_GRAD_MODES)
+    mode = mode or drawn_mode  # drawn either way, like the family
+    if mode not in _GRAD_MODES:
+        raise ValueError(f"unknown grad mode {mode!r}; use one of {', '.join(set(_GRAD_MODES))}")
     dtype = {"float64": torch.float64, "half": rng.choice([torch.float16, torch.bfloat16])}.get(
         family, torch.float32
     )
@@ -1092,15 +1099,18 @@ class FuzzFailure:
     outcome: str  # "mismatch" | "crash" | "unexpected-refusal" | "generator-error"
     message: str
     pipeline: str
+    mode: str = ""
+    spec: list[dict[str, Any]] = field(default_factory=list)
 
     def repro(self) -> str:
+        modes = f", modes=[{self.mode!r}]" if self.mode else ""
         return (
-            f"fuzz([{self.seed}], {self.pipeline!r}, families=[{self.family!r}])  "
-            f"# the model: fuzz_case({self.seed}, {self.family!r})"
+            f"fuzz([{self.seed}], {self.pipeline!r}, families=[{self.family!r}]{modes})  "
+            f"# the model: fuzz_case({self.seed}, {self.family!r}, mode={self.mode!r})"
         )
 
     def __str__(self) -> str:
-        return f"seed {self.seed} [{self.family}] {self.outcome}: {self.message}"
+        return f"seed {self.seed} [{self.family}, {self.mode}] {self.outcome}: {self.message}"
 
 
 @dataclass
@@ -1133,14 +1143,18 @@ class FuzzReport:
         wanted = outcomes or self.BAD
         return [f for f in self.failures if f.outcome in wanted]
 
-    def add(self, seed: int, family: str, outcome: str, message: str) -> None:
+    def add(self, seed: int, family: str, outcome: str, message: str, case: Any = None) -> None:
         self.counts[outcome] += 1
         self.by_family.setdefault(family, Counter())[outcome] += 1
         if outcome in self.BAD:
-            self.failures.append(FuzzFailure(seed, family, outcome, message, self.pipeline))
+            mode, spec = (case.mode, case.spec) if case is not None else ("", [])
+            self.failures.append(
+                FuzzFailure(seed, family, outcome, message, self.pipeline, mode, spec)
+            )
 
     def summary(self, limit: int = 20) -> str:
-        """Counts, then one line per distinct failure message (its first seed and how many)."""
+        """Counts, then one line per family and distinct failure message (its first seeds and
+        how many)."""
         lines = [
             f"{self.models} models through {self.pipeline!r} in {self.time_s:.1f} s: "
             + ", ".join(f"{k}={v}" for k, v in sorted(self.counts.items()))
@@ -1149,13 +1163,14 @@ class FuzzReport:
             lines.append(
                 f"  {family:<14} " + " ".join(f"{k}={v}" for k, v in sorted(counts.items()))
             )
-        groups: dict[tuple[str, str], list[FuzzFailure]] = {}
+        groups: dict[tuple[str, str, str], list[FuzzFailure]] = {}
         for f in self.failures:
-            groups.setdefault((f.outcome, _gist(f.message)), []).append(f)
-        for (outcome, _), fs in list(groups.items())[:limit]:
+            groups.setdefault((f.outcome, f.family, _gist(f.message)), []).append(f)
+        for (outcome, _, _), fs in list(groups.items())[:limit]:
             seeds = ",".join(str(f.seed) for f in fs[:5])
             lines.append(
-                f"  {outcome} x{len(fs)} (seeds {seeds}) [{fs[0].family}]: {fs[0].message}"
+                f"  {outcome} x{len(fs)} (seeds {seeds}) [{fs[0].family}, {fs[0].mode}]: "
+                f"{fs[0].message}\n    repro: {fs[0].repro()}"
             )
         return "\n".join(lines)
 
@@ -1303,6 +1318,7 @@ def fuzz(
     families: Sequence[str] | None = None,
     backend: Any = None,
     max_layers: int = 5,
+    modes: Sequence[str] | None = None,
 ) -> FuzzReport:
     """Run the fuzz models of ``seeds`` through capture and ``pipeline`` (strict) and judge each.
 
@@ -1312,7 +1328,9 @@ def fuzz(
 
     ``pipeline`` is a pipeline string or a list of passes. ``families`` restricts the families (the family of seed ``s`` is then drawn among them,
     keyed by the seed); ``backend`` is what merge-convs times on (default: a unit-cost model,
-    see :class:`_UnitCostBackend`; pass an ONNX Runtime backend to time for real). The pass
+    see :class:`_UnitCostBackend`; pass an ONNX Runtime backend to time for real); ``modes``
+    restricts the grad modes (``grad``, ``no_grad``, ``inference_mode``, ``inference_built``:
+    to tell a defect of one mode from the others). The pass
     manager is built once: passes keep no state between runs.
     """
     import time
@@ -1328,12 +1346,13 @@ def fuzz(
         family = None
         if names is not None:
             family = random.Random(seed).choices(names, [FAMILIES[f][0] for f in names])[0]
+        mode = random.Random(-seed).choice(list(modes)) if modes else None
         try:
-            fc = fuzz_case(seed, family, max_layers=max_layers)
+            fc = fuzz_case(seed, family, max_layers=max_layers, mode=mode)
         except Exception as exc:  # noqa: BLE001
             report.add(seed, family or "?", "generator-error", _first_line(exc))
             continue
         outcome, message = check_case(fc, manager, backend, report.stats)
-        report.add(seed, fc.family, outcome, message)
+        report.add(seed, fc.family, outcome, message, fc)
     report.time_s = time.perf_counter() - start
     return report

@@ -153,6 +153,23 @@ def test_fuzz_models_are_reproducible_from_their_seed():
             assert torch.equal(v, w), k
 
 
+def test_onnx_family_keeps_batchnorm_unfolded_and_the_batch_dynamic():
+    import onnx
+
+    checked = 0
+    for seed in range(400):
+        fc = fuzz_case(seed, max_layers=3)
+        has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in fc.model.modules())
+        if fc.family != "onnx" or not has_bn:
+            continue
+        proto = onnx.load_from_string(fc.source)
+        assert "BatchNormalization" in {n.op_type for n in proto.graph.node}
+        dim = proto.graph.input[0].type.tensor_type.shape.dim[0]
+        assert dim.dim_param and not dim.dim_value
+        checked += 1
+    assert checked >= 5
+
+
 def test_float64_and_half_families_keep_their_dtype():
     dtypes = collections.Counter()
     for seed in range(300):
