@@ -92,11 +92,16 @@ def test_report_lists_passes_latency_and_saves(tmp_path):
         result.save(tmp_path / "out.so")
 
 
-def test_graph_module_is_usable_as_torch_module():
+@pytest.mark.parametrize("mode", [torch.enable_grad, torch.inference_mode])
+def test_graph_module_is_usable_as_torch_module(mode):
     entry = zoo.get("digits_cnn")
-    result = graphopt.optimize(entry.model, "cpu", entry.example_inputs, measure=False)
-    x = entry.example_inputs[0]
-    assert (result.graph_module(x) - entry.model(x)).abs().max() <= exact_tolerance(entry.model(x))
+    with mode():  # users call optimize from inference code too
+        result = graphopt.optimize(entry.model, "cpu", entry.example_inputs, measure=False)
+        x = entry.example_inputs[0]
+        got, want = result.graph_module(x), entry.model(x)
+    assert [r.status for r in result.report.records] == ["ok"] * len(result.report.records)
+    assert not result.graph_module.training
+    assert (got - want).abs().max() <= exact_tolerance(want)
 
 
 # ------------------------------------------------------------------------------------------------

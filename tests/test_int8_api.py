@@ -35,14 +35,15 @@ def digits():
 def test_digits_int8_end_to_end(digits, tmp_path):
     zm, calib = digits
     before = {k: v.clone() for k, v in zm.model.state_dict().items()}
-    result = graphopt.optimize(
-        zm.model,
-        "cpu",
-        example_inputs=zm.example_inputs,
-        calibration_data=calib,
-        precision="int8",
-        measure=False,
-    )
+    with torch.inference_mode():  # as inference code calls it
+        result = graphopt.optimize(
+            zm.model,
+            "cpu",
+            example_inputs=zm.example_inputs,
+            calibration_data=calib,
+            precision="int8",
+            measure=False,
+        )
     xte, yte = zoo.digits_data("test")
     with torch.no_grad():
         acc_fp32 = float((zm.model(xte).argmax(1) == yte).float().mean()) * 100

@@ -110,11 +110,14 @@ def test_breaking_pass_is_rolled_back_and_reported():
     assert torch.equal(got[0], expected[0])
 
 
-def test_pipeline_continues_after_a_rollback():
+@pytest.mark.parametrize("mode", [torch.enable_grad, torch.inference_mode])
+def test_pipeline_continues_after_a_rollback(mode):
     gm, x = _gm()
-    result = PassManager("remove-identity", strict=False).run(gm, PassContext(sample_inputs=(x,)))
-    pm = PassManager([ScaleConvWeights(), *PassManager("fold-conv-bn").passes])
-    result = pm.run(result.graph, PassContext(sample_inputs=(x,)))
+    with mode():
+        ctx = PassContext(sample_inputs=(x,))
+        result = PassManager("remove-identity", strict=False).run(gm, ctx)
+        pm = PassManager([ScaleConvWeights(), *PassManager("fold-conv-bn").passes])
+        result = pm.run(result.graph, ctx)
     assert [r.status for r in result.records] == ["rolled-back", "ok"]
     assert result.records[1].stats["folded"] == 1
     assert result.end_to_end.ok
