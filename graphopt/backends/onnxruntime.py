@@ -328,7 +328,9 @@ class _SliceOp(torch.autograd.Function):
 
     @staticmethod
     def symbolic(g: Any, x: Any, starts: Any, ends: Any, axes: Any, steps: Any) -> Any:
-        return g.op("Slice", x, _int64(g, starts), _int64(g, ends), axes, steps)
+        return g.op(
+            "Slice", x, _int64(g, starts), _int64(g, ends), _int64(g, axes), _int64(g, steps)
+        )
 
 
 class _RangeOp(torch.autograd.Function):
@@ -346,7 +348,7 @@ class _RangeOp(torch.autograd.Function):
 
 
 def _index_tensor(v: Any) -> torch.Tensor:
-    """Slice bounds as a 1-D int64 tensor: a tensor, or a list of ints and 0-D tensors."""
+    """Slice arguments as a 1-D int64 tensor: a tensor, or a list of ints and 0-D tensors."""
     if isinstance(v, torch.Tensor):
         return v.reshape(-1).to(torch.int64)
     return torch.cat([torch.as_tensor(d, dtype=torch.int64).reshape(1) for d in v])
@@ -377,17 +379,21 @@ def _full_twin(original: Callable[..., Any], shape: Any, value: Any, dtype: torc
 
 
 def _slice_twin(
-    original: Callable[..., Any], x: Any, starts: Any, ends: Any, axes: Any, steps: Any
+    original: Callable[..., Any],
+    x: Any,
+    starts: Any,
+    ends: Any,
+    axes: Any = None,
+    steps: Any = None,
 ) -> Any:
-    if not (_has_tensor(starts) or _has_tensor(ends)):
+    if not any(_has_tensor(v) for v in (starts, ends, axes, steps)):
         return original(x, starts, ends, axes, steps)
-    return _SliceOp.apply(
-        x,
-        _index_tensor(starts),
-        _index_tensor(ends),
-        torch.tensor(list(axes), dtype=torch.int64),
-        torch.tensor(list(steps), dtype=torch.int64),
-    )
+    starts, ends = _index_tensor(starts), _index_tensor(ends)
+    count = int(starts.shape[0])
+    # ONNX's defaults: every axis from 0 in order, step 1
+    axes = torch.arange(count) if axes is None else _index_tensor(axes)
+    steps = torch.ones(count, dtype=torch.int64) if steps is None else _index_tensor(steps)
+    return _SliceOp.apply(x, starts, ends, axes, steps)
 
 
 def _range_twin(
@@ -395,8 +401,14 @@ def _range_twin(
 ) -> Any:
     if not any(isinstance(v, torch.Tensor) for v in (start, limit, delta)):
         return original(start, limit, delta, dtype)
-    bounds = [torch.as_tensor(v).reshape(()).to(dtype) for v in (start, limit, delta)]
-    return _RangeOp.apply(*bounds)
+    # ONNX Runtime's Range has float, double, int16/32/64 kernels: others go through one
+    wide = torch.float32 if dtype.is_floating_point and dtype != torch.float64 else dtype
+    wide = torch.int64 if not dtype.is_floating_point and dtype not in _RANGE_INTS else wide
+    bounds = [torch.as_tensor(v).reshape(()).to(wide) for v in (start, limit, delta)]
+    return _RangeOp.apply(*bounds).to(dtype)
+
+
+_RANGE_INTS = (torch.int16, torch.int32, torch.int64)
 
 
 def _shape_op_table() -> dict[Any, Callable[..., torch.Tensor]]:
@@ -531,6 +543,16 @@ def _explicit_same_pads(proto: onnx.ModelProto) -> None:
         node.attribute.append(onnx.helper.make_attribute("pads", begin + end))
 
 
+def _runs_on(artifact: OrtArtifact, example_inputs: Sequence[torch.Tensor]) -> None:
+    """Run ``artifact`` once on the example: a lowering that cannot run its own example (ONNX
+    Runtime refusing a kernel's attributes for a dynamic shape, say) is no lowering."""
+    try:
+        arrays = [to_numpy(x) for x in example_inputs]
+    except (TypeError, InputError):  # a dtype numpy cannot hold: the end-to-end check runs it
+        return
+    artifact.run(arrays)
+
+
 def _fixed_batch_inputs(proto: onnx.ModelProto, inputs: Sequence[torch.Tensor]) -> list[str]:
     """The graph inputs whose batch axis (dim 0) is a number although it was asked dynamic."""
     fixed = []
@@ -580,7 +602,8 @@ class OrtArtifact:
         feeds = {}
         for meta, array in zip(self.session.get_inputs(), arrays, strict=True):
             dtype = _NP_DTYPES.get(meta.type)
-            feeds[meta.name] = np.ascontiguousarray(array, dtype=dtype)
+            # not np.ascontiguousarray: it turns a 0-d array into shape (1,)
+            feeds[meta.name] = np.asarray(array, dtype=dtype, order="C")
         try:
             return self.session.run(None, feeds)
         except Exception as exc:  # onnxruntime raises its own exception types
@@ -740,8 +763,8 @@ class OnnxRuntimeBackend:
         """Export ``module`` and build its session.
 
         With ``dynamic_batch`` (the default) the batch axis stays free; a valid model that
-        cannot be exported or loaded that way (BatchNorm without running statistics through the
-        TorchScript exporter, a model whose code fixes the batch...) is exported again with the
+        cannot be exported, loaded or run on its example that way (a model whose code fixes
+        the batch, a split of a 1-D input along its only axis...) is exported again with the
         example's batch, and ``artifact.static_batch_reason`` says why. Only when both fail is
         it a ``BackendError``, which gives both reasons.
         """
@@ -751,6 +774,7 @@ class OnnxRuntimeBackend:
         batch = next((int(x.shape[0]) for x in example_inputs if x.dim() > 0), None)
         try:
             artifact = self.load(export_onnx(module, example_inputs, **names))
+            _runs_on(artifact, example_inputs)
         except BackendError as exc:
             dynamic_exc = exc
         else:
@@ -766,6 +790,7 @@ class OnnxRuntimeBackend:
             return artifact
         try:
             artifact = self.load(export_onnx(module, example_inputs, dynamic_batch=False, **names))
+            _runs_on(artifact, example_inputs)
         except BackendError as exc:
             raise BackendError(f"{exc} With a dynamic batch it failed too: {dynamic_exc}") from exc
         artifact.static_batch_reason = (
