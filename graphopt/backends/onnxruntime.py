@@ -564,8 +564,8 @@ def _fixed_batch_inputs(proto: onnx.ModelProto, inputs: Sequence[torch.Tensor]) 
 
 
 def _first_line(exc: Exception) -> str:
-    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-    return text[:1].lower() + text[1:]
+    text = (str(exc).splitlines()[0] if str(exc) else type(exc).__name__).rstrip(". ")
+    return text[:1].lower() + text[1:] if text[1:2].islower() else text  # not "oNNX"
 
 
 def _clean(name: str, default: str = "input") -> str:

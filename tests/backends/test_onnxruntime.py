@@ -252,7 +252,7 @@ def _shape_model(op: str) -> onnx.ModelProto:
         )
 
     x_shape = [3, 1] if op == "Expand" else [2, 3, 4]
-    shape_len = {"Expand": 3, "Slice": 1}.get(op, 2)
+    shape_len = {"Expand": 3, "Slice": 1, "Range": 1}.get(op, 2)
     nodes = {
         "Reshape": [helper.make_node("Reshape", ["x", "shape"], ["y"])],
         "Expand": [helper.make_node("Expand", ["x", "shape"], ["y"])],
@@ -264,6 +264,7 @@ def _shape_model(op: str) -> onnx.ModelProto:
                 value=helper.make_tensor("v", TensorProto.FLOAT, [1], [2.5]),
             )
         ],
+        "Range": [],
         "Slice": [
             const("starts", [-1]),
             const("axes", [2]),
@@ -271,7 +272,18 @@ def _shape_model(op: str) -> onnx.ModelProto:
             helper.make_node("Slice", ["x", "starts", "shape", "axes", "steps"], ["y"]),
         ],
     }[op]
-    rank = {"Reshape": 2, "Expand": 3, "ConstantOfShape": 2, "Slice": 3}[op]
+    if op == "Range":  # 0 .. shape[0], cast to float
+        nodes = [
+            const("zero", [0]),
+            const("one", [1]),
+            helper.make_node("Squeeze", ["zero"], ["start"]),
+            helper.make_node("Squeeze", ["one"], ["delta"]),
+            helper.make_node("Squeeze", ["shape"], ["limit"]),
+            helper.make_node("Range", ["start", "limit", "delta"], ["r"]),
+            helper.make_node("Cast", ["r"], ["y"], to=TensorProto.FLOAT16),
+        ]
+    rank = {"Reshape": 2, "Expand": 3, "ConstantOfShape": 2, "Slice": 3, "Range": 1}[op]
+    out_type = TensorProto.FLOAT16 if op == "Range" else TensorProto.FLOAT
     graph = helper.make_graph(
         nodes,
         op,
@@ -280,7 +292,7 @@ def _shape_model(op: str) -> onnx.ModelProto:
             helper.make_tensor_value_info("shape", TensorProto.INT64, [shape_len]),
             helper.make_tensor_value_info("unused", TensorProto.FLOAT, [2, 5]),
         ],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [f"d{i}" for i in range(rank)])],
+        [helper.make_tensor_value_info("y", out_type, [f"d{i}" for i in range(rank)])],
     )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
@@ -292,6 +304,7 @@ def _shape_model(op: str) -> onnx.ModelProto:
         ("Expand", [2, 3, 1], [1, 3, 5]),
         ("ConstantOfShape", [2, 2], [3, 1]),
         ("Slice", [0], [-6]),
+        ("Range", [3], [5]),
     ],
 )
 def test_runtime_shape_inputs_stay_inputs_when_an_imported_onnx_model_is_exported(
@@ -448,6 +461,20 @@ def test_a_batch_the_model_fixes_is_static_and_said():
     artifact = OnnxRuntimeBackend("cpu").compile(m, (torch.randn(2, 3, 8, 8),))
     assert "batch is fixed at 2" in artifact.static_batch_reason
     _check(artifact, m, (2,))
+
+
+def test_a_dynamic_batch_lowering_that_cannot_run_its_example_falls_back_to_static():
+    class Split(torch.nn.Module):
+        def forward(self, x):  # split a 1-D input along its only (batch) axis
+            return torch.split(x * 2, 2, 0)
+
+    x = torch.randn(7)
+    artifact = OnnxRuntimeBackend("cpu").compile(Split(), (x,))
+    assert "batch is fixed at 7" in artifact.static_batch_reason
+    assert "ONNX Runtime failed to run" in artifact.static_batch_reason
+    got = artifact.run([x.numpy()])
+    assert [g.shape for g in got] == [(2,), (2,), (2,), (1,)]
+    np.testing.assert_allclose(np.concatenate(got), x.numpy() * 2, rtol=1e-6)
 
 
 def test_a_failing_dynamic_batch_export_falls_back_to_a_static_batch(monkeypatch):
