@@ -44,6 +44,7 @@ __all__ = [
     "FuzzCase",
     "FuzzFailure",
     "FuzzReport",
+    "UnitCostBackend",
     "check_case",
     "fuzz",
     "fuzz_case",
@@ -821,7 +822,7 @@ FAMILIES: dict[str, tuple[int, tuple[str, ...] | None]] = {
 # grad modes capture and the pipeline run under; "inference_built": the model and its inputs
 # were made under inference_mode (inference tensors), graphopt runs outside it
 _GRAD_MODES = ("grad", "no_grad", "inference_mode", "inference_mode", "inference_built")
-# the full exact pipeline: every exact pass, merge-convs timed by _UnitCostBackend
+# the full exact pipeline: every exact pass, merge-convs timed by UnitCostBackend
 FULL_EXACT_PIPELINE = (
     "remove-identity,fold-constants,fold-conv-bn,reparameterize,merge-convs{cache=false},"
     "equalize-layers,eliminate-dead-code"
@@ -1065,7 +1066,7 @@ def _wrap_for_family(
     return model, source, inputs, other, note
 
 
-class _UnitCostBackend:
+class UnitCostBackend:
     """A deterministic stand-in for a timed backend, for merge-convs in fuzzing: every conv
     costs 1 ms (plus 1e-6 ms per weight), a kept residual add 0.25 ms. One conv always beats
     two, so every mergeable span is merged -- the most rewriting to check -- and the decisions
@@ -1328,7 +1329,7 @@ def fuzz(
 
     ``pipeline`` is a pipeline string or a list of passes. ``families`` restricts the families (the family of seed ``s`` is then drawn among them,
     keyed by the seed); ``backend`` is what merge-convs times on (default: a unit-cost model,
-    see :class:`_UnitCostBackend`; pass an ONNX Runtime backend to time for real); ``modes``
+    see :class:`UnitCostBackend`; pass an ONNX Runtime backend to time for real); ``modes``
     restricts the grad modes (``grad``, ``no_grad``, ``inference_mode``, ``inference_built``:
     to tell a defect of one mode from the others). The pass
     manager is built once: passes keep no state between runs.
@@ -1338,7 +1339,7 @@ def fuzz(
     from graphopt.pass_manager import PassManager
 
     manager = PassManager(pipeline, strict=True)
-    backend = backend if backend is not None else _UnitCostBackend()
+    backend = backend if backend is not None else UnitCostBackend()
     report = FuzzReport(manager.pipeline)
     start = time.perf_counter()
     names = list(families) if families else None

@@ -20,11 +20,13 @@ from torch import fx, nn
 
 from graphopt.capture import capture
 from graphopt.pass_manager import Numerics, Pass, PassContext, PassResult
+from graphopt.pipeline import registered_passes
 from graphopt.target import Target
 from graphopt.testing import (
     EXTENDED_KINDS,
     FAMILIES,
     FULL_EXACT_PIPELINE,
+    UnitCostBackend,
     assert_pass_preserves,
     fuzz,
     fuzz_case,
@@ -317,6 +319,28 @@ def test_helpers_work_under_inference_mode_and_no_grad(mode, built_inside):
         gm, folded = run_pass("fold-conv-bn", convbn, (x,))
         assert folded.stats["folded"] == 1
         verify_rewrite("fold-conv-bn", convbn, _FoldedConv(), (x,))
+
+
+@pytest.mark.parametrize("name", sorted(registered_passes()))
+def test_every_registered_pass_keeps_its_contract_under_inference_mode(name):
+    """Each pass with its default options, outside and inside inference_mode(), on random
+    models of the wider generator (merge-convs and substitute-monarch timed by the unit-cost
+    model)."""
+    for seed in range(4):
+        case = random_cnn(seed, kinds=EXTENDED_KINDS, max_layers=4, max_size=8)
+        ctx = PassContext(
+            sample_inputs=case.inputs,
+            backend=UnitCostBackend(),
+            calibration_data=[case.inputs],
+        )
+        assert_pass_preserves(
+            name,
+            case.model,
+            case.inputs,
+            more_inputs=[case.other_batch()],
+            ctx=ctx,
+            inference_mode=True,
+        )
 
 
 def test_assert_pass_preserves_checks_inference_mode_on_request():
