@@ -160,6 +160,7 @@ def export_onnx(
             )
     _keep_interface(proto, names, inputs, out_names, dynamic_batch)
     _explicit_same_pads(proto)
+    _positive_perms(proto)
     if proto.ir_version > MAX_IR_VERSION:
         proto.ir_version = MAX_IR_VERSION
     return proto
@@ -504,6 +505,23 @@ def _value_info(name: str, x: torch.Tensor, dynamic_batch: bool) -> onnx.ValueIn
     if dynamic_batch and dims:
         dims[0] = "batch"
     return onnx.helper.make_tensor_value_info(name, _ONNX_DTYPES[x.dtype], dims)
+
+
+def _positive_perms(proto: onnx.ModelProto) -> None:
+    """``Transpose`` perms with negative axes made positive (axis % rank).
+
+    The TorchScript exporter writes ``movedim(axis, -1)``'s -1 into the perm as it is; ONNX
+    wants axes in [0, rank) and ONNX Runtime refuses the model ("Invalid attribute perm").
+    """
+    for node in proto.graph.node:
+        if node.op_type != "Transpose":
+            continue
+        for attr in node.attribute:
+            if attr.name == "perm" and any(p < 0 for p in attr.ints):
+                rank = len(attr.ints)
+                fixed = [p % rank for p in attr.ints]
+                del attr.ints[:]
+                attr.ints.extend(fixed)
 
 
 def _explicit_same_pads(proto: onnx.ModelProto) -> None:

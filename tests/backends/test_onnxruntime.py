@@ -328,6 +328,25 @@ def test_runtime_shape_inputs_stay_inputs_when_an_imported_onnx_model_is_exporte
         np.testing.assert_allclose(got, want.numpy(), rtol=1e-6, atol=1e-6)
 
 
+class _ScalarInputs(torch.nn.Module):
+    """0-d inputs and a 0-d output; the last axis moved with a negative index."""
+
+    def forward(self, x, lo, hi):
+        y = torch.clamp(x, lo, hi).movedim(1, -1)
+        return y, (lo + hi) * 2
+
+
+def test_zero_dim_inputs_and_outputs_and_negative_movedim_export_and_run():
+    m = _ScalarInputs()
+    x, lo, hi = torch.randn(2, 3, 4), torch.tensor(-0.5), torch.tensor(0.5)
+    artifact = OnnxRuntimeBackend("cpu").compile(m, (x, lo, hi))
+    assert artifact.static_batch_reason is None
+    y, s = artifact.run([x.numpy(), lo.numpy(), hi.numpy()])  # was: rank 0 fed as rank 1
+    want_y, want_s = m(x, lo, hi)
+    np.testing.assert_allclose(y, want_y.numpy(), rtol=1e-6)
+    assert s.shape == () and float(s) == float(want_s)
+
+
 # ---- issue 15: the torch.export fallback lowers; attention exports (item 12)
 
 
