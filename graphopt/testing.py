@@ -1297,9 +1297,9 @@ def check_case(
     training = [
         name or "<root>"
         for name, m in gm.named_modules()
-        if m.training and isinstance(m, _MODE_DEPENDENT)
+        if m.training and (not name or isinstance(m, _MODE_DEPENDENT))
     ]
-    if training:  # calling the graph would use batch statistics (and update them)
+    if training:  # calling the graph may use batch statistics (and update them)
         return "mismatch", f"the returned graph has modules in training mode: {training[:3]}"
     for label, args, mode in (
         ("another batch size", fc.other_inputs, "no_grad"),
