@@ -561,14 +561,29 @@ def _explicit_same_pads(proto: onnx.ModelProto) -> None:
         node.attribute.append(onnx.helper.make_attribute("pads", begin + end))
 
 
-def _runs_on(artifact: OrtArtifact, example_inputs: Sequence[torch.Tensor]) -> None:
+def _runs_on(
+    artifact: OrtArtifact, example_inputs: Sequence[torch.Tensor], shapes: list[tuple[int, ...]]
+) -> None:
     """Run ``artifact`` once on the example: a lowering that cannot run its own example (ONNX
-    Runtime refusing a kernel's attributes for a dynamic shape, say) is no lowering."""
+    Runtime refusing a kernel's attributes for a dynamic shape, say), or that gives outputs of
+    other shapes than the model's ``shapes`` (an exporter that froze a runtime value into a
+    constant), is no lowering: ``BackendError``."""
     try:
         arrays = [to_numpy(x) for x in example_inputs]
     except (TypeError, InputError):  # a dtype numpy cannot hold: the end-to-end check runs it
         return
-    artifact.run(arrays)
+    got = [tuple(np.shape(out)) for out in artifact.run(arrays)]
+    if got != shapes:
+        raise BackendError(
+            f"the ONNX export gives outputs of shapes {got} on the example, the model "
+            f"{shapes}: the exporter froze or dropped part of the computation."
+        )
+
+
+def _output_shapes(module: torch.nn.Module, inputs: Sequence[torch.Tensor]) -> list[Any]:
+    with torch.no_grad():
+        outputs = verify.flatten_outputs(module(*_copies(tuple(inputs))))
+    return [tuple(t.shape) for t in outputs]
 
 
 def _fixed_batch_inputs(proto: onnx.ModelProto, inputs: Sequence[torch.Tensor]) -> list[str]:
@@ -790,9 +805,10 @@ class OnnxRuntimeBackend:
         if not dynamic_batch:
             return self.load(export_onnx(module, example_inputs, dynamic_batch=False, **names))
         batch = next((int(x.shape[0]) for x in example_inputs if x.dim() > 0), None)
+        shapes = _output_shapes(module, example_inputs)
         try:
             artifact = self.load(export_onnx(module, example_inputs, **names))
-            _runs_on(artifact, example_inputs)
+            _runs_on(artifact, example_inputs, shapes)
         except BackendError as exc:
             dynamic_exc = exc
         else:
@@ -808,7 +824,7 @@ class OnnxRuntimeBackend:
             return artifact
         try:
             artifact = self.load(export_onnx(module, example_inputs, dynamic_batch=False, **names))
-            _runs_on(artifact, example_inputs)
+            _runs_on(artifact, example_inputs, shapes)
         except BackendError as exc:
             raise BackendError(f"{exc} With a dynamic batch it failed too: {dynamic_exc}") from exc
         artifact.static_batch_reason = (

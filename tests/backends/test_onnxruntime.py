@@ -514,3 +514,34 @@ def test_a_failing_dynamic_batch_export_falls_back_to_a_static_batch(monkeypatch
         np.testing.assert_allclose(got, m(x).numpy(), rtol=1e-4, atol=1e-5)
     dims = artifact.proto.graph.input[0].type.tensor_type.shape.dim
     assert dims[0].dim_value == 1
+
+
+def test_an_export_that_froze_a_runtime_value_is_refused_not_returned(monkeypatch):
+    from onnx import TensorProto, helper
+
+    # what the dynamo exporter made of ReduceMax with runtime axes: a constant of the wrong shape
+    frozen = helper.make_model(
+        helper.make_graph(
+            [
+                helper.make_node(
+                    "Constant",
+                    [],
+                    ["output0"],
+                    value=helper.make_tensor("v", TensorProto.FLOAT, [2, 0, 4], []),
+                )
+            ],
+            "frozen",
+            [helper.make_tensor_value_info("input0", TensorProto.FLOAT, [2, 3, 4])],
+            [helper.make_tensor_value_info("output0", TensorProto.FLOAT, [2, 0, 4])],
+        ),
+        opset_imports=[helper.make_opsetid("", 17)],
+    )
+    frozen.ir_version = 8
+    monkeypatch.setattr(ort_backend, "export_onnx", lambda *a, **k: frozen)
+
+    class Max(torch.nn.Module):
+        def forward(self, x):
+            return x.amax(1, keepdim=True)
+
+    with pytest.raises(BackendError, match=r"shapes \[\(2, 0, 4\)\] on the example, the model"):
+        OnnxRuntimeBackend("cpu").compile(Max(), (torch.randn(2, 3, 4),))
