@@ -1257,6 +1257,14 @@ class _InferenceBatchNorm:
     and never updates them -- what the ONNX node computes.  Passes see an ordinary eval-mode
     ``nn.BatchNorm*d`` (``isinstance`` holds and ``forward`` is torch's own)."""
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # torch.fx tracers keep torch.nn modules opaque (Tracer.is_leaf_module reads
+        # m.__module__): this is torch's BatchNorm with train() pinned, so it must stay one
+        # call_module node for passes (fold-conv-bn, ...) when an imported graph is retraced.
+        # The class keeps its real module, so pickling and deepcopy are unaffected.
+        self.__module__ = nn.BatchNorm2d.__module__
+
     def train(self, mode: bool = True) -> nn.Module:
         return super().train(False)  # type: ignore[misc]
 

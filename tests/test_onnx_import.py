@@ -1108,6 +1108,10 @@ def test_imported_graph_is_in_eval_mode_and_batchnorm_keeps_running_stats() -> N
     got = gm(torch.from_numpy(x))
     _same(got.detach(), _reference(model, [x])[0], rtol=1e-5, atol=1e-6)
     assert torch.equal(bn.running_mean, before)
+    # retracing the imported graph (graphopt's capture does) keeps the BatchNorm one module
+    retraced = torch.fx.symbolic_trace(gm)
+    assert _modules(retraced) == [OnnxBatchNorm2d]
+    assert type(copy.deepcopy(bn)) is OnnxBatchNorm2d
 
 
 @pytest.mark.parametrize("mode", ["DCR", "CRD"])
