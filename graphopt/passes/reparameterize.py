@@ -45,8 +45,14 @@ Refused (``skipped:<reason>`` in the stats), never miscompiled: branches with di
 dilations, groups or channel counts (``mismatch``); kernels whose centres do not line up: the
 offset ``padding - dilation*(k-1)/2`` must be the same integer for every branch and dimension
 (``misaligned``); non-zero padding modes (``padding-mode``); an identity branch beside a strided
-conv or with C_in != C_out (``identity-shape``); a conv whose output is also used elsewhere or
-whose weights are not constants (its branch is simply left out of the merge).
+conv or with C_in != C_out (``identity-shape``); a merge that would move a read of ``x`` past
+an in-place write to ``x`` or a view of it (``a = conv3(x); x.mul_(2); b = conv1(x)``:
+``written-in-place``); a conv whose output is also used elsewhere or whose weights are not
+constants (its branch is simply left out of the merge). In-place statements whose result is
+unused (``v.mul_(s)``) are never dropped by the clean-up between sweeps.
+
+Merged layers get the model's dtype, rounded once from the float64 result (a float64 model is
+merged at float64 precision), and normal parameters also under ``torch.inference_mode()``.
 """
 
 from __future__ import annotations
