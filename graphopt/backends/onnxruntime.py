@@ -114,9 +114,7 @@ def export_onnx(
             f"{len(input_names)} input name(s) for {len(inputs)} example input(s): give one "
             "name per input, in order."
         )
-    names = [
-        f"input{i}" if input_names is None else _clean(input_names[i]) for i in range(len(inputs))
-    ]
+    names = _interface_names(input_names, "input", len(inputs))
     # on copies: a model that writes to its inputs must not touch the caller's tensors
     with torch.no_grad():
         outputs = verify.flatten_outputs(module(*_copies(inputs)))
@@ -125,11 +123,7 @@ def export_onnx(
             f"{len(output_names)} output name(s) for the {len(outputs)} output tensor(s) the "
             "model returns: give one name per output, in order (or none for output0...)."
         )
-    out_names = (
-        [f"output{i}" for i in range(len(outputs))]
-        if output_names is None
-        else [_clean(n, "output") for n in output_names]
-    )
+    out_names = _interface_names(output_names, "output", len(outputs))
     dynamic_axes = None
     if dynamic_batch:
         dynamic_axes = {n: {0: "batch"} for n, t in zip(names, inputs, strict=True) if t.dim() > 0}
@@ -601,8 +595,18 @@ def _first_line(exc: Exception) -> str:
     return text[:1].lower() + text[1:] if text[1:2].islower() else text  # not "oNNX"
 
 
-def _clean(name: str, default: str = "input") -> str:
-    return "".join(c if c.isalnum() or c == "_" else "_" for c in str(name)) or default
+def _interface_names(given: Sequence[str] | None, prefix: str, count: int) -> list[str]:
+    """The graph's input or output names: ``given`` as they are (an ONNX model's own names,
+    ``data:0`` or ``input.1`` included, so that a caller feeding by name finds them), with
+    ``<prefix><i>`` for a missing one."""
+    names = [
+        str(given[i]) if given is not None and given[i] else f"{prefix}{i}" for i in range(count)
+    ]
+    if len(set(names)) != len(names):
+        raise BackendError(
+            f"the {prefix} names {names} repeat a name: an ONNX graph needs one name per {prefix}."
+        )
+    return names
 
 
 @dataclass

@@ -221,9 +221,12 @@ class _TwoInTwoOut(torch.nn.Module):
 def test_export_keeps_unused_inputs_by_name_count_and_order_and_takes_output_names():
     m = _TwoInTwoOut().eval()
     x, unused = torch.randn(2, 4), torch.randn(2, 7)
-    proto = export_onnx(m, (x, unused), input_names=["x", "mask"], output_names=["logits", "act"])
-    assert [i.name for i in proto.graph.input] == ["x", "mask"]
-    assert [o.name for o in proto.graph.output] == ["logits", "act"]
+    proto = export_onnx(
+        m, (x, unused), input_names=["x", "mask.1"], output_names=["logits:0", "act"]
+    )
+    # ONNX names as they are, not "mask_1": a caller feeding by name finds them
+    assert [i.name for i in proto.graph.input] == ["x", "mask.1"]
+    assert [o.name for o in proto.graph.output] == ["logits:0", "act"]
     mask_dims = proto.graph.input[1].type.tensor_type.shape.dim
     assert mask_dims[0].dim_param and mask_dims[1].dim_value == 7
     artifact = OnnxRuntimeBackend("cpu").load(proto)
@@ -234,6 +237,8 @@ def test_export_keeps_unused_inputs_by_name_count_and_order_and_takes_output_nam
         np.testing.assert_allclose(g, w.numpy(), rtol=1e-5, atol=1e-6)
     with pytest.raises(BackendError, match="output name"):
         export_onnx(m, (x, unused), output_names=["only_one"])
+    with pytest.raises(BackendError, match="repeat a name"):
+        export_onnx(m, (x, unused), output_names=["y", "y"])
     with pytest.raises(InputError, match="takes 2 input"):
         artifact.run([x.numpy()])
 
