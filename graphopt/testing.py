@@ -818,6 +818,9 @@ FAMILIES: dict[str, tuple[int, tuple[str, ...] | None]] = {
     "inplace-input": (8, ("in-place", "in place", "inplace", "mutat", "modif")),
     "hooks": (8, ("hook",)),  # forward hooks / pre-hooks on submodules or the model
     "onnx": (4, None),  # exported to ONNX with BatchNorm unfolded, the bytes given to graphopt
+    # not drawn by default (weight 0) until graphopt handles them; fuzz(..., families=[...])
+    "state-update": (0, ("buffer", "state", "in place", "in-place", "mutat", "updat")),
+    "export-fallback": (0, None),  # FX cannot trace it (item assignment): torch.export
 }
 # grad modes capture and the pipeline run under; "inference_built": the model and its inputs
 # were made under inference_mode (inference tensors), graphopt runs outside it
@@ -879,6 +882,35 @@ class _MutatesInput(nn.Module):
         elif self.op == "via_identity":  # an alias of the input (Identity returns x itself)
             self.alias(x).mul_(3.0)
         return self.inner(x)
+
+
+class _UpdatesState(nn.Module):
+    """Counts its calls in a buffer, updated in place in forward, and scales its input by it:
+    graphopt must refuse, or return a graph whose state is the model's (not advanced by the
+    runs graphopt made itself)."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+        self.register_buffer("calls", torch.zeros(()))
+
+    def forward(self, x: torch.Tensor) -> Any:
+        self.calls.add_(1.0)
+        return self.inner(x * (1.0 + 0.1 * self.calls).to(x.dtype))
+
+
+class _NeedsExport(nn.Module):
+    """Item assignment, which symbolic tracing cannot capture: capture falls back to
+    torch.export (the graph must still take other batch sizes, or capture must say it won't)."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> Any:
+        y = x.clone()
+        y[:, 0] = 0.5
+        return self.inner(y)
 
 
 class _WithIndex(nn.Module):
@@ -997,6 +1029,8 @@ def fuzz_case(
     mode = mode or drawn_mode  # drawn either way, like the family
     if mode not in _GRAD_MODES:
         raise ValueError(f"unknown grad mode {mode!r}; use one of {', '.join(set(_GRAD_MODES))}")
+    if family == "state-update" and mode == "inference_built":
+        mode = "inference_mode"  # torch forbids updating an inference-mode buffer outside it
     dtype = {"float64": torch.float64, "half": rng.choice([torch.float16, torch.bfloat16])}.get(
         family, torch.float32
     )
@@ -1055,6 +1089,10 @@ def _wrap_for_family(
         note = f"input op={op}"
     elif family == "hooks":
         note = _add_hooks(model, rng)
+    elif family == "state-update":
+        model = source = _UpdatesState(model).eval()
+    elif family == "export-fallback":
+        model = source = _NeedsExport(model).eval()
     elif family == "int-input":
         rows = rng.randint(2, 6)
         model = source = _WithIndex(model, inputs[0].shape[1], dims, rows, seed).eval()
@@ -1346,7 +1384,8 @@ def fuzz(
     for seed in seeds:
         family = None
         if names is not None:
-            family = random.Random(seed).choices(names, [FAMILIES[f][0] for f in names])[0]
+            weights = [max(FAMILIES[f][0], 1) for f in names]  # weight 0: only when named
+            family = random.Random(seed).choices(names, weights)[0]
         mode = random.Random(-seed).choice(list(modes)) if modes else None
         try:
             fc = fuzz_case(seed, family, max_layers=max_layers, mode=mode)
