@@ -196,6 +196,7 @@ _VIEWS = {"view", "view_as", "reshape", "reshape_as", "transpose", "permute", "f
 _VIEWS |= {"unflatten", "squeeze", "unsqueeze", "expand", "expand_as", "narrow", "select", "t"}
 _VIEWS |= {"contiguous", "as_strided", "unfold", "chunk", "split", "unbind", "detach", "getitem"}
 _VIEWS |= {"__getitem__", "movedim", "swapaxes", "swapdims", "diagonal", "real", "imag"}
+_VIEW_MODULES = (nn.Identity, nn.Flatten, nn.Unflatten)
 
 
 def _aliases(gm: fx.GraphModule, node: fx.Node) -> bool:
@@ -210,7 +211,10 @@ def _aliases(gm: fx.GraphModule, node: fx.Node) -> bool:
             returns = node.target._schema.returns
             return bool(returns) and returns[0].alias_info is not None
         return getattr(node.target, "__name__", "") in _VIEWS or mutates_input(gm, node)
-    return node.op == "call_module" and mutates_input(gm, node)
+    if node.op != "call_module":
+        return False
+    module = gm.get_submodule(node.target)
+    return isinstance(module, _VIEW_MODULES) or mutates_input(gm, node)
 
 
 def _written_before(gm: fx.GraphModule, x: Any, end: fx.Node) -> bool:
@@ -236,7 +240,7 @@ def _written_before(gm: fx.GraphModule, x: Any, end: fx.Node) -> bool:
         for n in x.graph.nodes
         if mutates_input(gm, n) and n.args and isinstance(n.args[0], fx.Node) and n.args[0] in alias
     ]
-    reads = [order[u] for u in x.users if u not in writes]
+    reads = [order[u] for u in x.users if u not in writes and u not in alias]  # views read nothing
     start = min(reads, default=order[x])
     return any(start < order[n] < order[end] for n in writes)
 

@@ -677,35 +677,38 @@ def test_unused_in_place_statement_is_kept(op):
 class WrittenBetween(nn.Module):
     """``x`` written in place between the reads of two convs that would merge."""
 
-    def __init__(self, sequential: bool, write_first: bool = False) -> None:
+    def __init__(self, sequential: bool, write_first: bool = False, view: bool = False) -> None:
         super().__init__()
         self.c3, self.c1 = nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(4, 4, 1)
-        self.sequential, self.write_first = sequential, write_first
+        self.sequential, self.write_first, self.view = sequential, write_first, view
+
+    def write(self, y):
+        (y.flatten(1) if self.view else y).mul_(2.0)  # through a view: the same memory
 
     def forward(self, x):
         y = torch.relu(x)
         if self.write_first:
-            y.mul_(2.0)  # before every read: every conv sees the written value
+            self.write(y)  # before every read: every conv sees the written value
         a = self.c3(y)
         if not self.write_first:
-            y.mul_(2.0)
+            self.write(y)
         if self.sequential:
             return self.c1(a) + y
         return a + self.c1(y)
 
 
+@pytest.mark.parametrize("view", [False, True], ids=["direct", "view"])
 @pytest.mark.parametrize("sequential", [False, True], ids=["parallel", "sequential"])
-def test_no_merge_through_a_value_written_in_place(sequential):
+def test_no_merge_through_a_value_written_in_place(sequential, view):
     """#15.3: merging ``conv3(y) + conv1(y)`` (or ``conv1(conv3(y))``) into one conv moves its
     reads of ``y`` after ``y.mul_(2)``: refused. Written before every read, it merges."""
     torch.manual_seed(0)
-    result = assert_pass_preserves(
-        "reparameterize", WrittenBetween(sequential).eval(), (_x(4),), expect_modified=False
-    )
+    model = WrittenBetween(sequential, view=view).eval()
+    result = assert_pass_preserves("reparameterize", model, (_x(4),), expect_modified=False)
     assert result.stats["skipped:written-in-place"] >= 1
     result = assert_pass_preserves(
         "reparameterize",
-        WrittenBetween(sequential, write_first=True).eval(),
+        WrittenBetween(sequential, write_first=True, view=view).eval(),
         (_x(4),),
         expect_modified=True,
     )
