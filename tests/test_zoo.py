@@ -512,3 +512,23 @@ def test_default_pipeline_under(name: str, mode: str) -> None:
     assert merges.get("collapsed", 0) + merges.get("collapsed-sequential", 0) > 0
     assert (got - want).abs().max() <= 1e-4 * want.abs().max()
     assert all(torch.equal(before[k], v) for k, v in entry.model.state_dict().items())
+
+
+def test_float64_model_is_folded_and_merged_at_float64_precision() -> None:
+    """A float64 model is folded and merged in float64 (reparameterize rounded its merged
+    kernels to float32 and was rolled back for missing float64's exact contract)."""
+    from graphopt.capture import capture
+    from graphopt.pass_manager import PassContext
+    from graphopt.passes import FoldConvBN, Reparameterize
+
+    entry = zoo.get("repvgg_a0")
+    model = entry.model.double()
+    x = entry.example_inputs[0][..., :16, :16].double()
+    gm = capture(model, (x,)).graph
+    ctx = PassContext(sample_inputs=(x,))
+    gm = FoldConvBN().run(gm, ctx).graph
+    result = Reparameterize().run(gm, ctx)
+    assert result.stats["collapsed"] == 22 and result.stats["convs"] == 22
+    assert all(p.dtype == torch.float64 for p in result.graph.parameters())
+    want, got = _run(model, (x,)), _run(result.graph, (x,))
+    assert (got - want).abs().max() <= 1e-10 * want.abs().max()
