@@ -14,7 +14,17 @@
 
 ``assert_pass_preserves`` checks what a pass promises: the graph lints, the outputs stay within
 the pass's declared :class:`Numerics` on the given inputs (and on a second batch size), and
-``modified`` is honest (the graph changed exactly when the pass says so).
+``modified`` is honest (the graph changed exactly when the pass says so); with
+``inference_mode=True`` it checks it all again with the pass run under
+``torch.inference_mode()``. The helpers work when called under ``no_grad()`` or
+``inference_mode()``.
+
+``fuzz(seeds, pipeline)`` runs whole pipelines on random models of several families (float32,
+float64, float16/bfloat16, an int64 input, in-place updates of the input, hooks, ONNX input)
+and judges each on a fresh input of another batch size under the exact contract::
+
+    report = fuzz(range(1000), "fold-conv-bn,reparameterize,eliminate-dead-code")
+    assert not report.bad(), report.summary()    # each failure: seed, family, mode, repro
 """
 
 from __future__ import annotations
@@ -1014,7 +1024,16 @@ def _onnx_bytes(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> bytes:
 def fuzz_case(
     seed: int, family: str | None = None, *, max_layers: int = 5, mode: str | None = None
 ) -> FuzzCase:
-    """The fuzz model of ``seed`` (the family drawn from the seed unless given).
+    """The fuzz model of ``seed`` (the family and grad mode drawn from the seed unless given).
+
+    A random CNN of :data:`EXTENDED_KINDS`, then per family (:data:`FAMILIES`): ``cnn``
+    (float32), ``float64``, ``half`` (float16 or bfloat16), ``int-input`` (a second, int64
+    input indexing an embedding), ``inplace-input`` (``x.mul_(2)``, ``x += 1``, ``relu_``, a
+    slice or an alias of the input updated in place: to be refused), ``hooks`` (forward hooks
+    and pre-hooks that change values or only observe, on submodules or the model: to be
+    refused or kept), ``onnx`` (the model exported with BatchNorm unfolded and a dynamic batch,
+    the bytes given to capture), ``state-update`` and ``export-fallback`` (see
+    :class:`_UpdatesState`, :class:`_NeedsExport`; drawn only when named).
 
     Every model is tiny (at most 8 channels, 8 wide), so one costs milliseconds. The same seed
     always gives the same model, inputs, family and grad mode: a failure's seed is its repro.
