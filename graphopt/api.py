@@ -308,7 +308,9 @@ def optimize(
     manager = PassManager(pipe, strict=strict)
     result = manager.run(captured.graph, ctx)
     gm = result.graph
-    input_names = [s.name for s in captured.inputs]
+    # an ONNX model keeps its interface: input and output names as in the user's file
+    input_names = captured.graph.meta.get("onnx_input_names") or [s.name for s in captured.inputs]
+    output_names = captured.graph.meta.get("onnx_output_names")
     report = Report(
         model=name or _model_name(model),
         target=str(tgt),
@@ -326,6 +328,7 @@ def optimize(
     check.attach(report)
     check.pipeline(result)
     lowering = _Lowering(gm, inputs, input_names, original, manager, result, check, report, say)
+    lowering.output_names = output_names
     say(f"lowering to {runtime.name}")
     quantization = None
     if int8:
@@ -346,7 +349,8 @@ def optimize(
     if measure:
         _measure(report, lowering, ort, runtime, artifact, user_model, captured, onnx_original, say)
     specs = captured.inputs
-    if runtime.name == "tvm":  # TVM compiles static shapes: the batch is fixed too
+    # TVM compiles static shapes; an ONNX Runtime artifact may have had to fix its batch
+    if runtime.name == "tvm" or getattr(artifact, "static_batch_reason", None):
         specs = [
             dataclasses.replace(s, shape=tuple(x.shape)) for s, x in zip(specs, inputs, strict=True)
         ]
@@ -541,6 +545,7 @@ class _Lowering:
         self.gm = gm
         self.inputs = inputs
         self.input_names = input_names
+        self.output_names: list[str] | None = None
         self.original = original
         self.manager = manager
         self.result = result
@@ -562,7 +567,7 @@ class _Lowering:
         if record.status not in ("ok", "unverified"):
             raise GraphoptError(f"insert-qdq {record.status}: {record.message}")
         o = self.manager.passes[position].options
-        proto = export_onnx(self.gm, self.inputs, input_names=self.input_names)
+        proto = export_onnx(self.gm, self.inputs, **self.names)
         qproto, quant = quantize_int8(
             proto,
             calibration,
@@ -609,6 +614,11 @@ class _Lowering:
             )
         return artifact, quant
 
+    @property
+    def names(self) -> dict[str, Any]:
+        """The interface names every export and compile of this model keeps."""
+        return {"input_names": self.input_names, "output_names": self.output_names}
+
     def run(self, artifact: Any) -> list[torch.Tensor]:
         """The artifact's outputs on every check sample, concatenated."""
         return [
@@ -619,7 +629,13 @@ class _Lowering:
 
     def lower(self, runtime: Any) -> Any:
         """Compile for ``runtime``; verify (and on a disagreement bisect) unless it can't run."""
-        artifact = runtime.compile(self.gm, self.inputs, input_names=self.input_names)
+        artifact = runtime.compile(self.gm, self.inputs, **self.names)
+        if reason := getattr(artifact, "static_batch_reason", None):
+            batch = self.inputs[0].shape[0] if self.inputs and self.inputs[0].dim() else "?"
+            self.report.warnings.append(
+                f"the {runtime.name} artifact runs batch {batch} only (the example's): a dynamic "
+                f"batch did not lower ({reason})."
+            )
         if self.reference is None:
             return artifact
         if getattr(artifact, "cross_compiled", False) and getattr(artifact, "rpc", None) is None:
@@ -794,7 +810,7 @@ def _bisect_lowering(runtime: Any, lowering: _Lowering, numerics: Numerics) -> t
 
     def agrees(k: int, backend: Any = runtime) -> bool:
         try:
-            artifact = backend.compile(graph(k), lowering.inputs, input_names=lowering.input_names)
+            artifact = backend.compile(graph(k), lowering.inputs, **lowering.names)
             return lowering.check.compare(lowering.run(artifact), numerics).ok
         except GraphoptError:
             return False
@@ -826,7 +842,7 @@ def _blame_lowering(runtime, lowering, gm, numerics, agrees) -> tuple[str, str]:
     try:
         from onnx.reference import ReferenceEvaluator
 
-        proto = export_onnx(gm, lowering.inputs, input_names=lowering.input_names)
+        proto = export_onnx(gm, lowering.inputs, **lowering.names)
         evaluator = ReferenceEvaluator(proto)
         names = [i.name for i in proto.graph.input]
         got = [

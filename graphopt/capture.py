@@ -122,7 +122,10 @@ def capture(
                 _capture_message(trace_exc, where, None, fallback=False)
             ) from trace_exc
         try:
-            gm = torch.export.export(model, inputs, strict=False).module()
+            from graphopt.backends.onnxruntime import EXPORT_LOCK  # torch's exporters share state
+
+            with EXPORT_LOCK:
+                gm = torch.export.export(model, inputs, strict=False).module()
             method = "torch.export"
         except Exception as export_exc:  # noqa: BLE001
             raise CaptureError(

@@ -374,3 +374,43 @@ def test_zero_dimensional_inputs_and_outputs_keep_their_shape():
     assert result.report.artifact_error.ok
     got = result(torch.tensor(5.0))
     assert got.shape == () and float(got) == 15.0
+
+
+# -- item 10 and 16 at the API: the interface is kept, a fixed batch is said -------------------------
+
+
+def test_onnx_model_keeps_its_input_and_output_names(tmp_path):
+    x = onnx.helper.make_tensor_value_info("input.1", onnx.TensorProto.FLOAT, ["N", 4])
+    unused = onnx.helper.make_tensor_value_info("mask", onnx.TensorProto.FLOAT, ["N", 4])
+    y = onnx.helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, ["N", 4])
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("Relu", ["input.1"], ["logits"])], "g", [x, unused], [y]
+    )
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+    path = tmp_path / "named.onnx"
+    onnx.save(model, str(path))
+    result = graphopt.optimize(str(path), "cpu", measure=False)
+    saved = onnx.load(str(result.save(tmp_path / "out.onnx")))
+    assert [i.name for i in saved.graph.input] == ["input.1", "mask"]
+    assert [o.name for o in saved.graph.output] == ["logits"]
+    a = np.random.default_rng(0).standard_normal((3, 4)).astype(np.float32)
+    np.testing.assert_array_equal(result(a, a), np.maximum(a, 0))
+
+
+class _FixedBatch(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.bn = nn.BatchNorm2d(4, track_running_stats=False)  # only the dynamo exporter
+
+    def forward(self, x):
+        return self.bn(self.conv(x)).reshape(2, 4, 36)  # the code fixes the batch at 2
+
+
+def test_a_batch_the_model_fixes_is_reported_and_other_batches_refused():
+    x = torch.randn(2, 3, 8, 8)
+    result = graphopt.optimize(_FixedBatch().eval(), "cpu", (x,), measure=False)
+    assert any("runs batch 2 only" in w for w in result.report.warnings)
+    assert result(x).shape == (2, 4, 36)
+    with pytest.raises(InputError, match="should be"):
+        result(torch.randn(5, 3, 8, 8))
