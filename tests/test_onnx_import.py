@@ -1354,7 +1354,7 @@ _BOUND = st.one_of(st.integers(-9, 9), st.sampled_from([2**63 - 1, -(2**63)]))
     dynamic=st.booleans(),
     runtime_bounds=st.booleans(),
 )
-def test_slice_matches_onnxruntime(
+def test_slice_matches_onnx_reference(
     start: int, end: int, step: int, size: int, dynamic: bool, runtime_bounds: bool
 ) -> None:
     # every slice bound, step sign and clamping case, with the dim static or symbolic and the
