@@ -169,15 +169,33 @@ _RUN_CACHE: ContextVar[dict[int, tuple[torch.Tensor, torch.Tensor]] | None] = Co
 )
 
 
+# Whether each node writes in place (mutates_input binds the call's signature: slow to ask
+# again for every node at every candidate merge); a node's target never changes in a run.
+_RUN_WRITES: ContextVar[dict[fx.Node, bool] | None] = ContextVar(
+    "reparameterize_writes", default=None
+)
+
+
 @contextmanager
 def float64_weights() -> Iterator[None]:
     """Within: :func:`_f64` converts each weight once (one run of a pass that reads weights many
-    times; the weights must not be modified in place within it)."""
-    token = _RUN_CACHE.set({})
+    times; the weights must not be modified in place within it), and which nodes write in place
+    is worked out once per node."""
+    token, writes = _RUN_CACHE.set({}), _RUN_WRITES.set({})
     try:
         yield
     finally:
         _RUN_CACHE.reset(token)
+        _RUN_WRITES.reset(writes)
+
+
+def _mutates(gm: fx.GraphModule, node: fx.Node) -> bool:
+    memo = _RUN_WRITES.get()
+    if memo is None:
+        return mutates_input(gm, node)
+    if node not in memo:
+        memo[node] = mutates_input(gm, node)
+    return memo[node]
 
 
 def _f64(t: torch.Tensor) -> torch.Tensor:
@@ -205,16 +223,16 @@ def _aliases(gm: fx.GraphModule, node: fx.Node) -> bool:
     if not node.args or not isinstance(node.args[0], fx.Node):
         return False
     if node.op == "call_method":
-        return node.target in _VIEWS or mutates_input(gm, node)
+        return node.target in _VIEWS or _mutates(gm, node)
     if node.op == "call_function":
         if isinstance(node.target, torch._ops.OpOverload):
             returns = node.target._schema.returns
             return bool(returns) and returns[0].alias_info is not None
-        return getattr(node.target, "__name__", "") in _VIEWS or mutates_input(gm, node)
+        return getattr(node.target, "__name__", "") in _VIEWS or _mutates(gm, node)
     if node.op != "call_module":
         return False
     module = gm.get_submodule(node.target)
-    return isinstance(module, _VIEW_MODULES) or mutates_input(gm, node)
+    return isinstance(module, _VIEW_MODULES) or _mutates(gm, node)
 
 
 def _written_before(gm: fx.GraphModule, x: Any, end: fx.Node) -> bool:
@@ -238,7 +256,7 @@ def _written_before(gm: fx.GraphModule, x: Any, end: fx.Node) -> bool:
     writes = [
         n
         for n in x.graph.nodes
-        if mutates_input(gm, n) and n.args and isinstance(n.args[0], fx.Node) and n.args[0] in alias
+        if _mutates(gm, n) and n.args and isinstance(n.args[0], fx.Node) and n.args[0] in alias
     ]
     reads = [order[u] for u in x.users if u not in writes and u not in alias]  # views read nothing
     start = min(reads, default=order[x])
