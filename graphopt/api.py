@@ -20,6 +20,7 @@ from torch import fx, nn
 
 from graphopt.backends import get_backend
 from graphopt.backends.measure import time_interleaved
+from graphopt.backends.onnxruntime import to_numpy
 from graphopt.capture import Captured, InputSpec, capture, set_eval
 from graphopt.errors import (
     ArgumentError,
@@ -117,7 +118,7 @@ class OptimizedModel:
     def __call__(self, *args: Any) -> Any:
         self.check_inputs(args)
         as_torch = any(isinstance(x, torch.Tensor) for x in args)
-        arrays = [x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else x for x in args]
+        arrays = [to_numpy(x) for x in args]
         outputs = self.artifact.run(arrays)
         if as_torch:
             outputs = [torch.from_numpy(np.asarray(o)) for o in outputs]
@@ -624,7 +625,7 @@ class _Lowering:
         return [
             torch.from_numpy(np.asarray(o))
             for sample in self.check.samples
-            for o in artifact.run([x.numpy() for x in sample])
+            for o in artifact.run([to_numpy(x) for x in sample])
         ]
 
     def lower(self, runtime: Any) -> Any:
@@ -688,7 +689,7 @@ def _report_mobile(report: Report, tgt: Target, runtime: Any) -> None:
 def _choose_backend(lowering, ort, ort_artifact, tvm_options, measure, tgt, say):
     """backend='auto': ORT with measured session settings against TVM when TVM is tuned."""
     report = lowering.report
-    arrays = [x.numpy() for x in lowering.inputs]
+    arrays = [to_numpy(x) for x in lowering.inputs]
     if measure and tgt.device != "mobile":
         say("picking ONNX Runtime session settings by measurement")
         choice = ort.select_settings(ort_artifact, arrays)
@@ -768,7 +769,7 @@ def _reference_outputs(
         return [
             torch.from_numpy(np.asarray(o))
             for sample in samples
-            for o in onnx_original.run([x.numpy() for x in sample])
+            for o in onnx_original.run([to_numpy(x) for x in sample])
         ]
     # copies: a model that writes to its inputs was refused at capture; these are ours anyway
     return [t for sample in samples for t in run_module(user_model, [x.clone() for x in sample])]
@@ -849,7 +850,7 @@ def _blame_lowering(runtime, lowering, gm, numerics, agrees) -> tuple[str, str]:
             torch.from_numpy(np.asarray(o))
             for sample in lowering.check.samples
             for o in evaluator.run(
-                None, {n: x.numpy() for n, x in zip(names, sample, strict=False)}
+                None, {n: to_numpy(x) for n, x in zip(names, sample, strict=False)}
             )
         ]
         export_ok = lowering.check.compare(got, numerics).ok
@@ -891,7 +892,7 @@ def _measure(report, lowering, ort, runtime, artifact, user_model, captured, onn
         )
         return
     say("measuring latency against the unrewritten export")
-    arrays = [x.numpy() for x in captured.example_inputs]
+    arrays = [to_numpy(x) for x in captured.example_inputs]
     if onnx is not None:
         baseline = onnx
         baseline_name = "onnxruntime on the original ONNX file"

@@ -984,8 +984,11 @@ def _choose(name: str, value: str, choices: Mapping[str, Any]) -> str:
 
 
 def to_numpy(x: Any) -> np.ndarray:
+    """A numpy array of a tensor or an array (bfloat16 and float8 as ml_dtypes arrays)."""
     if isinstance(x, torch.Tensor):
-        return x.detach().cpu().numpy()
+        from graphopt.onnx_import import to_numpy as tensor_to_numpy
+
+        return tensor_to_numpy(x)
     if isinstance(x, np.ndarray):
         return x
     raise InputError(f"inputs must be torch tensors or numpy arrays, not {type(x).__name__}.")
