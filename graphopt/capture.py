@@ -206,7 +206,10 @@ def _copy_model(model: nn.Module, who: str) -> nn.Module:
     """
     _check_module(model)
     try:
-        return copy.deepcopy(model)
+        # outside inference mode: a copy made under torch.inference_mode() would hold inference
+        # tensors, which no later backward (finetune=, training the returned graph) accepts
+        with torch.inference_mode(False):
+            return copy.deepcopy(model)
     except Exception as exc:
         raise CaptureError(
             f"could not copy the model ({type(exc).__name__}: {exc}); {who} on a copy so that "

@@ -410,7 +410,8 @@ class PassManager:
             record = PassRecord(position, p.name, str(p), str(p.numerics))
             for inst in instruments:
                 inst.before_pass(position, p, gm, ctx)
-            backup = copy.deepcopy(gm)
+            with torch.inference_mode(False):  # the backup stays trainable, like the graph
+                backup = copy.deepcopy(gm)
             start = time.perf_counter()
             failure: Exception | None = None
             try:

@@ -55,7 +55,7 @@ from graphopt.capture import (
     _first_line,
     _Tracer,
 )
-from graphopt.errors import CaptureError, GraphoptError
+from graphopt.errors import CaptureError, GraphoptError, graphopt_errors_only
 from graphopt.pass_manager import PassContext, PassManager
 from graphopt.passes.tune_conv_bn import TuneConvBN
 
@@ -67,6 +67,7 @@ log = logging.getLogger(__name__)
 STATS = "graphopt.tune_conv_bn"
 
 
+@graphopt_errors_only
 def tune_mode(
     model: nn.Module,
     example_inputs: Sequence[Any] | None = None,

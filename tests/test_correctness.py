@@ -362,6 +362,17 @@ def test_optimize_under_inference_mode_and_no_grad(mode):
     with torch.no_grad():
         want = model(x.clone())
     assert (got - want).abs().max() <= exact_tolerance(want)
+    # what comes back can be fine-tuned: no inference tensor was captured
+    gm = result.graph_module
+    gm(torch.randn(2, 3, 8, 8)).sum().backward()
+    assert all(p.grad is not None for p in gm.parameters())
+
+
+def test_tune_mode_lets_only_graphopt_errors_out():
+    with pytest.raises(GraphoptError):
+        graphopt.tune_mode(3)
+    with pytest.raises(GraphoptError):
+        graphopt.tune_mode(_conv_net(), "not inputs")
 
 
 def test_zero_dimensional_inputs_and_outputs_keep_their_shape():
