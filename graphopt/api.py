@@ -38,13 +38,14 @@ from graphopt.pass_manager import (
     PassManager,
     PrintTiming,
     Reproducer,
+    graph_rounding,
     run_samples,
     sample_labels,
 )
 from graphopt.pipeline import PassSpec, Pipeline, format_value, parse_pipeline
 from graphopt.report import Progress, Report, op_counts
 from graphopt.target import Target
-from graphopt.verify import compare, exact_tolerance, rounding_error, run_module
+from graphopt.verify import compare, exact_tolerance, run_module
 
 log = logging.getLogger(__name__)
 
@@ -425,17 +426,8 @@ class _Check:
 
     def measure_rounding(self, module: nn.Module) -> None:
         """How far float32 rounding alone moves the model's outputs (``None`` for the floor)."""
-        per_sample = len(self.reference) // len(self.samples)
-        self.labels = sample_labels(per_sample, len(self.samples))
-        errors: list[float] = []
-        for k, sample in enumerate(self.samples):
-            got = rounding_error(
-                module, sample, self.reference[k * per_sample : (k + 1) * per_sample]
-            )
-            if got is None:
-                return
-            errors += got
-        self.rounding = errors
+        self.labels = sample_labels(len(self.reference) // len(self.samples), len(self.samples))
+        self.rounding = graph_rounding(module, self.samples, self.reference)
 
     def compare(self, outputs: list[torch.Tensor], numerics: Numerics) -> Any:
         return compare(

@@ -471,7 +471,18 @@ def _capture_onnx(model: Any, example_inputs: Sequence[Any] | None) -> Captured:
             f"the ONNX model takes {len(placeholders)} inputs "
             f"({', '.join(n.name for n in placeholders)}); got {len(inputs)}."
         )
-    _check_runs(gm, inputs)
+    try:
+        _check_runs(gm, inputs)
+    except InputError as exc:
+        if exc.__cause__ is None or not _runs_in_onnxruntime(model, inputs):
+            raise
+        # inputs of the declared shapes and dtypes: the imported graph, not the user, is wrong
+        raise CaptureError(
+            "the imported ONNX graph failed on inputs of the shapes and dtypes the model "
+            f"declares: {type(exc.__cause__).__name__}: {_first_line(exc.__cause__)}. The "
+            "import is at fault (an op graphopt translates wrongly); please report it with the "
+            "model."
+        ) from exc.__cause__
     annotate_shapes(gm, inputs)
     specs = []
     for n, t in zip(placeholders, inputs, strict=True):
@@ -482,6 +493,25 @@ def _capture_onnx(model: Any, example_inputs: Sequence[Any] | None) -> Captured:
             shape = (None, *t.shape[1:]) if t.dim() else ()
         specs.append(InputSpec(n.name, shape, t.dtype))
     return Captured(gm, "onnx", inputs, specs, notes)
+
+
+def _runs_in_onnxruntime(model: Any, inputs: Sequence[torch.Tensor]) -> bool:
+    """ONNX Runtime runs the user's ONNX model on ``inputs``: where the imported graph fails on
+    them, the import is at fault, not the inputs."""
+    import onnxruntime
+
+    from graphopt.backends.onnxruntime import to_numpy
+    from graphopt.onnx_import import load_onnx
+
+    try:
+        session = onnxruntime.InferenceSession(
+            load_onnx(model).SerializeToString(), providers=["CPUExecutionProvider"]
+        )
+        names = [i.name for i in session.get_inputs()]
+        session.run(None, {n: to_numpy(x) for n, x in zip(names, inputs, strict=True)})
+    except Exception:  # noqa: BLE001 - ONNX Runtime fails too: the inputs (or model) are wrong
+        return False
+    return True
 
 
 def _example_for(node: fx.Node) -> torch.Tensor:

@@ -134,6 +134,22 @@ def run_samples(gm: torch.nn.Module, samples: Sequence[tuple[Any, ...]]) -> list
     return [t for sample in samples for t in verify.run_module(gm, sample)]
 
 
+def graph_rounding(
+    gm: torch.nn.Module, samples: Sequence[tuple[Any, ...]], reference: list[torch.Tensor]
+) -> list[float] | None:
+    """Per output of :func:`run_samples`, ``gm``'s own float32 rounding error (against a
+    float64 run, :func:`graphopt.verify.rounding_error`); ``None`` where it cannot be measured."""
+    per_sample = len(reference) // len(samples)
+    errors: list[float] = []
+    for k, sample in enumerate(samples):
+        outputs = reference[k * per_sample : (k + 1) * per_sample]
+        got = verify.rounding_error(gm, sample, outputs)
+        if got is None:
+            return None
+        errors += got
+    return errors
+
+
 def sample_labels(per_sample: int, samples: int) -> list[str] | None:
     """Output names for :func:`run_samples`' outputs; ``None`` (the default names) for one sample."""
     if samples <= 1:
@@ -404,7 +420,10 @@ class PassManager:
         reference = run_samples(gm, samples) if samples else None
         original = reference
         labels = sample_labels(len(reference) // len(samples), len(samples)) if samples else None
-        check = {"rounding": ctx.rounding, "labels": labels}
+        rounding = ctx.rounding
+        if rounding is None and samples:  # optimize() measures it on the user's model
+            rounding = graph_rounding(gm, samples, reference)
+        check = {"rounding": rounding, "labels": labels}
         records: list[PassRecord] = []
         for position, p in enumerate(self.passes):
             record = PassRecord(position, p.name, str(p), str(p.numerics))

@@ -425,3 +425,47 @@ def test_a_batch_the_model_fixes_is_reported_and_other_batches_refused():
     assert result(x).shape == (2, 4, 36)
     with pytest.raises(InputError, match="should be"):
         result(torch.randn(5, 3, 8, 8))
+
+
+# -- item 11: a failure of the imported graph blames the import, not the user's inputs ---------------
+
+
+def _onnx_file(tmp_path, nodes, inputs, outputs, name="m.onnx"):
+    graph = onnx.helper.make_graph(nodes, "g", inputs, outputs)
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+    path = tmp_path / name
+    onnx.save(model, str(path))
+    return str(path)
+
+
+def test_imported_graph_that_fails_where_onnxruntime_runs_is_a_capture_error(tmp_path, monkeypatch):
+    from graphopt import onnx_import
+
+    def wrong_relu(x):  # an importer bug, injected: the translation of Relu cannot run
+        return x.reshape(7, 7, 7)
+
+    monkeypatch.setitem(onnx_import._UNARY, "Relu", wrong_relu)
+    f = onnx.TensorProto.FLOAT
+    path = _onnx_file(
+        tmp_path,
+        [onnx.helper.make_node("Relu", ["x"], ["y"])],
+        [onnx.helper.make_tensor_value_info("x", f, ["N", 4])],
+        [onnx.helper.make_tensor_value_info("y", f, ["N", 4])],
+    )
+    with pytest.raises(CaptureError, match="import is at fault"):
+        graphopt.optimize(path, "cpu", (torch.randn(2, 4),), measure=False)
+
+
+def test_inputs_onnxruntime_refuses_too_are_the_users_input_error(tmp_path):
+    f, i64 = onnx.TensorProto.FLOAT, onnx.TensorProto.INT64
+    path = _onnx_file(
+        tmp_path,
+        [onnx.helper.make_node("Reshape", ["x", "shape"], ["y"])],
+        [
+            onnx.helper.make_tensor_value_info("x", f, [2, 6]),
+            onnx.helper.make_tensor_value_info("shape", i64, [2]),
+        ],
+        [onnx.helper.make_tensor_value_info("y", f, ["A", "B"])],
+    )
+    with pytest.raises(InputError, match="example inputs"):  # 12 values cannot be 5 x 5
+        graphopt.optimize(path, "cpu", (torch.randn(2, 6), torch.tensor([5, 5])), measure=False)
