@@ -8,6 +8,15 @@ A node is folded when every input it reads is a constant (``get_attr`` or a fold
 produces a tensor, and it is pure: random ops, in-place ops and impure calls are left alone
 (``skipped:impure``). A constant larger than ``max_elements`` is not materialised
 (``skipped:too-large``), so a cheap broadcast of a scalar does not become a huge buffer.
+
+A value that ``forward`` writes in place is not a constant: an attribute (or a tensor sharing
+its memory) that an in-place op anywhere in the graph writes, directly or through a view
+(``self.buf.add_(1)``, ``self.buf[0] = v``, ``buf.view(-1).copy_(v)``, ``out=buf``), and a
+computed value that is written in place (``c = w * 2; c.add_(1)``: folding ``c`` would make
+every call write into the one stored constant). Nothing computed from such a value is folded
+(``skipped:written-in-place``, counted where a fold would have been): ``x + self.buf * 2``
+changes on every call when ``forward`` also runs ``self.buf.add_(1)``, before or after it.
+The in-place rule is eliminate-dead-code's (:func:`written_in_place`), shared by all passes.
 """
 
 from __future__ import annotations
@@ -20,7 +29,12 @@ import torch
 from torch import fx
 
 from graphopt.pass_manager import Numerics, Pass, PassContext, PassResult
-from graphopt.passes.eliminate_dead_code import is_impure
+from graphopt.passes.eliminate_dead_code import (
+    is_impure,
+    storage_key,
+    written_in_place,
+    written_storages,
+)
 from graphopt.pipeline import register_pass
 
 _RANDOM = {
@@ -82,15 +96,32 @@ class FoldConstants(Pass):
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         stats: Counter = Counter()
         values: dict[fx.Node, Any] = {}
+        # constant but for an in-place write in forward: neither it nor what reads it is folded
+        stale: set[fx.Node] = set()
+        written = written_in_place(gm)
+        memory = written_storages(gm, written)
         for node in gm.graph.nodes:
             if node.op == "get_attr":
-                values[node] = _fetch(gm, node.target)
+                value = _fetch(gm, node.target)
+                # written in place (or sharing memory with what is): it changes between calls
+                if node in written or (
+                    isinstance(value, torch.Tensor) and storage_key(value) in memory
+                ):
+                    stale.add(node)
+                else:
+                    values[node] = value
                 continue
             inputs = node.all_input_nodes
-            if node.op == "output" or not inputs or any(n not in values for n in inputs):
+            if node.op == "output" or not inputs:
+                continue
+            if any(n not in values and n not in stale for n in inputs):
                 continue
             if not _is_pure(gm, node):
                 stats["skipped:impure"] += 1
+                continue
+            # reads a value written in place, or is itself written (c = w * 2; c.add_(1))
+            if node in written or any(n in stale for n in inputs):
+                stale.add(node)
                 continue
             args = fx.node.map_arg(node.args, lambda n: values[n])
             kwargs = fx.node.map_arg(node.kwargs, lambda n: values[n])
@@ -99,6 +130,12 @@ class FoldConstants(Pass):
                 call_args = args[1:] if node.op == "call_method" else args
                 value = fn(*call_args, **kwargs)
             values[node] = value
+        # each place a fold was refused: a stale computed value that a non-constant node reads
+        stats["skipped:written-in-place"] = sum(
+            1
+            for n in stale
+            if n.op != "get_attr" and any(u not in values and u not in stale for u in n.users)
+        )
         read = {n for n in gm.graph.nodes if n.op == "get_attr" and n.users}
         folded = 0
         counter = 0

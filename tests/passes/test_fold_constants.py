@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import operator
 
 import pytest
 import torch
@@ -12,10 +13,12 @@ from torch import fx, nn
 
 from graphopt import verify
 from graphopt.capture import capture
+from graphopt.pass_manager import PassContext
 from graphopt.passes.fold_constants import FoldConstants
 from graphopt.testing import assert_pass_preserves, random_cnns, run_pass, seeded, verify_rewrite
 
 _gen = seeded
+aten = torch.ops.aten
 
 
 def _x(*shape: int, seed: int = 1) -> torch.Tensor:
@@ -292,3 +295,128 @@ def test_in_place_flag_on_a_constant_is_not_folded():
     gm, result = run_pass("fold-constants", M(), (_x(4),))
     assert not result.modified
     assert dict(result.stats) == {"skipped:impure": 1}
+
+
+# ------------------------------------------------------------------------------------------------
+# state that forward changes in place is not a constant (issue 15's class of silent wrong result)
+
+
+class _WrittenInPlace(nn.Module):
+    """Reads ``x + self.buf * 2`` and writes ``self.buf`` (or what ``self.buf * 2`` is) in place
+    in one of several forms: every call sees a different ``buf``. ``buf`` is a parameter without
+    grad, so symbolic tracing reads it with ``get_attr`` (a buffer it would freeze at capture)."""
+
+    def __init__(self, form: str) -> None:
+        super().__init__()
+        self.form = form
+        self.buf = nn.Parameter(-torch.arange(1.0, 4.0), requires_grad=False)
+
+    def forward(self, x):
+        if self.form == "written-before-the-read":
+            self.buf.add_(1)
+        c = self.buf * 2
+        if self.form == "computed-value-written":
+            c.add_(1)  # c is made anew on every call: folded, the one stored c would grow
+        y = x + c
+        write = {
+            "Tensor.add_": lambda: self.buf.add_(1),
+            "Tensor.__setitem__": lambda: self.buf.__setitem__(1, x[1]),
+            "view-then-mul_": lambda: self.buf.view(-1)[:2].mul_(2),
+            "copy_": lambda: self.buf.copy_(x),
+            "inplace=True": lambda: F.leaky_relu(self.buf, 2.0, inplace=True),
+            "out=": lambda: torch.mul(self.buf, 2, out=self.buf),
+        }.get(self.form)
+        if write is not None:
+            write()
+        return y
+
+
+_WRITE_FORMS = [
+    "Tensor.add_",
+    "Tensor.__setitem__",
+    "view-then-mul_",
+    "copy_",
+    "inplace=True",
+    "out=",
+    "written-before-the-read",
+    "computed-value-written",
+]
+
+
+def _twice(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+    return [model(x.clone()) for _ in range(2)]
+
+
+def _assert_same_calls(want: list[torch.Tensor], got: list[torch.Tensor]) -> None:
+    for call, (w, g) in enumerate(zip(want, got, strict=True), 1):
+        cmp = verify.compare([w], [g], FoldConstants.numerics)
+        assert cmp.ok, f"call {call}: {cmp.describe()}"
+
+
+@pytest.mark.parametrize("form", _WRITE_FORMS)
+def test_constant_written_in_place_is_not_folded(form):
+    """Folded, ``self.buf * 2`` kept the value of the first call: the second call of the graph
+    returned what the model had returned the first time. Run twice, graph and model agree."""
+    model, x = _WrittenInPlace(form), _x(3)
+    want = _twice(copy.deepcopy(model), x)
+    # fx.symbolic_trace, not capture: capture runs the model (its state would move ahead)
+    gm = fx.symbolic_trace(copy.deepcopy(model))
+    result = FoldConstants().run(gm, PassContext(sample_inputs=(x,)))
+    got = _twice(result.graph, x)
+    _assert_same_calls(want, got)
+    assert not result.modified
+    # one per fold refused; the old code also folded the slice buf.view(-1)[:2] that mul_ writes
+    refused = 2 if form == "view-then-mul_" else 1
+    assert result.stats["skipped:written-in-place"] == refused, dict(result.stats)
+    assert "folded" not in result.stats
+
+
+@pytest.mark.parametrize(
+    "read, write",
+    [("buf", "aten.add_"), ("tied", "aten.add_"), ("buf", "setitem"), ("buf", "aten.copy_")],
+)
+def test_buffer_written_in_place_in_an_aten_graph_is_not_folded(read, write):
+    """The graph torch.export makes of ``y = x + self.buf * 2; self.buf.add_(1)`` (a buffer, aten
+    ops), built by hand (symbolic tracing cannot write ``buf[0] = v``). ``tied``: the read is of
+    another buffer that shares ``buf``'s memory (a view of it)."""
+    root = nn.Module()
+    root.register_buffer("buf", torch.ones(3))
+    root.register_buffer("tied", root.buf.view(3))
+    graph = fx.Graph()
+    x = graph.placeholder("x")
+    const = graph.call_function(aten.mul.Tensor, (graph.get_attr(read), 2))
+    y = graph.call_function(aten.add.Tensor, (x, const))
+    buf = graph.get_attr("buf")
+    if write == "aten.add_":
+        graph.call_function(aten.add_.Tensor, (buf, 1))
+    elif write == "setitem":
+        graph.call_function(
+            operator.setitem, (buf, 0, graph.call_function(operator.getitem, (x, 0)))
+        )
+    else:
+        graph.call_function(aten.copy_.default, (buf, x))
+    graph.output(y)
+    original, x = fx.GraphModule(root, graph), _x(3)
+    want = _twice(copy.deepcopy(original), x)
+    result = FoldConstants().run(copy.deepcopy(original), PassContext(sample_inputs=(x,)))
+    got = _twice(result.graph, x)
+    _assert_same_calls(want, got)
+    assert not result.modified
+    assert result.stats["skipped:written-in-place"] == 1, dict(result.stats)
+
+
+def test_constant_only_read_by_an_in_place_op_is_still_folded():
+    """``y.add_(self.w * 2)`` writes ``y``, not ``w``: ``w * 2`` is a constant."""
+
+    class M(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(3, generator=_gen(4)))
+
+        def forward(self, x):
+            y = x * 3
+            y.add_(self.w * 2)
+            return y
+
+    result = assert_pass_preserves(FoldConstants, M(), (_x(3),), expect_modified=True)
+    assert dict(result.stats) == {"folded": 1}
