@@ -25,7 +25,11 @@ running statistics (``no-running-stats``); the layer's output also used elsewher
 (``output-used-elsewhere``); the layer's weights shared with another layer or the layer called
 twice (``shared-weight``); BN before a zero-padded conv (``padding``); BN before a transposed
 conv (``bn-before-transposed``, its borders see a different number of taps); BatchNorm1d on a
-Linear output that is not (N, C) (``bn-axis``); weights that are not constants (``weight-not-constant``).
+Linear output that is not (N, C) (``bn-axis``); weights that are not constants (``weight-not-constant``);
+weights, bias, running statistics or affine parameters that ``forward`` writes in place
+(``written-in-place``: ``self.bn.running_mean.add_(d)``, ``self.conv.weight.data.mul_(s)``, through
+a view or a tensor sharing the memory; the fold would freeze the values of one call, see
+:func:`graphopt.passes.eliminate_dead_code.written_in_place`).
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ from torch import fx, nn
 
 from graphopt.pass_manager import Numerics, Pass, PassContext, PassResult
 from graphopt.passes._tensors import as_normal, as_parameter
+from graphopt.passes.eliminate_dead_code import storage_key, written_storages
 from graphopt.pipeline import register_pass
 
 aten = torch.ops.aten
@@ -389,6 +394,7 @@ class FoldConvBN(Pass):
         stats: Counter = Counter()
         calls = _call_counts(gm)
         owners = _param_owners(gm)
+        written = written_storages(gm)
         for node in list(gm.graph.nodes):
             bn = _as_bn(gm, node)
             if bn is None:
@@ -400,7 +406,7 @@ class FoldConvBN(Pass):
                 else None
             )
             if layer is not None:
-                reason = _why_not_after(gm, layer, bn, calls, owners)
+                reason = _why_not_after(gm, layer, bn, calls, owners, written)
                 if reason:
                     stats[f"skipped:{reason}"] += 1
                     continue
@@ -418,7 +424,7 @@ class FoldConvBN(Pass):
             consumer = _as_layer(gm, next(iter(bn.output_node.users)), self.options.include_linear)
             if consumer is None or consumer.input_node is not bn.output_node:
                 continue
-            reason = _why_not_before(gm, consumer, bn, calls, owners)
+            reason = _why_not_before(gm, consumer, bn, calls, owners, written)
             if reason:
                 stats[f"skipped:{reason}"] += 1
                 continue
@@ -447,13 +453,19 @@ def _param_owners(gm: fx.GraphModule) -> Counter:
     return owners
 
 
-def _common_reasons(gm, layer: _Layer, bn: _BN, calls: Counter, owners: Counter) -> str:
+def _common_reasons(
+    gm, layer: _Layer, bn: _BN, calls: Counter, owners: Counter, written: set[int]
+) -> str:
     if not (layer.constant and bn.constant):
         return "weight-not-constant"
     if bn.mean is None or bn.var is None:
         return "no-running-stats"
     if bn.training:
         return "bn-training"
+    # forward changes one of them in place: folded, every call would see the first call's value
+    tensors = (layer.weight, layer.bias, bn.mean, bn.var, bn.gamma, bn.beta)
+    if any(t is not None and storage_key(t) in written for t in tensors):
+        return "written-in-place"
     if layer.module is not None:
         if calls[id(layer.module)] > 1:
             return "shared-weight"
@@ -466,8 +478,8 @@ def _common_reasons(gm, layer: _Layer, bn: _BN, calls: Counter, owners: Counter)
     return ""
 
 
-def _why_not_after(gm, layer: _Layer, bn: _BN, calls, owners) -> str:
-    if reason := _common_reasons(gm, layer, bn, calls, owners):
+def _why_not_after(gm, layer: _Layer, bn: _BN, calls, owners, written) -> str:
+    if reason := _common_reasons(gm, layer, bn, calls, owners, written):
         return reason
     # the layer's output must feed only this BN: otherwise the other users need it unfolded
     if len(layer.node.users) != 1:
@@ -482,8 +494,8 @@ def _why_not_after(gm, layer: _Layer, bn: _BN, calls, owners) -> str:
     return ""
 
 
-def _why_not_before(gm, layer: _Layer, bn: _BN, calls, owners) -> str:
-    if reason := _common_reasons(gm, layer, bn, calls, owners):
+def _why_not_before(gm, layer: _Layer, bn: _BN, calls, owners, written) -> str:
+    if reason := _common_reasons(gm, layer, bn, calls, owners, written):
         return reason
     if layer.kind == "convT":
         return "bn-before-transposed"

@@ -16,6 +16,7 @@ from torch import fx, nn
 
 from graphopt import verify
 from graphopt.capture import capture
+from graphopt.pass_manager import PassContext
 from graphopt.passes.fold_conv_bn import FoldConvBN, bn_affine, fold_after, fold_before
 from graphopt.testing import (
     assert_pass_preserves,
@@ -773,3 +774,83 @@ def test_float64_folds_at_float64_precision(kind):
         want, got = model(x), gm(x)
     assert got.dtype == torch.float64
     assert (got - want).abs().max() <= 1e-10 * want.abs().max()
+
+
+# ------------------------------------------------------------------------------------------------
+# weights or statistics that forward changes in place are not folded (issue 15's class of bug)
+
+
+class _BufferTracer(fx.Tracer):
+    proxy_buffer_attributes = True  # buffers as get_attr nodes (symbolic_trace freezes them)
+
+
+class _WrittenConvBN(nn.Module):
+    """conv -> BN (or BN -> 1x1 conv) whose forward also updates one of the folded tensors in
+    place, as EMA weights, weight clipping or a hand-rolled statistics update do."""
+
+    def __init__(self, written: str, before: bool) -> None:
+        super().__init__()
+        self.written, self.before = written, before
+        self.conv = nn.Conv2d(4, 4, 1 if before else 3, padding=0 if before else 1)
+        self.bn = _bn(nn.BatchNorm2d, 4)
+
+    def forward(self, x):
+        y = self.conv(self.bn(x)) if self.before else self.bn(self.conv(x))
+        module, name = self.written.split(".")
+        getattr(getattr(self, module), name).data.mul_(0.9).add_(0.05)
+        return y
+
+
+def _twice(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+    return [model(x.clone()) for _ in range(2)]
+
+
+def _assert_same_calls(want: list[torch.Tensor], got: list[torch.Tensor]) -> None:
+    for call, (w, g) in enumerate(zip(want, got, strict=True), 1):
+        cmp = verify.compare([w], [g], NUMERICS)
+        assert cmp.ok, f"call {call}: {cmp.describe()}"
+
+
+_WRITTEN = ["conv.weight", "conv.bias", "bn.weight", "bn.bias", "bn.running_mean", "bn.running_var"]
+
+
+@pytest.mark.parametrize("before", [False, True], ids=["bn-after", "bn-before"])
+@pytest.mark.parametrize("written", _WRITTEN)
+def test_tensor_written_in_place_in_forward_is_not_folded(written, before):
+    """Folded, the second call used the first call's weights and statistics. Run twice (the
+    state changes between calls), the graph agrees with the model."""
+    model, x = _WrittenConvBN(written, before).eval(), _x((2, 4, 5, 5))
+    want = _twice(copy.deepcopy(model), x)
+    traced = copy.deepcopy(model)  # not capture: it runs the model (its state would move ahead)
+    gm = fx.GraphModule(traced, _BufferTracer().trace(traced))
+    result = FoldConvBN().run(gm, PassContext(sample_inputs=(x,)))
+    with torch.no_grad():
+        _assert_same_calls(want, _twice(result.graph, x))
+    assert not result.modified
+    assert dict(result.stats) == {"skipped:written-in-place": 1}
+    assert len(_bn_nodes(result.graph)) == 1
+
+
+def test_running_mean_written_in_an_aten_graph_is_not_folded():
+    """What torch.export makes of ``y = self.bn(self.conv(x)); self.bn.running_mean.add_(d)``
+    (aten ops on get_attr nodes), built by hand."""
+    root = _ConvBN(nn.Conv2d(4, 4, 3, padding=1), _bn(nn.BatchNorm2d, 4)).eval()
+    graph = fx.Graph()
+    x = graph.placeholder("x")
+    get = {t: graph.get_attr(t) for t in ("conv.weight", "conv.bias", *_WRITTEN[2:])}
+    conv = graph.call_function(
+        torch.ops.aten.conv2d.default, (x, get["conv.weight"], get["conv.bias"], [1, 1], [1, 1])
+    )
+    stats = [get[t] for t in ("bn.weight", "bn.bias", "bn.running_mean", "bn.running_var")]
+    y = graph.call_function(
+        torch.ops.aten.batch_norm.default, (conv, *stats, False, 0.1, 1e-5, False)
+    )
+    graph.call_function(torch.ops.aten.add_.Tensor, (get["bn.running_mean"], 0.1))
+    graph.output(y)
+    original, x = fx.GraphModule(root, graph), _x((2, 4, 5, 5))
+    want = _twice(copy.deepcopy(original), x)
+    result = FoldConvBN().run(copy.deepcopy(original), PassContext(sample_inputs=(x,)))
+    with torch.no_grad():
+        _assert_same_calls(want, _twice(result.graph, x))
+    assert not result.modified
+    assert dict(result.stats) == {"skipped:written-in-place": 1}
