@@ -342,6 +342,7 @@ def _check_runs(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
     tracing turns ``x += 1`` on an input into an out-of-place add)."""
     check_example_inputs(inputs)
     copies = tuple(_clone(x) for x in inputs)
+    state = _state(model)
     try:
         with torch.no_grad():
             out = model(*copies)
@@ -358,6 +359,16 @@ def _check_runs(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
         raise CaptureError(
             f"the model returned {_describe_value(out)}, not tensors; graphopt optimizes "
             "models whose forward() returns a tensor or a tuple/list/dict of tensors."
+        )
+    if updated := [name for name, t in _state(model).items() if not _same(state[name], t)]:
+        shown = ", ".join(updated[:3]) + (
+            f" and {len(updated) - 3} more" if len(updated) > 3 else ""
+        )
+        raise CaptureError(
+            f"the model changes its own state in forward() ({shown} differ after one call); an "
+            "optimized artifact is a pure function of its inputs and cannot carry such updates "
+            "(a running average, a step counter, a cache). Optimize a module whose forward "
+            "leaves its parameters and buffers alone, and update the state outside it."
         )
     changed = [
         i for i, (x, c) in enumerate(zip(inputs, copies, strict=True)) if not torch.equal(x, c)
@@ -380,6 +391,26 @@ def _check_runs(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
             "reproduce that effect on the caller's tensor. Work on a copy in forward() "
             "(`x = x + 1`, `x = x.mul(2)`)."
         )
+
+
+def _state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Copies of every parameter and buffer, by name."""
+    with torch.inference_mode(False):
+        return {
+            name: t.detach().clone()
+            for name, t in [
+                *model.named_parameters(remove_duplicate=False),
+                *model.named_buffers(remove_duplicate=False),
+            ]
+        }
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    if a.is_floating_point() or a.is_complex():
+        return bool(torch.allclose(a, b, rtol=0.0, atol=0.0, equal_nan=True))
+    return bool(torch.equal(a, b))
 
 
 def _describe_value(out: Any) -> str:

@@ -469,3 +469,23 @@ def test_inputs_onnxruntime_refuses_too_are_the_users_input_error(tmp_path):
     )
     with pytest.raises(InputError, match="example inputs"):  # 12 values cannot be 5 x 5
         graphopt.optimize(path, "cpu", (torch.randn(2, 6), torch.tensor([5, 5])), measure=False)
+
+
+class CountsCalls(nn.Module):
+    """Updates a buffer in forward: an artifact cannot carry that state."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 1)
+        self.register_buffer("calls", torch.zeros(1))
+
+    def forward(self, x):
+        self.calls.add_(1)
+        return self.conv(x) * self.calls
+
+
+def test_model_that_updates_its_own_buffers_is_refused_and_left_alone():
+    model = CountsCalls().eval()
+    with pytest.raises(CaptureError, match="calls"):
+        graphopt.optimize(model, "cpu", (torch.randn(1, 3, 4, 4),), measure=False)
+    assert float(model.calls) == 0.0
