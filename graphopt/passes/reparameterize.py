@@ -51,6 +51,16 @@ an in-place write to ``x`` or a view of it (``a = conv3(x); x.mul_(2); b = conv1
 constants (its branch is simply left out of the merge). In-place statements whose result is
 unused (``v.mul_(s)``) are never dropped by the clean-up between sweeps.
 
+Every rule leaves alone what ``forward`` writes in place (``written-in-place``, counted where a
+merge was refused): a conv or Linear whose weight or bias, a BatchNorm whose statistics or affine
+parameters, a per-channel constant (``* self.s``) whose value an in-place op changes
+(``self.conv.weight.data.mul_(0.9)``, ``self.bn.running_mean.add_(d)``, through a view or a
+tensor sharing the memory). Merged, every later call would use the values of the call before
+the pass. In a sum, such a branch stays a term of its own and the others still merge. The
+in-place rule (what writes, what aliases, which attributes) is eliminate-dead-code's
+(:func:`~graphopt.passes.eliminate_dead_code.written_storages`,
+:func:`~graphopt.passes.eliminate_dead_code.may_alias_input`).
+
 Merged layers get the model's dtype, rounded once from the float64 result (a float64 model is
 merged at float64 precision), and normal parameters also under ``torch.inference_mode()``.
 """
@@ -73,7 +83,13 @@ from torch import fx, nn
 from graphopt.merge_algebra import dense_kernel, regroup
 from graphopt.pass_manager import Numerics, Pass, PassContext, PassResult
 from graphopt.passes._tensors import as_normal, as_parameter
-from graphopt.passes.eliminate_dead_code import mutates_input, remove_dead_nodes
+from graphopt.passes.eliminate_dead_code import (
+    may_alias_input,
+    mutates_input,
+    remove_dead_nodes,
+    storage_key,
+    written_storages,
+)
 from graphopt.passes.fold_conv_bn import (
     _as_bn,
     _as_layer,
@@ -121,6 +137,7 @@ class _Branch:
     padding_mode: str = "zeros"
     pool: bool = False  # an average pool written as a depthwise conv
     dtype: torch.dtype | None = None  # the model's dtype of the weights (they are float64 here)
+    written: bool = False  # forward writes its weights (or BN statistics) in place: not merged
 
 
 # ------------------------------------------------------------------------------------------------
@@ -169,11 +186,18 @@ _RUN_CACHE: ContextVar[dict[int, tuple[torch.Tensor, torch.Tensor]] | None] = Co
 )
 
 
-# Whether each node writes in place (mutates_input binds the call's signature: slow to ask
-# again for every node at every candidate merge); a node's target never changes in a run.
-_RUN_WRITES: ContextVar[dict[fx.Node, bool] | None] = ContextVar(
-    "reparameterize_writes", default=None
-)
+@dataclass
+class _Writes:
+    """What the graph says about in-place writes, worked out once per run: mutates_input binds
+    the call's signature, slow to ask again for every node at every candidate merge. A node's
+    target never changes in a run, and no rule adds a write (nor drops a write to an attribute)."""
+
+    mutates: dict[fx.Node, bool] = field(default_factory=dict)  # the node writes an input
+    aliases: dict[fx.Node, bool] = field(default_factory=dict)  # may share its operand's memory
+    storages: set[int] | None = None  # the memory of the attributes forward writes
+
+
+_RUN_WRITES: ContextVar[_Writes | None] = ContextVar("reparameterize_writes", default=None)
 
 
 @contextmanager
@@ -181,7 +205,7 @@ def float64_weights() -> Iterator[None]:
     """Within: :func:`_f64` converts each weight once (one run of a pass that reads weights many
     times; the weights must not be modified in place within it), and which nodes write in place
     is worked out once per node."""
-    token, writes = _RUN_CACHE.set({}), _RUN_WRITES.set({})
+    token, writes = _RUN_CACHE.set({}), _RUN_WRITES.set(_Writes())
     try:
         yield
     finally:
@@ -193,9 +217,23 @@ def _mutates(gm: fx.GraphModule, node: fx.Node) -> bool:
     memo = _RUN_WRITES.get()
     if memo is None:
         return mutates_input(gm, node)
-    if node not in memo:
-        memo[node] = mutates_input(gm, node)
-    return memo[node]
+    if node not in memo.mutates:
+        memo.mutates[node] = mutates_input(gm, node)
+    return memo.mutates[node]
+
+
+def _written(gm: fx.GraphModule, *tensors: torch.Tensor | None) -> bool:
+    """``forward`` writes one of ``tensors`` (or memory it shares) in place
+    (``self.conv.weight.data.mul_(s)``, ``self.bn.running_mean.add_(d)``): merged, every later
+    call would use the values they had when the pass ran (eliminate-dead-code's rule)."""
+    memo = _RUN_WRITES.get()
+    if memo is None:
+        keys = written_storages(gm)
+    else:
+        if memo.storages is None:
+            memo.storages = written_storages(gm)
+        keys = memo.storages
+    return any(t is not None and storage_key(t) in keys for t in tensors)
 
 
 def _f64(t: torch.Tensor) -> torch.Tensor:
@@ -209,30 +247,18 @@ def _f64(t: torch.Tensor) -> torch.Tensor:
     return hit[1]
 
 
-# ops whose result may share memory with their first operand: a write to one changes the other
-_VIEWS = {"view", "view_as", "reshape", "reshape_as", "transpose", "permute", "flatten"}
-_VIEWS |= {"unflatten", "squeeze", "unsqueeze", "expand", "expand_as", "narrow", "select", "t"}
-_VIEWS |= {"contiguous", "as_strided", "unfold", "chunk", "split", "unbind", "detach", "getitem"}
-_VIEWS |= {"__getitem__", "movedim", "swapaxes", "swapdims", "diagonal", "real", "imag"}
-_VIEW_MODULES = (nn.Identity, nn.Flatten, nn.Unflatten)
-
-
 def _aliases(gm: fx.GraphModule, node: fx.Node) -> bool:
-    """``node``'s value may share memory with its first operand (a view, or an in-place op,
-    which returns the tensor it wrote)."""
+    """``node``'s value may share memory with its first operand, a graph value (a view, or an
+    in-place op, which returns the tensor it wrote): eliminate-dead-code's rule, once per node
+    in a run."""
     if not node.args or not isinstance(node.args[0], fx.Node):
         return False
-    if node.op == "call_method":
-        return node.target in _VIEWS or _mutates(gm, node)
-    if node.op == "call_function":
-        if isinstance(node.target, torch._ops.OpOverload):
-            returns = node.target._schema.returns
-            return bool(returns) and returns[0].alias_info is not None
-        return getattr(node.target, "__name__", "") in _VIEWS or _mutates(gm, node)
-    if node.op != "call_module":
-        return False
-    module = gm.get_submodule(node.target)
-    return isinstance(module, _VIEW_MODULES) or _mutates(gm, node)
+    memo = _RUN_WRITES.get()
+    if memo is None:
+        return may_alias_input(gm, node)
+    if node not in memo.aliases:
+        memo.aliases[node] = may_alias_input(gm, node)
+    return memo.aliases[node]
 
 
 def _written_before(gm: fx.GraphModule, x: Any, end: fx.Node) -> bool:
@@ -267,14 +293,18 @@ def _tuple(v: Any, dims: int) -> tuple[int, ...]:
     return tuple(int(x) for x in v) if isinstance(v, list | tuple) else (int(v),) * dims
 
 
-def _constant(gm: fx.GraphModule, arg: Any) -> torch.Tensor | None:
+def _constant(gm: fx.GraphModule, arg: Any, writable: bool = False) -> torch.Tensor | None:
+    """``arg`` as a float64 constant: a number, or an attribute that ``forward`` does not write
+    in place (``writable``: also one it writes, only to name a refusal)."""
     if isinstance(arg, int | float) and not isinstance(arg, bool):
         return torch.tensor(float(arg), dtype=_F64)
     if isinstance(arg, fx.Node) and arg.op == "get_attr":
         obj: Any = gm
         for part in arg.target.split("."):
             obj = getattr(obj, part)
-        return obj.detach().double() if isinstance(obj, torch.Tensor) else None
+        if not isinstance(obj, torch.Tensor) or (not writable and _written(gm, obj)):
+            return None  # written in place: a different value at every call
+        return obj.detach().double()
     return None
 
 
@@ -301,21 +331,21 @@ def _full(v: torch.Tensor, n: int) -> torch.Tensor | None:
 
 
 def _constant_operand(
-    gm: fx.GraphModule, node: fx.Node, axis: int
+    gm: fx.GraphModule, node: fx.Node, axis: int, writable: bool = False
 ) -> tuple[fx.Node, str, torch.Tensor, bool] | None:
     """``node`` as a binary op (``mul``, ``add``, ``sub``, ``div``; not in place) of a graph
     value ``x`` and a constant that is a vector along ``axis`` ([n], or [1] for a scalar):
-    ``(x, op, vector, x is the first operand)``, or None."""
+    ``(x, op, vector, x is the first operand)``, or None (``writable``: see :func:`_constant`)."""
     if node.op != "call_function" or len(node.args) != 2 or node.kwargs or node.target in _INPLACE:
         return None
     op = next((name for name, targets in _BINARY.items() if node.target in targets), None)
     if op is None:
         return None
     x, c = node.args
-    if _constant(gm, x) is not None:
+    if _constant(gm, x, writable) is not None:
         x, c = c, x  # c * x, c + x, c - x
-    const = _constant(gm, c)
-    if not isinstance(x, fx.Node) or _constant(gm, x) is not None or const is None:
+    const = _constant(gm, c, writable)
+    if not isinstance(x, fx.Node) or _constant(gm, x, writable) is not None or const is None:
         return None
     vec = _vector(const, _rank(node), axis)
     return (x, op, vec, node.args[0] is x) if vec is not None else None
@@ -414,6 +444,7 @@ def _conv_branch(gm: fx.GraphModule, leaf: fx.Node, single_use: bool = True) -> 
         input=layer.input_node,
         padding_mode=layer.padding_mode,
         dtype=layer.weight.dtype,
+        written=_written(gm, layer.weight, layer.bias),
     )
 
 
@@ -468,10 +499,11 @@ def _bn_branch(gm: fx.GraphModule, leaf: fx.Node) -> _Branch | None:
     if bn.output_node is not leaf or len(leaf.users) != 1:
         return None
     a, t = (v.double() for v in bn_affine(bn.mean, bn.var, bn.gamma, bn.beta, bn.eps))
+    written = _written(gm, bn.mean, bn.var, bn.gamma, bn.beta)
     inner = _conv_branch(gm, bn.input_node) if isinstance(bn.input_node, fx.Node) else None
     if inner is not None:  # conv/pool -> BN that fold-conv-bn left (after a pool, shared conv)
-        return replace(_affine_branch(inner, a, t), node=leaf)
-    return _Branch(leaf, "bn", bias=t, scale=a, input=bn.input_node)
+        return replace(_affine_branch(inner, a, t), node=leaf, written=inner.written or written)
+    return _Branch(leaf, "bn", bias=t, scale=a, input=bn.input_node, written=written)
 
 
 def merge_branches(branches: list[_Branch], channels: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -718,6 +750,7 @@ def _absorbed(gm: fx.GraphModule, node: fx.Node, x: fx.Node, weight: torch.Tenso
             b is not None
             and b.kind == "conv"
             and not b.pool
+            and not b.written  # stays apart: the merged kernel's multiply-adds would be paid
             and b.input is x
             and all(k >= m for k, m in zip(b.weight.shape[2:], weight.shape[2:], strict=True))
         ):
@@ -767,6 +800,8 @@ def _sequential(gm: fx.GraphModule, stats: Counter) -> None:
         if grouped is None:
             groups, grouped = 1, weight
         weight = grouped
+        if not reason and (first.written or second.written):
+            reason = "written-in-place"  # forward changes a weight: merged, it would not
         if not reason and _written_before(gm, first.input, node):
             reason = "written-in-place"  # the merged conv would read x after the write
         more = weight.numel() > _macs(first) + _macs(second)
@@ -795,10 +830,12 @@ def _sequential(gm: fx.GraphModule, stats: Counter) -> None:
 
 
 def _affine(
-    gm: fx.GraphModule, node: fx.Node, features: int, axis: int = -1
+    gm: fx.GraphModule, node: fx.Node, features: int, axis: int = -1, writable: bool = False
 ) -> tuple[fx.Node, Any, Any] | None:
-    """``node`` as ``a * x + t`` per feature along ``axis``: (x, a, t), or None."""
-    found = _constant_operand(gm, node, axis)
+    """``node`` as ``a * x + t`` per feature along ``axis``: (x, a, t), or None; ``a`` and ``t``
+    from constants and BN statistics that ``forward`` does not write in place (``writable``:
+    also those it writes, only to name a refusal)."""
+    found = _constant_operand(gm, node, axis, writable)
     if found is not None:
         x, op, vec, x_first = found
         vec = _full(vec, features)
@@ -826,6 +863,8 @@ def _affine(
     source = _is_swap(bn.input_node) if isinstance(bn.input_node, fx.Node) else None
     if source is None or len(bn.input_node.users) != 1 or len(inner.users) != 1:
         return None
+    if not writable and _written(gm, bn.mean, bn.var, bn.gamma, bn.beta):
+        return None  # the statistics change at every call
     a, t = bn_affine(bn.mean, bn.var, bn.gamma, bn.beta, bn.eps)
     return source, a.double(), t.double()
 
@@ -875,18 +914,29 @@ def _affine_linear(gm: fx.GraphModule, stats: Counter) -> None:
         out_f, in_f = m.weight.shape
         weight = m.weight.detach().double()
         bias = m.bias.detach().double() if m.bias is not None else torch.zeros(out_f, dtype=_F64)
+        written = _written(gm, m.weight, m.bias)
         # after: the Linear's only use is a per-feature affine of it
         end = _chain_end(gm, node)
-        if end is not None and (aff := _affine(gm, end, out_f)) is not None and aff[0] is node:
-            _, a, t = aff
-            _set_linear(m, weight * a[:, None], a * bias + t)
-            end.replace_all_uses_with(node)
-            node.meta = dict(end.meta)
-            stats["folded-affine"] += 1
-            continue
+        after = _affine(gm, end, out_f, writable=True) if end is not None else None
+        if after is not None and after[0] is node:
+            if not written and (aff := _affine(gm, end, out_f)) is not None:
+                _, a, t = aff
+                _set_linear(m, weight * a[:, None], a * bias + t)
+                end.replace_all_uses_with(node)
+                node.meta = dict(end.meta)
+                stats["folded-affine"] += 1
+                continue
+            # forward writes the weights or the affine's constants in place: they change
+            stats["skipped:written-in-place"] += 1
+            if written:
+                continue
         # before: the Linear's input is a per-feature affine used only by it
         x = layer.input_node
-        if isinstance(x, fx.Node) and len(x.users) == 1 and (aff := _affine(gm, x, in_f)):
+        if isinstance(x, fx.Node) and len(x.users) == 1 and _affine(gm, x, in_f, writable=True):
+            aff = None if written else _affine(gm, x, in_f)
+            if aff is None:  # the weights or the affine's constants written in place
+                stats["skipped:written-in-place"] += 1
+                continue
             source, a, t = aff
             if _written_before(gm, source, node):
                 stats["skipped:written-in-place"] += 1
@@ -912,12 +962,17 @@ def _affine_conv(gm: fx.GraphModule, stats: Counter) -> None:
                 continue
             a, t = (v.double() for v in bn_affine(bn.mean, bn.var, bn.gamma, bn.beta, bn.eps))
             end, dead = bn.output_node, [bn.output_node, bn.node]
+            written = b.written or _written(gm, bn.mean, bn.var, bn.gamma, bn.beta)
         else:
-            aff = _affine(gm, user, b.weight.shape[0], axis=1)
+            aff = _affine(gm, user, b.weight.shape[0], axis=1, writable=True)
             if aff is None or aff[0] is not node:
                 continue
             _, a, t = aff
             end, dead = user, [user]
+            written = b.written or _affine(gm, user, b.weight.shape[0], axis=1) is None
+        if written:  # forward writes the weights, statistics or constants in place
+            stats["skipped:written-in-place"] += 1
+            continue
         if _written_before(gm, b.input, end):
             stats["skipped:written-in-place"] += 1
             continue
@@ -958,6 +1013,10 @@ def _concat(gm: fx.GraphModule, stats: Counter) -> None:
             _conv_branch(gm, t) if isinstance(t, fx.Node) and items.count(t) == 1 else None
             for t in items
         ]
+        # forward writes a conv's weights in place: it stays a conv of its own
+        if any(b is not None and b.written for b in branches) and sum(map(bool, branches)) > 1:
+            stats["skipped:written-in-place"] += 1
+        branches = [None if b is None or b.written else b for b in branches]
         out: list[Any] = []
         i = 0
         while i < len(items):
@@ -1023,15 +1082,17 @@ class _FC:
     module: nn.Module
     scale: torch.Tensor | None
     shift: torch.Tensor | None
+    written: bool = False  # forward writes the FC's weights or the BN's statistics in place
 
 
 def _fc_leaf(gm: fx.GraphModule, leaf: fx.Node, x: fx.Node) -> _FC | None:
-    node, scale, shift = leaf, None, None
+    node, scale, shift, written = leaf, None, None, False
     bn = _as_bn(gm, leaf)
     if bn is not None:
         if bn.training or bn.mean is None or not bn.constant or bn.output_node is not leaf:
             return None
         scale, shift = (v.double() for v in bn_affine(bn.mean, bn.var, bn.gamma, bn.beta, bn.eps))
+        written = _written(gm, bn.mean, bn.var, bn.gamma, bn.beta)
         node = bn.input_node
     if not isinstance(node, fx.Node) or len(node.users) != 1 or not node.args:
         return None
@@ -1058,7 +1119,7 @@ def _fc_leaf(gm: fx.GraphModule, leaf: fx.Node, x: fx.Node) -> _FC | None:
         return None
     if features_out != outs[1] * h * w or not _reshape_like(flat) or not _reshape_like(node):
         return None
-    return _FC(leaf, node, fc, m, scale, shift)
+    return _FC(leaf, node, fc, m, scale, shift, written or _written(gm, m.weight, m.bias))
 
 
 def _reshape_like(node: fx.Node) -> bool:
@@ -1070,6 +1131,8 @@ def _reshape_like(node: fx.Node) -> bool:
 
 def _into_fc(gm: fx.GraphModule, fc: _FC, branches: list[_Branch], x: fx.Node) -> str:
     """Fold the conv branches of ``x`` into the FC; return a refusal reason or ''."""
+    if fc.written:
+        return "written-in-place"  # merged, the FC would keep the values of one call
     convs = [b for b in branches if b.kind == "conv"]
     ref = convs[0]
     n, c, h, w = _shape(x)
@@ -1182,6 +1245,11 @@ class Reparameterize(Pass):
         operands: list[tuple[fx.Node, Any]] = []
         used: set[int] = set()
         for x, idxs in by_input.items():
+            # forward writes a branch's weights in place: it stays a term of its own
+            if any(found[i].written for i in idxs):
+                if len(idxs) > 1:
+                    stats["skipped:written-in-place"] += 1
+                idxs = [i for i in idxs if not found[i].written]
             branches = [
                 _affine_branch(found[i], c) if (c := terms[i][1]) is not None else found[i]
                 for i in idxs

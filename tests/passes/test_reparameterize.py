@@ -3,14 +3,17 @@ the train-time zoo networks; refusals leave the graph unchanged."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
-from torch import nn
+from torch import fx, nn
+from torch.fx.passes.shape_prop import ShapeProp
 
-from graphopt import zoo
+from graphopt import verify, zoo
 from graphopt.backends.onnxruntime import export_onnx
 from graphopt.capture import capture
 from graphopt.onnx_import import import_onnx
@@ -751,3 +754,126 @@ def test_float64_graph_without_shape_annotations_keeps_its_dtype():
     with torch.no_grad():
         want, got = model(x), result.graph(x)
     assert (got - want).abs().max() <= 1e-10 * want.abs().max()
+
+
+# ------------------------------------------------------------------------------------------------
+# weights, statistics or constants that forward writes in place are not merged (issue 15's class)
+
+
+class _BufferTracer(fx.Tracer):
+    proxy_buffer_attributes = True  # buffers as get_attr nodes (symbolic_trace freezes them)
+
+
+class WrittenWeights(nn.Module):
+    """One block per rule, whose forward also updates ``written`` (a parameter, a BN statistic
+    or a constant) in place, as EMA weights, weight clipping or a hand-rolled statistics update
+    do: ``parallel`` RepVGG (3x3 + 1x1 + identity BN), ``sequential`` 3x3 -> 1x1, ``affine``
+    conv -> BN and conv * s, ``linear`` Linear * gamma, ``concat`` cat of two 3x3, ``fc`` RepMLP's
+    FC beside conv branches."""
+
+    def __init__(self, block: str, written: str | None) -> None:
+        super().__init__()
+        self.block, self.written = block, written
+        if block == "parallel":
+            self.body = _repvgg_block(4)
+        elif block == "sequential":
+            self.body = Sequential2(nn.Conv2d(4, 8, 3, padding=1), nn.Conv2d(8, 4, 1))
+        elif block == "affine":
+            self.conv, self.bn = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+            self.conv2 = nn.Conv2d(4, 4, 3, padding=1)
+            self.register_buffer("s", 0.5 + torch.rand(4, 1, 1))
+            randomize_bn(self.bn, torch.Generator().manual_seed(1))
+        elif block == "linear":
+            self.fc = nn.Linear(8, 8)
+            self.gamma = nn.Parameter(torch.rand(8) + 0.5)
+        elif block == "concat":
+            self.a, self.b = nn.Conv2d(4, 3, 3, padding=1), nn.Conv2d(4, 5, 3, padding=1)
+        else:
+            self.body = zoo.randomize_bn_stats_(RepMLPUnit(4, 3, 3, 1))
+
+    def forward(self, x):
+        if self.block == "affine":
+            y = self.bn(self.conv(x)) + self.conv2(torch.relu(x)) * self.s
+        elif self.block == "linear":
+            y = self.fc(x) * self.gamma
+        elif self.block == "concat":
+            y = torch.cat([self.a(x), self.b(x)], dim=1)
+        else:
+            y = self.body(x)
+        if self.written is None:
+            return y
+        _attribute(self, self.written).data.mul_(0.9).add_(0.05)
+        return y
+
+
+def _attribute(obj, name: str):
+    for part in name.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+_WRITTEN = [
+    ("parallel", "body.convs.0.weight"),
+    ("parallel", "body.convs.1.bias"),
+    ("parallel", "body.bn.running_mean"),
+    ("parallel", "body.bn.weight"),
+    ("sequential", "body.first.weight"),
+    ("sequential", "body.second.bias"),
+    ("affine", "bn.running_var"),
+    ("affine", "conv.weight"),
+    ("affine", "s"),
+    ("linear", "fc.weight"),
+    ("linear", "gamma"),
+    ("concat", "a.weight"),
+    ("fc", "body.fc3.weight"),
+    ("fc", "body.fc3_bn.running_mean"),
+]
+
+
+def _twice(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+    with torch.no_grad():
+        return [model(x.clone()) for _ in range(2)]
+
+
+@pytest.mark.parametrize(("block", "written"), _WRITTEN)
+def test_tensor_written_in_place_in_forward_is_not_merged(block, written):
+    """Merged, the second call used the first call's weights (RepVGG branches were off by 0.34,
+    a sequential collapse by 0.12). Run twice (the state changes between calls), the graph agrees
+    with the model; the written tensor is still read by the graph."""
+    torch.manual_seed(0)
+    model = WrittenWeights(block, written).eval()
+    x = torch.randn(2, 8) if block == "linear" else _x(4, size=3 if block == "fc" else 6)
+    gm = fx.GraphModule(model, _BufferTracer().trace(model))
+    ShapeProp(gm).propagate(x.clone())  # shapes for the rules (runs forward once: writes too)
+    want = _twice(copy.deepcopy(gm), x)
+    written_tensor = _attribute(gm, written)
+    result = Reparameterize().run(gm, PassContext(sample_inputs=(x,)))
+    got = _twice(result.graph, x)
+    for call, (w, g) in enumerate(zip(want, got, strict=True), 1):
+        cmp = verify.compare([w], [g], Reparameterize.numerics)
+        assert cmp.ok, f"call {call}: {cmp.describe()}"
+    assert result.stats["skipped:written-in-place"] >= 1, dict(result.stats)
+    state = [*result.graph.parameters(), *result.graph.buffers()]
+    assert any(t is written_tensor for t in state)
+
+
+def test_written_branch_stays_out_and_the_others_merge():
+    """RepVGG with its 3x3 written in place: the 1x1 and the identity BN still merge, the 3x3
+    stays a conv of its own beside them (refused once)."""
+    torch.manual_seed(0)
+    model = WrittenWeights("parallel", "body.convs.0.weight").eval()
+    gm = fx.symbolic_trace(model)
+    result = Reparameterize().run(gm, PassContext())
+    assert result.stats["collapsed"] == 1 and result.stats["branches-merged"] == 2
+    assert result.stats["skipped:written-in-place"] == 1
+    assert result.stats["convs"] == 2
+
+
+@pytest.mark.parametrize("block", ["parallel", "sequential", "affine", "linear", "concat", "fc"])
+def test_the_same_blocks_without_the_write_merge(block):
+    """Without the write every rule fires: the refusals above are the write's."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 8) if block == "linear" else _x(4, size=3 if block == "fc" else 6)
+    model = WrittenWeights(block, None).eval()
+    result = assert_pass_preserves("reparameterize", model, (x,), expect_modified=True)
+    assert "skipped:written-in-place" not in result.stats
