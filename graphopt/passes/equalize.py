@@ -27,7 +27,11 @@ layer's output (or the activation's) also used elsewhere, e.g. by a residual add
 (``output-used-elsewhere``); channel counts or layouts that do not line up, such as Conv ->
 Linear (``shape-mismatch``); ConvTranspose (``transposed``); weights shared with another layer
 or a layer called twice (``shared-weight``); weights that are not constants
-(``weight-not-constant``). ReLU6 could be kept by moving its bound to ``6 / s_i`` per channel,
+(``weight-not-constant``); a weight or bias of either layer that ``forward`` writes in place
+(``written-in-place``: ``self.conv.weight.data.mul_(0.9).add_(0.05)``, through a view or a tensor
+sharing the memory; ``W/s * 0.9 + 0.05`` is not ``(W * 0.9 + 0.05) / s``, so every later call
+would differ; the in-place rule is eliminate-dead-code's,
+:func:`graphopt.passes.eliminate_dead_code.written_storages`). ReLU6 could be kept by moving its bound to ``6 / s_i`` per channel,
 which no longer is a ReLU6; this pass does not do it.
 """
 
@@ -43,6 +47,7 @@ from torch import fx, nn
 
 from graphopt.pass_manager import Numerics, Pass, PassContext, PassResult
 from graphopt.passes._tensors import as_parameter
+from graphopt.passes.eliminate_dead_code import storage_key, written_storages
 from graphopt.passes.fold_conv_bn import (
     _as_bn,
     _as_layer,
@@ -312,6 +317,7 @@ def find_pairs(gm: fx.GraphModule) -> tuple[list[_Pair], list[Refused]]:
     refusals: list[Refused] = []
     calls = _call_counts(gm)
     owners = _param_owners(gm)
+    written = written_storages(gm)
     for node in gm.graph.nodes:
         first = _as_layer(gm, node, include_linear=True)
         if first is None:
@@ -329,7 +335,7 @@ def find_pairs(gm: fx.GraphModule) -> tuple[list[_Pair], list[Refused]]:
                 if second.input_node is not cur:
                     break  # the value is the weight or bias of the next layer, not its input
                 pair = _Pair(first, second, between)
-                if reason := _why_not(gm, pair, calls, owners):
+                if reason := _why_not(gm, pair, calls, owners, written):
                     refusals.append(Refused(pair.label, reason))
                 else:
                     pairs.append(pair)
@@ -356,10 +362,16 @@ def find_pairs(gm: fx.GraphModule) -> tuple[list[_Pair], list[Refused]]:
     return pairs, refusals
 
 
-def _why_not(gm: fx.GraphModule, pair: _Pair, calls: Counter, owners: Counter) -> str:
+def _why_not(
+    gm: fx.GraphModule, pair: _Pair, calls: Counter, owners: Counter, written: set[int]
+) -> str:
     a, b = pair.first, pair.second
     if not (a.constant and b.constant):
         return "weight-not-constant"
+    # forward changes a weight in place: rescaled, its next values would not be the model's
+    tensors = (a.weight, a.bias, b.weight, b.bias)
+    if any(t is not None and storage_key(t) in written for t in tensors):
+        return "written-in-place"
     if "convT" in (a.kind, b.kind):
         return "transposed"
     for layer in (a, b):

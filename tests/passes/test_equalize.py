@@ -14,9 +14,10 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from torch import nn
+from torch import fx, nn
 
-from graphopt import zoo
+from graphopt import verify, zoo
+from graphopt.pass_manager import PassContext
 from graphopt.passes.equalize import (
     EqualizeLayers,
     channel_ranges,
@@ -362,3 +363,68 @@ def test_under_inference_mode(under_inference_mode):
     torch.inference_mode() (inference tensors could not be fine-tuned afterwards)."""
     result = under_inference_mode(EqualizeLayers(), _pointwise_dw_pointwise().eval(), (_x(2, 4),))
     assert result.stats["equalized"] == 2
+
+
+# ------------------------------------------------------------------------------------------------
+# weights that forward changes in place are not rescaled (issue 15's class of bug)
+
+
+class _WrittenPair(nn.Module):
+    """conv -> ReLU -> conv (or Linear -> ReLU -> Linear, or 1x1 -> dw -> 1x1) whose forward also
+    updates one layer's weight or bias in place, as EMA weights or weight clipping do."""
+
+    def __init__(self, kind: str, written: str) -> None:
+        super().__init__()
+        self.written = written
+        if kind == "linear":
+            self.body = nn.Sequential(_skew_(nn.Linear(6, 8)), nn.ReLU(), nn.Linear(8, 5))
+        elif kind == "conv":
+            self.body = nn.Sequential(_skew_(nn.Conv2d(3, 8, 3)), nn.ReLU(), nn.Conv2d(8, 5, 1))
+        else:
+            self.body = _pointwise_dw_pointwise()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.body(x)
+        layer, name = self.written.split(".")
+        getattr(self.body[int(layer)], name).data.mul_(0.9).add_(0.05)
+        return y
+
+
+def _twice(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+    with torch.no_grad():
+        return [model(x.clone()) for _ in range(2)]
+
+
+@pytest.mark.parametrize(
+    "kind,written,refused,moved",
+    [
+        ("conv", "0.weight", 1, False),
+        ("conv", "0.bias", 1, False),
+        ("conv", "2.weight", 1, False),
+        ("conv", "2.bias", 1, False),  # left as it is, but the rule is per layer: refused too
+        ("linear", "0.weight", 1, False),
+        ("linear", "2.weight", 1, False),
+        ("dw", "2.weight", 2, False),  # the depthwise conv is in both pairs
+        ("dw", "0.weight", 1, True),  # dw -> 1x1 still moves
+    ],
+)
+def test_weight_written_in_place_in_forward_is_not_rescaled(kind, written, refused, moved):
+    """Rescaled, the second call wrote into the rescaled weights (``W/s * 0.9 + 0.05`` is not
+    ``(W * 0.9 + 0.05) / s``): off by 0.05-0.07. Run twice (the weights change between calls),
+    the graph agrees with the model."""
+    x = (
+        torch.randn(2, 6, generator=_gen(1))
+        if kind == "linear"
+        else _x(2, 3 if kind == "conv" else 4)
+    )
+    model = _WrittenPair(kind, written).eval()
+    want = _twice(copy.deepcopy(model), x)
+    traced = copy.deepcopy(model)  # not capture: it runs the model (its state would move ahead)
+    result = EqualizeLayers().run(fx.symbolic_trace(traced), PassContext(sample_inputs=(x,)))
+    got = _twice(result.graph, x)
+    for call, (w, g) in enumerate(zip(want, got, strict=True), 1):
+        cmp = verify.compare([w], [g], EqualizeLayers.numerics)
+        assert cmp.ok, f"call {call}: {cmp.describe()}"
+    assert result.stats["skipped:written-in-place"] == refused, dict(result.stats)
+    assert result.modified == moved and result.stats["equalized"] == int(moved)
+    assert any(str(r).endswith("written-in-place") for r in result.decisions)
