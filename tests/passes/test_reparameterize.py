@@ -877,3 +877,29 @@ def test_the_same_blocks_without_the_write_merge(block):
     model = WrittenWeights(block, None).eval()
     result = assert_pass_preserves("reparameterize", model, (x,), expect_modified=True)
     assert "skipped:written-in-place" not in result.stats
+
+
+def test_weight_written_in_an_aten_graph_is_not_merged():
+    """What torch.export makes of ``conv3(x) + conv1(x)`` with ``self.w1.add_(0.1)`` in forward
+    (aten convs on get_attr weights), built by hand: the 1x1 stays apart, refused once."""
+    torch.manual_seed(0)
+    root = nn.Module()
+    for name, shape in [("w3", (4, 4, 3, 3)), ("b3", (4,)), ("w1", (4, 4, 1, 1)), ("b1", (4,))]:
+        root.register_parameter(name, nn.Parameter(torch.randn(shape)))
+    graph = fx.Graph()
+    x = graph.placeholder("x")
+    get = {name: graph.get_attr(name) for name in ("w3", "b3", "w1", "b1")}
+    conv2d = torch.ops.aten.conv2d.default
+    c3 = graph.call_function(conv2d, (x, get["w3"], get["b3"], [1, 1], [1, 1]))
+    c1 = graph.call_function(conv2d, (x, get["w1"], get["b1"]))
+    y = graph.call_function(torch.ops.aten.add.Tensor, (c3, c1))
+    graph.call_function(torch.ops.aten.add_.Tensor, (get["w1"], 0.1))
+    graph.output(y)
+    original, x = fx.GraphModule(root, graph), _x(4, size=6)
+    want = _twice(copy.deepcopy(original), x)
+    result = Reparameterize().run(copy.deepcopy(original), PassContext(sample_inputs=(x,)))
+    got = _twice(result.graph, x)
+    for call, (w, g) in enumerate(zip(want, got, strict=True), 1):
+        cmp = verify.compare([w], [g], Reparameterize.numerics)
+        assert cmp.ok, f"call {call}: {cmp.describe()}"
+    assert not result.modified and result.stats["skipped:written-in-place"] == 1
