@@ -769,7 +769,7 @@ class WrittenWeights(nn.Module):
     or a constant) in place, as EMA weights, weight clipping or a hand-rolled statistics update
     do: ``parallel`` RepVGG (3x3 + 1x1 + identity BN), ``sequential`` 3x3 -> 1x1, ``affine``
     conv -> BN and conv * s, ``linear`` Linear * gamma, ``concat`` cat of two 3x3, ``fc`` RepMLP's
-    FC beside conv branches."""
+    FC beside conv branches, ``tokens`` SLAB's BatchNorm1d over tokens around Linears."""
 
     def __init__(self, block: str, written: str | None) -> None:
         super().__init__()
@@ -788,6 +788,8 @@ class WrittenWeights(nn.Module):
             self.gamma = nn.Parameter(torch.rand(8) + 0.5)
         elif block == "concat":
             self.a, self.b = nn.Conv2d(4, 3, 3, padding=1), nn.Conv2d(4, 5, 3, padding=1)
+        elif block == "tokens":
+            self.body = TokenBN()
         else:
             self.body = zoo.randomize_bn_stats_(RepMLPUnit(4, 3, 3, 1))
 
@@ -824,6 +826,8 @@ _WRITTEN = [
     ("affine", "s"),
     ("linear", "fc.weight"),
     ("linear", "gamma"),
+    ("tokens", "body.bn_in.running_mean"),
+    ("tokens", "body.bn_mid.running_var"),
     ("concat", "a.weight"),
     ("fc", "body.fc3.weight"),
     ("fc", "body.fc3_bn.running_mean"),
@@ -835,6 +839,12 @@ def _twice(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
         return [model(x.clone()) for _ in range(2)]
 
 
+def _written_input(block: str) -> torch.Tensor:
+    if block in ("linear", "tokens"):
+        return torch.randn(2, 8) if block == "linear" else torch.randn(2, 5, 16)
+    return _x(4, size=3 if block == "fc" else 6)
+
+
 @pytest.mark.parametrize(("block", "written"), _WRITTEN)
 def test_tensor_written_in_place_in_forward_is_not_merged(block, written):
     """Merged, the second call used the first call's weights (RepVGG branches were off by 0.34,
@@ -842,7 +852,7 @@ def test_tensor_written_in_place_in_forward_is_not_merged(block, written):
     with the model; the written tensor is still read by the graph."""
     torch.manual_seed(0)
     model = WrittenWeights(block, written).eval()
-    x = torch.randn(2, 8) if block == "linear" else _x(4, size=3 if block == "fc" else 6)
+    x = _written_input(block)
     gm = fx.GraphModule(model, _BufferTracer().trace(model))
     ShapeProp(gm).propagate(x.clone())  # shapes for the rules (runs forward once: writes too)
     want = _twice(copy.deepcopy(gm), x)
@@ -869,11 +879,13 @@ def test_written_branch_stays_out_and_the_others_merge():
     assert result.stats["convs"] == 2
 
 
-@pytest.mark.parametrize("block", ["parallel", "sequential", "affine", "linear", "concat", "fc"])
+@pytest.mark.parametrize(
+    "block", ["parallel", "sequential", "affine", "linear", "tokens", "concat", "fc"]
+)
 def test_the_same_blocks_without_the_write_merge(block):
     """Without the write every rule fires: the refusals above are the write's."""
     torch.manual_seed(0)
-    x = torch.randn(2, 8) if block == "linear" else _x(4, size=3 if block == "fc" else 6)
+    x = _written_input(block)
     model = WrittenWeights(block, None).eval()
     result = assert_pass_preserves("reparameterize", model, (x,), expect_modified=True)
     assert "skipped:written-in-place" not in result.stats
