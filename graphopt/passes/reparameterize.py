@@ -190,7 +190,8 @@ _RUN_CACHE: ContextVar[dict[int, tuple[torch.Tensor, torch.Tensor]] | None] = Co
 class _Writes:
     """What the graph says about in-place writes, worked out once per run: mutates_input binds
     the call's signature, slow to ask again for every node at every candidate merge. A node's
-    target never changes in a run, and no rule adds a write (nor drops a write to an attribute)."""
+    target never changes in a run and no rule adds a write (one a merge drops only leaves
+    ``storages`` larger than it need be: more refusals, never a wrong merge)."""
 
     mutates: dict[fx.Node, bool] = field(default_factory=dict)  # the node writes an input
     aliases: dict[fx.Node, bool] = field(default_factory=dict)  # may share its operand's memory
