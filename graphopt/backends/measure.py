@@ -299,3 +299,149 @@ class LatencyCache:
 
     def __len__(self) -> int:
         return len(self._load())
+
+
+# ------------------------------------------------------------------------------------------------
+# timing the units of latency-aware passes
+
+
+class UnitTimer:
+    """Times a pass's units (small modules at given input shapes; whole graphs too) on
+    ``backend``, through an in-run memo and the latency ``cache`` (None: the memo only).
+
+    Where one unit of a group is neither in the memo nor the cache, the whole group is timed in
+    one interleaved run (:func:`time_interleaved`, 3 warm-up calls, 2 re-warm calls), so its
+    ratios come from one machine state, and every latency is stored. On an RPC device the
+    device times each unit in turn (``backend.measure``). ``progress`` shows a bar on stderr
+    while compiling, which is most of the measuring time; ``name`` labels it. ``measured``
+    counts the units timed in this run (the rest came from the memo or the cache).
+    """
+
+    def __init__(
+        self,
+        backend: Any,
+        cache: LatencyCache | None,
+        *,
+        runs: int,
+        max_time_s: float,
+        progress: bool = False,
+        name: str = "graphopt",
+    ) -> None:
+        self.backend = backend
+        self.cache = cache
+        self.runs = runs
+        self.max_time_s = max_time_s
+        self.progress = progress
+        self.name = name
+        self.memo: dict[str, Latency] = {}
+        self.measured = 0
+
+    def key(self, **parts: Any) -> str:
+        """:func:`backend_key` of a unit described by ``parts``, timed here."""
+        return backend_key(self.backend, self.runs, **parts)
+
+    def latencies(
+        self,
+        units: dict[str, tuple[Any, list[tuple[int, ...]]]],
+        dtype: Any,
+        keys: dict[str, str] | None = None,
+    ) -> dict[str, Latency]:
+        """``{label: latency}`` of ``units`` (``{label: (module, input shapes)}``, random inputs
+        of ``dtype``); ``keys``: each label's cache key (default: the labels are the keys)."""
+        keys = keys if keys is not None else {label: label for label in units}
+
+        def timed() -> dict[str, Latency]:
+            return {keys[label]: lat for label, lat in self._time(units, dtype).items()}
+
+        by_key = self.cached(list(keys.values()), timed)
+        return {label: by_key[keys[label]] for label in units}
+
+    def cached(self, keys: list[str], time: Callable[[], dict[str, Latency]]) -> dict[str, Latency]:
+        """``{key: latency}`` from the memo or the cache; where one is missing, ``time()``
+        times them all in one run, and every latency is stored."""
+        found: dict[str, Latency] = {}
+        for key in keys:
+            hit = self.memo.get(key) or (self.cache.get(key) if self.cache is not None else None)
+            if hit is not None:
+                found[key] = hit
+        if len(found) == len(keys):
+            return found
+        timed = time()
+        self.measured += len(timed)
+        for key, latency in timed.items():
+            self.memo[key] = latency
+            if self.cache is not None:
+                self.cache.put(key, latency)
+        return timed
+
+    def _time(
+        self, units: dict[str, tuple[Any, list[tuple[int, ...]]]], dtype: Any
+    ) -> dict[str, Latency]:
+        import torch
+
+        gen = torch.Generator().manual_seed(0)
+        return self.time_modules(
+            {
+                label: (unit, tuple(torch.randn(s, generator=gen).to(dtype) for s in shapes))
+                for label, (unit, shapes) in units.items()
+            },
+            self.runs,
+        )
+
+    def time_modules(
+        self, modules: dict[str, tuple[Any, tuple[Any, ...]]], runs: int
+    ) -> dict[str, Latency]:
+        """Modules (units or whole graphs) with their inputs, each compiled on the backend and
+        timed interleaved (on an RPC device: each in turn, where the device times it)."""
+        max_time = self.max_time_s
+        if getattr(self.backend, "rpc", None) is not None:  # the device times each library
+            return {
+                key: self.backend.measure(
+                    module, inputs, runs=runs, max_time_s=max_time, use_cache=False
+                )
+                for key, (module, inputs) in modules.items()
+            }
+        import torch
+
+        calls = {}
+        bar = None
+        if self.progress:  # compiling is most of the measuring time
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(modules), desc=f"{self.name} compiling", unit="unit", leave=False)
+        for key, (module, inputs) in modules.items():
+            artifact = self.backend.compile(module, inputs)
+            arrays = [x.numpy() if isinstance(x, torch.Tensor) else x for x in inputs]
+            calls[key] = lambda a=artifact, arrays=arrays: a.run(arrays)
+            if bar is not None:
+                bar.update(1)
+        if bar is not None:
+            bar.set_description(f"{self.name} timing {len(modules)} interleaved")
+        timed = time_interleaved(calls, warmup=3, runs=runs, max_time_s=max_time, rewarm=2)
+        if bar is not None:
+            bar.close()
+        return timed
+
+
+def backend_for(ctx: Any) -> Any:
+    """The backend a latency-aware pass measures on: ``ctx.backend``, else ONNX Runtime on
+    ``ctx.target`` (default ``cpu``)."""
+    if ctx.backend is not None:
+        return ctx.backend
+    from graphopt.backends import get_backend
+
+    return get_backend("onnxruntime", ctx.target or "cpu")
+
+
+def cache_for(ctx: Any, backend: Any) -> LatencyCache:
+    """The latency cache in ``ctx.cache_dir``, else the backend's cache, else the default one."""
+    if ctx.cache_dir is not None:
+        return LatencyCache(ctx.cache_dir / "latency.json")
+    cache = getattr(backend, "cache", None)
+    return cache if cache is not None else LatencyCache()
+
+
+def measurable(backend: Any) -> bool:
+    """A phone or board is timed only through its RPC device, never on this machine."""
+    target = getattr(backend, "target", None)
+    return getattr(target, "device", "cpu") != "mobile" or getattr(backend, "rpc", None) is not None

@@ -68,14 +68,13 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 import graphopt.merge_algebra as algebra
-from graphopt.backends.measure import Latency, LatencyCache, backend_key, time_interleaved
+from graphopt.backends.measure import UnitTimer, backend_for, cache_for, measurable
 from graphopt.errors import InputError, PipelineError
 from graphopt.merge_plan import plan_exact
 from graphopt.pass_manager import Numerics, Pass, PassContext, PassResult
 from graphopt.passes import merge_depth as depth
 from graphopt.passes._tensors import grad_enabled
 from graphopt.passes.reparameterize import _conv_branch, _free_name, _is_add
-from graphopt.passes.substitute_monarch import _backend_for, _cache_for, _measurable
 from graphopt.pipeline import register_pass
 from graphopt.report import Progress
 
@@ -514,98 +513,6 @@ def _conv_module(spec: algebra.ConvSpec, dtype: torch.dtype) -> nn.Module:
     return spec.module(dtype).eval().requires_grad_(False)
 
 
-class _Timer:
-    """Times a stretch's units on the backend, through the latency cache (and an in-run memo)."""
-
-    def __init__(self, backend: Any, cache: LatencyCache | None, options: Any) -> None:
-        self.backend = backend
-        self.cache = cache
-        self.options = options
-        self.memo: dict[str, Latency] = {}
-        self.measured = 0
-
-    def key(self, unit: _Unit, shapes: list[tuple[int, ...]], dtype: torch.dtype) -> str:
-        return backend_key(
-            self.backend,
-            self.options.runs,
-            unit=_UNIT_VERSION,
-            module=repr(unit.conv),
-            add=unit.add,
-            act=repr(unit.act) if unit.act is not None else None,
-            shapes=[list(s) for s in shapes],
-            dtype=str(dtype),
-        )
-
-    def latencies(
-        self, units: dict[str, tuple[_Unit, list[tuple[int, ...]]]], dtype: torch.dtype
-    ) -> dict[str, Latency]:
-        """``{key: latency}`` for units keyed by :meth:`key` (each distinct structure once)."""
-        return self.cached(list(units), lambda: self._time(units, dtype))
-
-    def cached(self, keys: list[str], time: Callable[[], dict[str, Latency]]) -> dict[str, Latency]:
-        """``{key: latency}`` from the in-run memo or the cache; where one is missing, ``time()``
-        times them all in one interleaved run, so their ratios come from one machine state,
-        and every latency is stored."""
-        found: dict[str, Latency] = {}
-        for key in keys:
-            hit = self.memo.get(key) or (self.cache.get(key) if self.cache is not None else None)
-            if hit is not None:
-                found[key] = hit
-        if len(found) == len(keys):
-            return found
-        timed = time()
-        self.measured += len(timed)
-        for key, latency in timed.items():
-            self.memo[key] = latency
-            if self.cache is not None:
-                self.cache.put(key, latency)
-        return timed
-
-    def _time(
-        self, units: dict[str, tuple[_Unit, list[tuple[int, ...]]]], dtype: torch.dtype
-    ) -> dict[str, Latency]:
-        gen = torch.Generator().manual_seed(0)
-        return self.time_modules(
-            {
-                key: (unit, tuple(torch.randn(s, generator=gen).to(dtype) for s in shapes))
-                for key, (unit, shapes) in units.items()
-            },
-            self.options.runs,
-        )
-
-    def time_modules(
-        self, modules: dict[str, tuple[nn.Module, tuple[Any, ...]]], runs: int
-    ) -> dict[str, Latency]:
-        """Modules (units or whole graphs) with their inputs, each compiled on the backend and
-        timed interleaved (on an RPC device: each in turn, where the device times it)."""
-        max_time = self.options.max_time_s
-        if getattr(self.backend, "rpc", None) is not None:  # the device times each library
-            return {
-                key: self.backend.measure(
-                    module, inputs, runs=runs, max_time_s=max_time, use_cache=False
-                )
-                for key, (module, inputs) in modules.items()
-            }
-        calls = {}
-        bar = None
-        if self.options.progress:  # compiling is most of the measuring time
-            from tqdm import tqdm
-
-            bar = tqdm(total=len(modules), desc="merge-convs compiling", unit="unit", leave=False)
-        for key, (module, inputs) in modules.items():
-            artifact = self.backend.compile(module, inputs)
-            arrays = [x.numpy() if isinstance(x, torch.Tensor) else x for x in inputs]
-            calls[key] = lambda a=artifact, arrays=arrays: a.run(arrays)
-            if bar is not None:
-                bar.update(1)
-        if bar is not None:
-            bar.set_description(f"merge-convs timing {len(modules)} interleaved")
-        timed = time_interleaved(calls, warmup=3, runs=runs, max_time_s=max_time, rewarm=2)
-        if bar is not None:
-            bar.close()
-        return timed
-
-
 # ------------------------------------------------------------------------------------------------
 # rewriting
 
@@ -734,11 +641,19 @@ class MergeConvs(Pass):
         stretches, stats = find_stretches(gm, through_activations=self.depth)
         if not stretches:
             return PassResult(gm, modified=False, stats=+stats)
-        backend = _backend_for(ctx)
-        if not _measurable(backend):  # a phone is timed only through its RPC device
+        backend = backend_for(ctx)
+        if not measurable(backend):  # a phone is timed only through its RPC device
             stats["skipped:target-not-measurable"] += len(stretches)
             return PassResult(gm, modified=False, stats=+stats)
-        timer = _Timer(backend, _cache_for(ctx, backend) if opts.cache else None, opts)
+        cache = cache_for(ctx, backend) if opts.cache else None
+        timer = UnitTimer(
+            backend,
+            cache,
+            runs=opts.runs,
+            max_time_s=opts.max_time_s,
+            progress=opts.progress,
+            name="merge-convs",
+        )
         say = Progress(opts.progress, prefix="merge-convs ")
         if self.depth:
             return self._run_depth(gm, ctx, stretches, stats, timer, say)
@@ -770,7 +685,7 @@ class MergeConvs(Pass):
         return PassResult(gm, modified=bool(rewrites), stats=+stats, decisions=list(decisions))
 
     def _timed(
-        self, stretch: Stretch, timer: _Timer, stats: Counter, gm: fx.GraphModule
+        self, stretch: Stretch, timer: UnitTimer, stats: Counter, gm: fx.GraphModule
     ) -> tuple[StretchPlan, dict[Candidate, algebra.ConvSpec]]:
         """The stretch's candidates, timed (``layer.reason`` says why nothing was timed). In
         depth mode padding moves to each span's first conv and every unit ends in the
@@ -813,7 +728,14 @@ class MergeConvs(Pass):
             if cand.keeps_add:
                 a = next(a for a, b, _ in stretch.residuals if b + 1 == cand.j)
                 shapes.append(_shape(stretch.values[a]))
-            keys[n] = timer.key(unit, shapes, dtype)
+            keys[n] = timer.key(
+                unit=_UNIT_VERSION,
+                module=repr(unit.conv),
+                add=unit.add,
+                act=repr(unit.act) if unit.act is not None else None,
+                shapes=[list(s) for s in shapes],
+                dtype=str(dtype),
+            )
             units.setdefault(keys[n], (unit, shapes))
         latencies = timer.latencies(units, dtype)
         timed, specs = [], {}
@@ -836,7 +758,7 @@ class MergeConvs(Pass):
         ctx: PassContext,
         stretches: list[Stretch],
         stats: Counter,
-        timer: _Timer,
+        timer: UnitTimer,
         say: Progress,
     ) -> PassResult:
         opts = self.options

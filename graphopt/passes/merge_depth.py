@@ -57,7 +57,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 import graphopt.merge_algebra as algebra
-from graphopt.backends.measure import backend_key
+from graphopt.backends.measure import UnitTimer
 from graphopt.errors import InputError
 from graphopt.merge_plan import plan
 from graphopt.report import Progress
@@ -372,15 +372,13 @@ def importance_table(
     }
 
 
-def model_latency(timer: Any, modules: dict[str, nn.Module], inputs: tuple[Any, ...]) -> dict:
+def model_latency(timer: UnitTimer, modules: dict[str, nn.Module], inputs: tuple[Any, ...]) -> dict:
     """Whole graphs timed interleaved on the timer's backend, through its cache (keyed by the
     graphs' structure, weights aside, and by what they were timed beside: a second run finds
     every measurement the first made)."""
     graphs = {name: str(m) for name, m in modules.items()}
     keys = {  # a graph timed beside others is stored apart from it timed alone
-        name: backend_key(
-            timer.backend,
-            timer.options.runs,
+        name: timer.key(
             unit=_MODEL_UNIT,
             graph=graph,
             beside=sorted(g for n, g in graphs.items() if n != name),
@@ -389,7 +387,7 @@ def model_latency(timer: Any, modules: dict[str, nn.Module], inputs: tuple[Any, 
         for name, graph in graphs.items()
     }
     modules_by_key = {keys[name]: (m, inputs) for name, m in modules.items()}
-    runs = max(timer.options.runs, 20)
+    runs = max(timer.runs, 20)
     by_key = timer.cached(list(modules_by_key), lambda: timer.time_modules(modules_by_key, runs))
     return {name: by_key[key] for name, key in keys.items()}
 

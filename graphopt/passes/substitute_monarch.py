@@ -57,7 +57,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from graphopt.backends.measure import Latency, LatencyCache, backend_key, time_interleaved
+from graphopt.backends.measure import Latency, UnitTimer, backend_for, cache_for, measurable
 from graphopt.errors import PipelineError
 from graphopt.monarch import BlockDiagonalLinear, LowRankLinear, MonarchLinear, PointwiseConv
 from graphopt.pass_manager import Numerics, Pass, PassContext, PassResult
@@ -417,88 +417,17 @@ def _dense_unit(site: _Site) -> nn.Module:
 # measuring on the target
 
 
-class _Timer:
-    """Times one layer's units on the backend, through the latency cache."""
-
-    def __init__(self, backend: Any, cache: LatencyCache | None, options: Any) -> None:
-        self.backend = backend
-        self.cache = cache
-        self.options = options
-        self.measured = 0  # units actually timed in this run (the rest came from the cache)
-
-    def _key(self, module: nn.Module, shape: tuple[int, ...], dtype: torch.dtype) -> str:
-        return backend_key(
-            self.backend,
-            self.options.runs,
-            unit=_UNIT_VERSION,
-            module=repr(module),
-            shape=list(shape),
-            dtype=str(dtype),
+def _latencies(
+    timer: UnitTimer, units: dict[str, nn.Module], shape: tuple[int, ...], dtype: torch.dtype
+) -> dict[str, Latency]:
+    """``{label: latency}`` of one layer's units, each timed on an input of ``shape``."""
+    keys = {
+        label: timer.key(
+            unit=_UNIT_VERSION, module=repr(module), shape=list(shape), dtype=str(dtype)
         )
-
-    def latencies(
-        self, units: dict[str, nn.Module], shape: tuple[int, ...], dtype: torch.dtype
-    ) -> dict[str, Latency]:
-        keys = {label: self._key(m, shape, dtype) for label, m in units.items()}
-        found = {
-            label: self.cache.get(key) if self.cache is not None else None
-            for label, key in keys.items()
-        }
-        if all(v is not None for v in found.values()):
-            return found  # type: ignore[return-value]
-        # something is missing: time the whole layer in one interleaved run, so its ratios
-        # come from one machine state, and store every unit
-        timed = self._time(units, shape, dtype)
-        self.measured += len(timed)
-        if self.cache is not None:
-            for label, latency in timed.items():
-                self.cache.put(keys[label], latency)
-        return timed
-
-    def _time(
-        self, units: dict[str, nn.Module], shape: tuple[int, ...], dtype: torch.dtype
-    ) -> dict[str, Latency]:
-        gen = torch.Generator().manual_seed(0)
-        x = torch.randn(shape, generator=gen).to(dtype)
-        runs, max_time = self.options.runs, self.options.max_time_s
-        if getattr(self.backend, "rpc", None) is not None:  # the device times each library
-            return {
-                label: self.backend.measure(
-                    m, (x,), runs=runs, max_time_s=max_time, use_cache=False
-                )
-                for label, m in units.items()
-            }
-        arrays = [x.numpy()]
-        artifacts = {label: self.backend.compile(m, (x,)) for label, m in units.items()}
-        return time_interleaved(
-            {label: (lambda a=a: a.run(arrays)) for label, a in artifacts.items()},
-            warmup=3,
-            runs=runs,
-            max_time_s=max_time,
-            rewarm=2,
-        )
-
-
-def _backend_for(ctx: PassContext) -> Any:
-    if ctx.backend is not None:
-        return ctx.backend
-    from graphopt.backends import get_backend
-
-    return get_backend("onnxruntime", ctx.target or "cpu")
-
-
-def _cache_for(ctx: PassContext, backend: Any) -> LatencyCache:
-    """The context's cache directory, else the backend's cache, else the default one."""
-    if ctx.cache_dir is not None:
-        return LatencyCache(ctx.cache_dir / "latency.json")
-    cache = getattr(backend, "cache", None)
-    return cache if cache is not None else LatencyCache()
-
-
-def _measurable(backend: Any) -> bool:
-    """A phone or board is timed only through its RPC device, never on this machine."""
-    target = getattr(backend, "target", None)
-    return getattr(target, "device", "cpu") != "mobile" or getattr(backend, "rpc", None) is not None
+        for label, module in units.items()
+    }
+    return timer.latencies({label: (m, [shape]) for label, m in units.items()}, dtype, keys)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -607,12 +536,13 @@ class SubstituteMonarch(Pass):
         if batches is None:  # no inputs: no error can be measured, so nothing may change
             stats["skipped:no-calibration-data"] += len(sites)
             return PassResult(gm, modified=False, stats=+stats)
-        backend = _backend_for(ctx)
-        if not _measurable(backend):
+        backend = backend_for(ctx)
+        if not measurable(backend):
             stats["skipped:target-not-measurable"] += len(sites)
             return PassResult(gm, modified=False, stats=+stats)
         rows, first_shapes = _record(gm, sites, batches, opts.calibration_rows)
-        timer = _Timer(backend, _cache_for(ctx, backend) if opts.cache else None, opts)
+        cache = cache_for(ctx, backend) if opts.cache else None
+        timer = UnitTimer(backend, cache, runs=opts.runs, max_time_s=opts.max_time_s)
         layers, substitutes = [], []
         for site in sites:
             layer, built = self._measure(site, rows.get(site.node), first_shapes, timer)
@@ -652,7 +582,7 @@ class SubstituteMonarch(Pass):
         site: _Site,
         rows: torch.Tensor | None,
         first_shapes: dict[fx.Node, tuple[int, ...]],
-        timer: _Timer,
+        timer: UnitTimer,
     ) -> tuple[LayerPlan, dict[str, nn.Module]]:
         opts = self.options
         meta = site.input_node.meta.get("tensor_meta")
@@ -680,7 +610,7 @@ class SubstituteMonarch(Pass):
         if not within:
             return layer, modules
         units = {"dense": _dense_unit(site), **{c.label: modules[c.label] for c in within}}
-        latencies = timer.latencies(units, layer.input_shape, site.weight.dtype)
+        latencies = _latencies(timer, units, layer.input_shape, site.weight.dtype)
         layer.dense_ms = latencies["dense"].median_ms
         layer.candidates = [
             dataclasses.replace(c, latency_ms=latencies[c.label].median_ms)

@@ -17,12 +17,12 @@ from hypothesis import HealthCheck, given, settings
 from torch import nn
 
 from graphopt import zoo
-from graphopt.backends.measure import Latency
+from graphopt.backends import measure
+from graphopt.backends.measure import Latency, UnitTimer
 from graphopt.backends.onnxruntime import OnnxRuntimeBackend
 from graphopt.capture import capture
 from graphopt.errors import PipelineError
 from graphopt.pass_manager import PassContext, PassManager
-from graphopt.passes import merge_convs
 from graphopt.passes.fold_conv_bn import FoldConvBN
 from graphopt.passes.merge_convs import MergeConvs, find_stretches
 from graphopt.pipeline import parse_pipeline
@@ -50,7 +50,7 @@ def scripted_timing(monkeypatch):
             out[key] = Latency(ms, ms, ms, 1)
         return out
 
-    monkeypatch.setattr(merge_convs._Timer, "_time", fake)
+    monkeypatch.setattr(UnitTimer, "_time", fake)
     return state
 
 
@@ -284,7 +284,7 @@ def test_merge_is_kept_on_onnxruntime_and_a_second_run_measures_nothing(tmp_path
     def no_timing(*args, **kwargs):
         raise AssertionError("the second run timed something")
 
-    monkeypatch.setattr(merge_convs, "time_interleaved", no_timing)
+    monkeypatch.setattr(measure, "time_interleaved", no_timing)
     _, second = run_pass(MergeConvs(runs=15), model, (x,), _ctx(x, tmp_path))
     assert "timed-units" not in second.stats and second.stats["merged-spans"] == 1
     assert second.decisions[0].predicted_ms == decision.predicted_ms
@@ -297,7 +297,7 @@ def test_random_cnns_stay_exact(case, tmp_path_factory, monkeypatch):
         return {key: Latency(1.0, 1.0, 1.0, 1) for key in units}
 
     with monkeypatch.context() as m:
-        m.setattr(merge_convs._Timer, "_time", flat)
+        m.setattr(UnitTimer, "_time", flat)
         ctx = PassContext(sample_inputs=case.inputs, cache_dir=tmp_path_factory.mktemp("c"))
         assert_pass_preserves(
             MergeConvs(), case.model, case.inputs, more_inputs=[case.other_batch()], ctx=ctx

@@ -20,11 +20,11 @@ from torch import fx, nn
 
 from graphopt import merge_algebra as algebra
 from graphopt import zoo
-from graphopt.backends.measure import Latency
+from graphopt.backends.measure import Latency, UnitTimer
 from graphopt.capture import capture
 from graphopt.errors import InputError, PipelineError
 from graphopt.pass_manager import PassContext, PassManager
-from graphopt.passes import merge_convs, merge_depth
+from graphopt.passes import merge_depth
 from graphopt.passes.fold_conv_bn import FoldConvBN
 from graphopt.passes.merge_convs import MergeConvs, find_stretches
 from graphopt.passes.merge_depth import Importance, MergedSpan
@@ -55,7 +55,7 @@ def scripted(monkeypatch):
         state.model_calls += 1
         return {name: Latency(*(3 * [_model_ms(m, inputs)]), 1) for name, m in modules.items()}
 
-    monkeypatch.setattr(merge_convs._Timer, "_time", units)
+    monkeypatch.setattr(UnitTimer, "_time", units)
     monkeypatch.setattr(merge_depth, "model_latency", model)
     return state
 

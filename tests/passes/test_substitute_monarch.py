@@ -21,7 +21,8 @@ from hypothesis import strategies as st
 from torch import fx, nn
 
 import graphopt
-from graphopt.backends.measure import Latency
+from graphopt.backends import measure
+from graphopt.backends.measure import Latency, UnitTimer
 from graphopt.backends.onnxruntime import OnnxRuntimeBackend, export_onnx
 from graphopt.capture import capture
 from graphopt.errors import PipelineError
@@ -33,7 +34,6 @@ from graphopt.monarch import (
     relative_error,
 )
 from graphopt.pass_manager import Numerics, PassContext, PassManager
-from graphopt.passes import substitute_monarch
 from graphopt.passes.substitute_monarch import (
     Candidate,
     LayerPlan,
@@ -368,12 +368,12 @@ def scripted_timing(monkeypatch):
     speed: dict[str, float] = {}
     calls: list[list[str]] = []
 
-    def fake(self, units, shape, dtype):
+    def fake(self, units, dtype):
         calls.append(sorted(units))
         ms = {k: 1.0 if k == "dense" else speed.get(k.split("(")[0], 0.5) for k in units}
         return {k: Latency(v, v, v, 1) for k, v in ms.items()}
 
-    monkeypatch.setattr(substitute_monarch._Timer, "_time", fake)
+    monkeypatch.setattr(UnitTimer, "_time", fake)
     return SimpleNamespace(speed=speed, calls=calls)
 
 
@@ -636,7 +636,7 @@ def test_faster_monarch_is_kept_on_onnxruntime_and_a_second_run_measures_nothing
     def no_timing(*args, **kwargs):
         raise AssertionError("the second run timed something")
 
-    monkeypatch.setattr(substitute_monarch, "time_interleaved", no_timing)
+    monkeypatch.setattr(measure, "time_interleaved", no_timing)
     _, second = run_pass(SubstituteMonarch(**options), model, (x,), _ctx(x, tmp_path))
     assert "timed-units" not in second.stats and second.stats["kept:monarch"] == 1
     assert second.decisions[0].dense_ms == first.decisions[0].dense_ms
