@@ -24,10 +24,9 @@ from graphopt.backends.measure import Latency, UnitTimer
 from graphopt.capture import capture
 from graphopt.errors import InputError, PipelineError
 from graphopt.pass_manager import PassContext, PassManager
-from graphopt.passes import merge_depth
 from graphopt.passes.fold_conv_bn import FoldConvBN
-from graphopt.passes.merge_convs import MergeConvs, find_stretches
-from graphopt.passes.merge_depth import Importance, MergedSpan
+from graphopt.passes.merge_convs import Importance, MergeConvs, MergedSpan, find_stretches
+from graphopt.passes.merge_convs import depth as merge_depth
 from graphopt.pipeline import parse_pipeline
 from graphopt.testing import random_bn, seeded
 

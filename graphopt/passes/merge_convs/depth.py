@@ -46,8 +46,11 @@ fine-tuning later recovers).
 from __future__ import annotations
 
 import copy
+import itertools
 import logging
 import math
+import time
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -60,6 +63,18 @@ import graphopt.merge_algebra as algebra
 from graphopt.backends.measure import UnitTimer
 from graphopt.errors import InputError
 from graphopt.merge_plan import plan
+from graphopt.pass_manager import PassContext, PassResult
+from graphopt.passes._tensors import grad_enabled
+from graphopt.passes.merge_convs.candidates import (
+    Candidate,
+    StretchPlan,
+    folded_bodies,
+    merge_specs,
+)
+from graphopt.passes.merge_convs.exact import apply
+from graphopt.passes.merge_convs.importance import Importance
+from graphopt.passes.merge_convs.stretches import Stretch, find_stretches
+from graphopt.passes.merge_convs.units import conv_module, time_stretch
 from graphopt.report import Progress
 
 log = logging.getLogger(__name__)
@@ -139,113 +154,10 @@ class MergedSpan(nn.Module):
 
     def spec(self) -> algebra.ConvSpec:
         """The one conv this span computes."""
-        from graphopt.passes.merge_convs import merge_specs
-
         merged = merge_specs(self.specs(), self.bodies, None, move_padding=True)
         if isinstance(merged, algebra.Refusal):  # the plan only holds spans the algebra merged
             raise InputError(f"the fixed span no longer merges: {merged}")
         return merged
-
-
-# ------------------------------------------------------------------------------------------------
-# importance
-
-
-class _Switch(nn.Module):
-    """``on``: the activation's output; off: its input (the activation removed)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.on = True
-
-    def forward(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        return y if self.on else x
-
-
-def _outputs(value: Any) -> list[torch.Tensor]:
-    if isinstance(value, torch.Tensor):
-        return [value.detach()]
-    if isinstance(value, dict):
-        value = list(value.values())
-    if isinstance(value, list | tuple):
-        return [t for v in value for t in _outputs(v)]
-    return []
-
-
-class Importance:
-    """Evaluates sets of removed activations on one switchable copy of the graph.
-
-    ``acts``: the activation nodes of ``gm`` by any key; ``score(removed)`` is the importance
-    of removing those keys (0 for none): ``-relative output error`` over ``batches``, or the
-    change of ``metric(predict) -> float`` (higher is better; ``predict(*arrays)`` runs the
-    graph on numpy inputs and returns numpy outputs -- the same form ``optimize(metric=...)``
-    gives int8 quantisation).
-    """
-
-    def __init__(
-        self,
-        gm: fx.GraphModule,
-        acts: dict[Any, fx.Node],
-        batches: list[tuple[Any, ...]],
-        metric: Callable[[nn.Module], float] | None = None,
-    ) -> None:
-        self.batches = batches
-        self.metric = metric
-        self.evaluated = 0
-        names = {node.name: key for key, node in acts.items()}
-        self.copy = copy.deepcopy(gm)
-        self.switches: dict[Any, _Switch] = {}
-        for node in list(self.copy.graph.nodes):
-            key = names.get(node.name)
-            if key is None:
-                continue
-            switch = _Switch()
-            name = f"_importance_switch_{len(self.switches)}"
-            self.copy.add_submodule(name, switch)
-            with self.copy.graph.inserting_after(node):
-                new = self.copy.graph.call_module(name, (node, node.args[0]))
-            node.replace_all_uses_with(new, delete_user_cb=lambda user, new=new: user is not new)
-            self.switches[key] = switch
-        self.copy.recompile()
-        self.copy.eval()
-        self.memo: dict[frozenset, float] = {frozenset(): 0.0}
-        with torch.no_grad():
-            self.reference = [_outputs(self.copy(*b)) for b in batches]
-        self.base = float(metric(self.predict)) if metric is not None else 0.0
-
-    def predict(self, *arrays: Any) -> Any:
-        """The switchable graph on numpy (or torch) inputs, numpy outputs: what the user's
-        ``metric(predict)`` calls."""
-        with torch.no_grad():
-            out = self.copy(*(torch.as_tensor(a) for a in arrays))
-        outs = [t.numpy() for t in _outputs(out)]
-        return outs[0] if len(outs) == 1 else tuple(outs)
-
-    def score(self, removed: Iterable[Any]) -> float:
-        key = frozenset(removed)
-        if key not in self.memo:
-            for k, switch in self.switches.items():
-                switch.on = k not in key
-            with torch.no_grad():
-                if self.metric is not None:
-                    value = float(self.metric(self.predict)) - self.base
-                else:
-                    err = ref = 0.0
-                    for batch, expected in zip(self.batches, self.reference, strict=True):
-                        for y, y0 in zip(_outputs(self.copy(*batch)), expected, strict=True):
-                            err += float(((y.double() - y0.double()) ** 2).sum())
-                            ref += float((y0.double() ** 2).sum())
-                    value = -err / ref if ref > 0 else -err
-            for switch in self.switches.values():
-                switch.on = True
-            if not math.isfinite(value):
-                raise InputError(
-                    f"the importance of removing {sorted(map(str, key))} is {value}; "
-                    "check the calibration data and the metric"
-                )
-            self.memo[key] = value
-            self.evaluated += 1
-        return self.memo[key]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -409,3 +321,229 @@ def plan_depth(
         candidates=candidates,
         resolution=budget_ms / resolution,
     )
+
+
+# ------------------------------------------------------------------------------------------------
+# the run
+
+
+def run(
+    gm: fx.GraphModule,
+    ctx: PassContext,
+    stretches: list[Stretch],
+    stats: Counter,
+    timer: UnitTimer,
+    say: Progress,
+    options: Any,
+    *,
+    metric: Callable[[Callable[..., Any]], float] | None,
+    finetune: Callable[[fx.GraphModule], Any] | None,
+) -> PassResult:
+    """Depth compression of ``gm`` under ``options.budget`` or ``options.budget_ms`` (see the
+    module docstring); ``metric`` and ``finetune`` as given to the pass, else from ``ctx``."""
+    opts = options
+    metric = metric or ctx.metric
+    batches = list(itertools.islice(_input_batches(ctx), opts.importance_batches))
+    if not batches:
+        stats["skipped:no-calibration-data"] += len(stretches)
+        return PassResult(gm, modified=False, stats=+stats)
+    before = copy.deepcopy(gm)
+    # tables: T over the stretches numbered end to end
+    usable: list[tuple[Stretch, StretchPlan, dict[Candidate, algebra.ConvSpec]]] = []
+    for n, stretch in enumerate(stretches, start=1):
+        say(f"timing stretch {n}/{len(stretches)}: {stretch.name} ({stretch.length} convs)")
+        layer, specs = time_stretch(stretch, timer, stats, gm, options, depth=True)
+        if layer.reason and layer.reason != "all-refused":
+            continue
+        usable.append((stretch, layer, specs))
+    if not usable:
+        return PassResult(gm, modified=False, stats=+stats)
+    chain = Chain.of([s for s, _, _ in usable])
+    table: dict[tuple[int, int], float] = {}
+    best: dict[tuple[int, int], Candidate] = {}
+    for (_, layer, _), off in zip(usable, chain.offsets, strict=True):
+        for c in layer.candidates:
+            if c.refusal is None and c.latency_ms is not None:
+                span = (off + c.i, off + c.j)
+                if span not in table or c.latency_ms < table[span]:
+                    table[span], best[span] = c.latency_ms, c
+    unmerged = sum(table[k, k + 1] for k in range(chain.length) if (k, k + 1) in table)
+    if any((k, k + 1) not in table for k in range(chain.length)):
+        raise InputError("merge-convs: a single conv could not be timed; see the log")
+    inputs = _traced_inputs(gm) or tuple(ctx.sample_inputs or batches[0])
+    model_ms = model_latency(timer, {"model": gm}, inputs)["model"].median_ms
+    target_ms = opts.budget * model_ms if opts.budget else opts.budget_ms
+    # the model is predicted as scale * sum(T): units timed alone leave out what the whole
+    # graph adds around them (layout changes, the head), and that grows with the units
+    scale = model_ms / unmerged
+    result = DepthPlan(budget_ms=target_ms, model_ms=model_ms, scale=scale, unmerged_ms=unmerged)
+    say(f"importance on {len(batches)} calibration batches")
+    importance = Importance(gm, chain.acts(), batches, metric)
+    h = importance_table(chain, table, importance, say)
+    result.importance_source = (
+        f"metric {getattr(metric, '__name__', 'callable')}" if metric else "output error"
+    )
+    result.evaluated_sets = importance.evaluated
+    result.refusals = dict(
+        Counter(
+            c.refusal.reason
+            for _, layer, _ in usable
+            for c in layer.candidates
+            if c.refusal is not None
+        )
+    )
+    # plan, then measure the merged architecture whole; where it misses the budget, plan
+    # again under a budget shrunk by the miss (algorithms.md §6.2: validate end to end)
+    fraction = target_ms / model_ms
+    acts = set(chain.acts())
+
+    def planned(budget_ms: float) -> Any:
+        start = time.perf_counter()
+        try:
+            return plan_depth(chain.length, table, h, acts, budget_ms, opts.resolution)
+        finally:
+            result.planning_s += time.perf_counter() - start
+
+    trial_plan = planned(target_ms / scale)
+    chosen, best_ratio = trial_plan, math.inf
+    for attempt in range(1, opts.validate_rounds + 1):
+        trial = copy.deepcopy(before)
+        trial_stretches = _aligned(trial, usable)
+        _realize(trial, trial_stretches, usable, best, trial_plan, None)
+        measured = model_latency(timer, {"before": before, "after": trial}, inputs)
+        ratio = measured["after"].median_ms / measured["before"].median_ms
+        say(
+            f"plan {attempt}: predicted {trial_plan.latency * scale:.4f} ms, measured "
+            f"{ratio:.3f} x the model (budget {fraction:.3f})"
+        )
+        result.attempts.append((trial_plan.latency * scale, measured["after"].median_ms, ratio))
+        if ratio < best_ratio:
+            chosen, best_ratio = trial_plan, ratio
+            result.measured_before_ms = measured["before"].median_ms
+            result.measured_after_ms = measured["after"].median_ms
+        if ratio <= fraction or attempt == opts.validate_rounds:
+            break
+        try:
+            trial_plan = planned(trial_plan.latency * fraction / ratio)
+        except InputError:
+            break  # nothing faster can be planned
+    result.importance = float(chosen.objective or 0.0)
+    result.predicted_ms = chosen.latency
+    if best_ratio >= 1.0:  # every plan measured no faster than the model: leave it
+        result.reason = "not-faster"
+        stats["skipped:not-faster"] += 1
+        if timer.measured:
+            stats["timed-units"] += timer.measured
+        return PassResult(gm, modified=False, stats=+stats, decisions=[result])
+    nodes = chain.acts()
+    result.kept = [nodes[p].name for p in chosen.activations]
+    result.removed = [nodes[p].name for p in chosen.removed]
+    # the architecture: activations removed, spans in their fine-tunable form
+    spans = _realize(gm, [s for s, _, _ in usable], usable, best, chosen, result)
+    stats["activations-removed"] += len(chosen.removed)
+    stats["merged-spans"] += len(result.spans)
+    for vi, vj in chosen.spans:
+        cand = best[vi, vj]
+        if cand.merges:
+            stats["convs-removed"] += cand.j - cand.i - 1
+            stats["residuals-folded"] += cand.folded
+    finetune = finetune or ctx.finetune
+    if finetune is not None:
+        say(f"fine-tuning with {getattr(finetune, '__name__', finetune)!s}")
+        with grad_enabled():
+            returned = finetune(gm)
+        if isinstance(returned, fx.GraphModule) and returned is not gm:
+            gm = returned
+        gm.eval()
+        result.finetuned = str(getattr(finetune, "__name__", finetune))
+        stats["finetuned"] += 1
+    for name, module in spans:  # the final merge: each span becomes its one conv
+        dtype = module.convs[0].weight.dtype
+        gm.add_submodule(name, conv_module(module.spec(), dtype))
+    gm.delete_all_unused_submodules()
+    gm.recompile()
+    if timer.measured:
+        stats["timed-units"] += timer.measured
+    log.info("merge-convs: %s", result)
+    return PassResult(gm, modified=True, stats=+stats, decisions=[result])
+
+
+def _aligned(gm: fx.GraphModule, usable: list[tuple[Stretch, Any, Any]]) -> list[Stretch]:
+    """The stretches of a copy of the graph, in the order of ``usable``."""
+    found = {s.name: s for s in find_stretches(gm, through_activations=True)[0]}
+    return [found[s.name] for s, _, _ in usable]
+
+
+def _realize(
+    gm: fx.GraphModule,
+    stretches: list[Stretch],
+    usable: list[tuple[Stretch, Any, dict[Candidate, algebra.ConvSpec]]],
+    best: dict[tuple[int, int], Candidate],
+    chosen: Any,
+    result: DepthPlan | None,
+) -> list[tuple[str, MergedSpan]]:
+    """Remove the activations ``chosen`` drops and put each merged span in: as its
+    fine-tunable :class:`MergedSpan` when ``result`` is given (the spans are described
+    there), else directly as the merged conv (a trial to time)."""
+    chain = Chain.of(stretches)
+    acts = chain.acts()
+    for p in chosen.removed:
+        node = acts[p]
+        node.replace_all_uses_with(node.args[0])
+        gm.graph.erase_node(node)
+    spans: list[tuple[str, MergedSpan]] = []
+    for vi, vj in chosen.spans:
+        cand = best[vi, vj]
+        if not cand.merges:
+            continue
+        s, i, j = chain.local(vi, vj)
+        stretch, specs = stretches[s], usable[s][2]
+        spec = specs[cand]
+        dtype = stretch.values[i].meta["tensor_meta"].dtype
+        source = stretch.values[i]
+        if i > 0 and i in stretch.acts and vi in chosen.activations:
+            source = stretch.acts[i]
+        if result is None:
+            apply(gm, stretch, cand, conv_module(spec, dtype), source)
+            continue
+        folded = [(a - i, b - i) for a, b, _ in folded_bodies(stretch, cand)]
+        module = MergedSpan(stretch.specs[i:j], folded, dtype)
+        node = apply(gm, stretch, cand, module, source)
+        spans.append((str(node.target), module))
+        kernel = "x".join(map(str, spec.kernel_size))
+        alone = sum(c.latency_ms for c in usable[s][1].candidates if _single(c, i, j))
+        result.spans.append(
+            f"{stretch.name} {cand.label}: one {kernel} conv (stride "
+            f"{'x'.join(map(str, spec.stride))}, groups {spec.groups}) "
+            f"{cand.latency_ms:.4f} ms, one at a time {alone:.4f} ms"
+        )
+    gm.graph.lint()
+    gm.delete_all_unused_submodules()
+    gm.recompile()
+    return spans
+
+
+def _single(c: Candidate, i: int, j: int) -> bool:
+    """``c`` is one of the plain single convs of span ``(i, j]``."""
+    return i <= c.i and c.j <= j and c.j - c.i == 1 and not c.merges and c.latency_ms is not None
+
+
+def _traced_inputs(gm: fx.GraphModule) -> tuple[torch.Tensor, ...] | None:
+    """Random inputs of the traced shapes (the model is timed at the shapes its units were),
+    or None where a placeholder has no tensor metadata."""
+    gen = torch.Generator().manual_seed(0)
+    out = []
+    for node in gm.graph.find_nodes(op="placeholder"):
+        meta = node.meta.get("tensor_meta")
+        if not hasattr(meta, "shape") or not meta.dtype.is_floating_point:
+            return None
+        out.append(torch.randn(tuple(meta.shape), generator=gen).to(meta.dtype))
+    return tuple(out)
+
+
+def _input_batches(ctx: PassContext) -> Iterable[tuple[Any, ...]]:
+    if ctx.calibration_data is not None:
+        return (b if isinstance(b, tuple | list) else (b,) for b in ctx.calibration_data)
+    if ctx.sample_inputs is not None:
+        return [tuple(ctx.sample_inputs)]
+    return []
