@@ -7,6 +7,10 @@ Latency-aware passes ask a backend for ``measure(...)``; results are cached on d
 second run measures nothing. Processes and threads share the file: a write merges its entry into
 what is on disk under a file lock. A corrupt cache file, and any entry that is not a real
 measurement (NaN, infinite or negative), is reported and ignored, never fatal.
+
+:class:`UnitTimer` is what the latency-aware passes (merge-convs, substitute-monarch) time their
+units with: an in-run memo over that cache, interleaved timing, the RPC device where there is
+one; :func:`backend_for`, :func:`cache_for` and :func:`measurable` pick what it times on.
 """
 
 from __future__ import annotations
