@@ -106,6 +106,7 @@ def capture(
     model.eval()
     if inputs is not None:
         _check_runs(model, inputs)
+    fixed_batch = ""
     try:
         gm = _symbolic_trace(model, leaf_modules, concrete_args)
         method = "symbolic_trace"
@@ -122,10 +123,7 @@ def capture(
                 _capture_message(trace_exc, where, None, fallback=False)
             ) from trace_exc
         try:
-            from graphopt.backends.onnxruntime import EXPORT_LOCK  # torch's exporters share state
-
-            with EXPORT_LOCK:
-                gm = torch.export.export(model, inputs, strict=False).module()
+            gm, fixed_batch = _torch_export(model, inputs)
             method = "torch.export"
         except Exception as export_exc:  # noqa: BLE001
             raise CaptureError(
@@ -135,6 +133,11 @@ def capture(
             f"symbolic tracing failed ({_first_line(trace_exc)} at {where[0]}); "
             "captured with torch.export instead: module-level passes see aten ops"
         )
+        if fixed_batch:
+            notes.append(
+                f"torch.export could not keep the batch dynamic ({fixed_batch}); the captured "
+                "graph, and what graphopt builds from it, take the example's batch size only"
+            )
         log.info("capture fell back to torch.export: %s", _first_line(trace_exc))
     if inputs is None:
         raise InputError(
@@ -143,11 +146,35 @@ def capture(
         )
     annotate_shapes(gm, inputs)
     set_eval(gm)  # a new GraphModule is in training mode; the captured model is in eval mode
+    static = method == "torch.export" and bool(fixed_batch)
     specs = [
-        InputSpec(n.name, (None, *t.shape[1:]) if t.dim() else (), t.dtype)
+        InputSpec(
+            n.name, tuple(t.shape) if static or not t.dim() else (None, *t.shape[1:]), t.dtype
+        )
         for n, t in zip(_placeholders(gm), inputs, strict=False)
     ]
     return Captured(gm, method, inputs, specs, notes)
+
+
+def _torch_export(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> tuple[Any, str]:
+    """``torch.export`` of ``model`` with a dynamic batch (dim 0 of every input), as symbolic
+    tracing gives; where the model fixes its batch, a static export and the reason.
+
+    An example batch of 1 would be specialised (torch.export's 0/1 rule), so the export sees the
+    example twice over; ``(module, "")`` or ``(module, why the batch is fixed)``.
+    """
+    from graphopt.backends.onnxruntime import EXPORT_LOCK  # torch's exporters share state
+
+    batch = torch.export.Dim("batch")
+    dynamic = tuple({0: batch} if t.dim() else None for t in inputs)
+    doubled = tuple(torch.cat([t, t]) if t.dim() and t.shape[0] == 1 else t for t in inputs)
+    with EXPORT_LOCK:
+        try:
+            program = torch.export.export(model, doubled, dynamic_shapes=dynamic, strict=False)
+            return program.module(), ""
+        except Exception as exc:  # noqa: BLE001 - the model fixes its batch: export it static
+            reason = _first_line(exc)
+        return torch.export.export(model, inputs, strict=False).module(), reason
 
 
 class _Tracer(fx.Tracer):

@@ -130,3 +130,32 @@ def test_graphopt_capture_is_callable_after_its_module_was_imported():
     captured = graphopt.capture(model, (torch.randn(1, 3),))
     x = torch.randn(4, 3)
     assert torch.equal(captured.graph(x), model(x))
+
+
+class _ItemAssign(nn.Module):
+    """Item assignment fails symbolic tracing: captured by torch.export."""
+
+    def __init__(self, fixed: bool = False) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 1)
+        self.fixed = fixed
+
+    def forward(self, x):
+        v = self.conv(x)
+        v[:, 0] = 0
+        return v.reshape(2, -1) if self.fixed else v
+
+
+def test_torch_export_fallback_keeps_the_batch_dynamic_even_from_a_batch_of_one():
+    m = _ItemAssign().eval()
+    cap = capture(m, (torch.randn(1, 3, 8, 8),))
+    assert cap.method == "torch.export" and cap.inputs[0].shape == (None, 3, 8, 8)
+    for batch in (1, 3):
+        x = torch.randn(batch, 3, 8, 8)
+        assert torch.equal(cap.graph(x), m(x))
+
+
+def test_torch_export_fallback_of_a_model_that_fixes_its_batch_says_so():
+    cap = capture(_ItemAssign(fixed=True).eval(), (torch.randn(2, 3, 8, 8),))
+    assert cap.inputs[0].shape == (2, 3, 8, 8)
+    assert any("could not keep the batch dynamic" in n for n in cap.notes)

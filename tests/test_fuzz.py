@@ -118,7 +118,6 @@ def test_models_updating_their_own_state_are_refused_or_kept(pipeline):
     assert report.counts["refused"] + report.counts["ok"] == 30, report.summary()
 
 
-@pytest.mark.xfail(strict=False, reason="torch.export fallback fixes the batch size")
 def test_models_captured_through_torch_export_take_other_batch_sizes():
     _assert_clean(fuzz(range(20), DEFAULT_PIPELINE, families=["export-fallback"]))
 
