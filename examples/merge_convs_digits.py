@@ -27,7 +27,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import graphopt
-from graphopt.backends.measure import default_cache_dir, time_interleaved
+from graphopt._util import cache_dir
+from graphopt.backends.measure import time_interleaved
 from graphopt.target import Target
 from graphopt.zoo import digits_data
 
@@ -129,7 +130,7 @@ def accuracy(predict, x: torch.Tensor, y: torch.Tensor) -> float:
 
 
 def trained_model(x: torch.Tensor, y: torch.Tensor, epochs: int, seed: int) -> nn.Module:
-    path = default_cache_dir() / "examples" / f"digits-mobilenetv2-{SIZE}px-e{epochs}-s{seed}.pt"
+    path = cache_dir() / "examples" / f"digits-mobilenetv2-{SIZE}px-e{epochs}-s{seed}.pt"
     torch.manual_seed(seed)
     model = DigitsMobileNet()
     try:

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import graphopt
-from graphopt.backends.measure import default_cache_dir
+from graphopt._util import cache_dir
 from graphopt.zoo import digits_data
 
 PIPELINE = (
@@ -90,7 +90,7 @@ def accuracy(predict, x: torch.Tensor, y: torch.Tensor) -> float:
 
 def dense_model(epochs: int, seed: int) -> DigitsMixer:
     """The trained dense mixer, from the cache directory when an earlier run trained it."""
-    path = default_cache_dir() / "examples" / f"digits-mixer-e{epochs}-s{seed}.pt"
+    path = cache_dir() / "examples" / f"digits-mixer-e{epochs}-s{seed}.pt"
     torch.manual_seed(seed)
     model = DigitsMixer()
     try:

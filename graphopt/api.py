@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import fx, nn
 
+from graphopt._util import close_matches
 from graphopt.backends import get_backend
 from graphopt.backends.measure import time_interleaved
 from graphopt.backends.onnxruntime import to_numpy
@@ -28,7 +29,6 @@ from graphopt.errors import (
     GraphoptError,
     InputError,
     VerificationError,
-    close_matches,
     graphopt_errors_only,
 )
 from graphopt.pass_manager import (

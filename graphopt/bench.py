@@ -58,6 +58,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from graphopt._util import first_line
 from graphopt.backends.measure import time_interleaved
 from graphopt.report import Progress
 
@@ -571,9 +572,7 @@ class _CpuProbe:
 
 
 def _error(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    first = text[0] if text else ""
-    return f"{type(exc).__name__}: {first}"[:300]
+    return first_line(exc, with_type=True)[:300]
 
 
 # --------------------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ import torch
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
+from graphopt._util import first_line
 from graphopt.errors import CaptureError, InputError
 
 log = logging.getLogger(__name__)
@@ -130,7 +131,7 @@ def capture(
                 _capture_message(trace_exc, where, export_exc, fallback=True)
             ) from trace_exc
         notes.append(
-            f"symbolic tracing failed ({_first_line(trace_exc)} at {where[0]}); "
+            f"symbolic tracing failed ({first_line(trace_exc)} at {where[0]}); "
             "captured with torch.export instead: module-level passes see aten ops"
         )
         if fixed_batch:
@@ -138,7 +139,7 @@ def capture(
                 f"torch.export could not keep the batch dynamic ({fixed_batch}); the captured "
                 "graph, and what graphopt builds from it, take the example's batch size only"
             )
-        log.info("capture fell back to torch.export: %s", _first_line(trace_exc))
+        log.info("capture fell back to torch.export: %s", first_line(trace_exc))
     if inputs is None:
         raise InputError(
             "example_inputs are needed to record shapes and to verify each pass; "
@@ -173,7 +174,7 @@ def _torch_export(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> tuple[A
             program = torch.export.export(model, doubled, dynamic_shapes=dynamic, strict=False)
             return program.module(), ""
         except Exception as exc:  # noqa: BLE001 - the model fixes its batch: export it static
-            reason = _first_line(exc)
+            reason = first_line(exc)
         return torch.export.export(model, inputs, strict=False).module(), reason
 
 
@@ -377,7 +378,7 @@ def _check_runs(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
         shapes = ", ".join(f"{tuple(t.shape)} {str(t.dtype).replace('torch.', '')}" for t in inputs)
         raise InputError(
             f"the model raised on the example inputs ({shapes}): "
-            f"{type(exc).__name__}: {_first_line(exc)}. Pass inputs of the shape "
+            f"{type(exc).__name__}: {first_line(exc)}. Pass inputs of the shape "
             "and dtype the model expects."
         ) from exc
     from graphopt.verify import flatten_outputs
@@ -448,11 +449,6 @@ def _describe_value(out: Any) -> str:
     return f"a {type(out).__name__} holding no tensor"
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
-
-
 def _failing_line(exc: BaseException) -> tuple[str, str]:
     """('file.py:42 in forward (MyBlock): if x.sum() > 0:', 'MyBlock'): the line that broke."""
     frames = traceback.extract_tb(exc.__traceback__)
@@ -484,12 +480,12 @@ def _capture_message(
     leaf = f"leaf_modules=[{owner}]" if owner else "leaf_modules=[TheModuleClass]"
     lines = [
         f"could not capture the model: symbolic tracing failed at {where}",
-        f"  tracing error: {_first_line(trace_exc)}",
+        f"  tracing error: {first_line(trace_exc)}",
     ]
     if fallback and export_exc is not None:
         lines.append(
             f"  torch.export fallback also failed: {type(export_exc).__name__}: "
-            f"{_first_line(export_exc)}"
+            f"{first_line(export_exc)}"
         )
     elif not fallback:
         lines.append("  no example_inputs were given, so the torch.export fallback could not run")
@@ -537,7 +533,7 @@ def _capture_onnx(model: Any, example_inputs: Sequence[Any] | None) -> Captured:
         # inputs of the declared shapes and dtypes: the imported graph, not the user, is wrong
         raise CaptureError(
             "the imported ONNX graph failed on inputs of the shapes and dtypes the model "
-            f"declares: {type(exc.__cause__).__name__}: {_first_line(exc.__cause__)}. The "
+            f"declares: {type(exc.__cause__).__name__}: {first_line(exc.__cause__)}. The "
             "import is at fault (an op graphopt translates wrongly); please report it with the "
             "model."
         ) from exc.__cause__

@@ -16,8 +16,7 @@ Every message says what was measured or found, what was expected, and what to do
 
 from __future__ import annotations
 
-import difflib
-from collections.abc import Iterable
+from graphopt._util import first_line
 
 
 class GraphoptError(Exception):
@@ -85,26 +84,12 @@ class BackendError(GraphoptError):
     """A backend (ONNX Runtime, TVM) failed to export, compile or run the model."""
 
 
-def close_matches(word: str, choices: Iterable[str]) -> str:
-    """A 'did you mean ...?' suffix for an error message, or '' when nothing is close."""
-    matches = difflib.get_close_matches(word, list(choices), n=3, cutoff=0.5)
-    if not matches:
-        return ""
-    return " Did you mean " + " or ".join(repr(m) for m in matches) + "?"
-
-
 class ArgumentError(GraphoptError):
     """An argument of a graphopt call has the wrong type or an impossible value."""
 
 
 class InternalError(GraphoptError):
     """Something failed that graphopt did not expect: a bug to report (the cause is chained)."""
-
-
-def first_line(exc: BaseException) -> str:
-    """The first line of an exception's message (its type name when the message is empty)."""
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
 
 
 def graphopt_errors_only(fn):  # type: ignore[no-untyped-def]

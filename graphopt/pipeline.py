@@ -29,7 +29,8 @@ import typing
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from graphopt.errors import PipelineError, close_matches
+from graphopt._util import close_matches
+from graphopt.errors import PipelineError
 
 if TYPE_CHECKING:
     from graphopt.pass_manager import Pass

@@ -28,7 +28,8 @@ import shlex
 from dataclasses import dataclass, field
 from typing import Any
 
-from graphopt.errors import TargetError, close_matches
+from graphopt._util import close_matches
+from graphopt.errors import TargetError
 
 logger = logging.getLogger(__name__)
 

@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from graphopt import verify
+from graphopt._util import first_line
 from graphopt.capture import annotate_shapes, capture
 from graphopt.pass_manager import Pass, PassContext, PassResult
 from graphopt.pipeline import get_pass
@@ -1267,9 +1268,8 @@ class _Mode:
         self.ctx.__exit__(*exc)
 
 
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {lines[0] if lines else ''}"[:400]
+def _error_line(exc: BaseException) -> str:
+    return first_line(exc, with_type=True)[:400]
 
 
 def _where(exc: BaseException) -> str:
@@ -1292,11 +1292,11 @@ def _run_both(
         try:
             ref = verify.flatten_outputs(model(*a))
         except Exception as exc:  # noqa: BLE001 - the fuzz model itself is broken
-            return "generator-error", f"the original model raised: {_first_line(exc)}"
+            return "generator-error", f"the original model raised: {_error_line(exc)}"
         try:
             out = verify.flatten_outputs(gm(*b))
         except Exception as exc:  # noqa: BLE001
-            return "crash", f"the optimized graph raised: {_first_line(exc)}{_where(exc)}"
+            return "crash", f"the optimized graph raised: {_error_line(exc)}{_where(exc)}"
     if len(ref) != len(out):
         return "mismatch", f"{len(out)} outputs, the model has {len(ref)}"
     for i, (r, o) in enumerate(zip(ref, out, strict=True)):
@@ -1361,10 +1361,10 @@ def check_case(
         words = FAMILIES[fc.family][1]
         text = str(exc).lower()
         if words is not None and any(w in text for w in words):
-            return "refused", _first_line(exc)
-        return "unexpected-refusal", _first_line(exc)
+            return "refused", _error_line(exc)
+        return "unexpected-refusal", _error_line(exc)
     except Exception as exc:  # noqa: BLE001 - what the fuzz looks for
-        return "crash", _first_line(exc) + _where(exc)
+        return "crash", _error_line(exc) + _where(exc)
     changed = [i for i, (x, y) in enumerate(zip(fc.inputs, kept, strict=True)) if not x.equal(y)]
     if changed:
         return "mismatch", f"graphopt changed the caller's example input(s) {changed} in place"
@@ -1426,7 +1426,7 @@ def fuzz(
         try:
             fc = fuzz_case(seed, family, max_layers=max_layers, mode=mode)
         except Exception as exc:  # noqa: BLE001
-            report.add(seed, family or "?", "generator-error", _first_line(exc))
+            report.add(seed, family or "?", "generator-error", _error_line(exc))
             continue
         outcome, message = check_case(fc, manager, backend, report.stats)
         report.add(seed, fc.family, outcome, message, fc)

@@ -47,12 +47,12 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from graphopt._util import first_line
 from graphopt.capture import (
     _as_tensors,
     _check_runs,
     _copy_model,
     _failing_line,
-    _first_line,
     _Tracer,
 )
 from graphopt.errors import CaptureError, GraphoptError, graphopt_errors_only
@@ -148,7 +148,7 @@ def _trace(model: nn.Module, leaf_modules, concrete_args) -> fx.GraphModule:
         leaf = f"leaf_modules=[{owner}]" if owner else "leaf_modules=[TheModuleClass]"
         raise CaptureError(
             f"tune_mode could not trace the model: symbolic tracing failed at {where}\n"
-            f"  tracing error: {_first_line(exc)}\n"
+            f"  tracing error: {first_line(exc)}\n"
             "Tune mode needs an FX graph that keeps Conv and BatchNorm as modules (torch.export's "
             "aten graphs do not). How to fix it:\n"
             f"  - keep the module with that line opaque: tune_mode(model, {leaf});\n"

@@ -42,7 +42,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from graphopt.errors import GraphoptError, close_matches
+from graphopt._util import cache_dir, close_matches
+from graphopt.errors import GraphoptError
 
 __all__ = ["ZooModel", "digits_data", "get", "names", "randomize_bn_stats_"]
 
@@ -1060,9 +1061,7 @@ class DigitsCNN(nn.Module):
 @functools.lru_cache(maxsize=8)
 def _trained_digits_state(seed: int) -> dict[str, torch.Tensor]:
     """Trained weights, cached in-process and on disk (a corrupt cache file is retrained)."""
-    from graphopt.backends.measure import default_cache_dir
-
-    path = default_cache_dir() / "zoo" / f"digits_cnn-seed{seed}-v1.pt"
+    path = cache_dir() / "zoo" / f"digits_cnn-seed{seed}-v1.pt"
     try:
         state = torch.load(path, weights_only=True)
         if set(state) == set(DigitsCNN().state_dict()):

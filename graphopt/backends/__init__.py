@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from graphopt.errors import BackendError, close_matches
+from graphopt._util import close_matches
+from graphopt.errors import BackendError
 
 BACKENDS = ("onnxruntime", "tvm")
 

@@ -30,6 +30,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from graphopt._util import cache_dir
+
 log = logging.getLogger(__name__)
 
 
@@ -125,13 +127,6 @@ def available_cores() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # not on Linux
         return max(1, os.cpu_count() or 1)
-
-
-def default_cache_dir() -> Path:
-    env = os.environ.get("GRAPHOPT_CACHE_DIR")
-    if env:
-        return Path(env)
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "graphopt"
 
 
 def cache_key(**parts: Any) -> str:
@@ -241,7 +236,7 @@ class LatencyCache:
     VERSION = 1
 
     def __init__(self, path: str | Path | None = None) -> None:
-        self.path = Path(path) if path else default_cache_dir() / "latency.json"
+        self.path = Path(path) if path else cache_dir() / "latency.json"
         self._entries: dict[str, dict[str, Any]] | None = None
         self._lock = threading.Lock()
 

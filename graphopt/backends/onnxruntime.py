@@ -40,6 +40,7 @@ import onnxruntime as ort
 import torch
 
 from graphopt import verify
+from graphopt._util import close_matches, first_line
 from graphopt.backends.measure import (
     Latency,
     LatencyCache,
@@ -49,7 +50,7 @@ from graphopt.backends.measure import (
     time_callable,
     time_interleaved,
 )
-from graphopt.errors import BackendError, InputError, close_matches
+from graphopt.errors import BackendError, InputError
 from graphopt.target import Target
 
 log = logging.getLogger(__name__)
@@ -590,8 +591,9 @@ def _fixed_batch_inputs(proto: onnx.ModelProto, inputs: Sequence[torch.Tensor]) 
     return fixed
 
 
-def _first_line(exc: Exception) -> str:
-    text = (str(exc).splitlines()[0] if str(exc) else type(exc).__name__).rstrip(". ")
+def _as_clause(exc: Exception) -> str:
+    """The first line of ``exc``'s message to go mid-sentence: no final period, lower case."""
+    text = first_line(exc).rstrip(". ")
     return text[:1].lower() + text[1:] if text[1:2].islower() else text  # not "oNNX"
 
 
@@ -832,7 +834,7 @@ class OnnxRuntimeBackend:
         except BackendError as exc:
             raise BackendError(f"{exc} With a dynamic batch it failed too: {dynamic_exc}") from exc
         artifact.static_batch_reason = (
-            f"the batch is fixed at {batch}: with a dynamic batch, {_first_line(dynamic_exc)}. "
+            f"the batch is fixed at {batch}: with a dynamic batch, {_as_clause(dynamic_exc)}. "
             "Run the artifact with that batch size (or change what fixes the batch in the "
             "model and optimize again)."
         )

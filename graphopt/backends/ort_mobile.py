@@ -33,7 +33,8 @@ from typing import Any
 import onnx
 import onnxruntime as ort
 
-from graphopt.errors import BackendError, close_matches
+from graphopt._util import close_matches
+from graphopt.errors import BackendError
 
 log = logging.getLogger(__name__)
 

@@ -47,6 +47,7 @@ import numpy as np
 import onnx
 import torch
 
+from graphopt._util import cache_dir, first_line
 from graphopt.backends._tvm_worker import CROSS_EXPORT, import_tensor_intrinsics, init_worker
 from graphopt.backends.measure import (
     Latency,
@@ -54,7 +55,6 @@ from graphopt.backends.measure import (
     available_cores,
     cache_key,
     cached_latency,
-    default_cache_dir,
     time_callable,
     write_json_atomic,
 )
@@ -210,13 +210,14 @@ def to_relax(
             exported, keep_params_as_input=False, run_ep_decomposition=False
         )
     except Exception as exc:  # torch.export or the Relax importer: try the ONNX route
-        first = _first_line(exc)
+        first = first_line(exc, with_type=True)
     try:
         return _relax_from_onnx(module, inputs, input_names)
     except Exception as exc:
         raise BackendError(
             "TVM could not import the graph: torch.export -> Relax failed "
-            f"({first}) and ONNX -> Relax failed ({_first_line(exc)}). Use backend='onnxruntime'."
+            f"({first}) and ONNX -> Relax failed ({first_line(exc, with_type=True)}). "
+            "Use backend='onnxruntime'."
         ) from exc
 
 
@@ -296,10 +297,6 @@ def _onnx_inputs(proto: onnx.ModelProto) -> list[str]:
     """The model's inputs that are not weights (older exports list weights as inputs too)."""
     weights = {t.name for t in proto.graph.initializer}
     return [i.name for i in proto.graph.input if i.name not in weights]
-
-
-def _first_line(exc: Exception) -> str:
-    return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
 
 
 def _fold_shapes(proto: onnx.ModelProto, input_shapes: Sequence[tuple[int, ...]]) -> Any:
@@ -765,7 +762,7 @@ class TvmBackend:
         digest = hashlib.blake2b(
             (target_json(self.tvm_target) + tvm.__version__).encode(), digest_size=8
         ).hexdigest()
-        return default_cache_dir() / "tvm" / f"db-{digest}"
+        return cache_dir() / "tvm" / f"db-{digest}"
 
     # ---- lowering
 
@@ -796,13 +793,13 @@ class TvmBackend:
         try:
             mod = relax_from_proto(proto, input_shapes)
         except Exception as exc:
-            first = _first_line(exc)
+            first = first_line(exc, with_type=True)
             try:  # shape arithmetic TVM's importer rejects, folded away at the static shapes
                 mod = relax_from_proto(_fold_shapes(proto, input_shapes), input_shapes)
             except Exception as again:
                 raise BackendError(
                     f"TVM could not import the ONNX model ({first}; with its shape arithmetic "
-                    f"folded: {_first_line(again)}). Use backend='onnxruntime'."
+                    f"folded: {first_line(again, with_type=True)}). Use backend='onnxruntime'."
                 ) from again
         artifact = self.compile_relax(mod, [tuple(s) for s in input_shapes])
         artifact.imported_ops = op_counts(mod)
@@ -813,7 +810,7 @@ class TvmBackend:
             fused = fuse(mod, self.tvm_target)
         except Exception as exc:  # TVM's legalization raises its own (and plain) errors
             raise BackendError(
-                f"TVM could not lower the model ({_first_line(exc)}). Use "
+                f"TVM could not lower the model ({first_line(exc, with_type=True)}). Use "
                 "backend='onnxruntime' for this model."
             ) from exc
         database = TuningDatabase(self.database_path, self.tvm_target)
@@ -827,7 +824,7 @@ class TvmBackend:
                 )
             except Exception as exc:
                 raise BackendError(
-                    f"TVM failed to build the module: {_first_line(exc)}. TVM "
+                    f"TVM failed to build the module: {first_line(exc, with_type=True)}. TVM "
                     f"{tvm.__version__} cannot lower an operator of this model; use "
                     "backend='onnxruntime' for it."
                 ) from exc

@@ -42,7 +42,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from graphopt.errors import InputError, close_matches
+from graphopt._util import close_matches
+from graphopt.errors import InputError
 from graphopt.pass_manager import Numerics, Pass, PassContext, PassResult
 from graphopt.pipeline import register_pass
 from graphopt.quant.calibration import validate_calibration_batches

@@ -50,6 +50,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
+from graphopt._util import close_matches
 from graphopt.errors import GraphoptError, InputError
 
 __all__ = [
@@ -657,8 +658,6 @@ def make_observer(method: str, **options: Any) -> Observer:
     """An observer by name (``minmax``, ``percentile``, ``entropy``, ``mse``) with options."""
     cls = OBSERVERS.get(method)
     if cls is None:
-        from graphopt.errors import close_matches
-
         raise GraphoptError(
             f"unknown calibration method {method!r}; use one of {', '.join(OBSERVERS)}."
             + close_matches(method, OBSERVERS)

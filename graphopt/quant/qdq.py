@@ -74,7 +74,8 @@ import onnxruntime as ort
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from graphopt.errors import BackendError, GraphoptError, InputError, close_matches
+from graphopt._util import close_matches
+from graphopt.errors import BackendError, GraphoptError, InputError
 from graphopt.quant.calibration import (
     OBSERVERS,
     MethodChoice,
