@@ -192,9 +192,8 @@ def _export_dynamo(module, inputs, names, out_names, dynamic_batch, opset, legac
         )
         raise BackendError(
             f"could not export the graph to ONNX: the TorchScript exporter said "
-            f"{type(legacy_exc).__name__}: {str(legacy_exc).splitlines()[0]}; the "
-            f"dynamo exporter said {type(exc).__name__}: "
-            f"{str(exc).splitlines()[0] if str(exc) else ''}.{hint}"
+            f"{first_line(legacy_exc, with_type=True)}; the "
+            f"dynamo exporter said {first_line(exc, with_type=True)}.{hint}"
         ) from exc
 
 
@@ -785,9 +784,7 @@ class OnnxRuntimeBackend:
                 proto.SerializeToString(), self.session_options(), providers=self.providers
             )
         except Exception as exc:
-            raise BackendError(
-                f"ONNX Runtime could not load the model: {str(exc).splitlines()[0]}"
-            ) from exc
+            raise BackendError(f"ONNX Runtime could not load the model: {first_line(exc)}") from exc
         return OrtArtifact(proto, session, self.target)
 
     def compile(

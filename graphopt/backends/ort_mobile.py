@@ -33,7 +33,7 @@ from typing import Any
 import onnx
 import onnxruntime as ort
 
-from graphopt._util import close_matches
+from graphopt._util import close_matches, first_line
 from graphopt.errors import BackendError
 
 log = logging.getLogger(__name__)
@@ -317,7 +317,7 @@ def _check_loads(path: Path) -> None:
     except Exception as exc:
         raise BackendError(
             f"the converted model {path} does not load in onnxruntime {ort.__version__}: "
-            f"{str(exc).splitlines()[0]}"
+            f"{first_line(exc)}"
         ) from exc
 
 
