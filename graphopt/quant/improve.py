@@ -72,7 +72,7 @@ from graphopt.quant.calibration import (
     validate_calibration_batches,
     weight_qparams,
 )
-from graphopt.quant.qdq import QuantReport, fixed_batch, quantize_onnx
+from graphopt.quant.qdq import EXACT_INT8_CONFIG, QuantReport, fixed_batch, quantize_onnx
 
 log = logging.getLogger(__name__)
 
@@ -229,6 +229,7 @@ def _session(model: onnx.ModelProto, optimize: bool = False) -> ort.InferenceSes
     )
     opts.intra_op_num_threads = min(2, os.cpu_count() or 1)
     opts.log_severity_level = 3
+    opts.add_session_config_entry(*EXACT_INT8_CONFIG)  # no int16 saturation on x86 w/o VNNI
     try:
         return ort.InferenceSession(
             model.SerializeToString(), opts, providers=["CPUExecutionProvider"]

@@ -131,6 +131,12 @@ INTEGER_OPS = (
 )
 METHODS = (*OBSERVERS, "auto")
 _ACTIVATION_TYPES = {"uint8": TensorProto.UINT8, "int8": TensorProto.INT8}
+# ORT's uint8 x int8 kernels on x86 without VNNI (SSE4.1, AVX2, AVX-512F) sum each pair of
+# products in saturating int16 (PMADDUBSW: 255 * 127 * 2 = 64770 is clamped to 32767), so the
+# fused int8 model is far from its QDQ function on such CPUs. This session entry makes ORT
+# shift the int8 weights to uint8 and run its exact uint8 x uint8 kernels there; elsewhere
+# (VNNI, AMX, ARM) it does nothing. Set on every session that runs the fused int8 kernels.
+EXACT_INT8_CONFIG = ("session.x64quantprecision", "1")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -504,6 +510,7 @@ def _session(model: onnx.ModelProto, level: str = "none") -> ort.InferenceSessio
     opts.intra_op_num_threads = min(2, os.cpu_count() or 1)
     # no spinning after a run: torch computes the statistics in between, on the same cores
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    opts.add_session_config_entry(*EXACT_INT8_CONFIG)
     opts.log_severity_level = 3
     try:
         return ort.InferenceSession(
@@ -891,6 +898,7 @@ def ort_optimized_model(model: onnx.ModelProto, level: str = "extended") -> onnx
             "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
         }[level]
         opts.optimized_model_filepath = path
+        opts.add_session_config_entry(*EXACT_INT8_CONFIG)
         opts.intra_op_num_threads = 1
         opts.log_severity_level = 3
         try:
