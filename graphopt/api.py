@@ -38,14 +38,14 @@ from graphopt.pass_manager import (
     PassManager,
     PrintTiming,
     Reproducer,
-    graph_rounding,
+    Rounding,
     run_samples,
     sample_labels,
 )
 from graphopt.pipeline import PassSpec, Pipeline, format_value, parse_pipeline
 from graphopt.report import Progress, Report, op_counts
 from graphopt.target import Target
-from graphopt.verify import compare, exact_tolerance, run_module
+from graphopt.verify import exact_tolerance, run_module
 
 log = logging.getLogger(__name__)
 
@@ -288,13 +288,15 @@ def optimize(
     )
     check = _Check(samples, accept_mismatch)
     if verify:
-        check.reference = _reference_outputs(user_model, samples, onnx_original)
-        check.measure_rounding(user_model if user_model is not None else captured.graph)
+        check.set_reference(
+            _reference_outputs(user_model, samples, onnx_original),
+            user_model if user_model is not None else copy.deepcopy(captured.graph),
+        )
         check.capture(captured)
     ctx = PassContext(
         sample_inputs=inputs if verify else None,
         extra_sample_inputs=samples[1:] if verify else [],
-        rounding=check.rounding,
+        rounding=check.rounding.value,
         calibration_data=calibration_data,
         finetune=finetune,
         metric=metric,
@@ -419,20 +421,21 @@ class _Check:
         self.samples = samples
         self.accept = accept_mismatch
         self.reference: list[torch.Tensor] | None = None
-        self.rounding: list[float] | None = None
+        self.rounding = Rounding()
         self.labels: list[str] | None = None
         self.warnings: list[str] = []
         self.report: Report | None = None
 
-    def measure_rounding(self, module: nn.Module) -> None:
-        """How far float32 rounding alone moves the model's outputs (``None`` for the floor)."""
-        self.labels = sample_labels(len(self.reference) // len(self.samples), len(self.samples))
-        self.rounding = graph_rounding(module, self.samples, self.reference)
+    def set_reference(self, reference: list[torch.Tensor], module: nn.Module) -> None:
+        """The user's model's outputs on the samples; ``module`` computes them (the model, or
+        the imported graph of an ONNX file) and gives the float32 rounding when it is needed."""
+        self.reference = reference
+        self.labels = sample_labels(len(reference) // len(self.samples), len(self.samples))
+        self.rounding.module, self.rounding.samples = module, self.samples
+        self.rounding.reference = reference
 
     def compare(self, outputs: list[torch.Tensor], numerics: Numerics) -> Any:
-        return compare(
-            self.reference, outputs, numerics, rounding=self.rounding, labels=self.labels
-        )
+        return self.rounding.compare(self.reference, outputs, numerics, self.labels)
 
     def capture(self, captured: Captured) -> None:
         """The captured graph, before any pass, must compute what the user's model computes."""
