@@ -75,6 +75,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from graphopt._util import close_matches
+from graphopt.backends.onnxruntime import EXACT_INT8_CONFIG
 from graphopt.errors import BackendError, GraphoptError, InputError
 from graphopt.quant.calibration import (
     OBSERVERS,
@@ -131,12 +132,6 @@ INTEGER_OPS = (
 )
 METHODS = (*OBSERVERS, "auto")
 _ACTIVATION_TYPES = {"uint8": TensorProto.UINT8, "int8": TensorProto.INT8}
-# ORT's uint8 x int8 kernels on x86 without VNNI (SSE4.1, AVX2, AVX-512F) sum each pair of
-# products in saturating int16 (PMADDUBSW: 255 * 127 * 2 = 64770 is clamped to 32767), so the
-# fused int8 model is far from its QDQ function on such CPUs. This session entry makes ORT
-# shift the int8 weights to uint8 and run its exact uint8 x uint8 kernels there; elsewhere
-# (VNNI, AMX, ARM) it does nothing. Set on every session that runs the fused int8 kernels.
-EXACT_INT8_CONFIG = ("session.x64quantprecision", "1")
 
 
 # ------------------------------------------------------------------------------------------------
