@@ -158,24 +158,19 @@ def capture(
 
 
 def _torch_export(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> tuple[Any, str]:
-    """``torch.export`` of ``model`` with a dynamic batch (dim 0 of every input), as symbolic
-    tracing gives; where the model fixes its batch, a static export and the reason.
+    """``torch.export`` of ``model`` at the example's shapes: ``(module, why the batch is
+    fixed)``. The exported module guards its input shapes, so the inputs are declared static
+    and other batch sizes are refused up front, never computed wrong.
 
-    An example batch of 1 would be specialised (torch.export's 0/1 rule), so the export sees the
-    example twice over; ``(module, "")`` or ``(module, why the batch is fixed)``.
+    A dynamic batch (``Dim`` on axis 0) exports too, but its graphs build padding and views from
+    ``sym_size``, which the structural passes do not all read yet (DBB's item-assigned padding
+    stays unmerged): static until they do.
     """
     from graphopt.backends.onnxruntime import EXPORT_LOCK  # torch's exporters share state
 
-    batch = torch.export.Dim("batch")
-    dynamic = tuple({0: batch} if t.dim() else None for t in inputs)
-    doubled = tuple(torch.cat([t, t]) if t.dim() and t.shape[0] == 1 else t for t in inputs)
     with EXPORT_LOCK:
-        try:
-            program = torch.export.export(model, doubled, dynamic_shapes=dynamic, strict=False)
-            return program.module(), ""
-        except Exception as exc:  # noqa: BLE001 - the model fixes its batch: export it static
-            reason = first_line(exc)
-        return torch.export.export(model, inputs, strict=False).module(), reason
+        module = torch.export.export(model, inputs, strict=False).module()
+    return module, "torch.export specialises the graph to the example's shapes"
 
 
 class _Tracer(fx.Tracer):

@@ -146,16 +146,23 @@ class _ItemAssign(nn.Module):
         return v.reshape(2, -1) if self.fixed else v
 
 
-def test_torch_export_fallback_keeps_the_batch_dynamic_even_from_a_batch_of_one():
+def test_torch_export_fallback_declares_the_batch_it_was_exported_with():
     m = _ItemAssign().eval()
     cap = capture(m, (torch.randn(1, 3, 8, 8),))
-    assert cap.method == "torch.export" and cap.inputs[0].shape == (None, 3, 8, 8)
-    for batch in (1, 3):
-        x = torch.randn(batch, 3, 8, 8)
-        assert torch.equal(cap.graph(x), m(x))
-
-
-def test_torch_export_fallback_of_a_model_that_fixes_its_batch_says_so():
-    cap = capture(_ItemAssign(fixed=True).eval(), (torch.randn(2, 3, 8, 8),))
-    assert cap.inputs[0].shape == (2, 3, 8, 8)
+    assert cap.method == "torch.export" and cap.inputs[0].shape == (1, 3, 8, 8)
     assert any("could not keep the batch dynamic" in n for n in cap.notes)
+    x = torch.randn(1, 3, 8, 8)
+    assert torch.equal(cap.graph(x), m(x))
+
+
+def test_optimized_torch_export_model_refuses_other_batches_instead_of_computing_them_wrong():
+    import graphopt
+    from graphopt.errors import InputError
+
+    m = ShapeBranch().eval()  # control flow on a shape: captured by torch.export
+    result = graphopt.optimize(m, "cpu", (torch.randn(2, 3, 8, 8),), measure=False)
+    assert result.report.capture_method == "torch.export"
+    x = torch.randn(2, 3, 8, 8)
+    assert torch.allclose(result(x), m(x), atol=1e-5)
+    with pytest.raises(InputError, match="should be"):
+        result(torch.randn(3, 3, 8, 8))

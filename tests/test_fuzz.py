@@ -118,6 +118,12 @@ def test_models_updating_their_own_state_are_refused_or_kept(pipeline):
     assert report.counts["refused"] + report.counts["ok"] == 30, report.summary()
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="the torch.export fallback is static (capture declares it so and optimize refuses "
+    "other batches): a dynamic export builds padding from sym_size, which reparameterize does "
+    "not read yet",
+)
 def test_models_captured_through_torch_export_take_other_batch_sizes():
     _assert_clean(fuzz(range(20), DEFAULT_PIPELINE, families=["export-fallback"]))
 

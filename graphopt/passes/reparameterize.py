@@ -701,6 +701,13 @@ def _border_writes(
         index, val = region
         if index[:2] != (full, full):
             return None
+        # x.expand(region) only broadcasts x; with a dynamic batch the region's size is
+        # symbolic and constant folding leaves the expand: read the value it broadcasts
+        while isinstance(val, fx.Node) and (
+            val.target is torch.ops.aten.expand.default
+            or (val.op == "call_method" and val.target == "expand")
+        ):
+            val = val.args[0]
         const = _constant(gm, val)
         vec = _channel_values(const, len(shape)) if const is not None else None
         if vec is None or (value is not None and not torch.equal(vec, value)):
