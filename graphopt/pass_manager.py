@@ -30,7 +30,7 @@ from graphopt import verify
 from graphopt.errors import GraphoptError, PassError, PipelineError, VerificationError
 from graphopt.pipeline import (
     Pipeline,
-    check_option,
+    check_options,
     format_value,
     option_fields,
     parse_pipeline,
@@ -221,11 +221,7 @@ class Pass:
                     )
             options = self.Options(**values)
         # registered passes check in Options(); a pass used without registering is checked here
-        for f in dataclasses.fields(options):
-            value = getattr(options, f.name)
-            checked = check_option(type(self), f.name, value)
-            if checked is not value:  # frozen: the coerced value (int -> float) is set as-is
-                object.__setattr__(options, f.name, checked)
+        check_options(type(self), options)
         self.options = options
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:

@@ -74,12 +74,7 @@ def _check_on_construction(cls: type[Pass]) -> None:
     @functools.wraps(init)
     def checked_init(self: Any, *args: Any, **kwargs: Any) -> None:
         init(self, *args, **kwargs)
-        owner = type(self).__dict__.get("_graphopt_pass", cls)
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            checked = check_option(owner, f.name, value)
-            if checked is not value:  # frozen: the coerced value (int -> float) is set as-is
-                object.__setattr__(self, f.name, checked)
+        check_options(type(self).__dict__.get("_graphopt_pass", cls), self)
 
     options.__init__ = checked_init
     options._graphopt_pass = cls
@@ -213,6 +208,16 @@ def _parse_text(cls: type[Pass], key: str, text: str) -> Any:
         raise PipelineError(
             f"bad value {text!r} for option {key!r} of pass {cls.name!r}: {exc}."
         ) from None
+
+
+def check_options(cls: type[Pass], options: Any) -> None:
+    """:func:`check_option` on every field of the ``options`` dataclass of pass ``cls``; a
+    coerced value (an int given for a float) is stored in place (frozen: set as-is)."""
+    for f in dataclasses.fields(options):
+        value = getattr(options, f.name)
+        checked = check_option(cls, f.name, value)
+        if checked is not value:
+            object.__setattr__(options, f.name, checked)
 
 
 def check_option(cls: type[Pass], key: str, value: Any) -> Any:

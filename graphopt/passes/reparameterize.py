@@ -214,13 +214,19 @@ def float64_weights() -> Iterator[None]:
         _RUN_WRITES.reset(writes)
 
 
-def _mutates(gm: fx.GraphModule, node: fx.Node) -> bool:
+def _per_node(table: str, rule: Any, gm: fx.GraphModule, node: fx.Node) -> bool:
+    """``rule(gm, node)``, worked out once per node in a run (kept in the run's ``table``)."""
     memo = _RUN_WRITES.get()
     if memo is None:
-        return mutates_input(gm, node)
-    if node not in memo.mutates:
-        memo.mutates[node] = mutates_input(gm, node)
-    return memo.mutates[node]
+        return rule(gm, node)
+    seen = getattr(memo, table)
+    if node not in seen:
+        seen[node] = rule(gm, node)
+    return seen[node]
+
+
+def _mutates(gm: fx.GraphModule, node: fx.Node) -> bool:
+    return _per_node("mutates", mutates_input, gm, node)
 
 
 def _written(gm: fx.GraphModule, *tensors: torch.Tensor | None) -> bool:
@@ -254,12 +260,7 @@ def _aliases(gm: fx.GraphModule, node: fx.Node) -> bool:
     in a run."""
     if not node.args or not isinstance(node.args[0], fx.Node):
         return False
-    memo = _RUN_WRITES.get()
-    if memo is None:
-        return may_alias_input(gm, node)
-    if node not in memo.aliases:
-        memo.aliases[node] = may_alias_input(gm, node)
-    return memo.aliases[node]
+    return _per_node("aliases", may_alias_input, gm, node)
 
 
 def _written_before(gm: fx.GraphModule, x: Any, end: fx.Node) -> bool:
