@@ -69,8 +69,9 @@ from torch import nn
 import graphopt
 from graphopt import bench, zoo
 from graphopt.backends.measure import time_interleaved
-from graphopt.capture import capture
-from graphopt.pass_manager import PassContext, PassManager
+from graphopt.frontends.torch import capture
+from graphopt.core.pass_infra import PassContext
+from graphopt.pipeline import PassManager
 from graphopt.report import Progress
 
 RESULTS = Path(__file__).resolve().parent / "results"

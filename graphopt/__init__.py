@@ -33,13 +33,13 @@ __version__ = "0.1.0"
 _LAZY: dict[str, str] = {
     "optimize": "graphopt.api",
     "OptimizedModel": "graphopt.api",
-    "capture": "graphopt.capture",
-    "Pass": "graphopt.pass_manager",
-    "PassResult": "graphopt.pass_manager",
-    "PassContext": "graphopt.pass_manager",
-    "PassManager": "graphopt.pass_manager",
-    "Numerics": "graphopt.pass_manager",
-    "register_pass": "graphopt.pipeline",
+    "capture": "graphopt.frontends.torch",
+    "Pass": "graphopt.core",
+    "PassResult": "graphopt.core",
+    "PassContext": "graphopt.core",
+    "PassManager": "graphopt.pipeline",
+    "Numerics": "graphopt.core",
+    "register_pass": "graphopt.core",
     "parse_pipeline": "graphopt.pipeline",
     "Target": "graphopt.target",
     "Report": "graphopt.report",
@@ -51,10 +51,9 @@ _SUBMODULES = {
     "testing",
     "passes",
     "backends",
-    "verify",
+    "core",
     "pipeline",
-    "pass_manager",
-    "capture",
+    "frontends",
     "api",
     "target",
     "report",
@@ -105,10 +104,12 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # pragma: no cover
     from graphopt.api import OptimizedModel, optimize
-    from graphopt.capture import capture
+    from graphopt.core.numerics import Numerics
+    from graphopt.core.pass_infra import Pass, PassContext, PassResult
+    from graphopt.core.registry import register_pass
+    from graphopt.frontends.torch import capture
     from graphopt.monarch import MonarchLinear
-    from graphopt.pass_manager import Numerics, Pass, PassContext, PassManager, PassResult
-    from graphopt.pipeline import parse_pipeline, register_pass
+    from graphopt.pipeline import PassManager, parse_pipeline
     from graphopt.report import Report
     from graphopt.target import Target
     from graphopt.tune import tune_mode

@@ -22,7 +22,16 @@ from graphopt._util import close_matches
 from graphopt.backends import get_backend
 from graphopt.backends.measure import time_interleaved
 from graphopt.backends.onnxruntime import to_numpy
-from graphopt.capture import Captured, InputSpec, capture, set_eval
+from graphopt.core.numerics import (
+    Numerics,
+    Rounding,
+    exact_tolerance,
+    run_module,
+    run_samples,
+    sample_labels,
+)
+from graphopt.core.options import format_value
+from graphopt.core.pass_infra import PassContext
 from graphopt.errors import (
     ArgumentError,
     BackendError,
@@ -31,21 +40,18 @@ from graphopt.errors import (
     VerificationError,
     graphopt_errors_only,
 )
-from graphopt.pass_manager import (
+from graphopt.frontends.torch import Captured, InputSpec, capture, set_eval
+from graphopt.pipeline import (
     Instrument,
-    Numerics,
-    PassContext,
     PassManager,
+    PassSpec,
+    Pipeline,
     PrintTiming,
     Reproducer,
-    Rounding,
-    run_samples,
-    sample_labels,
+    parse_pipeline,
 )
-from graphopt.pipeline import PassSpec, Pipeline, format_value, parse_pipeline
 from graphopt.report import Progress, Report, op_counts
 from graphopt.target import Target
-from graphopt.verify import exact_tolerance, run_module
 
 log = logging.getLogger(__name__)
 

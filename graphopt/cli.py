@@ -33,8 +33,7 @@ from graphopt.errors import GraphoptError, InputError
 def _cmd_optimize(args: argparse.Namespace) -> int:
     import graphopt
     from graphopt import zoo
-    from graphopt.pass_manager import DumpIR, PrintIR
-    from graphopt.pipeline import parse_pipeline
+    from graphopt.pipeline import DumpIR, PrintIR, parse_pipeline
     from graphopt.target import Target
 
     # everything a user typed is checked before a model is built or a minute is spent tuning
@@ -183,7 +182,7 @@ def _load_calibration(path: str, batch_size: int) -> list[tuple]:
 
 
 def _cmd_passes(args: argparse.Namespace) -> int:
-    from graphopt.pipeline import registered_passes
+    from graphopt.core.registry import registered_passes
 
     for name, cls in registered_passes().items():
         doc = inspect.getdoc(sys.modules[cls.__module__]) or inspect.getdoc(cls) or ""

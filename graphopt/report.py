@@ -21,8 +21,8 @@ from typing import Any
 from torch import fx
 
 from graphopt.backends.measure import Latency
-from graphopt.pass_manager import PassRecord
-from graphopt.verify import Comparison
+from graphopt.core.numerics import Comparison
+from graphopt.pipeline import PassRecord
 
 
 def op_counts(gm: fx.GraphModule) -> Counter:

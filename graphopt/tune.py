@@ -48,16 +48,17 @@ import torch
 from torch import fx, nn
 
 from graphopt._util import first_line
-from graphopt.capture import (
+from graphopt.core.pass_infra import PassContext
+from graphopt.errors import CaptureError, GraphoptError, graphopt_errors_only
+from graphopt.frontends.torch import (
     _as_tensors,
     _check_runs,
     _copy_model,
     _failing_line,
     _Tracer,
 )
-from graphopt.errors import CaptureError, GraphoptError, graphopt_errors_only
-from graphopt.pass_manager import PassContext, PassManager
 from graphopt.passes.tune_conv_bn import TuneConvBN
+from graphopt.pipeline import PassManager
 
 __all__ = ["tune_mode"]
 

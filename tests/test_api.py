@@ -15,6 +15,7 @@ from torch import nn
 import graphopt
 from graphopt import zoo
 from graphopt.backends.onnxruntime import export_onnx
+from graphopt.core.numerics import exact_tolerance
 from graphopt.errors import (
     CaptureError,
     GraphoptError,
@@ -22,7 +23,6 @@ from graphopt.errors import (
     PipelineError,
     TargetError,
 )
-from graphopt.verify import exact_tolerance
 
 ZOO = zoo.names()
 

@@ -302,8 +302,8 @@ def test_report_with_nan_and_zero_latencies_prints_and_writes_strict_json():
 def test_report_with_missing_fields_prints():
     import numpy as np
 
-    from graphopt.pass_manager import PassRecord
-    from graphopt.verify import Comparison
+    from graphopt.core.numerics import Comparison
+    from graphopt.pipeline import PassRecord
 
     bad = Comparison(ok=False, metric="max_abs", measured=None, allowed=1e-5, output="out")
     record = PassRecord(0, "fold-conv-bn", "fold-conv-bn", "exact", time_s=None, comparison=bad)

@@ -16,6 +16,9 @@ from torch import nn
 
 import graphopt
 from graphopt.backends.onnxruntime import export_onnx
+from graphopt.core.numerics import Numerics, compare, exact_tolerance, rounding_error
+from graphopt.core.pass_infra import Pass, PassResult
+from graphopt.core.registry import register_pass
 from graphopt.errors import (
     ArgumentError,
     CaptureError,
@@ -23,10 +26,7 @@ from graphopt.errors import (
     InputError,
     VerificationError,
 )
-from graphopt.pass_manager import Numerics, Pass, PassResult
-from graphopt.pipeline import register_pass
 from graphopt.testing import randomize_bn, seeded
-from graphopt.verify import compare, exact_tolerance, rounding_error
 
 
 @register_pass

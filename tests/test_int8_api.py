@@ -13,10 +13,10 @@ import graphopt
 from graphopt import zoo
 from graphopt.api import int8_pipeline
 from graphopt.backends.onnxruntime import export_onnx
-from graphopt.capture import capture
+from graphopt.core.pass_infra import PassContext
 from graphopt.errors import GraphoptError, InputError, VerificationError
-from graphopt.pass_manager import PassContext, PassManager
-from graphopt.pipeline import parse_pipeline
+from graphopt.frontends.torch import capture
+from graphopt.pipeline import PassManager, parse_pipeline
 from graphopt.quant.calibration import weight_qparams
 from graphopt.quant.improve import _predictor, quantize_int8
 from graphopt.quant.qdq import integer_op_counts, ort_optimized_model

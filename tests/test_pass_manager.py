@@ -11,20 +11,12 @@ import pytest
 import torch
 from torch import fx, nn
 
-from graphopt import verify
-from graphopt.capture import capture
+from graphopt.core.numerics import Numerics, compare, exact_tolerance, run_module
+from graphopt.core.pass_infra import Pass, PassContext, PassResult
+from graphopt.core.printing import canonical_ir, fingerprint
 from graphopt.errors import PassError, VerificationError
-from graphopt.pass_manager import (
-    DumpIR,
-    Numerics,
-    Pass,
-    PassContext,
-    PassManager,
-    PassResult,
-    PrintIR,
-    PrintTiming,
-    Reproducer,
-)
+from graphopt.frontends.torch import capture
+from graphopt.pipeline import DumpIR, PassManager, PrintIR, PrintTiming, Reproducer
 from graphopt.testing import randomize_bn
 
 
@@ -98,7 +90,7 @@ def _gm():
 
 def test_breaking_pass_is_rolled_back_and_reported():
     gm, x = _gm()
-    expected = verify.run_module(gm, (x,))
+    expected = run_module(gm, (x,))
     result = PassManager([ScaleConvWeights()]).run(gm, PassContext(sample_inputs=(x,)))
     (record,) = result.records
     assert record.status == "rolled-back"
@@ -106,7 +98,7 @@ def test_breaking_pass_is_rolled_back_and_reported():
     assert record.comparison.measured > record.comparison.allowed
     assert "broke its numeric contract exact" in record.message
     # the graph handed back computes what it did before
-    got = verify.run_module(result.graph, (x,))
+    got = run_module(result.graph, (x,))
     assert torch.equal(got[0], expected[0])
 
 
@@ -136,13 +128,13 @@ def test_strict_mode_raises_verification_error_naming_pass_output_and_error():
 
 def test_exception_in_pass_restores_the_graph_and_strict_raises_pass_error(tmp_path):
     gm, x = _gm()
-    before = verify.fingerprint(gm)
+    before = fingerprint(gm)
     result = PassManager([Explode()], instruments=[Reproducer(tmp_path)]).run(
         gm, PassContext(sample_inputs=(x,))
     )
     assert result.records[0].status == "failed"
     assert "RuntimeError: boom" in result.records[0].message
-    assert verify.fingerprint(result.graph) == before
+    assert fingerprint(result.graph) == before
     gm, x = _gm()
     with pytest.raises(PassError, match="boom") as info:
         PassManager([Explode()], strict=True).run(gm, PassContext(sample_inputs=(x,)))
@@ -152,10 +144,10 @@ def test_exception_in_pass_restores_the_graph_and_strict_raises_pass_error(tmp_p
 
 def test_invalid_graph_is_caught_by_lint_and_rolled_back():
     gm, x = _gm()
-    before = verify.canonical_ir(gm)
+    before = canonical_ir(gm)
     result = PassManager([BreakGraph()]).run(gm, PassContext(sample_inputs=(x,)))
     assert result.records[0].status == "failed"
-    assert verify.canonical_ir(result.graph) == before
+    assert canonical_ir(result.graph) == before
 
 
 def test_lossy_pass_is_checked_against_its_metric():
@@ -191,7 +183,7 @@ def test_reproducer_reruns_the_failure(tmp_path):
     loaded = torch.load(repro / "graph.pt", weights_only=False)
     inputs = torch.load(repro / "inputs.pt", weights_only=False)
     assert torch.equal(
-        verify.run_module(loaded, inputs)[0], verify.run_module(result.graph, (x,))[0]
+        run_module(loaded, inputs)[0], run_module(result.graph, (x,))[0]
     )
 
 
@@ -251,18 +243,18 @@ def test_numerics_describe_and_validate():
 
 def test_exact_tolerance_scales_with_output_magnitude():
     ref = torch.randn(100)
-    assert verify.exact_tolerance(ref * 1000) == pytest.approx(1000 * verify.exact_tolerance(ref))
-    big = verify.compare([ref * 1000], [ref * 1000 + 1e-3], Numerics.exact())
-    small = verify.compare([ref], [ref + 1e-3], Numerics.exact())
+    assert exact_tolerance(ref * 1000) == pytest.approx(1000 * exact_tolerance(ref))
+    big = compare([ref * 1000], [ref * 1000 + 1e-3], Numerics.exact())
+    small = compare([ref], [ref + 1e-3], Numerics.exact())
     assert big.ok and not small.ok
 
 
 def test_compare_reports_shape_mismatch_and_nan():
     ref = torch.ones(2, 3)
-    assert not verify.compare([ref], [torch.ones(3, 2)], Numerics.exact()).ok
+    assert not compare([ref], [torch.ones(3, 2)], Numerics.exact()).ok
     nan = ref.clone()
     nan[0, 0] = float("nan")
-    assert not verify.compare([ref], [nan], Numerics.exact()).ok
+    assert not compare([ref], [nan], Numerics.exact()).ok
 
 
 def test_canonical_ir_ignores_module_names():
@@ -283,9 +275,9 @@ def test_canonical_ir_ignores_module_names():
             return torch.relu(self.other_name(inp))
 
     a, b = fx.symbolic_trace(A()), fx.symbolic_trace(B())
-    assert verify.canonical_ir(a) == verify.canonical_ir(b)
-    assert verify.fingerprint(a) != verify.fingerprint(b)  # different random weights
+    assert canonical_ir(a) == canonical_ir(b)
+    assert fingerprint(a) != fingerprint(b)  # different random weights
     b.other_name.load_state_dict(a.first.state_dict())
-    assert verify.canonical_ir(a, elide_constants=False) == verify.canonical_ir(
+    assert canonical_ir(a, elide_constants=False) == canonical_ir(
         b, elide_constants=False
     )

@@ -8,18 +8,13 @@ import typing
 
 import pytest
 
+from graphopt.core.options import check_option, option_fields
+from graphopt.core.pass_infra import Pass
+from graphopt.core.registry import get_pass, register_pass, registered_passes
 from graphopt.errors import PipelineError
-from graphopt.pass_manager import Pass
 from graphopt.passes import FoldConvBN
-from graphopt.pipeline import (
-    _REGISTRY,
-    check_option,
-    get_pass,
-    option_fields,
-    parse_pipeline,
-    register_pass,
-    registered_passes,
-)
+from graphopt.core.registry import _REGISTRY
+from graphopt.pipeline import parse_pipeline
 
 
 @pytest.mark.parametrize(

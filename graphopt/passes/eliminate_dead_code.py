@@ -23,8 +23,9 @@ from dataclasses import dataclass
 import torch
 from torch import fx, nn
 
-from graphopt.pass_manager import Numerics, Pass, PassContext, PassResult
-from graphopt.pipeline import register_pass
+from graphopt.core.numerics import Numerics
+from graphopt.core.pass_infra import Pass, PassContext, PassResult
+from graphopt.core.registry import register_pass
 
 
 @register_pass

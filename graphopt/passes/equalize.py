@@ -45,7 +45,9 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from graphopt.pass_manager import Numerics, Pass, PassContext, PassResult
+from graphopt.core.numerics import Numerics
+from graphopt.core.pass_infra import Pass, PassContext, PassResult
+from graphopt.core.registry import register_pass
 from graphopt.passes._tensors import as_parameter
 from graphopt.passes.eliminate_dead_code import storage_key, written_storages
 from graphopt.passes.fold_conv_bn import (
@@ -56,7 +58,6 @@ from graphopt.passes.fold_conv_bn import (
     _param_owners,
     _set_attr,
 )
-from graphopt.pipeline import register_pass
 
 aten = torch.ops.aten
 

@@ -28,14 +28,15 @@ from typing import Any
 import torch
 from torch import fx
 
-from graphopt.pass_manager import Numerics, Pass, PassContext, PassResult
+from graphopt.core.numerics import Numerics
+from graphopt.core.pass_infra import Pass, PassContext, PassResult
+from graphopt.core.registry import register_pass
 from graphopt.passes.eliminate_dead_code import (
     is_impure,
     storage_key,
     written_in_place,
     written_storages,
 )
-from graphopt.pipeline import register_pass
 
 _RANDOM = {
     "rand",

@@ -43,9 +43,10 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from graphopt._util import close_matches
+from graphopt.core.numerics import Numerics
+from graphopt.core.pass_infra import Pass, PassContext, PassResult
+from graphopt.core.registry import register_pass
 from graphopt.errors import InputError
-from graphopt.pass_manager import Numerics, Pass, PassContext, PassResult
-from graphopt.pipeline import register_pass
 from graphopt.quant.calibration import validate_calibration_batches
 from graphopt.quant.qdq import METHODS
 

@@ -26,9 +26,10 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from graphopt.pass_manager import Numerics, Pass, PassContext, PassResult
+from graphopt.core.numerics import Numerics
+from graphopt.core.pass_infra import Pass, PassContext, PassResult
+from graphopt.core.registry import register_pass
 from graphopt.passes.eliminate_dead_code import mutates_input
-from graphopt.pipeline import register_pass
 
 _DROPOUT_MODULES = (
     nn.Dropout,

@@ -80,8 +80,10 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from graphopt.core.numerics import Numerics
+from graphopt.core.pass_infra import Pass, PassContext, PassResult
+from graphopt.core.registry import register_pass
 from graphopt.merge_algebra import dense_kernel, regroup
-from graphopt.pass_manager import Numerics, Pass, PassContext, PassResult
 from graphopt.passes._tensors import as_normal, as_parameter
 from graphopt.passes.eliminate_dead_code import (
     may_alias_input,
@@ -98,7 +100,6 @@ from graphopt.passes.fold_conv_bn import (
     _rank,
     bn_affine,
 )
-from graphopt.pipeline import register_pass
 
 aten = torch.ops.aten
 # in-place forms (``out += y``; aten's add_) mutate their first operand: _binary requires that

@@ -58,11 +58,12 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from graphopt.backends.measure import Latency, UnitTimer, backend_for, cache_for, measurable
+from graphopt.core.numerics import Numerics
+from graphopt.core.pass_infra import Pass, PassContext, PassResult
+from graphopt.core.registry import register_pass
 from graphopt.errors import PipelineError
 from graphopt.monarch import BlockDiagonalLinear, LowRankLinear, MonarchLinear, PointwiseConv
-from graphopt.pass_manager import Numerics, Pass, PassContext, PassResult
 from graphopt.passes._tensors import grad_enabled
-from graphopt.pipeline import register_pass
 
 log = logging.getLogger(__name__)
 
@@ -651,7 +652,7 @@ def substitute(
     >>> gm, result = substitute(model, (x,), max_error=0.5, nblocks="4")
     >>> print("\\n".join(map(str, result.decisions)))
     """
-    from graphopt.capture import capture
+    from graphopt.frontends.torch import capture
     from graphopt.target import Target
 
     gm = capture(copy.deepcopy(model), tuple(example_inputs)).graph

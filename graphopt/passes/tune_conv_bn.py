@@ -63,8 +63,9 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.autograd.function import once_differentiable
 
-from graphopt.pass_manager import Numerics, Pass, PassContext, PassResult
-from graphopt.pipeline import register_pass
+from graphopt.core.numerics import Numerics
+from graphopt.core.pass_infra import Pass, PassContext, PassResult
+from graphopt.core.registry import register_pass
 
 __all__ = ["TuneConvBN", "frozen_batch_norm", "tune_conv_bn"]
 

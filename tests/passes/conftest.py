@@ -7,9 +7,9 @@ import pytest
 import torch
 from torch import nn
 
-from graphopt import verify
-from graphopt.capture import capture
-from graphopt.pass_manager import Pass, PassContext, PassResult
+from graphopt.core.numerics import compare, flatten_outputs, run_module
+from graphopt.core.pass_infra import Pass, PassContext, PassResult
+from graphopt.frontends.torch import capture
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -41,25 +41,25 @@ def _run_under(
     """
     inputs = tuple(inputs)
     make_ctx = ctx or (lambda: PassContext(sample_inputs=inputs))
-    want = verify.run_module(model, inputs)
+    want = run_module(model, inputs)
     with mode():
         gm = capture(model, inputs).graph
         result = p.run(gm, make_ctx())
-        got = verify.run_module(result.graph, inputs)
-    cmp = verify.compare(want, got, p.numerics)
+        got = run_module(result.graph, inputs)
+    cmp = compare(want, got, p.numerics)
     assert cmp.ok, f"{p} under {mode.__name__}: {cmp.describe()}; stats {dict(result.stats)}"
 
     gm = capture(model, inputs).graph
     with mode():
         result = p.run(gm, make_ctx())
-    cmp = verify.compare(want, verify.run_module(result.graph, inputs), p.numerics)
+    cmp = compare(want, run_module(result.graph, inputs), p.numerics)
     assert cmp.ok, f"{p} under {mode.__name__}: {cmp.describe()}; stats {dict(result.stats)}"
     stored = [
         name for name, t in result.graph.state_dict(keep_vars=True).items() if t.is_inference()
     ]
     assert not stored, f"{p} under {mode.__name__} stored inference tensors: {stored}"
     args = [a.clone().requires_grad_() if a.is_floating_point() else a for a in inputs]
-    outs = [o for o in verify.flatten_outputs(result.graph(*args)) if o.requires_grad]
+    outs = [o for o in flatten_outputs(result.graph(*args)) if o.requires_grad]
     if outs:  # "Inference tensors cannot be saved for backward" if the pass stored one
         sum(o.sum() for o in outs).backward()
     return result

@@ -16,8 +16,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import fx, nn
 
-from graphopt import verify, zoo
-from graphopt.pass_manager import PassContext
+from graphopt import zoo
+from graphopt.core.numerics import compare
+from graphopt.core.pass_infra import PassContext
 from graphopt.passes.equalize import (
     EqualizeLayers,
     channel_ranges,
@@ -423,7 +424,7 @@ def test_weight_written_in_place_in_forward_is_not_rescaled(kind, written, refus
     result = EqualizeLayers().run(fx.symbolic_trace(traced), PassContext(sample_inputs=(x,)))
     got = _twice(result.graph, x)
     for call, (w, g) in enumerate(zip(want, got, strict=True), 1):
-        cmp = verify.compare([w], [g], EqualizeLayers.numerics)
+        cmp = compare([w], [g], EqualizeLayers.numerics)
         assert cmp.ok, f"call {call}: {cmp.describe()}"
     assert result.stats["skipped:written-in-place"] == refused, dict(result.stats)
     assert result.modified == moved and result.stats["equalized"] == int(moved)

@@ -14,9 +14,10 @@ import torch.nn.functional as F
 from hypothesis import given
 from torch import fx, nn
 
-from graphopt import verify
-from graphopt.capture import capture
-from graphopt.pass_manager import PassContext
+from graphopt.core.numerics import compare, run_module
+from graphopt.core.pass_infra import PassContext
+from graphopt.core.printing import canonical_ir, fingerprint
+from graphopt.frontends.torch import capture
 from graphopt.passes.fold_conv_bn import FoldConvBN, bn_affine, fold_after, fold_before
 from graphopt.testing import (
     assert_pass_preserves,
@@ -73,7 +74,7 @@ def _assert_folds(
         **options,
     )
     assert dict(result.stats) == stats
-    assert not _bn_nodes(result.graph), verify.canonical_ir(result.graph)
+    assert not _bn_nodes(result.graph), canonical_ir(result.graph)
     return result.graph
 
 
@@ -202,7 +203,7 @@ def test_naive_conv_transpose_fold_is_wrong_for_groups(dims, case):
     conv = _convt(dims, case, bias=True).eval()
     bn = _bn(_BN[dims], conv.out_channels).eval()
     x, _ = _batches(dims, conv.in_channels)
-    reference = verify.run_module(nn.Sequential(conv, bn), (x,))
+    reference = run_module(nn.Sequential(conv, bn), (x,))
     a, t = bn_affine(bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps)
     tail = [1] * dims
     w = conv.weight.detach().double()
@@ -225,8 +226,8 @@ def test_naive_conv_transpose_fold_is_wrong_for_groups(dims, case):
             )
         ]
 
-    assert verify.compare(reference, run(weight), NUMERICS).ok
-    naive = verify.compare(reference, run(naive_w), NUMERICS)
+    assert compare(reference, run(weight), NUMERICS).ok
+    naive = compare(reference, run(naive_w), NUMERICS)
     assert not naive.ok, naive.describe()
 
 
@@ -416,7 +417,7 @@ def test_torch_export_graph_folds_exactly(case):
     assert result.modified
     assert dict(result.stats) == {"folded": 1}
     assert not _bn_nodes(gm), gm.graph
-    cmp = verify.compare(verify.run_module(model, (x,)), verify.run_module(gm, (x,)), NUMERICS)
+    cmp = compare(run_module(model, (x,)), run_module(gm, (x,)), NUMERICS)
     assert cmp.ok, cmp.describe()
 
 
@@ -434,7 +435,7 @@ def _random_bn_stats(c: int, seed: int = 5, affine: bool = True):
 
 
 def _close(reference: torch.Tensor, got: torch.Tensor) -> None:
-    cmp = verify.compare([reference], [got], NUMERICS)  # float64: rounding only
+    cmp = compare([reference], [got], NUMERICS)  # float64: rounding only
     assert cmp.ok, cmp.describe()
 
 
@@ -531,12 +532,12 @@ def test_bn_in_training_mode_is_not_folded():
     out_gm, result = run_pass("fold-conv-bn", gm, (x,))
     assert not result.modified
     assert dict(result.stats) == {"skipped:bn-training": 1}
-    assert verify.canonical_ir(out_gm) == verify.canonical_ir(reference)
+    assert canonical_ir(out_gm) == canonical_ir(reference)
     assert torch.equal(out_gm.get_submodule("0").weight, reference.get_submodule("0").weight)
     assert out_gm.get_submodule("1").training
     # a training BN normalises with the batch's statistics: compare in that same mode
-    cmp = verify.compare(
-        verify.run_module(reference, (x,)), verify.run_module(out_gm, (x,)), NUMERICS
+    cmp = compare(
+        run_module(reference, (x,)), run_module(out_gm, (x,)), NUMERICS
     )
     assert cmp.ok, cmp.describe()
 
@@ -726,13 +727,13 @@ def test_random_cnns_fold_is_idempotent_and_complete(case):
     # complete: every BN left after a layer is one the rules refuse (no running stats, the
     # layer's output used elsewhere, the layer called twice); no functional BN is left
     for node in _bn_nodes(gm):
-        assert node.op == "call_module", verify.canonical_ir(gm)
-        assert _refused_after(gm, node), (dict(first.stats), verify.canonical_ir(gm))
+        assert node.op == "call_module", canonical_ir(gm)
+        assert _refused_after(gm, node), (dict(first.stats), canonical_ir(gm))
     # idempotent: a second run finds nothing and changes nothing
-    printed = verify.fingerprint(gm)
+    printed = fingerprint(gm)
     again, second = run_pass(FoldConvBN(), gm, case.inputs)
     assert not second.modified, dict(second.stats)
-    assert verify.fingerprint(again) == printed
+    assert fingerprint(again) == printed
     assert {k: v for k, v in second.stats.items() if k.startswith("skipped:")} == {
         k: v for k, v in first.stats.items() if k.startswith("skipped:")
     }
@@ -809,7 +810,7 @@ def _twice(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
 
 def _assert_same_calls(want: list[torch.Tensor], got: list[torch.Tensor]) -> None:
     for call, (w, g) in enumerate(zip(want, got, strict=True), 1):
-        cmp = verify.compare([w], [g], NUMERICS)
+        cmp = compare([w], [g], NUMERICS)
         assert cmp.ok, f"call {call}: {cmp.describe()}"
 
 

@@ -20,12 +20,12 @@ from graphopt import zoo
 from graphopt.backends import measure
 from graphopt.backends.measure import Latency, UnitTimer
 from graphopt.backends.onnxruntime import OnnxRuntimeBackend
-from graphopt.capture import capture
+from graphopt.core.pass_infra import PassContext
 from graphopt.errors import PipelineError
-from graphopt.pass_manager import PassContext, PassManager
+from graphopt.frontends.torch import capture
 from graphopt.passes.fold_conv_bn import FoldConvBN
 from graphopt.passes.merge_convs import MergeConvs, find_stretches
-from graphopt.pipeline import parse_pipeline
+from graphopt.pipeline import PassManager, parse_pipeline
 from graphopt.target import Target
 from graphopt.testing import assert_pass_preserves, random_cnns, run_pass, seeded
 

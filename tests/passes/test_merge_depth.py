@@ -21,13 +21,13 @@ from torch import fx, nn
 from graphopt import merge_algebra as algebra
 from graphopt import zoo
 from graphopt.backends.measure import Latency, UnitTimer
-from graphopt.capture import capture
+from graphopt.core.pass_infra import PassContext
 from graphopt.errors import InputError, PipelineError
-from graphopt.pass_manager import PassContext, PassManager
+from graphopt.frontends.torch import capture
 from graphopt.passes.fold_conv_bn import FoldConvBN
 from graphopt.passes.merge_convs import Importance, MergeConvs, MergedSpan, find_stretches
 from graphopt.passes.merge_convs import depth as merge_depth
-from graphopt.pipeline import parse_pipeline
+from graphopt.pipeline import PassManager, parse_pipeline
 from graphopt.testing import random_bn, seeded
 
 

@@ -8,18 +8,19 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from graphopt.onnx_import import import_onnx
 from hypothesis import given
 from hypothesis import strategies as st
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from graphopt import verify, zoo
+from graphopt import zoo
 from graphopt.backends.onnxruntime import export_onnx
-from graphopt.capture import capture
-from graphopt.onnx_import import import_onnx
-from graphopt.pass_manager import PassContext, PassManager
+from graphopt.core.numerics import compare
+from graphopt.core.pass_infra import PassContext
+from graphopt.frontends.torch import capture
 from graphopt.passes.reparameterize import Reparameterize
-from graphopt.pipeline import parse_pipeline
+from graphopt.pipeline import PassManager, parse_pipeline
 from graphopt.report import op_counts
 from graphopt.testing import assert_pass_preserves, randomize_bn, run_pass
 
@@ -860,7 +861,7 @@ def test_tensor_written_in_place_in_forward_is_not_merged(block, written):
     result = Reparameterize().run(gm, PassContext(sample_inputs=(x,)))
     got = _twice(result.graph, x)
     for call, (w, g) in enumerate(zip(want, got, strict=True), 1):
-        cmp = verify.compare([w], [g], Reparameterize.numerics)
+        cmp = compare([w], [g], Reparameterize.numerics)
         assert cmp.ok, f"call {call}: {cmp.describe()}"
     assert result.stats["skipped:written-in-place"] >= 1, dict(result.stats)
     state = [*result.graph.parameters(), *result.graph.buffers()]
@@ -912,6 +913,6 @@ def test_weight_written_in_an_aten_graph_is_not_merged():
     result = Reparameterize().run(copy.deepcopy(original), PassContext(sample_inputs=(x,)))
     got = _twice(result.graph, x)
     for call, (w, g) in enumerate(zip(want, got, strict=True), 1):
-        cmp = verify.compare([w], [g], Reparameterize.numerics)
+        cmp = compare([w], [g], Reparameterize.numerics)
         assert cmp.ok, f"call {call}: {cmp.describe()}"
     assert not result.modified and result.stats["skipped:written-in-place"] == 1

@@ -24,8 +24,10 @@ import graphopt
 from graphopt.backends import measure
 from graphopt.backends.measure import Latency, UnitTimer
 from graphopt.backends.onnxruntime import OnnxRuntimeBackend, export_onnx
-from graphopt.capture import capture
+from graphopt.core.numerics import Numerics
+from graphopt.core.pass_infra import PassContext
 from graphopt.errors import PipelineError
+from graphopt.frontends.torch import capture
 from graphopt.monarch import (
     BlockDiagonalLinear,
     LowRankLinear,
@@ -33,7 +35,6 @@ from graphopt.monarch import (
     PointwiseConv,
     relative_error,
 )
-from graphopt.pass_manager import Numerics, PassContext, PassManager
 from graphopt.passes.substitute_monarch import (
     Candidate,
     LayerPlan,
@@ -41,7 +42,7 @@ from graphopt.passes.substitute_monarch import (
     decide,
     plan,
 )
-from graphopt.pipeline import parse_pipeline
+from graphopt.pipeline import PassManager, parse_pipeline
 from graphopt.target import Target
 from graphopt.testing import assert_pass_preserves, run_pass, seeded
 

@@ -19,7 +19,9 @@ from hypothesis import given, settings
 from torch import fx, nn
 
 import graphopt
-from graphopt import verify, zoo
+from graphopt import zoo
+from graphopt.core.numerics import compare, flatten_outputs, run_module
+from graphopt.core.printing import canonical_ir, fingerprint
 from graphopt.errors import CaptureError, GraphoptError
 from graphopt.passes import tune_conv_bn as tune
 from graphopt.passes.tune_conv_bn import TuneConvBN, tune_conv_bn
@@ -62,7 +64,7 @@ def _step(module: nn.Module, inputs: tuple[torch.Tensor, ...], seed: int = 0):
         p.grad = None
     inputs = tuple(x.detach().clone().requires_grad_(True) for x in inputs)
     torch.manual_seed(seed)
-    outputs = verify.flatten_outputs(module(*inputs))
+    outputs = flatten_outputs(module(*inputs))
     gen = _gen(seed + 100)
     loss = sum(
         (out * torch.randn(out.shape, generator=gen, dtype=out.dtype)).sum() for out in outputs
@@ -77,14 +79,14 @@ def _assert_trains_like(reference: nn.Module, tuned: nn.Module, inputs, seed: in
     """Outputs and the gradient of every parameter equal under ``NUMERICS``."""
     ref_out, ref_grads = _step(reference, inputs, seed)
     out, grads = _step(tuned, inputs, seed)
-    cmp = verify.compare(ref_out, out, NUMERICS)
+    cmp = compare(ref_out, out, NUMERICS)
     assert cmp.ok, f"outputs: {cmp.describe()}"
     assert grads.keys() == ref_grads.keys()
     for name, ref_grad in ref_grads.items():
         grad = grads[name]
         assert (grad is None) == (ref_grad is None), name
         if ref_grad is not None:
-            cmp = verify.compare([ref_grad], [grad], NUMERICS)
+            cmp = compare([ref_grad], [grad], NUMERICS)
             assert cmp.ok, f"gradient of {name}: {cmp.describe()}"
 
 
@@ -171,7 +173,7 @@ def _assert_tunes(model: nn.Module, x: torch.Tensor, stats: dict, **options) -> 
         TuneConvBN(**options), model.eval(), (x,), more_inputs=[(x2,)], expect_modified=True
     )
     assert dict(result.stats) == stats
-    assert not _bn_modules_called(result.graph), verify.canonical_ir(result.graph)
+    assert not _bn_modules_called(result.graph), canonical_ir(result.graph)
     _assert_trains_like(_eval_mode(model), result.graph, (x,))
     return result.graph
 
@@ -249,9 +251,9 @@ def test_autocast_runs_with_plain_autograd_close_to_eval_mode():
         out, grads = _step(tuned, (x,))
     assert out[0].dtype == ref_out[0].dtype
     bf16 = graphopt.Numerics.lossy("rel_max", 0.05)  # bfloat16 keeps 8 bits of mantissa
-    cmp = verify.compare(ref_out, out, bf16)
+    cmp = compare(ref_out, out, bf16)
     assert cmp.ok, cmp.describe()
-    cmp = verify.compare([ref_grads["0.weight"]], [grads["0.weight"]], bf16)
+    cmp = compare([ref_grads["0.weight"]], [grads["0.weight"]], bf16)
     assert cmp.ok, cmp.describe()
 
 
@@ -390,7 +392,7 @@ def test_state_dict_after_training_loads_into_the_original_model():
     original.load_state_dict(tuned.state_dict(), strict=True)
     x = _x((2, 3, 6, 6), 5)
     tuned.eval()
-    cmp = verify.compare([original(x)], [tuned(x)], NUMERICS)
+    cmp = compare([original(x)], [tuned(x)], NUMERICS)
     assert cmp.ok, cmp.describe()
     # the trained tensors differ from the starting ones: the roundtrip carried real updates
     assert not torch.equal(original[0].weight, model[0].weight)
@@ -430,7 +432,7 @@ def test_optimizer_steps_match_eval_mode():
     ref_params, params = dict(reference.named_parameters()), dict(tuned.named_parameters())
     for name, p in ref_params.items():
         assert not torch.equal(p, dict(model.named_parameters())[name]), f"{name} did not move"
-        cmp = verify.compare([p.detach()], [params[name].detach()], NUMERICS)
+        cmp = compare([p.detach()], [params[name].detach()], NUMERICS)
         assert cmp.ok, f"{name}: {cmp.describe()}"
 
 
@@ -446,12 +448,12 @@ def test_train_mode_keeps_every_batch_norm_frozen_and_its_statistics_unchanged()
 
 def test_tune_mode_never_changes_the_users_model():
     model = _small_model()
-    printed = verify.fingerprint(model)
+    printed = fingerprint(model)
     tuned = graphopt.tune_mode(model).train()
     opt = torch.optim.SGD(tuned.parameters(), lr=0.1)
     _step(tuned, (_x((4, 3, 6, 6)),))
     opt.step()
-    assert verify.fingerprint(model) == printed
+    assert fingerprint(model) == printed
     assert not model.training
 
 
@@ -462,11 +464,11 @@ def test_torch_compile_of_the_tuned_module_matches_eager_forward_and_backward():
     eager_out, eager_grads = _step(tuned, (x,))
     compiled = torch.compile(tuned)
     out, grads = _step(compiled, (x,))
-    cmp = verify.compare(eager_out, out, NUMERICS)
+    cmp = compare(eager_out, out, NUMERICS)
     assert cmp.ok, cmp.describe()
     for name, grad in eager_grads.items():
         prefix = "" if name.startswith("input") else "_orig_mod."
-        cmp = verify.compare([grad], [grads[prefix + name]], NUMERICS)
+        cmp = compare([grad], [grads[prefix + name]], NUMERICS)
         assert cmp.ok, f"{name}: {cmp.describe()}"
 
 
@@ -490,8 +492,8 @@ def test_bn_in_training_mode_is_not_tuned():
     result = TuneConvBN(freeze_bn=True).run(gm, graphopt.PassContext())
     assert not result.modified
     assert dict(result.stats) == {"skipped:bn-training": 1}
-    assert verify.canonical_ir(gm) == verify.canonical_ir(reference)
-    cmp = verify.compare(verify.run_module(reference, (x,)), verify.run_module(gm, (x,)), NUMERICS)
+    assert canonical_ir(gm) == canonical_ir(reference)
+    cmp = compare(run_module(reference, (x,)), run_module(gm, (x,)), NUMERICS)
     assert cmp.ok, cmp.describe()
 
 
@@ -612,10 +614,10 @@ def test_random_cnns_pass_is_honest_and_idempotent(case):
     model = copy.deepcopy(case.model).double()
     inputs = (case.inputs[0].double(),)
     first = assert_pass_preserves(TuneConvBN(freeze_bn=True), model, inputs)
-    printed = verify.fingerprint(first.graph)
+    printed = fingerprint(first.graph)
     second = TuneConvBN(freeze_bn=True).run(first.graph, graphopt.PassContext())
     assert not second.modified, dict(second.stats)
-    assert verify.fingerprint(second.graph) == printed
+    assert fingerprint(second.graph) == printed
 
 
 # ------------------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from graphopt.backends.onnxruntime import export_onnx
+from graphopt.core.numerics import default_rtol
 from graphopt.errors import InputError
 from graphopt.quant.calibration import weight_qparams
 from graphopt.quant.improve import (
@@ -23,7 +24,6 @@ from graphopt.quant.improve import (
 )
 from graphopt.quant.qdq import integer_op_counts, ort_optimized_model, quantize_onnx
 from graphopt.testing import seeded
-from graphopt.verify import default_rtol
 
 
 class LnMlp(nn.Module):

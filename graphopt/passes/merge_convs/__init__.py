@@ -58,8 +58,10 @@ from typing import Any
 from torch import fx
 
 from graphopt.backends.measure import UnitTimer, backend_for, cache_for, measurable
+from graphopt.core.numerics import Numerics
+from graphopt.core.pass_infra import Pass, PassContext, PassResult
+from graphopt.core.registry import register_pass
 from graphopt.errors import PipelineError
-from graphopt.pass_manager import Numerics, Pass, PassContext, PassResult
 from graphopt.passes.merge_convs import depth, exact
 from graphopt.passes.merge_convs.candidates import (
     Candidate,
@@ -84,7 +86,6 @@ from graphopt.passes.merge_convs.stretches import (
     find_stretches,
     spec_of,
 )
-from graphopt.pipeline import register_pass
 from graphopt.report import Progress
 
 __all__ = [

@@ -61,9 +61,9 @@ from torch import fx, nn
 
 import graphopt.merge_algebra as algebra
 from graphopt.backends.measure import UnitTimer
+from graphopt.core.pass_infra import PassContext, PassResult
 from graphopt.errors import InputError
 from graphopt.merge_plan import plan
-from graphopt.pass_manager import PassContext, PassResult
 from graphopt.passes._tensors import grad_enabled
 from graphopt.passes.merge_convs.candidates import (
     Candidate,

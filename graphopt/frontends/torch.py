@@ -17,9 +17,7 @@ from __future__ import annotations
 import copy
 import logging
 import os
-import sys
 import traceback
-import types
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -376,7 +374,7 @@ def _check_runs(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
             f"{type(exc).__name__}: {first_line(exc)}. Pass inputs of the shape "
             "and dtype the model expects."
         ) from exc
-    from graphopt.verify import flatten_outputs
+    from graphopt.core.numerics import flatten_outputs
 
     if not flatten_outputs(out):
         raise CaptureError(
@@ -574,14 +572,3 @@ def _example_for(node: fx.Node) -> torch.Tensor:
         return torch.randn(dims, generator=gen).to(dtype)
     return torch.randint(0, 2, dims, generator=gen).to(dtype)
 
-
-class _CallableModule(types.ModuleType):
-    """``graphopt.capture`` is both this module and the function :func:`capture`: once anything
-    has imported the module, the package attribute is the module (Python's import system sets
-    it), so calling the module calls the function."""
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Captured:
-        return capture(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule

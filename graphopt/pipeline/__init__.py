@@ -1,0 +1,24 @@
+"""Pipelines of passes: the text form, the manager that runs and verifies them, instruments.
+
+``text``: ``parse_pipeline("fold-conv-bn,merge-convs{budget=0.7}")``. ``manager``:
+:class:`PassManager` runs passes, checks each one's numeric contract and rolls back a pass that
+breaks it. ``instruments``: timing, IR printing and dumps, reproducers, bisection.
+"""
+
+from graphopt.pipeline.instruments import DumpIR, Instrument, PrintIR, PrintTiming, Reproducer
+from graphopt.pipeline.manager import PassManager, PassRecord, PipelineResult
+from graphopt.pipeline.text import PassSpec, Pipeline, parse_pipeline
+
+__all__ = [
+    "DumpIR",
+    "Instrument",
+    "PassManager",
+    "PassRecord",
+    "PassSpec",
+    "Pipeline",
+    "PipelineResult",
+    "PrintIR",
+    "PrintTiming",
+    "Reproducer",
+    "parse_pipeline",
+]

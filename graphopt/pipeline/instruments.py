@@ -1,0 +1,153 @@
+"""Instruments observe a pipeline run: timing, IR printing and dumping with diffs, and a
+reproducer written when a pass fails.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import tempfile
+import textwrap
+from pathlib import Path
+from typing import IO, TYPE_CHECKING
+
+import torch
+from torch import fx
+
+from graphopt.core.pass_infra import Pass, PassContext
+from graphopt.core.printing import canonical_ir, ir_diff
+
+if TYPE_CHECKING:
+    from graphopt.pipeline.manager import PassRecord
+
+log = logging.getLogger(__name__)
+
+
+class Instrument:
+    """Observes a pipeline run. Override the hooks you need."""
+
+    def before_pass(self, position: int, p: Pass, gm: fx.GraphModule, ctx: PassContext) -> None:
+        pass
+
+    def after_pass(
+        self, position: int, p: Pass, gm: fx.GraphModule, ctx: PassContext, record: PassRecord
+    ) -> None:
+        pass
+
+    def on_failure(
+        self,
+        position: int,
+        p: Pass,
+        gm_before: fx.GraphModule,
+        ctx: PassContext,
+        record: PassRecord,
+    ) -> str | None:
+        """Called with the graph as it was before the failing pass; may return a path."""
+        return None
+
+
+class PrintTiming(Instrument):
+    """One line per pass: position, name, time, outcome and statistics (progress for the CLI)."""
+
+    def __init__(self, stream: IO[str] | None = None, total: int | None = None) -> None:
+        self.stream = stream
+        self.total = total
+
+    def after_pass(self, position, p, gm, ctx, record) -> None:
+        stream = self.stream or sys.stderr
+        stats = " ".join(f"{k}={v}" for k, v in sorted(record.stats.items()))
+        total = f"/{self.total}" if self.total else ""
+        state = (
+            record.status
+            if record.status != "ok"
+            else ("modified" if record.modified else "unchanged")
+        )
+        print(
+            f"  [{position + 1}{total}] {record.spec:<28} {record.time_s * 1e3:8.1f} ms  "
+            f"{state:<11} {stats}",
+            file=stream,
+            flush=True,
+        )
+
+
+class PrintIR(Instrument):
+    """Print the canonical IR after each pass that changed the graph, with a diff."""
+
+    def __init__(
+        self, stream: IO[str] | None = None, *, diff: bool = True, only_modified: bool = True
+    ) -> None:
+        self.stream = stream
+        self.diff = diff
+        self.only_modified = only_modified
+        self._before = ""
+
+    def before_pass(self, position, p, gm, ctx) -> None:
+        self._before = canonical_ir(gm)
+
+    def after_pass(self, position, p, gm, ctx, record) -> None:
+        if self.only_modified and not record.modified:
+            return
+        stream = self.stream or sys.stderr
+        after = canonical_ir(gm)
+        print(f"// ----- IR after {record.spec} ({record.status}) -----", file=stream)
+        print(ir_diff(self._before, after) if self.diff else after, file=stream)
+
+
+class DumpIR(Instrument):
+    """Write ``NN-<pass>.ir`` (canonical IR) and ``NN-<pass>.diff`` after every pass."""
+
+    def __init__(self, directory: str | Path) -> None:
+        self.directory = Path(directory)
+        self._before = ""
+
+    def before_pass(self, position, p, gm, ctx) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._before = canonical_ir(gm, types=True)
+        if position == 0:
+            (self.directory / "00-input.ir").write_text(self._before)
+
+    def after_pass(self, position, p, gm, ctx, record) -> None:
+        after = canonical_ir(gm, types=True)
+        stem = self.directory / f"{position + 1:02d}-{p.name}"
+        stem.with_suffix(".ir").write_text(after)
+        stem.with_suffix(".diff").write_text(ir_diff(self._before, after))
+
+
+class Reproducer(Instrument):
+    """On failure, save the graph before the failing pass, the inputs and a script that reruns it.
+
+    ``directory=None`` makes a fresh temporary directory per failure.
+    """
+
+    def __init__(self, directory: str | Path | None = None) -> None:
+        self.directory = Path(directory) if directory else None
+
+    def on_failure(self, position, p, gm_before, ctx, record) -> str | None:
+        if self.directory is None:
+            out = Path(tempfile.mkdtemp(prefix="graphopt-repro-"))
+        else:
+            out = self.directory / f"{position + 1:02d}-{p.name}"
+            out.mkdir(parents=True, exist_ok=True)
+        try:
+            torch.save(gm_before, out / "graph.pt")
+            torch.save(ctx.sample_inputs, out / "inputs.pt")
+        except Exception as exc:  # a graph holding unpicklable objects still gets its IR saved
+            log.warning("reproducer: could not pickle the graph (%s); saving its IR only", exc)
+        (out / "graph.ir").write_text(canonical_ir(gm_before, types=True))
+        (out / "repro.py").write_text(
+            textwrap.dedent(f"""\
+            # Reproducer written by graphopt: pass {record.spec!r} (position {position + 1})
+            # {record.status}: {record.message.splitlines()[0] if record.message else ""}
+            from pathlib import Path
+            import torch
+            from graphopt.core import PassContext
+            from graphopt.pipeline import PassManager
+
+            here = Path(__file__).parent
+            gm = torch.load(here / "graph.pt", weights_only=False)
+            inputs = torch.load(here / "inputs.pt", weights_only=False)
+            PassManager({record.spec!r}, strict=True).run(gm, PassContext(sample_inputs=inputs))
+            print("pass ran cleanly")
+            """)
+        )
+        return str(out)
