@@ -32,6 +32,7 @@ from graphopt.core.numerics import (
 )
 from graphopt.core.options import format_value
 from graphopt.core.pass_infra import PassContext
+from graphopt.core.progress import Progress
 from graphopt.errors import (
     ArgumentError,
     BackendError,
@@ -50,7 +51,7 @@ from graphopt.pipeline import (
     Reproducer,
     parse_pipeline,
 )
-from graphopt.report import Progress, Report, op_counts
+from graphopt.report import Report, op_counts
 from graphopt.target import Target
 
 log = logging.getLogger(__name__)

@@ -12,8 +12,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import sys
-import time
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -289,20 +287,3 @@ def _ops_line(before: dict[str, int], after: dict[str, int]) -> str:
     total_b, total_a = sum(before.values()), sum(after.values())
     changed = ", ".join(f"{k} {before.get(k, 0)}->{after.get(k, 0)}" for k in keys[:8])
     return f"{total_b} -> {total_a}" + (f" ({changed})" if changed else " (unchanged)")
-
-
-class Progress:
-    """Stage lines on stderr with the elapsed time, when enabled (the CLI's progress display)."""
-
-    def __init__(self, enabled: bool, prefix: str = "") -> None:
-        self.enabled = enabled
-        self.prefix = prefix
-        self.start = time.perf_counter()
-
-    def __call__(self, message: str) -> None:
-        if self.enabled:
-            print(
-                f"[{self.prefix}{time.perf_counter() - self.start:6.1f}s] {message}",
-                file=sys.stderr,
-                flush=True,
-            )

@@ -60,6 +60,7 @@ from torch import fx
 from graphopt.backends.measure import UnitTimer, backend_for, cache_for, measurable
 from graphopt.core.numerics import Numerics
 from graphopt.core.pass_infra import Pass, PassContext, PassResult
+from graphopt.core.progress import Progress
 from graphopt.core.registry import register_pass
 from graphopt.errors import PipelineError
 from graphopt.passes.merge_convs import depth, exact
@@ -86,7 +87,6 @@ from graphopt.passes.merge_convs.stretches import (
     find_stretches,
     spec_of,
 )
-from graphopt.report import Progress
 
 __all__ = [
     "Candidate",

@@ -62,6 +62,7 @@ from torch import fx, nn
 import graphopt.merge_algebra as algebra
 from graphopt.backends.measure import UnitTimer
 from graphopt.core.pass_infra import PassContext, PassResult
+from graphopt.core.progress import Progress
 from graphopt.errors import InputError
 from graphopt.merge_plan import plan
 from graphopt.passes._tensors import grad_enabled
@@ -75,7 +76,6 @@ from graphopt.passes.merge_convs.exact import apply
 from graphopt.passes.merge_convs.importance import Importance
 from graphopt.passes.merge_convs.stretches import Stretch, find_stretches
 from graphopt.passes.merge_convs.units import conv_module, time_stretch
-from graphopt.report import Progress
 
 log = logging.getLogger(__name__)
 

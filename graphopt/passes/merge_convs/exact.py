@@ -14,12 +14,12 @@ from torch import fx, nn
 import graphopt.merge_algebra as algebra
 from graphopt.backends.measure import UnitTimer
 from graphopt.core.pass_infra import PassResult
+from graphopt.core.progress import Progress
 from graphopt.merge_plan import plan_exact
 from graphopt.passes.merge_convs.candidates import Candidate, StretchPlan, folded_bodies
 from graphopt.passes.merge_convs.stretches import Stretch
 from graphopt.passes.merge_convs.units import conv_module, time_stretch
 from graphopt.passes.reparameterize import _free_name
-from graphopt.report import Progress
 
 log = logging.getLogger(__name__)
 
