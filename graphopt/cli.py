@@ -26,16 +26,17 @@ import sys
 import traceback
 import zipfile
 from pathlib import Path
+from typing import Any
 
+import graphopt
+from graphopt import __version__, bench, zoo
+from graphopt.core.registry import registered_passes
 from graphopt.errors import GraphoptError, InputError
+from graphopt.pipeline import DumpIR, PrintIR, parse_pipeline
+from graphopt.target import Target
 
 
 def _cmd_optimize(args: argparse.Namespace) -> int:
-    import graphopt
-    from graphopt import zoo
-    from graphopt.pipeline import DumpIR, PrintIR, parse_pipeline
-    from graphopt.target import Target
-
     # everything a user typed is checked before a model is built or a minute is spent tuning
     if args.max_drop is not None and not args.int8:
         raise GraphoptError("--max-drop applies to int8 quantisation; add --int8.")
@@ -94,7 +95,7 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
     if args.output:
         path = result.save(args.output)
         print(f"\nsaved {path}")
-        package = getattr(result.artifact, "mobile_package", None)
+        package = result.artifact.mobile_package
         if package is not None:  # .ort: the operators a reduced ONNX Runtime build needs
             print(package.describe())
             print(f"build: {package.build_command()}")
@@ -182,8 +183,6 @@ def _load_calibration(path: str, batch_size: int) -> list[tuple]:
 
 
 def _cmd_passes(args: argparse.Namespace) -> int:
-    from graphopt.core.registry import registered_passes
-
     for name, cls in registered_passes().items():
         doc = inspect.getdoc(sys.modules[cls.__module__]) or inspect.getdoc(cls) or ""
         print(f"{name}  [{cls.numerics}]")
@@ -201,16 +200,12 @@ def _cmd_passes(args: argparse.Namespace) -> int:
 
 
 def _cmd_zoo(args: argparse.Namespace) -> int:
-    from graphopt import zoo
-
     for name in zoo.names():
         print(f"{name:<16} {zoo.describe(name)}")
     return 0
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from graphopt import bench
-
     return bench.main(args)
 
 
@@ -261,8 +256,6 @@ def _add_common(parser: argparse.ArgumentParser, default: object) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from graphopt import __version__
-
     parser = _Parser(
         prog="graphopt",
         description="Verified graph optimization "
@@ -272,7 +265,25 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"graphopt {__version__}")
     _add_common(parser, False)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    _add_optimize(sub)
 
+    p = sub.add_parser("passes", help="list the passes with their options")
+    _add_common(p, argparse.SUPPRESS)
+    p.add_argument("--verbose", action="store_true", help="print each pass's full documentation")
+    p.set_defaults(func=_cmd_passes)
+
+    p = sub.add_parser("zoo", help="list the built-in models")
+    _add_common(p, argparse.SUPPRESS)
+    p.set_defaults(func=_cmd_zoo)
+
+    p = sub.add_parser("bench", help="benchmark graphopt against the tools a user would pick")
+    _add_common(p, argparse.SUPPRESS)
+    bench.add_arguments(p)
+    p.set_defaults(func=_cmd_bench)
+    return parser
+
+
+def _add_optimize(sub: Any) -> None:
     p = sub.add_parser("optimize", help="optimize a zoo model or an .onnx file for a target")
     _add_common(p, argparse.SUPPRESS)
     p.add_argument("model", help="a zoo model name (see `graphopt zoo`) or a path to an .onnx file")
@@ -326,23 +337,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
     p.set_defaults(func=_cmd_optimize)
 
-    p = sub.add_parser("passes", help="list the passes with their options")
-    _add_common(p, argparse.SUPPRESS)
-    p.add_argument("--verbose", action="store_true", help="print each pass's full documentation")
-    p.set_defaults(func=_cmd_passes)
-
-    p = sub.add_parser("zoo", help="list the built-in models")
-    _add_common(p, argparse.SUPPRESS)
-    p.set_defaults(func=_cmd_zoo)
-
-    p = sub.add_parser("bench", help="benchmark graphopt against the tools a user would pick")
-    _add_common(p, argparse.SUPPRESS)
-    from graphopt.bench import add_arguments
-
-    add_arguments(p)
-    p.set_defaults(func=_cmd_bench)
-    return parser
-
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command; returns the exit status (see the module docstring). Errors are one line
@@ -360,7 +354,7 @@ def _main(argv: list[str] | None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help, --version, a bad argument (already printed)
         return exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 2
-    except Exception as exc:  # the parser's imports (torch, a broken install)
+    except Exception as exc:  # a broken install (a plugin, a bench runner) fails here
         return _fail(exc, debug)
     debug = args.debug
     logging.basicConfig(

@@ -19,6 +19,7 @@ from typing import Any
 from torch import fx
 
 from graphopt.backends.measure import Latency
+from graphopt.backends.tvm import TVM_STATUSES
 from graphopt.core.numerics import Comparison
 from graphopt.pipeline import PassRecord
 
@@ -133,12 +134,21 @@ class Report:
         lines += [f"  note: {n}" for n in self.capture_notes]
         lines.append(f"pipeline: {self.pipeline}")
         lines.append("")
+        lines += self._pass_table()
+        lines.append("")
+        lines.append("operations: " + _ops_line(self.ops_before, self.ops_after))
+        lines += self._errors_lines() + self._latency_lines() + self._tvm_lines()
+        if self.mobile:
+            lines.append(self.mobile)
+        lines += [f"WARNING: {w}" for w in self.warnings]
+        return "\n".join(lines)
+
+    def _pass_table(self) -> list[str]:
         header = (
             f" {'#':>2}  {'pass':<26} {'status':<11} {'changed':<7} {'time':>9}  "
             f"{'error vs before the pass':<52} stats"
         )
-        lines.append(header)
-        lines.append("-" * len(header))
+        lines = [header, "-" * len(header)]
         for r in self.records:
             err = (
                 _describe(r.comparison)
@@ -156,8 +166,10 @@ class Report:
                 lines.append(f"      {r.message}")
             if r.reproducer:
                 lines.append(f"      reproducer: {r.reproducer}/repro.py")
-        lines.append("")
-        lines.append("operations: " + _ops_line(self.ops_before, self.ops_after))
+        return lines
+
+    def _errors_lines(self) -> list[str]:
+        lines = []
         if self.graph_error:
             lines.append(f"end to end, rewritten graph vs original:  {_describe(self.graph_error)}")
         if self.artifact_error:
@@ -167,6 +179,10 @@ class Report:
             )
         if self.artifact_diagnosis:
             lines.append(f"  {self.artifact_diagnosis}")
+        return lines
+
+    def _latency_lines(self) -> list[str]:
+        lines = []
         if self.latency_baseline is not None and self.latency_optimized is not None:
             speedup = self.speedup
             lines.append(
@@ -196,6 +212,10 @@ class Report:
                     for k, v in self.ort_settings_latencies.items()
                 )
             )
+        return lines
+
+    def _tvm_lines(self) -> list[str]:
+        lines = []
         if self.tvm_tuning:
             lines.append(f"TVM tuning: {self.tvm_tuning.get('summary', '')}")
         if self.tvm_tasks:
@@ -212,13 +232,7 @@ class Report:
                     f"  UNTUNED ({len(untuned)}; default schedules, not measured): "
                     + ", ".join(untuned)
                 )
-        if self.mobile:
-            lines.append(self.mobile)
-        lines += [f"WARNING: {w}" for w in self.warnings]
-        return "\n".join(lines)
-
-
-TVM_STATUSES = ("tuned", "default", "naive")
+        return lines
 
 
 def _median(latency: Any) -> float | None:

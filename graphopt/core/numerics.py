@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -54,9 +54,15 @@ class Numerics:
         return f"lossy({self.metric} {cmp} {self.budget:g})"
 
 
-def run_samples(gm: torch.nn.Module, samples: Sequence[tuple[Any, ...]]) -> list[torch.Tensor]:
-    """The outputs of ``gm`` on each sample, concatenated in order."""
-    return [t for sample in samples for t in run_module(gm, sample)]
+def run_samples(
+    gm: Any,
+    samples: Sequence[tuple[Any, ...]],
+    run: Callable[..., list[torch.Tensor]] | None = None,
+) -> list[torch.Tensor]:
+    """The outputs of ``gm`` on each sample, concatenated in order (``run(gm, sample)``: how one
+    sample runs; :func:`run_module` by default)."""
+    run = run or run_module
+    return [t for sample in samples for t in run(gm, sample)]
 
 
 class Rounding:
@@ -65,12 +71,14 @@ class Rounding:
     An exact check that fails under the fixed bound (``rtol x max|output|``) is judged again
     with the rounding of ``module`` (the graph as it computed ``reference``) measured against a
     float64 run: most models never pay for the float64 runs. ``value`` once measured (or given).
+    ``measure(module, sample, outputs)`` measures one sample (:func:`rounding_error` by default).
     """
 
-    def __init__(self, value: list[float] | None = None) -> None:
+    def __init__(self, value: list[float] | None = None, measure: Callable[..., Any] | None = None):
         self.value = value
         self.measured = value is not None
-        self.module: torch.nn.Module | None = None
+        self.measure = measure or rounding_error
+        self.module: Any = None
         self.samples: Sequence[tuple[Any, ...]] = ()
         self.reference: list[torch.Tensor] = []
 
@@ -85,26 +93,22 @@ class Rounding:
         if cmp.ok or numerics.kind != "exact" or self.measured or self.module is None:
             return cmp
         self.measured = True
-        self.value = graph_rounding(self.module, self.samples, self.reference)
+        self.value = self._measure()
         if self.value is None:
             return cmp
         return compare(reference, outputs, numerics, rounding=self.value, labels=labels)
 
-
-def graph_rounding(
-    gm: torch.nn.Module, samples: Sequence[tuple[Any, ...]], reference: list[torch.Tensor]
-) -> list[float] | None:
-    """Per output of :func:`run_samples`, ``gm``'s own float32 rounding error (against a
-    float64 run, :func:`graphopt.rounding_error`); ``None`` where it cannot be measured."""
-    per_sample = len(reference) // len(samples)
-    errors: list[float] = []
-    for k, sample in enumerate(samples):
-        outputs = reference[k * per_sample : (k + 1) * per_sample]
-        got = rounding_error(gm, sample, outputs)
-        if got is None:
-            return None
-        errors += got
-    return errors
+    def _measure(self) -> list[float] | None:
+        """Per output of :func:`run_samples`, the module's own rounding error, sample by sample."""
+        per_sample = len(self.reference) // len(self.samples)
+        errors: list[float] = []
+        for k, sample in enumerate(self.samples):
+            outputs = self.reference[k * per_sample : (k + 1) * per_sample]
+            got = self.measure(self.module, sample, outputs)
+            if got is None:
+                return None
+            errors += got
+        return errors
 
 
 def sample_labels(per_sample: int, samples: int) -> list[str] | None:

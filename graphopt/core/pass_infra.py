@@ -70,6 +70,7 @@ class PassContext:
     metric: Callable[[Callable[..., Any]], float] | None = None
     extra_sample_inputs: list[tuple[Any, ...]] = field(default_factory=list)
     rounding: list[float] | None = None
+    ir: Any = None  # the IR the pass manager runs (graphopt.core.ir); set by the manager
 
     def check_samples(self) -> list[tuple[Any, ...]]:
         """Every input tuple the checks run on ([] without sample inputs)."""

@@ -5,11 +5,19 @@
 breaks it. ``instruments``: timing, IR printing and dumps, reproducers, bisection.
 """
 
-from graphopt.pipeline.instruments import DumpIR, Instrument, PrintIR, PrintTiming, Reproducer
+from graphopt.pipeline.instruments import (
+    Bisect,
+    DumpIR,
+    Instrument,
+    PrintIR,
+    PrintTiming,
+    Reproducer,
+)
 from graphopt.pipeline.manager import PassManager, PassRecord, PipelineResult
 from graphopt.pipeline.text import PassSpec, Pipeline, parse_pipeline
 
 __all__ = [
+    "Bisect",
     "DumpIR",
     "Instrument",
     "PassManager",

@@ -8,14 +8,16 @@ import logging
 import sys
 import tempfile
 import textwrap
+from collections.abc import Sequence
 from pathlib import Path
-from typing import IO, TYPE_CHECKING
+from typing import IO, TYPE_CHECKING, Any
 
 import torch
 from torch import fx
 
+from graphopt.core.ir import FX, IR
 from graphopt.core.pass_infra import Pass, PassContext
-from graphopt.core.printing import canonical_ir, ir_diff
+from graphopt.core.printing import ir_diff
 
 if TYPE_CHECKING:
     from graphopt.pipeline.manager import PassRecord
@@ -23,8 +25,19 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+def _ir(ctx: PassContext) -> IR:
+    return ctx.ir or FX  # an instrument called outside a manager observes an FX graph
+
+
 class Instrument:
-    """Observes a pipeline run. Override the hooks you need."""
+    """Observes a pipeline run. Override the hooks you need.
+
+    ``should_run`` can keep a pass from running (it is then recorded as ``skipped``): bisection
+    is an instrument. ``ctx.ir`` is the IR the manager runs (:mod:`graphopt.core.ir`).
+    """
+
+    def should_run(self, position: int, p: Pass, gm: Any, ctx: PassContext) -> bool:
+        return True
 
     def before_pass(self, position: int, p: Pass, gm: fx.GraphModule, ctx: PassContext) -> None:
         pass
@@ -82,13 +95,13 @@ class PrintIR(Instrument):
         self._before = ""
 
     def before_pass(self, position, p, gm, ctx) -> None:
-        self._before = canonical_ir(gm)
+        self._before = _ir(ctx).text(gm)
 
     def after_pass(self, position, p, gm, ctx, record) -> None:
         if self.only_modified and not record.modified:
             return
         stream = self.stream or sys.stderr
-        after = canonical_ir(gm)
+        after = _ir(ctx).text(gm)
         print(f"// ----- IR after {record.spec} ({record.status}) -----", file=stream)
         print(ir_diff(self._before, after) if self.diff else after, file=stream)
 
@@ -102,12 +115,12 @@ class DumpIR(Instrument):
 
     def before_pass(self, position, p, gm, ctx) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
-        self._before = canonical_ir(gm, types=True)
+        self._before = _ir(ctx).text(gm, types=True)
         if position == 0:
             (self.directory / "00-input.ir").write_text(self._before)
 
     def after_pass(self, position, p, gm, ctx, record) -> None:
-        after = canonical_ir(gm, types=True)
+        after = _ir(ctx).text(gm, types=True)
         stem = self.directory / f"{position + 1:02d}-{p.name}"
         stem.with_suffix(".ir").write_text(after)
         stem.with_suffix(".diff").write_text(ir_diff(self._before, after))
@@ -128,12 +141,15 @@ class Reproducer(Instrument):
         else:
             out = self.directory / f"{position + 1:02d}-{p.name}"
             out.mkdir(parents=True, exist_ok=True)
+        ir = _ir(ctx)
+        load = f"model = ...  # the graph could not be saved; see {out / 'graph.ir'}"
         try:
-            torch.save(gm_before, out / "graph.pt")
+            load = ir.save(gm_before, out)
             torch.save(ctx.sample_inputs, out / "inputs.pt")
         except Exception as exc:  # a graph holding unpicklable objects still gets its IR saved
-            log.warning("reproducer: could not pickle the graph (%s); saving its IR only", exc)
-        (out / "graph.ir").write_text(canonical_ir(gm_before, types=True))
+            log.warning("reproducer: could not save the graph (%s); saving its IR only", exc)
+        (out / "graph.ir").write_text(ir.text(gm_before, types=True))
+        module, attribute = ir.locator.split(":")
         (out / "repro.py").write_text(
             textwrap.dedent(f"""\
             # Reproducer written by graphopt: pass {record.spec!r} (position {position + 1})
@@ -142,12 +158,33 @@ class Reproducer(Instrument):
             import torch
             from graphopt.core import PassContext
             from graphopt.pipeline import PassManager
+            from {module} import {attribute} as IR
 
             here = Path(__file__).parent
-            gm = torch.load(here / "graph.pt", weights_only=False)
+            {load}
             inputs = torch.load(here / "inputs.pt", weights_only=False)
-            PassManager({record.spec!r}, strict=True).run(gm, PassContext(sample_inputs=inputs))
+            pm = PassManager({record.spec!r}, strict=True, ir=IR)
+            pm.run(model, PassContext(sample_inputs=inputs))
             print("pass ran cleanly")
             """)
         )
         return str(out)
+
+
+class Bisect(Instrument):
+    """Let the first ``limit`` passes run; every later one is recorded ``skipped``.
+
+    A search over ``limit`` reruns a pipeline with this instrument to find the pass after which
+    something first goes wrong (optimize's bisection of an artifact that disagrees with the
+    model). ``among``: the positions that count, in order (e.g. the passes that changed the
+    graph in the full run); the first ``limit`` of them run and every other pass is skipped.
+    """
+
+    def __init__(self, limit: int, among: Sequence[int] | None = None) -> None:
+        self.limit = limit
+        self.among = None if among is None else list(among)
+
+    def should_run(self, position, p, gm, ctx) -> bool:
+        if self.among is None:
+            return position < self.limit
+        return position in self.among[: self.limit]

@@ -10,7 +10,6 @@ IR printing and dumping with diffs, and a reproducer written on failure.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import logging
 import time
@@ -19,8 +18,8 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
-from torch import fx
 
+from graphopt.core.ir import FX, IR
 from graphopt.core.numerics import Comparison, Numerics, Rounding, run_samples, sample_labels
 from graphopt.core.pass_infra import Pass, PassContext
 from graphopt.errors import GraphoptError, PassError, VerificationError
@@ -38,7 +37,7 @@ class PassRecord:
     name: str
     spec: str
     numerics: str
-    status: Literal["ok", "rolled-back", "failed", "unverified"] = "ok"
+    status: Literal["ok", "rolled-back", "failed", "unverified", "skipped"] = "ok"
     modified: bool = False
     time_s: float = 0.0
     stats: dict[str, int] = field(default_factory=dict)
@@ -55,7 +54,7 @@ class PassRecord:
 
 @dataclass
 class PipelineResult:
-    graph: fx.GraphModule
+    graph: Any
     records: list[PassRecord]
     end_to_end: Comparison | None = None
 
@@ -76,6 +75,7 @@ class PassManager:
         strict: bool = False,
         verify: bool = True,
         instruments: Sequence[Instrument] = (),
+        ir: IR = FX,
     ) -> None:
         if isinstance(pipeline, str | Pipeline):
             self.passes = parse_pipeline(pipeline).instantiate()
@@ -84,93 +84,28 @@ class PassManager:
         self.strict = strict
         self.verify = verify
         self.instruments = list(instruments)
+        self.ir = ir
 
     @property
     def pipeline(self) -> str:
         return ",".join(str(p) for p in self.passes)
 
-    def run(self, gm: fx.GraphModule, ctx: PassContext | None = None) -> PipelineResult:
+    def run(self, gm: Any, ctx: PassContext | None = None) -> PipelineResult:
         """Rewrite ``gm`` in place with every pass; returns the final graph and the records."""
         ctx = ctx or PassContext()
-        strict = self.strict or ctx.strict
-        instruments = self.instruments + list(ctx.instruments)
-        samples = ctx.check_samples() if (self.verify and ctx.verify) else []
-        reference = run_samples(gm, samples) if samples else None
-        original = reference
-        labels = sample_labels(len(reference) // len(samples), len(samples)) if samples else None
-        rounding = Rounding(ctx.rounding)  # optimize() may have measured it on the user's model
-        rounding.samples = samples
-        records: list[PassRecord] = []
+        run = _Run(self, ctx)
+        run.reference = run.outputs(gm) if run.samples else None
+        original = run.reference
         for position, p in enumerate(self.passes):
-            record = PassRecord(position, p.name, str(p), str(p.numerics))
-            for inst in instruments:
-                inst.before_pass(position, p, gm, ctx)
-            with torch.inference_mode(False):  # the backup stays trainable, like the graph
-                backup = copy.deepcopy(gm)
-            start = time.perf_counter()
-            failure: Exception | None = None
-            try:
-                result = p.run(gm, ctx)
-                new_gm = result.graph
-                record.modified = bool(result.modified)
-                record.stats = dict(result.stats)
-                record.decisions = list(result.decisions)
-                new_gm.graph.lint()
-                new_gm.recompile()
-            except Exception as exc:  # noqa: BLE001 - a pass failing must not lose the model
-                failure = exc
-            record.time_s = time.perf_counter() - start
-            # checked whether or not the pass says it changed anything: a pass that reports
-            # modified=False is held to the same contract, so a dishonest one cannot slip by
-            if failure is None and reference is not None:
-                try:
-                    outputs = run_samples(new_gm, samples)
-                except Exception as exc:  # noqa: BLE001
-                    failure = exc
-                else:
-                    rounding.module, rounding.reference = backup, reference
-                    record.comparison = rounding.compare(reference, outputs, p.numerics, labels)
-            elif failure is None and reference is None:
-                record.status = "unverified"
-            if failure is not None:
-                record.status = "failed"
-                record.message = f"{type(failure).__name__}: {failure}"
-            elif record.comparison is not None and not record.comparison.ok:
-                record.status = "rolled-back"
-                record.message = (
-                    "broke its numeric contract "
-                    + str(p.numerics)
-                    + ": "
-                    + record.comparison.describe()
-                )
-                if not record.modified:
-                    record.message += " (while reporting modified=False)"
-            if record.status in ("failed", "rolled-back"):
-                for inst in instruments:
-                    path = inst.on_failure(position, p, backup, ctx, record)
-                    record.reproducer = record.reproducer or path
-                gm = backup
-                log.warning("pass %s %s: %s", record.spec, record.status, record.message)
-                records.append(record)
-                for inst in instruments:
-                    inst.after_pass(position, p, gm, ctx, record)
-                if strict:
-                    raise self._error(record, failure)
-                continue
-            gm = new_gm
-            if record.comparison is not None:
-                reference = outputs
-            records.append(record)
-            for inst in instruments:
-                inst.after_pass(position, p, gm, ctx, record)
+            gm = run.step(position, p, gm)
         end_to_end = None
         if original is not None:
             # ``reference`` holds the outputs of the graph as it now is (each kept pass's, or
             # the graph's before a pass that was rolled back): no need to run it again
-            end_to_end = rounding.compare(
-                original, reference, _combined(self.passes, records), labels
+            end_to_end = run.rounding.compare(
+                original, run.reference, _combined(self.passes, run.records), run.labels
             )
-        return PipelineResult(gm, records, end_to_end)
+        return PipelineResult(gm, run.records, end_to_end)
 
     @staticmethod
     def _error(record: PassRecord, failure: Exception | None) -> GraphoptError:
@@ -198,6 +133,99 @@ class PassManager:
             allowed=cmp.allowed,
             reproducer=record.reproducer,
         )
+
+
+class _Run:
+    """One run of a :class:`PassManager`: the sample outputs so far and the records."""
+
+    def __init__(self, manager: PassManager, ctx: PassContext) -> None:
+        self.manager, self.ir = manager, manager.ir
+        self.ctx = dataclasses.replace(ctx, ir=manager.ir)
+        self.strict = manager.strict or ctx.strict
+        self.instruments = manager.instruments + list(ctx.instruments)
+        self.samples = ctx.check_samples() if (manager.verify and ctx.verify) else []
+        self.reference: list[torch.Tensor] | None = None
+        self.labels: list[str] | None = None
+        # optimize() may have measured the model's rounding already
+        self.rounding = Rounding(ctx.rounding, measure=self.ir.rounding)
+        self.rounding.samples = self.samples
+        self.records: list[PassRecord] = []
+
+    def outputs(self, gm: Any) -> list[torch.Tensor]:
+        outputs = run_samples(gm, self.samples, self.ir.run)
+        if self.labels is None:
+            self.labels = sample_labels(len(outputs) // len(self.samples), len(self.samples))
+        return outputs
+
+    def step(self, position: int, p: Pass, gm: Any) -> Any:
+        """Run pass ``p``; returns the graph to go on with (``gm``'s backup after a rollback)."""
+        record = PassRecord(position, p.name, str(p), str(p.numerics))
+        if not all(inst.should_run(position, p, gm, self.ctx) for inst in self.instruments):
+            record.status, record.message = "skipped", "skipped by an instrument"
+            return self._finish(position, p, gm, record)
+        for inst in self.instruments:
+            inst.before_pass(position, p, gm, self.ctx)
+        backup = self.ir.copy(gm)
+        new_gm, outputs, failure = self._apply(p, gm, backup, record)
+        if record.status in ("failed", "rolled-back"):
+            for inst in self.instruments:
+                path = inst.on_failure(position, p, backup, self.ctx, record)
+                record.reproducer = record.reproducer or path
+            log.warning("pass %s %s: %s", record.spec, record.status, record.message)
+            self._finish(position, p, backup, record)
+            if self.strict:
+                raise PassManager._error(record, failure)
+            return backup
+        if record.comparison is not None:
+            self.reference = outputs
+        return self._finish(position, p, new_gm, record)
+
+    def _apply(self, p: Pass, gm: Any, backup: Any, record: PassRecord) -> tuple:
+        """Run ``p`` on ``gm`` and check it; fills ``record``. Returns the new graph, its
+        sample outputs (when checked) and the exception that made the pass fail, if any."""
+        start = time.perf_counter()
+        new_gm, outputs, failure = gm, None, None
+        try:
+            result = p.run(gm, self.ctx)
+            new_gm = result.graph
+            record.modified = bool(result.modified)
+            record.stats = dict(result.stats)
+            record.decisions = list(result.decisions)
+            self.ir.validate(new_gm)
+        except Exception as exc:  # noqa: BLE001 - a pass failing must not lose the model
+            failure = exc
+        record.time_s = time.perf_counter() - start
+        # checked whether or not the pass says it changed anything: a pass that reports
+        # modified=False is held to the same contract, so a dishonest one cannot slip by
+        if failure is None and self.reference is not None:
+            try:
+                outputs = self.outputs(new_gm)
+            except Exception as exc:  # noqa: BLE001
+                failure = exc
+            else:
+                self.rounding.module, self.rounding.reference = backup, self.reference
+                record.comparison = self.rounding.compare(
+                    self.reference, outputs, p.numerics, self.labels
+                )
+        elif failure is None:
+            record.status = "unverified"
+        if failure is not None:
+            record.status = "failed"
+            record.message = f"{type(failure).__name__}: {failure}"
+        elif record.comparison is not None and not record.comparison.ok:
+            record.status = "rolled-back"
+            record.message = (
+                f"broke its numeric contract {p.numerics}: {record.comparison.describe()}"
+            )
+            if not record.modified:
+                record.message += " (while reporting modified=False)"
+        return new_gm, outputs, failure
+
+    def _finish(self, position: int, p: Pass, gm: Any, record: PassRecord) -> Any:
+        self.records.append(record)
+        for inst in self.instruments:
+            inst.after_pass(position, p, gm, self.ctx, record)
+        return gm
 
 
 def _combined(passes: Sequence[Pass], records: Sequence[PassRecord]) -> Numerics:

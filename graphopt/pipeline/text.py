@@ -124,9 +124,7 @@ class _Parser:
         while True:
             name, name_pos = self.match(PASS_NAME, "a pass name (kebab-case, e.g. fold-conv-bn)")
             if name not in passes:
-                raise self.error(
-                    f"unknown pass {name!r}." + close_matches(name, passes), name_pos
-                )
+                raise self.error(f"unknown pass {name!r}." + close_matches(name, passes), name_pos)
             options: list[tuple[str, str]] = []
             self.skip_ws()
             if self.peek() == "{":
