@@ -23,10 +23,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from graphopt.algebra.monarch import relative_error
 from graphopt.backends.measure import available_cores, time_interleaved
 from graphopt.backends.onnxruntime import OnnxRuntimeBackend, export_onnx
 from graphopt.bench import _CpuProbe, machine_info
-from graphopt.monarch import BlockDiagonalLinear, LowRankLinear, MonarchLinear, relative_error
+from graphopt.nn import BlockDiagonalLinear, LowRankLinear, MonarchLinear
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BAR = 1.8  # the required speed-up of Monarch(4) over dense

@@ -44,7 +44,7 @@ _LAZY: dict[str, str] = {
     "Target": "graphopt.target",
     "Report": "graphopt.report",
     "tune_mode": "graphopt.tune",
-    "MonarchLinear": "graphopt.monarch",
+    "MonarchLinear": "graphopt.nn",
 }
 _SUBMODULES = {
     "zoo",
@@ -59,7 +59,7 @@ _SUBMODULES = {
     "report",
     "onnx_import",
     "tune",
-    "monarch",
+    "nn",
 }
 
 __all__ = [
@@ -108,7 +108,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from graphopt.core.pass_infra import Pass, PassContext, PassResult
     from graphopt.core.registry import register_pass
     from graphopt.frontends.torch import capture
-    from graphopt.monarch import MonarchLinear
+    from graphopt.nn import MonarchLinear
     from graphopt.pipeline import PassManager, parse_pipeline
     from graphopt.report import Report
     from graphopt.target import Target

@@ -80,10 +80,10 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from graphopt.algebra.conv_merge import dense_kernel, regroup
 from graphopt.core.numerics import Numerics
 from graphopt.core.pass_infra import Pass, PassContext, PassResult
 from graphopt.core.registry import register_pass
-from graphopt.merge_algebra import dense_kernel, regroup
 from graphopt.passes._tensors import as_normal, as_parameter
 from graphopt.passes.eliminate_dead_code import (
     may_alias_input,

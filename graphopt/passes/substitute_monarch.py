@@ -2,7 +2,7 @@
 layer only where it is measured faster on the target and within the error budget.
 
 For a layer ``y = W x + c`` (``W``: ``n_out x n_in``) the candidates are, per Monarch block count
-``b`` in ``nblocks`` (:mod:`graphopt.monarch` has the math and the closed-form projections)::
+``b`` in ``nblocks`` (:mod:`graphopt.algebra.monarch` has the math and the closed-form projections)::
 
     monarch(b, r)      W ~ P_out R P L P_in      per-slice rank-r SVD           b*b*r*(p+s) params
     block-diagonal(b') W ~ diag(W_1 .. W_b')     keep the diagonal blocks       n_in*n_out/b'
@@ -62,7 +62,7 @@ from graphopt.core.numerics import Numerics
 from graphopt.core.pass_infra import Pass, PassContext, PassResult
 from graphopt.core.registry import register_pass
 from graphopt.errors import PipelineError
-from graphopt.monarch import BlockDiagonalLinear, LowRankLinear, MonarchLinear, PointwiseConv
+from graphopt.nn import BlockDiagonalLinear, LowRankLinear, MonarchLinear, PointwiseConv
 from graphopt.passes._tensors import grad_enabled
 
 log = logging.getLogger(__name__)

@@ -18,14 +18,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import fx, nn
 
-from graphopt import merge_algebra as algebra
 from graphopt import zoo
+from graphopt.algebra import conv_merge as algebra
 from graphopt.backends.measure import Latency, UnitTimer
 from graphopt.core.pass_infra import PassContext
 from graphopt.errors import InputError, PipelineError
 from graphopt.frontends.torch import capture
+from graphopt.nn import MergedSpan
 from graphopt.passes.fold_conv_bn import FoldConvBN
-from graphopt.passes.merge_convs import Importance, MergeConvs, MergedSpan, find_stretches
+from graphopt.passes.merge_convs import Importance, MergeConvs, find_stretches
 from graphopt.passes.merge_convs import depth as merge_depth
 from graphopt.pipeline import PassManager, parse_pipeline
 from graphopt.testing import random_bn, seeded

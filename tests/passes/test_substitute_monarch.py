@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 from torch import fx, nn
 
 import graphopt
+from graphopt.algebra.monarch import relative_error
 from graphopt.backends import measure
 from graphopt.backends.measure import Latency, UnitTimer
 from graphopt.backends.onnxruntime import OnnxRuntimeBackend, export_onnx
@@ -28,13 +29,7 @@ from graphopt.core.numerics import Numerics
 from graphopt.core.pass_infra import PassContext
 from graphopt.errors import PipelineError
 from graphopt.frontends.torch import capture
-from graphopt.monarch import (
-    BlockDiagonalLinear,
-    LowRankLinear,
-    MonarchLinear,
-    PointwiseConv,
-    relative_error,
-)
+from graphopt.nn import BlockDiagonalLinear, LowRankLinear, MonarchLinear, PointwiseConv
 from graphopt.passes.substitute_monarch import (
     Candidate,
     LayerPlan,

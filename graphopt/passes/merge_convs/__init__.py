@@ -5,7 +5,7 @@ A *stretch* is a maximal run of convs ``c_1 .. c_L`` (module or functional, cons
 where each conv's output is used only by the next, plus residual bodies ``x + c_a(..c_b(x))``
 whose convs all lie in the run (the add continues the stretch). Position ``p`` is the value
 after conv ``p`` (after the add where a residual ends there), position 0 the stretch's input. A
-span ``(i, j]`` -- convs ``i+1..j`` -- becomes one conv by :func:`graphopt.merge_algebra.merge`
+span ``(i, j]`` -- convs ``i+1..j`` -- becomes one conv by :func:`graphopt.algebra.conv_merge.merge`
 (float64, cast back to the graph's dtype)::
 
     k = k1 + (k2 - 1)*s1    s = s1*s2    p = p1 + p2*s1    W = W2 * W1    b = b2 + W2 . b1
@@ -22,7 +22,7 @@ units are timed interleaved in one run (``time_interleaved``), each median store
 cache under the unit's structure (conv hyper-parameters, shapes, dtype, backend, version,
 settings): identical units are timed once and a second run measures nothing.
 
-Stage 1 of the dynamic program (:func:`graphopt.merge_plan.plan_exact`) then splits each
+Stage 1 of the dynamic program (:func:`graphopt.algebra.merge_dp.plan_exact`) then splits each
 stretch::
 
     T_opt(i, j) = min( T'(i, j),  min_{i<k<j} T_opt(i, k) + T'(k, j) )
@@ -37,7 +37,7 @@ predicted against unmerged latency, every candidate's latency and every refusal 
 
 Statistics: ``merged-spans``, ``convs-removed``, ``residuals-folded``, ``timed-units``;
 ``skipped:<reason>`` per refused candidate span (``padding``, ``bias-at-padding``,
-``residual-shape``, ``residual-centre``, ``kernel-size`` -- see :mod:`graphopt.merge_algebra`)
+``residual-shape``, ``residual-centre``, ``kernel-size`` -- see :mod:`graphopt.algebra.conv_merge`)
 and per stretch left as it is: ``not-faster`` (no merge measured faster), ``all-refused``
 (every merge refused; nothing is timed), ``target-not-measurable`` (a phone without an RPC
 device), ``no-shape`` (no ``tensor_meta``), ``dtype`` (not floating point); per conv
@@ -69,12 +69,10 @@ from graphopt.passes.merge_convs.candidates import (
     StretchPlan,
     candidates,
     folded_bodies,
-    merge_specs,
 )
 from graphopt.passes.merge_convs.depth import (
     Chain,
     DepthPlan,
-    MergedSpan,
     importance_table,
     model_latency,
     plan_depth,
@@ -94,7 +92,6 @@ __all__ = [
     "DepthPlan",
     "Importance",
     "MergeConvs",
-    "MergedSpan",
     "Stretch",
     "StretchPlan",
     "activation_input",
@@ -103,7 +100,6 @@ __all__ = [
     "find_stretches",
     "folded_bodies",
     "importance_table",
-    "merge_specs",
     "model_latency",
     "plan_depth",
     "plan_stretch",

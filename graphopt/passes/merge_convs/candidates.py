@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from torch import fx
 
-import graphopt.merge_algebra as algebra
+import graphopt.algebra.conv_merge as algebra
 from graphopt.passes.merge_convs.stretches import Stretch
 
 
@@ -61,31 +61,6 @@ def _span_kind(stretch: Stretch, i: int, j: int) -> tuple[str, list[tuple[int, i
     return kind, folded
 
 
-def merge_specs(
-    specs: list[algebra.ConvSpec],
-    bodies: list[tuple[int, int]],
-    max_kernel: int,
-    move_padding: bool = False,
-) -> algebra.ConvSpec | algebra.Refusal:
-    """``specs`` (applied in order) as one conv, the residual ``bodies`` ``(a, b)`` -- convs
-    ``a..b`` (0-based, whole) with ``x + body(x)`` around them -- folded in."""
-    parts: list[algebra.ConvSpec] = []
-    k = 0
-    for a, b in sorted(bodies):
-        parts.extend(specs[k:a])
-        body = algebra.merge(
-            specs[a : b + 1], residual=True, max_kernel=max_kernel, move_padding=move_padding
-        )
-        if isinstance(body, algebra.Refusal):
-            return algebra.Refusal(body.reason, body.detail, body.position + a)
-        parts.append(body)
-        k = b + 1
-    parts.extend(specs[k:])
-    if len(parts) == 1:
-        return parts[0]
-    return algebra.merge(parts, max_kernel=max_kernel, move_padding=move_padding)
-
-
 def _merge_span(
     stretch: Stretch,
     i: int,
@@ -96,7 +71,7 @@ def _merge_span(
 ) -> algebra.ConvSpec | algebra.Refusal:
     """Convs ``i+1..j`` as one conv, the residuals ``folded`` (whole bodies) folded in."""
     relative = [(a - i, b - i) for a, b in folded]
-    return merge_specs(stretch.specs[i:j], relative, max_kernel, move_padding)
+    return algebra.merge_specs(stretch.specs[i:j], relative, max_kernel, move_padding)
 
 
 def candidates(
@@ -104,7 +79,7 @@ def candidates(
 ) -> list[tuple[Candidate, algebra.ConvSpec | None]]:
     """Every single conv and every span of at most ``max_span`` convs, with its merged conv
     (None for a refused one). ``move_padding``: depth compression's padding moved to the
-    span's first conv (see :mod:`graphopt.merge_algebra`)."""
+    span's first conv (see :mod:`graphopt.algebra.conv_merge`)."""
     out: list[tuple[Candidate, algebra.ConvSpec | None]] = []
     for i in range(stretch.length):
         for j in range(i + 1, min(stretch.length, i + max_span) + 1):

@@ -19,7 +19,7 @@ Tables, all from the target and the user's data:
   ``predict(*arrays)`` runs the network on numpy inputs), the change of the metric. Each distinct set of removed activations is evaluated once, on one copy
   of the graph whose activations are switched off and on.
 
-:func:`graphopt.merge_plan.plan` then keeps the activations of the largest summed importance
+:func:`graphopt.algebra.merge_dp.plan` then keeps the activations of the largest summed importance
 whose predicted latency fits the budget. The budget is ``budget`` times the model's latency, or
 ``budget_ms``. The model is timed whole and predicted as ``scale * sum T`` over the chosen spans,
 ``scale = T_model / sum of the single convs`` (algorithms.md §6.2: units timed alone are not
@@ -28,7 +28,7 @@ changes between them and the head growing with the convs), so the spans' budget 
 ``budget * sum of single convs``, or ``budget_ms / scale``.
 
 Then the architecture is fixed: the removed activations become identities and each chosen span
-becomes a :class:`MergedSpan` -- its convs with the zero padding moved to the span's input, the
+becomes a :class:`graphopt.nn.MergedSpan` -- its convs with the zero padding moved to the span's input, the
 residual skips centre-cropped -- which trains like the convs it holds. The fine-tuning hook
 (``finetune``, a constructor argument or ``PassContext.finetune``) trains that graph; then each
 span becomes the one conv it computes (exact up to float rounding). Lossy: removing activations
@@ -56,22 +56,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import fx, nn
 
-import graphopt.merge_algebra as algebra
+import graphopt.algebra.conv_merge as algebra
+from graphopt.algebra.merge_dp import plan
 from graphopt.backends.measure import UnitTimer
 from graphopt.core.pass_infra import PassContext, PassResult
 from graphopt.core.progress import Progress
 from graphopt.errors import InputError
-from graphopt.merge_plan import plan
-from graphopt.passes._tensors import grad_enabled
-from graphopt.passes.merge_convs.candidates import (
-    Candidate,
-    StretchPlan,
-    folded_bodies,
-    merge_specs,
-)
+from graphopt.fx.tensors import grad_enabled
+from graphopt.nn import MergedSpan
+from graphopt.passes.merge_convs.candidates import Candidate, StretchPlan, folded_bodies
 from graphopt.passes.merge_convs.exact import apply
 from graphopt.passes.merge_convs.importance import Importance
 from graphopt.passes.merge_convs.stretches import Stretch, find_stretches
@@ -80,84 +75,6 @@ from graphopt.passes.merge_convs.units import conv_module, time_stretch
 log = logging.getLogger(__name__)
 
 _MODEL_UNIT = "merge-convs/model/1"
-
-
-# ------------------------------------------------------------------------------------------------
-# the fine-tunable form of a merged span
-
-
-class MergedSpan(nn.Module):
-    """Convs applied in order as the one conv they merge into, in a form that trains: the
-    input is zero-padded once by the span's moved padding, every conv runs unpadded, and a
-    residual ``x + body(x)`` inside the span adds ``x`` centre-cropped to the body's output.
-    :meth:`spec` is the merged conv (exact up to float rounding: both compute the same valid
-    convs of the padded input).
-
-    ``convs``: ConvSpecs with their original padding; ``bodies``: ``(a, b)``, convs ``a..b``
-    (0-based) with the skip around them.
-    """
-
-    def __init__(
-        self,
-        convs: list[algebra.ConvSpec],
-        bodies: list[tuple[int, int]],
-        dtype: torch.dtype = torch.float32,
-        requires_grad: bool = True,
-    ) -> None:
-        super().__init__()
-        dims = convs[0].dims
-        self.paddings = [tuple(c.padding) for c in convs]
-        self.bodies = sorted(bodies)
-        self.convs = nn.ModuleList(
-            c.module(dtype, padding=0).requires_grad_(requires_grad) for c in convs
-        )
-        moved = [0] * dims  # p = p1 + p2*s1 + p3*s1*s2 ...
-        stride = [1] * dims
-        for spec in convs:
-            for d in range(dims):
-                moved[d] += spec.padding[d] * stride[d]
-                stride[d] *= spec.stride[d]
-        self.padding = tuple(moved)
-        self._pad = tuple(p for m in reversed(moved) for p in (m, m))
-        for a, b in self.bodies:
-            if any(s != 1 for c in convs[a : b + 1] for s in c.stride):
-                raise InputError(f"residual body {a}..{b} has a strided conv: x + f(x) cannot hold")
-        # the skip of a stride-1 body is cropped by the body's own padding on each side
-        self._crops = {
-            b: (a, [sum(convs[k].padding[d] for k in range(a, b + 1)) for d in range(dims)])
-            for a, b in self.bodies
-        }
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.pad(x, self._pad) if any(self._pad) else x
-        starts = {a for a, _ in self.bodies}
-        saved: dict[int, torch.Tensor] = {}
-        for k, conv in enumerate(self.convs):
-            if k in starts:
-                saved[k] = x
-            x = conv(x)
-            if k in self._crops:
-                a, crop = self._crops[k]
-                skip = saved.pop(a)
-                index = (...,) + tuple(
-                    slice(c, skip.shape[-len(crop) + d] - c) for d, c in enumerate(crop)
-                )
-                x = x + skip[index]
-        return x
-
-    def specs(self) -> list[algebra.ConvSpec]:
-        """The convs as they are now (after fine-tuning), with their original padding."""
-        return [
-            algebra.ConvSpec(c.weight.detach(), c.bias.detach(), c.stride, p, c.dilation, c.groups)
-            for c, p in zip(self.convs, self.paddings, strict=True)
-        ]
-
-    def spec(self) -> algebra.ConvSpec:
-        """The one conv this span computes."""
-        merged = merge_specs(self.specs(), self.bodies, None, move_padding=True)
-        if isinstance(merged, algebra.Refusal):  # the plan only holds spans the algebra merged
-            raise InputError(f"the fixed span no longer merges: {merged}")
-        return merged
 
 
 # ------------------------------------------------------------------------------------------------
@@ -348,7 +265,79 @@ def run(
         stats["skipped:no-calibration-data"] += len(stretches)
         return PassResult(gm, modified=False, stats=+stats)
     before = copy.deepcopy(gm)
-    # tables: T over the stretches numbered end to end
+    tables = _time_tables(gm, stretches, stats, timer, say, options)
+    if tables is None:
+        return PassResult(gm, modified=False, stats=+stats)
+    inputs = _traced_inputs(gm) or tuple(ctx.sample_inputs or batches[0])
+    model_ms = model_latency(timer, {"model": gm}, inputs)["model"].median_ms
+    target_ms = opts.budget * model_ms if opts.budget else opts.budget_ms
+    # the model is predicted as scale * sum(T): units timed alone leave out what the whole
+    # graph adds around them (layout changes, the head), and that grows with the units
+    unmerged = tables.unmerged_ms()
+    scale = model_ms / unmerged
+    result = DepthPlan(budget_ms=target_ms, model_ms=model_ms, scale=scale, unmerged_ms=unmerged)
+    say(f"importance on {len(batches)} calibration batches")
+    importance = Importance(gm, tables.chain.acts(), batches, metric)
+    h = importance_table(tables.chain, tables.table, importance, say)
+    result.importance_source = (
+        f"metric {getattr(metric, '__name__', 'callable')}" if metric else "output error"
+    )
+    result.evaluated_sets = importance.evaluated
+    result.refusals = tables.refusals()
+    chosen, best_ratio = _validated_plan(before, tables, h, result, timer, inputs, opts, say)
+    result.importance = float(chosen.objective or 0.0)
+    result.predicted_ms = chosen.latency
+    if best_ratio >= 1.0:  # every plan measured no faster than the model: leave it
+        result.reason = "not-faster"
+        stats["skipped:not-faster"] += 1
+        if timer.measured:
+            stats["timed-units"] += timer.measured
+        return PassResult(gm, modified=False, stats=+stats, decisions=[result])
+    gm = _fix_and_merge(gm, ctx, tables, chosen, result, stats, say, finetune)
+    if timer.measured:
+        stats["timed-units"] += timer.measured
+    log.info("merge-convs: %s", result)
+    return PassResult(gm, modified=True, stats=+stats, decisions=[result])
+
+
+@dataclass
+class _Tables:
+    """``T`` over the stretches numbered end to end: ``usable`` holds each timed stretch with
+    its plan and merged specs, ``table[i, j]`` the fastest candidate of virtual span ``(i, j]``
+    and ``best[i, j]`` that candidate."""
+
+    usable: list[tuple[Stretch, StretchPlan, dict[Candidate, algebra.ConvSpec]]]
+    chain: Chain
+    table: dict[tuple[int, int], float]
+    best: dict[tuple[int, int], Candidate]
+
+    def unmerged_ms(self) -> float:
+        """The sum of the single convs timed alone."""
+        table, length = self.table, self.chain.length
+        return sum(table[k, k + 1] for k in range(length) if (k, k + 1) in table)
+
+    def refusals(self) -> dict[str, int]:
+        """How many candidate spans the merge algebra refused, by reason."""
+        return dict(
+            Counter(
+                c.refusal.reason
+                for _, layer, _ in self.usable
+                for c in layer.candidates
+                if c.refusal is not None
+            )
+        )
+
+
+def _time_tables(
+    gm: fx.GraphModule,
+    stretches: list[Stretch],
+    stats: Counter,
+    timer: UnitTimer,
+    say: Progress,
+    options: Any,
+) -> _Tables | None:
+    """Every stretch's candidates timed, as ``T`` over the virtual chain (None when no stretch
+    could be timed)."""
     usable: list[tuple[Stretch, StretchPlan, dict[Candidate, algebra.ConvSpec]]] = []
     for n, stretch in enumerate(stretches, start=1):
         say(f"timing stretch {n}/{len(stretches)}: {stretch.name} ({stretch.length} convs)")
@@ -357,7 +346,7 @@ def run(
             continue
         usable.append((stretch, layer, specs))
     if not usable:
-        return PassResult(gm, modified=False, stats=+stats)
+        return None
     chain = Chain.of([s for s, _, _ in usable])
     table: dict[tuple[int, int], float] = {}
     best: dict[tuple[int, int], Candidate] = {}
@@ -367,49 +356,41 @@ def run(
                 span = (off + c.i, off + c.j)
                 if span not in table or c.latency_ms < table[span]:
                     table[span], best[span] = c.latency_ms, c
-    unmerged = sum(table[k, k + 1] for k in range(chain.length) if (k, k + 1) in table)
     if any((k, k + 1) not in table for k in range(chain.length)):
         raise InputError("merge-convs: a single conv could not be timed; see the log")
-    inputs = _traced_inputs(gm) or tuple(ctx.sample_inputs or batches[0])
-    model_ms = model_latency(timer, {"model": gm}, inputs)["model"].median_ms
-    target_ms = opts.budget * model_ms if opts.budget else opts.budget_ms
-    # the model is predicted as scale * sum(T): units timed alone leave out what the whole
-    # graph adds around them (layout changes, the head), and that grows with the units
-    scale = model_ms / unmerged
-    result = DepthPlan(budget_ms=target_ms, model_ms=model_ms, scale=scale, unmerged_ms=unmerged)
-    say(f"importance on {len(batches)} calibration batches")
-    importance = Importance(gm, chain.acts(), batches, metric)
-    h = importance_table(chain, table, importance, say)
-    result.importance_source = (
-        f"metric {getattr(metric, '__name__', 'callable')}" if metric else "output error"
-    )
-    result.evaluated_sets = importance.evaluated
-    result.refusals = dict(
-        Counter(
-            c.refusal.reason
-            for _, layer, _ in usable
-            for c in layer.candidates
-            if c.refusal is not None
-        )
-    )
-    # plan, then measure the merged architecture whole; where it misses the budget, plan
-    # again under a budget shrunk by the miss (algorithms.md §6.2: validate end to end)
-    fraction = target_ms / model_ms
-    acts = set(chain.acts())
+    return _Tables(usable, chain, table, best)
+
+
+def _validated_plan(
+    before: fx.GraphModule,
+    tables: _Tables,
+    h: dict[tuple[int, int, int, int], float],
+    result: DepthPlan,
+    timer: UnitTimer,
+    inputs: tuple[Any, ...],
+    opts: Any,
+    say: Progress,
+) -> tuple[Any, float]:
+    """Plan, then measure the merged architecture whole; where it misses the budget, plan
+    again under a budget shrunk by the miss (algorithms.md §6.2: validate end to end).
+    Returns the plan measured fastest and its measured ratio to the model."""
+    fraction = result.budget_ms / result.model_ms
+    acts = set(tables.chain.acts())
+    length, scale = tables.chain.length, result.scale
 
     def planned(budget_ms: float) -> Any:
         start = time.perf_counter()
         try:
-            return plan_depth(chain.length, table, h, acts, budget_ms, opts.resolution)
+            return plan_depth(length, tables.table, h, acts, budget_ms, opts.resolution)
         finally:
             result.planning_s += time.perf_counter() - start
 
-    trial_plan = planned(target_ms / scale)
+    trial_plan = planned(result.budget_ms / scale)
     chosen, best_ratio = trial_plan, math.inf
     for attempt in range(1, opts.validate_rounds + 1):
         trial = copy.deepcopy(before)
-        trial_stretches = _aligned(trial, usable)
-        _realize(trial, trial_stretches, usable, best, trial_plan, None)
+        trial_stretches = _aligned(trial, tables.usable)
+        _realize(trial, trial_stretches, tables.usable, tables.best, trial_plan, None)
         measured = model_latency(timer, {"before": before, "after": trial}, inputs)
         ratio = measured["after"].median_ms / measured["before"].median_ms
         say(
@@ -427,23 +408,30 @@ def run(
             trial_plan = planned(trial_plan.latency * fraction / ratio)
         except InputError:
             break  # nothing faster can be planned
-    result.importance = float(chosen.objective or 0.0)
-    result.predicted_ms = chosen.latency
-    if best_ratio >= 1.0:  # every plan measured no faster than the model: leave it
-        result.reason = "not-faster"
-        stats["skipped:not-faster"] += 1
-        if timer.measured:
-            stats["timed-units"] += timer.measured
-        return PassResult(gm, modified=False, stats=+stats, decisions=[result])
-    nodes = chain.acts()
+    return chosen, best_ratio
+
+
+def _fix_and_merge(
+    gm: fx.GraphModule,
+    ctx: PassContext,
+    tables: _Tables,
+    chosen: Any,
+    result: DepthPlan,
+    stats: Counter,
+    say: Progress,
+    finetune: Callable[[fx.GraphModule], Any] | None,
+) -> fx.GraphModule:
+    """Fix the architecture ``chosen`` describes (activations removed, spans in their
+    fine-tunable form), fine-tune it, then merge each span into its one conv."""
+    nodes = tables.chain.acts()
     result.kept = [nodes[p].name for p in chosen.activations]
     result.removed = [nodes[p].name for p in chosen.removed]
-    # the architecture: activations removed, spans in their fine-tunable form
-    spans = _realize(gm, [s for s, _, _ in usable], usable, best, chosen, result)
+    stretches = [s for s, _, _ in tables.usable]
+    spans = _realize(gm, stretches, tables.usable, tables.best, chosen, result)
     stats["activations-removed"] += len(chosen.removed)
     stats["merged-spans"] += len(result.spans)
     for vi, vj in chosen.spans:
-        cand = best[vi, vj]
+        cand = tables.best[vi, vj]
         if cand.merges:
             stats["convs-removed"] += cand.j - cand.i - 1
             stats["residuals-folded"] += cand.folded
@@ -462,10 +450,7 @@ def run(
         gm.add_submodule(name, conv_module(module.spec(), dtype))
     gm.delete_all_unused_submodules()
     gm.recompile()
-    if timer.measured:
-        stats["timed-units"] += timer.measured
-    log.info("merge-convs: %s", result)
-    return PassResult(gm, modified=True, stats=+stats, decisions=[result])
+    return gm
 
 
 def _aligned(gm: fx.GraphModule, usable: list[tuple[Stretch, Any, Any]]) -> list[Stretch]:

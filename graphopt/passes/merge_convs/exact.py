@@ -11,11 +11,11 @@ from typing import Any
 
 from torch import fx, nn
 
-import graphopt.merge_algebra as algebra
+import graphopt.algebra.conv_merge as algebra
+from graphopt.algebra.merge_dp import plan_exact
 from graphopt.backends.measure import UnitTimer
 from graphopt.core.pass_infra import PassResult
 from graphopt.core.progress import Progress
-from graphopt.merge_plan import plan_exact
 from graphopt.passes.merge_convs.candidates import Candidate, StretchPlan, folded_bodies
 from graphopt.passes.merge_convs.stretches import Stretch
 from graphopt.passes.merge_convs.units import conv_module, time_stretch

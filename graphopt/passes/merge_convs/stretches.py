@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-import graphopt.merge_algebra as algebra
+import graphopt.algebra.conv_merge as algebra
 from graphopt.passes.reparameterize import _conv_branch, _is_add
 
 

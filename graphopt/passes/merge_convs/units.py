@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-import graphopt.merge_algebra as algebra
+import graphopt.algebra.conv_merge as algebra
 from graphopt.backends.measure import UnitTimer
 from graphopt.passes.merge_convs.candidates import Candidate, StretchPlan, candidates
 from graphopt.passes.merge_convs.stretches import Stretch, value_shape

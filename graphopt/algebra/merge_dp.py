@@ -306,12 +306,42 @@ def plan(
         h[:, k, :, 1] = -_INF
         h[k, :, 1, :] = -_INF
     ext = _extend(h)
+    with np.errstate(invalid="ignore"):
+        tau = np.where(np.isfinite(best), np.ceil(best / step), -1).astype(np.int64)
+    stage2 = _stage2(ext, tau, bins)
+    ends = [
+        (stage2.value[num_layers, a, bins], -stage2.source[num_layers, a, bins], a) for a in (1, 0)
+    ]
+    score, _, last = max(ends)
+    if not np.isfinite(score):
+        fastest = best[0, num_layers]
+        raise InputError(
+            f"no plan meets the latency budget {budget:.6g} (the fastest cover of the chain "
+            f"takes {fastest:.6g}, rounded up to bins of {step:.6g}); raise the budget, refine "
+            f"the resolution, or give importance for more segments"
+        )
+    bounds, kept, total = _backtrack(stage2, ext, tau, last, bins)
+    return _make_plan(table, split, bounds, kept, cand, total, budget)
+
+
+@dataclass
+class _Stage2:
+    """The stage-2 tables: ``value[m, a, t]`` is ``D``; ``source`` the time at which the value
+    was reached; ``choice`` an index into ``preds[m, a]``, the ``(i, j)`` it came from."""
+
+    value: np.ndarray
+    source: np.ndarray
+    choice: np.ndarray
+    preds: dict[tuple[int, int], list[tuple[int, int]]]
+
+
+def _stage2(ext: np.ndarray, tau: np.ndarray, bins: int) -> _Stage2:
+    """``D[m, a, t]`` for every position, flag and time bin (module docstring), vectorised
+    over ``t``; importances compared on a grid of ``2**-40`` of the largest."""
     finite = np.abs(ext[np.isfinite(ext)])
     scale = float(finite.max()) if finite.size and finite.max() > 0 else 1.0
     grid = 2.0 ** (math.floor(math.log2(scale)) - 40)
-    with np.errstate(invalid="ignore"):
-        tau = np.where(np.isfinite(best), np.ceil(best / step), -1).astype(np.int64)
-    n, width = num_layers + 1, bins + 1
+    n, width = ext.shape[0], bins + 1
     value = np.full((n, 2, width), -_INF)
     value[0, 1, :] = 0.0
     source = np.zeros((n, 2, width), dtype=np.int64)  # the time at which the value was reached
@@ -345,24 +375,24 @@ def plan(
             value[m, a] = running
             source[m, a] = reached
             choice[m, a] = pick[reached]
-    ends = [(value[num_layers, a, bins], -source[num_layers, a, bins], a) for a in (1, 0)]
-    score, _, last = max(ends)
-    if not np.isfinite(score):
-        fastest = best[0, num_layers]
-        raise InputError(
-            f"no plan meets the latency budget {budget:.6g} (the fastest cover of the chain "
-            f"takes {fastest:.6g}, rounded up to bins of {step:.6g}); raise the budget, refine "
-            f"the resolution, or give importance for more segments"
-        )
-    bounds, kept, total = [num_layers], [], 0.0
-    m, a, t = num_layers, last, bins
+    return _Stage2(value, source, choice, preds)
+
+
+def _backtrack(
+    stage2: _Stage2, ext: np.ndarray, tau: np.ndarray, last: int, bins: int
+) -> tuple[list[int], list[int], float]:
+    """The segment bounds, kept activations and total importance of the best plan ending with
+    flag ``last`` within ``bins``."""
+    m = ext.shape[0] - 1
+    bounds, kept, total = [m], [], 0.0
+    a, t = last, bins
     while m > 0:
-        t = int(source[m, a, t])
-        i, j = preds[m, a][int(choice[m, a, t])]
+        t = int(stage2.source[m, a, t])
+        i, j = stage2.preds[m, a][int(stage2.choice[m, a, t])]
         total += float(ext[i, m, j, a])
         if a:
             kept.append(m)
         t -= int(tau[i, m])
         m, a = i, j
         bounds.append(m)
-    return _make_plan(table, split, bounds[::-1], kept, cand, total, budget)
+    return bounds[::-1], kept, total

@@ -1,4 +1,4 @@
-"""merge_plan: the two-stage DP equals brute-force enumeration of (kept activations, merge
+"""algebra.merge_dp: the two-stage DP equals brute-force enumeration of (kept activations, merge
 boundaries, importance split points) on every chain up to length 8 that Hypothesis draws; hand
 cases from the paper's formulation; exact mode; a length-50 chain plans fast."""
 
@@ -13,8 +13,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from graphopt.algebra.merge_dp import optimal_time_table, plan, plan_exact
 from graphopt.errors import InputError
-from graphopt.merge_plan import optimal_time_table, plan, plan_exact
 
 # --- brute force, straight from the definitions --------------------------------------------------
 
@@ -258,7 +258,7 @@ def test_planning_imports_no_torch():
     import ast
     from pathlib import Path
 
-    import graphopt.merge_plan as module
+    import graphopt.algebra.merge_dp as module
 
     tree = ast.parse(Path(module.__file__).read_text())
     names = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}

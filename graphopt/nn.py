@@ -1,43 +1,21 @@
-"""Structured stand-ins for a dense ``nn.Linear``: Monarch, block-diagonal and low-rank layers,
-each with the closed-form projection of a dense weight onto its class (``from_dense``).
+"""The ``nn.Module`` layers that graphopt's passes put into a rewritten graph.
 
-Monarch (Dao et al., ICML 2022) with ``b`` blocks and per-slice rank ``r``, for ``y = W x``
-(``W``: ``n_out x n_in``)::
+* ``MonarchLinear``, ``BlockDiagonalLinear``, ``LowRankLinear``: structured stand-ins for a dense
+  ``nn.Linear``, each with the closed-form projection of a dense weight onto its class
+  (``from_dense``); ``PointwiseConv`` runs one of them as a 1x1 convolution
+  (``substitute-monarch``). The math -- the Monarch factorisation ``W = P_out R P L P_in``, why
+  the truncated SVD of each slice is the optimal projection, why Monarch(b) holds every
+  block-diagonal matrix with b blocks, the zero padding of sizes b does not divide -- is in
+  :mod:`graphopt.algebra.monarch`.
+* ``MergedSpan``: a span of convolutions in the fine-tunable form that depth compression
+  (``merge-convs{budget=...}``) trains before merging it into the one conv it computes
+  (:mod:`graphopt.algebra.conv_merge`).
 
-    p = ceil(n_in / b)   s = ceil(n_out / b)   q = b * r      x zero-padded to b*p, y cut to n_out
-    stage 1, block k:    u[k] = x_k @ L[k]                    L: (b, p, q)
-    permutation P:       v[l] = concat_k u[k][l*r:(l+1)*r]    (the transpose of a (b, b) grid)
-    stage 2, block l:    w[l] = v[l] @ R[l]                   R: (b, q, s)
+The Monarch forward pass is two batched matrix products on ``[b, tokens, ...]`` tensors with
+reshapes and transposes between them: it exports to ONNX as two ``MatMul`` with ``[b, p, q]``
+and ``[b, q, s]`` initializers, never as a dense ``n_in x n_out`` matrix.
 
-One side is interleaved, the other contiguous: when ``s <= p`` (a layer that keeps or shrinks
-the width) output block ``l`` is rows ``l, l+b, l+2b, ...`` and input block ``k`` is columns
-``k*p .. (k+1)*p - 1``; when ``s > p`` (a widening layer) it is the other way round. Then
-
-    W[row(l, s'), col(k, p')] = sum_t L[k, p', l*r + t] * R[l, k*r + t, s']
-
-so the slice ``T_kl = W[rows of block l, columns of block k]`` (``s x p``) is the product
-``R[l, k*r:(k+1)*r, :]^T @ L[k, :, l*r:(l+1)*r]^T`` of rank <= r, and no other slice uses
-those factors. The slices partition ``W``: the least-squares fit of a dense ``W`` decouples into
-``b*b`` independent rank-r problems and, by Eckart-Young, the truncated SVD of each slice is the
-global optimum in Frobenius norm (``MonarchLinear.from_dense``). The default rank
-``r = ceil(min(p, s) / b)`` gives the sizes of the reference code (``HazyResearch/fly``,
-``MonarchLinear``); interleaving the narrower side makes every slice of a block-diagonal matrix
-with the same ``b`` have rank <= r, so ``BlockDiagonalLinear(b)`` is contained in
-``MonarchLinear(b)`` and the Monarch projection is never worse than the block-diagonal one with
-the same number of blocks (it has 1 to 2 times its parameters).
-
-Sizes that ``b`` does not divide are zero-padded. The padded rows and columns are fitted to
-zero; that is the exact optimum when ``b`` divides both sizes and close to it otherwise (the
-optimum over the unpadded part alone is a weighted low-rank problem without a closed form).
-
-The forward pass is two batched matrix products on ``[b, tokens, ...]`` tensors with reshapes
-and transposes between them: it exports to ONNX as two ``MatMul`` with ``[b, p, q]`` and
-``[b, q, s]`` initializers, never as a dense ``n_in x n_out`` matrix.
-
-Baselines: ``BlockDiagonalLinear`` (``b`` blocks ``p -> s``, projection = keep the diagonal
-blocks) and ``LowRankLinear`` (``W ~ U V``, projection = truncated SVD split as ``U sqrt(S)``,
-``sqrt(S) V^T``).
-
+>>> from graphopt.algebra.monarch import relative_error
 >>> dense = nn.Linear(768, 3072)
 >>> layer = MonarchLinear.from_dense(dense.weight, dense.bias, nblocks=4)
 >>> relative_error(dense.weight, layer.dense_weight())
@@ -51,36 +29,25 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from graphopt.algebra.conv_merge import ConvSpec, Refusal, merge_specs
+from graphopt.algebra.monarch import (
+    MonarchSizes,
+    block_diagonal_blocks,
+    block_diagonal_dense,
+    check_bias,
+    check_sizes,
+    default_rank,
+    low_rank_factors,
+)
+from graphopt.errors import InputError
+
 __all__ = [
     "BlockDiagonalLinear",
     "LowRankLinear",
+    "MergedSpan",
     "MonarchLinear",
     "PointwiseConv",
-    "relative_error",
 ]
-
-
-def relative_error(weight: torch.Tensor, approx: torch.Tensor) -> float:
-    """``||weight - approx||_F / ||weight||_F`` in float64 (0 for a zero weight matched)."""
-    w = weight.detach().double()
-    diff = float((w - approx.detach().double()).norm())
-    norm = float(w.norm())
-    return diff / norm if norm > 0 else diff
-
-
-def _check_sizes(in_features: int, out_features: int, nblocks: int) -> None:
-    if in_features < 1 or out_features < 1:
-        raise ValueError(f"features must be positive, got {in_features} -> {out_features}")
-    if not 1 <= nblocks <= min(in_features, out_features):
-        raise ValueError(
-            f"nblocks must be between 1 and min(in_features, out_features) = "
-            f"{min(in_features, out_features)}, got {nblocks}"
-        )
-
-
-def _pad2d(weight: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
-    """``weight`` zero-padded at the bottom and right to ``rows x cols``."""
-    return F.pad(weight, (0, cols - weight.shape[1], 0, rows - weight.shape[0]))
 
 
 def _rows(x: torch.Tensor, features: int, width: int) -> tuple[torch.Size, torch.Tensor]:
@@ -109,11 +76,6 @@ def _parameter(shape: tuple[int, ...], dtype: torch.dtype | None) -> nn.Paramete
         return nn.Parameter(torch.empty(shape, dtype=dtype))
 
 
-def _check_bias(bias: torch.Tensor | None, out_features: int) -> None:
-    if bias is not None and tuple(bias.shape) != (out_features,):
-        raise ValueError(f"bias must have shape ({out_features},), got {tuple(bias.shape)}")
-
-
 # ------------------------------------------------------------------------------------------------
 # Monarch
 
@@ -140,18 +102,16 @@ class MonarchLinear(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        _check_sizes(in_features, out_features, nblocks)
+        sizes = MonarchSizes.of(in_features, out_features, nblocks, rank)
         self.in_features = in_features
         self.out_features = out_features
         self.nblocks = b = nblocks
-        self.in_block = math.ceil(in_features / b)
-        self.out_block = math.ceil(out_features / b)
-        self.rank = rank if rank is not None else self.default_rank(in_features, out_features, b)
-        if self.rank < 1:
-            raise ValueError(f"rank must be at least 1, got {self.rank}")
-        # the narrower side is interleaved (see the module docstring): then Monarch(b) holds
+        self.in_block = sizes.in_block
+        self.out_block = sizes.out_block
+        self.rank = sizes.rank
+        # the narrower side is interleaved (see graphopt.algebra.monarch): then Monarch(b) holds
         # every block-diagonal matrix with b blocks
-        self.interleave_output = self.out_block <= self.in_block
+        self.interleave_output = sizes.interleave_output
         q = b * self.rank
         self.blocks1 = _parameter((b, self.in_block, q), dtype)
         self.blocks2 = _parameter((b, q, self.out_block), dtype)
@@ -161,9 +121,12 @@ class MonarchLinear(nn.Module):
     @staticmethod
     def default_rank(in_features: int, out_features: int, nblocks: int) -> int:
         """``ceil(min(p, s) / b)``: the slice rank of the reference implementation's sizes."""
-        p = math.ceil(in_features / nblocks)
-        s = math.ceil(out_features / nblocks)
-        return math.ceil(min(p, s) / nblocks)
+        return default_rank(in_features, out_features, nblocks)
+
+    @property
+    def sizes(self) -> MonarchSizes:
+        """The layer's factorisation sizes (its slice view and projection live there)."""
+        return MonarchSizes(self.in_features, self.out_features, self.nblocks, self.rank)
 
     def reset_parameters(self) -> None:
         """Uniform initialisation scaled like ``nn.Linear``'s, per factor."""
@@ -197,36 +160,18 @@ class MonarchLinear(nn.Module):
             y = w.transpose(0, 1).reshape(-1, b * s)  # y[:, l * s + s'] = w[l, :, s']
         return _unrows(y, lead, self.out_features, b * s, self.bias)
 
-    # -- the slice view: T[k, l] = W[rows of output block l, columns of input block k]
-
-    def _grid(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
-        """How ``W_ext`` (``b*s x b*p``) is viewed as 4-D, and the permutation to (k, l, s', p')."""
-        b, p, s = self.nblocks, self.in_block, self.out_block
-        if self.interleave_output:  # rows (s', l), columns (k, p')
-            return (s, b, b, p), (2, 1, 0, 3)
-        return (b, s, p, b), (3, 0, 1, 2)  # rows (l, s'), columns (p', k)
-
     def slices_of(self, weight: torch.Tensor) -> torch.Tensor:
-        """The ``(b, b, s, p)`` slices ``T[k, l]`` of a dense ``n_out x n_in`` weight (padded)."""
-        b, p, s = self.nblocks, self.in_block, self.out_block
-        view, perm = self._grid()
-        return _pad2d(weight, b * s, b * p).reshape(view).permute(perm)
+        """The ``(b, b, s, p)`` slices ``T[k, l]`` of a dense ``n_out x n_in`` weight (padded):
+        ``T[k, l] = W[rows of output block l, columns of input block k]``."""
+        return self.sizes.slices_of(weight)
 
     def dense_from_slices(self, slices: torch.Tensor) -> torch.Tensor:
         """The inverse of :meth:`slices_of`: the ``n_out x n_in`` matrix with these slices."""
-        b, p, s = self.nblocks, self.in_block, self.out_block
-        view, perm = self._grid()
-        inverse = [perm.index(i) for i in range(4)]
-        full = slices.permute(inverse).reshape(b * s, b * p)
-        return full[: self.out_features, : self.in_features]
+        return self.sizes.dense_from_slices(slices)
 
     def dense_weight(self) -> torch.Tensor:
         """The ``n_out x n_in`` matrix this layer multiplies by (without the bias)."""
-        b, p, s, r = self.nblocks, self.in_block, self.out_block, self.rank
-        left = self.blocks1.reshape(b, p, b, r)  # [k, p', l, t]
-        right = self.blocks2.reshape(b, b, r, s)  # [l, k, t, s']
-        slices = torch.einsum("kplt,lkts->klsp", left, right)
-        return self.dense_from_slices(slices)
+        return self.sizes.dense(self.blocks1, self.blocks2)
 
     @classmethod
     def from_dense(
@@ -241,24 +186,15 @@ class MonarchLinear(nn.Module):
 
         Per slice ``T_kl = U S V^T``, truncated to rank ``r``:
         ``R[l, k*r:(k+1)*r, :] = (U sqrt(S))^T`` and ``L[k, :, l*r:(l+1)*r] = (sqrt(S) V^T)^T``.
-        Computed in float64, stored in ``weight``'s dtype.
+        Computed in float64 (:meth:`MonarchSizes.project`), stored in ``weight``'s dtype.
         """
         out_features, in_features = weight.shape
-        _check_bias(bias, out_features)
+        check_bias(bias, out_features)
         layer = cls(in_features, out_features, nblocks, rank, bias is not None, dtype=weight.dtype)
-        b, p, s, r = layer.nblocks, layer.in_block, layer.out_block, layer.rank
-        slices = layer.slices_of(weight.detach().double())  # (b, b, s, p)
-        u, sv, vh = torch.linalg.svd(slices, full_matrices=False)
-        keep = min(r, sv.shape[-1])
-        root = sv[..., :keep].sqrt()
-        left_f = torch.zeros(b, b, s, r, dtype=torch.float64)  # [k, l, s', t]
-        right_f = torch.zeros(b, b, r, p, dtype=torch.float64)  # [k, l, t, p']
-        left_f[..., :keep] = u[..., :keep] * root.unsqueeze(-2)
-        right_f[..., :keep, :] = root.unsqueeze(-1) * vh[..., :keep, :]
+        blocks1, blocks2 = layer.sizes.project(weight)
         with torch.no_grad():
-            # L[k, p', l*r + t] = right_f[k, l, t, p'];  R[l, k*r + t, s'] = left_f[k, l, s', t]
-            layer.blocks1.copy_(right_f.permute(0, 3, 1, 2).reshape(b, p, b * r))
-            layer.blocks2.copy_(left_f.permute(1, 0, 3, 2).reshape(b, b * r, s))
+            layer.blocks1.copy_(blocks1)
+            layer.blocks2.copy_(blocks2)
             if bias is not None:
                 layer.bias.copy_(bias.detach())
         return layer
@@ -284,7 +220,7 @@ class BlockDiagonalLinear(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        _check_sizes(in_features, out_features, nblocks)
+        check_sizes(in_features, out_features, nblocks)
         self.in_features = in_features
         self.out_features = out_features
         self.nblocks = nblocks
@@ -313,8 +249,7 @@ class BlockDiagonalLinear(nn.Module):
 
     def dense_weight(self) -> torch.Tensor:
         """The ``n_out x n_in`` matrix this layer multiplies by (without the bias)."""
-        full = torch.block_diag(*self.blocks.transpose(1, 2))  # (b*s, b*p)
-        return full[: self.out_features, : self.in_features]
+        return block_diagonal_dense(self.blocks, self.out_features, self.in_features)
 
     @classmethod
     def from_dense(
@@ -322,13 +257,10 @@ class BlockDiagonalLinear(nn.Module):
     ) -> BlockDiagonalLinear:
         """The diagonal blocks of ``weight`` (``n_out x n_in``, zero-padded), bias kept."""
         out_features, in_features = weight.shape
-        _check_bias(bias, out_features)
+        check_bias(bias, out_features)
         layer = cls(in_features, out_features, nblocks, bias is not None, dtype=weight.dtype)
-        b, p, s = nblocks, layer.in_block, layer.out_block
-        full = _pad2d(weight.detach(), b * s, b * p).reshape(b, s, b, p)
-        diag = full.diagonal(dim1=0, dim2=2).permute(2, 1, 0)  # (b, p, s): W_kk^T
         with torch.no_grad():
-            layer.blocks.copy_(diag)
+            layer.blocks.copy_(block_diagonal_blocks(weight, nblocks))
             if bias is not None:
                 layer.bias.copy_(bias.detach())
         return layer
@@ -385,13 +317,12 @@ class LowRankLinear(nn.Module):
     ) -> LowRankLinear:
         """The rank-``rank`` truncated SVD of ``weight`` (``n_out x n_in``), bias kept."""
         out_features, in_features = weight.shape
-        _check_bias(bias, out_features)
+        check_bias(bias, out_features)
         layer = cls(in_features, out_features, rank, bias is not None, dtype=weight.dtype)
-        u, sv, vh = torch.linalg.svd(weight.detach().double(), full_matrices=False)
-        root = sv[:rank].sqrt()
+        down, up = low_rank_factors(weight, rank)
         with torch.no_grad():
-            layer.down.copy_((vh[:rank].T * root).to(weight.dtype))
-            layer.up.copy_((root.unsqueeze(1) * u[:, :rank].T).to(weight.dtype))
+            layer.down.copy_(down.to(weight.dtype))
+            layer.up.copy_(up.to(weight.dtype))
             if bias is not None:
                 layer.bias.copy_(bias.detach())
         return layer
@@ -421,3 +352,81 @@ class PointwiseConv(nn.Module):
     def dense_weight(self) -> torch.Tensor:
         """The ``C_out x C_in`` matrix of the 1x1 convolution."""
         return self.layer.dense_weight()
+
+
+# ------------------------------------------------------------------------------------------------
+# the fine-tunable form of a merged span (merge-convs{budget=...})
+
+
+class MergedSpan(nn.Module):
+    """Convs applied in order as the one conv they merge into, in a form that trains: the
+    input is zero-padded once by the span's moved padding, every conv runs unpadded, and a
+    residual ``x + body(x)`` inside the span adds ``x`` centre-cropped to the body's output.
+    :meth:`spec` is the merged conv (exact up to float rounding: both compute the same valid
+    convs of the padded input).
+
+    ``convs``: ConvSpecs with their original padding; ``bodies``: ``(a, b)``, convs ``a..b``
+    (0-based) with the skip around them.
+    """
+
+    def __init__(
+        self,
+        convs: list[ConvSpec],
+        bodies: list[tuple[int, int]],
+        dtype: torch.dtype = torch.float32,
+        requires_grad: bool = True,
+    ) -> None:
+        super().__init__()
+        dims = convs[0].dims
+        self.paddings = [tuple(c.padding) for c in convs]
+        self.bodies = sorted(bodies)
+        self.convs = nn.ModuleList(
+            c.module(dtype, padding=0).requires_grad_(requires_grad) for c in convs
+        )
+        moved = [0] * dims  # p = p1 + p2*s1 + p3*s1*s2 ...
+        stride = [1] * dims
+        for spec in convs:
+            for d in range(dims):
+                moved[d] += spec.padding[d] * stride[d]
+                stride[d] *= spec.stride[d]
+        self.padding = tuple(moved)
+        self._pad = tuple(p for m in reversed(moved) for p in (m, m))
+        for a, b in self.bodies:
+            if any(s != 1 for c in convs[a : b + 1] for s in c.stride):
+                raise InputError(f"residual body {a}..{b} has a strided conv: x + f(x) cannot hold")
+        # the skip of a stride-1 body is cropped by the body's own padding on each side
+        self._crops = {
+            b: (a, [sum(convs[k].padding[d] for k in range(a, b + 1)) for d in range(dims)])
+            for a, b in self.bodies
+        }
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.pad(x, self._pad) if any(self._pad) else x
+        starts = {a for a, _ in self.bodies}
+        saved: dict[int, torch.Tensor] = {}
+        for k, conv in enumerate(self.convs):
+            if k in starts:
+                saved[k] = x
+            x = conv(x)
+            if k in self._crops:
+                a, crop = self._crops[k]
+                skip = saved.pop(a)
+                index = (...,) + tuple(
+                    slice(c, skip.shape[-len(crop) + d] - c) for d, c in enumerate(crop)
+                )
+                x = x + skip[index]
+        return x
+
+    def specs(self) -> list[ConvSpec]:
+        """The convs as they are now (after fine-tuning), with their original padding."""
+        return [
+            ConvSpec(c.weight.detach(), c.bias.detach(), c.stride, p, c.dilation, c.groups)
+            for c, p in zip(self.convs, self.paddings, strict=True)
+        ]
+
+    def spec(self) -> ConvSpec:
+        """The one conv this span computes."""
+        merged = merge_specs(self.specs(), self.bodies, None, move_padding=True)
+        if isinstance(merged, Refusal):  # the plan only holds spans the algebra merged
+            raise InputError(f"the fixed span no longer merges: {merged}")
+        return merged

@@ -1,5 +1,6 @@
-"""merge_algebra: chains of convs merged into one, checked against running the chain in float64;
-every refusal reason has a case; random chains are merged exactly or refused, never wrong."""
+"""algebra.conv_merge: chains of convs merged into one, checked against running the chain in
+float64; every refusal reason has a case; random chains are merged exactly or refused, never
+wrong."""
 
 from __future__ import annotations
 
@@ -13,8 +14,8 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 from torch import fx, nn
 
+from graphopt.algebra.conv_merge import ConvSpec, Refusal, merge
 from graphopt.errors import InputError
-from graphopt.merge_algebra import ConvSpec, Refusal, merge
 from graphopt.passes.merge_convs import spec_of
 
 D = torch.float64

@@ -53,7 +53,7 @@ from torch import nn
 
 from graphopt.errors import InputError
 
-__all__ = ["ConvSpec", "Refusal", "dense_kernel", "merge", "merge_pair", "regroup"]
+__all__ = ["ConvSpec", "Refusal", "dense_kernel", "merge", "merge_pair", "merge_specs", "regroup"]
 
 _F64 = torch.float64
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
@@ -329,3 +329,28 @@ def merge(
             return Refusal(result.reason, result.detail, len(chain) - 1)
         merged = result
     return merged
+
+
+def merge_specs(
+    specs: list[ConvSpec],
+    bodies: list[tuple[int, int]],
+    max_kernel: int | None,
+    move_padding: bool = False,
+) -> ConvSpec | Refusal:
+    """``specs`` (applied in order) as one conv, the residual ``bodies`` ``(a, b)`` -- convs
+    ``a..b`` (0-based, whole) with ``x + body(x)`` around them -- folded in."""
+    parts: list[ConvSpec] = []
+    k = 0
+    for a, b in sorted(bodies):
+        parts.extend(specs[k:a])
+        body = merge(
+            specs[a : b + 1], residual=True, max_kernel=max_kernel, move_padding=move_padding
+        )
+        if isinstance(body, Refusal):
+            return Refusal(body.reason, body.detail, body.position + a)
+        parts.append(body)
+        k = b + 1
+    parts.extend(specs[k:])
+    if len(parts) == 1:
+        return parts[0]
+    return merge(parts, max_kernel=max_kernel, move_padding=move_padding)
