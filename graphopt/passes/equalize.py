@@ -30,8 +30,7 @@ or a layer called twice (``shared-weight``); weights that are not constants
 (``weight-not-constant``); a weight or bias of either layer that ``forward`` writes in place
 (``written-in-place``: ``self.conv.weight.data.mul_(0.9).add_(0.05)``, through a view or a tensor
 sharing the memory; ``W/s * 0.9 + 0.05`` is not ``(W * 0.9 + 0.05) / s``, so every later call
-would differ; the in-place rule is eliminate-dead-code's,
-:func:`graphopt.passes.eliminate_dead_code.written_storages`). ReLU6 could be kept by moving its bound to ``6 / s_i`` per channel,
+would differ; the in-place rule is :func:`graphopt.fx.effects.written_storages`). ReLU6 could be kept by moving its bound to ``6 / s_i`` per channel,
 which no longer is a ReLU6; this pass does not do it.
 """
 
@@ -45,19 +44,14 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from graphopt.algebra.bn_fold import scale_input_channels
 from graphopt.core.numerics import Numerics
 from graphopt.core.pass_infra import Pass, PassContext, PassResult
 from graphopt.core.registry import register_pass
-from graphopt.passes._tensors import as_parameter
-from graphopt.passes.eliminate_dead_code import storage_key, written_storages
-from graphopt.passes.fold_conv_bn import (
-    _as_bn,
-    _as_layer,
-    _call_counts,
-    _Layer,
-    _param_owners,
-    _set_attr,
-)
+from graphopt.fx.effects import shares_storage, written_storages
+from graphopt.fx.layers import Layer, as_bn, as_layer, call_counts, is_shared, param_owners
+from graphopt.fx.names import set_attr
+from graphopt.fx.tensors import as_parameter
 
 aten = torch.ops.aten
 
@@ -130,8 +124,8 @@ def range_spread(weight: torch.Tensor) -> float:
 
 @dataclass
 class _Pair:
-    first: _Layer
-    second: _Layer
+    first: Layer
+    second: Layer
     between: list[fx.Node]  # the homogeneous ops between them
 
     @property
@@ -203,7 +197,7 @@ class EqualizeLayers(Pass):
             decisions.append(r)
         # current float64 (weight, bias) per layer node: a layer in two pairs (the depthwise
         # conv of 1x1 -> dw -> 1x1) is one entry, so each pair sees the other's scaling
-        layers: dict[fx.Node, _Layer] = {}
+        layers: dict[fx.Node, Layer] = {}
         current: dict[fx.Node, tuple[torch.Tensor, torch.Tensor | None]] = {}
         for p in pairs:
             for layer in (p.first, p.second):
@@ -304,7 +298,7 @@ def _first_input(node: fx.Node) -> fx.Node | None:
 
 def _leads_to_layer(gm: fx.GraphModule, node: fx.Node) -> bool:
     while True:
-        if _as_layer(gm, node, include_linear=True) is not None:
+        if as_layer(gm, node, include_linear=True) is not None:
             return True
         if not _is_homogeneous(gm, node) or len(node.users) != 1:
             return False
@@ -316,11 +310,11 @@ def find_pairs(gm: fx.GraphModule) -> tuple[list[_Pair], list[Refused]]:
     of pairs that look like one but cannot be."""
     pairs: list[_Pair] = []
     refusals: list[Refused] = []
-    calls = _call_counts(gm)
-    owners = _param_owners(gm)
+    calls = call_counts(gm)
+    owners = param_owners(gm)
     written = written_storages(gm)
     for node in gm.graph.nodes:
-        first = _as_layer(gm, node, include_linear=True)
+        first = as_layer(gm, node, include_linear=True)
         if first is None:
             continue
         cur, between = node, []
@@ -331,7 +325,7 @@ def find_pairs(gm: fx.GraphModule) -> tuple[list[_Pair], list[Refused]]:
                     refusals.append(Refused(node.name, "output-used-elsewhere", cur.name))
                 break
             user = users[0]
-            second = _as_layer(gm, user, include_linear=True)
+            second = as_layer(gm, user, include_linear=True)
             if second is not None:
                 if second.input_node is not cur:
                     break  # the value is the weight or bias of the next layer, not its input
@@ -347,7 +341,7 @@ def find_pairs(gm: fx.GraphModule) -> tuple[list[_Pair], list[Refused]]:
                 continue
             nxt = list(user.users)
             if len(nxt) == 1 and _leads_to_layer(gm, nxt[0]):
-                if _as_bn(gm, user) is not None:
+                if as_bn(gm, user) is not None:
                     refusals.append(
                         Refused(node.name, "batchnorm-between", "run fold-conv-bn first")
                     )
@@ -370,21 +364,12 @@ def _why_not(
     if not (a.constant and b.constant):
         return "weight-not-constant"
     # forward changes a weight in place: rescaled, its next values would not be the model's
-    tensors = (a.weight, a.bias, b.weight, b.bias)
-    if any(t is not None and storage_key(t) in written for t in tensors):
+    if shares_storage(written, a.weight, a.bias, b.weight, b.bias):
         return "written-in-place"
     if "convT" in (a.kind, b.kind):
         return "transposed"
-    for layer in (a, b):
-        if layer.module is not None:
-            if calls[id(layer.module)] > 1:
-                return "shared-weight"
-            if any(owners[id(t)] > 1 for t in (layer.weight, layer.bias) if t is not None):
-                return "shared-weight"
-        else:
-            for n in (layer.weight_node, layer.bias_node):
-                if isinstance(n, fx.Node) and calls[n.target] > 1:
-                    return "shared-weight"
+    if is_shared(a, calls, owners) or is_shared(b, calls, owners):
+        return "shared-weight"
     if a.kind != b.kind or a.weight.dim() != b.weight.dim():
         return "shape-mismatch"  # Conv -> Linear: the channel axis is not the feature axis
     if not (a.weight.is_floating_point() and b.weight.is_floating_point()):
@@ -407,23 +392,20 @@ def scale_pair(
     tail = [1] * (w1.dim() - 1)
     w1 = w1 / s.reshape(-1, *tail)
     b1 = None if b1 is None else b1 / s
-    out, c_g = w2.shape[0], w2.shape[1]
-    s2 = s.reshape(groups, 1, c_g).expand(groups, out // groups, c_g).reshape(out, c_g)
-    w2 = w2 * s2.reshape(out, c_g, *([1] * (w2.dim() - 2)))
-    return w1, b1, w2
+    return w1, b1, scale_input_channels(w2, s, groups)
 
 
 def _store(
-    gm: fx.GraphModule, layer: _Layer, weight: torch.Tensor, bias: torch.Tensor | None
+    gm: fx.GraphModule, layer: Layer, weight: torch.Tensor, bias: torch.Tensor | None
 ) -> None:
     _put(gm, layer, "weight", weight.to(layer.weight.dtype))
     if bias is not None:
         _put(gm, layer, "bias", bias.to(layer.bias.dtype))
 
 
-def _put(gm: fx.GraphModule, layer: _Layer, which: str, value: torch.Tensor) -> None:
+def _put(gm: fx.GraphModule, layer: Layer, which: str, value: torch.Tensor) -> None:
     old = getattr(layer, which)
     if layer.module is not None:
         setattr(layer.module, which, as_parameter(value, old.requires_grad))
     else:
-        _set_attr(gm, getattr(layer, f"{which}_node").target, value)
+        set_attr(gm, getattr(layer, f"{which}_node").target, value)

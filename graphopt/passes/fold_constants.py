@@ -16,7 +16,7 @@ computed value that is written in place (``c = w * 2; c.add_(1)``: folding ``c``
 every call write into the one stored constant). Nothing computed from such a value is folded
 (``skipped:written-in-place``, counted where a fold would have been): ``x + self.buf * 2``
 changes on every call when ``forward`` also runs ``self.buf.add_(1)``, before or after it.
-The in-place rule is eliminate-dead-code's (:func:`written_in_place`), shared by all passes.
+The in-place rule is :func:`graphopt.fx.effects.written_in_place`, shared by all passes.
 """
 
 from __future__ import annotations
@@ -31,12 +31,8 @@ from torch import fx
 from graphopt.core.numerics import Numerics
 from graphopt.core.pass_infra import Pass, PassContext, PassResult
 from graphopt.core.registry import register_pass
-from graphopt.passes.eliminate_dead_code import (
-    is_impure,
-    storage_key,
-    written_in_place,
-    written_storages,
-)
+from graphopt.fx.effects import is_impure, storage_key, written_in_place, written_storages
+from graphopt.fx.names import fetch_attr, free_name
 
 _RANDOM = {
     "rand",
@@ -52,13 +48,6 @@ _RANDOM = {
     "feature_dropout",
     "alpha_dropout",
 }
-
-
-def _fetch(gm: fx.GraphModule, target: str) -> Any:
-    obj: Any = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 def _is_random(target: Any, name: str) -> bool:
@@ -103,7 +92,7 @@ class FoldConstants(Pass):
         memory = written_storages(gm, written)
         for node in gm.graph.nodes:
             if node.op == "get_attr":
-                value = _fetch(gm, node.target)
+                value = fetch_attr(gm, node.target)
                 # written in place (or sharing memory with what is): it changes between calls
                 if node in written or (
                     isinstance(value, torch.Tensor) and storage_key(value) in memory
@@ -139,7 +128,6 @@ class FoldConstants(Pass):
         )
         read = {n for n in gm.graph.nodes if n.op == "get_attr" and n.users}
         folded = 0
-        counter = 0
         for node in list(gm.graph.nodes):
             if node.op == "get_attr" or node not in values or not node.users:
                 continue
@@ -152,10 +140,8 @@ class FoldConstants(Pass):
             if value.numel() > self.options.max_elements:
                 stats["skipped:too-large"] += 1
                 continue
-            while hasattr(gm, f"_folded_constant_{counter}"):
-                counter += 1
-            name = f"_folded_constant_{counter}"
-            with torch.inference_mode(False):  # a normal tensor (see graphopt.passes._tensors)
+            name = free_name(gm, "_folded_constant")
+            with torch.inference_mode(False):  # a normal tensor (see graphopt.fx.tensors)
                 gm.register_buffer(name, value.detach().clone())
             with gm.graph.inserting_before(node):
                 const = gm.graph.get_attr(name)

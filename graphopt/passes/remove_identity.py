@@ -29,7 +29,7 @@ from torch import fx, nn
 from graphopt.core.numerics import Numerics
 from graphopt.core.pass_infra import Pass, PassContext, PassResult
 from graphopt.core.registry import register_pass
-from graphopt.passes.eliminate_dead_code import mutates_input
+from graphopt.fx.effects import mutates_input
 
 _DROPOUT_MODULES = (
     nn.Dropout,

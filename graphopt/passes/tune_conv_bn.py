@@ -63,16 +63,17 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.autograd.function import once_differentiable
 
+from graphopt.algebra.bn_fold import output_channel_sum, scale_output_channels
 from graphopt.core.numerics import Numerics
 from graphopt.core.pass_infra import Pass, PassContext, PassResult
 from graphopt.core.registry import register_pass
+from graphopt.fx.layers import BN_MODULES, CONV_MODULES, CONVT_MODULES
 
 __all__ = ["TuneConvBN", "frozen_batch_norm", "tune_conv_bn"]
 
-_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_CONVT = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+_CONV, _CONVT = CONV_MODULES, CONVT_MODULES
 _CONVT_FN = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
-_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+_BN = (*BN_MODULES, nn.SyncBatchNorm)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -95,7 +96,7 @@ def tune_conv_bn(x: torch.Tensor, conv: nn.Module, bn: nn.Module) -> torch.Tenso
     if torch.is_autocast_enabled(x.device.type):
         # mixed precision: plain autograd casts per op as the user's autocast says (and keeps
         # the folded weight until backward); _TuneConv would have to re-implement those casts
-        w = _scale(conv.weight, a, transposed, conv.groups)
+        w = scale_output_channels(conv.weight, a, transposed, conv.groups)
         if transposed:
             fn = _CONVT_FN[w.dim() - 2]
             return fn(
@@ -132,7 +133,7 @@ class _TuneConv(torch.autograd.Function):
 
     @staticmethod
     def forward(x, weight, a, bias, stride, padding, dilation, transposed, output_padding, groups):
-        w = _scale(weight, a, transposed, groups)
+        w = scale_output_channels(weight, a, transposed, groups)
         return torch.ops.aten.convolution(
             x, w, bias, stride, padding, dilation, transposed, output_padding, groups
         )
@@ -152,7 +153,7 @@ class _TuneConv(torch.autograd.Function):
         grad_x, grad_folded, grad_b = torch.ops.aten.convolution_backward(
             grad,
             x,
-            _scale(weight, a, transposed, groups),
+            scale_output_channels(weight, a, transposed, groups),
             [a.shape[0]],
             stride,
             padding,
@@ -163,27 +164,9 @@ class _TuneConv(torch.autograd.Function):
             [need_x, need_w or need_a, need_b],
         )
         # W' = W * a per output channel:  dL/dW = dL/dW' * a,  dL/da[c] = sum(dL/dW' * W)[c]
-        grad_w = _scale(grad_folded, a, transposed, groups) if need_w else None
-        grad_a = _channel_sum(grad_folded * weight, transposed, groups) if need_a else None
+        grad_w = scale_output_channels(grad_folded, a, transposed, groups) if need_w else None
+        grad_a = output_channel_sum(grad_folded * weight, transposed, groups) if need_a else None
         return grad_x, grad_w, grad_a, grad_b, None, None, None, None, None, None
-
-
-def _scale(w: torch.Tensor, a: torch.Tensor, transposed: bool, groups: int) -> torch.Tensor:
-    """``w`` scaled per output channel (ConvTranspose: [C_in, C_out/g, k..], per group)."""
-    tail = [1] * (w.dim() - 2)
-    if not transposed:
-        return w * a.reshape(-1, 1, *tail)
-    # output channel gi*(C_out/g) + j is w[gi*C_in/g:(gi+1)*C_in/g, j]
-    grouped = w.reshape(groups, w.shape[0] // groups, *w.shape[1:])
-    return (grouped * a.reshape(groups, 1, -1, *tail)).reshape(w.shape)
-
-
-def _channel_sum(t: torch.Tensor, transposed: bool, groups: int) -> torch.Tensor:
-    """Sum a weight-shaped tensor per output channel (the adjoint of ``_scale``'s broadcast)."""
-    if not transposed:
-        return t.sum(dim=list(range(1, t.dim())))
-    grouped = t.reshape(groups, t.shape[0] // groups, *t.shape[1:])
-    return grouped.sum(dim=[1, *range(3, grouped.dim())]).reshape(-1)
 
 
 def _resolve_padding(conv: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, list[int]]:

@@ -14,11 +14,12 @@ import torch.nn.functional as F
 from hypothesis import given
 from torch import fx, nn
 
+from graphopt.algebra.bn_fold import bn_affine, fold_after, fold_before
 from graphopt.core.numerics import compare, run_module
 from graphopt.core.pass_infra import PassContext
 from graphopt.core.printing import canonical_ir, fingerprint
 from graphopt.frontends.torch import capture
-from graphopt.passes.fold_conv_bn import FoldConvBN, bn_affine, fold_after, fold_before
+from graphopt.passes.fold_conv_bn import FoldConvBN
 from graphopt.testing import (
     assert_pass_preserves,
     random_bn,
@@ -536,9 +537,7 @@ def test_bn_in_training_mode_is_not_folded():
     assert torch.equal(out_gm.get_submodule("0").weight, reference.get_submodule("0").weight)
     assert out_gm.get_submodule("1").training
     # a training BN normalises with the batch's statistics: compare in that same mode
-    cmp = compare(
-        run_module(reference, (x,)), run_module(out_gm, (x,)), NUMERICS
-    )
+    cmp = compare(run_module(reference, (x,)), run_module(out_gm, (x,)), NUMERICS)
     assert cmp.ok, cmp.describe()
 
 

@@ -1,0 +1,44 @@
+"""Attributes of a ``GraphModule`` by their dotted names: read, replace, find a free one."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from graphopt.fx.tensors import as_normal, as_parameter
+
+
+def fetch_attr(gm: nn.Module, target: str) -> Any:
+    """The object a ``get_attr`` target names (``"layer1.conv.weight"``); AttributeError if a
+    part is missing."""
+    obj: Any = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def set_attr(gm: nn.Module, target: str, value: torch.Tensor) -> None:
+    """Replace the tensor at ``target`` by ``value``: a parameter stays a parameter (with its
+    ``requires_grad``), a buffer or plain attribute gets a normal tensor (see
+    :mod:`graphopt.fx.tensors`). Never an in-place write: the old tensor may be an inference
+    tensor, or shared."""
+    *path, name = target.split(".")
+    owner = gm.get_submodule(".".join(path)) if path else gm
+    old = getattr(owner, name)
+    if isinstance(old, nn.Parameter):
+        setattr(owner, name, as_parameter(value, old.requires_grad))
+    else:
+        setattr(owner, name, as_normal(value))
+
+
+def free_name(gm: nn.Module, stem: str, *, bare: bool = False, start: int = 0) -> str:
+    """The first attribute name of ``gm`` not taken: ``stem`` itself when ``bare``, else (or when
+    taken) ``{stem}_{i}`` for ``i = start, start + 1, ...``."""
+    if bare and not hasattr(gm, stem):
+        return stem
+    i = start
+    while hasattr(gm, f"{stem}_{i}"):
+        i += 1
+    return f"{stem}_{i}"
