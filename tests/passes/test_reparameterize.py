@@ -8,16 +8,16 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from graphopt.onnx_import import import_onnx
 from hypothesis import given
 from hypothesis import strategies as st
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from graphopt import zoo
-from graphopt.backends.onnxruntime import export_onnx
+from graphopt.backends.export import export_onnx
 from graphopt.core.numerics import compare
 from graphopt.core.pass_infra import PassContext
+from graphopt.frontends.onnx import import_onnx
 from graphopt.frontends.torch import capture
 from graphopt.passes.reparameterize import Reparameterize
 from graphopt.pipeline import PassManager, parse_pipeline
@@ -627,25 +627,31 @@ def test_merges_under_inference_mode(under_inference_mode):
     assert result.stats["collapsed"] == 1 and result.stats["branches-merged"] == 3
 
 
-def test_float64_cache_lives_for_one_run():
+def test_float64_cache_lives_for_one_run(monkeypatch):
     """The float64 copies of the weights are kept for one run of the pass, then dropped (a
-    module-level cache keyed by id() could hand a new tensor an old tensor's copy)."""
-    from graphopt.passes import reparameterize
+    module-level cache keyed by id() could hand a new tensor an old tensor's copy): one memo,
+    owned by the run, serves every conversion in it; the next run gets a new one; none outlives
+    its run."""
+    import gc
+    import weakref
 
-    seen = []
-    original = reparameterize._f64
+    from graphopt.fx.memo import RunMemo
 
-    def spy(t):
-        seen.append(reparameterize._RUN_CACHE.get())
-        return original(t)
+    seen: list = []
+    original = RunMemo.float64
 
-    reparameterize._f64 = spy
-    try:
-        run_pass("reparameterize", _repvgg_block(), (_x(8),))
-    finally:
-        reparameterize._f64 = original
-    assert seen and all(cache is seen[0] for cache in seen) and seen[0] is not None
-    assert reparameterize._RUN_CACHE.get() is None
+    def spy(self, t):
+        seen.append(weakref.ref(self))
+        return original(self, t)
+
+    monkeypatch.setattr(RunMemo, "float64", spy)
+    run_pass("reparameterize", _repvgg_block(), (_x(8),))
+    first, seen[:] = list(seen), []
+    run_pass("reparameterize", _repvgg_block(), (_x(8),))
+    gc.collect()
+    assert first and all(ref is first[0] for ref in first)  # one memo (weakrefs are shared)
+    assert seen and first[0] is not seen[0]
+    assert first[0]() is None and seen[0]() is None  # dropped with its run
 
 
 class UnusedInPlace(nn.Module):
