@@ -57,7 +57,6 @@ _SUBMODULES = {
     "api",
     "target",
     "report",
-    "onnx_import",
     "tune",
     "nn",
 }

@@ -757,7 +757,7 @@ def _model_name(model: Any) -> str:
 
 
 def _load_original_onnx(runtime: Any, model: Any) -> Any:
-    from graphopt.onnx_import import load_onnx
+    from graphopt.frontends.onnx import load_onnx
 
     return runtime.load(load_onnx(model))
 

@@ -439,12 +439,12 @@ def _onnx_file(tmp_path, nodes, inputs, outputs, name="m.onnx"):
 
 
 def test_imported_graph_that_fails_where_onnxruntime_runs_is_a_capture_error(tmp_path, monkeypatch):
-    from graphopt import onnx_import
+    from graphopt.frontends.onnx.ops import elementwise
 
     def wrong_relu(x):  # an importer bug, injected: the translation of Relu cannot run
         return x.reshape(7, 7, 7)
 
-    monkeypatch.setitem(onnx_import._UNARY, "Relu", wrong_relu)
+    monkeypatch.setitem(elementwise._UNARY, "Relu", wrong_relu)
     f = onnx.TensorProto.FLOAT
     path = _onnx_file(
         tmp_path,

@@ -8,7 +8,7 @@ Order of attempts for a module:
    capture notes say so, and the report shows it. Needs example inputs.
 3. Both failed: :class:`CaptureError` naming the failing line and the fixes.
 
-ONNX models (a path, bytes or a ``ModelProto``) go through :mod:`graphopt.onnx_import`.
+ONNX models (a path, bytes or a ``ModelProto``) go through :mod:`graphopt.frontends.onnx`.
 The user's model is deep-copied first: passes rewrite the copy, never the original.
 """
 
@@ -494,7 +494,7 @@ def _capture_message(
 
 
 def _capture_onnx(model: Any, example_inputs: Sequence[Any] | None) -> Captured:
-    from graphopt import onnx_import
+    from graphopt.frontends.onnx import import_onnx
 
     if (
         isinstance(model, str | os.PathLike)
@@ -502,7 +502,7 @@ def _capture_onnx(model: Any, example_inputs: Sequence[Any] | None) -> Captured:
         and not Path(model).exists()
     ):
         raise CaptureError(f"{model!r} is neither an existing .onnx file nor a zoo model name.")
-    gm = set_eval(onnx_import.import_onnx(model))  # ONNX graphs are inference graphs
+    gm = set_eval(import_onnx(model))  # ONNX graphs are inference graphs
     placeholders = _placeholders(gm)
     if example_inputs is None:
         inputs = tuple(_example_for(n) for n in placeholders)
@@ -548,7 +548,7 @@ def _runs_in_onnxruntime(model: Any, inputs: Sequence[torch.Tensor]) -> bool:
     import onnxruntime
 
     from graphopt.backends.onnxruntime import to_numpy
-    from graphopt.onnx_import import load_onnx
+    from graphopt.frontends.onnx import load_onnx
 
     try:
         session = onnxruntime.InferenceSession(

@@ -1,4 +1,4 @@
-"""Tests of graphopt.onnx_import: ONNX -> torch.fx import, checked against ONNX Runtime."""
+"""Tests of graphopt.frontends.onnx: ONNX -> torch.fx import, checked against ONNX Runtime."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from onnx.reference import ReferenceEvaluator
 from torch import nn
 
 from graphopt.errors import CaptureError
-from graphopt.onnx_import import (
+from graphopt.frontends.onnx import (
     SUPPORTED_OPS,
     OnnxBatchNorm1d,
     OnnxBatchNorm2d,

@@ -1,0 +1,76 @@
+"""Reading and validating an ONNX model: a path, serialized bytes or a ``ModelProto``."""
+
+from __future__ import annotations
+
+import os
+
+import onnx
+
+from graphopt.errors import CaptureError
+
+ModelSource = str | os.PathLike | bytes | bytearray | memoryview | onnx.ModelProto
+
+
+def load_onnx(model: ModelSource) -> onnx.ModelProto:
+    """Read and validate an ONNX model from a path, serialized bytes or a ``ModelProto``.
+
+    Raises :class:`CaptureError` (never anything else) when the file is missing or unreadable,
+    the bytes are not a valid serialized model, or the model fails ``onnx.checker``.
+    """
+    if isinstance(model, onnx.ModelProto):
+        proto, source = model, "the given onnx.ModelProto"
+    elif isinstance(model, (bytes, bytearray, memoryview)):
+        data = bytes(model)
+        source = f"the given {len(data)} bytes"
+        proto = _parse_bytes(data, source)
+    elif isinstance(model, (str, os.PathLike)):
+        path = os.fspath(model)
+        source = repr(path)
+        if not os.path.exists(path):
+            raise CaptureError(
+                f"ONNX model file {path!r} does not exist. Check the path (relative paths are "
+                f"resolved against the current directory {os.getcwd()!r})."
+            )
+        if not os.path.isfile(path):
+            raise CaptureError(
+                f"ONNX model path {path!r} is not a file. Pass the path of a .onnx file."
+            )
+        try:
+            proto = onnx.load(path)
+        except Exception as exc:  # DecodeError, OSError, external-data errors, ...
+            raise CaptureError(
+                f"Could not read ONNX model {path!r}: {type(exc).__name__}: {exc}. The file is "
+                f"probably truncated or not an ONNX model; re-export or re-download it."
+            ) from exc
+    else:
+        raise CaptureError(
+            f"Cannot load an ONNX model from a {type(model).__name__}. Pass a file path, the "
+            f"serialized bytes, or an onnx.ModelProto."
+        )
+
+    if not proto.HasField("graph") or not proto.graph.output:
+        raise CaptureError(
+            f"The ONNX model from {source} has no graph or no graph outputs; it is empty or was "
+            f"truncated. Re-export or re-download it."
+        )
+    try:
+        onnx.checker.check_model(proto)
+    except Exception as exc:  # onnx.checker.ValidationError and friends
+        reason = str(exc).strip().rstrip(".")
+        raise CaptureError(
+            f"The ONNX model from {source} fails onnx.checker: {reason}. The file is corrupt, "
+            f"truncated or was written by a broken exporter; re-export it."
+        ) from exc
+    return proto
+
+
+def _parse_bytes(data: bytes, source: str) -> onnx.ModelProto:
+    proto = onnx.ModelProto()
+    try:
+        proto.ParseFromString(data)
+    except Exception as exc:  # google.protobuf.message.DecodeError, RuntimeWarning, ...
+        raise CaptureError(
+            f"Could not parse {source} as an ONNX model: {type(exc).__name__}: {exc}. The data "
+            f"is truncated or not a serialized onnx.ModelProto."
+        ) from exc
+    return proto

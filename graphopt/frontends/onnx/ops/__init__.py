@@ -1,0 +1,107 @@
+"""The ONNX op converters, grouped by kind, and the table that maps op types to them.
+
+A converter takes a :class:`~graphopt.frontends.onnx.context.Ctx` and returns the values of the
+node's outputs.  Each module registers its converters with ``@converter("OpType", ...)``;
+importing this package fills :data:`CONVERTERS`, and :data:`SUPPORTED_OPS` is its set of keys.
+
+    nn             Conv, ConvTranspose, Gemm, MatMul (-> nn.Conv*d, nn.ConvTranspose*d, nn.Linear)
+    normalization  BatchNormalization (-> OnnxBatchNorm*d), LayerNormalization, Softmax
+    elementwise    unary and binary arithmetic, comparisons, activations, Clip, Where, Cast
+    reduce         ReduceSum/Mean/Max/Min/L2
+    pooling        MaxPool, AveragePool, GlobalAveragePool, GlobalMaxPool
+    shape          Shape, Reshape, Slice, Gather, Concat, Pad, ... (shape values kept symbolic)
+"""
+
+from __future__ import annotations
+
+from graphopt.frontends.onnx.context import Ctx
+from graphopt.frontends.onnx.ops import elementwise, nn, normalization, pooling, reduce, shape
+from graphopt.frontends.onnx.ops.common import refuse_dtype
+from graphopt.frontends.onnx.ops.registry import CONVERTERS, Converter, converter
+from graphopt.frontends.onnx.values import FLOAT8, WIDE_UINT
+
+__all__ = [
+    "CONVERTERS",
+    "SUPPORTED_OPS",
+    "Converter",
+    "check_storage_dtypes",
+    "converter",
+    "elementwise",
+    "nn",
+    "normalization",
+    "pooling",
+    "reduce",
+    "shape",
+]
+
+SUPPORTED_OPS: frozenset[str] = frozenset(CONVERTERS)
+
+
+# Ops that only move or reinterpret data, which torch does for every dtype it stores.
+_DATA_MOVEMENT = frozenset(
+    [
+        "Identity",
+        "Reshape",
+        "Flatten",
+        "Transpose",
+        "Squeeze",
+        "Unsqueeze",
+        "Concat",
+        "Split",
+        "Expand",
+        "Tile",
+        "Where",
+        "Cast",
+        "CastLike",
+        "Shape",
+        "Size",
+        "Dropout",
+    ]
+)
+# uint16/32/64 inputs: data movement, and the converters that compute them via wide_uint (those
+# refuse themselves for the variants they do not handle).
+_WIDE_UINT_OPS = _DATA_MOVEMENT | frozenset(
+    [
+        "Gather",
+        "Slice",
+        "Pad",
+        "Equal",
+        "Add",
+        "Sub",
+        "Mul",
+        "Div",
+        "Pow",
+        "Less",
+        "LessOrEqual",
+        "Greater",
+        "GreaterOrEqual",
+        "And",
+        "Or",
+        "Xor",
+        "Sum",
+        "Max",
+        "Min",
+        "Mean",
+        "Abs",
+        "Neg",
+        "Sign",
+        "Clip",
+        "ReduceSum",
+        "ReduceMax",
+        "ReduceMin",
+        "ReduceMean",
+        "ReduceL2",
+    ]
+)
+
+
+def check_storage_dtypes(ctx: Ctx) -> None:
+    """Refuse, at import, ops on dtypes torch stores but cannot compute with (float8 except
+    for data movement; uint16/32/64 outside _WIDE_UINT_OPS), instead of a NotImplementedError
+    when the graph runs."""
+    for i in range(len(ctx.node.input)):
+        dtype = ctx.dtype(i)
+        if (dtype in FLOAT8 and ctx.op not in _DATA_MOVEMENT) or (
+            dtype in WIDE_UINT and ctx.op not in _WIDE_UINT_OPS
+        ):
+            raise refuse_dtype(ctx, dtype)

@@ -1,0 +1,138 @@
+"""Normalization converters: BatchNormalization (-> :class:`OnnxBatchNorm2d` and 1d/3d),
+LayerNormalization, Softmax and LogSoftmax."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from graphopt.frontends.onnx.context import Ctx
+from graphopt.frontends.onnx.ops.common import set_param
+from graphopt.frontends.onnx.ops.registry import converter
+from graphopt.frontends.onnx.runtime import layer_norm_manual
+from graphopt.frontends.onnx.values import Value
+
+logger = logging.getLogger(__name__)
+
+
+class _InferenceBatchNorm:
+    """Mixin for ONNX's inference-form BatchNormalization (``training_mode=0``): the module stays
+    in eval mode whatever ``.train()`` says, so it always normalizes with the running statistics
+    and never updates them -- what the ONNX node computes.  Passes see an ordinary eval-mode
+    ``nn.BatchNorm*d`` (``isinstance`` holds and ``forward`` is torch's own)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # torch.fx tracers keep torch.nn modules opaque (Tracer.is_leaf_module reads
+        # m.__module__): this is torch's BatchNorm with train() pinned, so it must stay one
+        # call_module node for passes (fold-conv-bn, ...) when an imported graph is retraced.
+        # The class keeps its real module, so pickling and deepcopy are unaffected.
+        self.__module__ = nn.BatchNorm2d.__module__
+
+    def train(self, mode: bool = True) -> nn.Module:
+        return super().train(False)  # type: ignore[misc]
+
+
+class OnnxBatchNorm1d(_InferenceBatchNorm, nn.BatchNorm1d):
+    """``nn.BatchNorm1d`` pinned to eval mode (ONNX BatchNormalization, training_mode=0)."""
+
+
+class OnnxBatchNorm2d(_InferenceBatchNorm, nn.BatchNorm2d):
+    """``nn.BatchNorm2d`` pinned to eval mode (ONNX BatchNormalization, training_mode=0)."""
+
+
+class OnnxBatchNorm3d(_InferenceBatchNorm, nn.BatchNorm3d):
+    """``nn.BatchNorm3d`` pinned to eval mode (ONNX BatchNormalization, training_mode=0)."""
+
+
+@converter("BatchNormalization")
+def _batch_norm(ctx: Ctx) -> Value:
+    if ctx.attr("training_mode", 0):
+        raise ctx.fail(
+            "training_mode=1 is not supported (inference only)", "Export the model in eval mode."
+        )
+    if any(ctx.output_used(j) for j in range(1, len(ctx.node.output))):
+        raise ctx.fail(
+            "the running-statistics outputs are used; only the inference form with "
+            "one output is supported",
+            "Export the model in eval mode.",
+        )
+    eps = float(ctx.attr("epsilon", 1e-5))
+    params = [ctx.const(i) for i in range(1, 5)]
+    rank = ctx.rank(0)
+    if all(p is not None for p in params) and rank in (2, 3, 4, 5):
+        scale, bias, mean, var = params
+        cls = {2: OnnxBatchNorm1d, 3: OnnxBatchNorm1d, 4: OnnxBatchNorm2d, 5: OnnxBatchNorm3d}[rank]
+        mod = cls(scale.numel(), eps=eps, dtype=scale.dtype)
+        set_param(mod, "weight", scale)
+        set_param(mod, "bias", bias)
+        with torch.no_grad():
+            mod.running_mean.copy_(mean)
+            mod.running_var.copy_(var)
+        return ctx.module(mod, ctx.tensor(0))
+    return ctx.call(
+        F.batch_norm,
+        ctx.tensor(0),
+        ctx.tensor(3),
+        ctx.tensor(4),
+        ctx.tensor(1),
+        ctx.tensor(2),
+        False,
+        0.0,
+        eps,
+    )
+
+
+@converter("Softmax", "LogSoftmax")
+def _softmax(ctx: Ctx) -> Value:
+    fn = F.softmax if ctx.op == "Softmax" else F.log_softmax
+    x = ctx.tensor(0)
+    if ctx.opset >= 13:
+        return ctx.call(fn, x, dim=int(ctx.attr("axis", -1)))
+    # Opset < 13: coerce to 2-D [prod(dims[:axis]), prod(dims[axis:])], normalize each row.
+    axis = int(ctx.attr("axis", 1))
+    rank = ctx.rank(0)
+    if rank is not None and axis < 0:
+        axis += rank
+    if axis == -1 or (rank is not None and axis == rank - 1):
+        return ctx.call(fn, x, dim=-1)
+    if axis < 0:
+        raise ctx.fail(f"a negative axis ({axis}) needs the input rank, which is unknown")
+    flat = ctx.method("flatten", x, axis)
+    return ctx.method("reshape_as", ctx.call(fn, flat, dim=-1), x)
+
+
+@converter("LayerNormalization")
+def _layer_norm(ctx: Ctx) -> Value:
+    if any(ctx.output_used(j) for j in (1, 2)):
+        raise ctx.fail("the Mean/InvStdDev outputs are used; only the first output is supported")
+    axis = int(ctx.attr("axis", -1))
+    eps = float(ctx.attr("epsilon", 1e-5))
+    x = ctx.tensor(0)
+    scale, bias = ctx.value(1), ctx.value(2)
+    rank = ctx.rank(0)
+    count = (rank - axis % rank) if rank is not None else (-axis if axis < 0 else None)
+    normalized: list[int] | None = None
+    if count is not None:
+        shape = ctx.shape(0)
+        trailing = shape[len(shape) - count :] if shape is not None else None
+        if trailing is not None and all(isinstance(d, int) for d in trailing):
+            normalized = list(trailing)
+        elif isinstance(scale, torch.Tensor) and scale.dim() == count:
+            normalized = list(scale.shape)
+    if normalized is None:  # F.layer_norm needs the normalized dims as static ints
+        logger.debug("%s: normalized dims unknown, using the explicit formula", ctx.name)
+        return ctx.call(
+            layer_norm_manual, x, axis, eps, ctx.tensor(1), None if bias is None else ctx.tensor(2)
+        )
+
+    def fit(v: Value | None) -> Any:
+        if isinstance(v, torch.Tensor) and list(v.shape) != normalized:
+            return v.expand(normalized).clone()
+        return None if v is None else ctx.materialize(v)
+
+    return ctx.call(F.layer_norm, x, normalized, fit(scale), fit(bias), eps)
