@@ -490,8 +490,9 @@ def test_default_pipeline_under(name: str, mode: str) -> None:
     (RepVGG and SESR stayed un-merged). Every pass of the default pipeline applies under
     inference_mode and no_grad, the re-parameterizable blocks merge, the numbers are kept and
     the user's model is left alone."""
-    from graphopt.capture import capture
-    from graphopt.pass_manager import PassContext, PassManager
+    from graphopt.core.pass_infra import PassContext
+    from graphopt.frontends.torch import capture
+    from graphopt.pipeline import PassManager
     from graphopt.target import DEFAULT_PIPELINES
 
     entry = zoo.get(name)
@@ -517,8 +518,8 @@ def test_default_pipeline_under(name: str, mode: str) -> None:
 def test_float64_model_is_folded_and_merged_at_float64_precision() -> None:
     """A float64 model is folded and merged in float64 (reparameterize rounded its merged
     kernels to float32 and was rolled back for missing float64's exact contract)."""
-    from graphopt.capture import capture
-    from graphopt.pass_manager import PassContext
+    from graphopt.core.pass_infra import PassContext
+    from graphopt.frontends.torch import capture
     from graphopt.passes import FoldConvBN, Reparameterize
 
     entry = zoo.get("repvgg_a0")
