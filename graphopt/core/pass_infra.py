@@ -89,6 +89,7 @@ class Pass:
 
     name: ClassVar[str] = ""
     numerics: ClassVar[Numerics] = Numerics.exact()
+    ir: ClassVar[str] = "fx"  # the IR the pass rewrites: "fx", or "onnx" for int8's ONNX stage
 
     @dataclass(frozen=True)
     class Options:

@@ -22,7 +22,7 @@ import torch
 from graphopt.core.ir import FX, IR
 from graphopt.core.numerics import Comparison, Numerics, Rounding, run_samples, sample_labels
 from graphopt.core.pass_infra import Pass, PassContext
-from graphopt.errors import GraphoptError, PassError, VerificationError
+from graphopt.errors import GraphoptError, PassError, PipelineError, VerificationError
 from graphopt.pipeline.instruments import Instrument
 from graphopt.pipeline.text import Pipeline, parse_pipeline
 
@@ -85,6 +85,12 @@ class PassManager:
         self.verify = verify
         self.instruments = list(instruments)
         self.ir = ir
+        if wrong := [p for p in self.passes if p.ir != ir.name]:
+            raise PipelineError(
+                f"pass {wrong[0]} rewrites the {wrong[0].ir} stage's models, not {ir.name} ones; "
+                "a pass manager runs the passes of one stage (optimize() runs each stage's "
+                "passes of a pipeline string where they belong)."
+            )
 
     @property
     def pipeline(self) -> str:
