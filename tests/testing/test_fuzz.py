@@ -18,9 +18,10 @@ import pytest
 import torch
 from torch import fx, nn
 
-from graphopt.capture import capture
-from graphopt.pass_manager import Numerics, Pass, PassContext, PassResult
-from graphopt.pipeline import registered_passes
+from graphopt.core.numerics import Numerics
+from graphopt.core.pass_infra import Pass, PassContext, PassResult
+from graphopt.core.registry import registered_passes
+from graphopt.frontends.torch import capture
 from graphopt.target import Target
 from graphopt.testing import (
     EXTENDED_KINDS,
