@@ -2,32 +2,39 @@
 
 ``onnxruntime``: FX -> ONNX -> ``InferenceSession`` (this package's default).
 ``tvm``: FX -> Relax -> MetaSchedule-tuned library on the Relax VM (extra ``graphopt[tvm]``).
-What backends share (timing, the on-disk latency cache) lives in :mod:`graphopt.backends.measure`.
-Backend modules import their runtime lazily, so ``import graphopt.backends`` stays cheap.
+What every backend and artifact offers is :mod:`graphopt.backends.base` (the ``Backend`` and
+``Artifact`` protocols); what they share: the torch -> ONNX export
+(:mod:`graphopt.backends.export`) and timing with the on-disk latency cache
+(:mod:`graphopt.backends.measure`). A backend's module is imported when :func:`get_backend`
+first asks for it, so ``import graphopt.backends`` stays cheap.
 """
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
 from graphopt._util import close_matches
+from graphopt.backends.base import Artifact, Backend
 from graphopt.errors import BackendError
 
-BACKENDS = ("onnxruntime", "tvm")
+# backend name -> "module:class", imported on first use
+BACKENDS: dict[str, str] = {
+    "onnxruntime": "graphopt.backends.onnxruntime:OnnxRuntimeBackend",
+    "tvm": "graphopt.backends.tvm:TvmBackend",
+}
+
+__all__ = ["BACKENDS", "Artifact", "Backend", "get_backend"]
 
 
-def get_backend(name: str, target: Any, **options: Any) -> Any:
-    """Instantiate the backend called ``name`` for ``target``."""
-    if name == "onnxruntime":
-        from graphopt.backends.onnxruntime import OnnxRuntimeBackend
-
-        return OnnxRuntimeBackend(target, **options)
-    if name == "tvm":
-        from graphopt.backends.tvm import TvmBackend
-
-        return TvmBackend(target, **options)
-    raise BackendError(
-        f"unknown backend {name!r}."
-        + close_matches(name, BACKENDS)
-        + f" Available: {', '.join(BACKENDS)}."
-    )
+def get_backend(name: str, target: Any, **options: Any) -> Backend:
+    """Instantiate the backend called ``name`` for ``target`` (``options``: the backend's own
+    keyword arguments, e.g. ``trials=`` for TVM)."""
+    if name not in BACKENDS:
+        raise BackendError(
+            f"unknown backend {name!r}."
+            + close_matches(name, BACKENDS)
+            + f" Available: {', '.join(BACKENDS)}."
+        )
+    module, _, cls = BACKENDS[name].partition(":")
+    return getattr(importlib.import_module(module), cls)(target, **options)

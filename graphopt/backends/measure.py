@@ -28,9 +28,13 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from graphopt._util import cache_dir
+from graphopt.backends import get_backend
+
+if TYPE_CHECKING:  # pragma: no cover
+    from graphopt.backends.base import Backend
 
 log = logging.getLogger(__name__)
 
@@ -140,18 +144,17 @@ def cache_key(**parts: Any) -> str:
 TIMING_VERSION = 2
 
 
-def backend_key(backend: Any, runs: int, **parts: Any) -> str:
+def backend_key(backend: Backend, runs: int, **parts: Any) -> str:
     """:func:`cache_key` of a unit timed on ``backend``: ``parts`` say what the unit is, the
     backend's target, name, version and session settings and the run count say where and how
     it was timed (latency-aware passes cache their per-layer measurements under it)."""
-    settings = backend.settings() if hasattr(backend, "settings") else {}
     return cache_key(
         **parts,
         timing=TIMING_VERSION,
-        target=str(getattr(backend, "target", "")),
-        backend=getattr(backend, "name", type(backend).__name__),
-        version=getattr(backend, "version", ""),
-        settings=settings,
+        target=str(backend.target),
+        backend=backend.name,
+        version=backend.version,
+        settings=backend.settings(),
         runs=runs,
     )
 
@@ -318,7 +321,7 @@ class UnitTimer:
 
     def __init__(
         self,
-        backend: Any,
+        backend: Backend,
         cache: LatencyCache | None,
         *,
         runs: int,
@@ -393,7 +396,7 @@ class UnitTimer:
         """Modules (units or whole graphs) with their inputs, each compiled on the backend and
         timed interleaved (on an RPC device: each in turn, where the device times it)."""
         max_time = self.max_time_s
-        if getattr(self.backend, "rpc", None) is not None:  # the device times each library
+        if self.backend.rpc is not None:  # the device times each library
             return {
                 key: self.backend.measure(
                     module, inputs, runs=runs, max_time_s=max_time, use_cache=False
@@ -422,25 +425,23 @@ class UnitTimer:
         return timed
 
 
-def backend_for(ctx: Any) -> Any:
+def backend_for(ctx: Any) -> Backend:
     """The backend a latency-aware pass measures on: ``ctx.backend``, else ONNX Runtime on
     ``ctx.target`` (default ``cpu``)."""
     if ctx.backend is not None:
         return ctx.backend
-    from graphopt.backends import get_backend
-
     return get_backend("onnxruntime", ctx.target or "cpu")
 
 
-def cache_for(ctx: Any, backend: Any) -> LatencyCache:
+def cache_for(ctx: Any, backend: Backend) -> LatencyCache:
     """The latency cache in ``ctx.cache_dir``, else the backend's cache, else the default one."""
     if ctx.cache_dir is not None:
         return LatencyCache(ctx.cache_dir / "latency.json")
+    # not backend.cache: graphopt.testing.UnitCostBackend, a stand-in that only measures, has none
     cache = getattr(backend, "cache", None)
     return cache if cache is not None else LatencyCache()
 
 
-def measurable(backend: Any) -> bool:
+def measurable(backend: Backend) -> bool:
     """A phone or board is timed only through its RPC device, never on this machine."""
-    target = getattr(backend, "target", None)
-    return getattr(target, "device", "cpu") != "mobile" or getattr(backend, "rpc", None) is not None
+    return backend.rpc is not None or backend.target.device != "mobile"

@@ -10,7 +10,13 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from graphopt.backends.measure import Latency, LatencyCache, cached_latency, valid_latency
+from graphopt.backends.measure import (
+    Latency,
+    LatencyCache,
+    cached_latency,
+    time_interleaved,
+    valid_latency,
+)
 
 
 def _write_entries(path: str, worker: int, count: int) -> None:
@@ -98,3 +104,45 @@ def test_a_corrupt_cache_file_is_ignored_with_a_warning_and_replaced(tmp_path, c
         cache.put("k", Latency(1.0, 0.9, 1.2, 10))  # the merge re-reads it: no crash either
     assert "ignoring latency cache" in caplog.text
     assert LatencyCache(path).get("k") == Latency(1.0, 0.9, 1.2, 10)
+
+
+def test_corrupt_or_foreign_cache_is_ignored_with_a_warning(tmp_path, caplog):
+    path = tmp_path / "lat.json"
+    for content in ("{not json", json.dumps({"version": 99, "entries": {}}), "[1, 2]"):
+        path.write_text(content)
+        cache = LatencyCache(path)
+        with caplog.at_level(logging.WARNING):
+            assert cache.get("anything") is None
+        assert "ignoring latency cache" in caplog.text
+        caplog.clear()
+        cache.put("k", Latency(1.0, 0.9, 1.2, 10))
+        assert LatencyCache(path).get("k") == Latency(1.0, 0.9, 1.2, 10)
+
+
+def test_latency_statistics_and_interleaving():
+    lat = Latency.from_samples([0.001, 0.002, 0.003, 0.004, 0.100])
+    assert lat.median_ms == pytest.approx(3.0)
+    assert lat.p10_ms < lat.median_ms < lat.p90_ms
+    order = []
+    result = time_interleaved(
+        {"a": lambda: order.append("a"), "b": lambda: order.append("b")}, warmup=0, runs=3, rewarm=0
+    )
+    assert order == ["a", "b", "b", "a", "a", "b"]  # the order rotates every round
+    assert result["a"].runs == result["b"].runs == 3
+
+
+@pytest.mark.parametrize("rewarm", [0, 2])
+def test_interleaved_timing_rewarms_each_timed_call(rewarm):
+    calls = {"a": 0, "b": 0}
+
+    def make(key):
+        def fn():
+            calls[key] += 1
+
+        return fn
+
+    timings = time_interleaved(
+        {"a": make("a"), "b": make("b")}, warmup=2, runs=6, max_time_s=10.0, rewarm=rewarm
+    )
+    assert all(t.runs == 6 and t.median_ms >= 0 for t in timings.values())
+    assert calls == {"a": 2 + 6 * (1 + rewarm), "b": 2 + 6 * (1 + rewarm)}

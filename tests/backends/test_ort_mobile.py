@@ -10,8 +10,9 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from graphopt.backends.onnxruntime import OnnxRuntimeBackend, export_onnx
-from graphopt.backends.ort_mobile import (
+from graphopt.backends.export import export_onnx
+from graphopt.backends.onnxruntime import OnnxRuntimeBackend
+from graphopt.backends.onnxruntime.mobile import (
     MobilePackage,
     parse_operator_config,
     save_ort_format,

@@ -15,7 +15,7 @@ from torch import nn
 
 tvm = pytest.importorskip("tvm")
 
-from graphopt.backends.tvm_rpc import (  # noqa: E402
+from graphopt.backends.tvm.rpc import (  # noqa: E402
     LoopbackCluster,
     RpcDevice,
     check_device,
@@ -143,5 +143,5 @@ def test_rpc_device_parse_round_trip_and_errors():
 
 
 def test_import_does_not_import_tvm():
-    code = "import sys, graphopt.backends.tvm_rpc; assert 'tvm' not in sys.modules"
+    code = "import sys, graphopt.backends.tvm.rpc; assert 'tvm' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -5,7 +5,8 @@ calls ``inspect.stack()`` for each, whose source-file lookup walks ``sys.modules
 26 s here (more with torch imported), paid by every builder worker before its first build, so
 candidate builds hit MetaSchedule's 30 s timeout. :func:`fast_inspect` gives the parser the same
 frames and source lines through ``linecache`` (3 s). This module imports nothing heavy, so a
-worker that runs :func:`init_worker` does not import torch or graphopt's backends.
+worker that runs :func:`init_worker` does not import torch or the TVM backend's modules
+(the package's ``__init__`` imports them lazily).
 """
 
 from __future__ import annotations

@@ -33,7 +33,8 @@ from typing import Any
 import onnx
 import onnxruntime as ort
 
-from graphopt._util import close_matches, first_line
+from graphopt._util import first_line
+from graphopt.backends.onnxruntime.session import choose
 from graphopt.errors import BackendError
 
 log = logging.getLogger(__name__)
@@ -144,8 +145,8 @@ def save_ort_format(
     XNNPACK thread pool written to the session file; set it to the phone's big-core count.
     Raises ``BackendError`` with the converter's output when it fails.
     """
-    style = _choose("optimization_style", optimization_style, STYLES)
-    platform = _choose("target_platform", target_platform, PLATFORMS)
+    style = choose("optimization_style", optimization_style, STYLES)
+    platform = choose("target_platform", target_platform, PLATFORMS)
     if xnnpack_threads < 1:
         raise BackendError(f"xnnpack_threads must be 1 or more, not {xnnpack_threads}.")
     path = Path(path)
@@ -319,15 +320,6 @@ def _check_loads(path: Path) -> None:
             f"the converted model {path} does not load in onnxruntime {ort.__version__}: "
             f"{first_line(exc)}"
         ) from exc
-
-
-def _choose(name: str, value: str, choices: tuple[str, ...]) -> str:
-    if value not in choices:
-        raise BackendError(
-            f"{name} must be one of {', '.join(choices)}, not {value!r}."
-            + close_matches(value, choices)
-        )
-    return value
 
 
 def _shell_word(arg: str) -> str:

@@ -10,7 +10,8 @@ registered under (``"host:port/key"``, e.g. ``"10.0.0.5:9190/android"``). Start 
   ``tvm.compile(mod, target).export_library(path)`` and run or time it remotely.
 - :func:`meta_schedule_runner` gives MetaSchedule's ``RPCRunner`` for
   ``tvm.s_tir.meta_schedule.tune.tune_tasks(..., runner=...)`` (the TVM backend passes it when
-  given ``rpc=``; builds stay on this machine, with :func:`graphopt.backends.tvm.persistent_builder`).
+  given ``rpc=``; builds stay on this machine, with
+  :func:`graphopt.backends.tvm.tuner.persistent_builder`).
 - :class:`LoopbackCluster` starts a tracker and servers on 127.0.0.1 (tests, local tuning).
 
 TVM is imported inside the functions, so importing this module stays cheap. TVM's tracker needs
@@ -158,9 +159,9 @@ def meta_schedule_runner(
     """A MetaSchedule ``RPCRunner`` measuring candidates on ``device``.
 
     Pass it as ``tune_tasks(..., runner=meta_schedule_runner(dev))`` (with
-    ``builder=graphopt.backends.tvm.persistent_builder()``). ``max_workers`` (parallel measurements) defaults to the
-    number of free servers, which :func:`check_device` checks. Each sample is the mean of
-    ``number`` runs; ``repeat`` samples per candidate.
+    ``builder=graphopt.backends.tvm.tuner.persistent_builder()``). ``max_workers`` (parallel
+    measurements) defaults to the number of free servers, which :func:`check_device` checks.
+    Each sample is the mean of ``number`` runs; ``repeat`` samples per candidate.
     """
     from tvm.s_tir.meta_schedule.runner import EvaluatorConfig, RPCConfig, RPCRunner
 

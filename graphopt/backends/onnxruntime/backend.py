@@ -1,0 +1,391 @@
+"""ONNX Runtime backend: FX -> ONNX -> ``InferenceSession``; run, save, measure.
+
+The graph is exported by :func:`graphopt.backends.export.export_onnx`. A valid model whose
+batch cannot stay dynamic is compiled with the example's batch, and
+``OrtArtifact.static_batch_reason`` says why. Sessions use full graph
+optimization, sequential execution and one intra-op thread per available core by default;
+``OnnxRuntimeBackend.select_settings`` times a few alternatives against each other and
+``with_settings`` applies the winner.
+
+A mobile target (``android-arm64``, ``aarch64``, ``llvm -mtriple=aarch64...``) is served for
+verification: sessions run on this machine's CPU provider so the numbers can be checked, the
+artifact saves in ORT format for the phone (``.ort``, see
+:mod:`graphopt.backends.onnxruntime.mobile`), and ``measure`` refuses, since a phone's latency
+cannot be measured from here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+
+from graphopt._util import close_matches, first_line
+from graphopt.backends.export import export_onnx, output_shapes, to_numpy
+from graphopt.backends.measure import (
+    Latency,
+    LatencyCache,
+    available_cores,
+    cache_key,
+    cached_latency,
+    time_callable,
+    time_interleaved,
+)
+from graphopt.backends.onnxruntime.artifact import OrtArtifact
+from graphopt.backends.onnxruntime.session import (
+    EXEC_MODES,
+    OPT_LEVELS,
+    SETTING_NAMES,
+    choose,
+    session_options,
+)
+from graphopt.errors import BackendError, InputError
+from graphopt.target import Target
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SettingsChoice:
+    """The fastest of several session settings, and every candidate's interleaved timing.
+
+    ``best`` can be passed to ``OnnxRuntimeBackend.with_settings(**best)``.
+    """
+
+    best: dict[str, Any]
+    timings: dict[str, Latency]
+    label: str = ""  # best's key in timings
+    candidates: dict[str, dict[str, Any]] = field(default_factory=dict)  # label -> settings
+
+    def __str__(self) -> str:
+        rows = [
+            f"{'*' if k == self.label else ' '} {k:<36} {t}"
+            for k, t in sorted(self.timings.items(), key=lambda kv: kv[1].median_ms)
+        ]
+        return "\n".join(rows)
+
+
+class OnnxRuntimeBackend:
+    """Lower to ONNX Runtime on the target's execution provider, run, and measure.
+
+    >>> backend = OnnxRuntimeBackend(Target.parse("cpu"))
+    >>> artifact = backend.compile(gm, (x,))
+    >>> backend.measure(artifact, (x,)).median_ms
+    """
+
+    name = "onnxruntime"
+    rpc = None  # the Backend protocol: ONNX Runtime runs and measures on this machine
+
+    def __init__(
+        self,
+        target: Target | str = "cpu",
+        *,
+        threads: int | None = None,
+        optimization_level: str = "all",
+        execution_mode: str = "sequential",
+        inter_op_threads: int = 1,
+        cache: LatencyCache | None = None,
+    ) -> None:
+        self.target = Target.parse(target)
+        self.threads = threads or available_cores()
+        self.optimization_level = choose("optimization_level", optimization_level, OPT_LEVELS)
+        self.execution_mode = choose("execution_mode", execution_mode, EXEC_MODES)
+        if self.threads < 1 or inter_op_threads < 1:
+            raise BackendError(
+                f"threads and inter_op_threads must be 1 or more, not {self.threads} and "
+                f"{inter_op_threads}."
+            )
+        self.inter_op_threads = inter_op_threads
+        self.cache = cache
+        self.providers = self._providers()
+
+    @property
+    def version(self) -> str:
+        return ort.__version__
+
+    def settings(self) -> dict[str, Any]:
+        """The session settings (part of the latency cache key) and the providers."""
+        return {
+            "threads": self.threads,
+            "optimization_level": self.optimization_level,
+            "providers": self.providers,
+            "execution_mode": self.execution_mode,
+            "inter_op_threads": self.inter_op_threads,
+        }
+
+    def with_settings(self, **settings: Any) -> OnnxRuntimeBackend:
+        """A copy of this backend with some session settings replaced (``SETTING_NAMES``)."""
+        for name in settings:
+            if name not in SETTING_NAMES:
+                raise BackendError(
+                    f"unknown session setting {name!r}."
+                    + close_matches(name, SETTING_NAMES)
+                    + f" Settings: {', '.join(SETTING_NAMES)}."
+                )
+        current = {name: getattr(self, name) for name in SETTING_NAMES}
+        return OnnxRuntimeBackend(self.target, cache=self.cache, **{**current, **settings})
+
+    def without_tuning(self) -> OnnxRuntimeBackend:
+        """This backend: ONNX Runtime has nothing to tune (the Backend protocol)."""
+        return self
+
+    def _providers(self) -> list[str]:
+        available = ort.get_available_providers()
+        if self.target.device == "cuda":
+            if "CUDAExecutionProvider" not in available:
+                raise BackendError(
+                    "target 'cuda' needs ONNX Runtime's CUDA provider, which this "
+                    "onnxruntime build lacks (it has "
+                    f"{', '.join(available)}); install onnxruntime-gpu on a "
+                    "machine with an NVIDIA GPU, or use target 'cpu'."
+                )
+            return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        # a mobile target runs here on the CPU provider, to check numbers only (see measure)
+        return ["CPUExecutionProvider"]
+
+    def session_options(self) -> ort.SessionOptions:
+        opts = session_options(self.optimization_level, self.threads)
+        opts.execution_mode = EXEC_MODES[self.execution_mode]
+        opts.inter_op_num_threads = self.inter_op_threads
+        # worker threads stop spinning at the end of each run: graphopt times several sessions
+        # in alternation in one process, and a session left spinning takes the cores from the
+        # next (MobileNetV2, three identical sessions interleaved on 2 cores: median 8.7-10.7
+        # ms, p90 16 ms; with this 4.3-4.7 ms, as one session alone: 4.0 ms either way)
+        opts.add_session_config_entry("session.force_spinning_stop", "1")
+        return opts
+
+    def load(self, proto: onnx.ModelProto, input_shapes: Any = None) -> OrtArtifact:
+        """Build a session for an ONNX model (``input_shapes``: unused, ONNX Runtime takes the
+        model's own, dynamic batch included)."""
+        try:
+            session = ort.InferenceSession(
+                proto.SerializeToString(), self.session_options(), providers=self.providers
+            )
+        except Exception as exc:
+            raise BackendError(f"ONNX Runtime could not load the model: {first_line(exc)}") from exc
+        return OrtArtifact(proto, session, self.target)
+
+    def compile(
+        self,
+        module: torch.nn.Module,
+        example_inputs: Sequence[torch.Tensor],
+        *,
+        input_names: Sequence[str] | None = None,
+        output_names: Sequence[str] | None = None,
+        dynamic_batch: bool = True,
+    ) -> OrtArtifact:
+        """Export ``module`` and build its session.
+
+        With ``dynamic_batch`` (the default) the batch axis stays free; a valid model that
+        cannot be exported, loaded or run on its example that way (a model whose code fixes
+        the batch, a split of a 1-D input along its only axis...) is exported again with the
+        example's batch, and ``artifact.static_batch_reason`` says why. Only when both fail is
+        it a ``BackendError``, which gives both reasons.
+        """
+        names = {"input_names": input_names, "output_names": output_names}
+        if not dynamic_batch:
+            return self.load(export_onnx(module, example_inputs, dynamic_batch=False, **names))
+        batch = next((int(x.shape[0]) for x in example_inputs if x.dim() > 0), None)
+        shapes = output_shapes(module, example_inputs)
+        try:
+            artifact = self.load(export_onnx(module, example_inputs, **names))
+            _runs_on(artifact, example_inputs, shapes)
+        except BackendError as exc:
+            dynamic_exc = exc
+        else:
+            if fixed := _fixed_batch_inputs(artifact.proto, example_inputs):
+                # the dynamo exporter specializes a batch the model's code fixes, silently
+                artifact.static_batch_reason = (
+                    f"the batch is fixed at {batch}: the exporter specialized the batch axis "
+                    f"of {', '.join(fixed)} (the model's code fixes it, e.g. a reshape to a "
+                    "constant batch). Run the artifact with that batch size, or make that "
+                    "code use x.shape[0] and optimize again."
+                )
+                log.warning("ONNX Runtime: %s", artifact.static_batch_reason)
+            return artifact
+        try:
+            artifact = self.load(export_onnx(module, example_inputs, dynamic_batch=False, **names))
+            _runs_on(artifact, example_inputs, shapes)
+        except BackendError as exc:
+            raise BackendError(f"{exc} With a dynamic batch it failed too: {dynamic_exc}") from exc
+        artifact.static_batch_reason = (
+            f"the batch is fixed at {batch}: with a dynamic batch, {_as_clause(dynamic_exc)}. "
+            "Run the artifact with that batch size (or change what fixes the batch in the "
+            "model and optimize again)."
+        )
+        log.warning("ONNX Runtime: %s", artifact.static_batch_reason)
+        return artifact
+
+    def measure(
+        self,
+        model: OrtArtifact | onnx.ModelProto | torch.nn.Module,
+        inputs: Sequence[Any],
+        *,
+        warmup: int = 5,
+        runs: int = 50,
+        max_time_s: float = 10.0,
+        use_cache: bool = True,
+    ) -> Latency:
+        """Median latency of one call of ``model`` on ``inputs`` (cached on disk by default).
+
+        The key is the ONNX model's bytes hash, the target, ONNX Runtime's version, the
+        session settings and the input shapes: a second measurement of the same model is free.
+        A mobile target raises ``BackendError``: its latency cannot be measured from here.
+        """
+        self._refuse_mobile_timing()
+        arrays = [to_numpy(x) for x in inputs]
+        if isinstance(model, torch.nn.Module):
+            model = self.compile(model, [torch.from_numpy(a) for a in arrays])
+        artifact = model if isinstance(model, OrtArtifact) else self.load(model)
+        key = cache_key(
+            model=_proto_hash(artifact.proto),
+            target=str(self.target),
+            backend=self.name,
+            version=self.version,
+            settings=self.settings(),
+            shapes=[(a.shape, str(a.dtype)) for a in arrays],
+            runs=runs,
+            warmup=warmup,
+        )
+        return cached_latency(
+            key,
+            lambda: time_callable(
+                lambda: artifact.run(arrays), warmup=warmup, runs=runs, max_time_s=max_time_s
+            ),
+            self.cache,
+            use_cache,
+        )
+
+    def candidate_settings(self) -> list[dict[str, Any]]:
+        """The default candidates of ``select_settings`` (at most 5).
+
+        Intra-op threads 1 and all cores, each at optimization level "all" and "extended",
+        sequential; and one parallel run with 2 inter-op threads sharing the cores.
+        """
+        cores = available_cores()
+        candidates = []
+        for level in ("all", "extended"):
+            for threads in dict.fromkeys((1, cores)):  # deduped when there is one core
+                candidates.append(
+                    {
+                        "threads": threads,
+                        "optimization_level": level,
+                        "execution_mode": "sequential",
+                        "inter_op_threads": 1,
+                    }
+                )
+        if cores >= 2:  # with one core a second inter-op thread can only oversubscribe it
+            candidates.append(
+                {
+                    "threads": max(1, cores // 2),
+                    "optimization_level": "all",
+                    "execution_mode": "parallel",
+                    "inter_op_threads": 2,
+                }
+            )
+        return candidates
+
+    def select_settings(
+        self,
+        proto_or_artifact: OrtArtifact | onnx.ModelProto,
+        inputs: Sequence[Any],
+        *,
+        candidates: Sequence[Mapping[str, Any]] | None = None,
+        runs: int = 20,
+        warmup: int = 3,
+        max_time_s: float = 20.0,
+    ) -> SettingsChoice:
+        """Time the model under each candidate session setting, interleaved; pick the fastest.
+
+        ``candidates``: dicts of ``SETTING_NAMES`` overrides, default ``candidate_settings()``.
+        All sessions are timed in one ``time_interleaved`` run (each timed call re-warmed), so
+        load drift hits them alike; the lowest median wins. Nothing global changes: apply the
+        choice with ``backend.with_settings(**choice.best)``.
+        """
+        self._refuse_mobile_timing()
+        proto = (
+            proto_or_artifact.proto
+            if isinstance(proto_or_artifact, OrtArtifact)
+            else proto_or_artifact
+        )
+        arrays = [to_numpy(x) for x in inputs]
+        current = {name: getattr(self, name) for name in SETTING_NAMES}
+        if candidates is None:
+            candidates = self.candidate_settings()
+        chosen = [{**current, **c} for c in candidates]
+        if not chosen:
+            raise BackendError("select_settings needs at least one candidate setting.")
+        labelled = {_settings_label(c): c for c in chosen}  # same label, same settings
+        artifacts = {label: self.with_settings(**c).load(proto) for label, c in labelled.items()}
+        timings = time_interleaved(
+            {label: (lambda a=a: a.run(arrays)) for label, a in artifacts.items()},
+            warmup=warmup,
+            runs=runs,
+            max_time_s=max_time_s,
+            rewarm=2,
+        )
+        best = min(timings, key=lambda label: timings[label].median_ms)
+        log.info("session settings: %s wins (%s)", best, timings[best])
+        return SettingsChoice(dict(labelled[best]), timings, best, labelled)
+
+    def _refuse_mobile_timing(self) -> None:
+        if self.target.device == "mobile":
+            raise BackendError(
+                f"target {self.target} is a phone/board: its latency can't be measured from "
+                "here (this backend runs the model on this machine's CPU only to check its "
+                "numbers). Use the TVM backend with an RPC device to time it on the device, or "
+                "measure with target 'cpu' for this machine."
+            )
+
+
+def _runs_on(
+    artifact: OrtArtifact, example_inputs: Sequence[torch.Tensor], shapes: list[tuple[int, ...]]
+) -> None:
+    """Run ``artifact`` once on the example: a lowering that cannot run its own example (ONNX
+    Runtime refusing a kernel's attributes for a dynamic shape, say), or that gives outputs of
+    other shapes than the model's ``shapes`` (an exporter that froze a runtime value into a
+    constant), is no lowering: ``BackendError``."""
+    try:
+        arrays = [to_numpy(x) for x in example_inputs]
+    except (TypeError, InputError):  # a dtype numpy cannot hold: the end-to-end check runs it
+        return
+    got = [tuple(np.shape(out)) for out in artifact.run(arrays)]
+    if got != shapes:
+        raise BackendError(
+            f"the ONNX export gives outputs of shapes {got} on the example, the model "
+            f"{shapes}: the exporter froze or dropped part of the computation."
+        )
+
+
+def _fixed_batch_inputs(proto: onnx.ModelProto, inputs: Sequence[torch.Tensor]) -> list[str]:
+    """The graph inputs whose batch axis (dim 0) is a number although it was asked dynamic."""
+    fixed = []
+    for vi, x in zip(proto.graph.input, inputs, strict=False):
+        dims = vi.type.tensor_type.shape.dim
+        if x.dim() > 0 and dims and dims[0].HasField("dim_value"):
+            fixed.append(vi.name)
+    return fixed
+
+
+def _as_clause(exc: Exception) -> str:
+    """The first line of ``exc``'s message to go mid-sentence: no final period, lower case."""
+    text = first_line(exc).rstrip(". ")
+    return text[:1].lower() + text[1:] if text[1:2].islower() else text  # not "oNNX"
+
+
+def _proto_hash(proto: onnx.ModelProto) -> str:
+    return hashlib.blake2b(proto.SerializeToString(), digest_size=16).hexdigest()
+
+
+def _settings_label(settings: Mapping[str, Any]) -> str:
+    mode = settings["execution_mode"]
+    if mode == "parallel":
+        mode = f"parallel(inter={settings['inter_op_threads']})"
+    return f"threads={settings['threads']} {mode} {settings['optimization_level']}"
