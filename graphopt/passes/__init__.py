@@ -7,7 +7,6 @@ from graphopt.passes.eliminate_dead_code import EliminateDeadCode
 from graphopt.passes.equalize import EqualizeLayers
 from graphopt.passes.fold_constants import FoldConstants
 from graphopt.passes.fold_conv_bn import FoldConvBN
-from graphopt.passes.insert_qdq import InsertQDQ
 from graphopt.passes.merge_convs import MergeConvs
 from graphopt.passes.remove_identity import RemoveIdentity
 from graphopt.passes.reparameterize import Reparameterize
@@ -19,7 +18,6 @@ __all__ = [
     "EqualizeLayers",
     "FoldConstants",
     "FoldConvBN",
-    "InsertQDQ",
     "MergeConvs",
     "RemoveIdentity",
     "Reparameterize",

@@ -1,57 +1,63 @@
-"""Quantisation building blocks: calibration observers and int8 parameters (issue 6).
+"""Int8 quantisation on the exported ONNX graph (issue 6).
 
-``graphopt.quant.calibration`` turns statistics gathered over calibration batches into the
-scales and zero points of symmetric int8 / asymmetric uint8 tensors, per-channel int8 weights
-and int32 biases, and picks the calibration method per layer by measured error.
-``graphopt.quant.qdq`` calibrates an ONNX model and inserts QuantizeLinear/DequantizeLinear
-pairs that ONNX Runtime fuses into integer kernels. ``graphopt.quant.improve`` adds the accuracy
-improvers (SmoothQuant, bias correction, the mixed-precision fallback under ``max_drop``) and
-:func:`quantize_int8`, the whole calibrated flow that ``optimize(precision="int8")`` runs.
+Layers, bottom up: ``qparams`` (scales and zero points), ``observers`` (minmax, percentile,
+entropy, mse statistics), ``calibration`` (batches checked against a model, the per-tensor method
+choice), ``graph`` / ``runtime`` (an ONNX graph index, ONNX Runtime sessions), ``ort_policy``
+(which tensors get a Q/DQ pair so that ONNX Runtime fuses integer kernels), ``qdq`` (the
+mechanism: calibrate and insert the pairs, :func:`quantize_onnx`), ``scoring`` (the metric drop),
+``annotations`` (what the stage's passes leave in the model for each other), ``onnx_ir`` (the
+stage's IR for the pass manager), ``onnx_passes`` (smooth-quant, correct-bias,
+fallback-to-float, insert-qdq) and ``improve`` (:func:`quantize_int8`, the whole calibrated flow
+that ``optimize(precision="int8")`` runs, as a pipeline of those passes).
 """
 
 from graphopt.quant.calibration import (
+    MethodChoice,
+    calibration_batches,
+    choose_observer,
+    fake_quant_error,
+    validate_calibration_batches,
+)
+from graphopt.quant.improve import Int8Report, int8_report, quantize_int8
+from graphopt.quant.observers import (
     OBSERVERS,
     EntropyObserver,
     HistogramObserver,
-    MethodChoice,
     MinMaxObserver,
     MSEObserver,
     Observer,
     PercentileObserver,
-    QParams,
-    bias_qparams,
-    choose_observer,
-    fake_quant_error,
     make_observer,
-    quantize_bias,
-    validate_calibration_batches,
-    weight_qparams,
 )
-from graphopt.quant.improve import (
+from graphopt.quant.onnx_ir import ONNX
+from graphopt.quant.onnx_passes import (
     BiasCorrection,
-    Int8Report,
+    CorrectBias,
+    FallbackToFloat,
+    InsertQDQ,
     LayerSensitivity,
+    SmoothQuant,
     SmoothQuantDecision,
     apply_bias_shifts,
     bias_correction,
-    calibration_batches,
-    default_metric,
-    quantize_int8,
+    int8_passes,
     smooth_quant,
 )
-from graphopt.quant.qdq import (
-    LayerDecision,
-    QuantReport,
-    integer_op_counts,
-    ort_optimized_model,
-    quantize_onnx,
-)
+from graphopt.quant.ort_policy import INTEGER_OPS, LayerDecision
+from graphopt.quant.qdq import QuantReport, integer_op_counts, ort_optimized_model, quantize_onnx
+from graphopt.quant.qparams import QParams, bias_qparams, quantize_bias, weight_qparams
+from graphopt.quant.scoring import default_metric
 
 __all__ = [
+    "INTEGER_OPS",
     "OBSERVERS",
+    "ONNX",
     "BiasCorrection",
+    "CorrectBias",
     "EntropyObserver",
+    "FallbackToFloat",
     "HistogramObserver",
+    "InsertQDQ",
     "Int8Report",
     "LayerDecision",
     "LayerSensitivity",
@@ -62,6 +68,7 @@ __all__ = [
     "PercentileObserver",
     "QParams",
     "QuantReport",
+    "SmoothQuant",
     "SmoothQuantDecision",
     "apply_bias_shifts",
     "bias_correction",
@@ -70,6 +77,8 @@ __all__ = [
     "choose_observer",
     "default_metric",
     "fake_quant_error",
+    "int8_passes",
+    "int8_report",
     "integer_op_counts",
     "make_observer",
     "ort_optimized_model",

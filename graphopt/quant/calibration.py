@@ -1,265 +1,49 @@
-"""Calibration: statistics of a tensor over calibration batches, turned into int8 parameters.
+"""Calibration data and the calibration method: batches checked against a model, and the
+per-tensor choice between the observers.
 
-Quantisation is ``q = clamp(round(x / s) + z, q_min, q_max)`` and ``x ~ s * (q - z)``:
+:func:`validate_calibration_batches` checks batches against example inputs (torch's side);
+:func:`calibration_batches` / :func:`iter_calibration_batches` check them against an ONNX
+model's inputs and hand them over as numpy arrays in the model's input dtypes, cut to the batch
+size a fixed-batch model takes. Calibration data with NaN or inf, of an inconsistent shape, or
+not floating point raises :class:`~graphopt.errors.InputError` (integer model inputs, token ids
+or masks, are checked as float64 and handed over in their own dtype).
 
-    symmetric int8 (activations, per tensor):   s = t / 127,  z = 0,    q in [-127, 127]
-    asymmetric uint8 (activations):             s = (hi - lo) / 255,
-                                                z = clamp(round(-lo / s), 0, 255), lo <= 0 <= hi
-    weights (symmetric int8, per channel c):    s[c] = max|W[c, ...]| / 127   (axis 0 for Conv)
-    bias (int32):                               s_b = s_x * s_w  (per channel), z = 0
-
-The observers differ in how they choose the clipping threshold ``t`` (or range ``lo, hi``):
-
-``minmax``      the largest ``|x|`` seen (``min`` / ``max`` for asymmetric).
-``percentile``  the ``p``-th percentile of ``|x|`` (e.g. 99.99), read off a histogram.
-``entropy``     TensorRT / ONNX Runtime KL calibration: for each candidate cut ``i`` of a
-                2048-bin histogram of ``|x|`` (``i`` from 128 bins up), ``P`` = the first ``i``
-                bins with the clipped tail added to the last one, ``Q`` = the first ``i`` bins
-                merged into 128 levels and spread back evenly over ``P``'s non-empty bins;
-                ``t`` = the cut minimising ``KL(P || Q)`` (both smoothed as ORT does).
-``mse``         the ``t`` minimising the expected squared error on the histogram:
-                ``sum_in h_j * s^2/12  +  sum_clipped h_j * ((m_j - t)^2 + w^2/12)`` with
-                ``s = t/127``, bin centres ``m_j`` and width ``w``; exact zeros cost nothing.
-
-Histograms keep a fixed number of bins on each side of zero (memory bounded however many
-batches arrive): when a batch exceeds the covered range, the range grows by an integer factor
-``k`` and every ``k`` neighbouring bins merge, so no count is ever split between bins.
-
-:func:`choose_observer` measures, for one tensor, the fake-quantisation error each method gives
-and keeps the lowest (the per-layer choice of issue 6). Calibration data with NaN or inf, of an
-inconsistent shape, or not floating point raises :class:`~graphopt.errors.InputError`.
-
-    >>> obs = PercentileObserver(percentile=99.9)
-    >>> for batch in batches:                       # doctest: +SKIP
-    ...     obs.observe(batch)
-    >>> qp = obs.qparams()                          # doctest: +SKIP
-    >>> x_hat = qp.fake_quantize(batch)             # doctest: +SKIP
-
-Not handled here: per-channel activations, int4/int16, float8 (ORT's ``Distribution``); the
-entropy observer's asymmetric range is its symmetric threshold clipped to the observed extrema
-(as ORT's symmetric-histogram search gives), not a two-sided search.
+:func:`choose_observer` measures, for one tensor, the fake-quantisation error each method
+(:mod:`graphopt.quant.observers`) gives and keeps the lowest (the per-layer choice of issue 6).
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterable, Sequence
+import itertools
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
+import onnx
 import torch
 
-from graphopt._util import close_matches
 from graphopt.errors import GraphoptError, InputError
+from graphopt.quant.graph import fixed_batch, input_dtype, input_names
+from graphopt.quant.observers import Observer, make_observer
+from graphopt.quant.qparams import QParams, checked_tensor
 
 __all__ = [
-    "OBSERVERS",
-    "EntropyObserver",
-    "HistogramObserver",
-    "MSEObserver",
+    "Batch",
     "MethodChoice",
-    "MinMaxObserver",
-    "Observer",
-    "PercentileObserver",
-    "QParams",
-    "bias_qparams",
+    "calibration_batches",
     "choose_observer",
     "fake_quant_error",
-    "make_observer",
-    "quantize_bias",
+    "iter_calibration_batches",
+    "progress_batches",
+    "to_fixed_batch",
     "validate_calibration_batches",
-    "weight_qparams",
 ]
 
-INT8 = (-127, 127)  # symmetric: -128 is left out so that the range is symmetric (ORT, TensorRT)
-UINT8 = (0, 255)
-INT32 = (-(2**31), 2**31 - 1)
-
+Batch = tuple[np.ndarray, ...]
 
 # ------------------------------------------------------------------------------------------------
-# quantisation parameters
-
-
-@dataclass(frozen=True)
-class QParams:
-    """Scale and zero point of a quantised tensor, per tensor (``axis`` None) or per channel.
-
-    ``scale`` is float32 (what an ONNX ``QuantizeLinear`` stores), ``zero_point`` int64;
-    both 0-d per tensor, 1-d along ``axis`` per channel. ``dtype`` names the integer type.
-    """
-
-    scale: torch.Tensor
-    zero_point: torch.Tensor
-    qmin: int
-    qmax: int
-    dtype: str = "int8"
-    axis: int | None = None
-    method: str = ""
-
-    @property
-    def symmetric(self) -> bool:
-        return bool((self.zero_point == 0).all()) and self.qmin == -self.qmax
-
-    def _shaped(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        s, z = self.scale.double(), self.zero_point.double()
-        if self.axis is None:
-            return s, z
-        axis = self.axis % x.dim()
-        if x.shape[axis] != s.numel():
-            raise InputError(
-                f"per-channel parameters have {s.numel()} channels but the tensor has "
-                f"{x.shape[axis]} along axis {self.axis} (shape {tuple(x.shape)}); quantise the "
-                "tensor the parameters were computed for."
-            )
-        shape = [1] * x.dim()
-        shape[axis] = -1
-        return s.reshape(shape), z.reshape(shape)
-
-    def quantize(self, x: torch.Tensor) -> torch.Tensor:
-        """Integer values (int64) of ``x``: ``clamp(round(x / s) + z, qmin, qmax)``."""
-        s, z = self._shaped(x)
-        return torch.clamp(torch.round(x.double() / s) + z, self.qmin, self.qmax).long()
-
-    def dequantize(self, q: torch.Tensor) -> torch.Tensor:
-        """``s * (q - z)`` in float32."""
-        s, z = self._shaped(q)
-        return ((q.double() - z) * s).float()
-
-    def fake_quantize(self, x: torch.Tensor) -> torch.Tensor:
-        """``x`` quantised and dequantised, in ``x``'s dtype (error <= s/2 inside the range)."""
-        s, z = self._shaped(x)
-        q = torch.clamp(torch.round(x.double() / s) + z, self.qmin, self.qmax)
-        return ((q - z) * s).to(x.dtype)
-
-    def __str__(self) -> str:
-        if self.axis is None:
-            return f"{self.dtype} scale={self.scale.item():.6g} zp={int(self.zero_point)}" + (
-                f" ({self.method})" if self.method else ""
-            )
-        return (
-            f"{self.dtype} per-channel(axis={self.axis}) scale in "
-            f"[{self.scale.min().item():.6g}, {self.scale.max().item():.6g}]"
-        )
-
-
-def _scale_tensor(values: Any) -> torch.Tensor:
-    """Scales as float32, a zero scale (a constant-zero tensor) replaced by 1: every value
-    then quantises to 0 exactly, and ``QuantizeLinear`` never divides by zero."""
-    s = torch.as_tensor(values, dtype=torch.float64)
-    s = torch.where(s > 0, s, torch.ones_like(s))
-    return s.float()
-
-
-def symmetric_qparams(threshold: float, method: str = "") -> QParams:
-    """Per-tensor symmetric int8: ``s = t / 127``, ``z = 0``."""
-    return QParams(
-        _scale_tensor(threshold / INT8[1]),
-        torch.zeros((), dtype=torch.int64),
-        *INT8,
-        dtype="int8",
-        method=method,
-    )
-
-
-def asymmetric_qparams(lo: float, hi: float, method: str = "") -> QParams:
-    """Per-tensor asymmetric uint8 over ``[min(lo, 0), max(hi, 0)]`` (0 exactly representable)."""
-    lo, hi = min(lo, 0.0), max(hi, 0.0)
-    qmin, qmax = UINT8
-    scale = _scale_tensor((hi - lo) / (qmax - qmin))
-    zp = min(max(round(qmin - lo / scale.item()), qmin), qmax)
-    return QParams(scale, torch.tensor(zp, dtype=torch.int64), qmin, qmax, "uint8", method=method)
-
-
-def weight_qparams(weight: torch.Tensor, axis: int = 0) -> QParams:
-    """Symmetric per-channel int8 parameters of a weight: ``s[c] = max|W[c]| / 127``.
-
-    ``axis`` is the output-channel axis: 0 for Conv (``[C_out, C_in/g, k..]``) and Linear
-    (``[out, in]``), 1 for ConvTranspose and for a MatMul weight ``B[K, N]``.
-    """
-    w = _checked(weight, "weight")
-    if w.dim() == 0:
-        raise InputError("a per-channel weight needs at least one dimension; got a scalar.")
-    if not -w.dim() <= axis < w.dim():
-        raise InputError(
-            f"axis {axis} is out of range for a weight of shape {tuple(w.shape)}; use the "
-            "output-channel axis (0 for Conv/Linear, 1 for ConvTranspose or MatMul B[K, N])."
-        )
-    axis %= w.dim()
-    amax = w.detach().double().abs().transpose(0, axis).reshape(w.shape[axis], -1).amax(1)
-    return QParams(
-        _scale_tensor(amax / INT8[1]),
-        torch.zeros(w.shape[axis], dtype=torch.int64),
-        *INT8,
-        dtype="int8",
-        axis=axis,
-        method="minmax",
-    )
-
-
-def bias_qparams(input_qparams: QParams, weight: QParams) -> QParams:
-    """int32 bias parameters: ``s_b = s_x * s_w`` (per channel when the weight is), ``z = 0``."""
-    if input_qparams.axis is not None:
-        raise InputError("the input of a quantised layer must be quantised per tensor.")
-    scale = input_qparams.scale.double() * weight.scale.double()
-    return QParams(
-        scale.float(),
-        torch.zeros_like(weight.zero_point),
-        *INT32,
-        dtype="int32",
-        axis=0 if weight.axis is not None else None,
-        method="bias",
-    )
-
-
-def quantize_bias(bias: torch.Tensor, input_qparams: QParams, weight: QParams) -> torch.Tensor:
-    """The int32 values of ``bias`` at scale ``s_x * s_w``; raises when one would overflow.
-
-    A tiny ``s_x * s_w`` against a large bias overflows int32: ORT then enlarges the weight
-    scale; here the caller decides (keep the layer in float, or recalibrate).
-    """
-    qp = bias_qparams(input_qparams, weight)
-    b = _checked(bias, "bias").detach().double()
-    q = torch.round(b / qp.scale.double())
-    if q.abs().max() > INT32[1]:
-        worst = int(q.abs().argmax())
-        raise GraphoptError(
-            f"bias[{worst}] = {b[worst].item():.6g} needs {q.abs().max().item():.3g} steps of "
-            f"s_x*s_w = {qp.scale.reshape(-1)[worst if qp.axis is not None else 0].item():.3g}, "
-            "more than int32 holds; keep this layer in float or use a coarser weight scale."
-        )
-    return q.to(torch.int32)
-
-
-# ------------------------------------------------------------------------------------------------
-# input validation
-
-
-def _checked(x: Any, what: str, batch: int | None = None) -> torch.Tensor:
-    where = f"{what}" + (f" (calibration batch {batch})" if batch is not None else "")
-    if isinstance(x, np.ndarray):
-        x = torch.from_numpy(x)
-    if not isinstance(x, torch.Tensor):
-        raise InputError(
-            f"{where} is a {type(x).__name__}, not a tensor; pass torch tensors or numpy arrays."
-        )
-    if not x.is_floating_point():
-        raise InputError(
-            f"{where} has dtype {x.dtype}; calibration needs floating-point values "
-            "(the float tensor before quantisation)."
-        )
-    if x.numel() == 0:
-        raise InputError(f"{where} is empty (shape {tuple(x.shape)}); pass non-empty batches.")
-    finite = torch.isfinite(x)
-    if not bool(finite.all()):
-        n_nan = int(torch.isnan(x).sum())
-        n_inf = int((~finite).sum()) - n_nan
-        raise InputError(
-            f"{where} contains {n_nan} NaN and {n_inf} inf values out of {x.numel()}; "
-            "calibration statistics would be meaningless. Remove those samples or fix the "
-            "pre-processing that produces them."
-        )
-    return x
+# batches
 
 
 def validate_calibration_batches(
@@ -281,7 +65,7 @@ def validate_calibration_batches(
             )
         out = []
         for j, (x, ref) in enumerate(zip(items, expected, strict=True)):
-            x = _checked(x, f"input {j}", i)
+            x = checked_tensor(x, f"input {j}", i)
             if x.dim() != ref.dim() or tuple(x.shape[1:]) != tuple(ref.shape[1:]):
                 raise InputError(
                     f"calibration batch {i}, input {j} has shape {tuple(x.shape)}; the model "
@@ -312,361 +96,93 @@ def to_fixed_batch(
             yield tuple(x[k : k + fixed] for x in batch)
 
 
-# ------------------------------------------------------------------------------------------------
-# observers
+def calibration_batches(calibration: Iterable[Any] | None, model: onnx.ModelProto) -> list[Batch]:
+    """The calibration data as a list of numpy tuples, checked against ``model``'s inputs
+    (:func:`iter_calibration_batches`).
 
-
-class Observer:
-    """Accumulates statistics of one tensor over calibration batches; gives its qparams.
-
-    ``observe`` checks every batch (finite floating-point values, the same shape as the first
-    batch apart from the batch dimension); ``qparams(symmetric=True)`` gives per-tensor int8,
-    ``symmetric=False`` asymmetric uint8. Subclasses implement ``_update``, ``threshold`` and
-    ``range``.
+    Raises :class:`InputError` on missing or empty data, NaN / inf, a wrong input count or shape.
     """
-
-    name: ClassVar[str] = ""
-
-    def __init__(self) -> None:
-        self.batches = 0
-        self._shape: tuple[int, ...] | None = None
-        self.min = math.inf
-        self.max = -math.inf
-
-    def observe(self, x: torch.Tensor) -> None:
-        x = _checked(x, f"tensor observed by {self.name}", self.batches)
-        shape = tuple(x.shape[1:]) if x.dim() > 1 else ()
-        if self._shape is None:
-            self._shape = shape
-        elif shape != self._shape:
-            raise InputError(
-                f"calibration batch {self.batches} has shape {tuple(x.shape)} but earlier "
-                f"batches had (N, {', '.join(map(str, self._shape))}); every batch must have the "
-                "model's input shape (only the batch dimension may change)."
-            )
-        x = x.detach()
-        self.min = min(self.min, x.min().item())
-        self.max = max(self.max, x.max().item())
-        self._update(x)
-        self.batches += 1
-
-    def _update(self, x: torch.Tensor) -> None:
-        pass
-
-    def _require_data(self) -> None:
-        if not self.batches:
-            raise GraphoptError(
-                f"the {self.name} observer has seen no data; call observe() on at least one "
-                "calibration batch before asking for quantisation parameters."
-            )
-
-    def threshold(self) -> float:
-        """The symmetric clipping threshold ``t`` (quantised range ``[-t, t]``)."""
-        raise NotImplementedError
-
-    def range(self) -> tuple[float, float]:
-        """The asymmetric clipping range ``(lo, hi)``."""
-        raise NotImplementedError
-
-    def qparams(self, symmetric: bool = True) -> QParams:
-        self._require_data()
-        if symmetric:
-            return symmetric_qparams(self.threshold(), self.name)
-        return asymmetric_qparams(*self.range(), self.name)
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(batches={self.batches})"
-
-
-class MinMaxObserver(Observer):
-    """The running minimum and maximum: ``t = max|x|``, range ``[min, max]``."""
-
-    name = "minmax"
-
-    def threshold(self) -> float:
-        self._require_data()
-        return max(abs(self.min), abs(self.max))
-
-    def range(self) -> tuple[float, float]:
-        self._require_data()
-        return self.min, self.max
-
-
-class HistogramObserver(Observer):
-    """A histogram of ``x`` with ``bins`` bins on each side of zero over ``[-R, R]``.
-
-    ``pos[j]`` counts ``0 <= x`` with ``|x|`` in ``[j w, (j+1) w)``, ``neg[j]`` the same for
-    ``x < 0``, ``w = R / bins``; exact zeros are also counted apart. When a batch reaches past
-    ``R``, ``R`` grows by an integer factor ``k`` and every ``k`` bins merge (counts stay exact
-    per bin; the resolution stays at least ``bins / 2`` bins over the data).
-    """
-
-    def __init__(self, bins: int = 2048) -> None:
-        super().__init__()
-        if bins < 8:
-            raise GraphoptError(f"a histogram needs at least 8 bins per side; got {bins}.")
-        self.bins = bins
-        self.limit = 0.0  # R
-        self.pos = np.zeros(bins, dtype=np.int64)
-        self.neg = np.zeros(bins, dtype=np.int64)
-        self.zeros = 0
-
-    @property
-    def width(self) -> float:
-        return self.limit / self.bins
-
-    @property
-    def total(self) -> int:
-        return int(self.pos.sum() + self.neg.sum())
-
-    def abs_hist(self) -> np.ndarray:
-        """The histogram of ``|x|``: ``bins`` bins of width ``w`` from 0."""
-        return self.pos + self.neg
-
-    def _grow(self, amax: float) -> None:
-        if self.limit == 0.0:
-            self.limit = amax
-            return
-        k = math.ceil(amax / self.limit)
-        if k <= 1:
-            return
-        for side in (self.pos, self.neg):
-            padded = np.zeros(math.ceil(self.bins / k) * k, dtype=np.int64)
-            padded[: self.bins] = side
-            merged = padded.reshape(-1, k).sum(1)
-            side[:] = 0
-            side[: merged.size] = merged
-        self.limit *= k
-
-    def _update(self, x: torch.Tensor) -> None:
-        x = x.reshape(-1).double()
-        self.zeros += int((x == 0).sum())
-        amax = x.abs().max().item()
-        if amax == 0.0:
-            self.pos[0] += x.numel()
-            return
-        if amax > self.limit:
-            self._grow(amax)
-        idx = torch.clamp((x.abs() / self.width).floor().long(), max=self.bins - 1)
-        nonneg = x >= 0
-        self.pos += torch.bincount(idx[nonneg], minlength=self.bins).numpy()
-        self.neg += torch.bincount(idx[~nonneg], minlength=self.bins).numpy()
-
-    def _cut(self, threshold: float) -> float:
-        """A threshold never beyond the data (a histogram edge may pass ``max|x|``)."""
-        return min(threshold, max(abs(self.min), abs(self.max)))
-
-    def range(self) -> tuple[float, float]:
-        t = self.threshold()
-        return float(max(self.min, -t)), float(min(self.max, t))
-
-
-class PercentileObserver(HistogramObserver):
-    """Clip at the ``percentile``-th percentile of ``|x|`` (range: of ``x`` on both sides)."""
-
-    name = "percentile"
-
-    def __init__(self, percentile: float = 99.99, bins: int = 2048) -> None:
-        super().__init__(bins)
-        if not 0.0 < percentile <= 100.0:
-            raise GraphoptError(f"percentile must be in (0, 100]; got {percentile}.")
-        self.percentile = percentile
-
-    def _edge(self, hist: np.ndarray, fraction: float) -> float:
-        """The upper edge of the first bin where the cumulative count reaches ``fraction``."""
-        cdf = np.cumsum(hist) / max(hist.sum(), 1)
-        j = int(np.searchsorted(cdf, fraction - 1e-12))
-        return min(j + 1, self.bins) * self.width
-
-    def threshold(self) -> float:
-        self._require_data()
-        if self.limit == 0.0:
-            return 0.0
-        return self._cut(self._edge(self.abs_hist(), self.percentile / 100.0))
-
-    def range(self) -> tuple[float, float]:
-        self._require_data()
-        if self.limit == 0.0:
-            return 0.0, 0.0
-        tail = (100.0 - self.percentile) / 200.0  # half of the clipped mass on each side
-        # the signed histogram from -R to R: neg reversed, then pos
-        signed = np.concatenate([self.neg[::-1], self.pos])
-        cdf = np.cumsum(signed) / max(signed.sum(), 1)
-        lo_bin = int(np.searchsorted(cdf, tail - 1e-12, side="left"))
-        hi_bin = int(np.searchsorted(cdf, 1.0 - tail - 1e-12, side="left"))
-        lo = (lo_bin - self.bins) * self.width
-        hi = (hi_bin + 1 - self.bins) * self.width
-        return float(max(self.min, lo)), float(min(self.max, hi))
-
-
-def _smooth(p: np.ndarray, eps: float = 1e-4) -> np.ndarray | None:
-    """ORT's ``smooth_distribution``: move ``eps`` onto empty bins so that KL stays finite.
-
-    ``eps`` shrinks where ORT's fixed 1e-4 would drive a small non-empty bin negative (ORT
-    asserts there; with 2048 bins it happens).
-    """
-    zeros = p == 0
-    n_zero = int(zeros.sum())
-    n_nonzero = p.size - n_zero
-    if n_nonzero == 0:
-        return None
-    if n_zero:
-        eps = min(eps, 0.5 * float(p[~zeros].min()) * n_nonzero / n_zero)
-    eps1 = eps * n_zero / n_nonzero
-    return p + eps * zeros - eps1 * ~zeros
-
-
-def kl_divergence_curve(
-    hist: np.ndarray, quantized_bins: int = 128, stride: int = 1
-) -> tuple[np.ndarray, np.ndarray]:
-    """(candidate cuts ``i``, ``KL(P_i || Q_i)``) of the entropy calibration, in bins.
-
-    ``P_i``: ``hist[:i]`` with ``hist[i:].sum()`` added to bin ``i-1``; ``Q_i``: ``hist[:i]``
-    merged into ``quantized_bins`` groups, each group's count spread evenly over the bins of
-    the group that are non-empty in ``P_i``. Both normalised and smoothed.
-    """
-    hist = np.asarray(hist, dtype=np.float64)
-    n = hist.size
-    cuts = np.arange(min(quantized_bins, n), n + 1, stride)
-    if cuts[-1] != n:
-        cuts = np.append(cuts, n)
-    tail = np.concatenate([np.cumsum(hist[::-1])[::-1], [0.0]])  # tail[i] = hist[i:].sum()
-    kl = np.full(cuts.size, np.inf)
-    for c, i in enumerate(cuts):
-        p = hist[:i].copy()
-        p[-1] += tail[i]
-        if p.sum() == 0:
-            continue
-        starts = np.floor(np.linspace(0, i, quantized_bins + 1)[:-1]).astype(np.int64)
-        starts = np.unique(starts)
-        group_sum = np.add.reduceat(hist[:i], starts)
-        nonzero = (p != 0).astype(np.float64)
-        group_nonzero = np.add.reduceat(nonzero, starts)
-        per_bin = np.divide(
-            group_sum, group_nonzero, out=np.zeros_like(group_sum), where=group_nonzero > 0
+    if calibration is None:
+        raise InputError(
+            "int8 quantisation needs calibration data: pass calibration_data=[(x,), ...], "
+            "batches of inputs representative of deployment (a few hundred samples)."
         )
-        sizes = np.diff(np.append(starts, i))
-        q = np.repeat(per_bin, sizes) * nonzero
-        if q.sum() == 0:
-            continue
-        ps, qs = _smooth(p / p.sum()), _smooth(q / q.sum())
-        if ps is None or qs is None:
-            continue
-        kl[c] = float(np.sum(ps * np.log(ps / qs)))
-    return cuts, np.nan_to_num(kl, nan=np.inf)
+    return list(iter_calibration_batches(calibration, model))
 
 
-class EntropyObserver(HistogramObserver):
-    """KL-divergence (TensorRT / ORT "entropy") calibration on a ``bins``-bin ``|x|`` histogram.
-
-    The threshold is the upper edge of the cut that minimises ``KL(P || Q)``; ties go to the
-    larger cut (less clipping). ``stride`` > 1 searches every ``stride``-th cut only.
-    """
-
-    name = "entropy"
-
-    def __init__(self, bins: int = 2048, quantized_bins: int = 128, stride: int = 1) -> None:
-        super().__init__(bins)
-        if not 2 <= quantized_bins <= bins:
-            raise GraphoptError(
-                f"quantized_bins must be between 2 and bins ({bins}); got {quantized_bins}."
-            )
-        self.quantized_bins = quantized_bins
-        self.stride = max(1, stride)
-
-    def threshold(self) -> float:
-        self._require_data()
-        if self.limit == 0.0:
-            return 0.0
-        hist = self.abs_hist().copy()
-        hist[0] -= self.zeros  # a spike of exact zeros (after ReLU) would pull the cut to 0
-        cuts, kl = kl_divergence_curve(hist, self.quantized_bins, self.stride)
-        if not np.isfinite(kl).any():
-            return self._cut(self.limit)
-        best = np.flatnonzero(kl <= kl.min() + 1e-12)[-1]
-        return self._cut(float(cuts[best]) * self.width)
-
-
-class MSEObserver(HistogramObserver):
-    """The threshold minimising the expected squared quantisation error on the histogram.
-
-    Candidates: every bin edge from ``bins // 64`` bins up (symmetric), or ``alpha * (min, max)``
-    for ``alpha`` on a grid of ``grid`` values in ``(0, 1]`` (asymmetric).
-    """
-
-    name = "mse"
-
-    def __init__(self, bins: int = 2048, grid: int = 200) -> None:
-        super().__init__(bins)
-        self.grid = grid
-
-    def _centres(self) -> tuple[np.ndarray, np.ndarray]:
-        """Bin centres and counts of the signed histogram, exact zeros taken out."""
-        w = self.width
-        centres = np.concatenate([-(np.arange(self.bins)[::-1] + 0.5) * w,
-                                  (np.arange(self.bins) + 0.5) * w])  # fmt: skip
-        counts = np.concatenate([self.neg[::-1], self.pos]).astype(np.float64)
-        counts[self.bins] -= self.zeros  # zeros sit in pos[0] and quantise exactly
-        return centres, counts
-
-    def expected_error(self, thresholds: np.ndarray) -> np.ndarray:
-        """Expected squared error per element for symmetric int8 at each threshold."""
-        h = self.abs_hist().astype(np.float64)
-        h[0] -= self.zeros
-        w = self.width
-        m = (np.arange(self.bins) + 0.5) * w
-        t = np.asarray(thresholds, dtype=np.float64)[:, None]
-        s = t / INT8[1]
-        inside = m[None, :] <= t
-        err = np.where(inside, s**2 / 12.0, (m[None, :] - t) ** 2 + w**2 / 12.0)
-        return (err * h[None, :]).sum(1) / max(self.total, 1)
-
-    def threshold(self) -> float:
-        self._require_data()
-        if self.limit == 0.0:
-            return 0.0
-        first = max(1, self.bins // 64)
-        edges = np.arange(first, self.bins + 1) * self.width
-        err = self.expected_error(edges)
-        return self._cut(float(edges[int(np.argmin(err))]))
-
-    def range(self) -> tuple[float, float]:
-        self._require_data()
-        lo0, hi0 = min(self.min, 0.0), max(self.max, 0.0)
-        if hi0 - lo0 == 0.0:
-            return 0.0, 0.0
-        centres, counts = self._centres()
-        alphas = np.linspace(1.0 / self.grid, 1.0, self.grid)[:, None]
-        lo, hi = alphas * lo0, alphas * hi0
-        s = (hi - lo) / (UINT8[1] - UINT8[0])
-        x = centres[None, :]
-        clipped = np.clip(x, lo, hi)
-        err = np.where((x >= lo) & (x <= hi), s**2 / 12.0, (x - clipped) ** 2)
-        best = float(alphas[int(np.argmin((err * counts[None, :]).sum(1))), 0])
-        return best * lo0, best * hi0
-
-
-OBSERVERS: dict[str, type[Observer]] = {
-    "minmax": MinMaxObserver,
-    "percentile": PercentileObserver,
-    "entropy": EntropyObserver,
-    "mse": MSEObserver,
-}
-
-
-def make_observer(method: str, **options: Any) -> Observer:
-    """An observer by name (``minmax``, ``percentile``, ``entropy``, ``mse``) with options."""
-    cls = OBSERVERS.get(method)
-    if cls is None:
-        raise GraphoptError(
-            f"unknown calibration method {method!r}; use one of {', '.join(OBSERVERS)}."
-            + close_matches(method, OBSERVERS)
+def iter_calibration_batches(calibration: Iterable[Any], model: onnx.ModelProto) -> Iterator[Batch]:
+    """Yield the batches of ``calibration`` (tuples of arrays or tensors in the order of the
+    model's inputs; a lone array is a 1-tuple) as C-contiguous numpy arrays in the model's input
+    dtypes, each checked as it arrives and cut into pieces of the batch size a fixed-batch
+    model takes (:func:`to_fixed_batch`)."""
+    names = input_names(model)
+    dtypes = [input_dtype(model, name) for name in names]
+    it = iter(calibration)
+    try:
+        first = next(it)
+    except StopIteration:
+        raise InputError(
+            "the calibration data is empty; pass an iterable of input tuples (a few hundred "
+            "samples representative of deployment)."
+        ) from None
+    items = tuple(first) if isinstance(first, (tuple, list)) else (first,)
+    refs = _reference_inputs(model, items, names)
+    # integer inputs (token ids, masks) are checked as float64, exact below 2**53, and handed
+    # over in the model's own dtype
+    integer = [j for j, dtype in enumerate(dtypes) if dtype != np.float32]
+    checked = validate_calibration_batches(
+        (_as_float(batch, integer) for batch in itertools.chain([first], it)), refs
+    )
+    for batch in to_fixed_batch(checked, fixed_batch(model)):
+        yield tuple(
+            np.ascontiguousarray(x.detach().cpu().numpy().astype(dtype, copy=False))
+            for x, dtype in zip(batch, dtypes, strict=True)
         )
-    return cls(**options)
+
+
+def _reference_inputs(model: onnx.ModelProto, first: Sequence[Any], names: list[str]) -> list:
+    """Tensors shaped like the model's inputs (batch 1); unknown sizes taken from ``first``."""
+    by_name = {i.name: i for i in model.graph.input}
+    refs = []
+    for j, name in enumerate(names):
+        dims = by_name[name].type.tensor_type.shape.dim
+        shape = [1]
+        for k, d in enumerate(list(dims)[1:], start=1):
+            x = first[j] if j < len(first) else None
+            known = d.dim_value if d.HasField("dim_value") else None
+            shape.append(known or (int(x.shape[k]) if x is not None and x.ndim > k else 1))
+        refs.append(torch.zeros(shape if dims else []))
+    return refs
+
+
+def _as_float(batch: Any, integer: list[int]) -> tuple:
+    items = tuple(batch) if isinstance(batch, (tuple, list)) else (batch,)
+    return tuple(
+        torch.as_tensor(x).double()
+        if j in integer and isinstance(x, (np.ndarray, torch.Tensor))
+        else x
+        for j, x in enumerate(items)
+    )
+
+
+def progress_batches(
+    batches: Sequence[Batch], label: str | None, say: Callable[[str], None] | None, after: str = ""
+) -> Iterable[Batch]:
+    """Yield ``batches``, drawing a progress bar with ``say`` (about 10 updates), then
+    ``after``."""
+    n = len(batches)
+    every = max(1, n // 10)
+    for i, batch in enumerate(batches, start=1):
+        yield batch
+        if say is not None and (i % every == 0 or i == n):
+            done = round(20 * i / n)
+            say(f"{label} [{'#' * done}{'.' * (20 - done)}] {i}/{n} batches")
+    if say is not None and after:
+        say(after)
 
 
 # ------------------------------------------------------------------------------------------------
-# choosing a method per layer
+# choosing a method per tensor
 
 
 def fake_quant_error(batches: Sequence[torch.Tensor], qparams: QParams) -> float:

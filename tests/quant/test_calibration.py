@@ -266,7 +266,7 @@ def test_mse_observer_expected_error_tracks_the_measured_error(gaussian_with_out
     for x in batches:
         obs.observe(x)
     for t in (2.0, 4.0, 8.0):
-        from graphopt.quant.calibration import symmetric_qparams
+        from graphopt.quant.qparams import symmetric_qparams
 
         measured = fake_quant_error(batches, symmetric_qparams(t))
         expected = obs.expected_error(np.array([t]))[0]

@@ -12,17 +12,14 @@ import pytest
 import torch
 from torch import nn
 
-from graphopt.backends.onnxruntime import export_onnx
+from graphopt.backends.export import export_onnx
 from graphopt.core.numerics import default_rtol
 from graphopt.errors import InputError
-from graphopt.quant.calibration import weight_qparams
-from graphopt.quant.improve import (
-    _predictor,
-    bias_correction,
-    quantize_int8,
-    smooth_quant,
-)
+from graphopt.quant.improve import quantize_int8
+from graphopt.quant.onnx_passes import bias_correction, smooth_quant
 from graphopt.quant.qdq import integer_op_counts, ort_optimized_model, quantize_onnx
+from graphopt.quant.qparams import weight_qparams
+from graphopt.quant.runtime import predictor
 from graphopt.testing import seeded
 
 
@@ -86,14 +83,14 @@ def test_smoothquant_is_exact_in_float_and_shrinks_int8_error(kind):
     # layernorm: LN -> fc1 and fc1 (MatMul + Add) -> fc2; gemm: fc1 (Gemm) -> fc2
     assert len(applied) == (2 if kind == "layernorm" else 1), [str(d) for d in decisions]
     assert applied[0].act_range_after < applied[0].act_range_before / 3
-    y = _predictor(proto)(test)
-    y_smooth = _predictor(smoothed)(test)
+    y = predictor(proto)(test)
+    y_smooth = predictor(smoothed)(test)
     bound = 4 * default_rtol(torch.float32) * float(np.abs(y).max())  # float32 rounding
     assert float(np.abs(y_smooth - y).max()) <= bound
     plain, _ = quantize_onnx(proto, calib)
     better, _ = quantize_onnx(smoothed, calib)
-    err_plain = float(np.abs(_predictor(plain)(test) - y).mean())
-    err_smooth = float(np.abs(_predictor(better)(test) - y).mean())
+    err_plain = float(np.abs(predictor(plain)(test) - y).mean())
+    err_smooth = float(np.abs(predictor(better)(test) - y).mean())
     assert err_smooth < 0.8 * err_plain, (err_smooth, err_plain)
 
 
@@ -106,7 +103,7 @@ def test_smoothquant_refuses_with_reason():
     refused = [d for d in decisions if not d.applied]
     assert any("Relu cannot absorb" in d.reason for d in refused)
     assert any("graph input" in d.reason for d in refused)
-    np.testing.assert_array_equal(_predictor(smoothed)(calib[0][0]), _predictor(proto)(calib[0][0]))
+    np.testing.assert_array_equal(predictor(smoothed)(calib[0][0]), predictor(proto)(calib[0][0]))
     with pytest.raises(InputError, match="alpha"):
         smooth_quant(proto, calib, alpha=1.5)
 
@@ -140,11 +137,11 @@ def test_bias_correction_removes_the_mean_shift_of_int8_weights(bias):
     assert after < 0.05 * before, (after, before)
     # and the real int8 model's systematic output error shrinks on held-out data
     test = (torch.rand(32, 3, 12, 12, generator=gen) + 0.5).numpy()
-    y = _predictor(proto)(test)
+    y = predictor(proto)(test)
     errs = []
     for m in (proto, corrected):
         q, _ = quantize_onnx(m, calib)
-        errs.append(np.abs((_predictor(q)(test) - y).mean(axis=(0, 2, 3))).max())
+        errs.append(np.abs((predictor(q)(test) - y).mean(axis=(0, 2, 3))).max())
     assert errs[1] < 0.5 * errs[0], errs
 
 
@@ -162,7 +159,7 @@ def _round_weights(proto):
 
 
 def _channel_means(proto, calib):
-    predict = _predictor(proto)
+    predict = predictor(proto)
     return np.mean([predict(*b).mean(axis=(0, 2, 3)) for b in calib], axis=0)
 
 
@@ -225,7 +222,7 @@ def test_fallback_keeps_the_sensitive_layer_in_float(outlier_head):
 def test_fallback_with_user_metric(outlier_head):
     proto, calib = outlier_head
     x = np.concatenate([b[0] for b in calib])
-    labels = _predictor(proto)(x).argmax(1)
+    labels = predictor(proto)(x).argmax(1)
     calls = []
 
     def accuracy(predict) -> float:
@@ -273,7 +270,7 @@ def test_fixed_batch_model_is_calibrated_sample_by_sample(outlier_head):
     for name, qp in b.quant.activations.items():
         assert torch.equal(qp.scale, a.quant.activations[name].scale), name
     x = np.concatenate([c[0] for c in calib])
-    np.testing.assert_array_equal(_predictor(fixed)(x), _predictor(dynamic)(x))
+    np.testing.assert_array_equal(predictor(fixed)(x), predictor(dynamic)(x))
 
 
 def test_fixed_batch_that_does_not_divide_the_calibration_batch_is_an_input_error():

@@ -16,9 +16,10 @@ import torch
 from torch import nn
 
 from graphopt import zoo
-from graphopt.backends.onnxruntime import export_onnx
+from graphopt.backends.export import export_onnx
 from graphopt.errors import InputError
-from graphopt.quant.qdq import INTEGER_OPS, integer_op_counts, ort_optimized_model, quantize_onnx
+from graphopt.quant.ort_policy import INTEGER_OPS
+from graphopt.quant.qdq import integer_op_counts, ort_optimized_model, quantize_onnx
 from graphopt.testing import random_bn, seeded
 
 METHODS = ("minmax", "percentile", "entropy", "mse", "auto")
@@ -347,20 +348,20 @@ def test_relu6_folds_into_quantize(tmp_path):
 
 
 def test_clip_bounds_fitted_in_float32():
-    from graphopt.quant.calibration import asymmetric_qparams
-    from graphopt.quant.qdq import _fit_bounds
+    from graphopt.quant.ort_policy import fit_bounds
+    from graphopt.quant.qparams import asymmetric_qparams
 
     qp = asymmetric_qparams(0.0, 6.0)
     wide = replace(qp, scale=torch.tensor(np.nextafter(np.float32(6 / 255), np.float32(1))))
     assert np.float32(wide.scale.item()) * np.float32(255) > 6.0
-    fitted = _fit_bounds(wide, 0.0, 6.0)
+    fitted = fit_bounds(wide, 0.0, 6.0)
     assert np.float32(fitted.scale.item()) * np.float32(255) <= 6.0
     assert fitted.scale.item() == pytest.approx(6 / 255, rel=1e-6)
     signed = asymmetric_qparams(-1.0, 1.0)  # z = 128: both ends must fit
-    fitted = _fit_bounds(replace(signed, scale=signed.scale * 1.01), -1.0, 1.0)
+    fitted = fit_bounds(replace(signed, scale=signed.scale * 1.01), -1.0, 1.0)
     s, z = np.float32(fitted.scale.item()), int(fitted.zero_point)
     assert s * np.float32(0 - z) >= -1.0 and s * np.float32(255 - z) <= 1.0
-    assert _fit_bounds(qp, 0.0, float("inf")) is qp
+    assert fit_bounds(qp, 0.0, float("inf")) is qp
 
 
 # quantize_static computes a zero point from the -inf mask (numpy warns); graphopt refuses it

@@ -1,0 +1,414 @@
+"""Observers: statistics of a tensor over calibration batches, turned into int8 parameters.
+
+The observers differ in how they choose the clipping threshold ``t`` (or range ``lo, hi``) of
+the quantisation parameters (:mod:`graphopt.quant.qparams`):
+
+``minmax``      the largest ``|x|`` seen (``min`` / ``max`` for asymmetric).
+``percentile``  the ``p``-th percentile of ``|x|`` (e.g. 99.99), read off a histogram.
+``entropy``     TensorRT / ONNX Runtime KL calibration: for each candidate cut ``i`` of a
+                2048-bin histogram of ``|x|`` (``i`` from 128 bins up), ``P`` = the first ``i``
+                bins with the clipped tail added to the last one, ``Q`` = the first ``i`` bins
+                merged into 128 levels and spread back evenly over ``P``'s non-empty bins;
+                ``t`` = the cut minimising ``KL(P || Q)`` (both smoothed as ORT does).
+``mse``         the ``t`` minimising the expected squared error on the histogram:
+                ``sum_in h_j * s^2/12  +  sum_clipped h_j * ((m_j - t)^2 + w^2/12)`` with
+                ``s = t/127``, bin centres ``m_j`` and width ``w``; exact zeros cost nothing.
+
+Histograms keep a fixed number of bins on each side of zero (memory bounded however many
+batches arrive): when a batch exceeds the covered range, the range grows by an integer factor
+``k`` and every ``k`` neighbouring bins merge, so no count is ever split between bins.
+
+    >>> obs = PercentileObserver(percentile=99.9)
+    >>> for batch in batches:                       # doctest: +SKIP
+    ...     obs.observe(batch)
+    >>> qp = obs.qparams()                          # doctest: +SKIP
+    >>> x_hat = qp.fake_quantize(batch)             # doctest: +SKIP
+
+Not handled here: per-channel activations, int4/int16, float8 (ORT's ``Distribution``); the
+entropy observer's asymmetric range is its symmetric threshold clipped to the observed extrema
+(as ORT's symmetric-histogram search gives), not a two-sided search.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+from graphopt._util import close_matches
+from graphopt.errors import GraphoptError, InputError
+from graphopt.quant.qparams import (
+    INT8,
+    UINT8,
+    QParams,
+    asymmetric_qparams,
+    checked_tensor,
+    symmetric_qparams,
+)
+
+__all__ = [
+    "OBSERVERS",
+    "EntropyObserver",
+    "HistogramObserver",
+    "MSEObserver",
+    "MinMaxObserver",
+    "Observer",
+    "PercentileObserver",
+    "kl_divergence_curve",
+    "make_observer",
+]
+
+
+# ------------------------------------------------------------------------------------------------
+# observers
+
+
+class Observer:
+    """Accumulates statistics of one tensor over calibration batches; gives its qparams.
+
+    ``observe`` checks every batch (finite floating-point values, the same shape as the first
+    batch apart from the batch dimension); ``qparams(symmetric=True)`` gives per-tensor int8,
+    ``symmetric=False`` asymmetric uint8. Subclasses implement ``_update``, ``threshold`` and
+    ``range``.
+    """
+
+    name: ClassVar[str] = ""
+
+    def __init__(self) -> None:
+        self.batches = 0
+        self._shape: tuple[int, ...] | None = None
+        self.min = math.inf
+        self.max = -math.inf
+
+    def observe(self, x: torch.Tensor) -> None:
+        x = checked_tensor(x, f"tensor observed by {self.name}", self.batches)
+        shape = tuple(x.shape[1:]) if x.dim() > 1 else ()
+        if self._shape is None:
+            self._shape = shape
+        elif shape != self._shape:
+            raise InputError(
+                f"calibration batch {self.batches} has shape {tuple(x.shape)} but earlier "
+                f"batches had (N, {', '.join(map(str, self._shape))}); every batch must have the "
+                "model's input shape (only the batch dimension may change)."
+            )
+        x = x.detach()
+        self.min = min(self.min, x.min().item())
+        self.max = max(self.max, x.max().item())
+        self._update(x)
+        self.batches += 1
+
+    def _update(self, x: torch.Tensor) -> None:
+        pass
+
+    def _require_data(self) -> None:
+        if not self.batches:
+            raise GraphoptError(
+                f"the {self.name} observer has seen no data; call observe() on at least one "
+                "calibration batch before asking for quantisation parameters."
+            )
+
+    def threshold(self) -> float:
+        """The symmetric clipping threshold ``t`` (quantised range ``[-t, t]``)."""
+        raise NotImplementedError
+
+    def range(self) -> tuple[float, float]:
+        """The asymmetric clipping range ``(lo, hi)``."""
+        raise NotImplementedError
+
+    def qparams(self, symmetric: bool = True) -> QParams:
+        self._require_data()
+        if symmetric:
+            return symmetric_qparams(self.threshold(), self.name)
+        return asymmetric_qparams(*self.range(), self.name)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(batches={self.batches})"
+
+
+class MinMaxObserver(Observer):
+    """The running minimum and maximum: ``t = max|x|``, range ``[min, max]``."""
+
+    name = "minmax"
+
+    def threshold(self) -> float:
+        self._require_data()
+        return max(abs(self.min), abs(self.max))
+
+    def range(self) -> tuple[float, float]:
+        self._require_data()
+        return self.min, self.max
+
+
+class HistogramObserver(Observer):
+    """A histogram of ``x`` with ``bins`` bins on each side of zero over ``[-R, R]``.
+
+    ``pos[j]`` counts ``0 <= x`` with ``|x|`` in ``[j w, (j+1) w)``, ``neg[j]`` the same for
+    ``x < 0``, ``w = R / bins``; exact zeros are also counted apart. When a batch reaches past
+    ``R``, ``R`` grows by an integer factor ``k`` and every ``k`` bins merge (counts stay exact
+    per bin; the resolution stays at least ``bins / 2`` bins over the data).
+    """
+
+    def __init__(self, bins: int = 2048) -> None:
+        super().__init__()
+        if bins < 8:
+            raise GraphoptError(f"a histogram needs at least 8 bins per side; got {bins}.")
+        self.bins = bins
+        self.limit = 0.0  # R
+        self.pos = np.zeros(bins, dtype=np.int64)
+        self.neg = np.zeros(bins, dtype=np.int64)
+        self.zeros = 0
+
+    @property
+    def width(self) -> float:
+        return self.limit / self.bins
+
+    @property
+    def total(self) -> int:
+        return int(self.pos.sum() + self.neg.sum())
+
+    def abs_hist(self) -> np.ndarray:
+        """The histogram of ``|x|``: ``bins`` bins of width ``w`` from 0."""
+        return self.pos + self.neg
+
+    def _grow(self, amax: float) -> None:
+        if self.limit == 0.0:
+            self.limit = amax
+            return
+        k = math.ceil(amax / self.limit)
+        if k <= 1:
+            return
+        for side in (self.pos, self.neg):
+            padded = np.zeros(math.ceil(self.bins / k) * k, dtype=np.int64)
+            padded[: self.bins] = side
+            merged = padded.reshape(-1, k).sum(1)
+            side[:] = 0
+            side[: merged.size] = merged
+        self.limit *= k
+
+    def _update(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1).double()
+        self.zeros += int((x == 0).sum())
+        amax = x.abs().max().item()
+        if amax == 0.0:
+            self.pos[0] += x.numel()
+            return
+        if amax > self.limit:
+            self._grow(amax)
+        idx = torch.clamp((x.abs() / self.width).floor().long(), max=self.bins - 1)
+        nonneg = x >= 0
+        self.pos += torch.bincount(idx[nonneg], minlength=self.bins).numpy()
+        self.neg += torch.bincount(idx[~nonneg], minlength=self.bins).numpy()
+
+    def _cut(self, threshold: float) -> float:
+        """A threshold never beyond the data (a histogram edge may pass ``max|x|``)."""
+        return min(threshold, max(abs(self.min), abs(self.max)))
+
+    def range(self) -> tuple[float, float]:
+        t = self.threshold()
+        return float(max(self.min, -t)), float(min(self.max, t))
+
+
+class PercentileObserver(HistogramObserver):
+    """Clip at the ``percentile``-th percentile of ``|x|`` (range: of ``x`` on both sides)."""
+
+    name = "percentile"
+
+    def __init__(self, percentile: float = 99.99, bins: int = 2048) -> None:
+        super().__init__(bins)
+        if not 0.0 < percentile <= 100.0:
+            raise GraphoptError(f"percentile must be in (0, 100]; got {percentile}.")
+        self.percentile = percentile
+
+    def _edge(self, hist: np.ndarray, fraction: float) -> float:
+        """The upper edge of the first bin where the cumulative count reaches ``fraction``."""
+        cdf = np.cumsum(hist) / max(hist.sum(), 1)
+        j = int(np.searchsorted(cdf, fraction - 1e-12))
+        return min(j + 1, self.bins) * self.width
+
+    def threshold(self) -> float:
+        self._require_data()
+        if self.limit == 0.0:
+            return 0.0
+        return self._cut(self._edge(self.abs_hist(), self.percentile / 100.0))
+
+    def range(self) -> tuple[float, float]:
+        self._require_data()
+        if self.limit == 0.0:
+            return 0.0, 0.0
+        tail = (100.0 - self.percentile) / 200.0  # half of the clipped mass on each side
+        # the signed histogram from -R to R: neg reversed, then pos
+        signed = np.concatenate([self.neg[::-1], self.pos])
+        cdf = np.cumsum(signed) / max(signed.sum(), 1)
+        lo_bin = int(np.searchsorted(cdf, tail - 1e-12, side="left"))
+        hi_bin = int(np.searchsorted(cdf, 1.0 - tail - 1e-12, side="left"))
+        lo = (lo_bin - self.bins) * self.width
+        hi = (hi_bin + 1 - self.bins) * self.width
+        return float(max(self.min, lo)), float(min(self.max, hi))
+
+
+def _smooth(p: np.ndarray, eps: float = 1e-4) -> np.ndarray | None:
+    """ORT's ``smooth_distribution``: move ``eps`` onto empty bins so that KL stays finite.
+
+    ``eps`` shrinks where ORT's fixed 1e-4 would drive a small non-empty bin negative (ORT
+    asserts there; with 2048 bins it happens).
+    """
+    zeros = p == 0
+    n_zero = int(zeros.sum())
+    n_nonzero = p.size - n_zero
+    if n_nonzero == 0:
+        return None
+    if n_zero:
+        eps = min(eps, 0.5 * float(p[~zeros].min()) * n_nonzero / n_zero)
+    eps1 = eps * n_zero / n_nonzero
+    return p + eps * zeros - eps1 * ~zeros
+
+
+def kl_divergence_curve(
+    hist: np.ndarray, quantized_bins: int = 128, stride: int = 1
+) -> tuple[np.ndarray, np.ndarray]:
+    """(candidate cuts ``i``, ``KL(P_i || Q_i)``) of the entropy calibration, in bins.
+
+    ``P_i``: ``hist[:i]`` with ``hist[i:].sum()`` added to bin ``i-1``; ``Q_i``: ``hist[:i]``
+    merged into ``quantized_bins`` groups, each group's count spread evenly over the bins of
+    the group that are non-empty in ``P_i``. Both normalised and smoothed.
+    """
+    hist = np.asarray(hist, dtype=np.float64)
+    n = hist.size
+    cuts = np.arange(min(quantized_bins, n), n + 1, stride)
+    if cuts[-1] != n:
+        cuts = np.append(cuts, n)
+    tail = np.concatenate([np.cumsum(hist[::-1])[::-1], [0.0]])  # tail[i] = hist[i:].sum()
+    kl = np.full(cuts.size, np.inf)
+    for c, i in enumerate(cuts):
+        p = hist[:i].copy()
+        p[-1] += tail[i]
+        if p.sum() == 0:
+            continue
+        starts = np.floor(np.linspace(0, i, quantized_bins + 1)[:-1]).astype(np.int64)
+        starts = np.unique(starts)
+        group_sum = np.add.reduceat(hist[:i], starts)
+        nonzero = (p != 0).astype(np.float64)
+        group_nonzero = np.add.reduceat(nonzero, starts)
+        per_bin = np.divide(
+            group_sum, group_nonzero, out=np.zeros_like(group_sum), where=group_nonzero > 0
+        )
+        sizes = np.diff(np.append(starts, i))
+        q = np.repeat(per_bin, sizes) * nonzero
+        if q.sum() == 0:
+            continue
+        ps, qs = _smooth(p / p.sum()), _smooth(q / q.sum())
+        if ps is None or qs is None:
+            continue
+        kl[c] = float(np.sum(ps * np.log(ps / qs)))
+    return cuts, np.nan_to_num(kl, nan=np.inf)
+
+
+class EntropyObserver(HistogramObserver):
+    """KL-divergence (TensorRT / ORT "entropy") calibration on a ``bins``-bin ``|x|`` histogram.
+
+    The threshold is the upper edge of the cut that minimises ``KL(P || Q)``; ties go to the
+    larger cut (less clipping). ``stride`` > 1 searches every ``stride``-th cut only.
+    """
+
+    name = "entropy"
+
+    def __init__(self, bins: int = 2048, quantized_bins: int = 128, stride: int = 1) -> None:
+        super().__init__(bins)
+        if not 2 <= quantized_bins <= bins:
+            raise GraphoptError(
+                f"quantized_bins must be between 2 and bins ({bins}); got {quantized_bins}."
+            )
+        self.quantized_bins = quantized_bins
+        self.stride = max(1, stride)
+
+    def threshold(self) -> float:
+        self._require_data()
+        if self.limit == 0.0:
+            return 0.0
+        hist = self.abs_hist().copy()
+        hist[0] -= self.zeros  # a spike of exact zeros (after ReLU) would pull the cut to 0
+        cuts, kl = kl_divergence_curve(hist, self.quantized_bins, self.stride)
+        if not np.isfinite(kl).any():
+            return self._cut(self.limit)
+        best = np.flatnonzero(kl <= kl.min() + 1e-12)[-1]
+        return self._cut(float(cuts[best]) * self.width)
+
+
+class MSEObserver(HistogramObserver):
+    """The threshold minimising the expected squared quantisation error on the histogram.
+
+    Candidates: every bin edge from ``bins // 64`` bins up (symmetric), or ``alpha * (min, max)``
+    for ``alpha`` on a grid of ``grid`` values in ``(0, 1]`` (asymmetric).
+    """
+
+    name = "mse"
+
+    def __init__(self, bins: int = 2048, grid: int = 200) -> None:
+        super().__init__(bins)
+        self.grid = grid
+
+    def _centres(self) -> tuple[np.ndarray, np.ndarray]:
+        """Bin centres and counts of the signed histogram, exact zeros taken out."""
+        w = self.width
+        centres = np.concatenate([-(np.arange(self.bins)[::-1] + 0.5) * w,
+                                  (np.arange(self.bins) + 0.5) * w])  # fmt: skip
+        counts = np.concatenate([self.neg[::-1], self.pos]).astype(np.float64)
+        counts[self.bins] -= self.zeros  # zeros sit in pos[0] and quantise exactly
+        return centres, counts
+
+    def expected_error(self, thresholds: np.ndarray) -> np.ndarray:
+        """Expected squared error per element for symmetric int8 at each threshold."""
+        h = self.abs_hist().astype(np.float64)
+        h[0] -= self.zeros
+        w = self.width
+        m = (np.arange(self.bins) + 0.5) * w
+        t = np.asarray(thresholds, dtype=np.float64)[:, None]
+        s = t / INT8[1]
+        inside = m[None, :] <= t
+        err = np.where(inside, s**2 / 12.0, (m[None, :] - t) ** 2 + w**2 / 12.0)
+        return (err * h[None, :]).sum(1) / max(self.total, 1)
+
+    def threshold(self) -> float:
+        self._require_data()
+        if self.limit == 0.0:
+            return 0.0
+        first = max(1, self.bins // 64)
+        edges = np.arange(first, self.bins + 1) * self.width
+        err = self.expected_error(edges)
+        return self._cut(float(edges[int(np.argmin(err))]))
+
+    def range(self) -> tuple[float, float]:
+        self._require_data()
+        lo0, hi0 = min(self.min, 0.0), max(self.max, 0.0)
+        if hi0 - lo0 == 0.0:
+            return 0.0, 0.0
+        centres, counts = self._centres()
+        alphas = np.linspace(1.0 / self.grid, 1.0, self.grid)[:, None]
+        lo, hi = alphas * lo0, alphas * hi0
+        s = (hi - lo) / (UINT8[1] - UINT8[0])
+        x = centres[None, :]
+        clipped = np.clip(x, lo, hi)
+        err = np.where((x >= lo) & (x <= hi), s**2 / 12.0, (x - clipped) ** 2)
+        best = float(alphas[int(np.argmin((err * counts[None, :]).sum(1))), 0])
+        return best * lo0, best * hi0
+
+
+OBSERVERS: dict[str, type[Observer]] = {
+    "minmax": MinMaxObserver,
+    "percentile": PercentileObserver,
+    "entropy": EntropyObserver,
+    "mse": MSEObserver,
+}
+
+
+def make_observer(method: str, **options: Any) -> Observer:
+    """An observer by name (``minmax``, ``percentile``, ``entropy``, ``mse``) with options."""
+    cls = OBSERVERS.get(method)
+    if cls is None:
+        raise GraphoptError(
+            f"unknown calibration method {method!r}; use one of {', '.join(OBSERVERS)}."
+            + close_matches(method, OBSERVERS)
+        )
+    return cls(**options)
