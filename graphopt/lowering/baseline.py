@@ -1,0 +1,113 @@
+"""What the user has without graphopt: the ground truth of every check and the baseline of the
+latency comparison.
+
+For an ``nn.Module`` that is an eval-mode copy of the module itself (the reference outputs) and
+``torch.onnx.export`` of it in ONNX Runtime (the baseline latency); for an ONNX file, the file
+itself in ONNX Runtime (both).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from graphopt.backends import Artifact, Backend
+from graphopt.backends.export import to_numpy
+from graphopt.backends.measure import time_interleaved
+from graphopt.core.numerics import run_module
+from graphopt.errors import BackendError
+from graphopt.frontends.onnx import load_onnx
+from graphopt.frontends.torch import Captured
+from graphopt.lowering.context import Lowering
+
+
+@dataclass
+class Baseline:
+    """The user's model as it is: ``module`` an eval-mode copy of their ``nn.Module`` (None for
+    an ONNX model, or when nothing needs it), ``onnx`` their ONNX file in ONNX Runtime."""
+
+    module: nn.Module | None = None
+    onnx: Artifact | None = None
+
+    @classmethod
+    def of(cls, model: Any, captured: Captured, ort: Backend, *, needed: bool) -> Baseline:
+        """The baseline of ``model`` as ``captured``; ``needed=False`` (neither verifying nor
+        measuring) copies no module."""
+        if captured.method == "onnx":  # the ground truth: ONNX Runtime on the user's file
+            return cls(onnx=load_original_onnx(ort, model))
+        # one eval-mode copy of the user's module serves as reference and as the baseline export
+        return cls(module=copy.deepcopy(model).eval() if needed else None)
+
+    def reference_outputs(self, samples: list[tuple]) -> list[torch.Tensor]:
+        """Outputs of the user's model itself (its eval copy / ONNX Runtime on the user's
+        file) on every check sample, concatenated."""
+        if self.onnx is not None:
+            return [
+                torch.from_numpy(np.asarray(o))
+                for sample in samples
+                for o in self.onnx.run([to_numpy(x) for x in sample])
+            ]
+        # copies: a model that writes to its inputs was refused at capture; these are ours anyway
+        return [
+            t for sample in samples for t in run_module(self.module, [x.clone() for x in sample])
+        ]
+
+    def reference_module(self, captured: Captured) -> nn.Module:
+        """What computes the reference outputs in torch (for the model's float32 rounding): the
+        module, or for an ONNX model the imported graph."""
+        return self.module if self.module is not None else copy.deepcopy(captured.graph)
+
+    def measure(
+        self, lowering: Lowering, ort: Backend, runtime: Backend, artifact: Artifact
+    ) -> None:
+        """Latency of ONNX Runtime on the unrewritten model and of graphopt's artifact,
+        interleaved, into the report.
+
+        The baseline is what a user gets without graphopt: ``torch.onnx.export`` of their
+        module (or their ONNX file) in ONNX Runtime, whichever backend graphopt lowered to. A
+        phone or board is measured through its RPC device when there is one, without a baseline.
+        """
+        report, inputs = lowering.report, lowering.inputs
+        if runtime.rpc is not None:
+            lowering.say(f"measuring on the RPC device {runtime.rpc.describe()}")
+            report.latency_optimized = runtime.measure(artifact, inputs)
+            report.baseline_name = f"measured on {runtime.rpc.describe()}, no local baseline"
+            return
+        if lowering.target.device == "mobile":
+            report.warnings.append(
+                f"latency not measured: {lowering.target} is a phone or board; measure there "
+                "with backend='tvm' and rpc='host:port/key' (see the README)."
+            )
+            return
+        lowering.say("measuring latency against the unrewritten export")
+        arrays = [to_numpy(x) for x in inputs]
+        baseline, report.baseline_name = self._artifact(lowering, ort)
+        timings = time_interleaved(
+            {"baseline": lambda: baseline.run(arrays), "optimized": lambda: artifact.run(arrays)},
+            warmup=5,
+            runs=30,
+            max_time_s=20.0,
+        )
+        report.latency_baseline = timings["baseline"]
+        report.latency_optimized = timings["optimized"]
+
+    def _artifact(self, lowering: Lowering, ort: Backend) -> tuple[Artifact, str]:
+        """The baseline in ONNX Runtime and its name in the report."""
+        if self.onnx is not None:
+            return self.onnx, "onnxruntime on the original ONNX file"
+        names = {"input_names": lowering.input_names}
+        try:  # what a user gets from torch.onnx.export of their own model
+            baseline = ort.compile(self.module, lowering.inputs, **names)
+        except BackendError:
+            baseline = ort.compile(lowering.original, lowering.inputs, **names)
+        return baseline, "onnxruntime on the unrewritten export"
+
+
+def load_original_onnx(runtime: Backend, model: Any) -> Artifact:
+    """The user's ONNX model (a path or a ``ModelProto``) loaded as it is."""
+    return runtime.load(load_onnx(model))

@@ -1,0 +1,86 @@
+"""What every lowering stage of one ``optimize`` run shares: :class:`Lowering`, and the lines
+of the report that a TVM artifact or a mobile target adds."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import fx
+
+from graphopt.backends import Artifact, Backend
+from graphopt.backends.export import to_numpy
+from graphopt.core.numerics import Comparison
+from graphopt.core.progress import Progress
+from graphopt.lowering.check import Check
+from graphopt.pipeline import PassManager, PipelineResult
+from graphopt.report import Report
+from graphopt.target import Target
+
+
+@dataclass
+class Lowering:
+    """The rewritten graph of one ``optimize`` run and what checking its artifacts needs.
+
+    ``graph``: the pipeline's result; ``original``: a copy of the captured graph before any
+    pass, with ``manager`` and ``result`` what bisection reruns; ``inputs``: the example inputs
+    every artifact is compiled for; ``input_names`` / ``output_names``: the interface every
+    export keeps (an ONNX model's own names). ``errors``: per backend name, how far its
+    artifact is from the model.
+    """
+
+    graph: fx.GraphModule
+    inputs: tuple[torch.Tensor, ...]
+    input_names: list[str]
+    output_names: list[str] | None
+    original: fx.GraphModule
+    manager: PassManager
+    result: PipelineResult
+    check: Check
+    report: Report
+    target: Target
+    say: Progress
+    errors: dict[str, Comparison] = field(default_factory=dict)
+
+    @property
+    def reference(self) -> list[torch.Tensor] | None:
+        """The model's outputs on every check sample; None when ``verify=False``."""
+        return self.check.reference
+
+    @property
+    def names(self) -> dict[str, Any]:
+        """The interface names every export and compile of this model keeps."""
+        return {"input_names": self.input_names, "output_names": self.output_names}
+
+    def run(self, artifact: Artifact) -> list[torch.Tensor]:
+        """The artifact's outputs on every check sample, concatenated."""
+        return [
+            torch.from_numpy(np.asarray(o))
+            for sample in self.check.samples
+            for o in artifact.run([to_numpy(x) for x in sample])
+        ]
+
+
+def report_tvm(report: Report, artifact: Any) -> None:
+    """The TVM artifact's tasks, its tuning and a warning about heavy untuned tasks."""
+    report.tvm_tasks = [dataclasses.asdict(t) for t in artifact.tasks]
+    if artifact.tuning is not None:
+        report.tvm_tuning = {**artifact.tuning.to_dict(), "summary": artifact.tuning.describe()}
+        report.warnings += artifact.tuning.warnings
+    if heavy := artifact.heavy_untuned:
+        report.warnings.append(
+            f"{len(heavy)} compute-heavy TVM task(s) run untuned default schedules "
+            "(untuned TVM is ~100x slower than ONNX Runtime on the zoo CNNs); tune with "
+            "trials=N or tune_minutes=M."
+        )
+
+
+def report_mobile(report: Report, target: Target, runtime: Backend) -> None:
+    if target.device == "mobile" and runtime.name == "onnxruntime":
+        report.mobile = (
+            "mobile: save('model.ort') writes ONNX Runtime's mobile format with the operator "
+            "list for a reduced build and XNNPACK session settings beside it."
+        )

@@ -1,0 +1,48 @@
+"""Lowering the rewritten float graph: compile it for a backend and verify the artifact.
+
+The artifact is held to the pipeline's contract (:func:`~graphopt.lowering.check.
+artifact_numerics`) on every check sample; one that disagrees is bisected to the stage at fault
+(:func:`~graphopt.lowering.check.bisect_lowering`) before :class:`VerificationError` names it.
+"""
+
+from __future__ import annotations
+
+from graphopt.backends import Artifact, Backend
+from graphopt.lowering.check import artifact_numerics, bisect_lowering
+from graphopt.lowering.context import Lowering
+
+
+def lower(lowering: Lowering, runtime: Backend) -> Artifact:
+    """Compile for ``runtime``; verify (and on a disagreement bisect) unless it can't run."""
+    report = lowering.report
+    artifact = runtime.compile(lowering.graph, lowering.inputs, **lowering.names)
+    if reason := artifact.static_batch_reason:
+        batch = lowering.inputs[0].shape[0] if lowering.inputs and lowering.inputs[0].dim() else "?"
+        report.warnings.append(
+            f"the {runtime.name} artifact runs batch {batch} only (the example's): a dynamic "
+            f"batch did not lower ({reason})."
+        )
+    if lowering.reference is None:
+        return artifact
+    if artifact.cross_compiled and artifact.rpc is None:
+        report.warnings.append(
+            f"the {runtime.name} artifact is cross-compiled for {report.target} and was "
+            "not run: pass rpc='host:port/key' to check its numbers on the device."
+        )
+        return artifact
+    numerics = artifact_numerics(lowering.result)
+    error = lowering.errors[runtime.name] = lowering.check.compare(lowering.run(artifact), numerics)
+    if runtime.name == report.backend:
+        report.artifact_error = error
+    if not error.ok:
+        lowering.say("the artifact disagrees with the model: bisecting the pipeline")
+        stage, diagnosis = bisect_lowering(runtime.without_tuning(), lowering, numerics)
+        report.artifact_diagnosis = diagnosis
+        lowering.check.fail(
+            stage,
+            f"the {runtime.name} artifact differs from the original model beyond the "
+            f"pipeline's contract: {error.describe()}. The rewritten graph itself was "
+            f"within its contract. {diagnosis}",
+            error,
+        )
+    return artifact
