@@ -49,9 +49,9 @@ import onnxruntime as ort
 import torch
 
 from graphopt import zoo
+from graphopt.backends.export import export_onnx
 from graphopt.backends.measure import time_interleaved, write_json_atomic
-from graphopt.backends.onnxruntime import export_onnx
-from graphopt.bench import BUSY, _CpuProbe, _wait_idle, machine_info
+from graphopt.bench import BUSY, CpuProbe, wait_idle, machine_info
 from graphopt.quant.qdq import INTEGER_OPS, ort_optimized_model, quantize_onnx
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -442,9 +442,9 @@ def measure_model(built: Built, args: argparse.Namespace, log: Callable[[str], N
     feed = case.timing_feed
     deadline = time.perf_counter() + args.wait_idle_s
     while True:
-        waited = _wait_idle(deadline, log, case.name)
+        waited = wait_idle(deadline, log, case.name)
         log(f"{case.name}: timing" + (f" after waiting {waited:.0f} s" if waited else ""))
-        probe = _CpuProbe()
+        probe = CpuProbe()
         timings = time_interleaved(
             {label: (lambda run=run: run(feed)) for label, run in runners.items()},
             warmup=args.warmup,

@@ -31,8 +31,9 @@ import torch
 
 import graphopt
 from graphopt import zoo
+from graphopt.backends.export import export_onnx
 from graphopt.backends.measure import available_cores, time_interleaved, write_json_atomic
-from graphopt.backends.onnxruntime import OnnxRuntimeBackend, export_onnx
+from graphopt.backends.onnxruntime import OnnxRuntimeBackend
 from graphopt.bench import machine_info
 from graphopt.target import Target
 

@@ -24,9 +24,10 @@ import torch
 from torch import nn
 
 from graphopt.algebra.monarch import relative_error
+from graphopt.backends.export import export_onnx
 from graphopt.backends.measure import available_cores, time_interleaved
-from graphopt.backends.onnxruntime import OnnxRuntimeBackend, export_onnx
-from graphopt.bench import _CpuProbe, machine_info
+from graphopt.backends.onnxruntime import OnnxRuntimeBackend
+from graphopt.bench import CpuProbe, machine_info
 from graphopt.nn import BlockDiagonalLinear, LowRankLinear, MonarchLinear
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -85,7 +86,7 @@ def run(args: argparse.Namespace) -> dict:
             "output_rel_error": float(np.linalg.norm(got - reference) / np.linalg.norm(reference)),
         }
         print(f"exported {name}: {rows[name]}", file=sys.stderr, flush=True)
-    probe = _CpuProbe()
+    probe = CpuProbe()
     timings = time_interleaved(
         {name: (lambda s=s: s.run(arrays)) for name, s in sessions.items()},
         warmup=args.warmup,

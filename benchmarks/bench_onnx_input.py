@@ -19,7 +19,7 @@ import onnx
 
 import graphopt
 from graphopt import zoo
-from graphopt.backends.onnxruntime import export_onnx
+from graphopt.backends.export import export_onnx
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

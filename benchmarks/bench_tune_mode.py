@@ -261,7 +261,7 @@ def bench_model(name: str, args: argparse.Namespace, say: Progress) -> dict[str,
         f"{name}: timing {', '.join(MODES)} interleaved (warmup {args.warmup}, up to "
         f"{args.runs} runs or {args.max_time_s:g} s)"
     )
-    probe = bench._CpuProbe()
+    probe = bench.CpuProbe()
     latencies = time_interleaved(
         steps,
         warmup=args.warmup,
@@ -405,8 +405,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.models:
         results.append(bench_model(name, args, say))
         payload = {"machine": machine, "settings": settings, "results": results}
-        bench._write(args.json, json.dumps(payload, indent=2) + "\n")
-        bench._write(args.markdown, markdown(results, machine))
+        bench.write_text(args.json, json.dumps(payload, indent=2) + "\n")
+        bench.write_text(args.markdown, markdown(results, machine))
     print(markdown(results, machine))
     print(f"JSON: {args.json}; Markdown: {args.markdown}")
     return 0

@@ -51,11 +51,11 @@ from graphopt._util import first_line
 from graphopt.core.pass_infra import PassContext
 from graphopt.errors import CaptureError, GraphoptError, graphopt_errors_only
 from graphopt.frontends.torch import (
-    _as_tensors,
-    _check_runs,
-    _copy_model,
-    _failing_line,
-    _Tracer,
+    as_tensors,
+    check_runs,
+    copy_model,
+    failing_line,
+    LeafTracer,
 )
 from graphopt.passes.tune_conv_bn import TuneConvBN
 from graphopt.pipeline import PassManager
@@ -108,14 +108,14 @@ def tune_mode(
             "model.eval() first (or .eval() on the BatchNorm layers only), then tune_mode(model); "
             "call .train() on the returned module for dropout: its BatchNorms stay frozen."
         )
-    inputs = _as_tensors(example_inputs) if example_inputs is not None else None
+    inputs = as_tensors(example_inputs) if example_inputs is not None else None
     # the copy is made for training: under torch.inference_mode() its parameters would be
     # inference tensors, which autograd cannot save ("Inference tensors cannot be saved for
     # backward" at the first loss.backward()); made outside it, they are normal parameters
     with torch.inference_mode(False):
-        model = _copy_model(model, "tune_mode works")
+        model = copy_model(model, "tune_mode works")
     if inputs is not None:
-        _check_runs(model, inputs)
+        check_runs(model, inputs)
     gm = _trace(model, leaf_modules, concrete_args)
     _match_state_dict(gm, model)
     # verify in eval mode (dropout off); the user's per-module flags are restored afterwards
@@ -142,10 +142,10 @@ def _trace(model: nn.Module, leaf_modules, concrete_args) -> fx.GraphModule:
     if isinstance(model, fx.GraphModule):
         return model  # already a graph (a copy): its call_module nodes are what the pass needs
     try:
-        tracer = _Tracer(leaf_modules)
+        tracer = LeafTracer(leaf_modules)
         graph = tracer.trace(model, concrete_args=concrete_args)
     except Exception as exc:
-        where, owner = _failing_line(exc)
+        where, owner = failing_line(exc)
         leaf = f"leaf_modules=[{owner}]" if owner else "leaf_modules=[TheModuleClass]"
         raise CaptureError(
             f"tune_mode could not trace the model: symbolic tracing failed at {where}\n"

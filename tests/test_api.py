@@ -14,7 +14,7 @@ from torch import nn
 
 import graphopt
 from graphopt import zoo
-from graphopt.backends.onnxruntime import export_onnx
+from graphopt.backends.export import export_onnx
 from graphopt.core.numerics import exact_tolerance
 from graphopt.errors import (
     CaptureError,

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 import graphopt
-from graphopt.backends.onnxruntime import export_onnx
+from graphopt.backends.export import export_onnx
 from graphopt.core.numerics import Numerics, compare, exact_tolerance, rounding_error
 from graphopt.core.pass_infra import Pass, PassResult
 from graphopt.core.registry import register_pass

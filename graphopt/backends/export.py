@@ -341,7 +341,7 @@ def _interface_names(given: Sequence[str] | None, prefix: str, count: int) -> li
 
 
 # float8: storage only in torch; numpy holds them as ml_dtypes arrays, as ONNX does
-_FLOAT8 = (torch.float8_e4m3fn, torch.float8_e4m3fnuz, torch.float8_e5m2, torch.float8_e5m2fnuz)
+FLOAT8 = (torch.float8_e4m3fn, torch.float8_e4m3fnuz, torch.float8_e5m2, torch.float8_e5m2fnuz)
 
 
 def to_numpy(x: Any) -> np.ndarray:
@@ -357,7 +357,7 @@ def to_numpy(x: Any) -> np.ndarray:
     if not isinstance(x, torch.Tensor):
         raise InputError(f"inputs must be torch tensors or numpy arrays, not {type(x).__name__}.")
     t = x.detach().cpu().contiguous()
-    if t.dtype == torch.bfloat16 or t.dtype in _FLOAT8:
+    if t.dtype == torch.bfloat16 or t.dtype in FLOAT8:
         bits = t.view(torch.uint16 if t.dtype == torch.bfloat16 else torch.uint8).numpy()
         return bits.view(getattr(ml_dtypes, str(t.dtype).removeprefix("torch.")))
     return t.numpy()

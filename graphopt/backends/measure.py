@@ -437,9 +437,7 @@ def cache_for(ctx: Any, backend: Backend) -> LatencyCache:
     """The latency cache in ``ctx.cache_dir``, else the backend's cache, else the default one."""
     if ctx.cache_dir is not None:
         return LatencyCache(ctx.cache_dir / "latency.json")
-    # not backend.cache: graphopt.testing.UnitCostBackend, a stand-in that only measures, has none
-    cache = getattr(backend, "cache", None)
-    return cache if cache is not None else LatencyCache()
+    return backend.cache if backend.cache is not None else LatencyCache()
 
 
 def measurable(backend: Backend) -> bool:

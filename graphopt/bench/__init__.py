@@ -87,8 +87,3 @@ __all__ = [
     "write_text",
 ]
 
-# The scripts in benchmarks/ still use the old private names (bench_int8.py, bench_monarch.py,
-# bench_tune_mode.py); they go when those scripts use the public ones.
-_CpuProbe = CpuProbe
-_wait_idle = wait_idle
-_write = write_text

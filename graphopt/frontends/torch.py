@@ -28,7 +28,13 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from graphopt._util import first_line
+from graphopt.backends.export import (  # EXPORT_LOCK: torch's exporters share state
+    EXPORT_LOCK,
+    to_numpy,
+)
+from graphopt.core.numerics import flatten_outputs
 from graphopt.errors import CaptureError, InputError
+from graphopt.frontends.onnx import import_onnx, load_onnx
 
 log = logging.getLogger(__name__)
 
@@ -94,8 +100,8 @@ def capture(
             f"graphopt optimizes a torch.nn.Module, an .onnx path or an "
             f"onnx.ModelProto; got {type(model).__name__}."
         )
-    inputs = _as_tensors(example_inputs) if example_inputs is not None else None
-    model = _copy_model(model, "graphopt works")
+    inputs = as_tensors(example_inputs) if example_inputs is not None else None
+    model = copy_model(model, "graphopt works")
     notes: list[str] = []
     if model.training:
         notes.append(
@@ -104,7 +110,7 @@ def capture(
         )
     model.eval()
     if inputs is not None:
-        _check_runs(model, inputs)
+        check_runs(model, inputs)
     fixed_batch = ""
     try:
         gm = _symbolic_trace(model, leaf_modules, concrete_args)
@@ -116,7 +122,7 @@ def capture(
                 "random or time-dependent tensors in forward, they no longer change per call"
             )
     except Exception as trace_exc:  # noqa: BLE001 - any tracing failure leads to the fallback
-        where = _failing_line(trace_exc)
+        where = failing_line(trace_exc)
         if inputs is None:
             raise CaptureError(
                 _capture_message(trace_exc, where, None, fallback=False)
@@ -164,14 +170,15 @@ def _torch_export(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> tuple[A
     ``sym_size``, which the structural passes do not all read yet (DBB's item-assigned padding
     stays unmerged): static until they do.
     """
-    from graphopt.backends.onnxruntime import EXPORT_LOCK  # torch's exporters share state
 
     with EXPORT_LOCK:
         module = torch.export.export(model, inputs, strict=False).module()
     return module, "torch.export specialises the graph to the example's shapes"
 
 
-class _Tracer(fx.Tracer):
+class LeafTracer(fx.Tracer):
+    """torch.fx's tracer with extra leaf module types (traced as calls, not traced into)."""
+
     def __init__(self, leaf_modules: Sequence[type[nn.Module]] = ()) -> None:
         super().__init__()
         self.extra_leaves = tuple(leaf_modules)
@@ -183,7 +190,7 @@ class _Tracer(fx.Tracer):
 
 
 def _symbolic_trace(model: nn.Module, leaf_modules, concrete_args) -> fx.GraphModule:
-    tracer = _Tracer(leaf_modules)
+    tracer = LeafTracer(leaf_modules)
     graph = tracer.trace(model, concrete_args=concrete_args)
     name = type(model).__name__
     return fx.GraphModule(tracer.root, graph, name)
@@ -219,7 +226,7 @@ def _placeholders(gm: fx.GraphModule) -> list[fx.Node]:
     return [n for n in gm.graph.nodes if n.op == "placeholder"]
 
 
-def _copy_model(model: nn.Module, who: str) -> nn.Module:
+def copy_model(model: nn.Module, who: str) -> nn.Module:
     """A deep copy of the user's module, so that nothing graphopt does can change theirs.
 
     Refuses first what a copy would silently lose or cannot run: forward hooks (capture drops
@@ -279,7 +286,8 @@ def _callable_label(fn: Any) -> str:
     return getattr(fn, "__qualname__", None) or type(fn).__name__
 
 
-def _as_tensors(example_inputs: Any) -> tuple[torch.Tensor, ...]:
+def as_tensors(example_inputs: Any) -> tuple[torch.Tensor, ...]:
+    """The example inputs as a tuple of tensors; an InputError saying what to pass otherwise."""
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
     if not isinstance(example_inputs, list | tuple):
@@ -357,7 +365,7 @@ def discriminating_inputs(inputs: Sequence[torch.Tensor], seed: int = 0) -> tupl
     )
 
 
-def _check_runs(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+def check_runs(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
     """Run ``model`` once on copies of ``inputs``: it must run, return tensors and leave its
     inputs alone (a model that updates its input in place cannot be captured faithfully:
     tracing turns ``x += 1`` on an input into an out-of-place add)."""
@@ -374,7 +382,6 @@ def _check_runs(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
             f"{type(exc).__name__}: {first_line(exc)}. Pass inputs of the shape "
             "and dtype the model expects."
         ) from exc
-    from graphopt.core.numerics import flatten_outputs
 
     if not flatten_outputs(out):
         raise CaptureError(
@@ -442,7 +449,7 @@ def _describe_value(out: Any) -> str:
     return f"a {type(out).__name__} holding no tensor"
 
 
-def _failing_line(exc: BaseException) -> tuple[str, str]:
+def failing_line(exc: BaseException) -> tuple[str, str]:
     """('file.py:42 in forward (MyBlock): if x.sum() > 0:', 'MyBlock'): the line that broke."""
     frames = traceback.extract_tb(exc.__traceback__)
     tb = exc.__traceback__
@@ -494,7 +501,6 @@ def _capture_message(
 
 
 def _capture_onnx(model: Any, example_inputs: Sequence[Any] | None) -> Captured:
-    from graphopt.frontends.onnx import import_onnx
 
     if (
         isinstance(model, str | os.PathLike)
@@ -511,7 +517,7 @@ def _capture_onnx(model: Any, example_inputs: Sequence[Any] | None) -> Captured:
             "(symbolic dimensions set to 1)"
         ]
     else:
-        inputs = _as_tensors(example_inputs)
+        inputs = as_tensors(example_inputs)
         notes = ["ONNX model imported"]
     if len(inputs) != len(placeholders):
         raise InputError(
@@ -519,7 +525,7 @@ def _capture_onnx(model: Any, example_inputs: Sequence[Any] | None) -> Captured:
             f"({', '.join(n.name for n in placeholders)}); got {len(inputs)}."
         )
     try:
-        _check_runs(gm, inputs)
+        check_runs(gm, inputs)
     except InputError as exc:
         if exc.__cause__ is None or not _runs_in_onnxruntime(model, inputs):
             raise
@@ -547,9 +553,6 @@ def _runs_in_onnxruntime(model: Any, inputs: Sequence[torch.Tensor]) -> bool:
     them, the import is at fault, not the inputs."""
     import onnxruntime
 
-    from graphopt.backends.onnxruntime import to_numpy
-    from graphopt.frontends.onnx import load_onnx
-
     try:
         session = onnxruntime.InferenceSession(
             load_onnx(model).SerializeToString(), providers=["CPUExecutionProvider"]
@@ -571,4 +574,3 @@ def _example_for(node: fx.Node) -> torch.Tensor:
     if dtype.is_floating_point:
         return torch.randn(dims, generator=gen).to(dtype)
     return torch.randint(0, 2, dims, generator=gen).to(dtype)
-

@@ -42,6 +42,7 @@ class UnitCostBackend:
     version = "1"
     rpc = "unit-cost-model"
     target = None
+    cache = None  # nothing to cache: the cost model is instant
 
     def settings(self) -> dict[str, Any]:
         return {}

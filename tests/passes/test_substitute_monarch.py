@@ -23,8 +23,9 @@ from torch import fx, nn
 import graphopt
 from graphopt.algebra.monarch import relative_error
 from graphopt.backends import measure
+from graphopt.backends.export import export_onnx
 from graphopt.backends.measure import Latency, UnitTimer
-from graphopt.backends.onnxruntime import OnnxRuntimeBackend, export_onnx
+from graphopt.backends.onnxruntime import OnnxRuntimeBackend
 from graphopt.core.numerics import Numerics
 from graphopt.core.pass_infra import PassContext
 from graphopt.errors import PipelineError

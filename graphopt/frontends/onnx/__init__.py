@@ -53,7 +53,8 @@ the GraphModule's ``graph`` attribute for a TorchScript graph).
 The package:
 
     load.py        reading and validating a file, bytes or ModelProto (:func:`load_onnx`)
-    values.py      dtypes, tensors and shape values (:func:`to_numpy`, :func:`from_numpy`, Sym)
+    values.py      dtypes, tensors and shape values (:func:`from_numpy`, Sym; :func:`to_numpy` is
+                   the backends' own, re-exported)
     context.py     the graph under construction (ImportState) and a node's view of it (Ctx)
     importer.py    the graph walk (:func:`import_onnx`)
     runtime.py     functions the imported graph calls when it runs
@@ -62,6 +63,7 @@ The package:
 
 from __future__ import annotations
 
+from graphopt.backends.export import to_numpy
 from graphopt.frontends.onnx.importer import import_onnx
 from graphopt.frontends.onnx.load import ModelSource, load_onnx
 from graphopt.frontends.onnx.ops import SUPPORTED_OPS
@@ -70,7 +72,7 @@ from graphopt.frontends.onnx.ops.normalization import (
     OnnxBatchNorm2d,
     OnnxBatchNorm3d,
 )
-from graphopt.frontends.onnx.values import from_numpy, to_numpy
+from graphopt.frontends.onnx.values import from_numpy
 
 __all__ = [
     "SUPPORTED_OPS",

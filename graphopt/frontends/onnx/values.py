@@ -45,7 +45,6 @@ ONNX_TO_TORCH: dict[int, torch.dtype] = {
 # import.
 WIDE_UINT = (torch.uint16, torch.uint32, torch.uint64)
 # float8: storage only in torch (no arithmetic); only Cast and data movement accept them.
-FLOAT8 = (torch.float8_e4m3fn, torch.float8_e4m3fnuz, torch.float8_e5m2, torch.float8_e5m2fnuz)
 
 
 @dataclass
@@ -121,24 +120,6 @@ def from_numpy(array: np.ndarray) -> torch.Tensor:
     """A torch tensor (a copy) of a numpy array, including the ml_dtypes arrays ONNX uses for
     bfloat16 and float8.  Raises TypeError for dtypes torch has no equivalent of (int4, str)."""
     return _to_torch(np.asarray(array))
-
-
-def to_numpy(tensor: torch.Tensor) -> np.ndarray:
-    """A numpy array of a tensor, as ONNX Runtime and ``onnx.reference`` take and return them:
-    bfloat16 and float8 become ml_dtypes arrays (``tensor.numpy()`` raises ``TypeError: Got
-    unsupported ScalarType BFloat16`` for them), every other dtype goes through ``.numpy()``.
-
-        >>> to_numpy(torch.ones(2, dtype=torch.bfloat16)).dtype.name
-        'bfloat16'
-    """
-    t = tensor.detach().cpu().contiguous()
-    if t.dtype == torch.bfloat16 or t.dtype in FLOAT8:
-        import ml_dtypes  # a dependency of onnx
-
-        bits = t.view(torch.uint16 if t.dtype == torch.bfloat16 else torch.uint8).numpy()
-        name = str(t.dtype).replace("torch.", "")
-        return bits.view(getattr(ml_dtypes, name))
-    return t.numpy()
 
 
 def tensor_from_proto(proto: onnx.TensorProto, base_dir: str | None = None) -> torch.Tensor:

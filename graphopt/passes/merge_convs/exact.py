@@ -16,10 +16,10 @@ from graphopt.algebra.merge_dp import plan_exact
 from graphopt.backends.measure import UnitTimer
 from graphopt.core.pass_infra import PassResult
 from graphopt.core.progress import Progress
+from graphopt.fx.names import free_name
 from graphopt.passes.merge_convs.candidates import Candidate, StretchPlan, folded_bodies
 from graphopt.passes.merge_convs.stretches import Stretch
 from graphopt.passes.merge_convs.units import conv_module, time_stretch
-from graphopt.passes.reparameterize import _free_name
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ def apply(
     merged span ``cand`` of ``stretch`` (the only mutation of the pass): it reads ``source``
     (default: position ``i``) and replaces position ``j``'s value (the add where the span
     folds the residual that ends there). Returns the new node."""
-    name = _free_name(gm, "merged_conv")
+    name = free_name(gm, "merged_conv")
     gm.add_submodule(name, module)
     folded = folded_bodies(stretch, cand)
     ends_at_fold = any(b + 1 == cand.j for _, b, _ in folded)

@@ -12,13 +12,14 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 import graphopt.algebra.conv_merge as algebra
-from graphopt.passes.reparameterize import _conv_branch, _is_add
+from graphopt.fx.branches import conv_branch
+from graphopt.fx.ops import is_add
 
 
 def spec_of(gm: fx.GraphModule, node: fx.Node) -> algebra.ConvSpec | algebra.Refusal:
     """The conv ``node`` of ``gm`` (module or functional, constant weights) as a ConvSpec, or
     the refusal ``not-a-conv`` / ``padding-mode``."""
-    branch = _conv_branch(gm, node, single_use=False)
+    branch = conv_branch(gm, node, single_use=False)
     if branch is None or branch.kind != "conv" or branch.pool:
         return algebra.Refusal("not-a-conv", f"{node.name} is not a conv with constant weights")
     if branch.padding_mode != "zeros":
@@ -53,7 +54,7 @@ class Stretch:
 
 
 def _conv_input(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
-    branch = _conv_branch(gm, node, single_use=False)
+    branch = conv_branch(gm, node, single_use=False)
     return branch.input if branch is not None and isinstance(branch.input, fx.Node) else None
 
 
@@ -117,7 +118,7 @@ def _residual_body(
 ) -> tuple[fx.Node, list[fx.Node]] | None:
     """``add`` as ``x + c_1(..c_k(x))`` with single-use convs (and, through activations,
     single-use activations between them): (x, [c_1..c_k]), else None."""
-    if not _is_add(add) or not all(isinstance(a, fx.Node) for a in add.args):
+    if not is_add(add) or not all(isinstance(a, fx.Node) for a in add.args):
         return None
     for x, y in (add.args, add.args[::-1]):
         body, node = [], y

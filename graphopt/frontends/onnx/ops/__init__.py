@@ -14,11 +14,12 @@ importing this package fills :data:`CONVERTERS`, and :data:`SUPPORTED_OPS` is it
 
 from __future__ import annotations
 
+from graphopt.backends.export import FLOAT8
 from graphopt.frontends.onnx.context import Ctx
 from graphopt.frontends.onnx.ops import elementwise, nn, normalization, pooling, reduce, shape
 from graphopt.frontends.onnx.ops.common import refuse_dtype
 from graphopt.frontends.onnx.ops.registry import CONVERTERS, Converter, converter
-from graphopt.frontends.onnx.values import FLOAT8, WIDE_UINT
+from graphopt.frontends.onnx.values import WIDE_UINT
 
 __all__ = [
     "CONVERTERS",

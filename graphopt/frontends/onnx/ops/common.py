@@ -8,9 +8,10 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from graphopt.backends.export import FLOAT8
 from graphopt.errors import CaptureError
 from graphopt.frontends.onnx.context import Ctx
-from graphopt.frontends.onnx.values import FLOAT8, WIDE_UINT
+from graphopt.frontends.onnx.values import WIDE_UINT
 
 
 def resolve_pads(

@@ -17,12 +17,12 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
+from graphopt.backends.export import FLOAT8
 from graphopt.frontends.onnx.context import Ctx
 from graphopt.frontends.onnx.ops.common import refuse_dtype, scalar_of, set_param, wide_uint_dtype
 from graphopt.frontends.onnx.ops.registry import converter
 from graphopt.frontends.onnx.runtime import wide_uint
 from graphopt.frontends.onnx.values import (
-    FLOAT8,
     ONNX_TO_TORCH,
     Sym,
     Value,
