@@ -195,7 +195,7 @@ def test_reproducer_script_runs_for_registered_passes(tmp_path):
         fold,
         gm,
         PassContext(sample_inputs=(x,)),
-        __import__("graphopt.pass_manager", fromlist=["PassRecord"]).PassRecord(
+        __import__("graphopt.pipeline", fromlist=["PassRecord"]).PassRecord(
             0, fold.name, str(fold), str(fold.numerics), status="failed", message="test"
         ),
     )

@@ -24,6 +24,7 @@ from torch import nn
 
 import graphopt
 from graphopt._util import first_line
+from graphopt.backends.onnxruntime import OnnxRuntimeBackend
 from graphopt.core.numerics import flatten_outputs
 
 EAGER = "torch eager"
@@ -116,7 +117,6 @@ def build_compile(b: Build) -> tuple[Run, list[np.ndarray]]:
 def build_onnxruntime(b: Build) -> tuple[Run, list[np.ndarray]]:
     """ONNX Runtime on the plain export of the user's model, with its own graph optimizations."""
     b.say_for("onnxruntime on the unrewritten export")
-    from graphopt.backends.onnxruntime import OnnxRuntimeBackend  # imports onnxruntime
 
     backend = OnnxRuntimeBackend("cpu")
     b.threads["onnxruntime"] = backend.threads

@@ -53,7 +53,7 @@ class PassContext:
     lossy passes rank their choices by. ``extra_sample_inputs``: more input tuples every check
     runs on besides ``sample_inputs`` (``optimize`` adds a random one where an example input is
     constant). ``rounding``: per output of all samples in order, the model's own float32
-    rounding error (:func:`graphopt.verify.rounding_error`), which widens exact contracts of
+    rounding error (:func:`graphopt.core.numerics.rounding_error`), which widens exact contracts of
     deep models.
     """
 
