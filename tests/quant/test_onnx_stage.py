@@ -37,7 +37,7 @@ from graphopt.quant.onnx_passes import (
 )
 from graphopt.quant.qdq import quantize_onnx
 from graphopt.quant.runtime import predictor
-from graphopt.testing import seeded
+from graphopt.testing import random_cnn, seeded
 
 STAGE = ["smooth-quant", "correct-bias", "fallback-to-float", "insert-qdq"]
 
@@ -260,3 +260,28 @@ def _named(model: onnx.ModelProto) -> onnx.ModelProto:
     for i, node in enumerate(out.graph.node):
         node.name = node.name or f"{node.op_type}_{i}"
     return out
+
+
+_ONNX_PASSES = sorted(
+    n
+    for n, c in registered_passes().items()
+    if c.__module__.startswith("graphopt.") and getattr(c, "ir", "fx") == "onnx"
+)
+
+
+@pytest.mark.parametrize("name", _ONNX_PASSES)
+def test_every_onnx_stage_pass_keeps_its_contract_on_random_cnns(name):
+    """Each ONNX-stage pass with its default options, on random CNNs exported to ONNX, checked
+    on an example and a larger batch (the ONNX sibling of the FX passes' fuzz test)."""
+    for seed in range(3):
+        case = random_cnn(seed, max_layers=4, max_size=8)
+        proto = export_onnx(case.model.eval(), case.inputs)
+        calib = [case.inputs, case.other_batch()]
+        ctx = PassContext(
+            sample_inputs=case.inputs,
+            extra_sample_inputs=[case.other_batch()],
+            calibration_data=calib,
+        )
+        pm = PassManager([registered_passes()[name]()], ir=ONNX, strict=True)
+        record = pm.run(proto, ctx).records[0]
+        assert record.status == "ok" and record.comparison.ok, (seed, record)
