@@ -33,6 +33,7 @@ __version__ = "0.1.0"
 _LAZY: dict[str, str] = {
     "optimize": "graphopt.api",
     "OptimizedModel": "graphopt.api",
+    "Optimizer": "graphopt.api",
     "capture": "graphopt.frontends.torch",
     "Pass": "graphopt.core",
     "PassResult": "graphopt.core",
@@ -59,6 +60,11 @@ _SUBMODULES = {
     "report",
     "tune",
     "nn",
+    "fx",
+    "algebra",
+    "lowering",
+    "quant",
+    "bench",
 }
 
 __all__ = [
@@ -68,6 +74,7 @@ __all__ = [
     "InputError",
     "Numerics",
     "OptimizedModel",
+    "Optimizer",
     "Pass",
     "PassContext",
     "PassError",
@@ -102,7 +109,7 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # pragma: no cover
-    from graphopt.api import OptimizedModel, optimize
+    from graphopt.api import OptimizedModel, Optimizer, optimize
     from graphopt.core.numerics import Numerics
     from graphopt.core.pass_infra import Pass, PassContext, PassResult
     from graphopt.core.registry import register_pass

@@ -160,7 +160,6 @@ class OptimizedModel:
         )
 
 
-# over 80 lines: the docstring is the public reference (README); the body is 27 lines
 @graphopt_errors_only
 def optimize(
     model: nn.Module | str | Path | Any,
@@ -191,49 +190,19 @@ def optimize(
     """Optimize ``model`` for ``target`` and return an :class:`OptimizedModel`.
 
     ``model``: an ``nn.Module`` (with ``example_inputs``), an ``.onnx`` path or a
-    ``ModelProto``. ``pipeline``: a pipeline string, default the target's
-    (``graphopt passes`` lists them). ``verify``: check every pass and the final artifact on the
-    example inputs. ``strict``: raise instead of rolling a pass back. ``measure``: time the
-    artifact against ONNX Runtime on the unrewritten export. The model passed in is never
-    modified.
+    ``ModelProto``; it is never modified. ``calibration_data``: input tuples for passes that
+    calibrate (``substitute-monarch`` measures each substitute's error on them; int8 calibrates
+    on them): batches, each a tuple of tensors / arrays in input order whose first axis is the
+    samples. ``metric``: ``metric(predict) -> score`` (higher is better), where
+    ``predict(*arrays)`` runs a model on numpy inputs, e.g. held-out accuracy (int8's
+    ``max_drop`` and ``merge-convs{budget=...}`` rank by it). ``finetune``:
+    ``callable(graph_module)`` that a lossy pass runs on the graph after changing it.
+    ``leaf_modules`` / ``concrete_args``: capture hints (see README "Capture").
 
-    ``backend``: ``"onnxruntime"`` (default), ``"tvm"`` (needs ``graphopt[tvm]``) or
-    ``"auto"``: ONNX Runtime with session settings picked by measurement, against TVM when TVM
-    is tuned for the model (or ``trials``/``tune_minutes`` ask to tune it); the faster one is
-    kept and the report shows both. ``trials`` / ``tune_minutes``: TVM's MetaSchedule budget;
-    ``database``: its tuning database directory (default: one per target in the cache
-    directory, reused by later runs). ``rpc``: ``"host:port/key"`` of a device registered at a
-    TVM RPC tracker, where TVM tunes, runs and measures.
-
-    ``calibration_data``: input tuples for passes that calibrate (``substitute-monarch``
-    measures each substitute's error on them; ``insert-qdq`` calibrates int8 on them): batches,
-    each a tuple of tensors / arrays in input order whose first axis is the samples.
-
-    ``precision="int8"``: the target's pipeline gets ``fold-conv-bn`` and ``reparameterize``
-    (where missing), then ``equalize-layers`` and ``insert-qdq``, in that order; the ONNX
-    export is calibrated on ``calibration_data`` (required), improved (SmoothQuant, bias
-    correction) and quantised to a QDQ model whose Conv/Gemm/MatMul ONNX Runtime runs as integer
-    kernels. ``max_drop``: the metric drop allowed against fp32; layers are kept in float, the
-    most sensitive first, until the drop is within it (default: no fallback, the drop is only
-    reported). ``metric``: ``metric(predict) -> score`` (higher is better), where
-    ``predict(*arrays)`` runs a model on numpy inputs, e.g. held-out accuracy; default: top-1
-    agreement with fp32 on the calibration data (output cosine for non-classifier outputs).
-    ``merge-convs{budget=...}`` ranks the activations it may remove by the same ``metric``
-    (default: the output error on ``calibration_data``). ``finetune``:
-    ``callable(graph_module)`` that a lossy pass runs on the graph after changing it, e.g. a few
-    epochs of training after ``substitute-monarch`` or, after ``merge-convs{budget=...}`` fixed
-    the architecture, before its final merge (the verification after that pass then compares
-    the fine-tuned graph).
-
-    ``verify``: every check runs on the example inputs and, where one of them is constant (all
-    zeros...), on a seeded random input of the same shape too; exact contracts allow the
-    model's own float32 rounding (measured against a float64 run) where that is larger than
-    ``1e-5 x max|output|``. A check that fails at capture or on the final artifact raises
-    :class:`VerificationError` naming the stage at fault (capture, a pass, export, backend);
-    ``accept_mismatch=True`` (for experts) returns the artifact anyway, with the mismatch in
-    ``report.warnings``. Only :class:`GraphoptError` subclasses escape ``optimize``.
-
-    :class:`Optimizer` holds the same options, checked once, for several models.
+    Every other argument is an option of :class:`Optimizer`, documented there (target,
+    pipeline, verify, strict, backend, measure, trials, tune_minutes, database, rpc, precision,
+    max_drop, instruments, progress, accept_mismatch). Only :class:`GraphoptError` subclasses
+    escape ``optimize``.
 
     >>> result = optimize(model, "cpu", example_inputs=(x,))
     >>> print(result.report)
@@ -272,9 +241,43 @@ def optimize(
 class Optimizer:
     """How to optimize: the options of :func:`optimize`, checked once, reusable across models.
 
-    Each option means what :func:`optimize`'s argument of the same name means. What belongs to
-    one model (its example inputs, calibration data, metric, fine-tuning callback, capture
-    hints and name) is passed to :meth:`optimize` with the model.
+    What belongs to one model (its example inputs, calibration data, metric, fine-tuning
+    callback, capture hints and name) is passed to :meth:`optimize` with the model.
+
+    ``target``: ``"cpu"``, ``"cuda"``, ``"llvm -mcpu=..."``, ``"aarch64-linux"``... ``pipeline``:
+    a pipeline string, default the target's (``graphopt passes`` lists them). ``verify``: check
+    every pass and the final artifact on the example inputs. ``strict``: raise instead of
+    rolling a pass back. ``measure``: time the artifact against ONNX Runtime on the unrewritten
+    export.
+
+    ``backend``: ``"onnxruntime"`` (default), ``"tvm"`` (needs ``graphopt[tvm]``) or
+    ``"auto"``: ONNX Runtime with session settings picked by measurement, against TVM when TVM
+    is tuned for the model (or ``trials``/``tune_minutes`` ask to tune it); the faster one is
+    kept and the report shows both. ``trials`` / ``tune_minutes``: TVM's MetaSchedule budget;
+    ``database``: its tuning database directory (default: one per target in the cache
+    directory, reused by later runs). ``rpc``: ``"host:port/key"`` of a device registered at a
+    TVM RPC tracker, where TVM tunes, runs and measures.
+
+    ``precision="int8"``: the target's pipeline gets ``fold-conv-bn`` and ``reparameterize``
+    (where missing), then ``equalize-layers`` and ``insert-qdq``, in that order; the ONNX
+    export is calibrated on the calibration data (required), improved (SmoothQuant, bias
+    correction) and quantised to a QDQ model whose Conv/Gemm/MatMul ONNX Runtime runs as integer
+    kernels. ``max_drop``: the metric drop allowed against fp32; layers are kept in float, the
+    most sensitive first, until the drop is within it (default: no fallback, the drop is only
+    reported). The default metric is top-1 agreement with fp32 on the calibration data (output
+    cosine for non-classifier outputs). A ``finetune`` callback runs e.g. a few epochs of
+    training after ``substitute-monarch`` or, after ``merge-convs{budget=...}`` fixed the
+    architecture, before its final merge (the verification after that pass then compares the
+    fine-tuned graph).
+
+    ``verify``: every check runs on the example inputs and, where one of them is constant (all
+    zeros...), on a seeded random input of the same shape too; exact contracts allow the
+    model's own float32 rounding (measured against a float64 run) where that is larger than
+    ``1e-5 x max|output|``. A check that fails at capture or on the final artifact raises
+    :class:`VerificationError` naming the stage at fault (capture, a pass, export, backend);
+    ``accept_mismatch=True`` (for experts) returns the artifact anyway, with the mismatch in
+    ``report.warnings``. ``instruments``: :class:`graphopt.pipeline.Instrument` objects that
+    observe every pass; ``progress``: stage lines on stderr.
 
     >>> optimizer = Optimizer(target="cpu", backend="auto", tune_minutes=10)
     >>> result = optimizer.optimize(model, (x,))
