@@ -11,14 +11,15 @@ from torch import nn
 
 import graphopt
 from graphopt import zoo
-from graphopt.api import int8_pipeline
-from graphopt.backends.onnxruntime import export_onnx
+from graphopt.backends.export import export_onnx
 from graphopt.core.pass_infra import PassContext
 from graphopt.errors import GraphoptError, InputError, VerificationError
 from graphopt.frontends.torch import capture
+from graphopt.lowering.int8 import int8_pipeline
 from graphopt.pipeline import PassManager, parse_pipeline
-from graphopt.quant.calibration import weight_qparams
-from graphopt.quant.improve import _predictor, quantize_int8
+from graphopt.quant.improve import quantize_int8
+from graphopt.quant.qparams import weight_qparams
+from graphopt.quant.runtime import predictor as _predictor
 from graphopt.quant.qdq import integer_op_counts, ort_optimized_model
 from graphopt.target import Target
 from graphopt.testing import seeded
