@@ -169,9 +169,10 @@ def _exportable(module: torch.nn.Module) -> Iterator[torch.nn.Module]:
       ``eval()`` (NotImplementedError), which the exporter calls to set eval mode: its graph
       has no mode left to set, so both become no-ops for the export.
     * The ONNX importer's runtime-shape helpers (``Reshape``/``Expand``/``ConstantOfShape``/
-      ``Slice`` whose shape is a runtime tensor) read the shape with ``tolist()``, which tracing
-      freezes to the example's values: in a copy of the graph they become functions that export
-      as the ONNX op itself, with the shape tensor kept as its input.
+      ``Slice``/``Range`` whose shape is a runtime tensor) read the shape with ``tolist()``, which
+      tracing freezes to the example's values: in a copy of the graph the helpers registered
+      with :func:`~graphopt.backends.shape_ops.exports_as` become functions that export as the
+      ONNX op itself, with the shape tensor kept as its input.
     """
     patched = {m: (m.train, m.eval) for m in module.modules() if _refuses_train(m)}
     for m in patched:

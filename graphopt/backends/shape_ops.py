@@ -7,9 +7,11 @@ tracing freezes to the example's values. :func:`with_shape_ops` swaps each such 
 twin (a ``torch.autograd.Function`` with an ONNX ``symbolic``) that computes the same and
 exports as the ONNX op itself, with the shape tensor kept as its input.
 
-The backends import no frontend: the helpers are recognised in the graph by their function name
-(``reshape_dynamic``, ``expand_dynamic``, ``full_dynamic``, ``slice_onnx`` / ``slice_dynamic``,
-``range_dynamic``; a leading ``_`` is ignored) among functions defined in graphopt's modules.
+The backends import no frontend, so the frontend declares its helpers here:
+``@exports_as("Reshape")`` above a function registers that very function object, and
+:func:`with_shape_ops` looks the graph's ``call_function`` targets up in the registry by
+identity, never by name. A pickled or deep-copied graph calls the same module-level functions,
+so it is found alike; a user's function that happens to share a helper's name is not.
 """
 
 from __future__ import annotations
@@ -17,10 +19,12 @@ from __future__ import annotations
 import copy
 import functools
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import onnx
 import torch
+
+from graphopt._util import close_matches
 
 
 def _int64(g: Any, value: Any) -> Any:
@@ -176,25 +180,65 @@ def _range_twin(
 
 _RANGE_INTS = (torch.int16, torch.int32, torch.int64)
 
-# the importer's helper (by name, without a leading "_") -> its exportable twin
-_TWINS = {
-    "reshape_dynamic": _reshape_twin,
-    "expand_dynamic": _expand_twin,
-    "full_dynamic": _full_twin,
-    "slice_dynamic": _slice_twin,
-    "slice_onnx": _slice_twin,
-    "range_dynamic": _range_twin,
+# the ONNX op -> the twin that exports a helper as it; a helper registered as the op takes the
+# arguments its twin passes on: Reshape (x, shape, allowzero=0), Expand (x, shape),
+# ConstantOfShape (shape, value, dtype), Slice (x, starts, ends, axes=None, steps=None),
+# Range (start, limit, delta, dtype)
+_TWINS: dict[str, Callable[..., Any]] = {
+    "Reshape": _reshape_twin,
+    "Expand": _expand_twin,
+    "ConstantOfShape": _full_twin,
+    "Slice": _slice_twin,
+    "Range": _range_twin,
 }
+
+# a registered helper (the function object itself) -> the ONNX op it exports as
+_EXPORTED_AS: dict[Callable[..., Any], str] = {}
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def exports_as(op: str) -> Callable[[_F], _F]:
+    """Register the decorated runtime-shape helper as exporting as the ONNX op ``op`` (one of
+    ``Reshape``, ``Expand``, ``ConstantOfShape``, ``Slice``, ``Range``) when its shape, bounds or
+    axes are tensors. The function is returned unchanged: a graph's ``call_function`` target is
+    that very object, which is how :func:`with_shape_ops` finds it.
+
+    Example::
+
+        @exports_as("Reshape")
+        def reshape_dynamic(x, shape, allowzero=0): ...
+    """
+    if op not in _TWINS:
+        raise ValueError(
+            f"no exportable twin for the ONNX op {op!r}."
+            + close_matches(op, _TWINS)
+            + f" Known: {', '.join(_TWINS)}."
+        )
+
+    def register(fn: _F) -> _F:
+        if _EXPORTED_AS.setdefault(fn, op) != op:
+            raise ValueError(f"{fn.__qualname__} already exports as {_EXPORTED_AS[fn]}, not {op}")
+        return fn
+
+    return register
+
+
+def exported_as(fn: Any) -> str | None:
+    """The ONNX op a registered runtime-shape helper exports as, else None."""
+    try:
+        return _EXPORTED_AS.get(fn)
+    except TypeError:  # an unhashable callable is no registered helper
+        return None
 
 
 def _twin_of(target: Any) -> Callable[..., torch.Tensor] | None:
-    """The exportable twin of a call_function target that is one of the importer's
-    runtime-shape helpers, else None."""
-    if not (getattr(target, "__module__", None) or "").startswith("graphopt."):
-        return None  # torch's and Python's own functions
-    twin = _TWINS.get(getattr(target, "__name__", "").lstrip("_"))
-    if twin is None:
+    """The exportable twin of a call_function target that is a registered runtime-shape
+    helper, else None."""
+    op = exported_as(target)
+    if op is None:
         return None
+    twin = _TWINS[op]
     return functools.update_wrapper(functools.partial(twin, target), twin)
 
 

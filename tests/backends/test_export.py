@@ -4,6 +4,9 @@ exports in threads, and the arrays the runtimes take."""
 
 from __future__ import annotations
 
+import copy
+import pickle
+
 import numpy as np
 import onnx
 import pytest
@@ -12,8 +15,9 @@ import torch
 from graphopt.backends import export
 from graphopt.backends.export import export_onnx
 from graphopt.backends.onnxruntime import OnnxRuntimeBackend
-from graphopt.backends.shape_ops import with_shape_ops
+from graphopt.backends.shape_ops import exported_as, exports_as, with_shape_ops
 from graphopt.errors import BackendError, InputError
+from graphopt.frontends.onnx import runtime
 from graphopt.frontends.torch import capture
 from graphopt.testing import small_conv_net
 
@@ -308,3 +312,39 @@ def test_only_graphopts_runtime_shape_helpers_are_exported_as_onnx_ops():
     graph.output(graph.call_function(reshape_dynamic, (x, shape)))
     gm = torch.fx.GraphModule(torch.nn.Module(), graph)
     assert with_shape_ops(gm) is gm  # left alone: traced with the example's shape
+
+
+def test_the_importers_runtime_shape_helpers_are_registered_as_their_onnx_ops():
+    assert exported_as(runtime.reshape_dynamic) == "Reshape"
+    assert exported_as(runtime.expand_dynamic) == "Expand"
+    assert exported_as(runtime.full_dynamic) == "ConstantOfShape"
+    assert exported_as(runtime.slice_onnx) == "Slice"
+    assert exported_as(runtime.range_dynamic) == "Range"
+    assert exported_as(runtime.tile_dynamic) is None  # no twin: traced as torch ops
+    assert exported_as(reshape_dynamic) is None  # by identity, not by name
+    assert exported_as(torch.reshape) is None
+
+
+def test_copied_imported_graphs_and_pickled_targets_still_export_their_runtime_shapes():
+    from graphopt.frontends.onnx import import_onnx
+
+    gm = import_onnx(_shape_model("Reshape"))
+    targets = [n.target for n in gm.graph.nodes if n.op == "call_function"]
+    # a pickled target is the module-level function itself, so the registry still knows it
+    assert pickle.loads(pickle.dumps(targets)) == targets
+    assert [exported_as(t) for t in pickle.loads(pickle.dumps(targets))].count("Reshape") == 1
+    x, shape, unused = torch.randn(2, 3, 4), torch.tensor([4, 6]), torch.randn(2, 5)
+    for graph in (gm, copy.deepcopy(gm)):
+        assert runtime.reshape_dynamic in [n.target for n in graph.graph.nodes]
+        swapped = with_shape_ops(graph)
+        assert swapped is not graph
+        assert runtime.reshape_dynamic not in [n.target for n in swapped.graph.nodes]
+        proto = export_onnx(graph, (x, shape, unused))
+        cast, reshape = proto.graph.node  # the shape input, cast to int64, is Reshape's shape
+        assert cast.op_type == "Cast" and cast.input[0] == proto.graph.input[1].name
+        assert reshape.op_type == "Reshape" and reshape.input[1] == cast.output[0]
+
+
+def test_an_unknown_onnx_op_cannot_be_registered():
+    with pytest.raises(ValueError, match="'Reshap'.*Did you mean 'Reshape'"):
+        exports_as("Reshap")

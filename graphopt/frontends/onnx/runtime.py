@@ -3,9 +3,10 @@
 Converters emit calls to these (``call_function`` nodes) where a value cannot stay symbolic
 (shapes, axes, bounds or repeats known only at run time) and where torch's op differs from
 ONNX's: empty reductions, integer means, padding modes on any axis, uint16/32/64 arithmetic that
-torch has no kernels for.  The ONNX Runtime backend replaces the runtime-shape ones
-(``reshape_dynamic``, ``expand_dynamic``, ``full_dynamic``, ``slice_onnx``, ``range_dynamic``)
-with twins that export as the ONNX op when it re-exports an imported graph.
+torch has no kernels for.  The runtime-shape ones (``reshape_dynamic``, ``expand_dynamic``,
+``full_dynamic``, ``slice_onnx``, ``range_dynamic``) are registered with
+:func:`graphopt.backends.shape_ops.exports_as`: the export replaces them with twins that export
+as the ONNX op when it re-exports an imported graph.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from graphopt.backends.shape_ops import exports_as
 from graphopt.frontends.onnx.values import WIDE_UINT
 
 _SIGNED_OF = {torch.uint16: torch.int16, torch.uint32: torch.int32, torch.uint64: torch.int64}
@@ -45,6 +47,7 @@ def gather(data: torch.Tensor, indices: torch.Tensor, axis: int) -> torch.Tensor
     return out.reshape(data.shape[:axis] + indices.shape + data.shape[axis + 1 :])
 
 
+@exports_as("Reshape")
 def reshape_dynamic(x: torch.Tensor, shape: torch.Tensor, allowzero: int = 0) -> torch.Tensor:
     dims = [int(d) for d in shape.tolist()]
     if not allowzero:
@@ -52,11 +55,13 @@ def reshape_dynamic(x: torch.Tensor, shape: torch.Tensor, allowzero: int = 0) ->
     return x.reshape(dims)
 
 
+@exports_as("Expand")
 def expand_dynamic(x: torch.Tensor, shape: Any) -> torch.Tensor:
     dims = shape.tolist() if isinstance(shape, torch.Tensor) else list(shape)
     return x.expand(torch.broadcast_shapes(x.shape, tuple(int(d) for d in dims)))
 
 
+@exports_as("ConstantOfShape")
 def full_dynamic(shape: torch.Tensor, value: Any, dtype: torch.dtype) -> torch.Tensor:
     return torch.full([int(d) for d in shape.tolist()], value, dtype=dtype)
 
@@ -170,6 +175,7 @@ def _ints(v: Any) -> list[int]:
     return [int(a) for a in v]
 
 
+@exports_as("Slice")
 def slice_onnx(
     x: torch.Tensor, starts: Any, ends: Any, axes: Any = None, steps: Any = None
 ) -> torch.Tensor:
@@ -243,6 +249,7 @@ def pad_dynamic(x: torch.Tensor, pads: Any, mode: str, value: Any, axes: Any) ->
     return x
 
 
+@exports_as("Range")
 def range_dynamic(start: Any, limit: Any, delta: Any, dtype: torch.dtype) -> torch.Tensor:
     """ONNX Range with bounds known only at run time (0-D tensors or Python numbers)."""
 
