@@ -372,7 +372,10 @@ class Optimizer:
         check = self._check_capture(captured, baseline)
         ctx = self._context(captured, check, runtime, calibration_data, metric, finetune)
         say(f"running {len(self.parsed_pipeline)} passes: {self.parsed_pipeline}")
-        manager = PassManager(self.parsed_pipeline, strict=self.strict)
+        passes = self.parsed_pipeline.instantiate()
+        # int8's ONNX stage (passes with ir="onnx") runs on the export, in the lowering
+        onnx_stage = [p for p in passes if p.ir == "onnx"]
+        manager = PassManager([p for p in passes if p.ir == "fx"], strict=self.strict)
         result = manager.run(captured.graph, ctx)
         report = self._report(name, captured, original, result, runtime)
         check.attach(report)
@@ -391,6 +394,8 @@ class Optimizer:
             report=report,
             target=self.parsed_target,
             say=say,
+            context=ctx,
+            onnx_stage=onnx_stage,
         )
         say(f"lowering to {runtime.name}")
         runtime, artifact, quantization = self._lower(

@@ -185,7 +185,8 @@ def _load_calibration(path: str, batch_size: int) -> list[tuple]:
 def _cmd_passes(args: argparse.Namespace) -> int:
     for name, cls in registered_passes().items():
         doc = inspect.getdoc(sys.modules[cls.__module__]) or inspect.getdoc(cls) or ""
-        print(f"{name}  [{cls.numerics}]")
+        stage = "" if cls.ir == "fx" else f", {cls.ir} stage (int8, after export)"
+        print(f"{name}  [{cls.numerics}{stage}]")
         summary = " ".join(doc.split("\n\n")[0].split(":", 1)[-1].split()) if doc else ""
         print(f"    {summary}")
         options = getattr(cls, "Options", None)

@@ -14,6 +14,7 @@ from torch import fx
 from graphopt.backends import Artifact, Backend
 from graphopt.backends.export import to_numpy
 from graphopt.core.numerics import Comparison
+from graphopt.core.pass_infra import Pass, PassContext
 from graphopt.core.progress import Progress
 from graphopt.lowering.check import Check
 from graphopt.pipeline import PassManager, PipelineResult
@@ -43,6 +44,8 @@ class Lowering:
     report: Report
     target: Target
     say: Progress
+    context: PassContext | None = None  # the FX stage's; int8's ONNX stage starts from it
+    onnx_stage: list[Pass] = field(default_factory=list)  # passes with ir="onnx", in order
     errors: dict[str, Comparison] = field(default_factory=dict)
 
     @property

@@ -9,6 +9,7 @@ contract.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -19,11 +20,13 @@ from graphopt.backends import Artifact, Backend
 from graphopt.backends import tvm as tvm_backend
 from graphopt.backends.export import export_onnx
 from graphopt.core.options import format_value
+from graphopt.core.pass_infra import PassContext
 from graphopt.errors import GraphoptError, InputError
 from graphopt.lowering.context import Lowering, report_tvm
-from graphopt.pipeline import PassRecord, PassSpec, Pipeline
+from graphopt.pipeline import PassSpec, Pipeline
 from graphopt.quant.calibration import validate_calibration_batches
 from graphopt.quant.improve import Int8Report, quantize_int8
+from graphopt.quant.onnx_passes import InsertQDQ
 
 PRECISIONS = ("fp32", "int8")
 # equalize-layers for int8: repvgg_a0's 22-conv chain does not converge in the pass's default
@@ -103,16 +106,16 @@ def check_calibration(
 
 def quantize_export(
     lowering: Lowering, calibration: list, metric: Metric | None
-) -> tuple[PassRecord, Any, Int8Report]:
-    """Export the float graph and quantise it with the options of the pipeline's last
-    ``insert-qdq``: that pass's record, the QDQ ONNX model and what quantisation did."""
-    passes = lowering.manager.passes
-    position = max(i for i, p in enumerate(passes) if p.name == "insert-qdq")
-    record = lowering.result.records[position]
-    if record.status not in ("ok", "unverified"):
-        raise GraphoptError(f"insert-qdq {record.status}: {record.message}")
-    o = passes[position].options
+) -> tuple[Any, Int8Report]:
+    """Export the float graph and run the int8 ONNX stage on it (``quantize_int8`` with the
+    options of the pipeline's last ``insert-qdq``): the QDQ ONNX model and what quantisation did.
+    The stage's pass records go into the report after the FX passes'."""
+    o = [p for p in lowering.onnx_stage if p.name == "insert-qdq"][-1].options
     proto = export_onnx(lowering.graph, lowering.inputs, **lowering.names)
+    fx_ctx = lowering.context or PassContext()
+    # with accept_mismatch, a broken int8 contract is a warning on the artifact, not a rollback
+    verify = fx_ctx.verify and not lowering.check.accept
+    ctx = dataclasses.replace(fx_ctx, rounding=None, verify=verify)
     qproto, quant = quantize_int8(
         proto,
         calibration,
@@ -124,30 +127,36 @@ def quantize_export(
         max_drop=o.max_drop,
         metric=metric,
         progress=lowering.say,
+        context=ctx,
     )
-    return record, qproto, quant
+    offset = len(lowering.result.records)
+    staged = [dataclasses.replace(r, position=offset + r.position) for r in quant.records]
+    lowering.report.records = [*lowering.report.records, *staged]  # a new list: bisection
+    return qproto, quant  # reads lowering.result.records, the FX stage's
 
 
 def lower_int8(
     lowering: Lowering, runtime: Backend, calibration: list, metric: Metric | None
 ) -> tuple[Artifact, Int8Report]:
-    """Export, quantise with the options of the pipeline's ``insert-qdq`` and load; check the
-    int8 artifact against the model under that pass's contract."""
+    """Export, run the int8 stage and load; check the int8 artifact against the model under
+    insert-qdq's contract."""
     report = lowering.report
-    record, qproto, quant = quantize_export(lowering, calibration, metric)
-    numerics = lowering.manager.passes[record.position].numerics  # insert-qdq's contract
+    qproto, quant = quantize_export(lowering, calibration, metric)
+    record = report.records[-1]  # insert-qdq's
+    numerics = InsertQDQ.numerics
+    if record.status == "rolled-back":  # its contract broke on the sample inputs
+        lowering.check.fail(
+            "insert-qdq",
+            f"the int8 artifact is further from the model than insert-qdq's contract "
+            f"{numerics} allows: {record.comparison.describe()}. Use more representative "
+            "calibration data, set max_drop, or skip the worst layers.",
+            record.comparison,
+        )
     artifact = runtime.load(qproto, [tuple(x.shape) for x in lowering.inputs])
     if runtime.name == "tvm":
         summary = tvm_backend.qdq_import_summary(artifact.imported_ops)
         record.decisions = [*record.decisions, summary]
         report_tvm(report, artifact)
-    record.modified = True
-    record.stats = {
-        **record.stats,
-        "int8": len(quant.int8_layers),
-        "float": len(quant.float_layers),
-    }
-    record.decisions = [*record.decisions, *quant.lines()]
     if quant.max_drop is not None and quant.drop > quant.max_drop:
         report.warnings.append(
             f"int8: {quant.metric} drop {quant.drop:.4g} is above max_drop "
