@@ -143,32 +143,48 @@ class Reproducer(Instrument):
             out.mkdir(parents=True, exist_ok=True)
         ir = _ir(ctx)
         load = f"model = ...  # the graph could not be saved; see {out / 'graph.ir'}"
+        torch.save(ctx.sample_inputs, out / "inputs.pt")
+        calibration = ctx.calibration_data
+        if isinstance(calibration, list | tuple):  # re-iterable: the pass saw these batches
+            torch.save(list(calibration), out / "calibration.pt")
         try:
             load = ir.save(gm_before, out)
-            torch.save(ctx.sample_inputs, out / "inputs.pt")
         except Exception as exc:  # a graph holding unpicklable objects still gets its IR saved
             log.warning("reproducer: could not save the graph (%s); saving its IR only", exc)
         (out / "graph.ir").write_text(ir.text(gm_before, types=True))
-        module, attribute = ir.locator.split(":")
-        (out / "repro.py").write_text(
-            textwrap.dedent(f"""\
-            # Reproducer written by graphopt: pass {record.spec!r} (position {position + 1})
-            # {record.status}: {record.message.splitlines()[0] if record.message else ""}
-            from pathlib import Path
-            import torch
-            from graphopt.core import PassContext
-            from graphopt.pipeline import PassManager
-            from {module} import {attribute} as IR
-
-            here = Path(__file__).parent
-            {load}
-            inputs = torch.load(here / "inputs.pt", weights_only=False)
-            pm = PassManager({record.spec!r}, strict=True, ir=IR)
-            pm.run(model, PassContext(sample_inputs=inputs))
-            print("pass ran cleanly")
-            """)
-        )
+        (out / "repro.py").write_text(_script(position, p, record, ir, load))
         return str(out)
+
+
+def _script(position: int, p: Pass, record: PassRecord, ir: IR, load: str) -> str:
+    """The reproducer's repro.py: reruns the failing pass, strict, on the saved graph."""
+    module, attribute = ir.locator.split(":")
+    owner = type(p).__module__  # a user's pass registers when its module is imported
+    plugin = "" if owner.startswith("graphopt.") or owner == "__main__" else f"import {owner}\n"
+    return (
+        textwrap.dedent(f"""\
+        # Reproducer written by graphopt: pass {record.spec!r} (position {position + 1})
+        # {record.status}: {record.message.splitlines()[0] if record.message else ""}
+        from pathlib import Path
+        import torch
+        from graphopt.core import PassContext
+        from graphopt.pipeline import PassManager
+        from {module} import {attribute} as IR
+        """)
+        + plugin
+        + textwrap.dedent(f"""\
+
+        here = Path(__file__).parent
+        {load}
+        inputs = torch.load(here / "inputs.pt", weights_only=False)
+        calibration = None
+        if (here / "calibration.pt").exists():
+            calibration = torch.load(here / "calibration.pt", weights_only=False)
+        pm = PassManager({record.spec!r}, strict=True, ir=IR)
+        pm.run(model, PassContext(sample_inputs=inputs, calibration_data=calibration))
+        print("pass ran cleanly")
+        """)
+    )
 
 
 class Bisect(Instrument):

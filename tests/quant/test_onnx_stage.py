@@ -285,3 +285,27 @@ def test_every_onnx_stage_pass_keeps_its_contract_on_random_cnns(name):
         pm = PassManager([registered_passes()[name]()], ir=ONNX, strict=True)
         record = pm.run(proto, ctx).records[0]
         assert record.status == "ok" and record.comparison.ok, (seed, record)
+
+
+def test_reproducer_of_an_onnx_stage_pass_reruns_it_with_its_calibration(conv_net, tmp_path):
+    """The reproducer saves the ONNX model (through the ONNX IR), the sample inputs and the
+    calibration batches, and its script reruns the pass on the ONNX stage."""
+    import subprocess
+    import sys
+
+    from graphopt.pipeline import PassRecord, Reproducer
+
+    proto, calib = conv_net
+    sample = (torch.from_numpy(calib[0][0][:1]),)
+    p = CorrectBias()
+    ctx = PassContext(sample_inputs=sample, calibration_data=calib, ir=ONNX)
+    record = PassRecord(0, p.name, str(p), str(p.numerics), status="failed", message="test")
+    out = Reproducer(tmp_path).on_failure(0, p, proto, ctx, record)
+    assert {"model.onnx", "inputs.pt", "calibration.pt", "graph.ir", "repro.py"} <= {
+        f.name for f in (tmp_path / "01-correct-bias").iterdir()
+    }
+    run = subprocess.run(
+        [sys.executable, f"{out}/repro.py"], capture_output=True, text=True, timeout=300
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "pass ran cleanly" in run.stdout
