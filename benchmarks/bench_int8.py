@@ -51,8 +51,10 @@ import torch
 from graphopt import zoo
 from graphopt.backends.export import export_onnx
 from graphopt.backends.measure import time_interleaved, write_json_atomic
-from graphopt.bench import BUSY, CpuProbe, wait_idle, machine_info
-from graphopt.quant.qdq import INTEGER_OPS, ort_optimized_model, quantize_onnx
+from graphopt.backends.onnxruntime import ort_optimized_model
+from graphopt.bench import BUSY, CpuProbe, machine_info, wait_idle
+from graphopt.quant.ort_policy import INTEGER_OPS
+from graphopt.quant.qdq import quantize_onnx
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MODELS = ("resnet18", "resnet50", "mobilenetv2", "digits_cnn", "minilm")

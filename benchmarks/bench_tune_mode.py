@@ -69,10 +69,10 @@ from torch import nn
 import graphopt
 from graphopt import bench, zoo
 from graphopt.backends.measure import time_interleaved
-from graphopt.frontends.torch import capture
 from graphopt.core.pass_infra import PassContext
+from graphopt.core.progress import Progress
+from graphopt.frontends.torch import capture
 from graphopt.pipeline import PassManager
-from graphopt.report import Progress
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MODES = ("eval", "tune", "deploy")

@@ -4,7 +4,7 @@
     python benchmarks/bench_zoo.py resnet18 --runs 10 --no-compile
 
 Writes benchmarks/results/zoo.json and benchmarks/results/zoo.md unless --json / --markdown
-say otherwise. The same as ``graphopt bench`` (see graphopt/bench.py and benchmarks/README.md).
+say otherwise. The same as ``graphopt bench`` (see graphopt/bench/ and benchmarks/README.md).
 """
 
 from __future__ import annotations
