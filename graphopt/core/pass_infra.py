@@ -72,6 +72,15 @@ class PassContext:
     rounding: list[float] | None = None
     ir: Any = None  # the IR the pass manager runs (graphopt.core.ir); set by the manager
 
+    def calibration_batches(self) -> Iterable[tuple[Any, ...]] | None:
+        """The calibration batches as input tuples (a lone tensor becomes a 1-tuple), read
+        lazily; else the sample inputs as one batch; else None."""
+        if self.calibration_data is not None:
+            return (b if isinstance(b, tuple | list) else (b,) for b in self.calibration_data)
+        if self.sample_inputs is not None:
+            return [tuple(self.sample_inputs)]
+        return None
+
     def check_samples(self) -> list[tuple[Any, ...]]:
         """Every input tuple the checks run on ([] without sample inputs)."""
         if self.sample_inputs is None:

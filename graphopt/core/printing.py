@@ -125,7 +125,7 @@ def canonical_ir(gm: fx.GraphModule, *, elide_constants: bool = True, types: boo
         elif node.op == "call_method":
             head = f".{node.target}"
         else:  # get_attr
-            value = _fetch_attr(gm, node.target)
+            value = fetch_attr(gm, node.target)
             text = _constant_text(value, elide_constants)
             lines.append(f"{names[node]} = {text}")
             continue
@@ -133,7 +133,10 @@ def canonical_ir(gm: fx.GraphModule, *, elide_constants: bool = True, types: boo
     return "\n".join(lines) + "\n"
 
 
-def _fetch_attr(gm: torch.nn.Module, target: str) -> Any:
+def fetch_attr(gm: torch.nn.Module, target: str) -> Any:
+    """The object a ``get_attr`` target names (``"layer1.conv.weight"``); AttributeError if a
+    part is missing. (Here, below :mod:`graphopt.fx`, because printing reads constants too;
+    :mod:`graphopt.fx.names` re-exports it.)"""
     obj: Any = gm
     for part in target.split("."):
         obj = getattr(obj, part)

@@ -1,22 +1,15 @@
-"""Attributes of a ``GraphModule`` by their dotted names: read, replace, find a free one."""
+"""Attributes of a ``GraphModule`` by their dotted names: read (``fetch_attr``, defined in
+:mod:`graphopt.core.printing`, which reads constants too), replace, find a free one."""
 
 from __future__ import annotations
-
-from typing import Any
 
 import torch
 from torch import nn
 
+from graphopt.core.printing import fetch_attr
 from graphopt.fx.tensors import as_normal, as_parameter
 
-
-def fetch_attr(gm: nn.Module, target: str) -> Any:
-    """The object a ``get_attr`` target names (``"layer1.conv.weight"``); AttributeError if a
-    part is missing."""
-    obj: Any = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
+__all__ = ["fetch_attr", "free_name", "set_attr"]
 
 
 def set_attr(gm: nn.Module, target: str, value: torch.Tensor) -> None:

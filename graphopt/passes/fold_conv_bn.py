@@ -100,38 +100,40 @@ class FoldConvBN(Pass):
             bn = as_bn(gm, node)
             if bn is None:
                 continue
-            producer = bn.input_node
-            layer = (
-                as_layer(gm, producer, self.options.include_linear)
-                if isinstance(producer, fx.Node)
-                else None
-            )
-            if layer is not None:
-                reason = _why_not_after(gm, layer, bn, calls, owners, written)
-                if reason:
-                    stats[f"skipped:{reason}"] += 1
-                    continue
-                _fold(gm, layer, bn, after=True)
-                stats["folded"] += 1
+            found = self._layer_beside(gm, bn, stats)
+            if found is None:
                 continue
-            if not self.options.bn_before or len(bn.output_node.users) != 1:
-                if self.options.bn_before and bn.output_node.users:
-                    consumer = as_layer(
-                        gm, next(iter(bn.output_node.users)), self.options.include_linear
-                    )
-                    if consumer is not None:
-                        stats["skipped:output-used-elsewhere"] += 1
-                continue
-            consumer = as_layer(gm, next(iter(bn.output_node.users)), self.options.include_linear)
-            if consumer is None or consumer.input_node is not bn.output_node:
-                continue
-            reason = _why_not_before(gm, consumer, bn, calls, owners, written)
-            if reason:
+            layer, after = found
+            why_not = _why_not_after if after else _why_not_before
+            if reason := why_not(gm, layer, bn, calls, owners, written):
                 stats[f"skipped:{reason}"] += 1
                 continue
-            _fold(gm, consumer, bn, after=False)
-            stats["folded-bn-before"] += 1
+            _fold(gm, layer, bn, after=after)
+            stats["folded" if after else "folded-bn-before"] += 1
         return stats
+
+    def _layer_beside(
+        self, gm: fx.GraphModule, bn: BN, stats: Counter
+    ) -> tuple[Layer, bool] | None:
+        """The layer ``bn`` would fold into and whether it comes after that layer: the layer
+        producing its input, else (with ``bn_before``) the one layer consuming its output."""
+        include_linear = self.options.include_linear
+        producer = bn.input_node
+        if isinstance(producer, fx.Node):
+            layer = as_layer(gm, producer, include_linear)
+            if layer is not None:
+                return layer, True
+        users = bn.output_node.users
+        if not self.options.bn_before or not users:
+            return None
+        consumer = as_layer(gm, next(iter(users)), include_linear)
+        if len(users) != 1:
+            if consumer is not None:
+                stats["skipped:output-used-elsewhere"] += 1
+            return None
+        if consumer is None or consumer.input_node is not bn.output_node:
+            return None
+        return consumer, False
 
 
 def _common_reasons(

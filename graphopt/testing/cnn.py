@@ -69,51 +69,15 @@ class _RandomCNN(nn.Module):
     def _make(self, s: dict[str, Any], gen: torch.Generator) -> nn.Module:
         d = self.dims
         kind = s["kind"]
-        if kind in ("conv", "residual", "branch", "shared"):
-            conv = _CONV[d](
-                s["cin"],
-                s["cout"],
-                s["k"],
-                stride=s["stride"],
-                padding=s["pad"],
-                dilation=s["dil"],
-                groups=s["groups"],
-                bias=s["bias"],
-            )
+        if kind in ("conv", "residual", "branch", "shared", "convT"):
+            conv = _conv(d, s)
             if kind == "shared":
                 return nn.ModuleList([conv])
-            layers = [conv, _BN[d](s["cout"])]
-            return nn.ModuleList(layers)
-        if kind == "convT":
-            conv = _CONVT[d](
-                s["cin"],
-                s["cout"],
-                s["k"],
-                stride=s["stride"],
-                padding=s["pad"],
-                output_padding=s["opad"],
-                groups=s["groups"],
-                bias=s["bias"],
-                dilation=s["dil"],
-            )
             return nn.ModuleList([conv, _BN[d](s["cout"])])
         if kind == "bn":
             return _BN[d](s["c"], affine=s["affine"], track_running_stats=s["stats"])
         if kind == "bn_conv":
-            return nn.ModuleList(
-                [
-                    _BN[d](s["cin"]),
-                    _CONV[d](
-                        s["cin"],
-                        s["cout"],
-                        s["k"],
-                        padding=s["pad"],
-                        groups=s["groups"],
-                        bias=s["bias"],
-                        padding_mode=s["pmode"],
-                    ),
-                ]
-            )
+            return nn.ModuleList([_BN[d](s["cin"]), _conv(d, s)])
         if kind == "act":
             return ACTIVATIONS[s["act"]]()
         if kind == "functional":
@@ -122,7 +86,7 @@ class _RandomCNN(nn.Module):
             self.fweights.append(nn.Parameter(torch.randn(s["cout"], generator=gen) * 0.1))
             bn = _BN[d](s["cout"])
             return nn.ModuleList([bn])
-        if kind == "head":
+        if kind in ("head", "view_head"):
             return nn.ModuleList(
                 [nn.Linear(s["cin"], s["cout"], bias=s["bias"]), nn.BatchNorm1d(s["cout"])]
             )
@@ -137,10 +101,6 @@ class _RandomCNN(nn.Module):
             return nn.ModuleList([conv, _BN[d](s["cout"]), scale])
         if kind == "shape":
             return nn.Identity()  # forward() does the shape arithmetic itself
-        if kind == "view_head":
-            return nn.ModuleList(
-                [nn.Linear(s["cin"], s["cout"], bias=s["bias"]), nn.BatchNorm1d(s["cout"])]
-            )
         raise ValueError(kind)
 
     def _make_multibranch(self, s: dict[str, Any]) -> nn.Module:
@@ -225,6 +185,28 @@ class _RandomCNN(nn.Module):
                 x = x.view(x.shape[0], -1)  # the batch size read at run time
                 x = layer[1](layer[0](x))
         return (x, *extra) if extra else x
+
+
+def _conv(dims: int, s: dict[str, Any]) -> nn.Module:
+    """A layer spec's convolution: for kind ``convT`` a ConvTranspose (with its output padding),
+    else a Conv (with its padding mode where the kind draws one); stride and dilation are 1 where
+    the kind draws none (``bn_conv``)."""
+    transposed = s["kind"] == "convT"
+    if transposed:
+        extra = {"output_padding": s["opad"]}
+    else:
+        extra = {"padding_mode": s.get("pmode", "zeros")}
+    return (_CONVT if transposed else _CONV)[dims](
+        s["cin"],
+        s["cout"],
+        s["k"],
+        stride=s.get("stride", 1),
+        padding=s["pad"],
+        dilation=s.get("dil", 1),
+        groups=s["groups"],
+        bias=s["bias"],
+        **extra,
+    )
 
 
 def sum_branches(block: nn.ModuleDict, x: torch.Tensor) -> torch.Tensor:

@@ -134,9 +134,7 @@ def fastvit_t() -> nn.Module:
     init_weights(model)
     for m in model.modules():
         if isinstance(m, MobileOneBlock):
-            convs = [b.conv for b in [*m.rbr_conv, m.rbr_scale] if b is not None]
-            for conv in convs:
-                scale_(conv, branch_scale(len(convs), m.rbr_skip is not None))
+            m.scale_branches_()
         elif isinstance(m, ReparamLargeKernelConv):
             for conv in (m.lkb_origin.conv, m.small_conv.conv):
                 scale_(conv, branch_scale(2, False))

@@ -43,6 +43,13 @@ class MobileOneBlock(nn.Module):
             raise GraphoptError("MobileOneBlock: no branch left; give it a conv branch.")
         self.activation = activation() if activation is not None else None
 
+    def scale_branches_(self) -> None:
+        """Scale the conv branches' Kaiming-initialised weights so that their sum keeps the
+        input's variance (:func:`~graphopt.zoo.common.branch_scale`)."""
+        convs = [b.conv for b in [*self.rbr_conv, self.rbr_scale] if b is not None]
+        for conv in convs:
+            scale_(conv, branch_scale(len(convs), self.rbr_skip is not None))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = None
         for branch in [*self.rbr_conv, self.rbr_scale, self.rbr_skip]:
@@ -83,7 +90,5 @@ def mobileone_s0() -> nn.Module:
     init_weights(model)
     for m in model.modules():
         if isinstance(m, MobileOneBlock):
-            convs = [b.conv for b in [*m.rbr_conv, m.rbr_scale] if b is not None]
-            for conv in convs:
-                scale_(conv, branch_scale(len(convs), m.rbr_skip is not None))
+            m.scale_branches_()
     return model

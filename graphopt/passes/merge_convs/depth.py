@@ -59,7 +59,7 @@ import torch
 from torch import fx, nn
 
 import graphopt.algebra.conv_merge as algebra
-from graphopt.algebra.merge_dp import plan
+from graphopt.algebra.merge_dp import NoPlan, plan
 from graphopt.backends.measure import UnitTimer
 from graphopt.core.pass_infra import PassContext, PassResult
 from graphopt.core.progress import Progress
@@ -260,7 +260,7 @@ def run(
     module docstring); ``metric`` and ``finetune`` as given to the pass, else from ``ctx``."""
     opts = options
     metric = metric or ctx.metric
-    batches = list(itertools.islice(_input_batches(ctx), opts.importance_batches))
+    batches = list(itertools.islice(ctx.calibration_batches() or [], opts.importance_batches))
     if not batches:
         stats["skipped:no-calibration-data"] += len(stretches)
         return PassResult(gm, modified=False, stats=+stats)
@@ -406,7 +406,7 @@ def _validated_plan(
             break
         try:
             trial_plan = planned(trial_plan.latency * fraction / ratio)
-        except InputError:
+        except NoPlan:
             break  # nothing faster can be planned
     return chosen, best_ratio
 
@@ -524,11 +524,3 @@ def _traced_inputs(gm: fx.GraphModule) -> tuple[torch.Tensor, ...] | None:
             return None
         out.append(torch.randn(tuple(meta.shape), generator=gen).to(meta.dtype))
     return tuple(out)
-
-
-def _input_batches(ctx: PassContext) -> Iterable[tuple[Any, ...]]:
-    if ctx.calibration_data is not None:
-        return (b if isinstance(b, tuple | list) else (b,) for b in ctx.calibration_data)
-    if ctx.sample_inputs is not None:
-        return [tuple(ctx.sample_inputs)]
-    return []

@@ -70,7 +70,6 @@ from graphopt.passes.substitute_monarch.sites import (
     Site,
     apply,
     find_sites,
-    input_batches,
     record_inputs,
 )
 
@@ -153,7 +152,7 @@ class SubstituteMonarch(Pass):
         sites, stats = find_sites(gm, opts.min_features)
         if not sites:
             return PassResult(gm, modified=False, stats=+stats)
-        batches = input_batches(ctx)
+        batches = ctx.calibration_batches()
         if batches is None:  # no inputs: no error can be measured, so nothing may change
             stats["skipped:no-calibration-data"] += len(sites)
             return PassResult(gm, modified=False, stats=+stats)

@@ -13,7 +13,6 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from graphopt.core.pass_infra import PassContext
 from graphopt.fx.names import fetch_attr, free_name
 
 CONV_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -160,15 +159,6 @@ class _Recorder(fx.Interpreter):
 
     def full(self) -> bool:
         return all(self.count[n] >= self.rows for n in self.sites)
-
-
-def input_batches(ctx: PassContext) -> Iterable[tuple[Any, ...]] | None:
-    """The calibration batches as input tuples, else the sample inputs, else None."""
-    if ctx.calibration_data is not None:
-        return (b if isinstance(b, tuple | list) else (b,) for b in ctx.calibration_data)
-    if ctx.sample_inputs is not None:
-        return [tuple(ctx.sample_inputs)]
-    return None
 
 
 def record_inputs(

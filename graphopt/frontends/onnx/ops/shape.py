@@ -480,19 +480,19 @@ def _pad_at_run_time(ctx: Ctx, mode: str) -> Value:
 
 @converter("DepthToSpace")
 def _depth_to_space(ctx: Ctx) -> Value:
-    block, mode = int(ctx.attr("blocksize")), ctx.attr("mode", "DCR")
-    if mode == "CRD":
-        return ctx.call(F.pixel_shuffle, ctx.tensor(0), block)
-    if mode != "DCR":
-        raise ctx.fail(f"DepthToSpace mode {mode!r} is not DCR or CRD")
-    return ctx.call(depth_to_space_dcr, ctx.tensor(0), block)
+    return _move_blocks(ctx, crd=F.pixel_shuffle, dcr=depth_to_space_dcr)
 
 
 @converter("SpaceToDepth")
 def _space_to_depth_op(ctx: Ctx) -> Value:
+    return _move_blocks(ctx, crd=F.pixel_unshuffle, dcr=space_to_depth)
+
+
+def _move_blocks(ctx: Ctx, *, crd: Callable[..., Any], dcr: Callable[..., Any]) -> Value:
+    """DepthToSpace / SpaceToDepth by ``mode``: CRD is torch's pixel (un)shuffle, DCR ours."""
     block, mode = int(ctx.attr("blocksize")), ctx.attr("mode", "DCR")
     if mode == "CRD":
-        return ctx.call(F.pixel_unshuffle, ctx.tensor(0), block)
+        return ctx.call(crd, ctx.tensor(0), block)
     if mode != "DCR":
-        raise ctx.fail(f"SpaceToDepth mode {mode!r} is not DCR or CRD")
-    return ctx.call(space_to_depth, ctx.tensor(0), block)
+        raise ctx.fail(f"{ctx.op} mode {mode!r} is not DCR or CRD")
+    return ctx.call(dcr, ctx.tensor(0), block)
