@@ -68,7 +68,12 @@ import numpy as np
 
 from graphopt.errors import InputError
 
-__all__ = ["Plan", "optimal_time_table", "plan", "plan_exact"]
+
+class NoPlan(InputError):
+    """No plan meets the latency budget: the budget is below the fastest cover of the chain."""
+
+
+__all__ = ["NoPlan", "Plan", "optimal_time_table", "plan", "plan_exact"]
 
 _INF = math.inf
 Latency = Mapping[tuple[int, int], float | None] | Callable[[int, int], float | None]
@@ -315,7 +320,7 @@ def plan(
     score, _, last = max(ends)
     if not np.isfinite(score):
         fastest = best[0, num_layers]
-        raise InputError(
+        raise NoPlan(
             f"no plan meets the latency budget {budget:.6g} (the fastest cover of the chain "
             f"takes {fastest:.6g}, rounded up to bins of {step:.6g}); raise the budget, refine "
             f"the resolution, or give importance for more segments"

@@ -59,7 +59,7 @@ import torch
 from torch import fx, nn
 
 import graphopt.algebra.conv_merge as algebra
-from graphopt.algebra.merge_dp import plan
+from graphopt.algebra.merge_dp import NoPlan, plan
 from graphopt.backends.measure import UnitTimer
 from graphopt.core.pass_infra import PassContext, PassResult
 from graphopt.core.progress import Progress
@@ -406,7 +406,7 @@ def _validated_plan(
             break
         try:
             trial_plan = planned(trial_plan.latency * fraction / ratio)
-        except InputError:
+        except NoPlan:
             break  # nothing faster can be planned
     return chosen, best_ratio
 
