@@ -30,6 +30,7 @@ import onnx
 import torch
 
 from graphopt._util import first_line
+from graphopt.backends.onnx_node import restore_onnx_nodes
 from graphopt.backends.shape_ops import with_shape_ops
 from graphopt.core.numerics import flatten_outputs
 from graphopt.errors import BackendError, InputError
@@ -110,6 +111,7 @@ def export_onnx(
             proto = _export_dynamo(
                 module, _copies(inputs), names, out_names, dynamic_batch, opset, legacy_exc
             )
+    restore_onnx_nodes(proto)  # opaque ONNX nodes of an imported model, as they were
     _keep_interface(proto, names, inputs, out_names, dynamic_batch)
     _explicit_same_pads(proto)
     _positive_perms(proto)

@@ -57,6 +57,11 @@ def _dim_to_tensor(dim: Any, dtype: torch.dtype = torch.int64) -> torch.Tensor:
     return torch.as_tensor(dim, dtype=torch.int64).to(dtype)
 
 
+class Refusal(CaptureError):
+    """A converter's refusal of a node (an attribute value or a runtime input it does not
+    handle): the importer then keeps the node as an opaque ONNX node."""
+
+
 class ImportState:
     """Holds the FX graph under construction and the ONNX-name -> value environment."""
 
@@ -78,6 +83,8 @@ class ImportState:
         self._size_nodes: dict[tuple[fx.Node, int], fx.Node] = {}
         # Linear nodes (from MatMul) whose only consumer may absorb an Add of a bias.
         self.bias_fusable: dict[fx.Node, nn.Linear] = {}
+        # opaque nodes (kept as ONNX nodes, see ops/opaque.py): node name -> why
+        self.opaque: dict[str, str] = {}
 
     # -- names and constants -------------------------------------------------------------
 
@@ -161,11 +168,11 @@ class Ctx:
 
     # -- errors and attributes -------------------------------------------------------------
 
-    def fail(self, what: str, fix: str = "") -> CaptureError:
+    def fail(self, what: str, fix: str = "") -> Refusal:
         msg = f"ONNX node {self.name!r} ({self.op}): {what}."
         if fix:
             msg += f" {fix}"
-        return CaptureError(msg)
+        return Refusal(msg)
 
     def attr(self, name: str, default: Any = None) -> Any:
         return self.attrs.get(name, default)

@@ -15,9 +15,10 @@ import torch
 import torch.fx as fx
 
 from graphopt.errors import CaptureError
-from graphopt.frontends.onnx.context import Ctx, ImportState
+from graphopt.frontends.onnx.context import Ctx, ImportState, Refusal
 from graphopt.frontends.onnx.load import ModelSource, load_onnx
 from graphopt.frontends.onnx.ops import CONVERTERS, check_storage_dtypes
+from graphopt.frontends.onnx.ops.opaque import opaque
 from graphopt.frontends.onnx.values import ONNX_TO_TORCH, Sym, tensor_from_proto
 
 logger = logging.getLogger(__name__)
@@ -38,7 +39,6 @@ class _Importer(ImportState):
 
     def run(self) -> fx.GraphModule:
         g = self.model.graph
-        _check_supported(g)
         self.collect_value_info(_with_inferred_shapes(self.model))
         self._count_consumers(g)
         self._add_initializers(g)
@@ -113,9 +113,16 @@ class _Importer(ImportState):
 
     def _convert(self, node: onnx.NodeProto, index: int) -> None:
         ctx = Ctx(self, node, index)
-        check_storage_dtypes(ctx)
+        convert = CONVERTERS.get(node.op_type) if node.domain in ("", "ai.onnx") else None
         try:
-            result = CONVERTERS[node.op_type](ctx)
+            if convert is None:
+                result = opaque(ctx, f"no converter for {_label(node)}")
+            else:
+                check_storage_dtypes(ctx)
+                result = convert(ctx)
+        except Refusal as exc:  # a converter's refusal: the node stays an ONNX node
+            logger.info("ONNX node %r stays opaque: %s", ctx.name, exc)
+            result = opaque(ctx, str(exc))
         except CaptureError:
             raise
         except Exception as exc:
@@ -158,6 +165,7 @@ class _Importer(ImportState):
         gm.meta["onnx_input_names"] = input_names
         gm.meta["onnx_output_names"] = [o.name for o in g.output]
         gm.meta["onnx_opset"] = self.opset
+        gm.meta["onnx_opaque"] = dict(self.opaque)
         # the output node carries the names too: graph passes copy nodes' meta, not gm.meta
         output_node = next(n for n in gm.graph.nodes if n.op == "output")
         output_node.meta["onnx_output_names"] = list(gm.meta["onnx_output_names"])
@@ -172,19 +180,6 @@ def _with_inferred_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
         return model
 
 
-def _check_supported(g: onnx.GraphProto) -> None:
-    bad: dict[str, str] = {}
-    for index, node in enumerate(g.node):
-        domain_ok = node.domain in ("", "ai.onnx")
-        label = node.op_type if domain_ok else f"{node.domain}::{node.op_type}"
-        if (not domain_ok or node.op_type not in CONVERTERS) and label not in bad:
-            bad[label] = node.name or f"{node.op_type}_{index}"
-    if bad:
-        listing = ", ".join(f"{op!r} (node {name!r})" for op, name in bad.items())
-        raise CaptureError(
-            f"The ONNX model uses op types that graphopt's ONNX importer does not support: "
-            f"{listing}. The supported op types are listed in "
-            f"graphopt.frontends.onnx.SUPPORTED_OPS ({len(CONVERTERS)} ops). Re-export the "
-            f"model without these ops (e.g. another opset or a simpler module), or add a "
-            f"converter for them."
-        )
+def _label(node: onnx.NodeProto) -> str:
+    domain = node.domain if node.domain not in ("", "ai.onnx") else "ai.onnx"
+    return f"{domain}::{node.op_type}"
