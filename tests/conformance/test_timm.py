@@ -1,0 +1,128 @@
+"""timm's architectures through ``optimize()``: the conformance suite's timm part.
+
+Each model (tests/conformance/timm_cases.py: random init, random BatchNorm statistics, eval
+mode, small input) goes through ``graphopt.optimize(model, "cpu", example_inputs=...,
+measure=False)`` with the default pipeline. It must either return an artifact within the exact
+contract (optimize checks it and raises VerificationError otherwise) or refuse with a clear
+GraphoptError; a raw crash (graphopt's InternalError) is a failure. A CI-fast subset runs by
+default; the full list, the ONNX path and most re-parameterization checks are ``slow``
+(``pytest -m slow tests/conformance/test_timm.py``; the table:
+``benchmarks/conformance_timm.py``).
+
+What fails today is marked ``xfail(strict=True)`` with the reason, raised as :class:`KnownGap`
+only when the outcome is the known one: a fix flips the test (XPASS fails), a different failure
+fails it.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import pytest
+import timm_cases as tc
+
+import graphopt
+from graphopt.errors import GraphoptError
+
+pytestmark = pytest.mark.timeout(900)
+
+
+class KnownGap(AssertionError):
+    """The outcome a known gap of graphopt produces today (see the xfail reasons)."""
+
+
+# model -> why it does not optimize today (a substring of the outcome's reason)
+KNOWN_REFUSED: dict[str, str] = {}
+# model -> why BatchNorms are left in the optimized graph today
+KNOWN_BN_LEFT: dict[str, str] = {}
+# model -> why it does not collapse as far as timm's reparameterize_model today
+KNOWN_REPARAM: dict[str, str] = {}
+# model -> why its ONNX path (tc.ONNX_CASES, slow) fails today
+KNOWN_ONNX: dict[str, str] = {}
+
+
+def _params(names, known: dict[str, str], fast=tc.FAST):
+    for name in names:
+        marks = [] if name in fast else [pytest.mark.slow]
+        if name in known:
+            marks.append(pytest.mark.xfail(strict=True, raises=KnownGap, reason=known[name]))
+        yield pytest.param(name, id=name, marks=marks)
+
+
+@functools.cache
+def _outcome(timm, name: str, onnx_dir: Path | None = None) -> tc.Outcome:
+    """One optimize() run per model and path, shared by the tests of this module."""
+    return tc.run_case(timm, tc.case(name), onnx_dir)
+
+
+def _check(outcome: tc.Outcome, known: str | None) -> None:
+    """The outcome is ok; a refusal is a GraphoptError with a clear message; never a crash."""
+    assert outcome.status != "failed", f"{outcome.case}: {outcome.reason} ({outcome.error})"
+    if outcome.status == "refused":
+        assert len(outcome.reason.split(": ", 1)[-1]) > 20, f"unclear refusal: {outcome.reason}"
+        if known is not None and known in outcome.reason:
+            raise KnownGap(outcome.reason)
+    assert outcome.status == "ok", f"{outcome.case}: {outcome.status}: {outcome.reason}"
+    assert outcome.report.artifact_error.ok, outcome.error
+
+
+def test_the_list_covers_sixty_families():
+    families = {c.family.split(" ")[0] for c in tc.CASES}
+    assert len(tc.CASES) >= 60 and len(families) >= 60, (len(tc.CASES), len(families))
+    assert set(tc.FAST) <= {c.name for c in tc.CASES}
+
+
+def test_random_batchnorm_is_not_identity(timm):
+    model, _ = tc.build(timm, tc.case("resnet10t"))
+    bn = next(m for m in model.modules() if isinstance(m, tc.nn.BatchNorm2d))
+    assert bn.running_mean.abs().min() > 0 and (bn.running_var - 1).abs().min() > 0
+    assert (bn.weight - 1).abs().min() > 0 and bn.bias.abs().min() > 0
+
+
+@pytest.mark.parametrize("name", _params([c.name for c in tc.CASES], KNOWN_REFUSED))
+def test_optimize_within_the_exact_contract(timm, name):
+    _check(_outcome(timm, name), KNOWN_REFUSED.get(name))
+
+
+@pytest.mark.parametrize("name", _params([c.name for c in tc.CASES], KNOWN_BN_LEFT))
+def test_every_batchnorm_is_folded(timm, name):
+    """On timm's models every conv+BN folds: guards such as ``_assert`` are not real users."""
+    outcome = _outcome(timm, name)
+    if outcome.status != "ok":
+        pytest.skip(f"optimize() did not return: {outcome.reason}")
+    left = tc.bn_count(outcome.report.ops_after)
+    if left and name in KNOWN_BN_LEFT:
+        raise KnownGap(f"{left} BatchNorm(s) left")
+    assert left == 0, f"{left} of {outcome.bns[0]} BatchNorm(s) left: {outcome.report.ops_after}"
+
+
+@pytest.mark.parametrize("name", _params(tc.REPARAM, KNOWN_REPARAM, fast=("repvgg_a0",)))
+def test_reparameterizable_families_collapse_as_far_as_timm(timm, name):
+    """graphopt's optimized graph has no more convs than timm's ``reparameterize_model``'s
+    deploy model, and both compute the original's numbers within the exact contract."""
+    outcome = _outcome(timm, name)
+    _check(outcome, None)
+    timm_side = tc.reparam_check(timm, tc.case(name), outcome)
+    assert timm_side["timm_error"].ok, timm_side["timm_error"].describe()
+    ours = tc.conv_count(outcome.report.ops_after)
+    if ours > timm_side["timm_convs"] and name in KNOWN_REPARAM:
+        raise KnownGap(f"{ours} convs left, timm's deploy model has {timm_side['timm_convs']}")
+    assert ours <= timm_side["timm_convs"], (ours, timm_side, outcome.report.ops_after)
+
+
+@pytest.mark.parametrize("name", _params(tc.ONNX_CASES, KNOWN_ONNX, fast=()))
+def test_onnx_path_within_the_exact_contract(timm, name, tmp_path_factory):
+    """The model exported by torch.onnx.export, then the .onnx file optimized."""
+    outcome = _outcome(timm, name, tmp_path_factory.mktemp("onnx"))
+    if outcome.status == "export-failed":
+        pytest.skip(f"torch.onnx.export failed: {outcome.reason}")
+    _check(outcome, KNOWN_ONNX.get(name))
+
+
+def test_a_refusal_is_a_graphopt_error(timm):
+    """The fast sibling of the refusal branch: a model optimize() cannot take (its example
+    input of the wrong rank) is refused with a GraphoptError, recorded as such."""
+    model, _ = tc.build(timm, tc.case("resnet10t"))
+    with pytest.raises(GraphoptError):
+        graphopt.optimize(model, "cpu", example_inputs=(tc.torch.randn(3, 8),), measure=False)
