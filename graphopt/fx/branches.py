@@ -18,6 +18,7 @@ from torch import fx, nn
 
 from graphopt.fx.layers import as_layer, call_args, shape
 from graphopt.fx.memo import RunMemo
+from graphopt.fx.uses import value_users
 
 aten = torch.ops.aten
 
@@ -61,7 +62,7 @@ def conv_branch(
     (``single_use``: only if nothing else reads its output). ``memo``: the run's, or a fresh one
     (float64 copies and the in-place facts worked out for this call only)."""
     memo = RunMemo(gm) if memo is None else memo
-    if single_use and len(leaf.users) != 1:
+    if single_use and len(value_users(leaf)) != 1:  # guards on its shape do not count
         return None
     layer = as_layer(gm, leaf, include_linear=False)
     if layer is None:

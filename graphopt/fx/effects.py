@@ -19,6 +19,7 @@ import torch
 from torch import fx, nn
 
 from graphopt.fx.names import fetch_attr
+from graphopt.fx.uses import detach_static_reads
 
 
 def is_impure(gm: fx.GraphModule, node: fx.Node) -> bool:
@@ -32,8 +33,11 @@ def remove_dead_nodes(gm: fx.GraphModule) -> int:
     erased. Every pass that cleans up after itself calls this, never
     ``gm.graph.eliminate_dead_code()`` bare: FX's purity check misses in-place ops
     (``y.add_(1)``, ``F.relu(y, inplace=True)``, ``nn.ReLU(inplace=True)``), whose result is
-    often unused while their effect is not."""
+    often unused while their effect is not. A value read only by guards on its rank or dtype
+    (``torch._assert(x.ndim == 4)``) is dead too: those reads become the constants the capture
+    recorded (:func:`graphopt.fx.uses.detach_static_reads`)."""
     before = len(gm.graph.nodes)
+    detach_static_reads(gm)
     gm.graph.eliminate_dead_code(is_impure_node=lambda n: is_impure(gm, n))
     return before - len(gm.graph.nodes)
 

@@ -52,6 +52,7 @@ from graphopt.fx.effects import shares_storage, written_storages
 from graphopt.fx.layers import Layer, as_bn, as_layer, call_counts, is_shared, param_owners
 from graphopt.fx.names import set_attr
 from graphopt.fx.tensors import as_parameter
+from graphopt.fx.uses import sole_value_user, value_users
 
 aten = torch.ops.aten
 
@@ -300,9 +301,9 @@ def _leads_to_layer(gm: fx.GraphModule, node: fx.Node) -> bool:
     while True:
         if as_layer(gm, node, include_linear=True) is not None:
             return True
-        if not _is_homogeneous(gm, node) or len(node.users) != 1:
+        if not _is_homogeneous(gm, node) or (user := sole_value_user(node)) is None:
             return False
-        node = next(iter(node.users))
+        node = user
 
 
 def find_pairs(gm: fx.GraphModule) -> tuple[list[_Pair], list[Refused]]:
@@ -319,7 +320,7 @@ def find_pairs(gm: fx.GraphModule) -> tuple[list[_Pair], list[Refused]]:
             continue
         cur, between = node, []
         while True:
-            users = list(cur.users)
+            users = value_users(cur)  # reads of its shape (guards) are no users: kept by scaling
             if len(users) != 1:
                 if len(users) > 1 and any(_leads_to_layer(gm, u) for u in users):
                     refusals.append(Refused(node.name, "output-used-elsewhere", cur.name))
@@ -339,7 +340,7 @@ def find_pairs(gm: fx.GraphModule) -> tuple[list[_Pair], list[Refused]]:
                 between.append(user)
                 cur = user
                 continue
-            nxt = list(user.users)
+            nxt = value_users(user)
             if len(nxt) == 1 and _leads_to_layer(gm, nxt[0]):
                 if as_bn(gm, user) is not None:
                     refusals.append(

@@ -22,7 +22,9 @@ cast back to the weight's dtype. The pass sweeps the graph until nothing more fo
 
 Not folded (counted as ``skipped:<reason>``): BN in training mode (``bn-training``), without
 running statistics (``no-running-stats``); the layer's output also used elsewhere
-(``output-used-elsewhere``); the layer's weights shared with another layer or the layer called
+(``output-used-elsewhere``; reads of its shape, rank or dtype only, such as the guard
+``_assert(x.ndim == 4)`` of timm's ``BatchNormAct2d``, are not uses: folding keeps them valid,
+see :mod:`graphopt.fx.uses`); the layer's weights shared with another layer or the layer called
 twice (``shared-weight``); BN before a zero-padded conv (``padding``); BN before a transposed
 conv (``bn-before-transposed``, its borders see a different number of taps); BatchNorm1d on a
 Linear output that is not (N, C) (``bn-axis``); weights that are not constants (``weight-not-constant``);
@@ -57,6 +59,7 @@ from graphopt.fx.layers import (
 )
 from graphopt.fx.names import free_name, set_attr
 from graphopt.fx.tensors import as_normal, as_parameter
+from graphopt.fx.uses import redirect_metadata_reads, value_users
 
 # ------------------------------------------------------------------------------------------------
 # the pass
@@ -123,10 +126,10 @@ class FoldConvBN(Pass):
             layer = as_layer(gm, producer, include_linear)
             if layer is not None:
                 return layer, True
-        users = bn.output_node.users
+        users = value_users(bn.output_node)  # a guard on BN's output shape is no user
         if not self.options.bn_before or not users:
             return None
-        consumer = as_layer(gm, next(iter(users)), include_linear)
+        consumer = as_layer(gm, users[0], include_linear)
         if len(users) != 1:
             if consumer is not None:
                 stats["skipped:output-used-elsewhere"] += 1
@@ -157,7 +160,9 @@ def _why_not_after(gm, layer: Layer, bn: BN, calls, owners, written) -> str:
     if reason := _common_reasons(gm, layer, bn, calls, owners, written):
         return reason
     # the layer's output must feed only this BN: otherwise the other users need it unfolded
-    if len(layer.node.users) != 1:
+    # (reads of its shape, rank or dtype, such as timm's ``_assert(x.ndim == 4)``, do not count:
+    # folding keeps them)
+    if len(value_users(layer.node)) != 1:
         return "output-used-elsewhere"
     out_channels = (
         layer.weight.shape[1] * layer.groups if layer.kind == "convT" else layer.weight.shape[0]
@@ -210,6 +215,7 @@ def _fold(gm: fx.GraphModule, layer: Layer, bn: BN, *, after: bool) -> None:
         bn.output_node.replace_all_uses_with(layer.node)
     else:
         layer.node.replace_input_with(bn.output_node, bn.input_node)
+        redirect_metadata_reads(bn.output_node, bn.input_node)  # BN keeps shape and dtype
     _erase_bn(gm, bn)
 
 

@@ -856,3 +856,84 @@ def test_running_mean_written_in_an_aten_graph_is_not_folded():
         _assert_same_calls(want, _twice(result.graph, x))
     assert not result.modified
     assert dict(result.stats) == {"skipped:written-in-place": 1}
+
+
+# ------------------------------------------------------------------------------------------------
+# guards: reads of a value's rank / shape are not uses of its values (timm's BatchNormAct2d)
+
+
+class _GuardedBN(nn.BatchNorm2d):
+    """timm's ``BatchNormAct2d``: traced into (not a leaf), a guard on its input's rank and
+    channels, then the functional BatchNorm."""
+
+    def forward(self, x):
+        torch._assert(x.ndim == 4, "expected 4D input")
+        torch._assert(x.shape[1] == self.num_features, "channels")
+        return F.batch_norm(
+            x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps
+        )
+
+
+def _guarded_bn(c: int, seed: int = 0) -> nn.Module:
+    return random_bn(_GuardedBN, c, seed)
+
+
+def _asserts(gm: fx.GraphModule) -> int:
+    return sum(1 for n in gm.graph.nodes if n.target is torch._assert)
+
+
+def test_guard_on_the_conv_output_does_not_block_the_fold():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), _guarded_bn(8), nn.ReLU()).eval()
+    x, x_other = _batches(2, 3)
+    result = assert_pass_preserves(
+        FoldConvBN, model, (x,), more_inputs=[(x_other,)], expect_modified=True
+    )
+    assert result.stats == {"folded": 1}
+    gm, _ = run_pass(FoldConvBN, model, (x,))
+    assert not _bn_nodes(gm)
+    assert _asserts(gm) == 2  # the guards stay: the folded conv has the shape they check
+
+
+def test_guard_on_the_bn_output_moves_to_its_input_when_folded_before():
+    class BNThenConv(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.bn = _bn(nn.BatchNorm2d, 4)
+            self.conv = nn.Conv2d(4, 6, 3)
+
+        def forward(self, x):
+            y = self.bn(x)
+            torch._assert(y.dim() == 4, "expected 4D")
+            return self.conv(y.view(y.size(0), 4, y.shape[2], -1))
+
+    class BNThenConvDirect(BNThenConv):
+        def forward(self, x):
+            y = self.bn(x)
+            torch._assert(y.dim() == 4, "expected 4D")
+            return self.conv(y)
+
+    x, x_other = _batches(2, 4)
+    result = assert_pass_preserves(
+        FoldConvBN, BNThenConvDirect().eval(), (x,), more_inputs=[(x_other,)], expect_modified=True
+    )
+    assert result.stats == {"folded-bn-before": 1}
+    # a view of BN's output reads its values (the view's size arguments only read its shape)
+    gm, result = run_pass(FoldConvBN, BNThenConv().eval(), (x,))
+    assert not result.modified and len(_bn_nodes(gm)) == 1
+
+
+def test_a_value_user_beside_a_guard_still_blocks_the_fold():
+    class Both(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 3, padding=1)
+            self.bn = _guarded_bn(8)
+
+        def forward(self, x):
+            y = self.conv(x)
+            return self.bn(y), y.flatten(1).sum(1, keepdim=True)
+
+    x, _ = _batches(2, 3)
+    gm, result = run_pass(FoldConvBN, Both().eval(), (x,))
+    assert result.stats == {"skipped:output-used-elsewhere": 1}
+    assert len(_bn_nodes(gm)) == 1

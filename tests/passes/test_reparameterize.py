@@ -922,3 +922,44 @@ def test_weight_written_in_an_aten_graph_is_not_merged():
         cmp = compare([w], [g], Reparameterize.numerics)
         assert cmp.ok, f"call {call}: {cmp.describe()}"
     assert not result.modified and result.stats["skipped:written-in-place"] == 1
+
+
+# ------------------------------------------------------------------------------------------------
+# guards: timm's BatchNormAct2d reads its input's rank; that is no use of the conv's values
+
+
+class _GuardedBN(nn.BatchNorm2d):
+    """timm's ``BatchNormAct2d`` (traced into): ``_assert(x.ndim == 4)``, then the BN."""
+
+    def forward(self, x):
+        torch._assert(x.ndim == 4, "expected 4D input")
+        return F.batch_norm(
+            x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps
+        )
+
+
+class _GuardedRepVGG(nn.Module):
+    """timm's RepVggBlock: conv3x3+BN, conv1x1+BN and an identity BN, each BN guarded."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.conv3, self.conv1 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.Conv2d(c, c, 1)
+        self.bn3, self.bn1, self.bn_id = _GuardedBN(c), _GuardedBN(c), _GuardedBN(c)
+        gen = torch.Generator().manual_seed(3)
+        for bn in (self.bn3, self.bn1, self.bn_id):
+            randomize_bn(bn, gen)
+
+    def forward(self, x):
+        return torch.relu(self.bn3(self.conv3(x)) + self.bn1(self.conv1(x)) + self.bn_id(x))
+
+
+def test_guarded_repvgg_block_collapses_to_one_conv():
+    torch.manual_seed(0)
+    block = nn.Sequential(_GuardedRepVGG(6), _GuardedRepVGG(6)).eval()
+    result, record = _pipeline(block, (_x(6, size=8),))
+    gm = result.graph
+    assert record.stats["collapsed"] == 2 and record.stats["branches-merged"] == 6
+    assert _count(gm, nn.Conv2d) == 2
+    assert not any(n.target is F.batch_norm for n in gm.graph.nodes)
+    # the merged-away convs are gone (not kept alive by their guards), every guard is kept
+    assert sum(1 for n in gm.graph.nodes if n.target is torch._assert) == 6

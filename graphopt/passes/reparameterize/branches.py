@@ -24,6 +24,7 @@ from graphopt.fx.branches import Branch, conv_branch
 from graphopt.fx.layers import as_bn
 from graphopt.fx.memo import RunMemo
 from graphopt.fx.names import free_name
+from graphopt.fx.uses import value_users
 from graphopt.passes.reparameterize.terms import full
 
 _F64 = torch.float64
@@ -45,7 +46,7 @@ def bn_branch(gm: fx.GraphModule, memo: RunMemo, leaf: fx.Node) -> Branch | None
     bn = as_bn(gm, leaf)
     if bn is None or bn.training or bn.mean is None or not bn.constant:
         return None
-    if bn.output_node is not leaf or len(leaf.users) != 1:
+    if bn.output_node is not leaf or len(value_users(leaf)) != 1:
         return None
     a, t = (v.double() for v in bn_affine(bn.mean, bn.var, bn.gamma, bn.beta, bn.eps))
     written = memo.written(bn.mean, bn.var, bn.gamma, bn.beta)

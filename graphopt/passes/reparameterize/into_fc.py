@@ -27,6 +27,7 @@ from graphopt.fx.branches import Branch
 from graphopt.fx.layers import as_bn, shape
 from graphopt.fx.memo import RunMemo
 from graphopt.fx.names import free_name
+from graphopt.fx.uses import value_users
 from graphopt.passes.reparameterize.branches import merge_branches, merged_padding
 
 _F64 = torch.float64
@@ -57,10 +58,10 @@ def fc_leaf(gm: fx.GraphModule, memo: RunMemo, leaf: fx.Node, x: fx.Node) -> FC 
         scale, shift = (v.double() for v in bn_affine(bn.mean, bn.var, bn.gamma, bn.beta, bn.eps))
         written = memo.written(bn.mean, bn.var, bn.gamma, bn.beta)
         node = bn.input_node
-    if not isinstance(node, fx.Node) or len(node.users) != 1 or not node.args:
+    if not isinstance(node, fx.Node) or len(value_users(node)) != 1 or not node.args:
         return None
     fc = node.args[0]
-    if not isinstance(fc, fx.Node) or fc.op != "call_module" or len(fc.users) != 1:
+    if not isinstance(fc, fx.Node) or fc.op != "call_module" or len(value_users(fc)) != 1:
         return None
     m = gm.get_submodule(fc.target)
     flat = fc.args[0] if fc.args else None

@@ -27,6 +27,7 @@ from graphopt.algebra.conv_merge import dense_kernel, regroup
 from graphopt.fx.branches import Branch, conv_branch
 from graphopt.fx.memo import RunMemo
 from graphopt.fx.ops import is_sum
+from graphopt.fx.uses import sole_value_user
 from graphopt.passes.reparameterize.branches import (
     bn_branch,
     layer_dtype,
@@ -128,7 +129,7 @@ def rewrite(gm: fx.GraphModule, memo: RunMemo, m: Chain) -> Counter:
     with gm.graph.inserting_before(m.node):
         conv = gm.graph.call_module(new, (m.first.input,))
     conv.meta = dict(m.node.meta)
-    m.node.replace_all_uses_with(conv)
+    m.node.replace_all_uses_with(conv)  # its guards too: the merged conv has its shape
     gm.graph.erase_node(m.node)
     for dead in [*(m.pad.nodes if m.pad is not None else []), m.first.node]:
         if not dead.users:
@@ -152,9 +153,9 @@ def _absorbed(
     merged kernel into that conv, so its extra multiply-adds are never paid."""
     cur, root = node, None
     for _ in range(8):
-        if len(cur.users) != 1:
+        if (user := sole_value_user(cur)) is None:
             break
-        cur = next(iter(cur.users))
+        cur = user
         if is_sum(cur):
             root = cur
         elif root is not None:

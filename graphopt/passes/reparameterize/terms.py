@@ -12,6 +12,7 @@ from graphopt.fx.constants import constant
 from graphopt.fx.layers import rank
 from graphopt.fx.memo import RunMemo
 from graphopt.fx.ops import BINARY, INPLACE, is_sub, is_sum
+from graphopt.fx.uses import sole_value_user, value_users
 
 _F64 = torch.float64
 
@@ -79,7 +80,7 @@ def _times(c: torch.Tensor | None, factor: torch.Tensor) -> torch.Tensor:
 
 def _expand(gm: fx.GraphModule, memo: RunMemo, node: fx.Node, root: fx.Node) -> list:
     """The terms of a signed, per-channel-scaled sum that ``node`` contributes: (leaf, coef)."""
-    if node is root or len(node.users) != 1:
+    if node is root or len(value_users(node)) != 1:
         return [(node, None)]
     if is_sum(node):
         return terms(gm, memo, node, root)
@@ -104,15 +105,15 @@ def terms(gm: fx.GraphModule, memo: RunMemo, node: fx.Node, root: fx.Node) -> li
 def is_inner(gm: fx.GraphModule, memo: RunMemo, node: fx.Node) -> bool:
     """A sum whose value only feeds a bigger sum (possibly through a per-channel scale): the
     bigger sum's root handles it."""
-    if len(node.users) != 1:
+    user = sole_value_user(node)
+    if user is None:
         return False
-    user = next(iter(node.users))
     if is_sum(user):
         return True
     found = scaled(gm, memo, user)
     return (
         found is not None
         and found[0] is node
-        and len(user.users) == 1
-        and is_sum(next(iter(user.users)))
+        and (outer := sole_value_user(user)) is not None
+        and is_sum(outer)
     )
