@@ -34,7 +34,7 @@ from graphopt.backends.export import (  # EXPORT_LOCK: torch's exporters share s
 )
 from graphopt.core.numerics import flatten_outputs
 from graphopt.errors import CaptureError, InputError
-from graphopt.frontends.onnx import import_onnx, load_onnx
+from graphopt.frontends.onnx import from_numpy, import_onnx, load_onnx
 
 log = logging.getLogger(__name__)
 
@@ -306,7 +306,7 @@ def as_tensors(example_inputs: Any) -> tuple[torch.Tensor, ...]:
                 )
             out.append(_clone(x.detach().cpu()))
         elif type(x).__module__ == "numpy":
-            out.append(torch.from_numpy(x).clone())
+            out.append(from_numpy(x))  # a copy; ml_dtypes' bfloat16/float8 too
         else:
             raise InputError(
                 f"example input {i} is a {type(x).__name__}; graphopt takes "

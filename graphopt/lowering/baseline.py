@@ -12,7 +12,6 @@ import copy
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -21,7 +20,7 @@ from graphopt.backends.export import to_numpy
 from graphopt.backends.measure import time_interleaved
 from graphopt.core.numerics import run_module
 from graphopt.errors import BackendError
-from graphopt.frontends.onnx import load_onnx
+from graphopt.frontends.onnx import from_numpy, load_onnx
 from graphopt.frontends.torch import Captured
 from graphopt.lowering.context import Lowering
 
@@ -48,7 +47,7 @@ class Baseline:
         file) on every check sample, concatenated."""
         if self.onnx is not None:
             return [
-                torch.from_numpy(np.asarray(o))
+                from_numpy(o)
                 for sample in samples
                 for o in self.onnx.run([to_numpy(x) for x in sample])
             ]

@@ -1514,3 +1514,129 @@ def test_onnx_backend_node_tests_of_a_few_ops() -> None:
             _same(g, e, rtol=case.rtol, atol=case.atol)
         outcomes[case.name] = "pass"
     assert sum(v == "pass" for v in outcomes.values()) >= 0.8 * len(outcomes), outcomes
+
+
+# --------------------------------------------------------------------------------------------
+# what ONNX's node tests found (tests/conformance/test_onnx_node.py): conversions, not refusals
+
+
+@pytest.mark.parametrize(
+    "attrs",
+    [
+        {},
+        {"strides": [3, 2], "output_padding": [1, 1]},
+        {"strides": [3, 2], "output_shape": [10, 8]},  # grows past the full output: zeros + bias
+        {"strides": [2, 2], "auto_pad": "SAME_UPPER"},
+        {"strides": [2, 2], "auto_pad": "SAME_LOWER"},
+        {"strides": [2, 1], "pads": [1, 0, 2, 1], "group": 2},
+    ],
+)
+@pytest.mark.parametrize("weight_is_input", [True, False])
+def test_conv_transpose_runtime_weight_output_shape_and_auto_pad(
+    attrs: dict, weight_is_input: bool
+) -> None:
+    # the runtime weight was refused ("must be a constant initializer"), output_shape and
+    # auto_pad=SAME_* too; now F.conv_transpose + ONNX's pads (negative: the output grows)
+    group = attrs.get("group", 1)
+    w, b = _f32(2, 4 // group, 3, 3, seed=1), _f32(4, seed=2)
+    node = helper.make_node("ConvTranspose", ["x", "W", "B"], ["y"], **attrs)
+    inputs = [("x", FLOAT, [1, 2, 3, 3])]
+    feeds = [_f32(1, 2, 3, 3)]
+    if weight_is_input:
+        inputs.append(("W", FLOAT, list(w.shape)))
+        feeds.append(w)
+    model = _make_model([node], inputs, ["y"], [] if weight_is_input else [("W", w)])
+    model.graph.initializer.append(numpy_helper.from_array(b, "B"))
+    # ONNX's reference implementation mishandles group > 1 here: ONNX Runtime only, then
+    ref = (
+        _ort(model, feeds)
+        if group > 1
+        else ReferenceEvaluator(model).run(None, dict(zip(["x", "W"], feeds, strict=False)))
+    )
+    gm = _check_against_reference(model, feeds, ref, rtol=1e-5, atol=1e-5)
+    # a constant weight with explicit pads stays an nn.ConvTranspose2d for the passes
+    modules = [type(m) for m in gm.modules()]
+    assert (nn.ConvTranspose2d in modules) == (not weight_is_input and "output_shape" not in attrs)
+    _check_helper_model(model, feeds)
+
+
+def test_conv_transpose_output_shape_smaller_than_full_is_refused_naming_attribute() -> None:
+    # ONNX's spec, its reference and ONNX Runtime split a positive total padding differently
+    node = helper.make_node("ConvTranspose", ["x", "W"], ["y"], strides=[2, 2], output_shape=[5, 5])
+    model = _make_model([node], [("x", FLOAT, [1, 2, 3, 3])], ["y"], [("W", _f32(2, 1, 3, 3))])
+    gm = import_onnx(model)
+    assert "output_shape gives a total padding of 2" in "".join(gm.meta["onnx_opaque"].values())
+
+
+@pytest.mark.parametrize("axis", [0, 1, -1])
+def test_layer_norm_mean_and_inv_std_dev_outputs(axis: int) -> None:
+    # the Mean/InvStdDev outputs were refused; they are the statistics in stash_type (float32;
+    # ONNX's reference implements no other)
+    node = helper.make_node("LayerNormalization", ["x", "s", "b"], ["y", "mean", "inv"], axis=axis)
+    shape = [2, 3, 4]
+    count = len(shape) - axis % len(shape)
+    s, b = _f32(*shape[-count:], seed=1), _f32(*shape[-count:], seed=2)
+    model = _make_model(
+        [node], [("x", FLOAT, shape)], ["y", "mean", "inv"], [("s", s), ("b", b)], opset=17
+    )
+    x = (_f32(*shape) * 3 + 1).astype(np.float32)
+    ref = ReferenceEvaluator(model).run(None, {"x": x})
+    assert ref[1].shape == tuple(shape[: len(shape) - count] + [1] * count)
+    _check_against_reference(model, [x], ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("storage_order", [0, 1])
+@pytest.mark.parametrize("dims", [1, 2, 3])
+def test_max_pool_indices_output(storage_order: int, dims: int) -> None:
+    # the Indices output was refused; it counts over the whole input, (n * C + c) * plane + the
+    # position in the plane (column-major with storage_order=1), as ONNX Runtime does
+    node = helper.make_node(
+        "MaxPool",
+        ["x"],
+        ["y", "i"],
+        kernel_shape=[2] * dims,
+        strides=[2] * dims,
+        pads=[1] * 2 * dims,
+        storage_order=storage_order,
+    )
+    shape = [2, 3] + [5, 4, 3][:dims]
+    model = _make_model([node], [("x", FLOAT, shape)], ["y", "i"], opset=12)
+    x = _f32(*shape)
+    ref = _ort(model, [x])
+    _check_against_reference(model, [x], ref)
+    if storage_order == 0:  # ONNX's reference implementation agrees (it lacks storage_order=1)
+        _check_against_reference(model, [x], ReferenceEvaluator(model).run(None, {"x": x}))
+
+
+def test_max_pool_indices_with_padding_torch_cannot_express_is_refused() -> None:
+    node = helper.make_node("MaxPool", ["x"], ["y", "i"], kernel_shape=[2, 2], pads=[0, 0, 1, 1])
+    model = _make_model([node], [("x", FLOAT, [1, 1, 4, 4])], ["y", "i"], opset=12)
+    gm = import_onnx(model)
+    assert "the Indices output with pads [0, 0, 1, 1]" in "".join(gm.meta["onnx_opaque"].values())
+
+
+def test_graph_input_refusals_name_the_reading_node_and_type() -> None:
+    # a graph input torch cannot hold is refused naming the node that reads it (and its op)
+    node = helper.make_node("CastLike", ["x", "like"], ["y"], name="cl")
+    model = _make_model(
+        [node], [("x", FLOAT, [4]), ("like", TensorProto.UINT4, [4])], ["y"], opset=21
+    )
+    with pytest.raises(CaptureError, match=r"input 'like' \(read by CastLike node 'cl'\).*UINT4"):
+        import_onnx(model)
+    seq = helper.make_tensor_sequence_value_info("s", FLOAT, None)
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["s"], ["t"])], "g", [seq], [seq_out := seq]
+    )
+    graph.output[0].name = "t"
+    del seq_out
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
+    with pytest.raises(CaptureError, match=r"input 's' \(read by Identity node.*is a sequence"):
+        import_onnx(model)
+
+
+def test_cast_to_a_type_torch_lacks_is_refused_not_left_opaque() -> None:
+    # an opaque Cast to int4 would produce a tensor torch cannot hold when the graph runs
+    node = helper.make_node("Cast", ["x"], ["y"], to=TensorProto.INT4, name="c4")
+    model = _make_model([node], [("x", FLOAT, [4])], ["y"], opset=21)
+    with pytest.raises(CaptureError, match=r"'c4' \(Cast\): the target type INT4"):
+        import_onnx(model)

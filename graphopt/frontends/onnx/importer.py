@@ -98,16 +98,32 @@ class _Importer(ImportState):
         elem = vi.type.tensor_type.elem_type if vi.type.HasField("tensor_type") else 0
         ph.meta["onnx_elem_type"] = elem
         ph.meta["onnx_dtype"] = ONNX_TO_TORCH.get(elem)
+        kind = vi.type.WhichOneof("value")
+        if kind not in (None, "tensor_type"):  # a sequence, optional or map: no torch tensor
+            raise CaptureError(
+                f"ONNX graph input {vi.name!r} (read by {self._readers(vi.name)}) is a "
+                f"{kind.removesuffix('_type')}, not a tensor; graphopt's importer takes tensor "
+                f"inputs only. Give the model tensor inputs and re-export it."
+            )
         if elem and ph.meta["onnx_dtype"] is None:  # int4, string, ...: no torch tensor
             raise CaptureError(
-                f"ONNX graph input {vi.name!r} has element type "
-                f"{onnx.TensorProto.DataType.Name(elem)}, which has no torch dtype, so "
+                f"ONNX graph input {vi.name!r} (read by {self._readers(vi.name)}) has element "
+                f"type {onnx.TensorProto.DataType.Name(elem)}, which has no torch dtype, so "
                 f"graphopt's importer cannot represent it. Give the model an input of a "
                 f"supported type (e.g. int8 or float32, with a Cast inside the model) and "
                 f"re-export it."
             )
         self.env[vi.name] = ph
         return vi.name
+
+    def _readers(self, name: str) -> str:
+        """The nodes that read ``name``, for messages: "Cast node 'Cast_0'", ..."""
+        readers = [
+            f"{node.op_type} node {node.name or f'{node.op_type}_{i}'!r}"
+            for i, node in enumerate(self.model.graph.node)
+            if name in node.input
+        ]
+        return ", ".join(readers) or "no node"
 
     # -- nodes and outputs ---------------------------------------------------------------
 

@@ -297,6 +297,47 @@ def layer_norm_manual(
     return y + bias if bias is not None else y
 
 
+def layer_norm_stats(
+    x: torch.Tensor, axis: int, eps: float, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """LayerNormalization's Mean and InvStdDev outputs: mean and 1 / sqrt(var + eps) over the
+    axes from ``axis`` on (kept as size-1 dims), computed in ``dtype`` (the stash type)."""
+    xs = x.to(dtype)
+    dims = tuple(range(axis % x.dim(), x.dim()))
+    mean = xs.mean(dim=dims, keepdim=True)
+    var = (xs - mean).pow(2).mean(dim=dims, keepdim=True)
+    return mean, torch.rsqrt(var + eps)
+
+
+def max_pool_with_indices(
+    x: torch.Tensor,
+    kernel: list[int],
+    strides: list[int],
+    pads: list[int],
+    dilations: list[int],
+    ceil_mode: bool,
+    storage_order: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """MaxPool's values and ONNX's Indices: the position of each maximum in the input flattened
+    whole, (n * C + c) * plane + the position in its plane -- row-major, or column-major with
+    storage_order=1 (torch's indices count within the plane, row-major)."""
+    pool = (F.max_pool1d, F.max_pool2d, F.max_pool3d)[len(kernel) - 1]
+    y, within = pool(x, kernel, strides, pads, dilations, ceil_mode, return_indices=True)
+    spatial = list(x.shape[2:])
+    if storage_order:
+        rest, index, step = within, torch.zeros_like(within), [1]
+        for size in spatial[:-1]:
+            step.append(step[-1] * size)
+        for d in reversed(range(len(spatial))):  # unravel row-major, ravel column-major
+            index = index + (rest % spatial[d]) * step[d]
+            rest = rest // spatial[d]
+        within = index
+    plane = math.prod(spatial)
+    planes = torch.arange(x.shape[0] * x.shape[1], dtype=torch.int64)
+    offset = planes.reshape(x.shape[0], x.shape[1], *[1] * len(spatial)) * plane
+    return y, within + offset
+
+
 def avg_pool_exclude_pad(
     x: torch.Tensor, pads: list[int], kernel: list[int], strides: list[int], ceil_mode: bool
 ) -> torch.Tensor:

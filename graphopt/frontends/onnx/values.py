@@ -113,6 +113,8 @@ def _to_torch(array: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(array).view(np.uint8).copy()).view(float8)
     if array.dtype == object or array.dtype.kind in "SUV":
         raise TypeError(f"tensors of numpy dtype {array.dtype} have no torch equivalent")
+    if array.dtype.kind in "iu" and array.dtype.itemsize == 8:  # (u)longlong, as ORT returns
+        array = array.view(np.int64 if array.dtype.kind == "i" else np.uint64)
     return torch.from_numpy(np.array(array, copy=True))
 
 

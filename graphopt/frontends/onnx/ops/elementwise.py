@@ -18,6 +18,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from graphopt.backends.export import FLOAT8
+from graphopt.errors import CaptureError
 from graphopt.frontends.onnx.context import Ctx
 from graphopt.frontends.onnx.ops.common import refuse_dtype, scalar_of, set_param, wide_uint_dtype
 from graphopt.frontends.onnx.ops.registry import converter
@@ -306,9 +307,14 @@ def _cast(ctx: Ctx) -> Value:
             if ctx.op == "Cast"
             else f"of input {ctx.node.input[1]!r}"
         )
-        raise ctx.fail(
-            f"the target type {target} is unknown or has no torch dtype",
-            "Cast to a type torch has (e.g. int8, float16, float32) instead.",
+        # not a refusal that leaves the node opaque: no torch tensor could hold its output
+        raise CaptureError(
+            str(
+                ctx.fail(
+                    f"the target type {target} is unknown or has no torch dtype",
+                    "Cast to a type torch has (e.g. int8, float16, float32) instead.",
+                )
+            )
         )
     v = ctx.value(0)
     if isinstance(v, Sym) and is_int_dtype(dtype):

@@ -79,40 +79,115 @@ def _conv(ctx: Ctx) -> Value:
 @converter("ConvTranspose")
 def _conv_transpose(ctx: Ctx) -> Value:
     w = ctx.const(1)
-    if w is None:
-        raise ctx.fail("the weight must be a constant initializer")
-    kernel = list(ctx.attr("kernel_shape", w.shape[2:]))
+    kernel = ctx.attr("kernel_shape")
+    if kernel is None:
+        shape = list(w.shape) if w is not None else ctx.shape(1)
+        if shape is None or not all(isinstance(d, int) for d in shape[2:]):
+            raise ctx.fail("kernel_shape is absent and the weight's shape is unknown")
+        kernel = shape[2:]
+    kernel = list(kernel)
     n = len(kernel)
     if n not in (1, 2, 3):
         raise ctx.fail(f"{n}-D transposed convolution is not supported")
-    if ctx.attr("output_shape") is not None:
-        raise ctx.fail(
-            "the output_shape attribute is not supported",
-            "Export the model with explicit pads and output_padding instead.",
-        )
-    if ctx.attr("auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
-        raise ctx.fail(
-            f"auto_pad={ctx.attr('auto_pad')} is not supported for ConvTranspose",
-            "Export the model with explicit pads.",
-        )
     strides, dilations = spatial_attrs(ctx, n)
     group = int(ctx.attr("group", 1))
     output_padding = list(ctx.attr("output_padding", [0] * n))
-    pads = (
-        list(ctx.attr("pads", [0] * 2 * n))
-        if ctx.attr("auto_pad", "NOTSET") == "NOTSET"
-        else [0] * 2 * n
-    )
+    pads = _transpose_pads(ctx, kernel, strides, dilations, output_padding)
     b = ctx.value(2)
-    if b is not None and not isinstance(b, torch.Tensor):
-        raise ctx.fail("the bias must be a constant initializer")
+    # torch's module takes output_padding below the stride or the dilation, and no negative pads
+    torch_can = min(pads) >= 0 and all(
+        p < max(s, d) for p, s, d in zip(output_padding, strides, dilations, strict=True)
+    )
+    if w is not None and (b is None or isinstance(b, torch.Tensor)) and torch_can:
+        return _conv_transpose_module(ctx, w, b, pads, strides, dilations, output_padding, group)
+    # the general form: the full output, then ONNX's pads cropped (negative pads and the
+    # output_padding beyond it grow the output with zeros), then the bias
+    fn = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)[n - 1]
+    y = ctx.call(fn, ctx.tensor(0), ctx.tensor(1), None, strides, 0, 0, group, dilations)
+    crop = pads[:n] + [e - p for e, p in zip(pads[n:], output_padding, strict=True)]
+    if min(crop) < 0:
+        y = ctx.call(F.pad, y, torch_pad([max(0, -c) for c in crop]))
+    if max(crop) > 0:
+        y = _crop(ctx, y, [max(0, c) for c in crop])
+    if b is None:
+        return y
+    bias = ctx.call(torch.reshape, ctx.tensor(2), (-1, *[1] * n))
+    return ctx.call(torch.add, y, bias)
+
+
+def _transpose_pads(
+    ctx: Ctx,
+    kernel: list[int],
+    strides: list[int],
+    dilations: list[int],
+    output_padding: list[int],
+) -> list[int]:
+    """ConvTranspose's [begins..., ends...] pads: explicit, or (output_shape given, or auto_pad
+    SAME_*: the output is input * stride) total = full output - wanted output, split as ONNX's
+    spec says (SAME_UPPER: the smaller half first)."""
+    n = len(kernel)
+    auto_pad = ctx.attr("auto_pad", "NOTSET")
+    out_shape = ctx.attr("output_shape")
+    if auto_pad not in ("NOTSET", "VALID", "SAME_UPPER", "SAME_LOWER"):
+        raise ctx.fail(f"auto_pad={auto_pad!r} is not a valid value")
+    if out_shape is None and auto_pad in ("NOTSET", "VALID"):
+        pads = list(ctx.attr("pads", [0] * 2 * n)) if auto_pad == "NOTSET" else [0] * 2 * n
+        if len(pads) != 2 * n:
+            raise ctx.fail(f"pads {pads} do not have 2 * {n} entries")
+        return pads
+    what = "output_shape" if out_shape is not None else f"auto_pad={auto_pad}"
+    begins, ends = [], []
+    for i in range(n):
+        size = ctx.static_dim(0, 2 + i)
+        if size is None:
+            raise ctx.fail(
+                f"{what} needs the static size of spatial dim {i}, which is not known",
+                "Export the model with explicit pads or static spatial sizes.",
+            )
+        full = strides[i] * (size - 1) + output_padding[i] + (kernel[i] - 1) * dilations[i] + 1
+        total = full - (list(out_shape)[-n:][i] if out_shape is not None else size * strides[i])
+        # ONNX's spec, its reference implementation and ONNX Runtime split these differently
+        if (auto_pad == "NOTSET" and total > 0) or (auto_pad != "NOTSET" and total < 0):
+            raise ctx.fail(
+                f"{what} gives a total padding of {total} on spatial dim {i}, which ONNX's "
+                "spec, its reference implementation and ONNX Runtime place differently",
+                "Export the model with explicit pads and output_padding instead.",
+            )
+        begin = total // 2 if auto_pad == "SAME_UPPER" else total - total // 2
+        begin = 0 if auto_pad == "NOTSET" else begin  # total <= 0: the output grows at the end
+        begins.append(begin)
+        ends.append(total - begin)
+    return begins + ends
+
+
+def _crop(ctx: Ctx, y: Any, crop: list[int]) -> Any:
+    """``y`` without ``crop`` = [begins..., ends...] elements on its last n dims."""
+    n = len(crop) // 2
+    index: list[Any] = [Ellipsis]
+    for i in range(n):
+        begin, end = crop[i], crop[i + n]
+        index.append(slice(begin, -end if end else None))
+    return ctx.call(operator.getitem, y, tuple(index))
+
+
+def _conv_transpose_module(
+    ctx: Ctx,
+    w: torch.Tensor,
+    b: torch.Tensor | None,
+    pads: list[int],
+    strides: list[int],
+    dilations: list[int],
+    output_padding: list[int],
+    group: int,
+) -> Value:
+    n = len(strides)
     symmetric = pads[:n] == pads[n:]
     cls = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)[n - 1]
     mod = nn.utils.skip_init(
         cls,
         w.shape[0],
         w.shape[1] * group,
-        tuple(kernel),
+        tuple(w.shape[2:]),
         stride=tuple(strides),
         padding=tuple(pads[:n]) if symmetric else 0,
         output_padding=tuple(output_padding),
@@ -125,14 +200,8 @@ def _conv_transpose(ctx: Ctx) -> Value:
     if b is not None:
         set_param(mod, "bias", b)
     y = ctx.module(mod, ctx.tensor(0))
-    if symmetric:
-        return y
-    # Asymmetric pads crop the full output: slice them off explicitly.
-    index: list[Any] = [Ellipsis]
-    for i in range(n):
-        begin, end = pads[i], pads[i + n]
-        index.append(slice(begin, -end if end else None))
-    return ctx.call(operator.getitem, y, tuple(index))
+    # asymmetric pads crop the full output: slice them off explicitly
+    return y if symmetric else _crop(ctx, y, pads)
 
 
 def _linear(ctx: Ctx, x: Any, weight: torch.Tensor, bias: torch.Tensor | None) -> Any:

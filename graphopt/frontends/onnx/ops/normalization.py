@@ -1,9 +1,10 @@
 """Normalization converters: BatchNormalization (-> :class:`OnnxBatchNorm2d` and 1d/3d),
-LayerNormalization, Softmax and LogSoftmax."""
+LayerNormalization (with its Mean and InvStdDev outputs), Softmax and LogSoftmax."""
 
 from __future__ import annotations
 
 import logging
+import operator
 from typing import Any
 
 import torch
@@ -13,8 +14,8 @@ from torch import nn
 from graphopt.frontends.onnx.context import Ctx
 from graphopt.frontends.onnx.ops.common import set_param
 from graphopt.frontends.onnx.ops.registry import converter
-from graphopt.frontends.onnx.runtime import layer_norm_manual
-from graphopt.frontends.onnx.values import Value
+from graphopt.frontends.onnx.runtime import layer_norm_manual, layer_norm_stats
+from graphopt.frontends.onnx.values import ONNX_TO_TORCH, Value
 
 logger = logging.getLogger(__name__)
 
@@ -107,11 +108,22 @@ def _softmax(ctx: Ctx) -> Value:
 
 
 @converter("LayerNormalization")
-def _layer_norm(ctx: Ctx) -> Value:
-    if any(ctx.output_used(j) for j in (1, 2)):
-        raise ctx.fail("the Mean/InvStdDev outputs are used; only the first output is supported")
+def _layer_norm(ctx: Ctx) -> Value | list[Value]:
     axis = int(ctx.attr("axis", -1))
     eps = float(ctx.attr("epsilon", 1e-5))
+    y = _layer_norm_y(ctx, axis, eps)
+    if not any(ctx.output_used(j) for j in (1, 2)):
+        return y
+    # Mean and InvStdDev (the statistics over the normalized axes, kept as size-1 dims) are
+    # computed in stash_type (float32 by default)
+    stash = ONNX_TO_TORCH.get(int(ctx.attr("stash_type", 1)))
+    if stash is None or not stash.is_floating_point:
+        raise ctx.fail(f"stash_type={ctx.attr('stash_type')} is not a floating-point type")
+    stats = ctx.call(layer_norm_stats, ctx.tensor(0), axis, eps, stash)
+    return [y, ctx.call(operator.getitem, stats, 0), ctx.call(operator.getitem, stats, 1)]
+
+
+def _layer_norm_y(ctx: Ctx, axis: int, eps: float) -> Value:
     x = ctx.tensor(0)
     scale, bias = ctx.value(1), ctx.value(2)
     rank = ctx.rank(0)

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from graphopt.frontends.onnx.context import Ctx
 from graphopt.frontends.onnx.ops.common import resolve_pads, spatial_attrs
 from graphopt.frontends.onnx.ops.registry import converter
-from graphopt.frontends.onnx.runtime import avg_pool_exclude_pad, torch_pad
+from graphopt.frontends.onnx.runtime import avg_pool_exclude_pad, max_pool_with_indices, torch_pad
 from graphopt.frontends.onnx.values import Value
 
 logger = logging.getLogger(__name__)
@@ -125,15 +125,22 @@ def _torch_can_pad(pads: list[int], kernel: list[int], dilations: list[int]) -> 
 
 
 @converter("MaxPool")
-def _max_pool(ctx: Ctx) -> Value:
-    if ctx.output_used(1):
-        raise ctx.fail("the Indices output is not supported")
-    if int(ctx.attr("storage_order", 0)) != 0:
-        raise ctx.fail("storage_order=1 is not supported")
+def _max_pool(ctx: Ctx) -> Value | list[Value]:
     kernel, strides, dilations, pads, ceil_mode = _pool_geometry(ctx)
     n = len(kernel)
     fn = (F.max_pool1d, F.max_pool2d, F.max_pool3d)[n - 1]
     x = ctx.tensor(0)
+    if ctx.output_used(1):  # Indices: flat positions in the input, as ONNX counts them
+        if not _torch_can_pad(pads, kernel, dilations):
+            raise ctx.fail(
+                f"the Indices output with pads {pads} (asymmetric or over half a window, which "
+                "torch's pooling cannot express) is not supported"
+            )
+        order = int(ctx.attr("storage_order", 0))
+        both = ctx.call(
+            max_pool_with_indices, x, kernel, strides, pads[:n], dilations, ceil_mode, order
+        )
+        return [ctx.call(operator.getitem, both, 0), ctx.call(operator.getitem, both, 1)]
     if _torch_can_pad(pads, kernel, dilations):
         return ctx.call(fn, x, kernel, strides, pads[:n], dilations, ceil_mode)
     x = ctx.call(F.pad, x, torch_pad(pads), value=-math.inf)
