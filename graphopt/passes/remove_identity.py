@@ -13,7 +13,12 @@ The rules, each ``pattern -> replacement``:
 Not removed (counted as ``skipped:<reason>``): dropout in training mode (``dropout-training``);
 a reshape whose target equals the traced shape only for the traced batch size
 (``reshape-static-batch``); ``x*1``, ``x+0``, ``x.contiguous()`` whose result a user then
-changes in place (``inplace-user``: without the copy, the write would change ``x``).
+changes in place (``inplace-user``: without the copy, the write would change ``x``); a
+``.contiguous()`` whose result a ``view`` reads, directly or through other views
+(``contiguous-before-view``: Swin's ``x.permute(...).contiguous().view(...)``; ``x``'s strides
+may not allow the view), unless the strides recorded at capture prove ``x`` contiguous (not a
+graph input, row-major strides, no size-1 dimension: the strides cannot prove it for every
+batch size when a dimension has size 1: a batch of 1 hides a permutation).
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from torch import fx, nn
 from graphopt.core.numerics import Numerics
 from graphopt.core.pass_infra import Pass, PassContext, PassResult
 from graphopt.core.registry import register_pass
-from graphopt.fx.effects import mutates_input
+from graphopt.fx.effects import may_alias_input, mutates_input
 
 _DROPOUT_MODULES = (
     nn.Dropout,
@@ -61,6 +66,8 @@ _NEUTRAL = {
 }
 _COMMUTATIVE = {operator.mul, torch.mul, operator.add, torch.add}
 _NEW_TENSOR = {"mul-one", "add-zero", "contiguous"}
+# ops that need their input's strides to allow the new shape without a copy
+_VIEWS = {"view", "view_as", torch.Tensor.view, torch.Tensor.view_as, torch.ops.aten.view.default}
 
 
 def _meta(node: Any) -> Any:
@@ -130,6 +137,9 @@ class RemoveIdentity(Pass):
                 return "dropout", node.args[0]
             return "skipped:dropout-training", None
         if node.op == "call_method" and node.target == "contiguous":
+            # x.permute(...).contiguous().view(...): view needs the copy's strides
+            if _feeds_view(gm, node) and not _provably_contiguous(node.args[0]):
+                return "skipped:contiguous-before-view", None
             return "contiguous", node.args[0]
         if node.op == "call_method" and node.target in ("to", "type") + tuple(_CASTS):
             return self._cast(node)
@@ -214,6 +224,41 @@ class RemoveIdentity(Pass):
             ):
                 return label, x
         return None, None
+
+
+def _provably_contiguous(src: Any) -> bool:
+    """``src`` is contiguous for every batch size, by the strides recorded at capture: exactly
+    the row-major strides of its shape, no dimension of size 1 (whose stride hides a
+    permutation: a transposed batch of 1 looks contiguous), and not a graph input (the caller
+    may pass any strides)."""
+    meta = _meta(src)
+    if meta is None or src.op == "placeholder" or getattr(meta, "stride", None) is None:
+        return False
+    shape = tuple(meta.shape)
+    if not shape or any(d <= 1 for d in shape):
+        return False
+    expected, step = [], 1
+    for d in reversed(shape):
+        expected.append(step)
+        step *= d
+    return tuple(meta.stride) == tuple(reversed(expected))
+
+
+def _feeds_view(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """A ``view`` reads ``node``'s value, directly or through ops that may return a view of it
+    (``x.contiguous().transpose(1, 2).view(...)``): without the copy, ``view`` could see strides
+    it cannot reshape (Swin's and MaxViT's window partition)."""
+    stack, seen = list(node.users), set()
+    while stack:
+        user = stack.pop()
+        if user in seen:
+            continue
+        seen.add(user)
+        if user.op in ("call_method", "call_function") and user.target in _VIEWS:
+            return True
+        if may_alias_input(gm, user):
+            stack.extend(user.users)
+    return False
 
 
 def _is_size_of(node: fx.Node, tensor: fx.Node, dim: int) -> bool:

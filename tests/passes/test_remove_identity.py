@@ -46,10 +46,14 @@ def test_removes_identity_and_eval_dropout_modules():
 
 def test_removes_no_op_views_casts_and_neutral_arithmetic():
     def before(x):
-        y = x.contiguous().float().permute(0, 1, 2).transpose(1, 1).view(-1, 3, 5)
+        # relu's output is contiguous for every batch (its strides are recorded at capture)
+        y = torch.relu(x).contiguous().float().permute(0, 1, 2).transpose(1, 1).view(-1, 3, 5)
         return torch.relu(y.flatten(2, 2) * 1 + 0)
 
-    result = verify_rewrite("remove-identity", _Fn(before), _Fn(torch.relu), (_x(2, 3, 5),))
+    def expected(x):
+        return torch.relu(torch.relu(x))
+
+    result = verify_rewrite("remove-identity", _Fn(before), _Fn(expected), (_x(2, 3, 5),))
     assert dict(result.stats) == {
         "contiguous": 1,
         "cast": 1,
@@ -201,6 +205,48 @@ def test_contiguous_copy_feeding_an_inplace_module_is_kept():
 
     result = assert_pass_preserves(RemoveIdentity, M(), (_x(2, 3, 4),), expect_modified=False)
     assert dict(result.stats) == {"skipped:inplace-user": 1}
+
+
+def _window_partition(x, w: int = 2):
+    """Swin's window partition: a permute, then ``.contiguous().view(...)``."""
+    b, h, wd, c = x.shape
+    x = x.view(b, h // w, w, wd // w, w, c)
+    return x.permute(0, 1, 3, 2, 4, 5).contiguous().view(-1, w * w, c)
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_contiguous_before_a_view_of_a_permuted_tensor_is_kept(batch):
+    # at batch 1 the permuted tensor's strides hide the permutation; it is kept at both
+    model = _Fn(lambda x: _window_partition(torch.relu(x)) * 2)
+    result = assert_pass_preserves(
+        RemoveIdentity,
+        model,
+        (_x(batch, 4, 4, 3),),
+        more_inputs=[(_x(3, 4, 4, 3, seed=2),)],
+        expect_modified=False,
+    )
+    assert dict(result.stats) == {"skipped:contiguous-before-view": 1}
+    gm, _ = run_pass(RemoveIdentity, model, (_x(batch, 4, 4, 3),))
+    assert sum(n.target == "contiguous" for n in gm.graph.nodes) == 1
+
+
+def test_contiguous_before_a_view_through_a_transpose_is_kept():
+    def fn(x):
+        return x.permute(0, 2, 1).contiguous().transpose(1, 1).view(x.shape[0], -1)
+
+    result = assert_pass_preserves(
+        RemoveIdentity, _Fn(fn), (_x(2, 3, 5),), more_inputs=[(_x(4, 3, 5),)]
+    )
+    assert result.stats["skipped:contiguous-before-view"] == 1
+    assert result.stats["transpose"] == 1
+
+
+def test_contiguous_of_a_graph_input_before_a_view_is_kept():
+    # the caller may pass any strides: an input is never provably contiguous
+    model = _Fn(lambda x: x.contiguous().view(-1, 15))
+    gm, result = run_pass(RemoveIdentity, model, (_x(2, 3, 5),))
+    assert dict(result.stats) == {"skipped:contiguous-before-view": 1}
+    gm(_x(5, 3, 2).transpose(1, 2))  # a non-contiguous input still runs
 
 
 # ------------------------------------------------------------------------------------------------
