@@ -34,6 +34,7 @@ from graphopt.backends.export import (  # EXPORT_LOCK: torch's exporters share s
 )
 from graphopt.core.numerics import flatten_outputs
 from graphopt.errors import CaptureError, InputError
+from graphopt.frontends.bind import bound_defaults, drop_bound_placeholders
 from graphopt.frontends.onnx import from_numpy, import_onnx, load_onnx
 
 log = logging.getLogger(__name__)
@@ -113,7 +114,7 @@ def capture(
         check_runs(model, inputs)
     fixed_batch = ""
     try:
-        gm = _symbolic_trace(model, leaf_modules, concrete_args)
+        gm = _symbolic_trace(model, leaf_modules, concrete_args, inputs)
         method = "symbolic_trace"
         if frozen := _frozen_constants(gm):
             notes.append(
@@ -189,9 +190,13 @@ class LeafTracer(fx.Tracer):
         return super().is_leaf_module(m, qualname)
 
 
-def _symbolic_trace(model: nn.Module, leaf_modules, concrete_args) -> fx.GraphModule:
+def _symbolic_trace(
+    model: nn.Module, leaf_modules, concrete_args, inputs: tuple[torch.Tensor, ...] | None
+) -> fx.GraphModule:
+    bound = bound_defaults(model, len(inputs) if inputs is not None else None, concrete_args)
     tracer = LeafTracer(leaf_modules)
-    graph = tracer.trace(model, concrete_args=concrete_args)
+    graph = tracer.trace(model, concrete_args=bound or None)
+    drop_bound_placeholders(graph, set(bound))
     name = type(model).__name__
     return fx.GraphModule(tracer.root, graph, name)
 

@@ -167,3 +167,31 @@ def test_optimized_torch_export_model_refuses_other_batches_instead_of_computing
     assert torch.allclose(result(x), m(x), atol=1e-5)
     with pytest.raises(InputError, match="should be"):
         result(torch.randn(3, 3, 8, 8))
+
+
+class _Attention(nn.Module):
+    """timm's attention signature: optional non-tensor arguments with defaults."""
+
+    def forward(self, x, attn_mask=None, is_causal=False, scale=2.0):
+        if attn_mask is not None:
+            x = x + attn_mask
+        if is_causal:
+            x = x.tril()
+        return x * scale
+
+
+def test_arguments_with_defaults_not_given_are_bound_not_inputs():
+    m = _Attention().eval()
+    x = torch.randn(2, 3, 3)
+    cap = capture(m, (x,))
+    assert [n.target for n in cap.graph.graph.nodes if n.op == "placeholder"] == ["x"]
+    assert [s.name for s in cap.inputs] == ["x"]
+    assert torch.equal(run_module(cap.graph, (x,))[0], m(x))
+
+
+def test_a_default_argument_given_as_an_example_input_stays_an_input():
+    m = _Attention().eval()
+    x, mask = torch.randn(2, 3, 3), torch.randn(2, 3, 3)
+    cap = capture(m, (x, mask), concrete_args={"is_causal": True})
+    assert [s.name for s in cap.inputs] == ["x", "attn_mask"]
+    assert torch.equal(run_module(cap.graph, (x, mask))[0], m(x, mask, is_causal=True))
