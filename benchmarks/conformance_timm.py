@@ -52,12 +52,14 @@ def previous_rows() -> tuple[list[tc.Outcome], list[str]]:
     outcomes, reparam = [], []
     for line in OUT.read_text().splitlines():
         cells = [x.strip() for x in line.strip().strip("|").split("|")]
-        if len(cells) == 8 and cells[2] in ("nn.Module", "onnx"):
-            status, _, reason = cells[3].partition(": ")
-            o = tc.Outcome(tc.case(cells[0]), cells[2], status, reason, error=cells[6])
+        if len(cells) == 9 and cells[2] in ("nn.Module", "onnx"):
+            text, _, rolled = cells[3].removesuffix(")").partition(" (rolled back: ")
+            status, _, reason = (text if rolled else cells[3]).partition(": ")
+            o = tc.Outcome(tc.case(cells[0]), cells[2], status, reason, error=cells[7])
             o.convs = tuple(int(x) for x in cells[4].split(" -> "))
             o.bns = tuple(int(x) for x in cells[5].split(" -> "))
-            o.seconds = float(cells[7])
+            o.conv_bn_left, o.seconds = int(cells[6]), float(cells[8])
+            o.rolled_back = tuple(rolled.split(", ")) if rolled else ()
             outcomes.append(o)
         elif len(cells) == 5 and cells[0] in tc.REPARAM:
             reparam.append(line)
@@ -79,6 +81,12 @@ def summary(outcomes: list[tc.Outcome]) -> list[str]:
             + ", ".join(f"{n} {s}" for s, n in counts.items() if n)
         )
         lines += [f"  - {o.case.name}: {o.status}: {o.reason}" for o in mine if o.status != "ok"]
+        rolled = [f"{o.case.name} ({', '.join(o.rolled_back)})" for o in mine if o.rolled_back]
+        if rolled:
+            lines.append(f"  - a pass rolled back on {len(rolled)}: {'; '.join(rolled)}")
+        left = [f"{o.case.name} ({o.conv_bn_left})" for o in mine if o.conv_bn_left]
+        if left:
+            lines.append(f"  - conv/linear+BN pairs left on {len(left)}: {', '.join(left)}")
     return lines
 
 

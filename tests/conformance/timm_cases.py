@@ -17,7 +17,7 @@ from types import ModuleType
 from typing import Any
 
 import torch
-from torch import nn
+from torch import fx, nn
 
 import graphopt
 from graphopt.core.numerics import Numerics, Rounding, run_module
@@ -208,22 +208,56 @@ class Outcome:
     bns: tuple[int, int] = (0, 0)
     error: str = ""  # the artifact's end-to-end error against the original
     seconds: float = 0.0
+    conv_bn_left: int = 0  # BatchNorms left right after a conv or linear (through reshapes)
+    rolled_back: tuple[str, ...] = ()  # passes that failed or were rolled back
     report: Any = None  # optimize()'s report when it returned
 
     def row(self) -> str:
         status = self.status if not self.reason else f"{self.status}: {self.reason}"
+        if self.rolled_back:
+            status += f" (rolled back: {', '.join(self.rolled_back)})"
         status = status.replace("|", "/").replace("\n", " ")
         return (
             f"| {self.case.name} | {self.case.family} | {self.path} | {status} | "
             f"{self.convs[0]} -> {self.convs[1]} | {self.bns[0]} -> {self.bns[1]} | "
-            f"{self.error} | {self.seconds:.0f} |"
+            f"{self.conv_bn_left} | {self.error} | {self.seconds:.0f} |"
         )
 
 
 TABLE_HEADER = (
     "| model | family | path | status | convs before -> after | BN before -> after | "
-    "end-to-end error | s |\n|---|---|---|---|---|---|---|---|"
+    "conv/linear+BN left | end-to-end error | s |\n|---|---|---|---|---|---|---|---|---|"
 )
+_RESHAPES = {"view", "reshape", "flatten", "contiguous", "unflatten", "getitem"}
+_LAYERS = _CONV | {"linear"}
+
+
+def _kind(gm: fx.GraphModule, node: fx.Node) -> str:
+    if node.op == "call_module":
+        module = gm.get_submodule(node.target)
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            return "bn"
+        return "layer" if isinstance(module, nn.modules.conv._ConvNd | nn.Linear) else ""
+    if node.op in ("call_function", "call_method"):
+        name = _op(getattr(node.target, "__name__", str(node.target)))
+        if "batchnorm" in name.replace("_", ""):
+            return "bn"
+        return "layer" if name in _LAYERS else "reshape" if name in _RESHAPES else ""
+    return ""
+
+
+def conv_bn_left(gm: fx.GraphModule) -> int:
+    """BatchNorms of ``gm`` whose input is a conv's or linear's output (through reshapes):
+    the pairs fold-conv-bn should have folded."""
+    left = 0
+    for node in gm.graph.nodes:
+        if _kind(gm, node) != "bn" or not node.args or not isinstance(node.args[0], fx.Node):
+            continue
+        src = node.args[0]
+        while _kind(gm, src) == "reshape" and src.args and isinstance(src.args[0], fx.Node):
+            src = src.args[0]
+        left += _kind(gm, src) == "layer"
+    return left
 
 
 def export_onnx(model: nn.Module, inputs: tuple[torch.Tensor, ...], path: Path) -> Path:
@@ -261,6 +295,8 @@ def run_case(timm: ModuleType, c: Case, onnx_dir: Path | None = None) -> Outcome
         outcome.report = report
         outcome.convs = (conv_count(report.ops_before), conv_count(report.ops_after))
         outcome.bns = (bn_count(report.ops_before), bn_count(report.ops_after))
+        outcome.conv_bn_left = conv_bn_left(result.graph_module)
+        outcome.rolled_back = tuple(r.name for r in report.rolled_back)
         err = report.artifact_error
         outcome.error = "" if err is None else err.describe()
         if err is None or not err.ok:
