@@ -339,7 +339,8 @@ def check_example_inputs(inputs: Sequence[torch.Tensor]) -> None:
                 "nothing. Pass at least one sample, e.g. batch size 1."
             )
         if x.is_floating_point() or x.is_complex():
-            finite = torch.isfinite(x)
+            # float8 is storage only in torch: isfinite works on its float32 values
+            finite = torch.isfinite(x.float() if x.element_size() == 1 else x)
             if not bool(finite.all()):
                 bad = int((~finite).sum())
                 raise InputError(

@@ -7,7 +7,6 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 from torch import fx
 
@@ -16,6 +15,7 @@ from graphopt.backends.export import to_numpy
 from graphopt.core.numerics import Comparison
 from graphopt.core.pass_infra import Pass, PassContext
 from graphopt.core.progress import Progress
+from graphopt.frontends.onnx import from_numpy
 from graphopt.lowering.check import Check
 from graphopt.pipeline import PassManager, PipelineResult
 from graphopt.report import Report
@@ -61,7 +61,7 @@ class Lowering:
     def run(self, artifact: Artifact) -> list[torch.Tensor]:
         """The artifact's outputs on every check sample, concatenated."""
         return [
-            torch.from_numpy(np.asarray(o))
+            from_numpy(o)  # ml_dtypes' bfloat16/float8 and (u)longlong arrays too
             for sample in self.check.samples
             for o in artifact.run([to_numpy(x) for x in sample])
         ]

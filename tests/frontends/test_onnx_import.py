@@ -1640,3 +1640,20 @@ def test_cast_to_a_type_torch_lacks_is_refused_not_left_opaque() -> None:
     model = _make_model([node], [("x", FLOAT, [4])], ["y"], opset=21)
     with pytest.raises(CaptureError, match=r"'c4' \(Cast\): the target type INT4"):
         import_onnx(model)
+
+
+def test_cast_to_float8_e4m3fn_without_saturation_gives_nan_past_the_range() -> None:
+    # saturate=0 was refused (torch's cast saturates); values that round past 448 and infinities
+    # become NaN, as ONNX's reference computes them
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    node = helper.make_node("Cast", ["x"], ["y"], to=TensorProto.FLOAT8E4M3FN, saturate=0)
+    model = _make_model([node], [("x", FLOAT, [8])], ["y"], opset=19)
+    x = np.array([0.3, -2.5, 448, 460, 464, 465, -1e4, np.inf], np.float32)
+    ref = ReferenceEvaluator(model).run(None, {"x": x})
+    assert ref[0].dtype == ml_dtypes.float8_e4m3fn and np.isnan(ref[0][-3:].astype(float)).all()
+    gm = import_onnx(model)
+    assert not gm.meta.get("onnx_opaque")
+    with torch.no_grad():
+        got = to_numpy(gm(torch.from_numpy(x)))
+    np.testing.assert_array_equal(got.view(np.uint8) & 0x7F, ref[0].view(np.uint8) & 0x7F)
+    np.testing.assert_array_equal(got.astype(np.float32), ref[0].astype(np.float32))

@@ -8,6 +8,7 @@ Arithmetic on shape values (:class:`~graphopt.frontends.onnx.values.Sym`) stays 
 
 from __future__ import annotations
 
+import math
 import operator
 from collections.abc import Callable
 from typing import Any
@@ -325,11 +326,11 @@ def _cast(ctx: Ctx) -> Value:
         # types; ONNX's saturate=1 (the default) clamps to the largest finite value.
         saturate = bool(ctx.attr("saturate", 1))
         if dtype == torch.float8_e4m3fn and not saturate:
-            raise ctx.fail(
-                "Cast to FLOAT8E4M3FN with saturate=0 (out-of-range values become NaN) is not "
-                "supported: torch's cast to float8_e4m3fn always saturates",
-                "Export the model with saturate=1, or cast to float16/float32 instead.",
-            )
+            # torch's cast saturates; ONNX's saturate=0 gives NaN where the value rounds past
+            # 448 (E4M3FN's largest finite value; 464 still rounds to it, ties to even) or is
+            # infinite -- E4M3FN has no infinity
+            too_large = ctx.call(torch.gt, ctx.call(torch.abs, x), 464)
+            x = ctx.call(torch.where, too_large, math.nan, x)
         if saturate and dtype != torch.float8_e4m3fn:
             limit = float(torch.finfo(dtype).max)
             x = ctx.call(torch.clamp, x, -limit, limit)
