@@ -101,9 +101,9 @@ class _Importer(ImportState):
         kind = vi.type.WhichOneof("value")
         if kind not in (None, "tensor_type"):  # a sequence, optional or map: no torch tensor
             raise CaptureError(
-                f"ONNX graph input {vi.name!r} (read by {self._readers(vi.name)}) is a "
-                f"{kind.removesuffix('_type')}, not a tensor; graphopt's importer takes tensor "
-                f"inputs only. Give the model tensor inputs and re-export it."
+                f"ONNX graph input {vi.name!r} (read by {self._readers(vi.name)}) is of "
+                f"{kind.removesuffix('_type')} type, not a tensor; graphopt's importer takes "
+                f"tensor inputs only. Give the model tensor inputs and re-export it."
             )
         if elem and ph.meta["onnx_dtype"] is None:  # int4, string, ...: no torch tensor
             raise CaptureError(
