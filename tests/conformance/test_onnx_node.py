@@ -231,13 +231,22 @@ def test_node_tests_through_import(op: str) -> None:
     _check_op(op, "import")
 
 
-@pytest.mark.parametrize(
-    "op",
-    [
-        op if op in OPTIMIZE_IN_CI else pytest.param(op, marks=pytest.mark.slow)
-        for op in sorted(SUPPORTED_OPS)
-    ],
-)
+# Known failures outside the importer, each with its cause (strict: the test says when fixed).
+KNOWN_FAILURES = {
+    # ONNX Runtime's Python run() takes and returns no bfloat16 numpy arrays (the ONNX
+    # Runtime artifact would need OrtValues), so the artifact cannot run a bfloat16 Range
+    ("Range", "optimize"): "ONNX Runtime's run() cannot feed or return bfloat16 arrays",
+}
+
+
+def _optimize_param(op: str) -> Any:
+    marks = [] if op in OPTIMIZE_IN_CI else [pytest.mark.slow]
+    if reason := KNOWN_FAILURES.get((op, "optimize")):
+        marks.append(pytest.mark.xfail(strict=True, reason=reason))
+    return pytest.param(op, marks=marks)
+
+
+@pytest.mark.parametrize("op", [_optimize_param(op) for op in sorted(SUPPORTED_OPS)])
 def test_node_tests_through_optimize(op: str) -> None:
     _check_op(op, "optimize")
 
