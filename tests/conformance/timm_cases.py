@@ -247,17 +247,41 @@ def _kind(gm: fx.GraphModule, node: fx.Node) -> str:
 
 
 def conv_bn_left(gm: fx.GraphModule) -> int:
-    """BatchNorms of ``gm`` whose input is a conv's or linear's output (through reshapes):
-    the pairs fold-conv-bn should have folded."""
-    left = 0
-    for node in gm.graph.nodes:
-        if _kind(gm, node) != "bn" or not node.args or not isinstance(node.args[0], fx.Node):
-            continue
-        src = node.args[0]
-        while _kind(gm, src) == "reshape" and src.args and isinstance(src.args[0], fx.Node):
-            src = src.args[0]
-        left += _kind(gm, src) == "layer"
-    return left
+    """BatchNorms of ``gm`` fed only by a conv's or linear's output, through reshapes, or by a
+    concat of such outputs (MixNet's per-group convs): the pairs fold-conv-bn should fold. A
+    layer whose output has another real user (a shortcut) is no pair; a metadata read (timm's
+    ``_assert(x.ndim == 4)``, ``x.shape``) is no real user."""
+    return sum(
+        _from_layers(gm, node.args[0], node)
+        for node in gm.graph.nodes
+        if _kind(gm, node) == "bn" and node.args and isinstance(node.args[0], fx.Node)
+    )
+
+
+def _from_layers(gm: fx.GraphModule, node: fx.Node, user: fx.Node) -> bool:
+    if [u for u in node.users if not _reads_metadata(u, node)] != [user]:
+        return False
+    kind = _kind(gm, node)
+    if kind == "layer":
+        return True
+    if kind == "reshape" and node.args and isinstance(node.args[0], fx.Node):
+        return _from_layers(gm, node.args[0], node)
+    is_cat = node.op == "call_function" and _op(getattr(node.target, "__name__", "")) == "cat"
+    parts = node.args[0] if is_cat and node.args else None
+    return isinstance(parts, list | tuple) and all(
+        isinstance(p, fx.Node) and _from_layers(gm, p, node) for p in parts
+    )
+
+
+def _reads_metadata(user: fx.Node, of: fx.Node) -> bool:
+    """x.shape / x.ndim / x.dtype (getattr), x.size() / x.dim(), aten.sym_size, and the shape
+    template of y.reshape_as(x) / y.view_as(x)."""
+    if user.op == "call_method" and user.target in ("reshape_as", "view_as", "expand_as"):
+        return user.args[0] is not of
+    if user.op == "call_method":
+        return user.target in ("size", "dim")
+    name = _op(getattr(user.target, "__name__", ""))
+    return user.op == "call_function" and name in ("getattr", "sym_size", "dim")
 
 
 def export_onnx(model: nn.Module, inputs: tuple[torch.Tensor, ...], path: Path) -> Path:
