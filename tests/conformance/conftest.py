@@ -16,6 +16,7 @@ its tests are skipped with a message naming the extra.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import sys
 from types import ModuleType
 
