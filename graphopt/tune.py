@@ -51,11 +51,11 @@ from graphopt._util import first_line
 from graphopt.core.pass_infra import PassContext
 from graphopt.errors import CaptureError, GraphoptError, graphopt_errors_only
 from graphopt.frontends.torch import (
+    LeafTracer,
     as_tensors,
     check_runs,
     copy_model,
     failing_line,
-    LeafTracer,
 )
 from graphopt.passes.tune_conv_bn import TuneConvBN
 from graphopt.pipeline import PassManager

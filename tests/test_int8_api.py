@@ -18,9 +18,9 @@ from graphopt.frontends.torch import capture
 from graphopt.lowering.int8 import int8_pipeline
 from graphopt.pipeline import PassManager, parse_pipeline
 from graphopt.quant.improve import quantize_int8
+from graphopt.quant.qdq import integer_op_counts, ort_optimized_model
 from graphopt.quant.qparams import weight_qparams
 from graphopt.quant.runtime import predictor as _predictor
-from graphopt.quant.qdq import integer_op_counts, ort_optimized_model
 from graphopt.target import Target
 from graphopt.testing import seeded
 

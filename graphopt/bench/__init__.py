@@ -86,4 +86,3 @@ __all__ = [
     "wait_idle",
     "write_text",
 ]
-

@@ -85,7 +85,9 @@ def test_graphopt_modules_are_imported_at_module_level(path):
         for node in ast.walk(func):
             module = getattr(node, "module", None) if isinstance(node, ast.ImportFrom) else None
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
-            if (module or "").startswith("graphopt") or any(n.startswith("graphopt") for n in names):
+            if (module or "").startswith("graphopt") or any(
+                n.startswith("graphopt") for n in names
+            ):
                 inside.append(f"line {node.lineno} in {func.name}")
     assert not inside, "graphopt imported inside a function: " + ", ".join(inside)
 

@@ -1630,7 +1630,9 @@ def test_graph_input_refusals_name_the_reading_node_and_type() -> None:
     graph.output[0].name = "t"
     del seq_out
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
-    with pytest.raises(CaptureError, match=r"input 's' \(read by Identity node.*is of sequence type"):
+    with pytest.raises(
+        CaptureError, match=r"input 's' \(read by Identity node.*is of sequence type"
+    ):
         import_onnx(model)
 
 

@@ -182,9 +182,7 @@ def test_reproducer_reruns_the_failure(tmp_path):
     # the saved graph loads and computes what the graph before the pass computed
     loaded = torch.load(repro / "graph.pt", weights_only=False)
     inputs = torch.load(repro / "inputs.pt", weights_only=False)
-    assert torch.equal(
-        run_module(loaded, inputs)[0], run_module(result.graph, (x,))[0]
-    )
+    assert torch.equal(run_module(loaded, inputs)[0], run_module(result.graph, (x,))[0])
 
 
 def test_reproducer_script_runs_for_registered_passes(tmp_path):
@@ -278,6 +276,4 @@ def test_canonical_ir_ignores_module_names():
     assert canonical_ir(a) == canonical_ir(b)
     assert fingerprint(a) != fingerprint(b)  # different random weights
     b.other_name.load_state_dict(a.first.state_dict())
-    assert canonical_ir(a, elide_constants=False) == canonical_ir(
-        b, elide_constants=False
-    )
+    assert canonical_ir(a, elide_constants=False) == canonical_ir(b, elide_constants=False)

@@ -10,10 +10,9 @@ import pytest
 
 from graphopt.core.options import check_option, option_fields
 from graphopt.core.pass_infra import Pass
-from graphopt.core.registry import get_pass, register_pass, registered_passes
+from graphopt.core.registry import _REGISTRY, get_pass, register_pass, registered_passes
 from graphopt.errors import PipelineError
 from graphopt.passes import FoldConvBN
-from graphopt.core.registry import _REGISTRY
 from graphopt.pipeline import parse_pipeline
 
 
