@@ -23,7 +23,7 @@ from torch import fx, nn
 
 from graphopt._util import close_matches
 from graphopt.backends import Artifact, Backend, get_backend
-from graphopt.backends.export import to_numpy
+from graphopt.backends.arrays import to_numpy
 from graphopt.core.pass_infra import PassContext
 from graphopt.core.progress import Progress
 from graphopt.errors import (

@@ -10,7 +10,7 @@ interface: every input by name, count and order (also one no node reads), one ou
 tensor (``output_names``), and integer inputs that feed a shape stay inputs (see
 :mod:`graphopt.backends.shape_ops`).
 
-:func:`to_numpy` gives the arrays the runtimes take for a model's tensors.
+(:mod:`graphopt.backends.arrays` converts the tensors to the arrays the runtimes take.)
 """
 
 from __future__ import annotations
@@ -24,8 +24,6 @@ import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-import ml_dtypes  # a dependency of onnx
-import numpy as np
 import onnx
 import torch
 
@@ -33,7 +31,7 @@ from graphopt._util import first_line
 from graphopt.backends.onnx_node import restore_onnx_nodes
 from graphopt.backends.shape_ops import with_shape_ops
 from graphopt.core.numerics import flatten_outputs
-from graphopt.errors import BackendError, InputError
+from graphopt.errors import BackendError
 
 log = logging.getLogger(__name__)
 
@@ -341,26 +339,3 @@ def _interface_names(given: Sequence[str] | None, prefix: str, count: int) -> li
             f"the {prefix} names {names} repeat a name: an ONNX graph needs one name per {prefix}."
         )
     return names
-
-
-# float8: storage only in torch; numpy holds them as ml_dtypes arrays, as ONNX does
-FLOAT8 = (torch.float8_e4m3fn, torch.float8_e4m3fnuz, torch.float8_e5m2, torch.float8_e5m2fnuz)
-
-
-def to_numpy(x: Any) -> np.ndarray:
-    """A numpy array of a tensor or an array, as ONNX Runtime and TVM take them: bfloat16 and
-    float8 become ml_dtypes arrays (``tensor.numpy()`` raises ``TypeError: Got unsupported
-    ScalarType BFloat16`` for them), every other dtype goes through ``.numpy()``.
-
-        >>> to_numpy(torch.ones(2, dtype=torch.bfloat16)).dtype.name
-        'bfloat16'
-    """
-    if isinstance(x, np.ndarray):
-        return x
-    if not isinstance(x, torch.Tensor):
-        raise InputError(f"inputs must be torch tensors or numpy arrays, not {type(x).__name__}.")
-    t = x.detach().cpu().contiguous()
-    if t.dtype == torch.bfloat16 or t.dtype in FLOAT8:
-        bits = t.view(torch.uint16 if t.dtype == torch.bfloat16 else torch.uint8).numpy()
-        return bits.view(getattr(ml_dtypes, str(t.dtype).removeprefix("torch.")))
-    return t.numpy()

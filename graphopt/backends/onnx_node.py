@@ -27,6 +27,7 @@ import numpy as np
 import onnx
 import torch
 
+from graphopt.backends.arrays import from_numpy, to_numpy
 from graphopt.errors import BackendError
 
 PLACEHOLDER_DOMAIN = "graphopt.onnx_node"
@@ -122,12 +123,29 @@ def _session(spec: NodeSpec, dtypes: tuple[torch.dtype, ...]) -> Any:
 
 def _run(spec: NodeSpec, tensors: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
     session = spec.session(tuple(t.dtype for t in tensors))
-    feeds = {
-        name: t.detach().cpu().contiguous().numpy()
-        for name, t in zip(spec.inputs, tensors, strict=True)
-    }
+    feeds = {name: to_numpy(t) for name, t in zip(spec.inputs, tensors, strict=True)}
     outputs = session.run(None, feeds)
-    return tuple(torch.from_numpy(np.array(o, copy=True)) for o in outputs)
+    return tuple(
+        _as_torch(o, info.type) for o, info in zip(outputs, session.get_outputs(), strict=True)
+    )
+
+
+# ONNX Runtime's Python API returns bfloat16 and float8 outputs as their raw bytes
+_RAW_BYTES = {
+    "tensor(bfloat16)": torch.bfloat16,
+    "tensor(float8e4m3fn)": torch.float8_e4m3fn,
+    "tensor(float8e4m3fnuz)": torch.float8_e4m3fnuz,
+    "tensor(float8e5m2)": torch.float8_e5m2,
+    "tensor(float8e5m2fnuz)": torch.float8_e5m2fnuz,
+}
+
+
+def _as_torch(array: np.ndarray, onnx_type: str) -> torch.Tensor:
+    """An ORT output as the torch tensor of its ONNX type (float8/bfloat16 from their bytes)."""
+    dtype = _RAW_BYTES.get(onnx_type)
+    if dtype is not None and array.dtype.kind in "ui":
+        return torch.from_numpy(np.array(array, copy=True)).view(dtype)
+    return from_numpy(array)
 
 
 class _OnnxNodeOp(torch.autograd.Function):

@@ -28,10 +28,8 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from graphopt._util import first_line
-from graphopt.backends.export import (  # EXPORT_LOCK: torch's exporters share state
-    EXPORT_LOCK,
-    to_numpy,
-)
+from graphopt.backends.arrays import to_numpy
+from graphopt.backends.export import EXPORT_LOCK  # torch's exporters share state
 from graphopt.core.numerics import flatten_outputs
 from graphopt.errors import CaptureError, InputError
 from graphopt.frontends.bind import bound_defaults, drop_bound_placeholders

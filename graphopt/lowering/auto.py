@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from graphopt.backends import Artifact, Backend, get_backend
-from graphopt.backends.export import to_numpy
+from graphopt.backends.arrays import to_numpy
 from graphopt.backends.measure import time_interleaved
 from graphopt.backends.onnxruntime import OnnxRuntimeBackend, OrtArtifact
 from graphopt.errors import BackendError

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from graphopt.backends import Artifact, Backend
-from graphopt.backends.export import to_numpy
+from graphopt.backends.arrays import to_numpy
 from graphopt.backends.measure import time_interleaved
 from graphopt.core.numerics import run_module
 from graphopt.errors import BackendError

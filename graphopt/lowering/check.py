@@ -25,7 +25,8 @@ from onnx.reference import ReferenceEvaluator
 from torch import fx, nn
 
 from graphopt.backends import Backend, get_backend
-from graphopt.backends.export import export_onnx, to_numpy
+from graphopt.backends.arrays import to_numpy
+from graphopt.backends.export import export_onnx
 from graphopt.core.numerics import (
     Comparison,
     Numerics,

@@ -11,7 +11,7 @@ import torch
 from torch import fx
 
 from graphopt.backends import Artifact, Backend
-from graphopt.backends.export import to_numpy
+from graphopt.backends.arrays import to_numpy
 from graphopt.core.numerics import Comparison
 from graphopt.core.pass_infra import Pass, PassContext
 from graphopt.core.progress import Progress

@@ -286,21 +286,6 @@ def test_exports_in_threads_all_succeed():
     assert all(e < 1e-4 for e in errors), errors
 
 
-# ---- the arrays the runtimes take
-
-
-def test_to_numpy_keeps_arrays_and_gives_bfloat16_and_float8_as_ml_dtypes():
-    array = np.ones(3, np.float32)
-    assert export.to_numpy(array) is array
-    assert export.to_numpy(torch.arange(3)).tolist() == [0, 1, 2]
-    half = export.to_numpy(torch.tensor([1.5, -2.0], dtype=torch.bfloat16))
-    assert half.dtype.name == "bfloat16" and half.astype(np.float32).tolist() == [1.5, -2.0]
-    eight = export.to_numpy(torch.tensor([0.5, 2.0]).to(torch.float8_e4m3fn))
-    assert eight.dtype.name == "float8_e4m3fn" and eight.astype(np.float32).tolist() == [0.5, 2.0]
-    with pytest.raises(InputError, match="torch tensors or numpy arrays, not list"):
-        export.to_numpy([1, 2])
-
-
 def reshape_dynamic(x, shape):
     """A user's function with the name of the ONNX importer's helper: not the importer's."""
     return x.reshape([int(d) for d in shape.tolist()])

@@ -149,3 +149,23 @@ def test_opaque_node_with_constant_inputs_runs_at_import() -> None:
     x = np.ones((3, 3), np.float32)
     with torch.no_grad():
         np.testing.assert_array_equal(gm(torch.from_numpy(x)).numpy(), x + a @ a)
+
+
+def test_opaque_node_with_a_float8_output_gives_float8_values() -> None:
+    """QuantizeLinear to float8 has no converter: ONNX Runtime returns its float8 output as raw
+    bytes (uint8); the opaque node gives it back as a float8 tensor, so the Cast graphopt
+    converts after it computes what ONNX Runtime computes (not the bytes as numbers)."""
+    nodes = [
+        helper.make_node(
+            "QuantizeLinear", ["x", "scale"], ["q"], output_dtype=TensorProto.FLOAT8E4M3FN
+        ),
+        helper.make_node("Cast", ["q"], ["y"], to=FLOAT),
+    ]
+    inits = [("scale", np.array(0.25, np.float32))]
+    model = _model(nodes, [("x", FLOAT, [2, 3])], [("y", FLOAT, [2, 3])], inits, (("", 21),))
+    x = np.array([[0.1, -0.7, 1.3], [2.0, -3.1, 0.0]], np.float32)
+    gm = import_onnx(model)
+    assert gm.meta["onnx_opaque"], "QuantizeLinear should stay opaque here"
+    (expected,) = _ort(model, [x])
+    got = gm(torch.from_numpy(x))
+    assert got.dtype == torch.float32 and np.array_equal(got.numpy(), expected)

@@ -9,7 +9,7 @@ The torch -> ONNX export itself is :mod:`graphopt.backends.export`.
 
 from __future__ import annotations
 
-from graphopt.backends.export import to_numpy
+from graphopt.backends.arrays import to_numpy
 from graphopt.backends.onnxruntime.artifact import OrtArtifact
 from graphopt.backends.onnxruntime.backend import OnnxRuntimeBackend, SettingsChoice
 from graphopt.backends.onnxruntime.mobile import MobilePackage, save_ort_format

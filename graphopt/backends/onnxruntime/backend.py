@@ -28,7 +28,8 @@ import onnxruntime as ort
 import torch
 
 from graphopt._util import close_matches, first_line
-from graphopt.backends.export import export_onnx, output_shapes, to_numpy
+from graphopt.backends.arrays import to_numpy
+from graphopt.backends.export import export_onnx, output_shapes
 from graphopt.backends.measure import (
     Latency,
     LatencyCache,

@@ -25,7 +25,7 @@ import torch
 import tvm
 
 from graphopt._util import cache_dir, first_line
-from graphopt.backends.export import to_numpy
+from graphopt.backends.arrays import to_numpy
 from graphopt.backends.measure import (
     Latency,
     LatencyCache,

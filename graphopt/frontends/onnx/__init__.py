@@ -63,7 +63,7 @@ The package:
 
 from __future__ import annotations
 
-from graphopt.backends.export import to_numpy
+from graphopt.backends.arrays import to_numpy
 from graphopt.frontends.onnx.importer import import_onnx
 from graphopt.frontends.onnx.load import ModelSource, load_onnx
 from graphopt.frontends.onnx.ops import SUPPORTED_OPS

@@ -12,11 +12,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import onnx
 import torch
 import torch.fx as fx
 from onnx import numpy_helper
+
+from graphopt.backends.arrays import from_numpy  # one conversion pair for every layer
 
 ONNX_TO_TORCH: dict[int, torch.dtype] = {
     onnx.TensorProto.FLOAT: torch.float32,
@@ -95,34 +96,5 @@ def sym_items(value: Value | None) -> list[int | fx.Node] | None:
     return None
 
 
-_NUMPY_FLOAT8 = {
-    "float8_e4m3fn": torch.float8_e4m3fn,
-    "float8_e4m3fnuz": torch.float8_e4m3fnuz,
-    "float8_e5m2": torch.float8_e5m2,
-    "float8_e5m2fnuz": torch.float8_e5m2fnuz,
-}
-
-
-def _to_torch(array: np.ndarray) -> torch.Tensor:
-    if array.dtype.name == "bfloat16":
-        return torch.from_numpy(np.ascontiguousarray(array).view(np.uint16).copy()).view(
-            torch.bfloat16
-        )
-    float8 = _NUMPY_FLOAT8.get(array.dtype.name)
-    if float8 is not None:
-        return torch.from_numpy(np.ascontiguousarray(array).view(np.uint8).copy()).view(float8)
-    if array.dtype == object or array.dtype.kind in "SUV":
-        raise TypeError(f"tensors of numpy dtype {array.dtype} have no torch equivalent")
-    if array.dtype.kind in "iu" and array.dtype.itemsize == 8:  # (u)longlong, as ORT returns
-        array = array.view(np.int64 if array.dtype.kind == "i" else np.uint64)
-    return torch.from_numpy(np.array(array, copy=True))
-
-
-def from_numpy(array: np.ndarray) -> torch.Tensor:
-    """A torch tensor (a copy) of a numpy array, including the ml_dtypes arrays ONNX uses for
-    bfloat16 and float8.  Raises TypeError for dtypes torch has no equivalent of (int4, str)."""
-    return _to_torch(np.asarray(array))
-
-
 def tensor_from_proto(proto: onnx.TensorProto, base_dir: str | None = None) -> torch.Tensor:
-    return _to_torch(numpy_helper.to_array(proto, base_dir or ""))
+    return from_numpy(numpy_helper.to_array(proto, base_dir or ""))

@@ -14,7 +14,7 @@ importing this package fills :data:`CONVERTERS`, and :data:`SUPPORTED_OPS` is it
 
 from __future__ import annotations
 
-from graphopt.backends.export import FLOAT8
+from graphopt.backends.arrays import FLOAT8
 from graphopt.frontends.onnx.context import Ctx
 from graphopt.frontends.onnx.ops import elementwise, nn, normalization, pooling, reduce, shape
 from graphopt.frontends.onnx.ops.common import refuse_dtype

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from graphopt.backends.export import FLOAT8
+from graphopt.backends.arrays import FLOAT8
 from graphopt.errors import CaptureError
 from graphopt.frontends.onnx.context import Ctx
 from graphopt.frontends.onnx.values import WIDE_UINT

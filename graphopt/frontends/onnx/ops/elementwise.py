@@ -18,7 +18,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from graphopt.backends.export import FLOAT8
+from graphopt.backends.arrays import FLOAT8
 from graphopt.errors import CaptureError
 from graphopt.frontends.onnx.context import Ctx
 from graphopt.frontends.onnx.ops.common import refuse_dtype, scalar_of, set_param, wide_uint_dtype
