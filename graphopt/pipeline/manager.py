@@ -145,7 +145,7 @@ class _Run:
     """One run of a :class:`PassManager`: the sample outputs so far and the records."""
 
     def __init__(self, manager: PassManager, ctx: PassContext) -> None:
-        self.manager, self.ir = manager, manager.ir
+        self.ir = manager.ir
         self.ctx = dataclasses.replace(ctx, ir=manager.ir)
         self.strict = manager.strict or ctx.strict
         self.instruments = manager.instruments + list(ctx.instruments)
