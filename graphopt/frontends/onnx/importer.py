@@ -17,7 +17,7 @@ import torch.fx as fx
 from graphopt.errors import CaptureError
 from graphopt.frontends.onnx.context import Ctx, ImportState, Refusal
 from graphopt.frontends.onnx.load import ModelSource, load_onnx
-from graphopt.frontends.onnx.ops import CONVERTERS, check_storage_dtypes
+from graphopt.frontends.onnx.ops import CONVERTERS, check_storage_dtypes, key
 from graphopt.frontends.onnx.ops.opaque import opaque
 from graphopt.frontends.onnx.values import ONNX_TO_TORCH, Sym, tensor_from_proto
 
@@ -129,7 +129,7 @@ class _Importer(ImportState):
 
     def _convert(self, node: onnx.NodeProto, index: int) -> None:
         ctx = Ctx(self, node, index)
-        convert = CONVERTERS.get(node.op_type) if node.domain in ("", "ai.onnx") else None
+        convert = CONVERTERS.get(key(node))
         try:
             if convert is None:
                 result = opaque(ctx, f"no converter for {_label(node)}")

@@ -10,32 +10,64 @@ importing this package fills :data:`CONVERTERS`, and :data:`SUPPORTED_OPS` is it
     reduce         ReduceSum/Mean/Max/Min/L2
     pooling        MaxPool, AveragePool, GlobalAveragePool, GlobalMaxPool
     shape          Shape, Reshape, Slice, Gather, Concat, Pad, ... (shape values kept symbolic)
+    resize         Resize, Upsample, GridSample
+    control        If (a constant condition inlines the taken branch)
+    recurrent      LSTM, GRU, RNN
+    indexing       TopK, ArgMax/ArgMin, CumSum, Trilu, GatherElements, Scatter*, Einsum
+    attention      Attention (opset 23)
+    quantize       QuantizeLinear, DequantizeLinear, DynamicQuantizeLinear
+    microsoft      com.microsoft ops that ONNX Runtime's tools emit (keyed "com.microsoft::Op")
 """
 
 from __future__ import annotations
 
 from graphopt.backends.arrays import FLOAT8
 from graphopt.frontends.onnx.context import Ctx
-from graphopt.frontends.onnx.ops import elementwise, nn, normalization, pooling, reduce, shape
+from graphopt.frontends.onnx.ops import (
+    attention,
+    control,
+    elementwise,
+    indexing,
+    microsoft,
+    nn,
+    normalization,
+    pooling,
+    quantize,
+    recurrent,
+    reduce,
+    resize,
+    shape,
+)
 from graphopt.frontends.onnx.ops.common import refuse_dtype
-from graphopt.frontends.onnx.ops.registry import CONVERTERS, Converter, converter
+from graphopt.frontends.onnx.ops.registry import CONVERTERS, Converter, converter, key
 from graphopt.frontends.onnx.values import WIDE_UINT
 
 __all__ = [
+    "CONTRIB_OPS",
     "CONVERTERS",
     "SUPPORTED_OPS",
     "Converter",
     "check_storage_dtypes",
     "converter",
+    "key",
+    "attention",
+    "control",
     "elementwise",
+    "indexing",
+    "microsoft",
     "nn",
     "normalization",
     "pooling",
+    "quantize",
+    "recurrent",
     "reduce",
+    "resize",
     "shape",
 ]
 
-SUPPORTED_OPS: frozenset[str] = frozenset(CONVERTERS)
+# ops of the default domain (ai.onnx); CONTRIB_OPS: those of other domains, as "domain::type"
+SUPPORTED_OPS: frozenset[str] = frozenset(k for k in CONVERTERS if "::" not in k)
+CONTRIB_OPS: frozenset[str] = frozenset(k for k in CONVERTERS if "::" in k)
 
 
 # Ops that only move or reinterpret data, which torch does for every dtype it stores.

@@ -1,0 +1,3 @@
+"""Attention (opset 23)."""
+
+from __future__ import annotations

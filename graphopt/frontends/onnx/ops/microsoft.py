@@ -1,0 +1,3 @@
+"""The com.microsoft ops that ONNX Runtime's own tools (transformer optimizer, quantization) emit."""
+
+from __future__ import annotations

@@ -1,0 +1,3 @@
+"""QuantizeLinear, DequantizeLinear, DynamicQuantizeLinear."""
+
+from __future__ import annotations

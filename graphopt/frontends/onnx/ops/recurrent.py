@@ -1,0 +1,3 @@
+"""LSTM, GRU and RNN."""
+
+from __future__ import annotations

@@ -1,0 +1,3 @@
+"""Resize, Upsample and GridSample."""
+
+from __future__ import annotations
