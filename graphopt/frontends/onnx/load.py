@@ -54,7 +54,7 @@ def load_onnx(model: ModelSource) -> onnx.ModelProto:
             f"truncated. Re-export or re-download it."
         )
     try:
-        onnx.checker.check_model(proto)
+        onnx.checker.check_model(_checkable(proto))
     except Exception as exc:  # onnx.checker.ValidationError and friends
         reason = str(exc).strip().rstrip(".")
         raise CaptureError(
@@ -62,6 +62,26 @@ def load_onnx(model: ModelSource) -> onnx.ModelProto:
             f"truncated or was written by a broken exporter; re-export it."
         ) from exc
     return proto
+
+
+# Ops ONNX Runtime registers in the default domain that ONNX does not define (its transformer
+# optimizer writes them); the checker knows no schema for them, so it checks them as contrib ops.
+ORT_DEFAULT_DOMAIN_OPS = frozenset({"SimplifiedLayerNormalization"})
+
+
+def _checkable(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """``proto``, or a copy with ORT_DEFAULT_DOMAIN_OPS moved to com.microsoft for the checker."""
+    nodes = [n for n in proto.graph.node if n.domain in ("", "ai.onnx")]
+    if not any(n.op_type in ORT_DEFAULT_DOMAIN_OPS for n in nodes):
+        return proto
+    copy = onnx.ModelProto()
+    copy.CopyFrom(proto)
+    for node in copy.graph.node:
+        if node.domain in ("", "ai.onnx") and node.op_type in ORT_DEFAULT_DOMAIN_OPS:
+            node.domain = "com.microsoft"
+    if all(o.domain != "com.microsoft" for o in copy.opset_import):
+        copy.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
+    return copy
 
 
 def _parse_bytes(data: bytes, source: str) -> onnx.ModelProto:
