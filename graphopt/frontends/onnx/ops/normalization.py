@@ -1,4 +1,6 @@
 """Normalization converters: BatchNormalization (-> :class:`OnnxBatchNorm2d` and 1d/3d),
+InstanceNormalization, GroupNormalization (opset 18: per-group scale; 21: per-channel),
+RMSNormalization, LRN,
 LayerNormalization (with its Mean and InvStdDev outputs), Softmax and LogSoftmax."""
 
 from __future__ import annotations
@@ -148,3 +150,123 @@ def _layer_norm_y(ctx: Ctx, axis: int, eps: float) -> Value:
         return None if v is None else ctx.materialize(v)
 
     return ctx.call(F.layer_norm, x, normalized, fit(scale), fit(bias), eps)
+
+
+# -- InstanceNormalization, GroupNormalization, RMSNormalization, LRN -------------------------
+
+
+def _stash(ctx: Ctx) -> torch.dtype:
+    stash = ONNX_TO_TORCH.get(int(ctx.attr("stash_type", 1)))
+    if stash is None or not stash.is_floating_point:
+        raise ctx.fail(f"stash_type={ctx.attr('stash_type')} is not a floating-point type")
+    return stash
+
+
+def _floating_input(ctx: Ctx) -> torch.dtype:
+    dtype = ctx.dtype(0)
+    if dtype is None or not dtype.is_floating_point:
+        raise ctx.fail(f"input dtype {dtype} is not a floating-point type torch normalizes")
+    return dtype
+
+
+@converter("InstanceNormalization")
+def _instance_norm(ctx: Ctx) -> Value:
+    # y = scale[c] * (x - mean) / sqrt(var + eps) + B[c], statistics per (n, c) over the rest
+    _floating_input(ctx)
+    rank = ctx.rank(0)
+    if rank is None or rank < 3:
+        raise ctx.fail(f"input rank {rank} (N x C x D1 ... Dn with n >= 1 needed)")
+    eps = float(ctx.attr("epsilon", 1e-5))
+    return ctx.call(
+        F.instance_norm, ctx.tensor(0), weight=ctx.tensor(1), bias=ctx.tensor(2), eps=eps
+    )
+
+
+@converter("GroupNormalization")
+def _group_norm(ctx: Ctx) -> Value:
+    # y = scale * (x - mean) / sqrt(var + eps) + bias, statistics per (n, group); opset 18's
+    # scale/bias are per group (num_groups), opset 21's per channel (C), computed in stash_type
+    dtype = _floating_input(ctx)
+    groups = int(ctx.attr("num_groups"))
+    eps = float(ctx.attr("epsilon", 1e-5))
+    channels = ctx.static_dim(0, 1)
+    if channels is None or ctx.rank(0) is None or ctx.rank(0) < 2:
+        raise ctx.fail("the channel count (input dim 1) is not known statically")
+    if channels % groups:
+        raise ctx.fail(f"{channels} channels do not split into num_groups={groups}")
+    scale, bias = ctx.tensor(1), ctx.tensor(2)
+    stash = _stash(ctx) if ctx.opset >= 21 else dtype
+    if ctx.opset < 21:
+        per = channels // groups
+        scale = ctx.call(torch.repeat_interleave, scale, per)
+        bias = ctx.call(torch.repeat_interleave, bias, per)
+    return ctx.call(group_norm_onnx, ctx.tensor(0), groups, scale, bias, eps, stash)
+
+
+def group_norm_onnx(
+    x: torch.Tensor,
+    groups: int,
+    scale: torch.Tensor,
+    bias: torch.Tensor,
+    eps: float,
+    stash: torch.dtype,
+) -> torch.Tensor:
+    """F.group_norm computed in ``stash`` (ONNX GroupNormalization-21's stash_type)."""
+    if x.dtype == stash or x.dtype == torch.float64:
+        return F.group_norm(x, groups, scale.to(x.dtype), bias.to(x.dtype), eps)
+    y = F.group_norm(x.to(stash), groups, eps=eps).to(x.dtype)
+    return y * scale.to(x.dtype).reshape(-1, *[1] * (x.dim() - 2)) + bias.to(x.dtype).reshape(
+        -1, *[1] * (x.dim() - 2)
+    )
+
+
+@converter("RMSNormalization")
+def _rms_norm(ctx: Ctx) -> Value:
+    # y = x / sqrt(mean(x^2 over the axes from `axis` on) + eps) * scale, in stash_type
+    _floating_input(ctx)
+    rank = ctx.rank(0)
+    axis = int(ctx.attr("axis", -1))
+    if rank is None:
+        raise ctx.fail("the input rank is not known")
+    if not -rank <= axis < rank:
+        raise ctx.fail(f"axis={axis} is out of range for rank {rank}")
+    eps = float(ctx.attr("epsilon", 1e-5))
+    return ctx.call(rms_norm_onnx, ctx.tensor(0), ctx.tensor(1), axis % rank, eps, _stash(ctx))
+
+
+def rms_norm_onnx(
+    x: torch.Tensor, scale: torch.Tensor, axis: int, eps: float, stash: torch.dtype
+) -> torch.Tensor:
+    """ONNX RMSNormalization (written out: torch's exporter has no opset-17 rms_norm)."""
+    xs = x if x.dtype == torch.float64 else x.to(stash)
+    ms = xs.pow(2).mean(dim=tuple(range(axis, x.dim())), keepdim=True)
+    y = xs * torch.rsqrt(ms + eps)
+    return (y * scale.to(xs.dtype)).to(x.dtype)
+
+
+@converter("LRN")
+def _lrn(ctx: Ctx) -> Value:
+    # y = x / (bias + alpha / size * sum of x^2 over channels
+    #          [c - floor((size - 1) / 2), c + ceil((size - 1) / 2)]) ^ beta
+    _floating_input(ctx)
+    rank = ctx.rank(0)
+    if rank is None or rank < 3:
+        raise ctx.fail(f"input rank {rank} (N x C x D1 ... Dn with n >= 1 needed)")
+    size = int(ctx.attr("size"))
+    return ctx.call(
+        lrn_onnx,
+        ctx.tensor(0),
+        size,
+        float(ctx.attr("alpha", 1e-4)),
+        float(ctx.attr("beta", 0.75)),
+        float(ctx.attr("bias", 1.0)),
+    )
+
+
+def lrn_onnx(x: torch.Tensor, size: int, alpha: float, beta: float, bias: float) -> torch.Tensor:
+    """ONNX LRN: torch's local_response_norm centres an even window the other way round
+    ([c - size//2, c + (size-1)//2]), so the window is padded here as ONNX places it."""
+    sq = (x * x).reshape(x.shape[0], 1, x.shape[1], -1)
+    sq = F.pad(sq, [0, 0, (size - 1) // 2, size // 2])
+    mean = F.avg_pool2d(sq, (size, 1), stride=1).reshape(x.shape)
+    return x / (mean * alpha + bias).pow(beta)
