@@ -61,7 +61,7 @@ def _assert_exact(got: list[np.ndarray], want: list[np.ndarray]) -> None:
         assert float(np.abs(g - w).max()) <= tol, (float(np.abs(g - w).max()), tol)
 
 
-def check(model: onnx.ModelProto, feeds: list[np.ndarray], optimize: bool = True) -> None:
+def check(model: onnx.ModelProto, feeds: list[np.ndarray]) -> None:
     """Import (nothing opaque) and optimize(); both equal ONNX Runtime on the original node."""
     want = _ort(model, feeds)
     gm = import_onnx(model)
@@ -70,10 +70,9 @@ def check(model: onnx.ModelProto, feeds: list[np.ndarray], optimize: bool = True
         got = gm(*[torch.from_numpy(x) for x in feeds])
     got = list(got) if isinstance(got, tuple | list) else [got]
     _assert_exact([g.numpy() for g in got], want)
-    if optimize:
-        example = tuple(torch.from_numpy(x) for x in feeds)
-        result = graphopt.optimize(model, example_inputs=example, measure=False)
-        _assert_exact(_ort(result.artifact.proto, feeds), want)
+    example = tuple(torch.from_numpy(x) for x in feeds)
+    result = graphopt.optimize(model, example_inputs=example, measure=False)
+    _assert_exact(_ort(result.artifact.proto, feeds), want)
 
 
 def opaque_reason(model: onnx.ModelProto) -> str:
@@ -174,3 +173,205 @@ def test_fused_matmul_transposes_batch_axes_and_scales() -> None:
     node = helper.make_node("FusedMatMul", ["a", "b"], ["y"], domain=MS, transB=1, alpha=2.0)
     a, b = _randn(2, 5, 4), _randn(3, 4)  # B constant (stored transposed), broadcast
     check(_model(node, [("a", a)], [("y", 3)], [("b", b)]), [a])
+
+
+# -- attention -----------------------------------------------------------------------------------
+
+B, S, HIDDEN, HEADS = 2, 5, 16, 4
+
+
+def _attention_model(mask=None, sizes=None, attn_bias=False, **attrs) -> tuple:
+    """Attention over x (B, S, 12) with constant W, b; ``mask``: the mask_index array, fed."""
+    q, k, v = sizes or (HIDDEN, HIDDEN, HIDDEN)
+    x = _randn(B, S, 12)
+    inputs = [("x", x)] + ([("mask", mask)] if mask is not None else [])
+    if attn_bias:
+        inputs.append(("attn_bias", _randn(1, HEADS, S, S)))
+    names = ["x", "W", "b", "mask" if mask is not None else ""]
+    names += ["", "attn_bias"] if attn_bias else []
+    if sizes:
+        attrs["qkv_hidden_sizes"] = list(sizes)
+    node = helper.make_node("Attention", names, ["y"], domain=MS, num_heads=HEADS, **attrs)
+    inits = [("W", _randn(12, q + k + v) * 0.5), ("b", _randn(q + k + v))]
+    return _model(node, inputs, ["y"], inits), [a for _, a in inputs]
+
+
+LENGTHS = np.array([3, 0], np.int32)  # batch 1 fully masked: the mask is added, not substituted
+RAW2 = np.array([[1, 1, 0, 1, 0], [0, 0, 0, 0, 0]], np.int32)
+
+
+@pytest.mark.parametrize(
+    "variant",
+    [
+        {},
+        {"mask": LENGTHS},
+        {"mask": RAW2},
+        {"mask": (RNG.random((B, S, S)) > 0.4).astype(np.int32)},
+        {"mask": RAW2, "unidirectional": 1, "mask_filter_value": -1e4 * 3},
+        {"sizes": (HIDDEN, HIDDEN, 8), "scale": 0.3, "attn_bias": True},
+    ],
+    ids=["plain", "lengths", "raw2d", "raw3d", "causal", "sizes-scale-bias"],
+)
+def test_attention_equals_onnx_runtime(variant: dict) -> None:
+    model, feeds = _attention_model(**variant)
+    check(model, feeds)
+
+
+@pytest.mark.parametrize(
+    ("names", "what"),
+    [(["x", "W", "b", "", "past"], "'past'"), (["x", "W", "b", "mask"], "left padding")],
+)
+def test_attention_refusals_name_the_input(names: list[str], what: str) -> None:
+    x, past = _randn(B, S, 12), _randn(2, B, HEADS, 3, 4)
+    inputs = [("x", x), ("past", past), ("mask", np.full(2 * B, S, np.int32))]
+    node = helper.make_node("Attention", names, ["y"], domain=MS, num_heads=HEADS)
+    inits = [("W", _randn(12, 48)), ("b", _randn(48))]
+    model = _model(node, [i for i in inputs if i[0] in names], ["y"], inits)
+    reason = opaque_reason(model)
+    assert "Attention" in reason and what in reason
+
+
+@pytest.mark.parametrize("mask", [None, RAW2, LENGTHS], ids=["none", "raw2d", "lengths"])
+def test_multi_head_attention_equals_onnx_runtime(mask: np.ndarray | None) -> None:
+    q, k, v = _randn(B, S, HIDDEN), _randn(B, S, HIDDEN), _randn(B, S, 8)
+    inputs = [("q", q), ("k", k), ("v", v)] + ([("mask", mask)] if mask is not None else [])
+    names = ["q", "k", "v", "b"] + (["mask"] if mask is not None else [])
+    node = helper.make_node("MultiHeadAttention", names, ["y"], domain=MS, num_heads=HEADS)
+    model = _model(node, inputs, ["y"], [("b", _randn(2 * HIDDEN + 8))])
+    check(model, [a for _, a in inputs])
+
+
+def test_multi_head_attention_refuses_packed_qkv() -> None:
+    qkv = _randn(B, S, HEADS, 3, 4)
+    node = helper.make_node("MultiHeadAttention", ["qkv"], ["y"], domain=MS, num_heads=HEADS)
+    reason = opaque_reason(_model(node, [("qkv", qkv)], ["y"]))
+    assert "MultiHeadAttention" in reason and "packed" in reason
+
+
+# -- EmbedLayerNormalization ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("segments", [True, False])
+def test_embed_layer_norm_and_its_mask_index(segments: bool) -> None:
+    ids = RNG.integers(0, 30, (B, S)).astype(np.int32)
+    seg = RNG.integers(0, 2, (B, S)).astype(np.int32)
+    mask = np.array([[1, 1, 1, 0, 0], [1, 0, 1, 1, 1]], np.int32)
+    names = ["ids", "seg" if segments else "", "word", "pos", "segemb" if segments else ""]
+    names += ["gamma", "beta", "mask"]
+    inits = [("word", _randn(30, HIDDEN)), ("pos", _randn(S + 3, HIDDEN))]
+    inits += [("segemb", _randn(2, HIDDEN))] if segments else []
+    inits += [("gamma", _randn(HIDDEN)), ("beta", _randn(HIDDEN))]
+    inputs = [("ids", ids)] + ([("seg", seg)] if segments else []) + [("mask", mask)]
+    node = helper.make_node(
+        "EmbedLayerNormalization", names, ["y", "mask_index", "sum"], domain=MS, epsilon=1e-5
+    )
+    model = _model(node, inputs, ["y", ("mask_index", 1), "sum"], inits)
+    check(model, [a for _, a in inputs])
+
+
+# -- a BERT-like model fused by ONNX Runtime's transformer optimizer ------------------------------
+
+
+class _Layer(torch.nn.Module):
+    def __init__(self, hidden: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.q, self.k, self.v, self.o = (torch.nn.Linear(hidden, hidden) for _ in range(4))
+        self.ln1, self.ln2 = torch.nn.LayerNorm(hidden), torch.nn.LayerNorm(hidden)
+        self.up, self.down = (
+            torch.nn.Linear(hidden, 4 * hidden),
+            torch.nn.Linear(4 * hidden, hidden),
+        )
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        b, s, h = x.shape
+        d = h // self.heads
+        q = self.q(x).view(b, s, self.heads, d).permute(0, 2, 1, 3)
+        k = self.k(x).view(b, s, self.heads, d).permute(0, 2, 3, 1)
+        v = self.v(x).view(b, s, self.heads, d).permute(0, 2, 1, 3)
+        p = torch.softmax(torch.matmul(q, k) / d**0.5 + mask, dim=-1)
+        c = torch.matmul(p, v).permute(0, 2, 1, 3).reshape(b, s, h)
+        x = self.ln1(x + self.o(c))
+        return self.ln2(x + self.down(torch.nn.functional.gelu(self.up(x))))
+
+
+class _Bert(torch.nn.Module):
+    """Embeddings (word, position, token type) + LayerNorm, then 2 post-LN transformer layers."""
+
+    def __init__(self, vocab: int = 100, hidden: int = 32, heads: int = 4) -> None:
+        super().__init__()
+        self.word, self.pos = torch.nn.Embedding(vocab, hidden), torch.nn.Embedding(64, hidden)
+        self.token_type, self.ln = torch.nn.Embedding(2, hidden), torch.nn.LayerNorm(hidden)
+        self.layers = torch.nn.ModuleList(_Layer(hidden, heads) for _ in range(2))
+
+    def forward(self, ids: torch.Tensor, attn: torch.Tensor, types: torch.Tensor) -> torch.Tensor:
+        pos = torch.arange(ids.shape[1]).unsqueeze(0)
+        x = self.ln(self.word(ids) + self.pos(pos) + self.token_type(types))
+        mask = (1.0 - attn[:, None, None, :].float()) * -10000.0
+        for layer in self.layers:
+            x = layer(x, mask)
+        return x
+
+
+def _bert_inputs(batch: int, seq: int, seed: int) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(0, 100, (batch, seq))
+    attn = np.ones((batch, seq), np.int64)
+    attn[0, seq - 2 :] = 0  # right padding
+    types = (np.arange(seq)[None, :] >= seq // 2).repeat(batch, 0).astype(np.int64)
+    return [ids, attn, types]
+
+
+@pytest.fixture(scope="module")
+def fused_bert(tmp_path_factory: pytest.TempPathFactory) -> onnx.ModelProto:
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    torch.manual_seed(0)
+    model = _Bert().eval()
+    with torch.no_grad():  # trained-looking LayerNorms, not the identity
+        for m in model.modules():
+            if isinstance(m, torch.nn.LayerNorm):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.normal_(0, 0.1)
+    path = tmp_path_factory.mktemp("bert") / "bert.onnx"
+    names = ["input_ids", "attention_mask", "token_type_ids"]
+    torch.onnx.export(
+        model,
+        tuple(torch.from_numpy(a) for a in _bert_inputs(2, 7, 0)),
+        str(path),
+        input_names=names,
+        output_names=["last_hidden_state"],
+        dynamic_axes={n: {0: "batch", 1: "seq"} for n in [*names, "last_hidden_state"]},
+        opset_version=17,
+        dynamo=False,
+    )
+    fused = optimize_model(str(path), model_type="bert", num_heads=4, hidden_size=32)
+    return fused.model
+
+
+def test_bert_fused_by_onnx_runtime_imports_without_opaque_nodes(fused_bert) -> None:
+    from graphopt.frontends.onnx.ops import CONTRIB_OPS
+
+    ops = {(n.domain, n.op_type) for n in fused_bert.graph.node if n.domain == MS}
+    emitted = {op for _, op in ops}
+    assert {"EmbedLayerNormalization", "Attention", "SkipLayerNormalization", "BiasGelu"} <= emitted
+    assert all(f"{MS}::{op}" in CONTRIB_OPS for op in emitted)
+    gm = import_onnx(fused_bert)
+    assert gm.meta["onnx_opaque"] == {}
+    for batch, seq, seed in ((2, 7, 1), (3, 11, 2)):
+        feeds = _bert_inputs(batch, seq, seed)
+        with torch.no_grad():
+            got = gm(*[torch.from_numpy(a) for a in feeds])
+        _assert_exact([got.numpy()], _ort(fused_bert, feeds))
+
+
+def test_bert_fused_by_onnx_runtime_through_optimize(fused_bert) -> None:
+    feeds = _bert_inputs(2, 7, 1)
+    result = graphopt.optimize(
+        fused_bert, example_inputs=tuple(torch.from_numpy(a) for a in feeds), measure=False
+    )
+    proto = result.artifact.proto
+    assert not [n.op_type for n in proto.graph.node if n.domain == MS]
+    for batch, seq, seed in ((2, 7, 1), (3, 11, 2)):
+        feeds = _bert_inputs(batch, seq, seed)
+        _assert_exact(_ort(proto, feeds), _ort(fused_bert, feeds))

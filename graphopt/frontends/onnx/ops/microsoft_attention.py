@@ -12,7 +12,8 @@ Per head h (head size d, N heads, scale = the ``scale`` attribute or 1/sqrt(d)):
 The mask is ONNX Runtime's: ``mask_filter_value`` (-10000 by default) added to the score of every
 key a query may not see -- added, not substituted, so a fully masked row is the unmasked softmax.
 A key is hidden by a mask of shape (B) (right padding: keys at and after mask[b]), (B, T) or
-(B, S, T) (raw: hidden where mask <= 0), and by ``unidirectional`` (keys after the query).
+(B, S, T) (raw: hidden where mask <= 0), and by ``unidirectional`` (keys after the query; its
+fill is added to the mask's).
 
 Refused (the node stays opaque): a key/value cache (past, present, past_key/value,
 past_sequence_length, cache_indirection), do_rotary, past_present_share_buffer, a 1-D mask of
@@ -42,8 +43,8 @@ MS = "com.microsoft"
 def mask_bias(
     mask: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor, causal: bool, fill: float
 ) -> torch.Tensor:
-    """The additive mask, (B or 1, 1, S or 1, T): 0 where query s sees key t, ``fill`` elsewhere.
-    ``mask``: (B) lengths, (B, T) or (B, S, T) raw; ``causal``: keys after the query hidden."""
+    """The additive mask, (B or 1, 1, S or 1, T): ``fill`` for each of ``mask`` ((B) lengths,
+    (B, T) or (B, S, T) raw) and ``causal`` (keys after the query) that hides key t from query s."""
     batch, seq, total = q.shape[0], q.shape[1], k.shape[1]
     allowed = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=q.device)
     if mask is not None:
@@ -58,9 +59,11 @@ def mask_bias(
             allowed = (mask > 0)[:, None, :, :]
         else:
             raise ValueError(f"a {mask.dim()}-D attention mask")
-    if causal:
-        allowed = allowed & torch.ones(seq, total, dtype=torch.bool, device=q.device).tril()
-    return (~allowed).to(q.dtype) * fill
+    bias = (~allowed).to(q.dtype) * fill
+    if causal:  # added to the mask's fill, as ONNX Runtime does
+        later = torch.ones(seq, total, dtype=torch.bool, device=q.device).triu(1)
+        bias = bias + later.to(q.dtype) * fill
+    return bias
 
 
 def multi_head_attention(
