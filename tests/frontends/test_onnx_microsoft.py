@@ -375,3 +375,30 @@ def test_bert_fused_by_onnx_runtime_through_optimize(fused_bert) -> None:
     for batch, seq, seed in ((2, 7, 1), (3, 11, 2)):
         feeds = _bert_inputs(batch, seq, seed)
         _assert_exact(_ort(proto, feeds), _ort(fused_bert, feeds))
+
+
+def test_contrib_outputs_carry_their_dtype_to_converters_downstream() -> None:
+    # ONNX's shape inference types no contrib output; DynamicQuantizeLinear (what ONNX Runtime's
+    # quantize_dynamic puts after a fused SkipLayerNormalization) needs its input's dtype
+    x, skip = _randn(2, 5, 16), _randn(2, 5, 16)
+    nodes = [
+        helper.make_node("SkipLayerNormalization", ["x", "skip", "g"], ["n"], domain=MS),
+        helper.make_node("DynamicQuantizeLinear", ["n"], ["q", "scale", "zero"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info(n, FLOAT, [2, 5, 16]) for n in ("x", "skip")],
+        [
+            helper.make_tensor_value_info("q", TensorProto.UINT8, [2, 5, 16]),
+            helper.make_tensor_value_info("scale", FLOAT, []),
+            helper.make_tensor_value_info("zero", TensorProto.UINT8, []),
+        ],
+        [numpy_helper.from_array(_randn(16), "g")],
+    )
+    ids = [helper.make_opsetid("", 17), helper.make_opsetid(MS, 1)]
+    model = helper.make_model(graph, opset_imports=ids, ir_version=10)
+    gm = import_onnx(model)
+    assert gm.meta["onnx_opaque"] == {}
+    got = [t.numpy() for t in gm(torch.from_numpy(x), torch.from_numpy(skip))]
+    _assert_exact(got, _ort(model, [x, skip]))

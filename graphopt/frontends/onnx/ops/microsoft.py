@@ -37,11 +37,10 @@ import torch.nn.functional as F
 
 from graphopt.frontends.onnx.context import Ctx
 from graphopt.frontends.onnx.ops import microsoft_attention  # noqa: F401  (registers Attention)
+from graphopt.frontends.onnx.ops.contrib import declare_dtypes, ms_converter
 from graphopt.frontends.onnx.ops.registry import converter
 from graphopt.frontends.onnx.runtime import layer_norm_manual, layer_norm_stats
 from graphopt.frontends.onnx.values import ONNX_TO_TORCH, Value
-
-MS = "com.microsoft"
 
 
 def plus(ctx: Ctx, x: Value, i: int) -> Value:
@@ -49,24 +48,24 @@ def plus(ctx: Ctx, x: Value, i: int) -> Value:
     return ctx.call(torch.add, x, ctx.tensor(i)) if ctx.has(i) else x
 
 
-@converter("Gelu", "BiasGelu", domain=MS)
+@ms_converter("Gelu", "BiasGelu")
 def _gelu(ctx: Ctx) -> Value:
     return ctx.call(F.gelu, plus(ctx, ctx.tensor(0), 1))
 
 
-@converter("FastGelu", domain=MS)
+@ms_converter("FastGelu")
 def _fast_gelu(ctx: Ctx) -> Value:
     return ctx.call(F.gelu, plus(ctx, ctx.tensor(0), 1), approximate="tanh")
 
 
-@converter("QuickGelu", domain=MS)
+@ms_converter("QuickGelu")
 def _quick_gelu(ctx: Ctx) -> Value:
     x = ctx.tensor(0)
     alpha = float(ctx.attr("alpha", 1.702))
     return ctx.call(torch.mul, x, ctx.call(torch.sigmoid, ctx.call(torch.mul, x, alpha)))
 
 
-@converter("BiasAdd", domain=MS)
+@ms_converter("BiasAdd")
 def _bias_add(ctx: Ctx) -> Value:
     return ctx.call(torch.add, plus(ctx, ctx.tensor(0), 1), ctx.tensor(2))
 
@@ -94,6 +93,11 @@ def _skip_sum(ctx: Ctx, bias_input: int) -> Value:
     return plus(ctx, ctx.call(torch.add, ctx.tensor(0), ctx.tensor(1)), bias_input)
 
 
+def _skip_norm_dtypes(ctx: Ctx) -> list[torch.dtype | None]:
+    # output, mean, inv_std_var (float32 whatever the input), input_skip_bias_sum
+    return [ctx.dtype(0), torch.float32, torch.float32, ctx.dtype(0)]
+
+
 def _hidden_size(ctx: Ctx) -> int | None:
     gamma = ctx.const(2)
     if gamma is not None and gamma.dim() == 1:
@@ -101,7 +105,7 @@ def _hidden_size(ctx: Ctx) -> int | None:
     return ctx.static_dim(0, -1)
 
 
-@converter("SkipLayerNormalization", domain=MS)
+@ms_converter("SkipLayerNormalization", dtypes=_skip_norm_dtypes)
 def _skip_layer_norm(ctx: Ctx) -> list[Value]:
     eps = float(ctx.attr("epsilon", 1e-12))
     s = _skip_sum(ctx, 4)
@@ -119,7 +123,7 @@ def _skip_layer_norm(ctx: Ctx) -> list[Value]:
     return outputs[: len(ctx.node.output)]
 
 
-@converter("SkipSimplifiedLayerNormalization", domain=MS)
+@ms_converter("SkipSimplifiedLayerNormalization", dtypes=_skip_norm_dtypes)
 def _skip_simplified_layer_norm(ctx: Ctx) -> list[Value]:
     if _stats_used(ctx, (1,)):
         raise ctx.fail(
@@ -142,6 +146,7 @@ def _simplified_layer_norm(ctx: Ctx) -> list[Value]:
     axis = int(ctx.attr("axis", -1))
     eps = float(ctx.attr("epsilon", 1e-5))
     y_inv = ctx.call(rms_norm, ctx.tensor(0), axis, eps, ctx.tensor(1), stash)
+    declare_dtypes(ctx, [ctx.dtype(1), stash])  # ONNX's shape inference knows no such op either
     return [ctx.call(operator.getitem, y_inv, j) for j in range(len(ctx.node.output))]
 
 
@@ -169,7 +174,7 @@ def _fused_operand(ctx: Ctx, i: int, trans: int, trans_batch: int) -> Value:
     return ctx.method("permute", x, perm)
 
 
-@converter("FusedMatMul", domain=MS)
+@ms_converter("FusedMatMul")
 def _fused_matmul(ctx: Ctx) -> Value:
     a = _fused_operand(ctx, 0, int(ctx.attr("transA", 0)), int(ctx.attr("transBatchA", 0)))
     b = _fused_operand(ctx, 1, int(ctx.attr("transB", 0)), int(ctx.attr("transBatchB", 0)))
@@ -179,6 +184,11 @@ def _fused_matmul(ctx: Ctx) -> Value:
 
 
 # -- EmbedLayerNormalization -------------------------------------------------------------------
+
+
+def _embed_dtypes(ctx: Ctx) -> list[torch.dtype | None]:
+    # output, mask_index, embedding_sum: the embeddings' dtype and int32
+    return [ctx.dtype(2), torch.int32, ctx.dtype(2)]
 
 
 def embed_positions(ids: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
@@ -191,7 +201,7 @@ def mask_lengths(mask: torch.Tensor) -> torch.Tensor:
     return (mask == 1).sum(dim=1, dtype=torch.int32)
 
 
-@converter("EmbedLayerNormalization", domain=MS)
+@ms_converter("EmbedLayerNormalization", dtypes=_embed_dtypes)
 def _embed_layer_norm(ctx: Ctx) -> list[Value]:
     if ctx.output_used(1) and not ctx.has(7):
         raise ctx.fail("the mask_index output (1) is used but there is no mask input (7)")

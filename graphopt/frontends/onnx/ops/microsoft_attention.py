@@ -31,11 +31,8 @@ from torch import nn
 
 from graphopt.frontends.onnx.context import Ctx
 from graphopt.frontends.onnx.ops.common import set_param
-from graphopt.frontends.onnx.ops.registry import converter
+from graphopt.frontends.onnx.ops.contrib import ms_converter
 from graphopt.frontends.onnx.values import Value
-
-MS = "com.microsoft"
-
 
 # -- what the imported graph calls ---------------------------------------------------------------
 
@@ -157,7 +154,7 @@ def _projection(ctx: Ctx) -> Value:
     return y if bias is None else ctx.call(torch.add, y, ctx.tensor(2))
 
 
-@converter("Attention", domain=MS)
+@ms_converter("Attention")
 def _attention(ctx: Ctx) -> Value:
     for attr in ("do_rotary", "past_present_share_buffer"):
         if ctx.attr(attr, 0):
@@ -172,7 +169,7 @@ def _attention(ctx: Ctx) -> Value:
     return _attend(ctx, q, k, v, sizes[0] // int(ctx.attr("num_heads")), mask=3, bias=5)
 
 
-@converter("MultiHeadAttention", domain=MS)
+@ms_converter("MultiHeadAttention")
 def _multi_head_attention(ctx: Ctx) -> Value:
     _refuse_inputs(
         ctx, {6: "past_key", 7: "past_value", 8: "past_sequence_length", 9: "cache_indirection"}
