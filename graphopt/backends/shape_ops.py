@@ -180,16 +180,92 @@ def _range_twin(
 
 _RANGE_INTS = (torch.int16, torch.int32, torch.int64)
 
+
+class _QuantizeOp(torch.autograd.Function):
+    """ONNX ``QuantizeLinear`` (opset 13: float32 x and scale, int8/uint8, per tensor or axis);
+    ``forward`` is the helper registered as it."""
+
+    @staticmethod
+    def forward(ctx: Any, helper: Any, x: Any, scale: Any, zero_point: Any, axis: int) -> Any:
+        return helper(x, scale, zero_point, axis, 0, zero_point.dtype)
+
+    @staticmethod
+    def symbolic(g: Any, helper: Any, x: Any, scale: Any, zero_point: Any, axis: int) -> Any:
+        return g.op("QuantizeLinear", x, scale, zero_point, axis_i=axis)
+
+
+class _DequantizeOp(torch.autograd.Function):
+    """ONNX ``DequantizeLinear`` (opset 13: int8/uint8/int32 x, float32 scale, per tensor or
+    axis); ``forward`` is the helper registered as it."""
+
+    @staticmethod
+    def forward(ctx: Any, helper: Any, x: Any, scale: Any, zero_point: Any, axis: int) -> Any:
+        return helper(x, scale, zero_point, axis, 0, torch.float32)
+
+    @staticmethod
+    def symbolic(g: Any, helper: Any, x: Any, scale: Any, zero_point: Any, axis: int) -> Any:
+        return g.op("DequantizeLinear", x, scale, zero_point, axis_i=axis)
+
+
+def _qdq_operands(x: Any, scale: Any, zero_point: Any, block_size: int, qtype: Any) -> Any:
+    """(scale, zero_point) as opset 13's (De)QuantizeLinear takes them (scale float32 0-D or
+    1-D, a zero point of the integer type), or None where that op cannot express the call."""
+    if block_size or not isinstance(scale, torch.Tensor) or scale.dtype != torch.float32:
+        return None
+    if scale.dim() > 1 or qtype not in (torch.int8, torch.uint8, torch.int32):
+        return None
+    if zero_point is None:
+        zero_point = torch.zeros(scale.shape, dtype=qtype)
+    if not isinstance(zero_point, torch.Tensor) or zero_point.dtype != qtype:
+        return None
+    if zero_point.shape != scale.shape or (qtype == torch.int32 and bool(zero_point.any())):
+        return None
+    return scale, zero_point
+
+
+def _quantize_twin(
+    original: Callable[..., Any],
+    x: Any,
+    scale: Any,
+    zero_point: Any,
+    axis: int,
+    block_size: int,
+    dtype: torch.dtype,
+) -> Any:
+    ops = None if dtype == torch.int32 else _qdq_operands(x, scale, zero_point, block_size, dtype)
+    if ops is None or x.dtype != torch.float32:
+        return original(x, scale, zero_point, axis, block_size, dtype)
+    return _QuantizeOp.apply(original, x, *ops, axis)
+
+
+def _dequantize_twin(
+    original: Callable[..., Any],
+    x: Any,
+    scale: Any,
+    zero_point: Any,
+    axis: int,
+    block_size: int,
+    dtype: torch.dtype,
+) -> Any:
+    ops = _qdq_operands(x, scale, zero_point, block_size, x.dtype)
+    if ops is None or dtype != torch.float32:
+        return original(x, scale, zero_point, axis, block_size, dtype)
+    return _DequantizeOp.apply(original, x, *ops, axis)
+
+
 # the ONNX op -> the twin that exports a helper as it; a helper registered as the op takes the
 # arguments its twin passes on: Reshape (x, shape, allowzero=0), Expand (x, shape),
 # ConstantOfShape (shape, value, dtype), Slice (x, starts, ends, axes=None, steps=None),
-# Range (start, limit, delta, dtype)
+# Range (start, limit, delta, dtype), QuantizeLinear / DequantizeLinear (x, scale, zero_point,
+# axis, block_size, dtype)
 _TWINS: dict[str, Callable[..., Any]] = {
     "Reshape": _reshape_twin,
     "Expand": _expand_twin,
     "ConstantOfShape": _full_twin,
     "Slice": _slice_twin,
     "Range": _range_twin,
+    "QuantizeLinear": _quantize_twin,
+    "DequantizeLinear": _dequantize_twin,
 }
 
 # a registered helper (the function object itself) -> the ONNX op it exports as
@@ -200,9 +276,10 @@ _F = TypeVar("_F", bound=Callable[..., Any])
 
 def exports_as(op: str) -> Callable[[_F], _F]:
     """Register the decorated runtime-shape helper as exporting as the ONNX op ``op`` (one of
-    ``Reshape``, ``Expand``, ``ConstantOfShape``, ``Slice``, ``Range``) when its shape, bounds or
-    axes are tensors. The function is returned unchanged: a graph's ``call_function`` target is
-    that very object, which is how :func:`with_shape_ops` finds it.
+    ``Reshape``, ``Expand``, ``ConstantOfShape``, ``Slice``, ``Range`` when its shape, bounds or
+    axes are tensors; ``QuantizeLinear``, ``DequantizeLinear`` where opset 13's op says it).
+    The function is returned unchanged: a graph's ``call_function`` target is that very object,
+    which is how :func:`with_shape_ops` finds it.
 
     Example::
 
