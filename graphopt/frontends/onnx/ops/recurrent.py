@@ -167,7 +167,12 @@ def _recurrent(ctx: Ctx) -> list[Value | None]:
         x = ctx.call(torch.flip, x, [seq_axis])
     states = [_state(ctx, i, layout) for i in ((5, 6) if ctx.op == "LSTM" else (5,))]
     results = _run(ctx, x, states, dirs, nonlinearity, bool(layout))
-    y = ctx.method("unflatten", results[0], 2, (dirs, hidden))
+    # [.., .., D*H] -> [.., .., D, H]: a reshape by the sizes (the TorchScript exporter freezes
+    # the leading dims of Tensor.unflatten's output to the example's)
+    out = results[0]
+    y = ctx.method(
+        "reshape", out, ctx.method("size", out, 0), ctx.method("size", out, 1), dirs, hidden
+    )
     if direction == "reverse":
         y = ctx.call(torch.flip, y, [seq_axis])
     outputs: list[Value | None] = [y if layout else ctx.method("transpose", y, 1, 2)]
