@@ -273,9 +273,9 @@ def test_embed_layer_norm_and_its_mask_index(segments: bool) -> None:
 
 
 class _Layer(torch.nn.Module):
-    def __init__(self, hidden: int, heads: int) -> None:
+    def __init__(self, hidden: int, heads: int, gelu: str) -> None:
         super().__init__()
-        self.heads = heads
+        self.heads, self.gelu = heads, gelu
         self.q, self.k, self.v, self.o = (torch.nn.Linear(hidden, hidden) for _ in range(4))
         self.ln1, self.ln2 = torch.nn.LayerNorm(hidden), torch.nn.LayerNorm(hidden)
         self.up, self.down = (
@@ -292,17 +292,17 @@ class _Layer(torch.nn.Module):
         p = torch.softmax(torch.matmul(q, k) / d**0.5 + mask, dim=-1)
         c = torch.matmul(p, v).permute(0, 2, 1, 3).reshape(b, s, h)
         x = self.ln1(x + self.o(c))
-        return self.ln2(x + self.down(torch.nn.functional.gelu(self.up(x))))
+        return self.ln2(x + self.down(torch.nn.functional.gelu(self.up(x), approximate=self.gelu)))
 
 
 class _Bert(torch.nn.Module):
     """Embeddings (word, position, token type) + LayerNorm, then 2 post-LN transformer layers."""
 
-    def __init__(self, vocab: int = 100, hidden: int = 32, heads: int = 4) -> None:
+    def __init__(self, gelu: str, vocab: int = 100, hidden: int = 32, heads: int = 4) -> None:
         super().__init__()
         self.word, self.pos = torch.nn.Embedding(vocab, hidden), torch.nn.Embedding(64, hidden)
         self.token_type, self.ln = torch.nn.Embedding(2, hidden), torch.nn.LayerNorm(hidden)
-        self.layers = torch.nn.ModuleList(_Layer(hidden, heads) for _ in range(2))
+        self.layers = torch.nn.ModuleList(_Layer(hidden, heads, gelu) for _ in range(2))
 
     def forward(self, ids: torch.Tensor, attn: torch.Tensor, types: torch.Tensor) -> torch.Tensor:
         pos = torch.arange(ids.shape[1]).unsqueeze(0)
@@ -322,12 +322,13 @@ def _bert_inputs(batch: int, seq: int, seed: int) -> list[np.ndarray]:
     return [ids, attn, types]
 
 
-@pytest.fixture(scope="module")
-def fused_bert(tmp_path_factory: pytest.TempPathFactory) -> onnx.ModelProto:
+# erf GELU (fused as BiasGelu) and tanh GELU (fused as FastGelu with a bias)
+@pytest.fixture(scope="module", params=["none", "tanh"])
+def fused_bert(request, tmp_path_factory: pytest.TempPathFactory) -> onnx.ModelProto:
     from onnxruntime.transformers.optimizer import optimize_model
 
     torch.manual_seed(0)
-    model = _Bert().eval()
+    model = _Bert(request.param).eval()
     with torch.no_grad():  # trained-looking LayerNorms, not the identity
         for m in model.modules():
             if isinstance(m, torch.nn.LayerNorm):
@@ -354,7 +355,8 @@ def test_bert_fused_by_onnx_runtime_imports_without_opaque_nodes(fused_bert) -> 
 
     ops = {(n.domain, n.op_type) for n in fused_bert.graph.node if n.domain == MS}
     emitted = {op for _, op in ops}
-    assert {"EmbedLayerNormalization", "Attention", "SkipLayerNormalization", "BiasGelu"} <= emitted
+    assert {"EmbedLayerNormalization", "Attention", "SkipLayerNormalization"} <= emitted
+    assert emitted & {"BiasGelu", "FastGelu"}
     assert all(f"{MS}::{op}" in CONTRIB_OPS for op in emitted)
     gm = import_onnx(fused_bert)
     assert gm.meta["onnx_opaque"] == {}
@@ -402,3 +404,38 @@ def test_contrib_outputs_carry_their_dtype_to_converters_downstream() -> None:
     assert gm.meta["onnx_opaque"] == {}
     got = [t.numpy() for t in gm(torch.from_numpy(x), torch.from_numpy(skip))]
     _assert_exact(got, _ort(model, [x, skip]))
+
+
+def test_embed_layer_norm_with_position_ids() -> None:
+    ids = RNG.integers(0, 30, (B, S)).astype(np.int32)
+    positions = np.array([[4, 3, 2, 1, 0]], np.int32)  # (1, S): broadcast over the batch
+    names = ["ids", "", "word", "pos", "", "gamma", "beta", "", "positions"]
+    inits = [("word", _randn(30, HIDDEN)), ("pos", _randn(S, HIDDEN))]
+    inits += [("gamma", _randn(HIDDEN)), ("beta", _randn(HIDDEN))]
+    # ONNX Runtime's shape inference wants a mask_index output, even without a mask
+    node = helper.make_node("EmbedLayerNormalization", names, ["y", "unused"], domain=MS)
+    check(_model(node, [("ids", ids), ("positions", positions)], ["y"], inits), [ids, positions])
+
+
+def test_attention_with_runtime_weights() -> None:
+    x, w = _randn(B, S, 12), _randn(12, 3 * HIDDEN)
+    node = helper.make_node("Attention", ["x", "w", "b"], ["y"], domain=MS, num_heads=HEADS)
+    model = _model(node, [("x", x), ("w", w)], ["y"], [("b", _randn(3 * HIDDEN))])
+    check(model, [x, w])
+
+
+def test_multi_head_cross_attention_with_a_3d_mask_and_attention_bias() -> None:
+    keys = S + 2  # the keys are longer than the queries
+    q, k, v = _randn(B, S, HIDDEN), _randn(B, keys, HIDDEN), _randn(B, keys, HIDDEN)
+    mask = (RNG.random((B, S, keys)) > 0.3).astype(np.int32)
+    bias = _randn(B, 1, S, keys)
+    inputs = [("q", q), ("k", k), ("v", v), ("mask", mask), ("attn_bias", bias)]
+    node = helper.make_node(
+        "MultiHeadAttention",
+        ["q", "k", "v", "", "mask", "attn_bias"],
+        ["y"],
+        domain=MS,
+        num_heads=HEADS,
+        scale=0.2,
+    )
+    check(_model(node, inputs, ["y"]), [a for _, a in inputs])
