@@ -1,10 +1,11 @@
 """Who uses a value, and how: value users vs metadata users, once for every pass.
 
 A guard such as ``torch._assert(x.ndim == 4, ...)`` (timm's ``BatchNormAct2d``), a read of
-``x.shape`` / ``x.size(1)`` / ``x.dim()`` / ``x.dtype`` for shape arithmetic, reads ``x``'s
-*metadata*, never its values. A pass asking "is this output used elsewhere?" (fold a BN into the
-conv before it, merge branches, equalize a pair) asks about :func:`value_users`: a rewrite that
-keeps a value's shape, rank and dtype (every exact pass here) keeps every metadata read valid.
+``x.shape`` / ``x.size(1)`` / ``x.dim()`` / ``x.dtype`` for shape arithmetic, ``x`` as the shape
+template of ``y.reshape_as(x)``, reads ``x``'s *metadata*, never its values. A pass asking "is
+this output used elsewhere?" (fold a BN into the conv before it, merge branches, equalize a
+pair) asks about :func:`value_users`: a rewrite that keeps a value's shape, rank and dtype
+(every exact pass here) keeps every metadata read valid.
 
 When a rewrite drops a value whose metadata is still read, :func:`redirect_metadata_reads`
 moves those reads onto the value that replaces it (same shape and dtype), and
@@ -30,6 +31,8 @@ METADATA_METHODS = {"size", "dim", "ndimension", "numel", "nelement", "get_devic
 METADATA_METHODS |= {"is_floating_point", "is_complex", "element_size"}
 METADATA_FUNCTIONS = {torch.numel, torch.is_floating_point, torch.is_complex}
 METADATA_FUNCTIONS |= {aten.sym_size.int, aten.sym_numel.default, aten.dim.default}
+# y.reshape_as(x): x only a shape template (timm's LinearNorm: bn(x.flatten(0, 1)).reshape_as(x))
+TEMPLATE_METHODS = {"reshape_as", "view_as", "expand_as"}
 _STATIC_ATTRS = {"ndim": lambda m: len(m.shape), "dtype": lambda m: m.dtype}
 _STATIC_METHODS = {
     "dim": lambda m: len(m.shape),
@@ -42,7 +45,10 @@ _STATIC_METHODS = {
 
 def is_metadata_read(user: fx.Node, of: fx.Node) -> bool:
     """``user`` reads only the metadata of ``of`` (shape, rank, dtype, device), never its
-    values: ``getattr(of, 'shape')``, ``of.size(1)``, ``of.dim()``, ``torch.numel(of)``."""
+    values: ``getattr(of, 'shape')``, ``of.size(1)``, ``of.dim()``, ``torch.numel(of)``, and
+    ``of`` as the shape template of ``y.reshape_as(of)`` / ``view_as`` / ``expand_as``."""
+    if _is_shape_template(user, of):
+        return True
     if not user.args or user.args[0] is not of or of in _other_operands(user):
         return False
     if user.op == "call_function" and user.target is builtins.getattr:
@@ -50,6 +56,17 @@ def is_metadata_read(user: fx.Node, of: fx.Node) -> bool:
     if user.op == "call_method":
         return user.target in METADATA_METHODS
     return user.op == "call_function" and user.target in METADATA_FUNCTIONS
+
+
+def _is_shape_template(user: fx.Node, of: fx.Node) -> bool:
+    return (
+        user.op == "call_method"
+        and user.target in TEMPLATE_METHODS
+        and len(user.args) == 2
+        and user.args[1] is of
+        and user.args[0] is not of
+        and not user.kwargs
+    )
 
 
 def value_users(node: fx.Node) -> list[fx.Node]:

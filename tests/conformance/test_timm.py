@@ -34,17 +34,10 @@ class KnownGap(AssertionError):
 
 # model -> why it does not optimize today (a substring of the outcome's reason)
 KNOWN_REFUSED: dict[str, str] = {}
-# model -> why conv/linear+BN pairs are left in the optimized graph today
-_MIXED = (
-    "BN after MixedConv2d's torch.cat of per-group convs: fold-conv-bn does not split a "
-    "BatchNorm over the parts of a concat"
-)
-KNOWN_BN_LEFT: dict[str, str] = {
-    "levit_128s": "LeViT's BatchNorm1d over flattened tokens after a Linear (Linear -> "
-    "flatten(0, 1) -> BatchNorm1d -> reshape_as) is not folded (46 left)",
-    "mixnet_s": _MIXED,
-    "tf_mixnet_s": _MIXED,
-}
+# model -> why conv/linear+BN pairs are left in the optimized graph today (LeViT's
+# Linear -> flatten(0, 1) -> BatchNorm1d and MixNet's BN after a concat of per-group convs fold
+# since issue 17)
+KNOWN_BN_LEFT: dict[str, str] = {}
 # model -> "<pass>: why" it is rolled back today
 KNOWN_ROLLED_BACK: dict[str, str] = {}
 # model -> why it does not collapse as far as timm's reparameterize_model today

@@ -93,3 +93,13 @@ def test_a_guard_alone_no_longer_keeps_a_value_alive():
     assert len(asserts) == 2 and all(a.args[0].args[0] == 4 for a in asserts)
     gm.recompile()
     gm(torch.randn(1, 3, 5, 5))  # the guards still run, and hold
+
+
+def test_a_shape_template_is_a_metadata_read():
+    """``y.reshape_as(x)`` reads only x's shape (timm's LinearNorm); y's values are read."""
+    g = fx.Graph()
+    x, y = g.placeholder("x"), g.placeholder("y")
+    for method in ("reshape_as", "view_as", "expand_as"):
+        use = g.call_method(method, (y, x))
+        assert is_metadata_read(use, x) and not is_metadata_read(use, y)
+    assert not is_metadata_read(g.call_method("reshape_as", (x, x)), x)

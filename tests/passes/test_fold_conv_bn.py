@@ -937,3 +937,195 @@ def test_a_value_user_beside_a_guard_still_blocks_the_fold():
     gm, result = run_pass(FoldConvBN, Both().eval(), (x,))
     assert result.stats == {"skipped:output-used-elsewhere": 1}
     assert len(_bn_nodes(gm)) == 1
+
+
+# ------------------------------------------------------------------------------------------------
+# issue 17: timm's LeViT (Linear -> flatten -> BatchNorm1d) and MixNet (concat of convs -> BN)
+
+
+class _LinearNorm(nn.Module):
+    """timm's LinearNorm: BatchNorm1d over the tokens flattened into the batch. ``flat`` picks
+    how the leading axes are merged; ``bn=False`` is the folded form (the Expected model)."""
+
+    def __init__(self, flat: str = "flatten", bias: bool = False, bn: bool = True) -> None:
+        super().__init__()
+        g = _gen(3)
+        self.linear = nn.Linear(6, 5, bias=bias or not bn)
+        with torch.no_grad():
+            self.linear.weight.copy_(torch.randn(5, 6, generator=g) * 0.4)
+        self.bn = _bn(nn.BatchNorm1d, 5, seed=4) if bn else None
+        self.flat = flat
+
+    def forward(self, x):
+        x = self.linear(x)
+        if self.flat == "flatten":
+            y = x.flatten(0, 1)
+        elif self.flat == "view":
+            y = x.view(-1, 5)
+        elif self.flat == "reshape-from-shape":
+            y = x.reshape(x.shape[0] * x.shape[1], x.shape[2])
+        elif self.flat == "torch-flatten-4d":
+            y = torch.flatten(x, 0, 2)
+        elif self.flat == "view-then-flatten":
+            y = x.view(x.shape[0], -1, 1, 5).flatten(0, 2)
+        elif self.flat == "functional-bn":
+            y = x.flatten(0, 1)
+            bn = self.bn
+            return F.batch_norm(
+                y, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.1, bn.eps
+            ).reshape_as(x)
+        return (self.bn(y) if self.bn is not None else y).reshape_as(x)
+
+
+def test_rewrites_linear_flatten_bn1d_into_linear_flatten():
+    """The reshape chain stays, with the folded Linear's output (of the same shape) as
+    ``reshape_as``'s template."""
+    x = _x((2, 7, 6))
+    result = verify_rewrite("fold-conv-bn", _LinearNorm(), _LinearNorm(bn=False), (x,))
+    assert dict(result.stats) == {"folded": 1}
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+@pytest.mark.parametrize(
+    "flat",
+    [
+        "flatten",
+        "view",
+        "reshape-from-shape",
+        "torch-flatten-4d",
+        "view-then-flatten",
+        "functional-bn",
+    ],
+)
+def test_linear_reshape_bn1d_folds_exactly_at_any_batch(flat, bias):
+    shape, other = ((2, 3, 7, 6), (5, 2, 3, 6)) if flat.endswith("4d") else ((2, 7, 6), (5, 3, 6))
+    _assert_folds(_LinearNorm(flat, bias), _x(shape), _x(other, 2), {"folded": 1})
+
+
+class _LinearThen(nn.Module):
+    """Linear, then ``how`` between it and a BatchNorm1d: cases the fold must refuse."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.linear = nn.Linear(6, 4)
+        self.bn = _bn(nn.BatchNorm1d, 8 if how == "features-merged" else 4, seed=2)
+        self.how = how
+
+    def forward(self, x):
+        y = self.linear(x)
+        if self.how == "features-merged":  # (B, 2, 4) -> (B, 8): BN's channel is no feature
+            return self.bn(y.flatten(1))
+        if self.how == "transposed":  # (B, L, C) -> (B*C, L), L == C: BN's channel is L
+            return self.bn(y.transpose(1, 2).flatten(0, 1))
+        if self.how == "rank-3":  # (B, 2, 4) -> (B, 4, 2): BN's 4 channels mix L and C
+            return self.bn(y.reshape(y.shape[0], 4, 2))
+        flat = y.flatten(0, 1)
+        if self.how == "linear-used-elsewhere":
+            return self.bn(flat).reshape_as(y) + y
+        return self.bn(flat) + flat.sum()  # "flattened-used-elsewhere"
+
+
+@pytest.mark.parametrize(
+    ("how", "stats"),
+    [
+        ("features-merged", {"skipped:bn-axis": 1}),
+        ("transposed", {}),
+        ("rank-3", {"skipped:bn-axis": 1}),
+        ("linear-used-elsewhere", {"skipped:output-used-elsewhere": 1}),
+        ("flattened-used-elsewhere", {"skipped:output-used-elsewhere": 1}),
+    ],
+)
+def test_linear_reshape_bn1d_is_refused_where_the_fold_would_be_wrong(how, stats):
+    shape = {"transposed": (2, 4, 6)}.get(how, (2, 3, 6) if "used" in how else (2, 2, 6))
+    _assert_refuses(_LinearThen(how), _x(shape), stats)
+
+
+class _MixConv(nn.Module):
+    """MixNet's MixedConv2d then BN: the input split in channel groups, one conv per group with
+    its own kernel size, the outputs concatenated along the channels."""
+
+    def __init__(self, bias: bool = False, groups: str = "1", transposed: bool = False) -> None:
+        super().__init__()
+        self.splits, outs = [3, 2, 3], [4, 2, 6]
+        conv = nn.ConvTranspose2d if transposed else nn.Conv2d
+        self.convs = nn.ModuleList(
+            conv(
+                cin,
+                cout,
+                k,
+                padding=k // 2,
+                bias=bias,
+                groups=cin if groups == "depthwise" and cout % cin == 0 else 1,
+            )
+            for cin, cout, k in zip(self.splits, outs, [1, 3, 5], strict=True)
+        )
+        self.bn = _bn(nn.BatchNorm2d, sum(outs), seed=6)
+
+    def forward(self, x):
+        parts = torch.split(x, self.splits, 1)
+        return self.bn(torch.cat([c(parts[i]) for i, c in enumerate(self.convs)], 1))
+
+
+@pytest.mark.parametrize("transposed", [False, True], ids=["conv", "convT"])
+@pytest.mark.parametrize("groups", ["1", "depthwise"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+def test_bn_after_a_concat_of_convs_folds_into_each_conv_exactly(bias, groups, transposed):
+    x, x_other = _batches(2, 8)
+    gm = _assert_folds(_MixConv(bias, groups, transposed), x, x_other, {"folded": 1})
+    cats = [n for n in gm.graph.nodes if n.target is torch.cat]
+    assert len(cats) == 1 and list(cats[0].users) == [next(iter(gm.graph.find_nodes(op="output")))]
+
+
+class _CatThenBN(nn.Module):
+    """A concat of two convs' outputs, then BN: cases the fold must refuse."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(3, 4, 1)
+        self.bn = _bn(nn.BatchNorm2d, 4 if how == "spatial" else 8, seed=7)
+        self.how = how
+
+    def forward(self, x):
+        a = self.a(x)
+        if self.how == "spatial":  # along H: BN's 4 channels are each conv's 4 channels
+            return self.bn(torch.cat([a, self.b(x)], 2))
+        if self.how == "same-conv-twice":
+            return self.bn(torch.cat([a, a], 1))
+        if self.how == "not-a-conv":  # a pre-activation BN: nothing to fold into
+            return self.bn(torch.cat([a, x.relu().repeat(1, 2, 1, 1)[:, :4]], 1))
+        cat = torch.cat([a, self.b(x)], 1)
+        if self.how == "conv-used-elsewhere":
+            return self.bn(cat) + a.sum()
+        return self.bn(cat), cat  # "concat-used-elsewhere"
+
+
+@pytest.mark.parametrize(
+    ("how", "stats"),
+    [
+        ("spatial", {"skipped:bn-axis": 1}),
+        ("same-conv-twice", {"skipped:output-used-elsewhere": 1}),
+        ("not-a-conv", {}),
+        ("conv-used-elsewhere", {"skipped:output-used-elsewhere": 1}),
+        ("concat-used-elsewhere", {"skipped:output-used-elsewhere": 1}),
+    ],
+)
+def test_bn_after_a_concat_is_refused_where_the_fold_would_be_wrong(how, stats):
+    _assert_refuses(_CatThenBN(how), _x((2, 3, 5, 5)), stats)
+
+
+def test_bn_refused_after_its_convs_folds_into_the_conv_after_it():
+    """The concat is used elsewhere, so BN cannot go into the convs before it; the valid 1x1
+    conv after it takes it instead."""
+
+    class CatBNConv(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 2, 3, padding=1), nn.Conv2d(3, 2, 1)
+            self.bn, self.pw = _bn(nn.BatchNorm2d, 4, seed=8), nn.Conv2d(4, 5, 1)
+
+        def forward(self, x):
+            cat = torch.cat([self.a(x), self.b(x)], 1)
+            return self.pw(self.bn(cat)), cat
+
+    x, x_other = _batches(2, 3)
+    _assert_folds(CatBNConv(), x, x_other, {"folded-bn-before": 1})
