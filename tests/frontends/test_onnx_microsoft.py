@@ -439,3 +439,93 @@ def test_multi_head_cross_attention_with_a_3d_mask_and_attention_bias() -> None:
         scale=0.2,
     )
     check(_model(node, inputs, ["y"]), [a for _, a in inputs])
+
+
+# -- FusedConv, FusedGemm (ONNX Runtime's graph optimizer) -----------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("activation", "params"),
+    [
+        ("", []),
+        ("Relu", []),
+        ("Tanh", []),
+        ("Sigmoid", []),
+        ("LeakyRelu", [0.1]),
+        ("Clip", [-0.5, 1.5]),
+        ("HardSigmoid", [0.3, 0.4]),
+    ],
+)
+def test_fused_conv_with_its_activation_and_sum(activation: str, params: list[float]) -> None:
+    x, z = _randn(2, 3, 9, 9), _randn(2, 8, 5, 9)
+    inits = [("w", _randn(8, 3, 3, 3) * 0.3), ("b", _randn(8))]
+    attrs = {"activation": activation} if activation else {}
+    attrs |= {"activation_params": params} if params else {}
+    node = helper.make_node(
+        "FusedConv",
+        ["x", "w", "b", "z"],
+        ["y"],
+        domain=MS,
+        strides=[2, 1],
+        pads=[1, 1, 1, 1],
+        **attrs,
+    )
+    check(_model(node, [("x", x), ("z", z)], [("y", 4)], inits), [x, z])
+
+
+@pytest.mark.parametrize(
+    ("activation", "attrs"),
+    [("Relu", {}), ("LeakyRelu", {"activation_alpha": 0.2}), ("Sigmoid", {})],
+)
+def test_fused_gemm_with_its_activation(activation: str, attrs: dict) -> None:
+    a = _randn(4, 6)
+    node = helper.make_node(
+        "FusedGemm",
+        ["a", "w", "c"],
+        ["y"],
+        domain=MS,
+        transB=1,
+        alpha=0.5,
+        activation=activation,
+        **attrs,
+    )
+    inits = [("w", _randn(5, 6)), ("c", _randn(5))]
+    check(_model(node, [("a", a)], [("y", 2)], inits), [a])
+
+
+def test_a_cnn_saved_by_an_onnx_runtime_session_with_fused_conv_and_gemm(tmp_path) -> None:
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1),
+        torch.nn.BatchNorm2d(8),
+        torch.nn.ReLU(),
+        torch.nn.Conv2d(8, 8, 3),
+        torch.nn.Sigmoid(),
+        torch.nn.Flatten(),
+        torch.nn.Linear(8 * 6 * 6, 10),
+        torch.nn.ReLU(),
+        torch.nn.Linear(10, 4),
+    ).eval()
+    with torch.no_grad():  # random statistics (ONNX Runtime folds the BatchNorm into the Conv)
+        net[1].running_mean.normal_(0, 0.5)
+        net[1].running_var.uniform_(0.5, 2.0)
+        net[1].weight.uniform_(0.5, 1.5)
+        net[1].bias.normal_(0, 0.5)
+    exported, saved = tmp_path / "cnn.onnx", tmp_path / "cnn_ort.onnx"
+    torch.onnx.export(
+        net,
+        (torch.randn(2, 3, 8, 8),),
+        str(exported),
+        input_names=["x"],
+        output_names=["y"],
+        dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}},
+        opset_version=17,
+        dynamo=False,
+    )
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    options.optimized_model_filepath = str(saved)
+    ort.InferenceSession(str(exported), options, providers=["CPUExecutionProvider"])
+    model = onnx.load(str(saved))
+    assert {"FusedConv", "FusedGemm"} <= {n.op_type for n in model.graph.node if n.domain == MS}
+    check(model, [_randn(3, 3, 8, 8)])

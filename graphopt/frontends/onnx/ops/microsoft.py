@@ -18,6 +18,12 @@ that passes see through it. ``x`` is input 0; optional inputs are left out when 
         RMSNorm over the axes from ``axis`` on, computed in the stash type; (y, inv_std_var)
     FusedMatMul(A, B; alpha, transA, transB, transBatchA, transBatchB) = alpha op(A) @ op(B)
         transBatch moves the first axis behind the other batch axes, trans swaps the last two
+    FusedConv(X, W, B?, Z?; Conv's attributes, activation, activation_params)
+        = activation(Conv(X, W, B) + Z)      (ONNX Runtime's graph optimizer writes it)
+    FusedGemm(A, B, C?; Gemm's attributes, activation, activation_alpha/beta)
+        = activation(Gemm(A, B, C))
+        activation: Relu, Tanh, Sigmoid, LeakyRelu(alpha), HardSigmoid(alpha, beta),
+        Clip(min, max) (FusedConv only), Elu(alpha) (FusedGemm only)
     EmbedLayerNormalization(ids, segment_ids?, word, position, segment?, gamma, beta, mask?,
         position_ids?) = (LayerNorm(word[ids] + position[position_ids or 0..S-1]
         + segment[segment_ids]), number of 1s in each mask row, the sum before LayerNorm)
@@ -38,7 +44,7 @@ import torch.nn.functional as F
 from graphopt.frontends.onnx.context import Ctx
 from graphopt.frontends.onnx.ops import microsoft_attention  # noqa: F401  (registers Attention)
 from graphopt.frontends.onnx.ops.contrib import declare_dtypes, ms_converter
-from graphopt.frontends.onnx.ops.registry import converter
+from graphopt.frontends.onnx.ops.registry import CONVERTERS, converter
 from graphopt.frontends.onnx.runtime import layer_norm_manual, layer_norm_stats
 from graphopt.frontends.onnx.values import ONNX_TO_TORCH, Value
 
@@ -226,3 +232,56 @@ def _embed_layer_norm(ctx: Ctx) -> list[Value]:
         y = ctx.call(F.layer_norm, s, [int(hidden)], gamma, ctx.tensor(6), eps)
     mask_index = ctx.call(mask_lengths, ctx.tensor(7)) if ctx.has(7) else None
     return [y, mask_index, s][: len(ctx.node.output)]
+
+
+# -- FusedConv, FusedGemm ------------------------------------------------------------------------
+
+
+def _activation_fn(ctx: Ctx, name: str, params: list[float]) -> tuple:
+    """(fn, args) of an activation that ONNX Runtime fused into a Conv or Gemm."""
+    fixed = {"Relu": F.relu, "Tanh": torch.tanh, "Sigmoid": torch.sigmoid}
+    if name in fixed and not params:
+        return fixed[name], ()
+    if name == "LeakyRelu" and len(params) == 1:
+        return F.leaky_relu, (params[0],)
+    if name == "Elu" and len(params) == 1:
+        return F.elu, (params[0],)
+    if name == "Clip" and len(params) == 2:
+        return torch.clamp, (params[0], params[1])
+    if name == "HardSigmoid" and len(params) == 2:
+        return hard_sigmoid, (params[0], params[1])
+    raise ctx.fail(f"activation={name!r} with parameters {params} is not supported")
+
+
+def hard_sigmoid(x: torch.Tensor, alpha: float, beta: float) -> torch.Tensor:
+    return torch.clamp(x * alpha + beta, 0.0, 1.0)
+
+
+@ms_converter("FusedConv")
+def _fused_conv(ctx: Ctx) -> Value:
+    name = str(ctx.attr("activation", ""))
+    params = [float(p) for p in ctx.attr("activation_params", [])]
+    if name == "Elu":
+        raise ctx.fail("activation='Elu' is not one of FusedConv's activations")
+    fn, args = _activation_fn(ctx, name, params) if name else (None, ())
+    y = CONVERTERS["Conv"](ctx)  # inputs 0-2 and the attributes are Conv's
+    y = plus(ctx, y, 3)  # Z, added before the activation
+    return y if fn is None else ctx.call(fn, y, *args)
+
+
+@ms_converter("FusedGemm")
+def _fused_gemm(ctx: Ctx) -> Value:
+    name = str(ctx.attr("activation", ""))
+    params = {
+        "LeakyRelu": [float(ctx.attr("activation_alpha", 0.01))],
+        "Elu": [float(ctx.attr("activation_alpha", 1.0))],
+        "HardSigmoid": [
+            float(ctx.attr("activation_alpha", 0.2)),
+            float(ctx.attr("activation_beta", 0.5)),
+        ],
+    }.get(name, [])
+    if name == "Clip":
+        raise ctx.fail("activation='Clip' is not one of FusedGemm's activations")
+    fn, args = _activation_fn(ctx, name, params) if name else (None, ())
+    y = CONVERTERS["Gemm"](ctx)
+    return y if fn is None else ctx.call(fn, y, *args)
