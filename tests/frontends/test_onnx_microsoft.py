@@ -529,3 +529,25 @@ def test_a_cnn_saved_by_an_onnx_runtime_session_with_fused_conv_and_gemm(tmp_pat
     model = onnx.load(str(saved))
     assert {"FusedConv", "FusedGemm"} <= {n.op_type for n in model.graph.node if n.domain == MS}
     check(model, [_randn(3, 3, 8, 8)])
+
+
+def test_multi_head_attention_after_a_contrib_op_whose_output_shape_is_unknown() -> None:
+    # ONNX's shape inference stops at the com.microsoft Gelu: the query's rank and hidden size
+    # are known only when the graph runs
+    q, k, v = _randn(B, S, HIDDEN), _randn(B, S, HIDDEN), _randn(B, S, 8)
+    nodes = [
+        helper.make_node("Gelu", ["q"], ["g"], domain=MS),
+        helper.make_node("MultiHeadAttention", ["g", "k", "v", "b"], ["y"], domain=MS, num_heads=2),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [
+            helper.make_tensor_value_info(n, FLOAT, a.shape)
+            for n, a in (("q", q), ("k", k), ("v", v))
+        ],
+        [_output("y")],
+        [numpy_helper.from_array(_randn(2 * HIDDEN + 8), "b")],
+    )
+    ids = [helper.make_opsetid("", 17), helper.make_opsetid(MS, 1)]
+    check(helper.make_model(graph, opset_imports=ids, ir_version=10), [q, k, v])

@@ -63,16 +63,28 @@ def mask_bias(
     return bias
 
 
+def add_qkv_bias(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(q + b_q, k + b_k, v + b_v), bias = [b_q, b_k, b_v] cut at q's hidden size."""
+    hidden = q.shape[-1]
+    return q + bias[:hidden], k + bias[hidden : 2 * hidden], v + bias[2 * hidden :]
+
+
 def multi_head_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
     num_heads: int,
-    scale: float,
+    scale: float | None,
     bias: torch.Tensor | None,
 ) -> torch.Tensor:
     """softmax(scale q k^T + bias) v per head; q (B, S, N d), k (B, T, N d), v (B, T, N dv)
-    -> (B, S, N dv)."""
+    -> (B, S, N dv); scale None: 1/sqrt(d)."""
+    if q.dim() != 3 or k.dim() != 3 or v.dim() != 3:
+        raise ValueError(f"query, key and value of {q.dim()}, {k.dim()}, {v.dim()} dims, not 3")
+    if scale is None:
+        scale = (q.shape[-1] // num_heads) ** -0.5
 
     def heads(x: torch.Tensor) -> torch.Tensor:
         return x.reshape(x.shape[0], x.shape[1], num_heads, -1).transpose(1, 2)
@@ -113,9 +125,12 @@ def _check_mask(ctx: Ctx, i: int, batch_input: int) -> None:
         )
 
 
-def _attend(ctx: Ctx, q: Value, k: Value, v: Value, head_size: int, mask: int, bias: int) -> Value:
+def _attend(
+    ctx: Ctx, q: Value, k: Value, v: Value, head_size: int | None, mask: int, bias: int
+) -> Value:
+    """The attention of q, k, v; ``head_size`` None: known at run time only."""
     num_heads = int(ctx.attr("num_heads"))
-    scale = float(ctx.attr("scale", 0.0)) or 1.0 / math.sqrt(head_size)
+    scale = float(ctx.attr("scale", 0.0)) or (head_size and 1.0 / math.sqrt(head_size)) or None
     causal = bool(ctx.attr("unidirectional", 0))
     add = None
     if ctx.has(mask) or causal:
@@ -177,25 +192,19 @@ def _multi_head_attention(ctx: Ctx) -> Value:
     _refuse_outputs(ctx, {1: "present_key", 2: "present_value", 3: "qk"})
     if ctx.attr("unidirectional", 0):
         raise ctx.fail("unidirectional=1 is not supported")
-    if not (ctx.has(1) and ctx.has(2)) or ctx.rank(0) != 3 or ctx.rank(1) != 3:
+    ranks = [ctx.rank(i) for i in range(3)]  # unknown after another contrib op: checked at run
+    if not (ctx.has(1) and ctx.has(2)) or any(r not in (3, None) for r in ranks):
         raise ctx.fail(
-            "only separate 3-D query, key and value are supported (not packed QKV/KV, a "
-            "key cache, or inputs of unknown rank)"
+            f"only separate 3-D query, key and value are supported, not packed QKV/KV or a "
+            f"key cache (ranks {ranks})"
         )
-    hidden, v_hidden = ctx.static_dim(0, 2), ctx.static_dim(2, 2)
-    num_heads = int(ctx.attr("num_heads"))
-    if hidden is None or hidden % num_heads:
-        raise ctx.fail(f"the query's hidden size ({hidden}) must be a known multiple of num_heads")
+    hidden, num_heads = ctx.static_dim(0, 2), int(ctx.attr("num_heads"))
+    if hidden is not None and hidden % num_heads:
+        raise ctx.fail(f"the query's hidden size {hidden} is not a multiple of num_heads")
     q, k, v = ctx.tensor(0), ctx.tensor(1), ctx.tensor(2)
     if ctx.has(3):
-        if v_hidden is None:
-            raise ctx.fail("a bias needs the value's hidden size, which is not known")
-        b = ctx.tensor(3)
-        cuts = [(0, hidden), (hidden, 2 * hidden), (2 * hidden, 2 * hidden + v_hidden)]
-        q, k, v = (
-            ctx.call(torch.add, x, ctx.call(operator.getitem, b, slice(lo, hi)))
-            for x, (lo, hi) in zip((q, k, v), cuts, strict=True)
-        )
+        qkv = ctx.call(add_qkv_bias, q, k, v, ctx.tensor(3))
+        q, k, v = (ctx.call(operator.getitem, qkv, j) for j in range(3))
     if ctx.has(4):
         _check_mask(ctx, 4, 0)
-    return _attend(ctx, q, k, v, hidden // num_heads, mask=4, bias=5)
+    return _attend(ctx, q, k, v, hidden // num_heads if hidden else None, mask=4, bias=5)
