@@ -18,7 +18,6 @@ from torch import nn
 from graphopt import optimize
 from graphopt.backends.onnxruntime.session import session_options
 from graphopt.core.numerics import exact_tolerance
-from graphopt.errors import VerificationError
 from graphopt.frontends.onnx import import_onnx
 
 RNG = np.random.default_rng(0)
@@ -236,29 +235,21 @@ def test_quantize_static_model_imports_exactly(qdq_cnn: onnx.ModelProto) -> None
         _assert_exact(got, _ort(qdq_cnn, [x])[0])
 
 
-def test_quantize_static_model_optimize_keeps_qdq_pairs(qdq_cnn: onnx.ModelProto) -> None:
-    x = RNG.standard_normal((2, 3, 16, 16)).astype(np.float32)
-    ref = _ort(qdq_cnn, [x])[0]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        result = optimize(qdq_cnn, example_inputs=[x], measure=False, accept_mismatch=True)
-    artifact = result.artifact.proto
-    ops = [n.op_type for n in artifact.graph.node]
-    activations = [n.op_type for n in qdq_cnn.graph.node].count("QuantizeLinear")
-    assert ops.count("QuantizeLinear") == ops.count("DequantizeLinear") == activations, ops
-    # the artifact computes the original's numbers once ONNX Runtime's WeightBiasQuantization
-    # (which quantizes a float weight between QDQ activations again, per tensor) is off
-    got = _ort(artifact, [x], disabled_optimizers=["WeightBiasQuantization"])[0]
-    _assert_exact(got, ref)
-
-
-@pytest.mark.xfail(
-    strict=True,
-    raises=VerificationError,
-    reason="the import folds DequantizeLinear of constant weights into float weights, and ONNX "
-    "Runtime's WeightBiasQuantization quantizes those again per tensor (one output step off)",
-)
-def test_quantize_static_model_optimize_exact(qdq_cnn: onnx.ModelProto) -> None:
+def test_quantize_static_model_optimize_is_exact_and_keeps_qdq(qdq_cnn: onnx.ModelProto) -> None:
     x = RNG.standard_normal((2, 3, 16, 16)).astype(np.float32)
     result = optimize(qdq_cnn, example_inputs=[x], measure=False)
-    _assert_exact(result(x), _ort(qdq_cnn, [x])[0])
+    artifact = result.artifact.proto
+    ops = [n.op_type for n in artifact.graph.node]
+    original = [n.op_type for n in qdq_cnn.graph.node]
+    # every pair is kept, weights' DequantizeLinear included (ONNX Runtime's integer kernels
+    # read them; a folded float weight it would quantize again, per tensor)
+    for op in ("QuantizeLinear", "DequantizeLinear"):
+        assert ops.count(op) == original.count(op), ops
+    for n in (2, 1, 3):
+        x = RNG.standard_normal((n, 3, 16, 16)).astype(np.float32)
+        ref = _ort(qdq_cnn, [x])[0]
+        _assert_exact(result(x), ref)
+        # and in plain ONNX Runtime (default session options), as a user runs the file
+        plain = ort.InferenceSession(artifact.SerializeToString()).run(None, {"x": x})[0]
+        original_plain = ort.InferenceSession(qdq_cnn.SerializeToString()).run(None, {"x": x})[0]
+        _assert_exact(plain, original_plain)

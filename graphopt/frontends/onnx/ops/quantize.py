@@ -34,6 +34,8 @@ _RANGES: dict[torch.dtype, tuple[int, int]] = {
     torch.int8: (-128, 127),
     torch.int16: (-32768, 32767),
 }
+# the quantized weights (and int32 biases) ONNX Runtime's integer kernels read through a DQ
+_WEIGHT_TYPES = (torch.int8, torch.uint8, torch.int32)
 _ONNX_NAMES = {2: "uint8", 3: "int8", 4: "uint16", 5: "int16", 6: "int32"}
 
 
@@ -69,6 +71,11 @@ def quantize_linear(
     return q.clamp(lo, hi).to(dtype)
 
 
+# Kept out of constant folding (FX's side-effect registry, which fold-constants and dead-code
+# removal read): ONNX Runtime computes DequantizeLinear(int8 weight) -> Conv/Gemm/MatMul with its
+# integer kernels, and a float weight between QDQ activations it quantizes again per tensor
+# (its WeightBiasQuantization) -- other numbers than the original's.
+@torch.fx.node.has_side_effect
 @exports_as("DequantizeLinear")
 def dequantize_linear(
     x: torch.Tensor,
@@ -165,7 +172,13 @@ def _dequantize(ctx: Ctx) -> Value:
         if requested != out:
             raise ctx.fail(f"output_dtype={ctx.attr('output_dtype')} differs from the scale's type")
     scale, zero_point, axis, block_size = _params(ctx)
-    return ctx.call(dequantize_linear, ctx.tensor(0), scale, zero_point, axis, block_size, out)
+    args = (ctx.tensor(0), scale, zero_point, axis, block_size, out)
+    if not isinstance(args[0], torch.Tensor) or dtype not in _WEIGHT_TYPES:
+        return ctx.call(dequantize_linear, *args)
+    # a constant (a quantized weight or bias): kept a runtime node, not folded (see above)
+    node = ctx.imp.graph.call_function(dequantize_linear, ctx.imp.lift(args))
+    node.meta.update(onnx_node=ctx.name, onnx_op=ctx.op)
+    return node
 
 
 @converter("DynamicQuantizeLinear")
