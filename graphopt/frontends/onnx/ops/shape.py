@@ -79,6 +79,8 @@ def _shape(ctx: Ctx) -> Value:
 
 @converter("Size")
 def _size(ctx: Ctx) -> Value:
+    if isinstance(sym := ctx.value(0), Sym):  # a shape value: its length is known at import
+        return torch.tensor(1 if sym.scalar else len(sym.items))
     v = ctx.tensor(0)
     if isinstance(v, torch.Tensor):
         return torch.tensor(v.numel())
