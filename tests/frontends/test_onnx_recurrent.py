@@ -22,8 +22,10 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
 from graphopt import optimize
+from graphopt.backends.export import export_onnx
 from graphopt.core.numerics import exact_tolerance
 from graphopt.frontends.onnx import import_onnx
+from graphopt.frontends.onnx.ops.recurrent_loop import recurrent_loop
 
 RNG = np.random.default_rng(0)
 GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}
@@ -281,14 +283,14 @@ def test_full_constant_sequence_lens_and_zero_peepholes_are_accepted() -> None:
     model = _node_model("LSTM", [5, 2, 3], consts, {}, hidden_size=4)
     gm = import_onnx(model)
     assert not gm.meta.get("onnx_opaque"), gm.meta.get("onnx_opaque")
+    assert any(isinstance(m, nn.LSTM) for m in gm.modules())  # the module, not the loop
     feeds = [RNG.standard_normal((5, 2, 3)).astype(np.float32)]
     _assert_exact(_run(gm, feeds), _ort(model, feeds))
 
 
-def _refusal(op: str, attrs: dict, consts: dict | None = None, x_shape=None) -> str:
-    base = _weights(op, 1, 3, 4, bias=True)
+def _refusal(op: str, attrs: dict) -> str:
     model = _node_model(
-        op, x_shape or ["S", 2, 3], {**base, **(consts or {})}, {}, hidden_size=4, **attrs
+        op, ["S", 2, 3], _weights(op, 1, 3, 4, bias=True), {}, hidden_size=4, **attrs
     )
     gm = import_onnx(model)
     reasons = list(gm.meta.get("onnx_opaque", {}).values())
@@ -300,17 +302,99 @@ def _refusal(op: str, attrs: dict, consts: dict | None = None, x_shape=None) -> 
 
 
 @pytest.mark.parametrize(
-    ("op", "attrs", "consts", "named"),
+    ("op", "attrs", "named"),
     [
-        ("LSTM", {"clip": 0.5}, None, "clip"),
-        ("LSTM", {"input_forget": 1}, None, "input_forget"),
-        ("LSTM", {"activations": ["Sigmoid", "Relu", "Tanh"]}, None, "activations"),
-        ("RNN", {"activations": ["Sigmoid"]}, None, "activations"),
-        ("GRU", {}, None, "linear_before_reset=0"),
-        ("LSTM", {}, {"P": np.full((1, 12), 0.1, np.float32)}, "peepholes P"),
-        ("LSTM", {}, {"sequence_lens": np.array([3, 2], np.int32)}, "sequence_lens"),
+        ("LSTM", {"clip": 0.5}, "clip"),
+        ("LSTM", {"input_forget": 1}, "input_forget"),
+        ("LSTM", {"activations": ["Sigmoid", "Relu", "Tanh"]}, "activations"),
+        ("GRU", {"activations": ["HardSigmoid", "Tanh"]}, "activations"),
+        ("RNN", {"activations": ["Sigmoid"]}, "activations"),
     ],
 )
-def test_refusals_name_the_attribute(op: str, attrs: dict, consts: dict | None, named: str) -> None:
-    reason = _refusal(op, attrs, consts)
+def test_refusals_name_the_attribute(op: str, attrs: dict, named: str) -> None:
+    reason = _refusal(op, attrs)
     assert f"({op})" in reason and named in reason, reason
+
+
+# -- ONNX's equations step by step (recurrent_loop) -----------------------------------------
+
+
+def _uses_loop(gm: torch.fx.GraphModule) -> bool:
+    assert not gm.meta.get("onnx_opaque"), gm.meta.get("onnx_opaque")
+    assert not any(isinstance(m, nn.RNNBase) for m in gm.modules())
+    return any(n.target is recurrent_loop for n in gm.graph.nodes)
+
+
+@pytest.mark.parametrize("direction", ["forward", "reverse", "bidirectional"])
+def test_gru_linear_before_reset_0_runs_the_equations_and_exports_as_gru(direction: str) -> None:
+    dirs, hidden = 1 + (direction == "bidirectional"), 4
+    consts = _weights("GRU", dirs, 3, hidden, bias=True)
+    states = {"initial_h": [dirs, "B", hidden]}
+    model = _node_model(
+        "GRU", ["S", "B", 3], consts, states, direction=direction, hidden_size=hidden
+    )
+    gm = import_onnx(model)
+    assert _uses_loop(gm)
+    sizes = ((5, 2), (2, 3))
+    feeds_at = [
+        [
+            RNG.standard_normal((seq, batch, 3)).astype(np.float32),
+            RNG.standard_normal((dirs, batch, hidden)).astype(np.float32),
+        ]
+        for seq, batch in sizes
+    ]
+    for feeds in feeds_at:
+        _assert_exact(_run(gm, feeds), _ort(model, feeds))
+    if direction == "bidirectional":  # the artifact: one GRU node, sequence length dynamic
+        result = optimize(model, example_inputs=feeds_at[0], measure=False)
+        gru = [n for n in result.artifact.proto.graph.node if n.op_type == "GRU"]
+        assert len(gru) == 1
+        for feeds in feeds_at:
+            _assert_exact(_outputs(_ort(result.artifact.proto, feeds)), _ort(model, feeds))
+
+
+def test_lstm_peepholes_and_sequence_lens() -> None:
+    """Non-zero peepholes and per-entry lengths (constant, then fed at run time)."""
+    consts = _weights("LSTM", 2, 3, 4, bias=True)
+    consts["P"] = RNG.standard_normal((2, 12)).astype(np.float32)
+    lens = np.array([4, 1, 3], np.int32)
+    kw = {"direction": "bidirectional", "hidden_size": 4}
+    with_const = _node_model("LSTM", [4, 3, 3], {**consts, "sequence_lens": lens}, {}, **kw)
+    x = RNG.standard_normal((4, 3, 3)).astype(np.float32)
+    gm = import_onnx(with_const)
+    assert _uses_loop(gm)
+    _assert_exact(_run(gm, [x]), _ort(with_const, [x]))
+    at_run_time = _node_model("LSTM", ["S", 3, 3], consts, {"sequence_lens": [3]}, **kw)
+    at_run_time.graph.input[1].type.tensor_type.elem_type = TensorProto.INT32
+    gm = import_onnx(at_run_time)
+    assert _uses_loop(gm)
+    _assert_exact(_run(gm, [x, lens]), _ort(at_run_time, [x, lens]))
+
+
+@pytest.mark.parametrize("op", ["LSTM", "GRU"])
+def test_loop_layout_1_exports_as_layout_0_between_transposes(op: str) -> None:
+    """ONNX Runtime runs no layout=1 node: the export writes layout 0 and transposes."""
+    dirs, hidden = 2, 3
+    consts = _weights(op, dirs, 3, hidden, bias=True)
+    if op == "LSTM":
+        consts["P"] = RNG.standard_normal((dirs, 3 * hidden)).astype(np.float32)
+    kw = {"direction": "bidirectional", "hidden_size": hidden}
+    batchwise = _node_model(op, ["B", "S", 3], consts, {"initial_h": ["B", dirs, hidden]}, 1, **kw)
+    seqwise = _node_model(op, ["S", "B", 3], consts, {"initial_h": [dirs, "B", hidden]}, 0, **kw)
+    gm = import_onnx(batchwise)
+    assert _uses_loop(gm)
+    x = RNG.standard_normal((2, 5, 3)).astype(np.float32)
+    h = RNG.standard_normal((2, dirs, hidden)).astype(np.float32)
+    ref = _ort(seqwise, [x.transpose(1, 0, 2).copy(), h.transpose(1, 0, 2).copy()])
+    ref = [ref[0].transpose(2, 0, 1, 3)] + [r.transpose(1, 0, 2) for r in ref[1:]]
+    _assert_exact(_run(gm, [x, h]), ref)
+    axes = {"X": {0: "B", 1: "S"}, "initial_h": {0: "B"}}
+    proto = export_onnx(
+        gm,
+        [torch.from_numpy(x), torch.from_numpy(h)],
+        input_names=["X", "initial_h"],
+        dynamic_axes=axes,
+    )
+    (node,) = [n for n in proto.graph.node if n.op_type == op]
+    assert all(a.name != "layout" or a.i == 0 for a in node.attribute)
+    _assert_exact(_outputs(_ort(proto, [x, h])), ref)

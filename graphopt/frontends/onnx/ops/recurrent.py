@@ -15,18 +15,19 @@ the gates in another order than torch's::
 torch's GRU computes n = tanh(W_in x + b_in + r * (W_hn h + b_hn)): ONNX's
 ``linear_before_reset=1``.  Layout 0 is torch's ``batch_first=False``, layout 1 ``True``; then
 
-    Y   [S, D, B, H] = out [S, B, D*H] unflattened to [S, B, D, H], axes 1 and 2 swapped
-        [B, S, D, H] = out [B, S, D*H] unflattened (layout 1)
+    Y   [S, D, B, H] = out [S, B, D*H] reshaped to [S, B, D, H], axes 1 and 2 swapped
+        [B, S, D, H] = out [B, S, D*H] reshaped (layout 1)
     Y_h, Y_c  [D, B, H] = h_n, c_n;  [B, D, H] = h_n transposed (layout 1); initial_h alike
 
 ``direction=reverse`` alone (torch has no reverse-only layer) runs forward over the sequence
 flipped in time and flips Y back: the reverse pass over x_{S-1} .. x_0 is the forward pass over
 flip(x), and its final state (after x_0) is the forward pass's.
 
+What torch's modules do not compute -- GRU's ``linear_before_reset=0``, peepholes ``P`` other
+than constant zeros, ``sequence_lens`` other than a constant full length -- runs as ONNX's own
+equations step by step (:mod:`.recurrent_loop`), which export as the ONNX node again.
 Refused (the node stays opaque, run by ONNX Runtime), naming the attribute: activations other than
-the defaults (RNN: Tanh or Relu, the same for both directions), ``clip``, ``input_forget=1``,
-GRU's ``linear_before_reset=0``, non-zero or runtime peepholes ``P``, and ``sequence_lens``
-unless it is a constant equal to the (static) sequence length for every batch entry.
+the defaults (RNN: Tanh or Relu, the same for both directions), ``clip``, ``input_forget=1``.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from torch import nn
 
 from graphopt.frontends.onnx.context import Ctx
 from graphopt.frontends.onnx.ops.common import set_param
+from graphopt.frontends.onnx.ops.recurrent_loop import recurrent_loop
 from graphopt.frontends.onnx.ops.registry import converter
 from graphopt.frontends.onnx.values import Value
 
@@ -127,30 +129,40 @@ def _nonlinearity(ctx: Ctx, dirs: int) -> str:
         raise ctx.fail(f"clip={ctx.attr('clip')} is not supported (torch's cells do not clip)")
     if ctx.op == "LSTM" and ctx.attr("input_forget", 0):
         raise ctx.fail("input_forget=1 is not supported (torch's LSTM has no coupled gates)")
-    if ctx.op == "GRU" and not ctx.attr("linear_before_reset", 0):
-        raise ctx.fail(
-            "linear_before_reset=0 is not supported (torch's GRU applies the reset gate after "
-            "the hidden state's linear map: linear_before_reset=1)"
-        )
     return nonlinearity
 
 
-def _check_inputs(ctx: Ctx, seq_axis: int) -> None:
-    """sequence_lens only as a constant full length; peepholes P only as constant zeros."""
+def _needs_loop(ctx: Ctx, seq_axis: int) -> str:
+    """Why torch's modules cannot compute the node ("" when they can): GRU's
+    linear_before_reset=0, peepholes other than constant zeros, sequence_lens other than a
+    constant full length. :func:`recurrent_loop` computes those."""
+    if ctx.op == "GRU" and not ctx.attr("linear_before_reset", 0):
+        return "linear_before_reset=0"
+    if ctx.op == "LSTM" and ctx.has(7):
+        p = ctx.const(7)
+        if p is None or bool(p.any()):
+            return "peepholes"
     if ctx.has(4):
         lens = ctx.const(4)
         seq = ctx.static_dim(0, seq_axis)
         if lens is None or seq is None or not bool((lens == seq).all()):
-            raise ctx.fail(
-                "sequence_lens is supported only as a constant equal to the (static) sequence "
-                "length for every batch entry (torch's modules run every sequence in full)"
-            )
-    if ctx.op == "LSTM" and ctx.has(7):
-        p = ctx.const(7)
-        if p is None or bool(p.any()):
-            raise ctx.fail(
-                "peepholes P are not supported unless constant zeros (torch's LSTM has none)"
-            )
+            return "sequence_lens"
+    return ""
+
+
+def _loop(ctx: Ctx) -> list[Value | None]:
+    """The node as :func:`recurrent_loop` (ONNX's equations step by step; exported as the node)."""
+    count = 8 if ctx.op == "LSTM" else 6
+    inputs = [ctx.tensor(i) if ctx.has(i) else None for i in range(count)]
+    attrs = []
+    for name, value in sorted(ctx.attrs.items()):
+        if isinstance(value, list):  # a list attribute's strings come as bytes
+            value = [v.decode() if isinstance(v, bytes) else v for v in value]
+            if not value:
+                continue
+        attrs.append((name, value))
+    result = ctx.call(recurrent_loop, ctx.op, tuple(attrs), *inputs)
+    return [ctx.call(operator.getitem, result, k) for k in range(3 if ctx.op == "LSTM" else 2)]
 
 
 @converter("LSTM", "GRU", "RNN")
@@ -160,7 +172,8 @@ def _recurrent(ctx: Ctx) -> list[Value | None]:
     nonlinearity = _nonlinearity(ctx, dirs)
     layout = int(ctx.attr("layout", 0))
     seq_axis = 1 if layout else 0
-    _check_inputs(ctx, seq_axis)
+    if _needs_loop(ctx, seq_axis):
+        return _loop(ctx)
     hidden = _hidden_size(ctx)
     x = ctx.tensor(0)
     if direction == "reverse":
