@@ -402,3 +402,36 @@ def test_torch_exported_model_imports_and_optimizes_like_onnx_runtime() -> None:
     rng = np.random.default_rng(11)
     other = [rng.standard_normal((3, 6, 8)).astype(np.float32), rng.integers(0, 8, (3, 6, 3))]
     _close(result(*other), _ort(model, other))  # another batch size
+
+
+def test_indices_along_a_dynamic_axis_follow_its_size_after_export() -> None:
+    """Negative indices and last-index ties count from the axis' size at run time, which the
+    export must not freeze at the example's (4 rows here; the artifact runs at 7)."""
+    rng = np.random.default_rng(12)
+    cases = [
+        (
+            _node_model("GatherElements", [("x", FLOAT, ["N", 3]), ("i", INT64, ["N", 3])]),
+            lambda n: [rng.standard_normal((n, 3)).astype(np.float32), rng.integers(-n, n, (n, 3))],
+        ),
+        (
+            _node_model(
+                "ScatterND",
+                [("d", FLOAT, ["N", 3]), ("i", INT64, [2, 1]), ("u", FLOAT, [2, 3])],
+                reduction="add",
+            ),
+            lambda n: [
+                rng.standard_normal((n, 3)).astype(np.float32),
+                np.array([[-1], [1]], np.int64),
+                rng.standard_normal((2, 3)).astype(np.float32),
+            ],
+        ),
+        (
+            _node_model("ArgMax", [("x", FLOAT, ["N", 3])], keepdims=0, select_last_index=1),
+            lambda n: [_ties((n, 3), seed=n)],
+        ),
+    ]
+    for model, feeds in cases:
+        run = _optimized(model, feeds(4))
+        for n in (4, 7):
+            f = feeds(n)
+            _close(run(*f), _ort(model, f))

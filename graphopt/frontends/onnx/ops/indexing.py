@@ -209,7 +209,7 @@ def _cumsum(ctx: Ctx) -> Value:
     exclusive = bool(ctx.attr("exclusive", 0))
     reverse = bool(ctx.attr("reverse", 0))
     x = ctx.tensor(0)
-    axis = ctx.value(1)
+    axis = ctx.materialize(ctx.value(1))  # a shape value (Sym) becomes a runtime tensor
     if isinstance(axis, fx.Node):  # known only at run time: every axis is a candidate
         if ctx.rank(0) is None:
             raise ctx.fail(
@@ -227,7 +227,7 @@ def _cumsum(ctx: Ctx) -> Value:
 def _trilu(ctx: Ctx) -> Value:
     upper = bool(ctx.attr("upper", 1))
     x = ctx.tensor(0)
-    k = ctx.value(1)
+    k = ctx.materialize(ctx.value(1)) if ctx.has(1) else None
     if isinstance(k, fx.Node):  # runtime k: a mask, exact for every k
         return ctx.call(trilu_runtime_k, x, k, upper)
     (diagonal,) = ctx.const_ints(1, "k") or [0]
