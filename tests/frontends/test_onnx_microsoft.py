@@ -4,6 +4,8 @@ BERT-like model fused by ONNX Runtime's own transformer optimizer."""
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -61,8 +63,8 @@ def _assert_exact(got: list[np.ndarray], want: list[np.ndarray]) -> None:
         assert float(np.abs(g - w).max()) <= tol, (float(np.abs(g - w).max()), tol)
 
 
-def check(model: onnx.ModelProto, feeds: list[np.ndarray]) -> None:
-    """Import (nothing opaque) and optimize(); both equal ONNX Runtime on the original node."""
+def check_import(model: onnx.ModelProto, feeds: list[np.ndarray]) -> list[np.ndarray]:
+    """Import (nothing opaque): equal to ONNX Runtime on the original node; its outputs."""
     want = _ort(model, feeds)
     gm = import_onnx(model)
     assert gm.meta["onnx_opaque"] == {}
@@ -70,6 +72,12 @@ def check(model: onnx.ModelProto, feeds: list[np.ndarray]) -> None:
         got = gm(*[torch.from_numpy(x) for x in feeds])
     got = list(got) if isinstance(got, tuple | list) else [got]
     _assert_exact([g.numpy() for g in got], want)
+    return want
+
+
+def check(model: onnx.ModelProto, feeds: list[np.ndarray]) -> None:
+    """Import and optimize(); both equal ONNX Runtime on the original node."""
+    want = check_import(model, feeds)
     example = tuple(torch.from_numpy(x) for x in feeds)
     result = graphopt.optimize(model, example_inputs=example, measure=False)
     _assert_exact(_ort(result.artifact.proto, feeds), want)
@@ -161,6 +169,31 @@ def test_simplified_layer_norm_is_in_the_default_domain(axis: int) -> None:
     scale = _randn(*(6,) if axis == -1 else (4, 6))
     node = helper.make_node("SimplifiedLayerNormalization", ["x", "s"], ["y", "inv"], axis=axis)
     check(_model(node, [("x", x)], ["y", "inv"], [("s", scale)]), [x])
+
+
+@pytest.mark.parametrize("rank", [3, 4])
+def test_fused_matmul_every_transpose_combination(rank: int) -> None:
+    # op(A) = (2, 3, 5, 4)[-rank:], op(B) = (2, 3, 4, 6)[-rank:]: no two axes of a size, so a
+    # wrong permutation cannot go unnoticed
+    for flags in itertools.product((0, 1), repeat=4):
+        ta, tb, tba, tbb = flags
+        a = _stored((2, 3, 5, 4)[-rank:], ta, tba)
+        b = _stored((2, 3, 4, 6)[-rank:], tb, tbb)
+        attrs = dict(zip(("transA", "transB", "transBatchA", "transBatchB"), flags, strict=True))
+        node = helper.make_node("FusedMatMul", ["a", "b"], ["y"], domain=MS, alpha=0.7, **attrs)
+        check_import(_model(node, [("a", a), ("b", b)], [("y", rank)]), [a, b])
+
+
+def _stored(shape: tuple[int, ...], trans: int, trans_batch: int) -> np.ndarray:
+    """A random operand whose FusedMatMul op() has ``shape``."""
+    rank = len(shape)
+    perm = [*range(1, rank - 1), 0, rank - 1] if trans_batch else list(range(rank))
+    if trans:
+        perm[-2], perm[-1] = perm[-1], perm[-2]
+    stored = [0] * rank
+    for axis, source in enumerate(perm):
+        stored[source] = shape[axis]
+    return _randn(*stored)
 
 
 def test_fused_matmul_transposes_batch_axes_and_scales() -> None:
@@ -551,3 +584,21 @@ def test_multi_head_attention_after_a_contrib_op_whose_output_shape_is_unknown()
     )
     ids = [helper.make_opsetid("", 17), helper.make_opsetid(MS, 1)]
     check(helper.make_model(graph, opset_imports=ids, ir_version=10), [q, k, v])
+
+
+def test_fused_matmul_after_a_contrib_op_whose_output_rank_is_unknown() -> None:
+    a, b = _randn(4, 2, 3, 5), _randn(2, 3, 4, 6)
+    nodes = [
+        helper.make_node("QuickGelu", ["a"], ["g"], domain=MS),
+        helper.make_node(
+            "FusedMatMul", ["g", "b"], ["y"], domain=MS, transA=1, transBatchA=1, alpha=0.5
+        ),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info(n, FLOAT, x.shape) for n, x in (("a", a), ("b", b))],
+        [_output(("y", 4))],
+    )
+    ids = [helper.make_opsetid("", 17), helper.make_opsetid(MS, 1)]
+    check(helper.make_model(graph, opset_imports=ids, ir_version=10), [a, b])

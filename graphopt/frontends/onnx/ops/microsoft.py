@@ -159,25 +159,33 @@ def _simplified_layer_norm(ctx: Ctx) -> list[Value]:
 # -- FusedMatMul ---------------------------------------------------------------------------------
 
 
+def _fused_perm(rank: int, trans: int, trans_batch: int) -> list[int]:
+    """FusedMatMul's op(x) as a permutation: [d0, d1, .., d(r-2), d(r-1)] -> transBatch: [d1, ..,
+    d(r-2), d0, d(r-1)]; trans then swaps the last two axes."""
+    perm = [*range(1, rank - 1), 0, rank - 1] if trans_batch else list(range(rank))
+    if trans:
+        perm[-2], perm[-1] = perm[-1], perm[-2]
+    return perm
+
+
+def fused_matmul_operand(x: torch.Tensor, trans: int, trans_batch: int) -> torch.Tensor:
+    """op(x) for an ``x`` whose rank was unknown at import."""
+    if x.dim() < (3 if trans_batch else 2):
+        raise ValueError(f"FusedMatMul: transBatch={trans_batch}, trans={trans} on {x.dim()} dims")
+    return x.permute(_fused_perm(x.dim(), trans, trans_batch))
+
+
 def _fused_operand(ctx: Ctx, i: int, trans: int, trans_batch: int) -> Value:
     x = ctx.tensor(i)
     if not trans and not trans_batch:
         return x
     rank = ctx.rank(i)
-    side = "AB"[i]
-    if rank is None or rank < 2 or (trans_batch and rank < 3):
-        raise ctx.fail(
-            f"transBatch{side}={trans_batch}, trans{side}={trans} need the rank of {side} "
-            f"(at least {3 if trans_batch else 2}); it is {rank if rank is not None else 'unknown'}"
-        )
-    # [d0, d1, .., d(r-2), d(r-1)] -> transBatch: [d1, .., d(r-2), d0, d(r-1)]; trans swaps the
-    # last two of the result
-    perm = list(range(rank))
-    if trans_batch:
-        perm = [*range(1, rank - 1), 0, rank - 1]
-    if trans:
-        perm[-2], perm[-1] = perm[-1], perm[-2]
-    return ctx.method("permute", x, perm)
+    if rank is None:  # after another contrib op: the permutation is chosen when the graph runs
+        return ctx.call(fused_matmul_operand, x, trans, trans_batch)
+    if rank < (3 if trans_batch else 2):
+        side = "AB"[i]
+        raise ctx.fail(f"transBatch{side}={trans_batch}, trans{side}={trans} on a {rank}-D {side}")
+    return ctx.method("permute", x, _fused_perm(rank, trans, trans_batch))
 
 
 @ms_converter("FusedMatMul")
