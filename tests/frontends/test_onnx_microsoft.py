@@ -602,3 +602,48 @@ def test_fused_matmul_after_a_contrib_op_whose_output_rank_is_unknown() -> None:
     )
     ids = [helper.make_opsetid("", 17), helper.make_opsetid(MS, 1)]
     check(helper.make_model(graph, opset_imports=ids, ir_version=10), [a, b])
+
+
+class _RMSNorm(torch.nn.Module):
+    def __init__(self, hidden: int) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.rand(hidden) + 0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6))
+
+
+class _RMSBlocks(torch.nn.Module):
+    """Two pre-RMSNorm residual blocks (T5/LLaMA style), then a final RMSNorm."""
+
+    def __init__(self, hidden: int = 16) -> None:
+        super().__init__()
+        self.norms = torch.nn.ModuleList(_RMSNorm(hidden) for _ in range(3))
+        self.linears = torch.nn.ModuleList(torch.nn.Linear(hidden, hidden) for _ in range(2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for norm, linear in zip(self.norms, self.linears, strict=False):
+            x = x + linear(norm(x))
+        return self.norms[2](x)
+
+
+def test_rms_norm_blocks_fused_by_onnx_runtime(tmp_path) -> None:
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    torch.manual_seed(0)
+    path = tmp_path / "rms.onnx"
+    torch.onnx.export(
+        _RMSBlocks().eval(),
+        (torch.randn(2, 5, 16),),
+        str(path),
+        input_names=["x"],
+        output_names=["y"],
+        dynamic_axes={"x": {0: "batch", 1: "seq"}, "y": {0: "batch", 1: "seq"}},
+        opset_version=17,
+        dynamo=False,
+    )
+    model = optimize_model(str(path), model_type="t5", num_heads=2, hidden_size=16).model
+    ops = {(n.domain, n.op_type) for n in model.graph.node}
+    assert ("", "SimplifiedLayerNormalization") in ops  # ONNX Runtime's, in the default domain
+    assert (MS, "SkipSimplifiedLayerNormalization") in ops
+    check(model, [_randn(3, 4, 16) * 2])
