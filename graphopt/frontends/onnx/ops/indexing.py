@@ -19,7 +19,8 @@ Each follows ONNX's spec exactly and is written with torch ops that the TorchScr
                      (<= k for the lower triangle), which stays exact for every k
     GatherElements   torch.gather, indices made non-negative: where(i < 0, i + n, i)
     ScatterElements  torch.scatter, or torch.scatter_reduce(include_self=True) for
-                     reduction add/mul/max/min (sum/prod/amax/amin); indices as above
+                     reduction add/mul/max/min (sum/prod/amax/amin); indices as above (also
+                     Scatter, its name in opsets 9-10)
     ScatterND        ScatterElements over data flattened to [prod(shape[:q]), *shape[q:]]: an
                      index tuple (i0, ..., iq-1) is the row i0 * n1 * ... + iq-1 (Horner), so
                      duplicates reduce exactly as ScatterND's reduction does
@@ -251,7 +252,7 @@ def _reduction(ctx: Ctx) -> str:
     return reduction
 
 
-@converter("ScatterElements")
+@converter("ScatterElements", "Scatter")  # Scatter: its name before opset 11
 def _scatter_elements(ctx: Ctx) -> Value:
     axis = int(ctx.attr("axis", 0))
     reduction = _reduction(ctx)
