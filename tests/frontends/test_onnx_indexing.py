@@ -81,7 +81,8 @@ def _optimized(model: onnx.ModelProto, example):
         result = graphopt.optimize(model, example_inputs=example, measure=False)
 
     def run(*feeds):
-        return list(result.artifact.run([np.asarray(f) for f in feeds]))
+        out = result(*feeds)
+        return list(out) if isinstance(out, tuple | list) else [out]
 
     return run
 
