@@ -647,3 +647,24 @@ def test_rms_norm_blocks_fused_by_onnx_runtime(tmp_path) -> None:
     assert ("", "SimplifiedLayerNormalization") in ops  # ONNX Runtime's, in the default domain
     assert (MS, "SkipSimplifiedLayerNormalization") in ops
     check(model, [_randn(3, 4, 16) * 2])
+
+
+def test_skip_layer_norm_with_runtime_gamma_after_a_contrib_op() -> None:
+    # the hidden size is unknown at import (no shape after Gelu, gamma fed): the explicit formula
+    x, skip, gamma = _randn(2, 5, 16), _randn(2, 5, 16), _randn(16)
+    nodes = [
+        helper.make_node("Gelu", ["x"], ["g"], domain=MS),
+        helper.make_node(
+            "SkipLayerNormalization", ["g", "skip", "gamma", "beta"], ["y"], domain=MS
+        ),
+    ]
+    inputs = (("x", x), ("skip", skip), ("gamma", gamma))
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info(n, FLOAT, a.shape) for n, a in inputs],
+        [_output("y")],
+        [numpy_helper.from_array(_randn(16), "beta")],
+    )
+    ids = [helper.make_opsetid("", 17), helper.make_opsetid(MS, 1)]
+    check(helper.make_model(graph, opset_imports=ids, ir_version=10), [x, skip, gamma])
