@@ -29,9 +29,10 @@ that passes see through it. ``x`` is input 0; optional inputs are left out when 
         + segment[segment_ids]), number of 1s in each mask row, the sum before LayerNorm)
 
 Attention and MultiHeadAttention are in :mod:`.microsoft_attention`. Not converted (they stay
-opaque, run by ONNX Runtime): BiasSoftmax (no CPU kernel in ONNX Runtime, so no oracle here) and
-the quantization tool's QLinear*/QGemm/DynamicQuantizeMatMul ops, whose requantization rounding
-ONNX Runtime's kernels do in fixed point: an exact float re-statement is not guaranteed.
+opaque, run by ONNX Runtime, which is correct): BiasSoftmax (no CPU kernel in ONNX Runtime, so no
+oracle here) and the quantization tool's contrib ops (QAttention, QEmbedLayerNormalization,
+QLinearAdd/Mul/Concat/..., QGemm, DynamicQuantizeMatMul): their kernels quantize and requantize
+with their own scale arithmetic, which a float re-statement can miss by one quantization step.
 """
 
 from __future__ import annotations
