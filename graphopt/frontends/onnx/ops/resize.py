@@ -21,16 +21,22 @@ Three ways to compute it, the first that applies:
    nearest with asymmetric/floor where every scale is a power of two (torch multiplies by 1/scale
    where ONNX Runtime divides by scale: the same only when 1/scale is exact).  Only the spatial
    axes (2...) may change; sizes may be runtime shape values (``Shape`` of another tensor).
-2. nearest, any transformation, any dtype: per axis, the source indices computed as ONNX Runtime
-   computes them (float32 arithmetic), then ``index_select``; works for runtime sizes too.
+2. nearest, any transformation, any dtype: per axis the source index of every output index,
+   then ``index_select``.  With static sizes the index table is ONNX Runtime's own (its Resize
+   run once at import on ``arange(in)``: its ties are its own); with runtime sizes (``Shape`` of
+   another tensor) the indices are computed in the graph in float32, which reproduces ONNX
+   Runtime for nearest_mode floor/ceil and for align_corners (measured for every input length
+   1..24 and output length 1..48); the round_* modes with runtime sizes are refused.
 3. linear/cubic with anything else (asymmetric, tf_crop_and_resize, half_pixel_symmetric,
    another ``cubic_coeff_a``, ``exclude_outside``, ``antialias`` when downsampling): static
    sizes only; per axis a constant (out x in) interpolation matrix built like ONNX's reference
    (edge-clamped neighbours, the same coefficients), applied with a matmul.
 
 Refused (the node stays opaque): scales computed at run time, linear/cubic with runtime sizes
-outside path 1, nearest downsampling in Upsample / Resize-10 (ONNX Runtime's legacy nearest
-rounds up there), non-float linear/cubic.
+outside path 1, nearest round_* modes with runtime sizes, nearest downsampling in Upsample /
+Resize-10 (ONNX Runtime's legacy nearest rounds up there), non-float linear/cubic, and
+align_corners / tf_crop_and_resize / pytorch_half_pixel with scales whose ``scale * in`` is no
+integer (ONNX's reference takes that fractional width, ONNX Runtime the integer size).
 
 ``GridSample`` (16: bilinear/nearest/bicubic; 20: linear/nearest/cubic) is ``F.grid_sample`` on
 4-D inputs (torch's exporter writes 5-D grid_sample nowhere): every padding mode, both
@@ -44,12 +50,22 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import onnx
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
+from graphopt.backends.onnx_node import NodeSpec, run_onnx_node
 from graphopt.frontends.onnx.context import Ctx
 from graphopt.frontends.onnx.ops.registry import converter
+from graphopt.frontends.onnx.ops.resize_math import (
+    Kernel,
+    interpolation_matrix,
+    pick_nearest,
+    resize_by_matrix,
+    resize_nearest_axis,
+    scaled_size,
+)
 from graphopt.frontends.onnx.values import Value, sym_items
 
 _TRANSFORMS = frozenset(
@@ -82,6 +98,7 @@ class _Resize:
     out: list[int | fx.Node]  # output sizes (ints or runtime size nodes)
     scales: list[float] | None  # the given scales (None when sizes are given)
     roi: list[float] | None  # [starts..., ends...] over every axis (tf_crop_and_resize)
+    aspect: bool = False  # keep_aspect_ratio_policy: scales hold its scale, out its sizes
 
     def resized(self) -> list[int]:
         """The axes whose size or coordinates change."""
@@ -165,8 +182,11 @@ def _parse(ctx: Ctx) -> _Resize:
         _check_fractional_width(ctx, transform, in_dims, scales)
     else:
         out = list(in_dims)
-        for a, s in zip(axes, _aspect(ctx, sizes, axes, in_dims), strict=True):
+        policy_sizes, policy_scale = _aspect(ctx, sizes, axes, in_dims)
+        for a, s in zip(axes, policy_sizes, strict=True):
             out[a] = s
+        if policy_scale is not None:  # the coordinates use the policy's scale
+            scales = [policy_scale if a in axes else 1.0 for a in range(rank)]
     return _Resize(
         mode=mode,
         transform=transform,
@@ -179,6 +199,7 @@ def _parse(ctx: Ctx) -> _Resize:
         out=out,
         scales=scales,
         roi=roi,
+        aspect=sizes is not None and scales is not None,
     )
 
 
@@ -260,21 +281,25 @@ def _scaled_dim(d: int | fx.Node, s: float) -> int | fx.Node | None:
     return d if s == 1.0 else None
 
 
-def _aspect(ctx: Ctx, sizes: list[Any], axes: list[int], in_dims: list[Any]) -> list[Any]:
-    """The output sizes of ``axes`` under keep_aspect_ratio_policy (opset 18)."""
+def _aspect(
+    ctx: Ctx, sizes: list[Any], axes: list[int], in_dims: list[Any]
+) -> tuple[list[Any], float | None]:
+    """The output sizes of ``axes`` under keep_aspect_ratio_policy (opset 18) and the policy's
+    scale (None: stretch), in float32 as ONNX Runtime computes them."""
     if len(sizes) != len(axes):
         raise ctx.fail(f"sizes have {len(sizes)} entries for axes {axes}")
     policy = ctx.attr("keep_aspect_ratio_policy", "stretch")
     if policy == "stretch":
-        return sizes
+        return sizes, None
     if policy not in ("not_larger", "not_smaller"):
         raise ctx.fail(f"keep_aspect_ratio_policy={policy!r} is not a valid value")
     dims = [in_dims[a] for a in axes]
     if not all(isinstance(v, int) for v in sizes + dims):
         raise ctx.fail(f"keep_aspect_ratio_policy={policy!r} with runtime sizes is not supported")
-    ratios = [s / d for s, d in zip(sizes, dims, strict=True)]
+    ratios = [np.float32(s) / np.float32(d) for s, d in zip(sizes, dims, strict=True)]
     scale = min(ratios) if policy == "not_larger" else max(ratios)
-    return [int(scale * d + 0.5) for d in dims]
+    # std::round: half away from zero
+    return [int(math.floor(float(scale * np.float32(d)) + 0.5)) for d in dims], float(scale)
 
 
 # -- path 1: F.interpolate -----------------------------------------------------------------
@@ -283,7 +308,7 @@ def _aspect(ctx: Ctx, sizes: list[Any], axes: list[int], in_dims: list[Any]) -> 
 def _torch_interpolate(ctx: Ctx, r: _Resize, axes: list[int]) -> tuple[Any, dict[str, Any]] | None:
     """F.interpolate and its arguments, where it computes exactly what the node does."""
     rank = len(r.in_dims)
-    if min(axes) < 2 or not (ctx.dtype(0) or torch.float32).is_floating_point:
+    if r.aspect or min(axes) < 2 or not (ctx.dtype(0) or torch.float32).is_floating_point:
         return None
     if any(o is None for o in r.out) and r.scales is None:
         return None
@@ -351,93 +376,70 @@ def _torch_coordinates(r: _Resize, axes: list[int]) -> bool:
 
 def _nearest(ctx: Ctx, r: _Resize, x: Any, axes: list[int]) -> Any:
     for k in axes:
-        out = r.out[k]
-        if out is None:  # scales with a runtime input size: ONNX Runtime's float32 product
-            out = ctx.call(scaled_size, r.in_dims[k], float(np.float32(r.scales[k])))
+        i, out = r.in_dims[k], r.out[k]
         roi = None if r.roi is None else (r.roi[k], r.roi[k + len(r.out)])
         scale = None if r.scales is None else float(np.float32(r.scales[k]))
+        if isinstance(i, int) and isinstance(out, int) and not r.aspect:
+            picked = _ort_nearest_indices(r, i, out, scale, roi)
+            x = ctx.call(pick_nearest, x, k, torch.from_numpy(picked), r.extrapolation)
+            continue
+        if not _formula_is_ort(r):
+            raise ctx.fail(
+                f"nearest_mode={r.nearest_mode!r} with coordinate_transformation_mode="
+                f"{r.transform!r} and sizes known only at run time"
+                + (" or keep_aspect_ratio_policy" if r.aspect else "")
+                + " is not supported (ONNX "
+                "Runtime's rounding of ties is reproduced only for floor/ceil, or align_corners)",
+                "Export the model with static sizes, or nearest_mode=floor.",
+            )
+        if out is None:  # scales with a runtime input size: ONNX Runtime's float32 product
+            out = ctx.call(scaled_size, i, scale)
         x = ctx.call(
-            resize_nearest_axis,
-            x,
-            k,
-            out,
-            scale,
-            r.transform,
-            r.nearest_mode,
-            roi,
-            r.extrapolation,
+            resize_nearest_axis, x, k, out, scale, r.transform, r.nearest_mode, roi, r.extrapolation
         )
     return x
 
 
-def scaled_size(size: Any, scale: float) -> Any:
-    """ONNX Runtime's output size for a scale: int64(float32(scale) * in) (traces dynamically)."""
-    if isinstance(size, int):
-        return int(np.float32(scale) * np.float32(size))
-    return torch.floor(torch.as_tensor(size, dtype=torch.float32) * scale).to(torch.int64)
+def _formula_is_ort(r: _Resize) -> bool:
+    """Whether resize_nearest_axis picks what ONNX Runtime picks for every size: measured for
+    inputs 1..24 to outputs 1..48 (tests/frontends/test_onnx_resize.py); ties of the round_*
+    modes and half_pixel_symmetric come out differently in ONNX Runtime's arithmetic."""
+    if r.transform in ("half_pixel_symmetric", "tf_crop_and_resize"):
+        return False
+    return r.nearest_mode in ("floor", "ceil") or r.transform == "align_corners"
 
 
-def _source_coordinates(
-    out: Any, size: Any, scale: Any, transform: str, roi: tuple[float, float] | None
-) -> torch.Tensor:
-    """x_orig for every output index, in float32 as ONNX Runtime computes it."""
-    f32 = torch.float32
-    x = torch.arange(out, dtype=torch.int64).to(f32)
-    n_in = torch.as_tensor(size, dtype=f32)
-    n_out = torch.as_tensor(out, dtype=f32)
-    if scale is None:
-        scale = n_out / n_in
-    if transform in ("half_pixel", "pytorch_half_pixel"):
-        xo = (x + 0.5) / scale - 0.5
-        if transform == "pytorch_half_pixel":
-            xo = torch.where(n_out > 1, xo, torch.zeros_like(xo))
-        return xo
-    if transform == "asymmetric":
-        return x / scale
-    if transform == "tf_half_pixel_for_nn":
-        return (x + 0.5) / scale
-    if transform == "align_corners":
-        return torch.where(n_out > 1, x * (n_in - 1) / torch.clamp(n_out - 1, min=1), x * 0)
-    if transform == "half_pixel_symmetric":
-        adjustment = torch.as_tensor(out, dtype=f32) / (scale * n_in)
-        offset = n_in / 2 * (1 - adjustment)
-        return offset + (x + 0.5) / scale - 0.5
-    start, end = roi  # tf_crop_and_resize
-    many = start * (n_in - 1) + x * (end - start) * (n_in - 1) / torch.clamp(n_out - 1, min=1)
-    return torch.where(n_out > 1, many, 0.5 * (start + end) * (n_in - 1) + x * 0)
-
-
-def resize_nearest_axis(
-    x: torch.Tensor,
-    axis: int,
-    out: Any,
-    scale: float | None,
-    transform: str,
-    nearest_mode: str,
-    roi: tuple[float, float] | None,
-    extrapolation: float,
-) -> torch.Tensor:
-    """ONNX Resize (nearest) along one axis: the source index of each output index, picked."""
-    size = x.shape[axis]
-    xo = _source_coordinates(out, size, scale, transform, roi)
-    if nearest_mode == "floor":
-        idx = torch.floor(xo)
-    elif nearest_mode == "ceil":
-        idx = torch.ceil(xo)
-    elif nearest_mode == "round_prefer_ceil":
-        idx = torch.floor(xo + 0.5)
-    else:  # round_prefer_floor
-        idx = torch.ceil(xo - 0.5)
-    last = torch.as_tensor(size, dtype=torch.int64) - 1
-    idx = torch.minimum(torch.clamp(idx.to(torch.int64), min=0), last)
-    y = torch.index_select(x, axis, idx)
-    if transform != "tf_crop_and_resize":
-        return y
-    outside = (xo < 0) | (xo > last.to(torch.float32))
-    shape = [1] * x.dim()
-    shape[axis] = -1
-    fill = torch.tensor(extrapolation, dtype=x.dtype)
-    return torch.where(outside.reshape(shape), fill, y)
+def _ort_nearest_indices(
+    r: _Resize, n_in: int, n_out: int, scale: float | None, roi: tuple[float, float] | None
+) -> np.ndarray:
+    """The source index of every output index (-1: extrapolated), as ONNX Runtime picks them:
+    its own Resize run on arange(n_in) with the node's attributes (its ties are its own)."""
+    names = ["x", "roi" if roi is not None else "", "scales" if scale is not None else ""]
+    inputs = [torch.arange(n_in, dtype=torch.float32)]
+    if roi is not None:
+        inputs.append(torch.tensor(roi, dtype=torch.float32))
+    if scale is not None:
+        inputs.append(torch.tensor([scale], dtype=torch.float32))
+    else:
+        names.append("sizes")
+        inputs.append(torch.tensor([n_out], dtype=torch.int64))
+    node = onnx.helper.make_node(
+        "Resize",
+        names,
+        ["y"],
+        mode="nearest",
+        coordinate_transformation_mode=r.transform,
+        nearest_mode=r.nearest_mode,
+        extrapolation_value=-1.0,
+    )
+    spec = NodeSpec(
+        node=node.SerializeToString(),
+        inputs=tuple(n for n in names if n),
+        opsets=(("", 19),),
+        ir_version=9,
+    )
+    picked = run_onnx_node(spec, *inputs)
+    return picked.numpy().astype(np.int64)
 
 
 # -- path 3: interpolation matrices --------------------------------------------------------
@@ -460,107 +462,39 @@ def _by_matrices(ctx: Ctx, r: _Resize, x: Any, axes: list[int]) -> Any:
         i, o = r.in_dims[k], r.out[k]
         scale = r.scales[k] if r.scales is not None else o / i
         roi = None if r.roi is None else (r.roi[k], r.roi[k + len(r.out)])
-        m, outside = interpolation_matrix(r, i, o, scale, roi)
+        kernel = Kernel(r.mode, r.transform, r.cubic_a, r.exclude_outside, r.antialias)
+        scale = float(np.float32(scale)) if r.scales is not None else scale
+        m, outside = interpolation_matrix(kernel, i, o, scale, roi)
         m_t = torch.from_numpy(m.T.copy()).to(torch.float32)
         mask = torch.from_numpy(outside) if outside.any() else None
         x = ctx.call(resize_by_matrix, x, k, m_t, mask, r.extrapolation)
     return x
 
 
-def _coefficients(r: _Resize, ratio: np.ndarray, scale: float) -> np.ndarray:
-    """(out, taps) weights of the neighbours, as ONNX's reference computes them."""
-    a = r.cubic_a
-    if r.mode == "linear" and not (r.antialias and scale < 1):
-        return np.stack([1 - ratio, ratio], axis=1)
-    if r.mode == "cubic" and not (r.antialias and scale < 1):
-        t = [ratio + 1, ratio, 1 - ratio, 2 - ratio]
-        near = [((a + 2) * d - (a + 3)) * d * d + 1 for d in t[1:3]]
-        far = [((a * d - 5 * a) * d + 8 * a) * d - 4 * a for d in (t[0], t[3])]
-        return np.stack([far[0], near[0], near[1], far[1]], axis=1)
-    # antialias when downsampling: the kernel stretched by 1 / scale, normalized
-    start = int(np.floor((-1 if r.mode == "linear" else -2) / scale) + 1)
-    taps = np.arange(start, 2 - start)
-    d = np.abs((taps[None, :] - ratio[:, None]) * scale)
-    if r.mode == "linear":
-        w = np.clip(1 - d, 0, 1)
-    else:
-        w = np.where(
-            d <= 1,
-            (a + 2) * d**3 - (a + 3) * d**2 + 1,
-            np.where(d < 2, a * d**3 - 5 * a * d**2 + 8 * a * d - 4 * a, 0.0),
-        )
-    return w / w.sum(axis=1, keepdims=True)
+# -- GridSample ------------------------------------------------------------------------------
+
+_GRID_MODES = {"bilinear": "bilinear", "linear": "bilinear", "nearest": "nearest"}
+_GRID_MODES |= {"bicubic": "bicubic", "cubic": "bicubic"}
 
 
-def _reference_coordinates(
-    transform: str, n_in: int, n_out: int, scale: float, roi: tuple[float, float] | None
-) -> np.ndarray:
-    y = np.arange(n_out, dtype=np.float64)
-    width = scale * n_in
-    if transform == "align_corners":
-        return np.zeros(n_out) if width == 1 else y * (n_in - 1) / (width - 1)
-    if transform == "asymmetric":
-        return y / scale
-    if transform == "tf_crop_and_resize":
-        start, end = roi
-        if width == 1:
-            return np.full(n_out, (end - start) * (n_in - 1) / 2 + start * (n_in - 1))
-        return y * (end - start) * (n_in - 1) / (width - 1) + start * (n_in - 1)
-    if transform == "pytorch_half_pixel" and width == 1:
-        return np.full(n_out, -0.5)
-    if transform == "half_pixel_symmetric":
-        offset = n_in / 2 * (1 - n_out / width)
-        return offset + (y + 0.5) / scale - 0.5
-    if transform == "tf_half_pixel_for_nn":
-        return (y + 0.5) / scale
-    return (y + 0.5) / scale - 0.5
-
-
-def interpolation_matrix(
-    r: _Resize, n_in: int, n_out: int, scale: float, roi: tuple[float, float] | None
-) -> tuple[np.ndarray, np.ndarray]:
-    """The (out, in) matrix of a linear/cubic resize of one axis and its extrapolated rows."""
-    scale = float(np.float32(scale)) if r.scales is not None else scale
-    xo = _reference_coordinates(r.transform, n_in, n_out, scale, roi)
-    base = np.floor(xo)
-    ratio = np.where(xo == base, 1.0, xo - base)
-    coeffs = _coefficients(r, ratio, scale)
-    n = coeffs.shape[1]
-    # the n nearest indices of xo in the edge-padded input, ties to the smaller
-    pad = int(np.ceil(n / 2))
-    padded = xo + pad
-    p = np.floor(padded).astype(np.int64)
-    frac = padded - p
-    if n % 2 == 0:
-        offset = np.where(frac == 0, -(n // 2), -(n // 2) + 1)
-    else:
-        offset = np.where(frac <= 0.5, -((n - 1) // 2), -((n - 1) // 2) + 1)
-    idx = (p + offset)[:, None] + np.arange(n)[None, :] - pad
-    if r.exclude_outside:
-        coeffs = np.where((idx < 0) | (idx >= n_in), 0.0, coeffs)
-        total = coeffs.sum(axis=1, keepdims=True)
-        coeffs = coeffs / np.where(total == 0, 1.0, total)
-    m = np.zeros((n_out, n_in))
-    rows = np.repeat(np.arange(n_out), n)
-    np.add.at(m, (rows, np.clip(idx, 0, n_in - 1).reshape(-1)), coeffs.reshape(-1))
-    outside = np.zeros(n_out, dtype=bool)
-    if r.transform == "tf_crop_and_resize":
-        outside = (xo < 0) | (xo > n_in - 1)
-    return m, outside
-
-
-def resize_by_matrix(
-    x: torch.Tensor,
-    axis: int,
-    m_t: torch.Tensor,
-    outside: torch.Tensor | None,
-    extrapolation: float,
-) -> torch.Tensor:
-    """``x`` resized along ``axis`` by an (in, out) interpolation matrix (float32 math)."""
-    y = torch.matmul(torch.movedim(x, axis, -1).to(torch.float32), m_t)
-    y = torch.movedim(y, -1, axis)
-    if outside is not None:
-        shape = [1] * x.dim()
-        shape[axis] = -1
-        y = torch.where(outside.reshape(shape), torch.tensor(extrapolation, dtype=y.dtype), y)
-    return y.to(x.dtype)
+@converter("GridSample")
+def _grid_sample(ctx: Ctx) -> Value:
+    mode = ctx.attr("mode", "linear" if ctx.opset >= 20 else "bilinear")
+    padding = ctx.attr("padding_mode", "zeros")
+    if mode not in _GRID_MODES:
+        raise ctx.fail(f"mode={mode!r} is not a valid value")
+    if padding not in ("zeros", "border", "reflection"):
+        raise ctx.fail(f"padding_mode={padding!r} is not a valid value")
+    rank = ctx.rank(0)
+    if rank != 4:  # torch's TorchScript exporter writes no 5-D (volumetric) grid_sample
+        raise ctx.fail(f"a {rank}-D input (only 4-D: N, C, H, W) is not supported")
+    if ctx.dtype(0) not in (torch.float32, torch.float64) or ctx.dtype(1) != ctx.dtype(0):
+        raise ctx.fail(f"input dtypes {ctx.dtype(0)} / {ctx.dtype(1)} are not float32/float64")
+    return ctx.call(
+        F.grid_sample,
+        ctx.tensor(0),
+        ctx.tensor(1),
+        mode=_GRID_MODES[mode],
+        padding_mode=padding,
+        align_corners=bool(ctx.attr("align_corners", 0)),
+    )
