@@ -24,6 +24,7 @@ from torch import nn
 from graphopt import optimize
 from graphopt.backends.export import export_onnx
 from graphopt.core.numerics import exact_tolerance
+from graphopt.errors import CaptureError
 from graphopt.frontends.onnx import import_onnx
 from graphopt.frontends.onnx.ops.recurrent_loop import recurrent_loop
 
@@ -304,16 +305,32 @@ def _refusal(op: str, attrs: dict) -> str:
 @pytest.mark.parametrize(
     ("op", "attrs", "named"),
     [
-        ("LSTM", {"clip": 0.5}, "clip"),
-        ("LSTM", {"input_forget": 1}, "input_forget"),
-        ("LSTM", {"activations": ["Sigmoid", "Relu", "Tanh"]}, "activations"),
-        ("GRU", {"activations": ["HardSigmoid", "Tanh"]}, "activations"),
-        ("RNN", {"activations": ["Sigmoid"]}, "activations"),
+        # the spec's and ONNX Runtime's defaults of Affine's / ScaledTanh's alpha and beta differ
+        ("RNN", {"activations": ["Affine"]}, "activation_alpha"),
+        (
+            "GRU",
+            {"activations": ["ScaledTanh", "Tanh"], "activation_alpha": [0.5]},
+            "activation_beta",
+        ),
     ],
 )
 def test_refusals_name_the_attribute(op: str, attrs: dict, named: str) -> None:
     reason = _refusal(op, attrs)
     assert f"({op})" in reason and named in reason, reason
+
+
+@pytest.mark.parametrize(
+    ("op", "attrs", "named"),
+    [
+        ("GRU", {"activations": ["Sigmoid", "Gelu"]}, "gelu"),
+        ("LSTM", {"activations": ["Sigmoid", "Tanh"]}, "activations"),  # 2 for 3 gates
+    ],
+)
+def test_invalid_activations_fail_import_naming_them(op: str, attrs: dict, named: str) -> None:
+    """Neither graphopt nor ONNX Runtime runs the node: a CaptureError, not an opaque node."""
+    model = _node_model(op, ["S", 2, 3], _weights(op, 1, 3, 4, True), {}, hidden_size=4, **attrs)
+    with pytest.raises(CaptureError, match=named):
+        import_onnx(model)
 
 
 # -- ONNX's equations step by step (recurrent_loop) -----------------------------------------
@@ -398,3 +415,59 @@ def test_loop_layout_1_exports_as_layout_0_between_transposes(op: str) -> None:
     (node,) = [n for n in proto.graph.node if n.op_type == op]
     assert all(a.name != "layout" or a.i == 0 for a in node.attribute)
     _assert_exact(_outputs(_ort(proto, [x, h])), ref)
+
+
+LOOP_CASES = [
+    ("LSTM", {"activations": ["HardSigmoid", "Tanh", "Softsign"], "activation_alpha": [0.3]}),
+    ("LSTM", {"activations": ["Sigmoid", "LeakyRelu", "Elu"], "activation_alpha": [0.2, 0.7]}),
+    ("LSTM", {"clip": 0.5}),
+    ("LSTM", {"input_forget": 1}),
+    ("GRU", {"activations": ["Sigmoid", "Relu"], "linear_before_reset": 1}),
+    ("GRU", {"clip": 0.2}),
+    (
+        "GRU",
+        {
+            "activations": ["ScaledTanh", "Affine"],
+            "activation_alpha": [0.5, 2.0],
+            "activation_beta": [1.5, 0.1],
+        },
+    ),
+    ("RNN", {"activations": ["ThresholdedRelu"], "activation_alpha": [0.1]}),
+    ("RNN", {"activations": ["Sigmoid"], "clip": 1.0}),
+    ("RNN", {"activations": ["Tanh", "Relu"], "direction": "bidirectional"}),
+]
+
+
+@pytest.mark.parametrize(
+    ("op", "attrs"),
+    LOOP_CASES,
+    ids=lambda v: str(v) if isinstance(v, str) else "-".join(f"{k}" for k in v),
+)
+def test_activations_clip_input_forget_match_ort(op: str, attrs: dict) -> None:
+    dirs = 2 if attrs.get("direction") == "bidirectional" else 1
+    consts = _weights(op, dirs, 3, 4, bias=True)
+    if op == "LSTM":
+        consts["P"] = RNG.standard_normal((dirs, 12)).astype(np.float32)
+    model = _node_model(op, ["S", 2, 3], consts, {}, hidden_size=4, **attrs)
+    gm = import_onnx(model)
+    assert _uses_loop(gm)
+    x = RNG.standard_normal((5, 2, 3)).astype(np.float32) * 2  # past the clip bounds
+    _assert_exact(_run(gm, [x]), _ort(model, [x]))
+
+
+def test_loop_optimizes_to_the_node_with_its_attributes() -> None:
+    """LSTM with clip (ONNX Runtime clips the gates' inputs, not h(c')), other activations per
+    direction and peepholes: optimize() writes the node back, exact at two lengths."""
+    acts = ["Sigmoid", "Tanh", "Tanh", "HardSigmoid", "Softplus", "Relu"]
+    consts = _weights("LSTM", 2, 3, 4, bias=True)
+    consts["P"] = RNG.standard_normal((2, 12)).astype(np.float32)
+    attrs = {"clip": 0.3, "direction": "bidirectional", "activations": acts}
+    model = _node_model("LSTM", ["S", 2, 3], consts, {}, hidden_size=4, **attrs)
+    x = RNG.standard_normal((5, 2, 3)).astype(np.float32) * 2
+    result = optimize(model, example_inputs=[x], measure=False)
+    (node,) = [n for n in result.artifact.proto.graph.node if n.op_type == "LSTM"]
+    written = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    assert written["clip"] == pytest.approx(0.3) and len(written["activations"]) == 6
+    for seq in (5, 9):
+        x = RNG.standard_normal((seq, 2, 3)).astype(np.float32) * 2
+        _assert_exact(_outputs(_ort(result.artifact.proto, [x])), _ort(model, [x]))

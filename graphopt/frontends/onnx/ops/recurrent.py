@@ -24,10 +24,12 @@ flipped in time and flips Y back: the reverse pass over x_{S-1} .. x_0 is the fo
 flip(x), and its final state (after x_0) is the forward pass's.
 
 What torch's modules do not compute -- GRU's ``linear_before_reset=0``, peepholes ``P`` other
-than constant zeros, ``sequence_lens`` other than a constant full length -- runs as ONNX's own
-equations step by step (:mod:`.recurrent_loop`), which export as the ONNX node again.
-Refused (the node stays opaque, run by ONNX Runtime), naming the attribute: activations other than
-the defaults (RNN: Tanh or Relu, the same for both directions), ``clip``, ``input_forget=1``.
+than constant zeros, ``sequence_lens`` other than a constant full length, activations other than
+the defaults (RNN: other than one of Tanh / Relu for both directions), ``clip``,
+``input_forget=1`` -- runs as ONNX's own equations step by step (:mod:`.recurrent_loop`), which
+export as the ONNX node again. Refused (the node stays opaque, run by ONNX Runtime), naming the
+attribute: Affine / ScaledTanh / ThresholdedRelu without their activation_alpha / beta (the
+spec's defaults and ONNX Runtime's differ).
 """
 
 from __future__ import annotations
@@ -40,13 +42,17 @@ from torch import nn
 
 from graphopt.frontends.onnx.context import Ctx
 from graphopt.frontends.onnx.ops.common import set_param
-from graphopt.frontends.onnx.ops.recurrent_loop import recurrent_loop
+from graphopt.frontends.onnx.ops.recurrent_loop import (
+    DEFAULT_ACTIVATIONS,
+    activation_names,
+    activations,
+    recurrent_loop,
+)
 from graphopt.frontends.onnx.ops.registry import converter
 from graphopt.frontends.onnx.values import Value
 
 # torch's k-th gate is ONNX's ORDER[op][k]
 ORDER = {"LSTM": (0, 2, 3, 1), "GRU": (1, 0, 2), "RNN": (0,)}
-_DEFAULT_ACTIVATIONS = {"LSTM": ("sigmoid", "tanh", "tanh"), "GRU": ("sigmoid", "tanh")}
 _MODULES = {"LSTM": nn.LSTM, "GRU": nn.GRU, "RNN": nn.RNN}
 
 
@@ -103,33 +109,20 @@ def _direction(ctx: Ctx) -> str:
     return direction
 
 
-def _nonlinearity(ctx: Ctx, dirs: int) -> str:
-    """Refuse what torch's module cannot compute; RNN's nonlinearity ('tanh' or 'relu')."""
-    acts = ctx.attr("activations")
-    if acts is not None:  # a list attribute's strings come as bytes
-        acts = [a.decode() if isinstance(a, bytes) else str(a) for a in acts]
-    names = tuple(a.lower() for a in acts) if acts is not None else None
+def _module_form(ctx: Ctx, dirs: int) -> str:
+    """The nonlinearity of torch's module for the node's activations ("tanh" for LSTM and GRU,
+    "tanh" or "relu" for RNN), "" when only :func:`recurrent_loop` computes them (other
+    activations, clip, input_forget); refuses what neither computes."""
+    funcs = activations(ctx.op, dirs, ctx.attrs)
+    if isinstance(funcs, str):
+        raise ctx.fail(f"{funcs}, which graphopt does not compute")
+    if ctx.attr("clip") is not None or (ctx.op == "LSTM" and ctx.attr("input_forget", 0)):
+        return ""
+    names = activation_names(ctx.op, dirs, ctx.attrs)
     if ctx.op == "RNN":
-        names = names or ("tanh",) * dirs
-        if len(set(names)) != 1 or names[0] not in ("tanh", "relu"):
-            raise ctx.fail(
-                f"activations={list(acts)} are not supported (torch's RNN applies tanh or relu, "
-                "the same in both directions)"
-            )
-        nonlinearity = names[0]
-    else:
-        defaults = _DEFAULT_ACTIVATIONS[ctx.op]
-        if names is not None and names not in (defaults, defaults * dirs):
-            raise ctx.fail(
-                f"activations={list(acts)} are not supported (only the defaults "
-                f"{[a.capitalize() for a in _DEFAULT_ACTIVATIONS[ctx.op]]} per direction)"
-            )
-        nonlinearity = "tanh"
-    if ctx.attr("clip") is not None:
-        raise ctx.fail(f"clip={ctx.attr('clip')} is not supported (torch's cells do not clip)")
-    if ctx.op == "LSTM" and ctx.attr("input_forget", 0):
-        raise ctx.fail("input_forget=1 is not supported (torch's LSTM has no coupled gates)")
-    return nonlinearity
+        return names[0] if len(set(names)) == 1 and names[0] in ("tanh", "relu") else ""
+    defaults = [a.lower() for a in DEFAULT_ACTIVATIONS[ctx.op]]
+    return "tanh" if names == defaults * dirs else ""
 
 
 def _needs_loop(ctx: Ctx, seq_axis: int) -> str:
@@ -169,10 +162,10 @@ def _loop(ctx: Ctx) -> list[Value | None]:
 def _recurrent(ctx: Ctx) -> list[Value | None]:
     direction = _direction(ctx)
     dirs = 2 if direction == "bidirectional" else 1
-    nonlinearity = _nonlinearity(ctx, dirs)
+    nonlinearity = _module_form(ctx, dirs)
     layout = int(ctx.attr("layout", 0))
     seq_axis = 1 if layout else 0
-    if _needs_loop(ctx, seq_axis):
+    if not nonlinearity or _needs_loop(ctx, seq_axis):
         return _loop(ctx)
     hidden = _hidden_size(ctx)
     x = ctx.tensor(0)

@@ -4,10 +4,12 @@
 batch) and, when the graph is exported, writes the very ONNX node back (an autograd Function
 whose ``symbolic`` emits it with the node's attributes; ``layout=1`` as layout 0 between
 transposes, since ONNX Runtime has no batchwise kernels), so that the artifact keeps the op and
-its dynamic sequence length. The converter uses it for GRU's ``linear_before_reset=0``, LSTM's
-peepholes ``P`` and ``sequence_lens``; torch's modules for the rest.
+its dynamic sequence length. The converter uses it where torch's modules fall short: GRU's
+``linear_before_reset=0``, LSTM's peepholes ``P``, ``sequence_lens``, other activations
+(Affine, LeakyRelu, ThresholdedRelu, ScaledTanh, HardSigmoid, Elu, Softsign, Softplus, with
+``activation_alpha`` / ``activation_beta`` consumed in order), ``clip`` and ``input_forget``.
 
-Per direction, gates in ONNX's order (f = sigmoid, g = h = tanh; RNN: f = tanh or relu)::
+Per direction, gates in ONNX's order (by default f = sigmoid, g = h = tanh; RNN: f = tanh)::
 
     LSTM  i = f(x Wi' + h Ri' + Pi*c + Wbi + Rbi)    f_ = f(x Wf' + h Rf' + Pf*c + Wbf + Rbf)
           c~ = g(x Wc' + h Rc' + Wbc + Rbc)         c' = f_*c + i*c~
@@ -18,18 +20,79 @@ Per direction, gates in ONNX's order (f = sigmoid, g = h = tanh; RNN: f = tanh o
           h' = (1 - z)*n + z*h
     RNN   h' = f(x Wi' + h Ri' + Wbi + Rbi)
 
+``input_forget=1``: f_ = 1 - i.  ``clip``: the inputs of f and g are clamped to [-clip, clip]
+(of LSTM's h(c') not: ONNX Runtime's reading of "the input of activations").
 ``sequence_lens``: batch entry b runs steps t < len[b] (the reverse direction from len[b] - 1
 down); Y is 0 past its length, Y_h / Y_c are its state after its last step.
 """
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
 # ONNX's attribute -> the suffix of the TorchScript exporter's g.op keyword
 _ATTR_KIND = {int: "i", float: "f", str: "s"}
+
+Activation = Callable[[torch.Tensor], torch.Tensor]
+# ONNX's activation functions of recurrent ops: name -> (f(x, alpha, beta), takes alpha, beta)
+_FUNCTIONS: dict[str, tuple[Callable[..., torch.Tensor], bool, bool]] = {
+    "relu": (lambda x, a, b: torch.relu(x), False, False),
+    "tanh": (lambda x, a, b: torch.tanh(x), False, False),
+    "sigmoid": (lambda x, a, b: torch.sigmoid(x), False, False),
+    "softsign": (lambda x, a, b: x / (1 + x.abs()), False, False),
+    "softplus": (lambda x, a, b: torch.log1p(torch.exp(x)), False, False),
+    "affine": (lambda x, a, b: a * x + b, True, True),
+    "leakyrelu": (lambda x, a, b: torch.where(x >= 0, x, a * x), True, False),
+    "thresholdedrelu": (lambda x, a, b: torch.where(x > a, x, torch.zeros_like(x)), True, False),
+    "scaledtanh": (lambda x, a, b: a * torch.tanh(b * x), True, True),
+    "hardsigmoid": (lambda x, a, b: torch.clamp(a * x + b, 0, 1), True, True),
+    "elu": (lambda x, a, b: torch.where(x >= 0, x, a * torch.expm1(x)), True, False),
+}
+# alpha / beta when the lists run out: the ONNX operators' defaults, where spec and ONNX Runtime
+# agree on one (Affine, ScaledTanh, ThresholdedRelu then need theirs given)
+_DEFAULT_ALPHA = {"leakyrelu": 0.01, "hardsigmoid": 0.2, "elu": 1.0}
+_DEFAULT_BETA = {"hardsigmoid": 0.5}
+DEFAULT_ACTIVATIONS = {
+    "LSTM": ["Sigmoid", "Tanh", "Tanh"],
+    "GRU": ["Sigmoid", "Tanh"],
+    "RNN": ["Tanh"],
+}
+
+
+def activation_names(op: str, dirs: int, attrs: dict[str, Any]) -> list[str]:
+    """The node's activations, lower case, for every direction (the defaults when absent)."""
+    names = attrs.get("activations") or DEFAULT_ACTIVATIONS[op] * dirs
+    return [str(n.decode() if isinstance(n, bytes) else n).lower() for n in names]
+
+
+def activations(op: str, dirs: int, attrs: dict[str, Any]) -> list[list[Activation]] | str:
+    """Per direction, the activation functions (f, g, h) of the node; a reason string when
+    they are not computed here (an unknown name, a count that does not fit, a parameter whose
+    default spec and ONNX Runtime disagree on)."""
+    names = activation_names(op, dirs, attrs)
+    per = len(DEFAULT_ACTIVATIONS[op])
+    if len(names) != per * dirs:
+        return f"activations={names} has not {per} per direction ({dirs})"
+    alphas = list(attrs.get("activation_alpha", []))
+    betas = list(attrs.get("activation_beta", []))
+    out: list[Activation] = []
+    for name in names:
+        if name not in _FUNCTIONS:
+            return f"activations: {name!r} is not an activation of ONNX's recurrent ops"
+        fn, takes_alpha, takes_beta = _FUNCTIONS[name]
+        alpha = beta = 0.0
+        if takes_alpha:
+            alpha = alphas.pop(0) if alphas else _DEFAULT_ALPHA.get(name)
+        if takes_beta:
+            beta = betas.pop(0) if betas else _DEFAULT_BETA.get(name)
+        if alpha is None or beta is None:
+            return f"activations: {name!r} needs its activation_alpha/activation_beta given"
+        out.append(functools.partial(fn, a=float(alpha), b=float(beta)))
+    return [out[d * per : (d + 1) * per] for d in range(dirs)]
 
 
 def _unused(g: Any) -> Any:
@@ -100,19 +163,32 @@ def _compute(
     seq, batch = x.shape[0], x.shape[1]
     dirs, hidden = w.shape[0], r.shape[-1]
     gates = w.shape[1] // hidden
+    funcs = activations(op, dirs, attrs)
+    if isinstance(funcs, str):
+        raise ValueError(funcs)
     zeros = x.new_zeros(dirs, batch, hidden)
     h0 = zeros if h0 is None else h0
     c0 = zeros if c0 is None else c0
     b = x.new_zeros(dirs, 2 * gates * hidden) if b is None else b
     p = x.new_zeros(dirs, 3 * hidden) if p is None else p
     mask = None if lens is None else torch.arange(seq).unsqueeze(1) < lens.to(torch.int64)
+    clip = attrs.get("clip")
     reverse_only = attrs.get("direction", "forward") == "reverse"
     ys, hs, cs = [], [], []
     for d in range(dirs):
+        fns = funcs[d]
+        if clip is not None:  # bounds the inputs of the gates' activations to [-clip, clip]
+            # (not LSTM's h(c'): as ONNX Runtime, which writes "the input of activations")
+            keep = 1 if op == "LSTM" else 0
+            fns = [_clipped(fn, float(clip)) for fn in fns[: len(fns) - keep]] + fns[
+                len(fns) - keep :
+            ]
+        cell = functools.partial(
+            _STEPS[op], rw=r[d], rb=b[d].chunk(2)[1], p=p[d], fns=fns, attrs=attrs
+        )
         steps = range(seq - 1, -1, -1) if reverse_only or d == 1 else range(seq)
-        wb, rb = b[d].chunk(2)
-        xw = torch.matmul(x, w[d].t()) + wb  # every step's input projection at once
-        y, h, c = _direction(op, attrs, xw, r[d], rb, p[d], h0[d], c0[d], steps, mask)
+        xw = torch.matmul(x, w[d].t()) + b[d].chunk(2)[0]  # every step's input projection
+        y, h, c = _direction(cell, xw, h0[d], c0[d], steps, mask)
         ys.append(y)
         hs.append(h)
         cs.append(c)
@@ -122,13 +198,13 @@ def _compute(
     return (y, h, c) if op == "LSTM" else (y, h)
 
 
+def _clipped(fn: Activation, clip: float) -> Activation:
+    return lambda x: fn(torch.clamp(x, -clip, clip))
+
+
 def _direction(
-    op: str,
-    attrs: dict[str, Any],
+    cell: Callable[..., tuple[torch.Tensor, torch.Tensor]],
     xw: torch.Tensor,
-    rw: torch.Tensor,
-    rb: torch.Tensor,
-    p: torch.Tensor,
     h: torch.Tensor,
     c: torch.Tensor,
     steps: range,
@@ -137,14 +213,7 @@ def _direction(
     """One direction over ``steps``: Y [S, B, H] and the final h, c."""
     ys: list[torch.Tensor | None] = [None] * xw.shape[0]
     for t in steps:
-        if op == "LSTM":
-            h_new, c_new = _lstm_step(xw[t], h, c, rw, rb, p)
-        elif op == "GRU":
-            h_new, c_new = _gru_step(xw[t], h, rw, rb, int(attrs.get("linear_before_reset", 0))), c
-        else:
-            pre = xw[t] + torch.matmul(h, rw.t()) + rb
-            relu = [a.lower() for a in attrs.get("activations", ["Tanh"])][0] == "relu"
-            h_new, c_new = (torch.relu(pre) if relu else torch.tanh(pre)), c
+        h_new, c_new = cell(xw[t], h, c)
         if mask is None:
             h, c, ys[t] = h_new, c_new, h_new
         else:  # entries past their length keep their state and output 0
@@ -155,27 +224,60 @@ def _direction(
 
 
 def _lstm_step(
-    xw: torch.Tensor, h: torch.Tensor, c: torch.Tensor, rw: torch.Tensor, rb: torch.Tensor, p: Any
+    xw: torch.Tensor,
+    h: torch.Tensor,
+    c: torch.Tensor,
+    rw: torch.Tensor,
+    rb: torch.Tensor,
+    p: torch.Tensor,
+    fns: list[Activation],
+    attrs: dict[str, Any],
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    f_, g_, h_ = fns
     pi, po, pf = p.chunk(3)
     gi, go, gf, gc = (xw + torch.matmul(h, rw.t()) + rb).chunk(4, -1)
-    i = torch.sigmoid(gi + pi * c)
-    f = torch.sigmoid(gf + pf * c)
-    c = f * c + i * torch.tanh(gc)
-    o = torch.sigmoid(go + po * c)
-    return o * torch.tanh(c), c
+    i = f_(gi + pi * c)
+    # input_forget=1 couples the gates: forget what is input
+    f = 1 - i if attrs.get("input_forget", 0) else f_(gf + pf * c)
+    c = f * c + i * g_(gc)
+    o = f_(go + po * c)
+    return o * h_(c), c
 
 
 def _gru_step(
-    xw: torch.Tensor, h: torch.Tensor, rw: torch.Tensor, rb: torch.Tensor, linear_before_reset: int
-) -> torch.Tensor:
+    xw: torch.Tensor,
+    h: torch.Tensor,
+    c: torch.Tensor,
+    rw: torch.Tensor,
+    rb: torch.Tensor,
+    p: torch.Tensor,
+    fns: list[Activation],
+    attrs: dict[str, Any],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    f_, g_ = fns
     xz, xr, xh = xw.chunk(3, -1)
     rz, rr, rh = rw.chunk(3, 0)
     bz, br, bh = rb.chunk(3)
-    z = torch.sigmoid(xz + torch.matmul(h, rz.t()) + bz)
-    r = torch.sigmoid(xr + torch.matmul(h, rr.t()) + br)
-    if linear_before_reset:
-        n = torch.tanh(xh + r * (torch.matmul(h, rh.t()) + bh))
+    z = f_(xz + torch.matmul(h, rz.t()) + bz)
+    r = f_(xr + torch.matmul(h, rr.t()) + br)
+    if attrs.get("linear_before_reset", 0):
+        n = g_(xh + r * (torch.matmul(h, rh.t()) + bh))
     else:
-        n = torch.tanh(xh + torch.matmul(r * h, rh.t()) + bh)
-    return (1 - z) * n + z * h
+        n = g_(xh + torch.matmul(r * h, rh.t()) + bh)
+    return (1 - z) * n + z * h, c
+
+
+def _rnn_step(
+    xw: torch.Tensor,
+    h: torch.Tensor,
+    c: torch.Tensor,
+    rw: torch.Tensor,
+    rb: torch.Tensor,
+    p: torch.Tensor,
+    fns: list[Activation],
+    attrs: dict[str, Any],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return fns[0](xw + torch.matmul(h, rw.t()) + rb), c
+
+
+_STEPS = {"LSTM": _lstm_step, "GRU": _gru_step, "RNN": _rnn_step}
