@@ -18,6 +18,8 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
@@ -471,3 +473,39 @@ def test_loop_optimizes_to_the_node_with_its_attributes() -> None:
     for seq in (5, 9):
         x = RNG.standard_normal((seq, 2, 3)).astype(np.float32) * 2
         _assert_exact(_outputs(_ort(result.artifact.proto, [x])), _ort(model, [x]))
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    op=st.sampled_from(["LSTM", "GRU", "RNN"]),
+    direction=st.sampled_from(["forward", "reverse", "bidirectional"]),
+    layout=st.integers(0, 1),
+    bias=st.booleans(),
+    with_h=st.booleans(),
+    seq=st.integers(1, 4),
+    batch=st.integers(1, 3),
+)
+def test_modules_equal_the_equations(
+    op: str, direction: str, layout: int, bias: bool, with_h: bool, seq: int, batch: int
+) -> None:
+    """The module form (nn.LSTM/GRU/RNN, regated weights, flips, transposes) equals ONNX's
+    equations run step by step (recurrent_loop) on random nodes, layout 1 included."""
+    dirs, hidden, size = 1 + (direction == "bidirectional"), 3, 2
+    rng = np.random.default_rng(seq * 100 + batch)
+    w = {k: torch.from_numpy(v) for k, v in _weights(op, dirs, size, hidden, bias).items()}
+    x = torch.from_numpy(rng.standard_normal((seq, batch, size)).astype(np.float32))
+    h = torch.from_numpy(rng.standard_normal((dirs, batch, hidden)).astype(np.float32))
+    if layout:
+        x, h = x.transpose(0, 1).contiguous(), h.transpose(0, 1).contiguous()
+    x_shape = ["B", "S", size] if layout else ["S", "B", size]
+    h_shape = ["B", dirs, hidden] if layout else [dirs, "B", hidden]
+    extra = {"linear_before_reset": 1} if op == "GRU" else {}
+    attrs = {"direction": direction, "hidden_size": hidden, "layout": layout, **extra}
+    runtime = {"initial_h": h_shape} if with_h else {}
+    model = _node_model(op, x_shape, {k: v.numpy() for k, v in w.items()}, runtime, **attrs)
+    gm = import_onnx(model)
+    assert any(isinstance(m, nn.RNNBase) for m in gm.modules())
+    got = _outputs(gm(x, h) if with_h else gm(x))
+    inputs = [x, w["W"], w["R"], w.get("B"), None, h if with_h else None]
+    expected = recurrent_loop(op, tuple(attrs.items()), *inputs)
+    _assert_exact(got, [e.numpy() for e in expected])

@@ -149,6 +149,8 @@ def _loop(ctx: Ctx) -> list[Value | None]:
     inputs = [ctx.tensor(i) if ctx.has(i) else None for i in range(count)]
     attrs = []
     for name, value in sorted(ctx.attrs.items()):
+        if name == "output_sequence":  # LSTM-1's, gone since opset 7 (Y is always computed)
+            continue
         if isinstance(value, list):  # a list attribute's strings come as bytes
             value = [v.decode() if isinstance(v, bytes) else v for v in value]
             if not value:
