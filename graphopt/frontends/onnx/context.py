@@ -86,6 +86,11 @@ class ImportState:
         # opaque nodes (kept as ONNX nodes, see ops/opaque.py): node name -> why
         self.opaque: dict[str, str] = {}
 
+    def convert_node(self, node: onnx.NodeProto, index: int) -> None:
+        """Convert one ONNX node into the graph (the importer's walk; an If inlines its taken
+        branch with it)."""
+        raise NotImplementedError
+
     # -- names and constants -------------------------------------------------------------
 
     def unique_name(self, hint: str, default: str) -> str:

@@ -18,7 +18,7 @@ from graphopt.errors import CaptureError
 from graphopt.frontends.onnx.context import Ctx, ImportState, Refusal
 from graphopt.frontends.onnx.load import ModelSource, load_onnx
 from graphopt.frontends.onnx.ops import CONVERTERS, check_storage_dtypes, key
-from graphopt.frontends.onnx.ops.opaque import opaque
+from graphopt.frontends.onnx.ops.opaque import opaque, outer_names
 from graphopt.frontends.onnx.values import ONNX_TO_TORCH, Sym, tensor_from_proto
 
 logger = logging.getLogger(__name__)
@@ -44,14 +44,22 @@ class _Importer(ImportState):
         self._add_initializers(g)
         input_names = [self._add_input(vi) for vi in g.input if vi.name not in self.env]
         for index, node in enumerate(g.node):
-            self._convert(node, index)
+            self.convert_node(node, index)
         self._add_outputs(g)
         return self._finish(input_names)
 
     # -- static knowledge from shape inference -------------------------------------------
 
     def collect_value_info(self, model: onnx.ModelProto) -> None:
-        g = model.graph
+        self._collect_graph_info(model.graph)
+
+    def _collect_graph_info(self, g: onnx.GraphProto) -> None:
+        """Shapes and types of ``g``'s values and of its nodes' subgraphs (an inlined If
+        branch reads them; ONNX names are unique across scopes)."""
+        for node in g.node:
+            for a in node.attribute:
+                for sub in [a.g] if a.type == onnx.AttributeProto.GRAPH else a.graphs:
+                    self._collect_graph_info(sub)
         for vi in list(g.input) + list(g.value_info) + list(g.output):
             if not vi.type.HasField("tensor_type"):
                 continue
@@ -68,7 +76,7 @@ class _Importer(ImportState):
 
     def _count_consumers(self, g: onnx.GraphProto) -> None:
         for node in g.node:
-            for name in node.input:
+            for name in list(node.input) + outer_names(node):  # a branch's reads count too
                 if name:
                     self.consumers[name] = self.consumers.get(name, 0) + 1
         for out in g.output:
@@ -127,7 +135,7 @@ class _Importer(ImportState):
 
     # -- nodes and outputs ---------------------------------------------------------------
 
-    def _convert(self, node: onnx.NodeProto, index: int) -> None:
+    def convert_node(self, node: onnx.NodeProto, index: int) -> None:
         ctx = Ctx(self, node, index)
         convert = CONVERTERS.get(key(node))
         try:
