@@ -10,6 +10,7 @@ The tolerance is the exact contract: rtol 1e-5 x max|output| (graphopt.core.nume
 from __future__ import annotations
 
 import io
+import pickle
 import warnings
 from collections.abc import Sequence
 
@@ -509,3 +510,21 @@ def test_modules_equal_the_equations(
     inputs = [x, w["W"], w["R"], w.get("B"), None, h if with_h else None]
     expected = recurrent_loop(op, tuple(attrs.items()), *inputs)
     _assert_exact(got, [e.numpy() for e in expected])
+
+
+@pytest.mark.parametrize(
+    ("op", "attrs", "weights_at_run_time"),
+    [("GRU", {}, False), ("LSTM", {"clip": 1.0}, False), ("LSTM", {}, True)],
+)
+def test_pickled_graph_keeps_its_helpers(op: str, attrs: dict, weights_at_run_time: bool) -> None:
+    """Unpickling a GraphModule re-traces its code: the loop and the functional form stay one
+    call each (traced into, they fail on the tracer's proxies)."""
+    w = _weights(op, 1, 3, 4, True)
+    runtime = {k: list(v.shape) for k, v in w.items()} if weights_at_run_time else {}
+    model = _node_model(op, ["S", 2, 3], {} if runtime else w, runtime, hidden_size=4, **attrs)
+    gm = import_onnx(model)
+    feeds = [RNG.standard_normal((3, 2, 3)).astype(np.float32)]
+    feeds += list(w.values()) if weights_at_run_time else []
+    again = pickle.loads(pickle.dumps(gm))
+    for got, ref in zip(_run(again, feeds), _run(gm, feeds), strict=True):
+        assert torch.equal(got, ref)

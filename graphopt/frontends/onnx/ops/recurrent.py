@@ -47,6 +47,7 @@ from graphopt.frontends.onnx.ops.recurrent_loop import (
     activation_names,
     activations,
     recurrent_loop,
+    traced_as_call,
 )
 from graphopt.frontends.onnx.ops.registry import converter
 from graphopt.frontends.onnx.values import Value
@@ -64,6 +65,7 @@ def regate(w: torch.Tensor, order: tuple[int, ...]) -> torch.Tensor:
     return torch.cat([chunks[k] for k in order], 0)
 
 
+@traced_as_call
 def torch_weights(
     w: torch.Tensor, r: torch.Tensor, b: torch.Tensor | None, order: tuple[int, ...]
 ) -> list[torch.Tensor]:
@@ -77,6 +79,7 @@ def torch_weights(
     return flat
 
 
+@traced_as_call
 def run_recurrent(
     mode: str,
     x: torch.Tensor,

@@ -30,13 +30,14 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
 # ONNX's attribute -> the suffix of the TorchScript exporter's g.op keyword
 _ATTR_KIND = {int: "i", float: "f", str: "s"}
 
+_F = TypeVar("_F", bound=Callable[..., Any])
 Activation = Callable[[torch.Tensor], torch.Tensor]
 # ONNX's activation functions of recurrent ops: name -> (f(x, alpha, beta), takes alpha, beta)
 _FUNCTIONS: dict[str, tuple[Callable[..., torch.Tensor], bool, bool]] = {
@@ -135,6 +136,24 @@ class _RecurrentOp(torch.autograd.Function):
         return tuple(outs)
 
 
+def traced_as_call(fn: _F) -> _F:
+    """``fn`` stays one ``call_function`` node when torch.fx traces a graph calling it (as
+    unpickling a GraphModule does: it re-traces the code) instead of being traced into."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        proxies: list[torch.fx.Proxy] = []
+        torch.fx.node.map_aggregate(
+            (args, kwargs), lambda a: proxies.append(a) if isinstance(a, torch.fx.Proxy) else a
+        )
+        if proxies:
+            return proxies[0].tracer.create_proxy("call_function", wrapper, args, kwargs)
+        return fn(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
+
+
+@traced_as_call
 def recurrent_loop(
     op: str, attrs: tuple[tuple[str, Any], ...], *inputs: torch.Tensor | None
 ) -> tuple[torch.Tensor, ...]:
