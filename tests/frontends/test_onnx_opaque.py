@@ -71,7 +71,10 @@ def _if_model() -> onnx.ModelProto:
 def test_if_with_a_runtime_condition_is_opaque_and_runs_both_branches() -> None:
     model = _if_model()
     gm = import_onnx(model)
-    assert gm.meta["onnx_opaque"] == {"branch": "no converter for ai.onnx::If"}
+    assert gm.meta["onnx_opaque"] == {
+        "branch": "ONNX node 'branch' (If): the condition ('c') is computed at run time, so "
+        "neither branch can be inlined."
+    }
     call = next(n for n in gm.graph.nodes if n.op == "call_module" and "branch" in n.target)
     # the outer values the branches read are inputs of the call: passes and DCE see them
     assert len(call.args) == 4  # c, then r, W, b
