@@ -16,6 +16,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from graphopt._util import VERSION
 from graphopt.errors import (
     BackendError,
     CaptureError,
@@ -27,7 +28,7 @@ from graphopt.errors import (
     VerificationError,
 )
 
-__version__ = "0.1.0"
+__version__ = VERSION
 
 # public name -> module that defines it
 _LAZY: dict[str, str] = {

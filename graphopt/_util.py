@@ -10,6 +10,8 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
+VERSION = "0.1.0"  # graphopt's (pyproject.toml says the same)
+
 
 def first_line(exc: BaseException, *, with_type: bool = False) -> str:
     """The first line of an exception's message, for a one-line error or log message.

@@ -9,31 +9,26 @@ export, the choice of backend, the baseline) is :mod:`graphopt.lowering`.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import math
 import numbers
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
 from torch import fx, nn
 
 from graphopt._util import close_matches
 from graphopt.backends import Artifact, Backend, get_backend
-from graphopt.backends.arrays import to_numpy
 from graphopt.core.pass_infra import PassContext
 from graphopt.core.progress import Progress
 from graphopt.errors import (
     ArgumentError,
     BackendError,
-    GraphoptError,
-    InputError,
     graphopt_errors_only,
 )
-from graphopt.frontends.torch import Captured, InputSpec, capture, set_eval
+from graphopt.frontends.torch import Captured, capture
+from graphopt.lowering import dynamic
 from graphopt.lowering.auto import choose_backend
 from graphopt.lowering.baseline import Baseline
 from graphopt.lowering.check import Check
@@ -45,6 +40,7 @@ from graphopt.lowering.int8 import (
     plan_precision,
     require_calibration,
 )
+from graphopt.lowering.result import OptimizedModel, result_of
 from graphopt.pipeline import (
     Instrument,
     PassManager,
@@ -57,107 +53,7 @@ from graphopt.pipeline import (
 from graphopt.report import Report, op_counts
 from graphopt.target import Target
 
-SAVE_SUFFIXES = {"onnxruntime": (".onnx", ".ort"), "tvm": (".so",)}
 BACKEND_CHOICES = ("onnxruntime", "tvm", "auto")
-
-
-class OptimizedModel:
-    """The result of :func:`optimize`: callable like the original model, savable, with a report.
-
-    Call it with torch tensors (returns tensors) or numpy arrays (returns arrays). The batch
-    dimension is dynamic; every other dimension and the dtype must match the example inputs.
-    With ``precision="int8"`` the artifact (what runs and what ``save`` writes) is the int8 QDQ
-    ONNX model, ``quantization`` its :class:`~graphopt.quant.improve.Int8Report` (which layers
-    are int8, which stayed float and why, the metric drop), and ``graph_module`` the float graph
-    it was quantised from.
-    """
-
-    def __init__(
-        self,
-        artifact: Any,
-        graph_module: fx.GraphModule,
-        report: Report,
-        inputs: list[InputSpec],
-        backend: Any,
-        quantization: Any = None,
-    ) -> None:
-        self.artifact = artifact
-        self.graph_module = graph_module
-        self.report = report
-        self.inputs = inputs
-        self.backend = backend
-        self.quantization = quantization
-
-    def check_inputs(self, args: Sequence[Any]) -> None:
-        """Raise :class:`InputError` unless ``args`` fit the optimized model's inputs."""
-        if len(args) != len(self.inputs):
-            raise InputError(
-                f"the model takes {len(self.inputs)} input(s) "
-                f"({'; '.join(s.describe() for s in self.inputs)}), got {len(args)}."
-            )
-        for i, (spec, x) in enumerate(zip(self.inputs, args, strict=True)):
-            if not isinstance(x, torch.Tensor | np.ndarray):
-                raise InputError(
-                    f"input {i} is a {type(x).__name__}; pass a torch tensor or a numpy array."
-                )
-            shape = tuple(x.shape)
-            ok = len(shape) == len(spec.shape) and all(
-                want is None or want == got for want, got in zip(spec.shape, shape, strict=True)
-            )
-            dtype = (
-                x.dtype
-                if isinstance(x, torch.Tensor)
-                else torch.from_numpy(np.empty(0, dtype=x.dtype)).dtype
-            )
-            if not ok or dtype != spec.dtype:
-                got = f"{str(dtype).replace('torch.', '')}{list(shape)}"
-                free = " (N = any batch size)" if None in spec.shape else ""
-                raise InputError(
-                    f"input {i} should be {spec.describe()}{free}, got {got}. The model was "
-                    "optimized for that shape; re-run optimize() with example inputs of the new "
-                    "shape."
-                )
-
-    @graphopt_errors_only
-    def __call__(self, *args: Any) -> Any:
-        self.check_inputs(args)
-        as_torch = any(isinstance(x, torch.Tensor) for x in args)
-        arrays = [to_numpy(x) for x in args]
-        outputs = self.artifact.run(arrays)
-        if as_torch:
-            outputs = [torch.from_numpy(np.asarray(o)) for o in outputs]
-        return outputs[0] if len(outputs) == 1 else tuple(outputs)
-
-    @graphopt_errors_only
-    def save(self, path: str | Path) -> Path:
-        """Write the deployable artifact.
-
-        ONNX Runtime: ``.onnx``, or ``.ort`` (ONNX Runtime's mobile format, with the operator
-        list and XNNPACK session settings beside it). TVM: ``.so``, a shared library with the
-        weights embedded that ``tvm.runtime.load_module`` + ``relax.VirtualMachine`` run.
-        """
-        if not isinstance(path, str | Path):
-            raise ArgumentError(
-                f"save() takes a file path (str or pathlib.Path), got {type(path).__name__}."
-            )
-        path = Path(path)
-        suffixes = SAVE_SUFFIXES[self.report.backend]
-        if path.suffix not in suffixes:
-            raise GraphoptError(
-                f"the {self.report.backend} backend saves {' or '.join(suffixes)} files; name "
-                f"the output accordingly (got {path.name!r})."
-            )
-        try:
-            return self.artifact.save(path)
-        except OSError as exc:  # every backend: an unwritable place is the user's to fix
-            raise GraphoptError(
-                f"cannot write {path}: {exc.strerror or exc}; choose a writable directory."
-            ) from exc
-
-    def __repr__(self) -> str:
-        return (
-            f"<OptimizedModel {self.report.model} on {self.report.target} ({self.report.backend})>"
-        )
 
 
 @graphopt_errors_only
@@ -182,6 +78,7 @@ def optimize(
     finetune: Callable[[fx.GraphModule], Any] | None = None,
     leaf_modules: Sequence[type[nn.Module]] = (),
     concrete_args: dict[str, Any] | None = None,
+    dynamic_axes: Mapping[Any, Any] | None = None,
     instruments: Sequence[Instrument] = (),
     progress: bool = False,
     name: str | None = None,
@@ -198,6 +95,10 @@ def optimize(
     ``max_drop`` and ``merge-convs{budget=...}`` rank by it). ``finetune``:
     ``callable(graph_module)`` that a lossy pass runs on the graph after changing it.
     ``leaf_modules`` / ``concrete_args``: capture hints (see README "Capture").
+    ``dynamic_axes``: the inputs' axes that take any size, ``{"x": {0: "batch", 2: "height"}}``
+    or ``{"x": [0, 2]}``; default the batch (axis 0) of a module's inputs and every symbolic
+    dimension of an ONNX model's. The artifact keeps them symbolic and is checked at the
+    example's size and at twice it.
 
     Every other argument is an option of :class:`Optimizer`, documented there (target,
     pipeline, verify, strict, backend, measure, trials, tune_minutes, database, rpc, precision,
@@ -233,6 +134,7 @@ def optimize(
         finetune=finetune,
         leaf_modules=leaf_modules,
         concrete_args=concrete_args,
+        dynamic_axes=dynamic_axes,
         name=name,
     )
 
@@ -347,6 +249,7 @@ class Optimizer:
         finetune: Callable[[fx.GraphModule], Any] | None = None,
         leaf_modules: Sequence[type[nn.Module]] = (),
         concrete_args: dict[str, Any] | None = None,
+        dynamic_axes: Mapping[Any, Any] | None = None,
         name: str | None = None,
     ) -> OptimizedModel:
         """Optimize ``model`` (an ``nn.Module`` with ``example_inputs``, an ``.onnx`` path or a
@@ -363,7 +266,11 @@ class Optimizer:
             runtime = get_backend("tvm", self.parsed_target, **self.tvm_options)
         say(f"capturing {name}")
         captured = capture(
-            model, example_inputs, leaf_modules=leaf_modules, concrete_args=concrete_args
+            model,
+            example_inputs,
+            leaf_modules=leaf_modules,
+            concrete_args=concrete_args,
+            dynamic_axes=dynamic_axes,
         )
         original = copy.deepcopy(captured.graph)
         if self.int8:  # bad calibration data fails here, before any pass runs
@@ -384,9 +291,9 @@ class Optimizer:
             graph=result.graph,
             inputs=captured.example_inputs,
             # an ONNX model keeps its interface: input and output names as in the user's file
-            input_names=captured.graph.meta.get("onnx_input_names")
-            or [s.name for s in captured.inputs],
+            input_names=captured.names,
             output_names=captured.graph.meta.get("onnx_output_names"),
+            dynamic_axes=captured.dynamic_axes,
             original=original,
             manager=manager,
             result=result,
@@ -397,6 +304,13 @@ class Optimizer:
             context=ctx,
             onnx_stage=onnx_stage,
         )
+        if self.verify:  # the outputs' dynamic axes, and the check at a second size
+            dynamic.plan(
+                lowering,
+                baseline.reference_outputs,
+                check.rounding.module,
+                captured.graph.meta.get("onnx_output_shapes"),
+            )
         say(f"lowering to {runtime.name}")
         runtime, artifact, quantization = self._lower(
             lowering, ort, runtime, calibration_data, metric
@@ -404,7 +318,7 @@ class Optimizer:
         report_mobile(report, self.parsed_target, runtime)
         if self.measure:
             baseline.measure(lowering, ort, runtime, artifact)
-        return _result(artifact, lowering, captured, runtime, quantization)
+        return result_of(artifact, lowering, captured, runtime, quantization)
 
     def _check_capture(self, captured: Captured, baseline: Baseline) -> Check:
         """The checks of this run; with ``verify``, the captured graph is checked already."""
@@ -493,24 +407,6 @@ class Optimizer:
         elif runtime.name == "tvm":
             report_tvm(report, artifact)
         return runtime, artifact, None
-
-
-def _result(
-    artifact: Artifact,
-    lowering: Lowering,
-    captured: Captured,
-    runtime: Backend,
-    quantization: Any,
-) -> OptimizedModel:
-    specs = captured.inputs
-    # TVM compiles static shapes; an ONNX Runtime artifact may have had to fix its batch
-    if runtime.name == "tvm" or artifact.static_batch_reason:
-        specs = [
-            dataclasses.replace(s, shape=tuple(x.shape))
-            for s, x in zip(specs, captured.example_inputs, strict=True)
-        ]
-    set_eval(lowering.graph)  # what graphopt returns is in eval mode, whatever the input was
-    return OptimizedModel(artifact, lowering.graph, lowering.report, specs, runtime, quantization)
 
 
 def _check_options(options: Optimizer) -> None:

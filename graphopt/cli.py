@@ -28,10 +28,14 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
+import torch
+
 import graphopt
 from graphopt import __version__, bench, zoo
 from graphopt.core.registry import registered_passes
 from graphopt.errors import GraphoptError, InputError
+from graphopt.frontends.onnx import load_onnx
+from graphopt.frontends.onnx.values import ONNX_TO_TORCH
 from graphopt.pipeline import DumpIR, PrintIR, parse_pipeline
 from graphopt.target import Target
 
@@ -54,7 +58,7 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
                 f"{source}: no such file. Give a path to an .onnx file or a zoo model name "
                 "(`graphopt zoo` lists them)."
             )
-        model, inputs, name = source, None, Path(source).name
+        model, inputs, name = source, _onnx_inputs(source, args.input_shape), Path(source).name
     elif os.sep in source or Path(source).suffix:  # a path, not a zoo name
         raise InputError(
             f"{source}: no such file, and not a zoo model. Give a path to an .onnx file or a "
@@ -90,6 +94,7 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
         database=args.database,
         rpc=args.rpc,
         accept_mismatch=args.accept_mismatch,
+        dynamic_axes=_dynamic_axes(args.dynamic_axes),
     )
     print(result.report)
     if args.output:
@@ -107,6 +112,64 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
         print(f"report written to {args.json}")
     failed = result.report.rolled_back
     return 1 if failed and args.strict else 0
+
+
+def _dynamic_axes(specs: list[str] | None) -> dict[str, dict[int, str | None]] | None:
+    """``--dynamic-axes x:0=batch,2=height`` (repeatable; ``x:0,2`` leaves the dims unnamed)
+    as ``optimize``'s ``dynamic_axes``; None when not given."""
+    if not specs:
+        return None
+    axes: dict[str, dict[int, str | None]] = {}
+    for spec in specs:
+        name, sep, rest = spec.rpartition(":")
+        try:
+            items = [item.partition("=") for item in rest.split(",") if item]
+            axes[name] = {int(a): (d or None) for a, _, d in items}
+        except ValueError:
+            name = ""
+        if not sep or not name or not axes.get(name):
+            raise InputError(
+                f"--dynamic-axes {spec!r}: write INPUT:AXIS[=NAME],... e.g. "
+                "--dynamic-axes x:0=batch,3=width (one flag per input)."
+            )
+    return axes
+
+
+def _onnx_inputs(path: str, specs: list[str] | None) -> tuple[Any, ...] | None:
+    """Random example inputs of the ``--input-shape NAME:1x3x48x320`` sizes (one flag per
+    input; dtypes as the file declares), or None: optimize() makes them from the declared
+    shapes."""
+    if not specs:
+        return None
+    shapes = {}
+    for spec in specs:
+        name, _, dims = spec.rpartition(":")
+        try:
+            shapes[name] = [int(d) for d in dims.lower().split("x")]
+        except ValueError:
+            name = ""
+        if not name:
+            raise InputError(
+                f"--input-shape {spec!r}: write INPUT:DIMxDIMx... e.g. --input-shape "
+                "x:1x3x48x320 (one flag per input)."
+            )
+    declared = [(vi.name, vi.type.tensor_type.elem_type) for vi in load_onnx(path).graph.input]
+    missing = [n for n, _ in declared if n not in shapes]
+    unknown = [n for n in shapes if n not in dict(declared)]
+    if missing or unknown:
+        raise InputError(
+            f"--input-shape names {sorted(shapes)}; the model's inputs are "
+            f"{[n for n, _ in declared]}: give one flag per input."
+        )
+    gen = torch.Generator().manual_seed(0)
+    inputs = []
+    for name, elem in declared:
+        dtype = ONNX_TO_TORCH.get(elem, torch.float32)
+        if dtype.is_floating_point:
+            inputs.append(torch.randn(shapes[name], generator=gen).to(dtype))
+        else:
+            inputs.append(torch.zeros(shapes[name], dtype=dtype))
+    return tuple(inputs)
 
 
 def _check_outputs(args: argparse.Namespace) -> None:
@@ -334,6 +397,20 @@ def _add_optimize(sub: Any) -> None:
         default=None,
         help="int8: allowed drop of top-1 agreement with fp32 on the calibration data "
         "(e.g. 0.01); the most sensitive layers stay float until it holds",
+    )
+    p.add_argument(
+        "--input-shape",
+        action="append",
+        metavar="NAME:1x3x48x320",
+        help="an ONNX input's example size (one flag per input; needed where the file "
+        "declares a symbolic dimension other than the batch)",
+    )
+    p.add_argument(
+        "--dynamic-axes",
+        action="append",
+        metavar="NAME:0=batch,3=width",
+        help="an input's axes that take any size (one flag per input); default: the batch, "
+        "and every symbolic dimension an ONNX file declares",
     )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
     p.set_defaults(func=_cmd_optimize)

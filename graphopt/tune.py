@@ -50,13 +50,8 @@ from torch import fx, nn
 from graphopt._util import first_line
 from graphopt.core.pass_infra import PassContext
 from graphopt.errors import CaptureError, GraphoptError, graphopt_errors_only
-from graphopt.frontends.torch import (
-    LeafTracer,
-    as_tensors,
-    check_runs,
-    copy_model,
-    failing_line,
-)
+from graphopt.frontends.inputs import as_tensors, check_runs
+from graphopt.frontends.torch import LeafTracer, copy_model, failing_line
 from graphopt.passes.tune_conv_bn import TuneConvBN
 from graphopt.pipeline import PassManager
 

@@ -12,13 +12,13 @@ The protocols import no backend (the concrete types of ``rpc`` and ``mobile_pack
 named in their docstrings), so a pass may depend on them. Both are ``runtime_checkable``:
 ``isinstance(x, Backend)`` checks that every member exists (not their types). Members a backend
 has no use for still exist with their neutral value (ONNX Runtime: ``rpc = None``,
-``without_tuning()`` returns the backend itself; TVM artifacts: ``static_batch_reason = None``,
+``without_tuning()`` returns the backend itself; TVM artifacts: ``static_shape_reason = None``,
 ``mobile_package = None``), so callers read them directly, never through ``getattr``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
@@ -44,9 +44,9 @@ class Artifact(Protocol):
         """Compiled for another machine (a phone, a board): it runs only through ``rpc``."""
 
     @property
-    def static_batch_reason(self) -> str | None:
-        """Why the batch axis is fixed although a dynamic one was asked for (None: it is not,
-        or it was never asked for)."""
+    def static_shape_reason(self) -> str | None:
+        """Why the shapes are fixed although dynamic axes were asked for (None: they are not,
+        or none were asked for)."""
 
     @property
     def mobile_package(self) -> Any:
@@ -97,9 +97,12 @@ class Backend(Protocol):
         *,
         input_names: Sequence[str] | None = None,
         output_names: Sequence[str] | None = None,
-        dynamic_batch: bool = True,
+        dynamic_axes: Mapping[str, Mapping[int, str]] | None = None,
+        output_axes: Mapping[str, Mapping[int, str]] | None = None,
     ) -> Artifact:
-        """Lower ``module`` (a GraphModule or any ``nn.Module``) for ``example_inputs``."""
+        """Lower ``module`` (a GraphModule or any ``nn.Module``) for ``example_inputs``;
+        ``dynamic_axes`` / ``output_axes`` (``{name: {axis: dim name}}``; None: the batch) stay
+        symbolic where the backend compiles dynamic shapes."""
 
     def load(self, proto: onnx.ModelProto, input_shapes: Any = None) -> Artifact:
         """Lower an ONNX model (``input_shapes``: one static shape per input, where the

@@ -10,6 +10,8 @@ Order of attempts for a module:
 
 ONNX models (a path, bytes or a ``ModelProto``) go through :mod:`graphopt.frontends.onnx`.
 The user's model is deep-copied first: passes rewrite the copy, never the original.
+Example inputs are checked by :mod:`graphopt.frontends.inputs`; which axes are dynamic is
+:mod:`graphopt.core.dynamic_axes` (``Captured.dynamic_axes``).
 """
 
 from __future__ import annotations
@@ -30,10 +32,15 @@ from torch.fx.passes.shape_prop import ShapeProp
 from graphopt._util import first_line
 from graphopt.backends.arrays import to_numpy
 from graphopt.backends.export import EXPORT_LOCK  # torch's exporters share state
-from graphopt.core.numerics import flatten_outputs
+from graphopt.core.dynamic_axes import DynamicAxes, resolve
 from graphopt.errors import CaptureError, InputError
 from graphopt.frontends.bind import bound_defaults, drop_bound_placeholders
-from graphopt.frontends.onnx import from_numpy, import_onnx, load_onnx
+from graphopt.frontends.inputs import (
+    as_tensors,
+    check_runs,
+    discriminating_inputs,
+)
+from graphopt.frontends.onnx import import_onnx, load_onnx
 
 log = logging.getLogger(__name__)
 
@@ -42,26 +49,33 @@ _TORCH_DIR = os.path.dirname(torch.__file__)
 
 @dataclass(frozen=True)
 class InputSpec:
-    """One model input: name, shape (``None`` for a dynamic dimension) and dtype."""
+    """One model input: name, shape (a dynamic axis is its dim name, ``"batch"``) and dtype."""
 
     name: str
-    shape: tuple[int | None, ...]
+    shape: tuple[int | str, ...]
     dtype: torch.dtype
 
     def describe(self) -> str:
-        dims = ",".join("N" if d is None else str(d) for d in self.shape)
+        dims = ",".join(str(d) for d in self.shape)
         return f"{self.name}: {str(self.dtype).replace('torch.', '')}[{dims}]"
 
 
 @dataclass
 class Captured:
-    """A captured model: the graph, how it was captured, and the inputs it takes."""
+    """A captured model: the graph, how it was captured, the inputs it takes and which of
+    their axes are dynamic (keyed by :attr:`names`)."""
 
     graph: fx.GraphModule
     method: str  # "symbolic_trace" | "torch.export" | "onnx"
     example_inputs: tuple[torch.Tensor, ...]
     inputs: list[InputSpec]
     notes: list[str] = field(default_factory=list)
+    dynamic_axes: DynamicAxes = field(default_factory=dict)
+
+    @property
+    def names(self) -> list[str]:
+        """The interface's input names: an ONNX model's own, else the placeholders'."""
+        return list(self.graph.meta.get("onnx_input_names") or [s.name for s in self.inputs])
 
     @property
     def check_inputs(self) -> list[tuple[torch.Tensor, ...]]:
@@ -85,15 +99,20 @@ def capture(
     *,
     leaf_modules: Sequence[type[nn.Module]] = (),
     concrete_args: dict[str, Any] | None = None,
+    dynamic_axes: Any = None,
 ) -> Captured:
     """Capture ``model`` (an ``nn.Module``, an ``.onnx`` path, bytes or a ``ModelProto``).
+
+    ``dynamic_axes`` (``{input: {axis: name}}``, see :mod:`graphopt.core.dynamic_axes`): the
+    inputs' axes that may take any size; by default the batch of a module, and every symbolic
+    dimension an ONNX model declares.
 
     >>> cap = capture(model, (torch.randn(1, 3, 224, 224),))
     >>> cap.method, len(cap.graph.graph.nodes)
     ('symbolic_trace', 123)
     """
     if is_onnx_input(model):
-        return _capture_onnx(model, example_inputs)
+        return _capture_onnx(model, example_inputs, dynamic_axes)
     if not isinstance(model, nn.Module):
         raise CaptureError(
             f"graphopt optimizes a torch.nn.Module, an .onnx path or an "
@@ -150,14 +169,17 @@ def capture(
         )
     annotate_shapes(gm, inputs)
     set_eval(gm)  # a new GraphModule is in training mode; the captured model is in eval mode
-    static = method == "torch.export" and bool(fixed_batch)
-    specs = [
-        InputSpec(
-            n.name, tuple(t.shape) if static or not t.dim() else (None, *t.shape[1:]), t.dtype
-        )
-        for n, t in zip(_placeholders(gm), inputs, strict=False)
+    names = [n.name for n in _placeholders(gm)]
+    axes = {} if method == "torch.export" and fixed_batch else resolve(dynamic_axes, names, inputs)
+    return Captured(gm, method, inputs, _specs(names, inputs, axes), notes, axes)
+
+
+def _specs(names: list[str], inputs: Sequence[torch.Tensor], axes: DynamicAxes) -> list:
+    """One InputSpec per input: its shape with the dim name at every dynamic axis."""
+    return [
+        InputSpec(n, tuple(axes.get(n, {}).get(i, d) for i, d in enumerate(x.shape)), x.dtype)
+        for n, x in zip(names, inputs, strict=True)
     ]
-    return Captured(gm, method, inputs, specs, notes)
 
 
 def _torch_export(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> tuple[Any, str]:
@@ -289,170 +311,6 @@ def _callable_label(fn: Any) -> str:
     return getattr(fn, "__qualname__", None) or type(fn).__name__
 
 
-def as_tensors(example_inputs: Any) -> tuple[torch.Tensor, ...]:
-    """The example inputs as a tuple of tensors; an InputError saying what to pass otherwise."""
-    if isinstance(example_inputs, torch.Tensor):
-        example_inputs = (example_inputs,)
-    if not isinstance(example_inputs, list | tuple):
-        raise InputError(
-            f"example_inputs must be a tuple of tensors, e.g. (x,); got "
-            f"{type(example_inputs).__name__}."
-        )
-    out = []
-    for i, x in enumerate(example_inputs):
-        # copies: graphopt runs models many times and never on the caller's own tensors
-        if isinstance(x, torch.Tensor):
-            if x.device.type == "meta":
-                raise InputError(
-                    f"example input {i} is on the 'meta' device and holds no values; pass "
-                    "a real tensor."
-                )
-            out.append(_clone(x.detach().cpu()))
-        elif type(x).__module__ == "numpy":
-            out.append(from_numpy(x))  # a copy; ml_dtypes' bfloat16/float8 too
-        else:
-            raise InputError(
-                f"example input {i} is a {type(x).__name__}; graphopt takes "
-                "torch tensors or numpy arrays."
-            )
-    return tuple(out)
-
-
-def _clone(t: torch.Tensor) -> torch.Tensor:
-    # an inference tensor (made under torch.inference_mode()) cloned outside inference mode is
-    # a normal tensor, which every later step (tracing, passes, autograd in fine-tuning) takes
-    with torch.inference_mode(False):
-        return t.clone()
-
-
-def check_example_inputs(inputs: Sequence[torch.Tensor]) -> None:
-    """Refuse example inputs that cannot tell a right graph from a wrong one.
-
-    Empty tensors (batch 0) compare nothing; NaN/inf make every comparison meaningless.
-    """
-    for i, x in enumerate(inputs):
-        if x.dim() > 0 and x.numel() == 0:
-            raise InputError(
-                f"example input {i} is empty (shape {tuple(x.shape)}): checks on it compare "
-                "nothing. Pass at least one sample, e.g. batch size 1."
-            )
-        if x.is_floating_point() or x.is_complex():
-            # float8 is storage only in torch: isfinite works on its float32 values
-            finite = torch.isfinite(x.float() if x.element_size() == 1 else x)
-            if not bool(finite.all()):
-                bad = int((~finite).sum())
-                raise InputError(
-                    f"example input {i} holds {bad} NaN/inf value(s): checks on it would "
-                    "compare NaN with NaN. Pass finite, representative inputs."
-                )
-
-
-def is_constant(x: torch.Tensor) -> bool:
-    """Every element equal (all zeros, all ones...): such an input hides most rewrite bugs."""
-    if x.numel() <= 1:
-        return False
-    flat = x.reshape(-1)
-    return bool((flat == flat[0]).all())
-
-
-def discriminating_inputs(inputs: Sequence[torch.Tensor], seed: int = 0) -> tuple | None:
-    """A second sample where some floating input is constant: each constant floating input
-    replaced by seeded random values of its shape and dtype (``None`` when none is constant)."""
-    if not any(x.is_floating_point() and is_constant(x) for x in inputs):
-        return None
-    gen = torch.Generator().manual_seed(seed)
-    return tuple(
-        torch.randn(x.shape, generator=gen, dtype=torch.float64).to(x.dtype)
-        if x.is_floating_point() and is_constant(x)
-        else x.clone()
-        for x in inputs
-    )
-
-
-def check_runs(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
-    """Run ``model`` once on copies of ``inputs``: it must run, return tensors and leave its
-    inputs alone (a model that updates its input in place cannot be captured faithfully:
-    tracing turns ``x += 1`` on an input into an out-of-place add)."""
-    check_example_inputs(inputs)
-    copies = tuple(_clone(x) for x in inputs)
-    state = _state(model)
-    try:
-        with torch.no_grad():
-            out = model(*copies)
-    except Exception as exc:
-        shapes = ", ".join(f"{tuple(t.shape)} {str(t.dtype).replace('torch.', '')}" for t in inputs)
-        raise InputError(
-            f"the model raised on the example inputs ({shapes}): "
-            f"{type(exc).__name__}: {first_line(exc)}. Pass inputs of the shape "
-            "and dtype the model expects."
-        ) from exc
-
-    if not flatten_outputs(out):
-        raise CaptureError(
-            f"the model returned {_describe_value(out)}, not tensors; graphopt optimizes "
-            "models whose forward() returns a tensor or a tuple/list/dict of tensors."
-        )
-    if updated := [name for name, t in _state(model).items() if not _same(state[name], t)]:
-        shown = ", ".join(updated[:3]) + (
-            f" and {len(updated) - 3} more" if len(updated) > 3 else ""
-        )
-        raise CaptureError(
-            f"the model changes its own state in forward() ({shown} differ after one call); an "
-            "optimized artifact is a pure function of its inputs and cannot carry such updates "
-            "(a running average, a step counter, a cache). Optimize a module whose forward "
-            "leaves its parameters and buffers alone, and update the state outside it."
-        )
-    changed = [
-        i for i, (x, c) in enumerate(zip(inputs, copies, strict=True)) if not torch.equal(x, c)
-    ]
-    if not changed and (probe := discriminating_inputs(inputs)) is not None:
-        # `x.mul_(2)` leaves an all-zero input as it was: look again on random values
-        copies = tuple(_clone(x) for x in probe)
-        try:
-            with torch.no_grad():
-                model(*copies)
-        except Exception:  # noqa: BLE001 - the random probe is ours; the user's inputs ran
-            copies = probe
-        changed = [
-            i for i, (x, c) in enumerate(zip(probe, copies, strict=True)) if not torch.equal(x, c)
-        ]
-    if changed:
-        raise CaptureError(
-            f"the model updates its input(s) {', '.join(map(str, changed))} in place (e.g. "
-            "`x += 1` or `x.mul_(2)` on an argument of forward()); a captured graph cannot "
-            "reproduce that effect on the caller's tensor. Work on a copy in forward() "
-            "(`x = x + 1`, `x = x.mul(2)`)."
-        )
-
-
-def _state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Copies of every parameter and buffer, by name."""
-    with torch.inference_mode(False):
-        return {
-            name: t.detach().clone()
-            for name, t in [
-                *model.named_parameters(remove_duplicate=False),
-                *model.named_buffers(remove_duplicate=False),
-            ]
-        }
-
-
-def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
-    if a.shape != b.shape or a.dtype != b.dtype:
-        return False
-    if a.is_floating_point() or a.is_complex():
-        return bool(torch.allclose(a, b, rtol=0.0, atol=0.0, equal_nan=True))
-    return bool(torch.equal(a, b))
-
-
-def _describe_value(out: Any) -> str:
-    if out is None:
-        return "None"
-    if isinstance(out, int | float | bool | str):
-        return f"a {type(out).__name__} ({out!r})"
-    return f"a {type(out).__name__} holding no tensor"
-
-
 def failing_line(exc: BaseException) -> tuple[str, str]:
     """('file.py:42 in forward (MyBlock): if x.sum() > 0:', 'MyBlock'): the line that broke."""
     frames = traceback.extract_tb(exc.__traceback__)
@@ -504,7 +362,7 @@ def _capture_message(
     return "\n".join(lines)
 
 
-def _capture_onnx(model: Any, example_inputs: Sequence[Any] | None) -> Captured:
+def _capture_onnx(model: Any, example_inputs: Sequence[Any] | None, dynamic_axes: Any) -> Captured:
 
     if (
         isinstance(model, str | os.PathLike)
@@ -518,7 +376,7 @@ def _capture_onnx(model: Any, example_inputs: Sequence[Any] | None) -> Captured:
         inputs = tuple(_example_for(n) for n in placeholders)
         notes = [
             "ONNX model imported; example inputs generated from its declared input shapes "
-            "(symbolic dimensions set to 1)"
+            "(batch dimensions set to 1)"
         ]
     else:
         inputs = as_tensors(example_inputs)
@@ -541,15 +399,34 @@ def _capture_onnx(model: Any, example_inputs: Sequence[Any] | None) -> Captured:
             "model."
         ) from exc.__cause__
     annotate_shapes(gm, inputs)
-    specs = []
-    for n, t in zip(placeholders, inputs, strict=True):
-        declared = n.meta.get("onnx_shape")
-        if declared is not None and len(declared) == t.dim():
-            shape = tuple(d if isinstance(d, int) and d > 0 else None for d in declared)
-        else:
-            shape = (None, *t.shape[1:]) if t.dim() else ()
-        specs.append(InputSpec(n.name, shape, t.dtype))
-    return Captured(gm, "onnx", inputs, specs, notes)
+    names = list(gm.meta["onnx_input_names"])
+    if dynamic_axes is None:  # every dimension the file declares symbolic stays so
+        dynamic_axes = {
+            name: declared_axes(n, x.dim())
+            for name, n, x in zip(names, placeholders, inputs, strict=True)
+        }
+    axes = resolve(dynamic_axes, names, inputs)
+    specs = _specs(
+        [n.name for n in placeholders],
+        inputs,
+        {n.name: axes.get(name, {}) for name, n in zip(names, placeholders, strict=True)},
+    )
+    return Captured(gm, "onnx", inputs, specs, notes, axes)
+
+
+def declared_axes(node: fx.Node, rank: int) -> dict[int, str]:
+    """The symbolic axes an ONNX input declares, ``{axis: dim_param}``; an unnamed one, or one
+    named ``?`` as PaddlePaddle's exporter names every unknown dim, is ``<input>_dim<axis>``
+    (a shared name means a shared size). None declared at all: the batch, axis 0."""
+    declared = node.meta.get("onnx_shape")
+    if declared is None or len(declared) != rank:
+        return {0: "batch"} if rank and declared is None else {}
+    name = node.meta.get("onnx_name", node.name)
+    return {
+        i: d if isinstance(d, str) and d.isidentifier() else f"{name}_dim{i}"
+        for i, d in enumerate(declared)
+        if not (isinstance(d, int) and d > 0)
+    }
 
 
 def _runs_in_onnxruntime(model: Any, inputs: Sequence[torch.Tensor]) -> bool:
@@ -569,12 +446,30 @@ def _runs_in_onnxruntime(model: Any, inputs: Sequence[torch.Tensor]) -> bool:
 
 
 def _example_for(node: fx.Node) -> torch.Tensor:
+    """An example input of the shape an ONNX input declares: a symbolic batch dimension (axis 0,
+    or a dim named like a batch) is 1; any other symbolic dimension has no size to guess."""
     shape = node.meta.get("onnx_shape")
     dtype = node.meta.get("onnx_dtype", torch.float32)
     if shape is None:
         raise InputError(f"ONNX input {node.name!r} has no declared shape; pass example_inputs.")
+    unknown = [
+        f"axis {i} ({d!r})" if isinstance(d, str) and d else f"axis {i}"
+        for i, d in enumerate(shape)
+        if not (isinstance(d, int) and d > 0) and not _batch_like(i, d)
+    ]
+    if unknown:
+        raise InputError(
+            f"ONNX input {node.meta.get('onnx_name', node.name)!r} has symbolic dimensions "
+            f"{', '.join(unknown)} of no declared size: pass example_inputs at a typical size "
+            "(they stay dynamic in the artifact, verified at that size and at twice it)."
+        )
     dims = [d if isinstance(d, int) and d > 0 else 1 for d in shape]
     gen = torch.Generator().manual_seed(0)
     if dtype.is_floating_point:
         return torch.randn(dims, generator=gen).to(dtype)
     return torch.randint(0, 2, dims, generator=gen).to(dtype)
+
+
+def _batch_like(axis: int, dim: Any) -> bool:
+    name = dim.lower() if isinstance(dim, str) else ""
+    return axis == 0 or "batch" in name or name in ("n", "b", "bs")

@@ -7,9 +7,10 @@ bisection of an artifact that disagrees. ``fp32``: compile for a backend and ver
 artifact. ``int8``: the int8 pipeline and the QDQ export quantised with ``insert-qdq``'s
 options. ``auto``: ``backend="auto"``, the backend chosen by measurement. ``baseline``: the
 user's model as it is, the reference of every check and of the latency comparison.
+``dynamic``: the outputs' dynamic axes and the artifact checked at a second size of each.
 
-Modules import downward only: ``check`` < ``context`` < ``fp32``, ``int8``, ``baseline`` <
-``auto``.
+Modules import downward only: ``check`` < ``context`` < ``dynamic`` < ``fp32``, ``int8``,
+``baseline`` < ``auto``.
 """
 
 from graphopt.lowering.auto import choose_backend

@@ -99,7 +99,7 @@ class Baseline:
         """The baseline in ONNX Runtime and its name in the report."""
         if self.onnx is not None:
             return self.onnx, "onnxruntime on the original ONNX file"
-        names = {"input_names": lowering.input_names}
+        names = {"input_names": lowering.input_names, "dynamic_axes": lowering.dynamic_axes}
         try:  # what a user gets from torch.onnx.export of their own model
             baseline = ort.compile(self.module, lowering.inputs, **names)
         except BackendError:

@@ -12,6 +12,7 @@ from torch import fx
 
 from graphopt.backends import Artifact, Backend
 from graphopt.backends.arrays import to_numpy
+from graphopt.core.dynamic_axes import DynamicAxes
 from graphopt.core.numerics import Comparison
 from graphopt.core.pass_infra import Pass, PassContext
 from graphopt.core.progress import Progress
@@ -29,8 +30,8 @@ class Lowering:
     ``graph``: the pipeline's result; ``original``: a copy of the captured graph before any
     pass, with ``manager`` and ``result`` what bisection reruns; ``inputs``: the example inputs
     every artifact is compiled for; ``input_names`` / ``output_names``: the interface every
-    export keeps (an ONNX model's own names). ``errors``: per backend name, how far its
-    artifact is from the model.
+    export keeps (an ONNX model's own names), with ``dynamic_axes`` / ``output_axes`` the axes
+    that stay symbolic. ``errors``: per backend name, how far its artifact is from the model.
     """
 
     graph: fx.GraphModule
@@ -47,6 +48,9 @@ class Lowering:
     context: PassContext | None = None  # the FX stage's; int8's ONNX stage starts from it
     onnx_stage: list[Pass] = field(default_factory=list)  # passes with ir="onnx", in order
     errors: dict[str, Comparison] = field(default_factory=dict)
+    dynamic_axes: DynamicAxes = field(default_factory=dict)  # the inputs' (by interface name)
+    output_axes: DynamicAxes | None = None  # the outputs', found by lowering.dynamic.plan
+    other_sizes: list[Any] = field(default_factory=list)  # lowering.dynamic.OtherSize, per dim
 
     @property
     def reference(self) -> list[torch.Tensor] | None:
@@ -55,8 +59,13 @@ class Lowering:
 
     @property
     def names(self) -> dict[str, Any]:
-        """The interface names every export and compile of this model keeps."""
-        return {"input_names": self.input_names, "output_names": self.output_names}
+        """The interface every export and compile of this model keeps: names and dynamic axes."""
+        return {
+            "input_names": self.input_names,
+            "output_names": self.output_names,
+            "dynamic_axes": self.dynamic_axes,
+            "output_axes": self.output_axes,
+        }
 
     def run(self, artifact: Artifact) -> list[torch.Tensor]:
         """The artifact's outputs on every check sample, concatenated."""

@@ -8,6 +8,7 @@ artifact_numerics`) on every check sample; one that disagrees is bisected to the
 from __future__ import annotations
 
 from graphopt.backends import Artifact, Backend
+from graphopt.lowering import dynamic
 from graphopt.lowering.check import artifact_numerics, bisect_lowering
 from graphopt.lowering.context import Lowering
 
@@ -16,11 +17,10 @@ def lower(lowering: Lowering, runtime: Backend) -> Artifact:
     """Compile for ``runtime``; verify (and on a disagreement bisect) unless it can't run."""
     report = lowering.report
     artifact = runtime.compile(lowering.graph, lowering.inputs, **lowering.names)
-    if reason := artifact.static_batch_reason:
-        batch = lowering.inputs[0].shape[0] if lowering.inputs and lowering.inputs[0].dim() else "?"
+    if reason := artifact.static_shape_reason:
         report.warnings.append(
-            f"the {runtime.name} artifact runs batch {batch} only (the example's): a dynamic "
-            f"batch did not lower ({reason})."
+            f"the {runtime.name} artifact runs at the example's shapes only: its dynamic axes "
+            f"did not lower ({reason})."
         )
     if lowering.reference is None:
         return artifact
@@ -45,4 +45,6 @@ def lower(lowering: Lowering, runtime: Backend) -> Artifact:
             f"within its contract. {diagnosis}",
             error,
         )
+    if runtime.name != "tvm":  # TVM compiles the example's shapes
+        dynamic.check(lowering, artifact, numerics, runtime.name)
     return artifact

@@ -22,6 +22,7 @@ from graphopt.backends.export import export_onnx
 from graphopt.core.options import format_value
 from graphopt.core.pass_infra import PassContext
 from graphopt.errors import GraphoptError, InputError
+from graphopt.lowering import dynamic
 from graphopt.lowering.context import Lowering, report_tvm
 from graphopt.pipeline import PassSpec, Pipeline
 from graphopt.quant.calibration import validate_calibration_batches
@@ -174,4 +175,6 @@ def lower_int8(
             "calibration data, set max_drop, or skip the worst layers.",
             error,
         )
+    if runtime.name != "tvm":  # TVM compiles the example's shapes
+        dynamic.check(lowering, artifact, numerics, runtime.name)
     return artifact, quant

@@ -21,7 +21,7 @@ def test_onnxruntime_backend_and_artifact_implement_the_protocols():
     artifact = backend.compile(m, (x,))
     assert isinstance(artifact, Artifact)
     assert artifact.rpc is None and not artifact.cross_compiled
-    assert artifact.static_batch_reason is None and artifact.mobile_package is None
+    assert artifact.static_shape_reason is None and artifact.mobile_package is None
 
 
 def test_tvm_backend_and_artifact_implement_the_protocols():
@@ -33,7 +33,7 @@ def test_tvm_backend_and_artifact_implement_the_protocols():
     artifact = backend.compile(model, (torch.randn(2, 4),))
     assert isinstance(artifact, Artifact)
     assert artifact.rpc is None and not artifact.cross_compiled
-    assert artifact.static_batch_reason is None and artifact.mobile_package is None
+    assert artifact.static_shape_reason is None and artifact.mobile_package is None
 
 
 def test_the_registry_names_every_backend_and_explains_an_unknown_one():

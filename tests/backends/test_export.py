@@ -186,7 +186,7 @@ def test_zero_dim_inputs_and_outputs_and_negative_movedim_export_and_run():
     m = _ScalarInputs()
     x, lo, hi = torch.randn(2, 3, 4), torch.tensor(-0.5), torch.tensor(0.5)
     artifact = OnnxRuntimeBackend("cpu").compile(m, (x, lo, hi))
-    assert artifact.static_batch_reason is None
+    assert artifact.static_shape_reason is None
     y, s = artifact.run([x.numpy(), lo.numpy(), hi.numpy()])  # was: rank 0 fed as rank 1
     want_y, want_s = m(x, lo, hi)
     np.testing.assert_allclose(y, want_y.numpy(), rtol=1e-6)
@@ -230,7 +230,13 @@ def test_the_dynamo_exporter_is_installed():
     m = _TwoInTwoOut().eval()
     x = torch.randn(2, 4)
     proto = export._export_dynamo(
-        m, (x, x), ["x", "unused"], ["a", "b"], True, export.OPSET, RuntimeError("-")
+        m,
+        (x, x),
+        ["x", "unused"],
+        ["a", "b"],
+        {"x": {0: "batch"}, "unused": {0: "batch"}},
+        export.OPSET,
+        RuntimeError("-"),
     )
     assert [o.name for o in proto.graph.output] == ["a", "b"]
 
@@ -261,7 +267,7 @@ def test_scaled_dot_product_attention_exports_with_a_dynamic_batch(gqa, traced):
     m = _Attention(gqa).eval()
     module = torch.fx.symbolic_trace(m) if traced else m
     artifact = OnnxRuntimeBackend("cpu").compile(module, (torch.randn(2, 5, 8),))
-    assert artifact.static_batch_reason is None
+    assert artifact.static_shape_reason is None
     for batch in (1, 3):
         x = torch.randn(batch, 5, 8)
         (got,) = artifact.run([x.numpy()])

@@ -172,14 +172,14 @@ def test_valid_models_that_broke_the_dynamic_batch_export_lower():
     ).eval()
     for m in (no_stats, dilated_same):
         artifact = OnnxRuntimeBackend("cpu").compile(m, (x,))
-        assert artifact.static_batch_reason is None
+        assert artifact.static_shape_reason is None
         _check(artifact, m, (2, 3))
 
 
 def test_a_batch_the_model_fixes_is_static_and_said():
     m = _BatchFixedInCode().eval()
     artifact = OnnxRuntimeBackend("cpu").compile(m, (torch.randn(2, 3, 8, 8),))
-    assert "batch is fixed at 2" in artifact.static_batch_reason
+    assert "input0 axis 0 fixed at the example's size" in artifact.static_shape_reason
     _check(artifact, m, (2,))
 
 
@@ -190,8 +190,8 @@ def test_a_dynamic_batch_lowering_that_cannot_run_its_example_falls_back_to_stat
 
     x = torch.randn(7)
     artifact = OnnxRuntimeBackend("cpu").compile(Split(), (x,))
-    assert "batch is fixed at 7" in artifact.static_batch_reason
-    assert "ONNX Runtime failed to run" in artifact.static_batch_reason
+    assert "fixed at the example's ([7])" in artifact.static_shape_reason
+    assert "ONNX Runtime failed to run" in artifact.static_shape_reason
     got = artifact.run([x.numpy()])
     assert [g.shape for g in got] == [(2,), (2,), (2,), (1,)]
     np.testing.assert_allclose(np.concatenate(got), x.numpy() * 2, rtol=1e-6)
@@ -200,16 +200,18 @@ def test_a_dynamic_batch_lowering_that_cannot_run_its_example_falls_back_to_stat
 def test_a_failing_dynamic_batch_export_falls_back_to_a_static_batch(monkeypatch):
     real = ort_backend.export_onnx
 
-    def no_dynamic(module, inputs, *, dynamic_batch=True, **kw):
-        if dynamic_batch:
+    def no_dynamic(module, inputs, *, dynamic_axes=None, **kw):
+        if dynamic_axes is None or any(dynamic_axes.values()):
             raise BackendError("could not export the graph to ONNX: something dynamic")
-        return real(module, inputs, dynamic_batch=False, **kw)
+        return real(module, inputs, dynamic_axes={}, **kw)
 
     monkeypatch.setattr(ort_backend, "export_onnx", no_dynamic)
     m, x = _model()
     artifact = OnnxRuntimeBackend("cpu").compile(m, (x,))
-    assert artifact.static_batch_reason.startswith("the batch is fixed at 1: with a dynamic")
-    assert "something dynamic" in artifact.static_batch_reason
+    assert artifact.static_shape_reason.startswith(
+        "the shapes are fixed at the example's ([1, 3, 16, 16]): with dynamic axes"
+    )
+    assert "something dynamic" in artifact.static_shape_reason
     (got,) = artifact.run([x.numpy()])
     with torch.no_grad():
         np.testing.assert_allclose(got, m(x).numpy(), rtol=1e-4, atol=1e-5)

@@ -100,15 +100,6 @@ class Case:
     other_fails: str = ""
 
 
-FROZEN_HW = "the artifact fixes every non-batch axis to the example's size (issue 17, item 3)"
-BATCH_AXIS_1 = (
-    "the artifact fixes state's axis 1 (silero's batch) to the example's size: graphopt "
-    "assumes the batch is axis 0 (issue 17, item 3)"
-)
-UNTAKEN_BRANCH = (
-    "the artifact's static input sizes make ONNX Runtime's type inference fail inside the If "
-    "branch for 8 kHz, which never runs (Squeeze of a dim of size 2): issue 17, item 3"
-)
 DET_CAPTURE = (
     "the capture check fails: imported graph (Resize kept opaque) vs the file, max_abs "
     "9.5e-08 > 1e-08 allowed (rtol 1e-5 x max|output| ~ 1e-3 of a near-zero sigmoid map)"
@@ -123,7 +114,6 @@ CASES = [
         _image(1, 3, 48, 192),
         _image(2, 3, 32, 160),
         slow=False,
-        other_fails=FROZEN_HW,
     ),
     Case(
         "ch_PP-OCRv4_det_infer.onnx",
@@ -136,24 +126,18 @@ CASES = [
         "ch_PP-OCRv4_rec_infer.onnx",
         _image(1, 3, 48, 160),
         _image(2, 3, 48, 320),
-        other_fails=FROZEN_HW,
     ),
     Case(
         "silero_vad.onnx",
         _vad(1, 576, True),
         _vad(2, 512, True),
-        base_fails=UNTAKEN_BRANCH,
-        other_fails=UNTAKEN_BRANCH,
     ),
     Case(
         "silero_vad_16k_op15.onnx",
         _vad(1, 576, True),
         _vad(2, 512, True),
-        other_fails=BATCH_AXIS_1,
     ),
-    Case(
-        "silero_vad_half.onnx", _vad(1, 576, False), _vad(2, 512, False), other_fails=BATCH_AXIS_1
-    ),
+    Case("silero_vad_half.onnx", _vad(1, 576, False), _vad(2, 512, False)),
     Case(
         "silero_vad_op18_ifless.onnx",
         _vad(1, 576, True),

@@ -50,7 +50,7 @@ def test_symbolic_trace_records_shapes_on_every_node():
     for node in cap.graph.graph.nodes:
         if node.op != "output":
             assert tuple(node.meta["tensor_meta"].shape)[0] == 2
-    assert cap.inputs[0].shape == (None, 3, 8, 8)
+    assert cap.inputs[0].shape == ("batch", 3, 8, 8)
     assert cap.inputs[0].dtype == torch.float32
 
 

@@ -66,7 +66,7 @@ for _name, _label, _modifies in [
 
 
 class _Artifact:
-    static_batch_reason = None
+    static_shape_reason = None
     cross_compiled = False
     rpc = None
 

@@ -261,7 +261,7 @@ def test_fixed_batch_model_is_calibrated_sample_by_sample(outlier_head):
     predict runs it on many samples at once."""
     _, calib = outlier_head
     model = _init(OutlierHead(), 5)
-    fixed = export_onnx(model, (torch.from_numpy(calib[0][0][:1]),), dynamic_batch=False)
+    fixed = export_onnx(model, (torch.from_numpy(calib[0][0][:1]),), dynamic_axes={})
     dynamic = export_onnx(model, (torch.from_numpy(calib[0][0][:1]),))
     assert fixed.graph.input[0].type.tensor_type.shape.dim[0].dim_value == 1
     _, a = quantize_int8(fixed, calib, method="minmax", correct_bias=False)
@@ -275,6 +275,6 @@ def test_fixed_batch_model_is_calibrated_sample_by_sample(outlier_head):
 
 def test_fixed_batch_that_does_not_divide_the_calibration_batch_is_an_input_error():
     model = _init(GemmMlp(), 1)
-    fixed = export_onnx(model, (torch.zeros(2, 16),), dynamic_batch=False)
+    fixed = export_onnx(model, (torch.zeros(2, 16),), dynamic_axes={})
     with pytest.raises(InputError, match="fixed batch size of 2.*multiple of 2"):
         quantize_onnx(fixed, [(np.zeros((5, 16), np.float32),)])

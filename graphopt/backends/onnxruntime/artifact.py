@@ -44,7 +44,7 @@ class OrtArtifact:
     mobile_package: MobilePackage | None = None  # set by save("*.ort")
     # why the batch axis is static although a dynamic one was asked for (None: it is dynamic,
     # or was never asked for): the dynamic-batch export or load failed, this says how
-    static_batch_reason: str | None = None
+    static_shape_reason: str | None = None
     # the Artifact protocol: an ONNX Runtime artifact runs on this machine, never cross-compiled
     rpc = None
     cross_compiled = False

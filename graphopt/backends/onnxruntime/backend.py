@@ -1,8 +1,8 @@
 """ONNX Runtime backend: FX -> ONNX -> ``InferenceSession``; run, save, measure.
 
 The graph is exported by :func:`graphopt.backends.export.export_onnx`. A valid model whose
-batch cannot stay dynamic is compiled with the example's batch, and
-``OrtArtifact.static_batch_reason`` says why. Sessions use full graph
+dynamic axes cannot stay symbolic is compiled at the example's shapes, and
+``OrtArtifact.static_shape_reason`` says why. Sessions use full graph
 optimization, sequential execution and one intra-op thread per available core by default;
 ``OnnxRuntimeBackend.select_settings`` times a few alternatives against each other and
 ``with_settings`` applies the winner.
@@ -180,48 +180,49 @@ class OnnxRuntimeBackend:
         *,
         input_names: Sequence[str] | None = None,
         output_names: Sequence[str] | None = None,
-        dynamic_batch: bool = True,
+        dynamic_axes: Mapping[str, Mapping[int, str]] | None = None,
+        output_axes: Mapping[str, Mapping[int, str]] | None = None,
     ) -> OrtArtifact:
         """Export ``module`` and build its session.
 
-        With ``dynamic_batch`` (the default) the batch axis stays free; a valid model that
-        cannot be exported, loaded or run on its example that way (a model whose code fixes
-        the batch, a split of a 1-D input along its only axis...) is exported again with the
-        example's batch, and ``artifact.static_batch_reason`` says why. Only when both fail is
-        it a ``BackendError``, which gives both reasons.
+        ``dynamic_axes`` stay symbolic (None: the batch; ``{}``: a static model, see
+        :func:`~graphopt.backends.export.export_onnx`). A valid model that cannot be
+        exported, loaded or run on its example that way (a model whose code fixes the batch, a
+        split of a 1-D input along its only axis...) is exported again with the example's
+        shapes, and ``artifact.static_shape_reason`` says why. Only when both fail is it a
+        ``BackendError``, which gives both reasons.
         """
         names = {"input_names": input_names, "output_names": output_names}
-        if not dynamic_batch:
-            return self.load(export_onnx(module, example_inputs, dynamic_batch=False, **names))
-        batch = next((int(x.shape[0]) for x in example_inputs if x.dim() > 0), None)
+        if dynamic_axes is not None and not any(dynamic_axes.values()):
+            return self.load(export_onnx(module, example_inputs, dynamic_axes={}, **names))
         shapes = output_shapes(module, example_inputs)
+        asked = {"dynamic_axes": dynamic_axes, "output_axes": output_axes}
         try:
-            artifact = self.load(export_onnx(module, example_inputs, **names))
+            artifact = self.load(export_onnx(module, example_inputs, **asked, **names))
             _runs_on(artifact, example_inputs, shapes)
         except BackendError as exc:
             dynamic_exc = exc
         else:
-            if fixed := _fixed_batch_inputs(artifact.proto, example_inputs):
-                # the dynamo exporter specializes a batch the model's code fixes, silently
-                artifact.static_batch_reason = (
-                    f"the batch is fixed at {batch}: the exporter specialized the batch axis "
-                    f"of {', '.join(fixed)} (the model's code fixes it, e.g. a reshape to a "
-                    "constant batch). Run the artifact with that batch size, or make that "
-                    "code use x.shape[0] and optimize again."
+            if fixed := _fixed_axes(artifact.proto, example_inputs, dynamic_axes):
+                # the dynamo exporter specializes an axis the model's code fixes, silently
+                artifact.static_shape_reason = (
+                    f"{fixed} fixed at the example's size: the exporter specialized it (the "
+                    "model's code fixes it, e.g. a reshape to a constant size). Run the artifact "
+                    "at that size, or make that code read the size from the input (x.shape[i])."
                 )
-                log.warning("ONNX Runtime: %s", artifact.static_batch_reason)
+                log.warning("ONNX Runtime: %s", artifact.static_shape_reason)
             return artifact
         try:
-            artifact = self.load(export_onnx(module, example_inputs, dynamic_batch=False, **names))
+            artifact = self.load(export_onnx(module, example_inputs, dynamic_axes={}, **names))
             _runs_on(artifact, example_inputs, shapes)
         except BackendError as exc:
-            raise BackendError(f"{exc} With a dynamic batch it failed too: {dynamic_exc}") from exc
-        artifact.static_batch_reason = (
-            f"the batch is fixed at {batch}: with a dynamic batch, {_as_clause(dynamic_exc)}. "
-            "Run the artifact with that batch size (or change what fixes the batch in the "
-            "model and optimize again)."
+            raise BackendError(f"{exc} With dynamic axes it failed too: {dynamic_exc}") from exc
+        artifact.static_shape_reason = (
+            f"the shapes are fixed at the example's ({_shapes(example_inputs)}): with dynamic "
+            f"axes, {_as_clause(dynamic_exc)}. Run the artifact at those shapes (or change "
+            "what fixes them in the model and optimize again)."
         )
-        log.warning("ONNX Runtime: %s", artifact.static_batch_reason)
+        log.warning("ONNX Runtime: %s", artifact.static_shape_reason)
         return artifact
 
     def measure(
@@ -365,14 +366,24 @@ def _runs_on(
         )
 
 
-def _fixed_batch_inputs(proto: onnx.ModelProto, inputs: Sequence[torch.Tensor]) -> list[str]:
-    """The graph inputs whose batch axis (dim 0) is a number although it was asked dynamic."""
+def _fixed_axes(
+    proto: onnx.ModelProto,
+    inputs: Sequence[torch.Tensor],
+    dynamic_axes: Mapping[str, Mapping[int, str]] | None,
+) -> str:
+    """The inputs' axes asked dynamic that the export declares as numbers (``"x axis 0"``)."""
     fixed = []
     for vi, x in zip(proto.graph.input, inputs, strict=False):
+        asked = dynamic_axes.get(vi.name, {}) if dynamic_axes is not None else {0: "batch"}
         dims = vi.type.tensor_type.shape.dim
-        if x.dim() > 0 and dims and dims[0].HasField("dim_value"):
-            fixed.append(vi.name)
-    return fixed
+        for axis in asked if x.dim() > 0 else ():
+            if axis < len(dims) and dims[axis].HasField("dim_value"):
+                fixed.append(f"{vi.name} axis {axis}")
+    return ", ".join(fixed)
+
+
+def _shapes(inputs: Sequence[torch.Tensor]) -> str:
+    return ", ".join(str(list(x.shape)) for x in inputs)
 
 
 def _as_clause(exc: Exception) -> str:

@@ -35,7 +35,7 @@ class TvmArtifact:
     _dev: Any = None
     # the Artifact protocol: shapes are static by design (the backend says so, not the
     # artifact), and a library is no ORT mobile package
-    static_batch_reason = None
+    static_shape_reason = None
     mobile_package = None
 
     @property

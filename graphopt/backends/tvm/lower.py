@@ -176,7 +176,7 @@ def _relax_decompositions() -> dict[Any, Callable[..., Any]]:
 def _relax_from_onnx(
     module: torch.nn.Module, inputs: tuple[torch.Tensor, ...], names: Sequence[str] | None
 ) -> tvm.IRModule:
-    proto = export_onnx(module, inputs, input_names=names, dynamic_batch=False)
+    proto = export_onnx(module, inputs, input_names=names, dynamic_axes={})
     return relax_from_proto(proto, [tuple(x.shape) for x in inputs])
 
 

@@ -188,6 +188,7 @@ class _Importer(ImportState):
         gm.recompile()
         gm.meta["onnx_input_names"] = input_names
         gm.meta["onnx_output_names"] = [o.name for o in g.output]
+        gm.meta["onnx_output_shapes"] = [self.shapes.get(o.name) for o in g.output]
         gm.meta["onnx_opset"] = self.opset
         gm.meta["onnx_opaque"] = dict(self.opaque)
         # the output node carries the names too: graph passes copy nodes' meta, not gm.meta

@@ -35,7 +35,9 @@ def torch_pad(pads: Sequence[int]) -> list[int]:
 
 
 def shape_tensor(x: torch.Tensor, start: int = 0, end: int | None = None) -> torch.Tensor:
-    return torch.tensor(x.shape[start:end], dtype=torch.int64)
+    """ONNX Shape as a runtime int64 tensor; ``torch._shape_as_tensor`` traces (and exports)
+    as the Shape op itself, where ``torch.tensor(x.shape)`` froze the example's sizes."""
+    return torch._shape_as_tensor(x)[start:end].to(torch.int64)
 
 
 def gather(data: torch.Tensor, indices: torch.Tensor, axis: int) -> torch.Tensor:
