@@ -308,7 +308,8 @@ def _aspect(
 def _torch_interpolate(ctx: Ctx, r: _Resize, axes: list[int]) -> tuple[Any, dict[str, Any]] | None:
     """F.interpolate and its arguments, where it computes exactly what the node does."""
     rank = len(r.in_dims)
-    if r.aspect or min(axes) < 2 or not (ctx.dtype(0) or torch.float32).is_floating_point:
+    # float16/bfloat16: torch interpolates in that precision; the matrices round once
+    if r.aspect or min(axes) < 2 or ctx.dtype(0) not in (torch.float32, torch.float64, None):
         return None
     if any(o is None for o in r.out) and r.scales is None:
         return None
