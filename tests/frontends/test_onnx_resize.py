@@ -330,3 +330,39 @@ def test_grid_sample_from_torch_through_optimize() -> None:
     _assert_exact(gm(torch.from_numpy(x)).detach(), ref)
     result = optimize(model, example_inputs=[x], measure=False)
     _assert_exact(_ort(result.artifact.proto, [x])[0], ref)
+
+
+class _Recomputed(nn.Module):
+    """recompute_scale_factor=True: torch exports the sizes as Floor(Cast(Shape(x)) * scale),
+    a tensor computed at run time (not a shape value)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.interpolate(
+            x, scale_factor=(2.0, 1.5), mode="nearest", recompute_scale_factor=True
+        )
+
+
+def test_sizes_computed_by_tensor_ops_at_two_input_sizes() -> None:
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            _Recomputed(),
+            (torch.randn(1, 2, 4, 6),),
+            buffer,
+            dynamo=False,
+            opset_version=17,
+            input_names=["x"],
+            output_names=["y"],
+            dynamic_axes={"x": {0: "n", 2: "h", 3: "w"}},
+        )
+    model = onnx.load_from_string(buffer.getvalue())
+    gm = import_onnx(model)
+    assert not gm.meta["onnx_opaque"]
+    example = RNG.standard_normal((1, 2, 4, 6)).astype(np.float32)
+    result = optimize(model, example_inputs=[example], measure=False)
+    for shape in ((1, 2, 4, 6), (2, 2, 7, 5)):
+        x = RNG.standard_normal(shape).astype(np.float32)
+        ref = _ort(model, [x])[0]
+        np.testing.assert_array_equal(gm(torch.from_numpy(x)).numpy(), ref)
+        np.testing.assert_array_equal(_ort(result.artifact.proto, [x])[0], ref)

@@ -46,6 +46,7 @@ align_corners.
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass
 from typing import Any
 
@@ -229,10 +230,14 @@ def _scales_or_sizes(ctx: Ctx) -> tuple[list[float] | None, list[Any] | None]:
     items = sym_items(sizes)
     if sizes is None:
         raise ctx.fail("neither scales nor sizes is given")
+    if items is None and ctx.static_dim(3, 0) is not None:
+        # computed by tensor ops (torch's recompute_scale_factor: Floor(Cast(Shape) * scale)):
+        # each size a 0-D tensor at run time; only the nearest path reads such sizes
+        items = [ctx.call(operator.getitem, sizes, k) for k in range(ctx.static_dim(3, 0))]
     if items is None:
         raise ctx.fail(
-            f"input 'sizes' ({ctx.node.input[3]!r}) is computed at run time from values the "
-            "importer does not track",
+            f"input 'sizes' ({ctx.node.input[3]!r}) is computed at run time and its length is "
+            "unknown",
             "Export the model with constant sizes or sizes taken from Shape.",
         )
     return None, items
