@@ -366,3 +366,37 @@ def test_sizes_computed_by_tensor_ops_at_two_input_sizes() -> None:
         ref = _ort(model, [x])[0]
         np.testing.assert_array_equal(gm(torch.from_numpy(x)).numpy(), ref)
         np.testing.assert_array_equal(_ort(result.artifact.proto, [x])[0], ref)
+
+
+@pytest.mark.parametrize(
+    ("op", "opset", "mode", "scales"),
+    [
+        ("Upsample", 7, "nearest", [1, 1, 2, 3]),
+        ("Upsample", 7, "linear", [1, 1, 2, 1.5]),
+        ("Upsample", 9, "nearest", [1, 1, 3, 2]),
+        ("Resize", 10, "nearest", [1, 1, 2, 2]),
+        ("Resize", 10, "linear", [1, 1, 1.5, 2.5]),
+    ],
+)
+def test_legacy_upsample_and_resize10(op: str, opset: int, mode: str, scales: list) -> None:
+    """Before opset 11: asymmetric coordinates (linear by the matrices, nearest by indices or
+    F.interpolate), scales as an attribute (Upsample-7) or an input."""
+    x = RNG.standard_normal((1, 2, 3, 4)).astype(np.float32)
+    inits, names, attrs = [], ["x"], {"mode": mode}
+    if opset == 7:
+        attrs["scales"] = [float(s) for s in scales]
+    else:
+        inits.append(numpy_helper.from_array(np.asarray(scales, np.float32), "scales"))
+        names.append("scales")
+    graph = helper.make_graph(
+        [helper.make_node(op, names, ["y"], **attrs)],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x.shape))],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None] * 4)],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 7
+    gm = import_onnx(model)
+    assert not gm.meta["onnx_opaque"], gm.meta["onnx_opaque"]
+    _assert_exact(gm(torch.from_numpy(x)), _ort(model, [x])[0])
