@@ -154,7 +154,7 @@ def test_nearest_indices_are_onnx_runtimes_bit_for_bit(transform: str, nearest_m
         _assert_same_as_ort(_resize_model((1, 1, 9), scales=scales, **attrs), x)
 
 
-_SESSIONS: dict[int, ort.InferenceSession] = {}
+_SESSIONS: dict[bytes, ort.InferenceSession] = {}
 
 
 def _assert_same_as_ort(model: onnx.ModelProto, x: np.ndarray, gm=None) -> None:
@@ -162,7 +162,8 @@ def _assert_same_as_ort(model: onnx.ModelProto, x: np.ndarray, gm=None) -> None:
     assert not gm.meta["onnx_opaque"], gm.meta["onnx_opaque"]
     with torch.no_grad():
         got = gm(torch.from_numpy(x))
-    sess = _SESSIONS.setdefault(id(model), ort.InferenceSession(model.SerializeToString()))
+    key = model.SerializeToString()  # (an id() could be reused by a later model)
+    sess = _SESSIONS.get(key) or _SESSIONS.setdefault(key, ort.InferenceSession(key))
     for k, (g, r) in enumerate(zip(got, sess.run(None, {"x": x}), strict=True)):
         np.testing.assert_array_equal(g.numpy(), r, f"{x.shape[-1]} -> output {k}")
 
@@ -400,3 +401,17 @@ def test_legacy_upsample_and_resize10(op: str, opset: int, mode: str, scales: li
     gm = import_onnx(model)
     assert not gm.meta["onnx_opaque"], gm.meta["onnx_opaque"]
     _assert_exact(gm(torch.from_numpy(x)), _ort(model, [x])[0])
+
+
+def test_output_size_is_onnx_runtimes_not_shape_inferences() -> None:
+    """Scale 0.7 of 10: ONNX Runtime makes 7 (float32 product), ONNX shape inference says 6;
+    the graph computes 7 and a reshape after it reads the corrected size."""
+    model = _resize_model((1, 1, 10, 10), scales=[1, 1, 0.7, 0.7], mode="linear")
+    model.graph.node.append(helper.make_node("Flatten", ["y0"], ["flat"], axis=2))
+    model.graph.output.append(helper.make_tensor_value_info("flat", TensorProto.FLOAT, [None] * 2))
+    x = RNG.standard_normal((1, 1, 10, 10)).astype(np.float32)
+    gm = import_onnx(model)
+    assert not gm.meta["onnx_opaque"]
+    for got, ref in zip(gm(torch.from_numpy(x)), _ort(model, [x]), strict=True):
+        assert got.shape == ref.shape == ((1, 1, 7, 7) if got.dim() == 4 else (1, 49))
+        _assert_exact(got, ref)

@@ -112,15 +112,6 @@ class _Resize:
                 axes.append(k)
         return axes
 
-    def scale(self, k: int) -> float | None:
-        """The scale ONNX Runtime maps coordinates of axis k with (float32), if static."""
-        if self.scales is not None:
-            return float(np.float32(self.scales[k]))
-        i, o = self.in_dims[k], self.out[k]
-        if isinstance(i, int) and isinstance(o, int):
-            return float(np.float32(o) / np.float32(i))
-        return None
-
 
 # -- parsing -----------------------------------------------------------------------------------
 
@@ -128,6 +119,7 @@ class _Resize:
 @converter("Resize", "Upsample")
 def _resize(ctx: Ctx) -> Value:
     r = _parse(ctx)
+    _correct_inferred_shape(ctx, r)
     x = ctx.tensor(0)
     axes = r.resized()
     if not axes:
@@ -139,6 +131,17 @@ def _resize(ctx: Ctx) -> Value:
     if r.mode == "nearest":
         return _nearest(ctx, r, x, axes)
     return _by_matrices(ctx, r, x, axes)
+
+
+def _correct_inferred_shape(ctx: Ctx, r: _Resize) -> None:
+    """ONNX shape inference floors scale * in in float64, ONNX Runtime truncates the float32
+    product (scale 0.7, in 10: 6 and 7); the output has ONNX Runtime's size."""
+    inferred = ctx.imp.shapes.get(ctx.node.output[0])
+    if inferred is None or len(inferred) != len(r.out):
+        return
+    fixed = [o if isinstance(o, int) else d for o, d in zip(r.out, inferred, strict=True)]
+    if fixed != inferred:
+        ctx.imp.distrust_shapes_after(ctx.node.output[0], fixed)
 
 
 def _parse(ctx: Ctx) -> _Resize:
@@ -334,10 +337,21 @@ def _torch_interpolate(ctx: Ctx, r: _Resize, axes: list[int]) -> tuple[Any, dict
         kwargs["mode"] = "bicubic" if r.mode == "cubic" else _TORCH_LINEAR[rank]
         kwargs["align_corners"] = r.transform == "align_corners"
     if r.scales is not None:
+        if not all(_same_size(d, s) for d, s in zip(r.in_dims[2:], r.scales[2:], strict=True)):
+            return None
         kwargs["scale_factor"] = tuple(r.scales[2:])
     else:
         kwargs["size"] = list(r.out[2:])
     return F.interpolate, kwargs
+
+
+def _same_size(d: Any, s: float) -> bool:
+    """Whether torch's output size floor(double(in) * s) is ONNX Runtime's int64(float32(s) *
+    in) (scale 0.7, in 10: torch 6, ONNX Runtime 7); for a runtime size only where s is an
+    integer or a power of two (exact products)."""
+    if isinstance(d, int):
+        return math.floor(d * float(np.float32(s))) == int(np.float32(s) * np.float32(d))
+    return s == int(s) or _power_of_two(s)
 
 
 def _static_ratios(r: _Resize) -> list[float] | None:
