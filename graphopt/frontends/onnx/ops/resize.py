@@ -20,13 +20,17 @@ Three ways to compute it, the first that applies:
    ``align_corners=False``; pytorch_half_pixel where out == 1 cannot happen) or align_corners;
    nearest with asymmetric/floor where every scale is a power of two (torch multiplies by 1/scale
    where ONNX Runtime divides by scale: the same only when 1/scale is exact).  Only the spatial
-   axes (2...) may change; sizes may be runtime shape values (``Shape`` of another tensor).
+   axes (2...) may change; sizes may be runtime shape values (``Shape`` of another tensor);
+   float32/float64 only, and given scales only where torch's output size floor(in * scale) is
+   ONNX Runtime's int64(float32(scale * in)).  The output shape ONNX shape inference gives
+   (floor in float64) is corrected to ONNX Runtime's.
 2. nearest, any transformation, any dtype: per axis the source index of every output index,
    then ``index_select``.  With static sizes the index table is ONNX Runtime's own (its Resize
    run once at import on ``arange(in)``: its ties are its own); with runtime sizes (``Shape`` of
-   another tensor) the indices are computed in the graph in float32, which reproduces ONNX
-   Runtime for nearest_mode floor/ceil and for align_corners (measured for every input length
-   1..24 and output length 1..48); the round_* modes with runtime sizes are refused.
+   another tensor, or sizes computed by tensor ops) the indices are computed in the graph in
+   float32, which reproduces ONNX Runtime for nearest_mode floor/ceil and for align_corners
+   (measured for every input length 1..24 and output length 1..48); the round_* modes with
+   runtime sizes are refused.
 3. linear/cubic with anything else (asymmetric, tf_crop_and_resize, half_pixel_symmetric,
    another ``cubic_coeff_a``, ``exclude_outside``, ``antialias`` when downsampling): static
    sizes only; per axis a constant (out x in) interpolation matrix built like ONNX's reference
