@@ -94,28 +94,23 @@ def export_onnx(
         batch_axes(names, inputs) if dynamic_axes is None else resolve(dynamic_axes, names, inputs)
     )
     symbolic = {**axes, **{n: dict(a) for n, a in (output_axes or {}).items() if a}}
+    # the TorchScript exporter refuses all-digit names ("Invalid name: '7'", as torch.onnx.export
+    # names outputs by default): those are exported under stand-ins and renamed afterwards
+    stand_ins = {n: f"graphopt_{i}_{n}" for i, n in enumerate(names + out_names) if n.isdigit()}
+    traced_in = [stand_ins.get(n, n) for n in names]
+    traced_out = [stand_ins.get(n, n) for n in out_names]
+    traced_axes = {stand_ins.get(n, n): a for n, a in symbolic.items()}
     with EXPORT_LOCK, _exportable(module) as exportable:
-        buffer = io.BytesIO()
         try:
-            with warnings.catch_warnings(), torch.no_grad(), _AttentionForExport():
-                warnings.simplefilter("ignore")
-                torch.onnx.export(
-                    exportable,
-                    _copies(inputs),
-                    buffer,
-                    dynamo=False,
-                    opset_version=opset,
-                    input_names=names,
-                    output_names=out_names,
-                    dynamic_axes=symbolic or None,
-                    do_constant_folding=True,
-                )
-            proto = onnx.load_from_string(buffer.getvalue())
+            proto = _export_torchscript(
+                exportable, _copies(inputs), traced_in, traced_out, traced_axes, opset
+            )
         except Exception as legacy_exc:  # noqa: BLE001 - fall back on the other exporter
             log.info("TorchScript exporter failed (%s); trying the dynamo exporter", legacy_exc)
             proto = _export_dynamo(
                 module, _copies(inputs), names, out_names, axes, opset, legacy_exc
             )
+    _rename_values(proto, {t: n for n, t in stand_ins.items()})
     restore_onnx_nodes(proto)  # opaque ONNX nodes of an imported model, as they were
     _keep_interface(proto, names, inputs, out_names, axes)
     _name_output_dims(proto, symbolic)
@@ -125,6 +120,49 @@ def export_onnx(
     if proto.ir_version > MAX_IR_VERSION:
         proto.ir_version = MAX_IR_VERSION
     return proto
+
+
+def _export_torchscript(
+    module: torch.nn.Module,
+    inputs: tuple[torch.Tensor, ...],
+    names: list[str],
+    out_names: list[str],
+    axes: Mapping[str, Mapping[int, str]],
+    opset: int,
+) -> onnx.ModelProto:
+    buffer = io.BytesIO()
+    with warnings.catch_warnings(), torch.no_grad(), _AttentionForExport():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            module,
+            inputs,
+            buffer,
+            dynamo=False,
+            opset_version=opset,
+            input_names=names,
+            output_names=out_names,
+            dynamic_axes=dict(axes) or None,
+            do_constant_folding=True,
+        )
+    return onnx.load_from_string(buffer.getvalue())
+
+
+def _rename_values(proto: onnx.ModelProto, renames: Mapping[str, str]) -> None:
+    """Rename values of ``proto``'s graph (interface, node inputs and outputs, value_info); a
+    value that already has a new name is renamed out of the way first."""
+    if not renames:
+        return
+    graph = proto.graph
+    taken = {o for n in graph.node for o in n.output} | {i.name for i in graph.input}
+    renames = dict(renames)
+    for new in list(renames.values()):
+        if new in taken and new not in renames:
+            renames[new] = f"{new}_value"
+    for node in graph.node:
+        node.input[:] = [renames.get(x, x) for x in node.input]
+        node.output[:] = [renames.get(x, x) for x in node.output]
+    for vi in [*graph.input, *graph.output, *graph.value_info]:
+        vi.name = renames.get(vi.name, vi.name)
 
 
 def _copies(inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:

@@ -46,11 +46,18 @@ class Baseline:
         """Outputs of the user's model itself (its eval copy / ONNX Runtime on the user's
         file) on every check sample, concatenated."""
         if self.onnx is not None:
-            return [
-                from_numpy(o)
-                for sample in samples
-                for o in self.onnx.run([to_numpy(x) for x in sample])
-            ]
+            try:
+                return [
+                    from_numpy(o)
+                    for sample in samples
+                    for o in self.onnx.run([to_numpy(x) for x in sample])
+                ]
+            except BackendError as exc:
+                raise BackendError(
+                    "ONNX Runtime cannot run the original ONNX model on these inputs, and every "
+                    f"check compares with it: {exc} (optimize(..., verify=False) skips the "
+                    "checks)"
+                ) from exc
         # copies: a model that writes to its inputs was refused at capture; these are ours anyway
         return [
             t for sample in samples for t in run_module(self.module, [x.clone() for x in sample])

@@ -9,6 +9,7 @@ import pickle
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 import torch
 
@@ -339,3 +340,22 @@ def test_copied_imported_graphs_and_pickled_targets_still_export_their_runtime_s
 def test_an_unknown_onnx_op_cannot_be_registered():
     with pytest.raises(ValueError, match="'Reshap'.*Did you mean 'Reshape'"):
         exports_as("Reshap")
+
+
+def test_all_digit_names_export_without_the_dynamo_fallback(monkeypatch):
+    """torch.onnx.export names outputs '4' by default; the TorchScript exporter refuses such
+    names, so they are exported under stand-ins and renamed back (not the slow fallback)."""
+
+    def no_fallback(*args, **kwargs):
+        raise AssertionError("fell back on the dynamo exporter")
+
+    monkeypatch.setattr(export, "_export_dynamo", no_fallback)
+    m = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU()).eval()
+    x = torch.randn(2, 4)
+    proto = export.export_onnx(m, (x,), input_names=["0"], output_names=["4"])
+    assert [i.name for i in proto.graph.input] == ["0"]
+    assert [o.name for o in proto.graph.output] == ["4"]
+    sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    (got,) = sess.run(None, {"0": x.numpy()})
+    with torch.no_grad():
+        np.testing.assert_allclose(got, m(x).numpy(), rtol=1e-6, atol=1e-6)
