@@ -61,7 +61,7 @@ def test_digits_int8_end_to_end(digits, tmp_path):
     assert all(b.applied for b in q.bias)
     text = str(result.report)
     assert "insert-qdq" in text and "int8: 3 of 3 layers int8" in text
-    assert "Conv /features.0/Conv: int8" in text
+    assert "Conv /features/features.0/Conv: int8" in text
     record = result.report.records[-1]
     assert record.name == "insert-qdq" and record.modified and record.stats["int8"] == 3
     assert result.report.artifact_error.ok

@@ -99,10 +99,11 @@ def other_sizes(
     the example's, and every other axis keeps the example's: one dimension varied at a time,
     so that a model whose height is fixed still shows whether its batch and width are free.
 
-    Each input is the example concatenated along the axis with its own reversal (every axis
-    flipped): values of the example's own kind (token ids stay in the vocabulary, a mask stays
-    0/1), yet the added half differs from the first (a batch of 1 becomes two different
-    samples), so a model that mixes batch items or positions shows it.
+    Each input is the example concatenated along the axis with its own reversal along it:
+    values of the example's own kind and distribution (token ids stay in the vocabulary, a mask
+    stays 0/1, an image stays an image, so a lossy contract such as int8's holds there as at
+    the example), in another order where the axis has more than one item, so that a model that
+    mixes batch items or positions shows it.
     """
     varied: dict[str, tuple[torch.Tensor, ...]] = {}
     for dim in sizes(axes, names, inputs):  # consistent names, or a clear error
@@ -110,7 +111,7 @@ def other_sizes(
         for name, x in zip(names, inputs, strict=True):
             for axis, d in axes.get(name, {}).items():
                 if d == dim:
-                    x = torch.cat([x, x.flip(list(range(x.dim())))], dim=axis)
+                    x = torch.cat([x, x.flip(axis)], dim=axis)
             changed.append(x)
         varied[dim] = tuple(changed)
     return varied

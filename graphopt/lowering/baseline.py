@@ -38,7 +38,7 @@ class Baseline:
         """The baseline of ``model`` as ``captured``; ``needed=False`` (neither verifying nor
         measuring) copies no module."""
         if captured.method == "onnx":  # the ground truth: ONNX Runtime on the user's file
-            return cls(onnx=load_original_onnx(ort, model))
+            return cls(onnx=load_original_onnx(ort, model) if needed else None)
         # one eval-mode copy of the user's module serves as reference and as the baseline export
         return cls(module=copy.deepcopy(model).eval() if needed else None)
 
@@ -116,4 +116,10 @@ class Baseline:
 
 def load_original_onnx(runtime: Backend, model: Any) -> Artifact:
     """The user's ONNX model (a path or a ``ModelProto``) loaded as it is."""
-    return runtime.load(load_onnx(model))
+    try:
+        return runtime.load(load_onnx(model))
+    except BackendError as exc:
+        raise BackendError(
+            f"ONNX Runtime cannot run the original ONNX model, and every check compares with "
+            f"it: {exc} (optimize(..., verify=False, measure=False) skips the checks)"
+        ) from exc

@@ -101,8 +101,10 @@ class Case:
 
 
 DET_CAPTURE = (
-    "the capture check fails: imported graph (Resize kept opaque) vs the file, max_abs "
-    "9.5e-08 > 1e-08 allowed (rtol 1e-5 x max|output| ~ 1e-3 of a near-zero sigmoid map)"
+    "the capture check fails, ONNX Runtime being the less exact side: on this sigmoid map (max "
+    "2.7e-5 on random input) the imported graph in torch float32 is 1.6e-10 from a float64 run, "
+    "ONNX Runtime on the file 9.5e-8 (its MLAS logistic approximation is ~1e-7 absolute), over "
+    "the contract's rtol 1e-5 x max|output|; the float32 rounding allowance measures torch's run"
 )
 OP18_IF = (
     "ONNX Runtime refuses the If node alone: the one-node model declares an outer-scope value "

@@ -92,7 +92,16 @@ class StandIn:
         self.shift = shift
         self.compiles = 0
 
-    def compile(self, module, example_inputs, *, input_names=None, output_names=None):
+    def compile(
+        self,
+        module,
+        example_inputs,
+        *,
+        input_names=None,
+        output_names=None,
+        dynamic_axes=None,
+        output_axes=None,
+    ):
         self.compiles += 1
         return _Artifact(copy.deepcopy(module), self.shift)
 

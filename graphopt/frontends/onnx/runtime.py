@@ -280,13 +280,24 @@ def reduce_extreme(x: torch.Tensor, dims: list[int], keepdim: bool, largest: boo
 
 
 def pad_axis(x: torch.Tensor, axis: int, before: int, after: int, mode: str) -> torch.Tensor:
-    """Reflect/replicate/circular padding of one axis of any tensor: torch's F.pad pads these
-    modes only on the last 1-3 dims of 2-D to 5-D inputs, so move the axis last and fold the
-    others into one (the modes are separable, so axes can be padded one after another)."""
-    y = x.movedim(axis, -1)
-    lead = y.shape[:-1]
-    y = F.pad(y.reshape(1, -1, y.shape[-1]), [before, after], mode=mode)
-    return y.reshape(*lead, y.shape[-1]).movedim(-1, axis)
+    """Reflect/replicate/circular padding of one axis of any tensor, as a gather of source
+    indices (the modes are separable, so axes are padded one after another).
+
+    F.pad pads these modes only on the last 1-3 dims of 2-D to 5-D inputs, and its export of a
+    replicate pad on a reshaped tensor came out wrong at static shapes (ONNX Runtime refused
+    the Reshape after it); ``index_select`` exports as one Gather.
+    """
+    n = x.shape[axis]
+    idx = torch.arange(-before, n + after, device=x.device)
+    if mode == "replicate":
+        idx = torch.minimum(idx.clamp(min=0), torch.ones_like(idx) * (n - 1))
+    elif mode == "circular":
+        idx = idx.remainder(n)
+    else:  # reflect: mirror without repeating the edge, period 2 (n - 1)
+        period = max(2 * (n - 1), 1)
+        idx = idx.abs().remainder(period)
+        idx = torch.where(idx > n - 1, period - idx, idx)
+    return x.index_select(axis, idx)
 
 
 def layer_norm_manual(
