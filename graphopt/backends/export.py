@@ -222,16 +222,64 @@ def _exportable(module: torch.nn.Module) -> Iterator[torch.nn.Module]:
       tracing freezes to the example's values: in a copy of the graph the helpers registered
       with :func:`~graphopt.backends.shape_ops.exports_as` become functions that export as the
       ONNX op itself, with the shape tensor kept as its input.
+    * A ``torch.export`` graph with dynamic axes reads sizes with ``aten.sym_size.int``, whose
+      int the tracer records as a constant: :func:`_with_traced_sizes`.
     """
     patched = {m: (m.train, m.eval) for m in module.modules() if _refuses_train(m)}
     for m in patched:
         m.train = types.MethodType(lambda self, mode=True: self, m)
         m.eval = types.MethodType(lambda self: self, m)
     try:
-        yield _with_module_scopes(with_shape_ops(module))
+        yield _with_module_scopes(_with_traced_sizes(with_shape_ops(module)))
     finally:
         for m, (train, evaluate) in patched.items():  # torch.export's own refusal again
             m.train, m.eval = train, evaluate
+
+
+def _with_traced_sizes(module: torch.nn.Module) -> torch.nn.Module:
+    """A GraphModule whose sizes read at run time stay symbolic through the TorchScript tracer.
+
+    A ``torch.export`` graph with dynamic axes reads sizes with ``aten.sym_size.int(x, d)`` and
+    passes them (and ints computed from them: ``s0 * s1``) to ops as ``aten.view.default(y,
+    [s0, s1, -1, 32])``. The tracer records ``x.size(d)`` as ONNX ``Shape`` -> ``Gather`` only
+    when the ops that take it are called through torch's Python bindings (``Tensor.view``):
+    ``sym_size`` itself and an ``OpOverload`` take the example's int, a constant that froze
+    every dynamic axis it reached. In a copy of the graph, ``sym_size`` becomes ``x.size(d)``
+    and each op taking such a size its Python binding (``aten.slice``, which has none, an index).
+    """
+    if not isinstance(module, torch.fx.GraphModule):
+        return module
+    graph = copy.deepcopy(module.graph)
+    sizes = {n for n in graph.nodes if n.target is torch.ops.aten.sym_size.int}
+    if not sizes:
+        return module
+    for node in graph.nodes:
+        if node in sizes:
+            node.op, node.target = "call_method", "size"
+            continue
+        if node.op != "call_function" or not sizes.intersection(node.all_input_nodes):
+            continue
+        if getattr(node.target, "__module__", "") == "_operator":  # s0 * s1: a size too
+            sizes.add(node)
+        elif isinstance(node.target, torch._ops.OpOverload):
+            node.target = _python_binding(node.target)
+    twin = torch.fx.GraphModule(module, graph)
+    twin.train(module.training)
+    return twin
+
+
+def _python_binding(op: torch._ops.OpOverload) -> Any:
+    """``torch.view``/``Tensor.view`` for ``aten.view.default``: the same schema, traced
+    through the Python argument parser; ``op`` itself where torch has none."""
+    name = op.overloadpacket.__name__
+    if name == "slice":
+        return _slice
+    return getattr(torch, name, None) or getattr(torch.Tensor, name, None) or op
+
+
+def _slice(x: torch.Tensor, dim: int = 0, start: Any = None, end: Any = None, step: Any = 1) -> Any:
+    """``aten.slice.Tensor`` as an index, which the tracer records with its bounds symbolic."""
+    return x[(slice(None),) * (dim % x.dim()) + (slice(start, end, step),)]
 
 
 def _with_module_scopes(module: torch.nn.Module) -> torch.nn.Module:

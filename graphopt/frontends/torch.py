@@ -17,6 +17,7 @@ Example inputs are checked by :mod:`graphopt.frontends.inputs`; which axes are d
 from __future__ import annotations
 
 import copy
+import inspect
 import logging
 import os
 import traceback
@@ -32,7 +33,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 from graphopt._util import first_line
 from graphopt.backends.arrays import to_numpy
 from graphopt.backends.export import EXPORT_LOCK  # torch's exporters share state
-from graphopt.core.dynamic_axes import DynamicAxes, resolve
+from graphopt.core.dynamic_axes import DynamicAxes, describe, resolve
 from graphopt.errors import CaptureError, InputError
 from graphopt.frontends.bind import bound_defaults, drop_bound_placeholders
 from graphopt.frontends.inputs import (
@@ -145,22 +146,9 @@ def capture(
             raise CaptureError(
                 _capture_message(trace_exc, where, None, fallback=False)
             ) from trace_exc
-        try:
-            gm, fixed_batch = _torch_export(model, inputs)
-            method = "torch.export"
-        except Exception as export_exc:  # noqa: BLE001
-            raise CaptureError(
-                _capture_message(trace_exc, where, export_exc, fallback=True)
-            ) from trace_exc
-        notes.append(
-            f"symbolic tracing failed ({first_line(trace_exc)} at {where[0]}); "
-            "captured with torch.export instead: module-level passes see aten ops"
-        )
-        if fixed_batch:
-            notes.append(
-                f"torch.export could not keep the batch dynamic ({fixed_batch}); the captured "
-                "graph, and what graphopt builds from it, take the example's batch size only"
-            )
+        gm, fixed_batch = _export_fallback(model, inputs, dynamic_axes, trace_exc, where)
+        method = "torch.export"
+        notes += _export_notes(gm, trace_exc, where, fixed_batch)
         log.info("capture fell back to torch.export: %s", first_line(trace_exc))
     if inputs is None:
         raise InputError(
@@ -170,6 +158,8 @@ def capture(
     annotate_shapes(gm, inputs)
     set_eval(gm)  # a new GraphModule is in training mode; the captured model is in eval mode
     names = [n.name for n in _placeholders(gm)]
+    if method == "torch.export" and not fixed_batch:  # named after forward's arguments
+        dynamic_axes = _renamed(dynamic_axes, _argument_names(model, len(inputs)), names, inputs)
     axes = {} if method == "torch.export" and fixed_batch else resolve(dynamic_axes, names, inputs)
     return Captured(gm, method, inputs, _specs(names, inputs, axes), notes, axes)
 
@@ -182,19 +172,115 @@ def _specs(names: list[str], inputs: Sequence[torch.Tensor], axes: DynamicAxes) 
     ]
 
 
-def _torch_export(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> tuple[Any, str]:
-    """``torch.export`` of ``model`` at the example's shapes: ``(module, why the batch is
-    fixed)``. The exported module guards its input shapes, so the inputs are declared static
-    and other batch sizes are refused up front, never computed wrong.
+def _export_fallback(
+    model: nn.Module,
+    inputs: tuple[torch.Tensor, ...],
+    dynamic_axes: Any,
+    trace_exc: BaseException,
+    where: tuple[str, str],
+) -> tuple[Any, str]:
+    """:func:`_torch_export` after symbolic tracing failed; both failures in one message."""
+    try:
+        return _torch_export(model, inputs, dynamic_axes)
+    except CaptureError:  # the export ran, but could not keep the axes the user asked for
+        raise
+    except Exception as export_exc:  # noqa: BLE001
+        raise CaptureError(
+            _capture_message(trace_exc, where, export_exc, fallback=True)
+        ) from trace_exc
 
-    A dynamic batch (``Dim`` on axis 0) exports too, but its graphs build padding and views from
+
+def _export_notes(
+    gm: fx.GraphModule, trace_exc: BaseException, where: tuple[str, str], fixed_batch: str
+) -> list[str]:
+    return [
+        f"symbolic tracing failed ({first_line(trace_exc)} at {where[0]}); "
+        "captured with torch.export instead: module-level passes see aten ops",
+        f"torch.export could not keep the batch dynamic ({fixed_batch}); the captured "
+        "graph, and what graphopt builds from it, take the example's batch size only"
+        if fixed_batch
+        else f"torch.export kept the dynamic axes symbolic: {_export_ranges(gm)}",
+    ]
+
+
+def _torch_export(
+    model: nn.Module, inputs: tuple[torch.Tensor, ...], dynamic_axes: Any = None
+) -> tuple[Any, str]:
+    """``torch.export`` of ``model``: ``(module, why its shapes are fixed, or "")``.
+
+    Without ``dynamic_axes`` the example's shapes: the exported module guards its input shapes,
+    so the inputs are declared static and other batch sizes are refused up front, never
+    computed wrong. A dynamic batch by default would build padding and views from
     ``sym_size``, which the structural passes do not all read yet (DBB's item-assigned padding
-    stays unmerged): static until they do.
-    """
+    stays unmerged).
 
-    with EXPORT_LOCK:
-        module = torch.export.export(model, inputs, strict=False).module()
-    return module, "torch.export specialises the graph to the example's shapes"
+    With ``dynamic_axes`` (the user asked: a transformer's sequence length) every named axis is
+    ``Dim.DYNAMIC``: torch.export keeps it symbolic or raises, here a :class:`CaptureError`
+    naming the axes, never a silent specialisation. Exported with ``backed_size_oblivious``,
+    so that an example size of 1 (a batch of one) is not specialised as torch's 0/1 rule does.
+    """
+    if dynamic_axes is None:
+        with EXPORT_LOCK:
+            module = torch.export.export(model, inputs, strict=False).module()
+        return module, "torch.export specialises the graph to the example's shapes"
+    names = _argument_names(model, len(inputs))
+    axes = resolve(dynamic_axes, names, inputs)
+    shapes = tuple({a: torch.export.Dim.DYNAMIC for a in axes.get(n, {})} or None for n in names)
+    try:
+        # torch's own switch (torch 2.13): sizes 0/1 of the example are not specialised
+        with EXPORT_LOCK, torch.fx.experimental._config.patch(backed_size_oblivious=True):
+            module = torch.export.export(
+                model, inputs, dynamic_shapes=shapes, strict=False
+            ).module()
+    except Exception as exc:  # noqa: BLE001 - a symbolic-trace failure sent us here: say both
+        detail = " ".join(str(exc).split("\n")[:3])[:600]
+        raise CaptureError(
+            f"symbolic tracing failed and torch.export could not keep the dynamic axes "
+            f"{describe(axes)} symbolic: {type(exc).__name__}: {detail}. Leave the axis the "
+            "model fixes out of dynamic_axes (it is then static, at the example's size)."
+        ) from exc
+    return module, ""
+
+
+def _argument_names(model: nn.Module, count: int) -> list[str]:
+    """The names of ``forward``'s first ``count`` positional parameters (``input{i}`` for
+    those taken by ``*args``): what ``dynamic_axes`` may name before the graph exists."""
+    params = [
+        p.name
+        for p in inspect.signature(model.forward).parameters.values()
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+    ]
+    return (params + [f"input{i}" for i in range(len(params), count)])[:count]
+
+
+def _renamed(
+    dynamic_axes: Any, given: list[str], names: list[str], inputs: Sequence[torch.Tensor]
+) -> DynamicAxes:
+    """``dynamic_axes`` as named after ``forward``'s arguments, keyed by the exported graph's
+    placeholder names instead (the same inputs, in order)."""
+    axes = resolve(dynamic_axes, given, inputs)
+    return {names[given.index(k)]: v for k, v in axes.items()}
+
+
+def _export_ranges(gm: fx.GraphModule) -> str:
+    """``input_ids: [s0, s1]; s0 in [0, inf), s1 in [2, inf)``: the exported inputs' symbolic
+    shapes and the ranges torch.export inferred for them (a size outside is refused)."""
+    shapes, symbols = [], {}
+    for node in _placeholders(gm):
+        val = node.meta.get("val")
+        if isinstance(val, torch.Tensor):
+            dims = [str(d) for d in val.shape]
+            shapes.append(f"{node.name}: [{', '.join(dims)}]")
+            for d in val.shape:
+                if isinstance(d, torch.SymInt):
+                    symbols[str(d)] = d
+    ranges = []
+    for name, d in symbols.items():
+        vr = d.node.shape_env.var_to_range.get(d.node.expr)
+        if vr is not None:
+            upper = str(vr.upper).replace("int_oo", "inf")  # sympy's integer infinity
+            ranges.append(f"{name} in [{vr.lower}, {upper}]")
+    return "; ".join(shapes) + (f" ({', '.join(ranges)})" if ranges else "")
 
 
 class LeafTracer(fx.Tracer):
@@ -417,10 +503,10 @@ def _capture_onnx(model: Any, example_inputs: Sequence[Any] | None, dynamic_axes
 def declared_axes(node: fx.Node, rank: int) -> dict[int, str]:
     """The symbolic axes an ONNX input declares, ``{axis: dim_param}``; an unnamed one, or one
     named ``?`` as PaddlePaddle's exporter names every unknown dim, is ``<input>_dim<axis>``
-    (a shared name means a shared size). None declared at all: the batch, axis 0."""
+    (a shared name means a shared size). No shape declared: the batch, axis 0."""
     declared = node.meta.get("onnx_shape")
-    if declared is None or len(declared) != rank:
-        return {0: "batch"} if rank and declared is None else {}
+    if not declared or len(declared) != rank:  # no shape declared: the batch, as for a module
+        return {0: "batch"} if rank else {}
     name = node.meta.get("onnx_name", node.name)
     return {
         i: d if isinstance(d, str) and d.isidentifier() else f"{name}_dim{i}"

@@ -8,6 +8,7 @@ artifact_numerics`) on every check sample; one that disagrees is bisected to the
 from __future__ import annotations
 
 from graphopt.backends import Artifact, Backend
+from graphopt.core.dynamic_axes import describe, sizes
 from graphopt.lowering import dynamic
 from graphopt.lowering.check import artifact_numerics, bisect_lowering
 from graphopt.lowering.context import Lowering
@@ -47,4 +48,12 @@ def lower(lowering: Lowering, runtime: Backend) -> Artifact:
         )
     if runtime.name != "tvm":  # TVM compiles the example's shapes
         dynamic.check(lowering, artifact, numerics, runtime.name)
+    elif lowering.dynamic_axes:
+        at = sizes(lowering.dynamic_axes, lowering.input_names, lowering.inputs)
+        fixed = ", ".join(f"{d}={n}" for d, n in at.items())
+        report.warnings.append(
+            f"the tvm artifact compiles static shapes: the dynamic axes "
+            f"{describe(lowering.dynamic_axes)} are fixed at the example's sizes ({fixed}), "
+            "and other sizes are refused; backend='onnxruntime' keeps them dynamic."
+        )
     return artifact
