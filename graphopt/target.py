@@ -62,9 +62,15 @@ class Target:
         if isinstance(text, Target):
             return text
         if not isinstance(text, str) or not text.strip():
+            hint = (
+                " (optimize's second positional argument is the target: pass the inputs as "
+                "example_inputs=...)"
+                if not isinstance(text, str | type(None))
+                else ""
+            )
             raise TargetError(
                 f"a target is a string such as 'cpu', 'cuda' or "
-                f"'llvm -mcpu=skylake-avx512', not {text!r}."
+                f"'llvm -mcpu=skylake-avx512', not {_short(text)}{hint}."
             )
         raw = text.strip()
         try:
@@ -340,3 +346,9 @@ _STATIC_CPU_TEXT = {
     """,
 }
 _STATIC_CPUS = {family: text.split() for family, text in _STATIC_CPU_TEXT.items()}
+
+
+def _short(value: object) -> str:
+    """``repr(value)`` cut to one readable line (a tensor passed by mistake prints pages)."""
+    text = " ".join(repr(value).split())
+    return text if len(text) <= 60 else f"{text[:57]}... ({type(value).__name__})"

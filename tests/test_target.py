@@ -4,6 +4,7 @@ import platform
 import re
 
 import pytest
+import torch
 
 import graphopt.target as target_module
 from graphopt.errors import TargetError
@@ -128,3 +129,10 @@ def test_static_lists_agree_with_llvm():
         static = set(target_module._STATIC_CPUS[family])
         llvm = set(target_module.llvm_cpus(triple))
         assert static <= llvm, sorted(static - llvm)  # a newer LLVM may add names
+
+
+def test_inputs_passed_as_the_target_get_a_short_message_with_the_fix():
+    big = (torch.randn(1, 3, 64, 64),)
+    with pytest.raises(TargetError, match=r"pass the inputs as example_inputs=") as info:
+        Target.parse(big)
+    assert len(str(info.value)) < 300  # not the tensor's pages
