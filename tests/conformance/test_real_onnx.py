@@ -105,8 +105,10 @@ class Case:
 DET_CAPTURE = (
     "the capture check fails, ONNX Runtime being the less exact side: on this sigmoid map (max "
     "2.7e-5 on random input) the imported graph in torch float32 is 1.6e-10 from a float64 run, "
-    "ONNX Runtime on the file 9.5e-8 (its MLAS logistic approximation is ~1e-7 absolute), over "
-    "the contract's rtol 1e-5 x max|output|; the float32 rounding allowance measures torch's run"
+    "ONNX Runtime on the file 9.5e-8 (its MLAS logistic approximation is ~1e-7 absolute); on a "
+    "rendered text page (max 1.0) ONNX Runtime is 1.63e-5 from torch, over the 1.55e-5 that "
+    "torch's own float32 rounding (3.9e-6, x4) allows: the allowance measures torch's run, "
+    "not ONNX Runtime's"
 )
 CASES = [
     Case(
