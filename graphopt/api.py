@@ -323,6 +323,7 @@ class Optimizer:
     def _check_capture(self, captured: Captured, baseline: Baseline) -> Check:
         """The checks of this run; with ``verify``, the captured graph is checked already."""
         check = Check(captured.check_inputs, self.accept_mismatch)
+        check.rounding.measure = baseline.rounding  # for an ONNX model, ONNX Runtime's too
         if self.verify:
             check.set_reference(
                 baseline.reference_outputs(check.samples), baseline.reference_module(captured)

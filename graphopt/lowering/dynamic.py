@@ -63,7 +63,7 @@ def plan(
             failed.append(f"{dim} ({first_line(exc, with_type=True)[:200]})")
             continue
         _output_axes(lowering, dim, base[dim], outputs, declared_outputs)
-        rounding = Rounding()
+        rounding = Rounding(measure=lowering.check.rounding.measure)
         rounding.module, rounding.samples, rounding.reference = module, [inputs], outputs
         lowering.other_sizes.append(OtherSize(dim, inputs, outputs, rounding))
     if failed:
