@@ -321,10 +321,26 @@ def _module_path(node: torch.fx.Node) -> list[str]:
     exporter enters the module itself)."""
     if node.op == "output":
         return []
+    entries = [(p, v) for p, v in (node.meta.get("nn_module_stack") or {}).items() if p]
+    stack = [p for p, _ in entries]
     if node.op == "call_module":
         atoms = str(node.target).split(".")
+        if len(atoms) == 1 and entries:  # a module a pass added (reparam_0, merged_conv_0):
+            # the path of the node it replaced, without that node's own leaf layer
+            return stack[:-1] if _is_layer(entries[-1][1]) else stack
         return [".".join(atoms[:i]) for i in range(1, len(atoms))]
-    return [p for p in node.meta.get("nn_module_stack") or {} if p]
+    return stack
+
+
+def _is_layer(entry: Any) -> bool:
+    """An ``nn_module_stack`` entry ``(path, class)`` of one of torch's own leaf layers."""
+    cls = entry[1] if isinstance(entry, tuple) and len(entry) == 2 else None
+    containers = (torch.nn.Sequential, torch.nn.ModuleList, torch.nn.ModuleDict)
+    return (
+        isinstance(cls, type)
+        and cls.__module__.startswith("torch.nn.modules")
+        and not issubclass(cls, containers)
+    )
 
 
 def _scope_name(path: str) -> str:

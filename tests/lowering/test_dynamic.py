@@ -200,3 +200,22 @@ def test_dynamic_axes_are_checked_and_varied_one_dim_at_a_time() -> None:
         resolve({"x": [3]}, ["x"], [x])
     with pytest.raises(ArgumentError, match="axes that share a name share a size"):
         other_sizes({"x": {0: "n", 1: "n"}}, ["x"], [x])
+
+
+class _TwoBranch(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.k3 = nn.Conv2d(4, 4, 3, padding=1)
+        self.k1 = nn.Conv2d(4, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.k3(x) + self.k1(x))
+
+
+def test_a_module_a_pass_creates_keeps_the_path_of_what_it_replaced() -> None:
+    net = nn.Sequential(nn.Conv2d(3, 4, 1), nn.Sequential(_TwoBranch())).eval()
+    result = graphopt.optimize(net, example_inputs=(torch.randn(1, 3, 8, 8),), measure=False)
+    assert "reparameterize" in result.report.pipeline
+    names = [n.name for n in result.artifact.proto.graph.node]
+    merged = [n for n in names if "reparam" in n]
+    assert merged and all(n.startswith("/1/1.0/reparam") for n in merged), names
