@@ -23,6 +23,14 @@ def lower(lowering: Lowering, runtime: Backend) -> Artifact:
             f"the {runtime.name} artifact runs at the example's shapes only: its dynamic axes "
             f"did not lower ({reason})."
         )
+    elif runtime.name == "tvm" == report.backend and lowering.dynamic_axes:  # not auto's trial
+        at = sizes(lowering.dynamic_axes, lowering.input_names, lowering.inputs)
+        report.warnings.append(
+            f"the tvm artifact compiles static shapes: the dynamic axes "
+            f"{describe(lowering.dynamic_axes)} are fixed at the example's sizes "
+            f"({', '.join(f'{d}={n}' for d, n in at.items())}), and other sizes are refused; "
+            "backend='onnxruntime' keeps them dynamic."
+        )
     if lowering.reference is None:
         return artifact
     if artifact.cross_compiled and artifact.rpc is None:
@@ -48,12 +56,4 @@ def lower(lowering: Lowering, runtime: Backend) -> Artifact:
         )
     if runtime.name != "tvm":  # TVM compiles the example's shapes
         dynamic.check(lowering, artifact, numerics, runtime.name)
-    elif lowering.dynamic_axes:
-        at = sizes(lowering.dynamic_axes, lowering.input_names, lowering.inputs)
-        fixed = ", ".join(f"{d}={n}" for d, n in at.items())
-        report.warnings.append(
-            f"the tvm artifact compiles static shapes: the dynamic axes "
-            f"{describe(lowering.dynamic_axes)} are fixed at the example's sizes ({fixed}), "
-            "and other sizes are refused; backend='onnxruntime' keeps them dynamic."
-        )
     return artifact

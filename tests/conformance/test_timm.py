@@ -170,3 +170,30 @@ def test_a_refusal_is_a_graphopt_error(timm):
         graphopt.optimize(model, "cpu", example_inputs=(tc.torch.randn(3, 8),), measure=False)
     assert not isinstance(info.value, InternalError)
     assert "(3, 8)" in str(info.value) and "Pass inputs of the shape" in str(info.value)
+
+
+# the vision transformers (issue 17): also lowered by TVM, untuned
+TVM_CASES = (
+    "vit_tiny_patch16_224",
+    "deit_tiny_patch16_224",
+    "swin_tiny_patch4_window7_224",
+    "mobilevit_xxs",
+)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", TVM_CASES)
+def test_vision_transformers_compile_with_tvm_within_the_exact_contract(timm, name):
+    """ViT, DeiT, Swin (window 2 at 64x64) and MobileViT (torch.export capture) through
+    ``optimize(backend="tvm", trials=0)``: TVM compiles them at the example's shape and its
+    artifact computes the model's numbers (20-50 s each, untuned)."""
+    pytest.importorskip("tvm")
+    model, inputs = tc.build(timm, tc.case(name))
+    result = graphopt.optimize(
+        model, "cpu", example_inputs=inputs, measure=False, backend="tvm", trials=0
+    )
+    assert result.report.backend == "tvm" and result.report.artifact_error.ok
+    with tc.torch.no_grad():
+        want = model(*inputs)
+    error = tc.Rounding().compare([want], [result(*inputs)], tc.Numerics.exact())
+    assert error.ok, error.describe()
