@@ -186,3 +186,28 @@ def test_layer_norm_mean_and_inv_std_dev_outputs() -> None:
         "LayerNormalization", {"x": x, "s": _randn(8), "b": _randn(8)}, 3, 17, epsilon=1e-3
     )
     _check_both_paths(model, x)
+
+
+def test_group_normalization_at_opset_18_loads_and_is_exact() -> None:
+    """onnx.checker calls GroupNormalization-18 deprecated; ONNX Runtime runs it, so graphopt
+    imports it (per-group scale and bias, as opset 18 has them)."""
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((2, 6, 5, 5)).astype(np.float32)
+    scale = rng.uniform(0.5, 1.5, 3).astype(np.float32)
+    bias = rng.uniform(-1, 1, 3).astype(np.float32)
+    node = helper.make_node("GroupNormalization", ["x", "s", "b"], ["y"], num_groups=3)
+    graph = helper.make_graph(
+        [node],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 6, 5, 5])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 6, 5, 5])],
+        [numpy_helper.from_array(scale, "s"), numpy_helper.from_array(bias, "b")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 8
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    (want,) = sess.run(None, {"x": x})
+    gm = import_onnx(model)
+    assert not gm.meta["onnx_opaque"]  # converted, not kept opaque
+    got = gm(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 import os
 
 import onnx
+import onnxruntime as ort
 
 from graphopt.errors import CaptureError
+
+log = logging.getLogger(__name__)
 
 ModelSource = str | os.PathLike | bytes | bytearray | memoryview | onnx.ModelProto
 
@@ -15,7 +19,8 @@ def load_onnx(model: ModelSource) -> onnx.ModelProto:
     """Read and validate an ONNX model from a path, serialized bytes or a ``ModelProto``.
 
     Raises :class:`CaptureError` (never anything else) when the file is missing or unreadable,
-    the bytes are not a valid serialized model, or the model fails ``onnx.checker``.
+    the bytes are not a valid serialized model, or the model fails ``onnx.checker`` and ONNX
+    Runtime cannot load it either.
     """
     if isinstance(model, onnx.ModelProto):
         proto, source = model, "the given onnx.ModelProto"
@@ -57,6 +62,9 @@ def load_onnx(model: ModelSource) -> onnx.ModelProto:
         onnx.checker.check_model(_checkable(proto))
     except Exception as exc:  # onnx.checker.ValidationError and friends
         reason = str(exc).strip().rstrip(".")
+        if _runtime_accepts(proto):  # stricter than the runtime: a deprecated op, say
+            log.info("onnx.checker refuses %s (%s); ONNX Runtime loads it", source, reason)
+            return proto
         raise CaptureError(
             f"The ONNX model from {source} fails onnx.checker: {reason}. The file is corrupt, "
             f"truncated or was written by a broken exporter; re-export it."
@@ -82,6 +90,16 @@ def _checkable(proto: onnx.ModelProto) -> onnx.ModelProto:
     if all(o.domain != "com.microsoft" for o in copy.opset_import):
         copy.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
     return copy
+
+
+def _runtime_accepts(proto: onnx.ModelProto) -> bool:
+    """ONNX Runtime loads ``proto``: the checker refuses some valid files (GroupNormalization at
+    opsets 18-20, which it calls deprecated, while ONNX Runtime runs it); those are imported."""
+    try:
+        ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    except Exception:  # noqa: BLE001 - any failure: the checker's verdict stands
+        return False
+    return True
 
 
 def _parse_bytes(data: bytes, source: str) -> onnx.ModelProto:
