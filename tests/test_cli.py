@@ -319,3 +319,42 @@ def test_report_with_missing_fields_prints():
     assert report.untuned_tasks == ["conv"]
     data = json.loads(report.to_json())
     assert data["tvm_tuning"]["best"] is None
+
+
+def _conv_file(path: Path) -> None:
+    """A small conv net exported with symbolic batch, height and width."""
+    import torch
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.ReLU()).eval()
+    torch.onnx.export(
+        net,
+        (torch.randn(1, 3, 8, 8),),
+        str(path),
+        dynamo=False,
+        input_names=["image"],
+        output_names=["features"],
+        dynamic_axes={"image": {0: "N", 2: "H", 3: "W"}, "features": {0: "N", 2: "H", 3: "W"}},
+    )
+
+
+def test_input_shape_and_dynamic_axes_from_the_command_line(tmp_path, capsys):
+    src, out = tmp_path / "net.onnx", tmp_path / "out.onnx"
+    _conv_file(src)
+    # H and W have no size to guess: the command says which flag gives one
+    assert main(["optimize", str(src), "--no-measure", "-q"]) == 2
+    assert "--input-shape" in capsys.readouterr().err
+    argv = ["optimize", str(src), "--no-measure", "-q", "-o", str(out)]
+    assert main([*argv, "--input-shape", "image:1x3x16x12"]) == 0
+    dims = [
+        d.dim_param or d.dim_value for d in onnx.load(out).graph.input[0].type.tensor_type.shape.dim
+    ]
+    assert dims == ["N", 3, "H", "W"]  # the file's own symbolic dims
+    # --dynamic-axes narrows them: only the batch stays free
+    assert main([*argv, "--input-shape", "image:1x3x16x12", "--dynamic-axes", "image:0=N"]) == 0
+    dims = [
+        d.dim_param or d.dim_value for d in onnx.load(out).graph.input[0].type.tensor_type.shape.dim
+    ]
+    assert dims == ["N", 3, 16, 12]
+    assert main([*argv, "--dynamic-axes", "image"]) == 2
+    assert "INPUT:AXIS" in capsys.readouterr().err

@@ -546,8 +546,9 @@ def _example_for(node: fx.Node) -> torch.Tensor:
     if unknown:
         raise InputError(
             f"ONNX input {node.meta.get('onnx_name', node.name)!r} has symbolic dimensions "
-            f"{', '.join(unknown)} of no declared size: pass example_inputs at a typical size "
-            "(they stay dynamic in the artifact, verified at that size and at twice it)."
+            f"{', '.join(unknown)} of no declared size: give example inputs of a typical size "
+            "(example_inputs=... in Python, --input-shape NAME:1x3x224x224 on the command "
+            "line); they stay dynamic in the artifact, verified at that size and at twice it."
         )
     dims = [d if isinstance(d, int) and d > 0 else 1 for d in shape]
     gen = torch.Generator().manual_seed(0)
