@@ -251,11 +251,9 @@ def test_node_tests_through_import(op: str) -> None:
 
 
 # Known failures outside the importer, each with its cause (strict: the test says when fixed).
-KNOWN_FAILURES = {
-    # ONNX Runtime's Python run() takes and returns no bfloat16 numpy arrays (the ONNX
-    # Runtime artifact would need OrtValues), so the artifact cannot run a bfloat16 Range
-    ("Range", "optimize"): "ONNX Runtime's run() cannot feed or return bfloat16 arrays",
-}
+# (op, path) -> why its cases fail, as strict xfails; none today (a model ONNX Runtime cannot
+# load or run, such as bfloat16 Range, is refused by optimize() with that reason)
+KNOWN_FAILURES: dict[tuple[str, str], str] = {}
 
 
 def _optimize_param(op: str) -> Any:
