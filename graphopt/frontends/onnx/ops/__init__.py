@@ -5,18 +5,23 @@ node's outputs.  Each module registers its converters with ``@converter("OpType"
 importing this package fills :data:`CONVERTERS`, and :data:`SUPPORTED_OPS` is its set of keys.
 
     nn             Conv, ConvTranspose, Gemm, MatMul (-> nn.Conv*d, nn.ConvTranspose*d, nn.Linear)
-    normalization  BatchNormalization (-> OnnxBatchNorm*d), LayerNormalization, Softmax
+    normalization  BatchNormalization (-> OnnxBatchNorm*d), Layer/Instance/Group/RMS
+                   normalization, LRN, Softmax
     elementwise    unary and binary arithmetic, comparisons, activations, Clip, Where, Cast
     reduce         ReduceSum/Mean/Max/Min/L2
     pooling        MaxPool, AveragePool, GlobalAveragePool, GlobalMaxPool
     shape          Shape, Reshape, Slice, Gather, Concat, Pad, ... (shape values kept symbolic)
-    resize         Resize, Upsample, GridSample
+    resize         Resize, Upsample, GridSample (resize_math: index tables, interpolation
+                   matrices)
     control        If (a constant condition inlines the taken branch)
-    recurrent      LSTM, GRU, RNN
-    indexing       TopK, ArgMax/ArgMin, CumSum, Trilu, GatherElements, Scatter*, Einsum
-    attention      Attention (opset 23)
+    recurrent      LSTM, GRU, RNN (recurrent_loop: ONNX's equations step by step, for what
+                   torch's modules do not compute)
+    indexing       TopK, ArgMax/ArgMin, CumSum, Trilu, GatherElements, Scatter*, Einsum, Mod
+    attention      Attention (opsets 23-25)
     quantize       QuantizeLinear, DequantizeLinear, DynamicQuantizeLinear
-    microsoft      com.microsoft ops that ONNX Runtime's tools emit (keyed "com.microsoft::Op")
+    microsoft      com.microsoft ops that ONNX Runtime's tools emit (keyed "com.microsoft::Op";
+                   microsoft_attention: Attention, MultiHeadAttention; contrib: their helpers)
+    opaque         a node without a converter, kept as it is and run by ONNX Runtime
 """
 
 from __future__ import annotations
