@@ -24,7 +24,6 @@ import math
 import os
 import sys
 import traceback
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -32,12 +31,26 @@ import torch
 
 import graphopt
 from graphopt import __version__, bench, zoo
+from graphopt.cli_model import (
+    calibration_tensors,
+    input_dtypes,
+    is_python_spec,
+    load_calibration,
+    load_callable,
+    load_plugin,
+    option_docs,
+    parse_dtypes,
+    parse_shapes,
+    random_inputs,
+    user_model,
+)
 from graphopt.core.registry import registered_passes
 from graphopt.errors import GraphoptError, InputError
 from graphopt.frontends.onnx import load_onnx
 from graphopt.frontends.onnx.values import ONNX_TO_TORCH
 from graphopt.pipeline import DumpIR, PrintIR, parse_pipeline
 from graphopt.target import Target
+from graphopt.zoo.registry import entry as zoo_entry
 
 
 def _cmd_optimize(args: argparse.Namespace) -> int:
@@ -45,31 +58,21 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
     if args.max_drop is not None and not args.int8:
         raise GraphoptError("--max-drop applies to int8 quantisation; add --int8.")
     Target.parse(args.target)
+    for plugin in args.plugin or []:  # before the pipeline: it may name the plugin's passes
+        load_plugin(plugin)
     if args.pipeline is not None:
         parse_pipeline(args.pipeline)
     _check_outputs(args)
+    metric = load_callable(args.metric, "--metric") if args.metric else None
     calibration = (
-        _load_calibration(args.calibration, args.calibration_batch) if args.calibration else None
+        load_calibration(args.calibration, args.calibration_batch) if args.calibration else None
     )
-    source = args.model
-    if Path(source).suffix == ".onnx" or Path(source).exists():
-        if not Path(source).is_file():
-            raise InputError(
-                f"{source}: no such file. Give a path to an .onnx file or a zoo model name "
-                "(`graphopt zoo` lists them)."
-            )
-        model, inputs, name = source, _onnx_inputs(source, args.input_shape), Path(source).name
-    elif os.sep in source or Path(source).suffix:  # a path, not a zoo name
-        raise InputError(
-            f"{source}: no such file, and not a zoo model. Give a path to an .onnx file or a "
-            "zoo model name (`graphopt zoo` lists them)."
+    model, inputs, name = _load_model(args)
+    if calibration is not None:  # as the model's inputs are typed, for every calibrating pass
+        calibration = calibration_tensors(
+            calibration, input_dtypes(model, inputs), args.calibration
         )
-    else:
-        if not args.quiet:  # digits_cnn trains for a few seconds on its first use
-            print(f"building zoo model {source} ({zoo.describe(source)})", file=sys.stderr)
-        entry = zoo.get(source)
-        model, inputs, name = entry.model, entry.example_inputs, entry.name
-    instruments = []
+    instruments: list[Any] = []  # optimize() adds a reproducer of each rolled-back pass
     if args.print_ir:
         instruments.append(PrintIR())
     if args.dump_ir:
@@ -81,6 +84,7 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
         inputs,
         args.pipeline,
         calibration_data=calibration,
+        metric=metric,
         **int8,
         strict=args.strict,
         verify=not args.no_verify,
@@ -114,6 +118,39 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
     return 1 if failed and args.strict else 0
 
 
+def _load_model(args: argparse.Namespace) -> tuple[Any, tuple[Any, ...] | None, str]:
+    """The model to optimize, its example inputs (None: optimize() makes them from an ONNX
+    file's declared shapes) and its name in the report."""
+    source = args.model
+    if is_python_spec(source):
+        shapes = parse_shapes(args.input_shape, nameless=True)
+        return user_model(source, shapes, parse_dtypes(args.dtype))
+    if args.dtype:
+        raise InputError(
+            "--dtype applies to a Python model (file.py:factory); an ONNX file declares its "
+            "inputs' types and a zoo model has its own."
+        )
+    if Path(source).suffix == ".onnx" or Path(source).exists():
+        if not Path(source).is_file():
+            raise InputError(
+                f"{source}: no such file. Give a path to an .onnx file or a zoo model name "
+                "(`graphopt zoo` lists them)."
+            )
+        return source, _onnx_inputs(source, args.input_shape), Path(source).name
+    if os.sep in source or Path(source).suffix:  # a path, not a zoo name
+        raise InputError(
+            f"{source}: no such file, and not a zoo model. Give a path to an .onnx or .py file "
+            "(file.py:factory), a module (package.module:attr) or a zoo model name "
+            "(`graphopt zoo` lists them)."
+        )
+    if args.input_shape:
+        raise InputError("--input-shape applies to an ONNX file or a Python model, not a zoo one.")
+    if not args.quiet:  # digits_cnn trains for a few seconds on its first use
+        print(f"building zoo model {source} ({zoo.describe(source)})", file=sys.stderr)
+    entry = zoo.get(source)
+    return entry.model, entry.example_inputs, entry.name
+
+
 def _dynamic_axes(specs: list[str] | None) -> dict[str, dict[int, str | None]] | None:
     """``--dynamic-axes x:0=batch,2=height`` (repeatable; ``x:0,2`` leaves the dims unnamed)
     as ``optimize``'s ``dynamic_axes``; None when not given."""
@@ -141,18 +178,7 @@ def _onnx_inputs(path: str, specs: list[str] | None) -> tuple[Any, ...] | None:
     shapes."""
     if not specs:
         return None
-    shapes = {}
-    for spec in specs:
-        name, _, dims = spec.rpartition(":")
-        try:
-            shapes[name] = [int(d) for d in dims.lower().split("x")]
-        except ValueError:
-            name = ""
-        if not name:
-            raise InputError(
-                f"--input-shape {spec!r}: write INPUT:DIMxDIMx... e.g. --input-shape "
-                "x:1x3x48x320 (one flag per input)."
-            )
+    shapes = parse_shapes(specs)
     declared = [(vi.name, vi.type.tensor_type.elem_type) for vi in load_onnx(path).graph.input]
     missing = [n for n, _ in declared if n not in shapes]
     unknown = [n for n in shapes if n not in dict(declared)]
@@ -161,15 +187,8 @@ def _onnx_inputs(path: str, specs: list[str] | None) -> tuple[Any, ...] | None:
             f"--input-shape names {sorted(shapes)}; the model's inputs are "
             f"{[n for n, _ in declared]}: give one flag per input."
         )
-    gen = torch.Generator().manual_seed(0)
-    inputs = []
-    for name, elem in declared:
-        dtype = ONNX_TO_TORCH.get(elem, torch.float32)
-        if dtype.is_floating_point:
-            inputs.append(torch.randn(shapes[name], generator=gen).to(dtype))
-        else:
-            inputs.append(torch.zeros(shapes[name], dtype=dtype))
-    return tuple(inputs)
+    dtypes = {name: ONNX_TO_TORCH.get(elem, torch.float32) for name, elem in declared}
+    return random_inputs({name: shapes[name] for name, _ in declared}, dtypes)
 
 
 def _check_outputs(args: argparse.Namespace) -> None:
@@ -189,62 +208,6 @@ def _check_outputs(args: argparse.Namespace) -> None:
             raise InputError(f"{flag} {value} is a file; give a directory.")
 
 
-def _load_calibration(path: str, batch_size: int) -> list[tuple]:
-    """Calibration batches from an ``.npz``: one array per model input, in input order (the
-    order they were given to ``np.savez``), first axis = samples; cut into ``batch_size``."""
-    import numpy as np
-
-    if batch_size < 1:
-        raise InputError(f"--calibration-batch must be 1 or more, got {batch_size}.")
-    how = (
-        "Write it with numpy.savez(path, input0_samples, input1_samples, ...) (first axis = "
-        "samples)."
-    )
-    if not Path(path).is_file():
-        raise InputError(f"calibration data {path}: no such file. {how}")
-    with open(path, "rb") as f:
-        magic = f.read(6)
-    if magic == b"\x93NUMPY":
-        raise InputError(
-            f"calibration data {path} is a single .npy array, not an .npz archive. "
-            "Save it with numpy.savez(path, samples) (one array per model input)."
-        )
-    if not zipfile.is_zipfile(path):
-        raise InputError(
-            f"calibration data {path} is damaged or not an .npz archive (a zip of arrays). {how}"
-        )
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            names = list(npz.files)
-            arrays = [npz[name] for name in names]
-    except Exception as exc:  # zip, CRC, header and object-array errors of a damaged file
-        reason = (str(exc).splitlines() or [type(exc).__name__])[0].rstrip(".")
-        raise InputError(f"cannot read calibration data {path}: {reason}. {how}") from exc
-    if not arrays:
-        raise InputError(f"{path} holds no arrays; save one array per model input.")
-    for name, a in zip(names, arrays, strict=True):
-        if a.dtype.kind not in "biuf":
-            raise InputError(
-                f"array {name!r} in {path} has dtype {a.dtype}; calibration samples are numbers."
-            )
-        if a.dtype.kind == "f" and not np.isfinite(a).all():
-            raise InputError(
-                f"array {name!r} in {path} holds NaN or infinite values; calibration samples "
-                "must be finite."
-            )
-    n = {a.shape[0] if a.ndim else 0 for a in arrays}
-    if len(n) != 1 or 0 in n:
-        raise InputError(
-            f"the arrays in {path} must all have the same number of samples on their first "
-            f"axis; got shapes {', '.join(str(a.shape) for a in arrays)}."
-        )
-    total = n.pop()
-    return [
-        tuple(a[i : i + batch_size].astype(np.float32) for a in arrays)
-        for i in range(0, total, batch_size)
-    ]
-
-
 def _cmd_passes(args: argparse.Namespace) -> int:
     for name, cls in registered_passes().items():
         doc = inspect.getdoc(sys.modules[cls.__module__]) or inspect.getdoc(cls) or ""
@@ -254,9 +217,11 @@ def _cmd_passes(args: argparse.Namespace) -> int:
         print(f"    {summary}")
         options = getattr(cls, "Options", None)
         if options is not None and dataclasses.is_dataclass(options):
+            docs = option_docs(options)
             for f in dataclasses.fields(options):
                 kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", f.type)
-                print(f"    option {f.name}: {kind} = {f.default!r}")
+                about = f"  {docs[f.name]}" if docs.get(f.name) else ""
+                print(f"    option {f.name}: {kind} = {f.default!r}{about}")
         if args.verbose and doc:
             print("\n".join("    " + line for line in doc.splitlines()))
         print()
@@ -264,8 +229,10 @@ def _cmd_passes(args: argparse.Namespace) -> int:
 
 
 def _cmd_zoo(args: argparse.Namespace) -> int:
-    for name in zoo.names():
-        print(f"{name:<16} {zoo.describe(name)}")
+    rows = [(name, zoo_entry(name)) for name in zoo.names()]
+    for name, row in rows:  # the declared input: no model is built to list them
+        shape = "x".join(str(d) for d in row.input_shape)
+        print(f"{name:<16} input {shape:<13} {row.task:<17} {row.description}")
     return 0
 
 
@@ -350,7 +317,12 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_optimize(sub: Any) -> None:
     p = sub.add_parser("optimize", help="optimize a zoo model or an .onnx file for a target")
     _add_common(p, argparse.SUPPRESS)
-    p.add_argument("model", help="a zoo model name (see `graphopt zoo`) or a path to an .onnx file")
+    p.add_argument(
+        "model",
+        help="a zoo model name (see `graphopt zoo`), a path to an .onnx file, or a Python "
+        "model: file.py:NAME or package.module:NAME naming an nn.Module, a Module class or a "
+        "factory returning a module or (module, example_inputs)",
+    )
     p.add_argument(
         "--target", default="cpu", help="cpu, cuda, llvm -mcpu=..., aarch64-linux, android-arm64"
     )
@@ -385,7 +357,8 @@ def _add_optimize(sub: Any) -> None:
         "--calibration",
         default=None,
         metavar="DATA.npz",
-        help="calibration samples: one array per model input, in input order, first axis = "
+        help="calibration samples for every pass that calibrates (int8, substitute-monarch, "
+        "merge-convs{budget=...}): one array per model input, in input order, first axis = "
         "samples (numpy.savez)",
     )
     p.add_argument(
@@ -398,12 +371,20 @@ def _add_optimize(sub: Any) -> None:
         help="int8: allowed drop of top-1 agreement with fp32 on the calibration data "
         "(e.g. 0.01); the most sensitive layers stay float until it holds",
     )
+    _add_model_inputs(p)
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
+    p.set_defaults(func=_cmd_optimize)
+
+
+def _add_model_inputs(p: argparse.ArgumentParser) -> None:
+    """``optimize``'s flags about the model's inputs and the user's own code."""
     p.add_argument(
         "--input-shape",
         action="append",
         metavar="NAME:1x3x48x320",
-        help="an ONNX input's example size (one flag per input; needed where the file "
-        "declares a symbolic dimension other than the batch)",
+        help="an input's example size (one flag per input): an ONNX file's where it declares a "
+        "symbolic dimension other than the batch; a Python model's, named after forward()'s "
+        "arguments (a lone flag may omit NAME), where its factory returns no example inputs",
     )
     p.add_argument(
         "--dynamic-axes",
@@ -412,8 +393,28 @@ def _add_optimize(sub: Any) -> None:
         help="an input's axes that take any size (one flag per input); default: the batch, "
         "and every symbolic dimension an ONNX file declares",
     )
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
-    p.set_defaults(func=_cmd_optimize)
+    p.add_argument(
+        "--dtype",
+        action="append",
+        metavar="[NAME:]int64",
+        help="a Python model's input type for --input-shape (torch names: float32, float16, "
+        "int64, bool...; one flag per input, or one without NAME for all); default float32",
+    )
+    p.add_argument(
+        "--plugin",
+        action="append",
+        metavar="FILE.py|MODULE",
+        help="import this file or module first, so the passes it registers can be named in "
+        "--pipeline (repeatable; installed packages register through the graphopt.passes "
+        "entry-point group without it)",
+    )
+    p.add_argument(
+        "--metric",
+        default=None,
+        metavar="FILE.py:FN|MODULE:FN",
+        help="metric(predict) -> float, higher is better (e.g. held-out accuracy): int8's "
+        "--max-drop and merge-convs{budget=...} rank by it",
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

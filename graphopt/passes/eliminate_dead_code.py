@@ -36,7 +36,7 @@ class EliminateDeadCode(Pass):
 
     @dataclass(frozen=True)
     class Options:
-        remove_unused_modules: bool = True
+        remove_unused_modules: bool = True  # also delete submodules no node calls any more
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         stats: Counter = Counter()

@@ -187,7 +187,7 @@ class EqualizeLayers(Pass):
     @dataclass(frozen=True)
     class Options:
         tolerance: float = 1e-3  # stop when every |s_i - 1| is below this
-        max_sweeps: int = 100
+        max_sweeps: int = 100  # at most this many passes over the layer pairs
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         stats: Counter = Counter()

@@ -81,7 +81,7 @@ class FoldConstants(Pass):
 
     @dataclass(frozen=True)
     class Options:
-        max_elements: int = 1 << 24
+        max_elements: int = 1 << 24  # larger constants are left to compute at run time
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         stats: Counter = Counter()

@@ -160,7 +160,7 @@ def _script(position: int, p: Pass, record: PassRecord, ir: IR, load: str) -> st
     """The reproducer's repro.py: reruns the failing pass, strict, on the saved graph."""
     module, attribute = ir.locator.split(":")
     owner = type(p).__module__  # a user's pass registers when its module is imported
-    plugin = "" if owner.startswith("graphopt.") or owner == "__main__" else f"import {owner}\n"
+    plugin = "" if owner.startswith("graphopt.") or owner == "__main__" else _import_line(owner)
     return (
         textwrap.dedent(f"""\
         # Reproducer written by graphopt: pass {record.spec!r} (position {position + 1})
@@ -185,6 +185,20 @@ def _script(position: int, p: Pass, record: PassRecord, ir: IR, load: str) -> st
         print("pass ran cleanly")
         """)
     )
+
+
+def _import_line(owner: str) -> str:
+    """``import owner``, after putting the directory it was imported from at the end of
+    ``sys.path`` (a module loaded from a file, e.g. ``graphopt --plugin mypasses.py``, is found
+    there; an installed one still comes first)."""
+    file = getattr(sys.modules.get(owner), "__file__", None)
+    if not file:
+        return f"import {owner}\n"
+    path = Path(file).resolve()
+    if path.name == "__init__.py":
+        path = path.parent
+    root = path.parents[owner.count(".")]
+    return f"import sys\nsys.path.append({str(root)!r})\nimport {owner}\n"
 
 
 class Bisect(Instrument):

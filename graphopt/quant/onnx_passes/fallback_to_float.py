@@ -93,7 +93,7 @@ class FallbackToFloat(OnnxPass):
     class Options:
         max_drop: float = 0.01  # metric drop allowed (1 - agreement with fp32 by default)
         method: Method = "auto"  # calibration of the trials: insert-qdq's
-        activations: Literal["uint8", "int8"] = "uint8"
+        activations: Literal["uint8", "int8"] = "uint8"  # asymmetric | symmetric
 
     def run(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
         o, run = self.options, stage_run(ctx)

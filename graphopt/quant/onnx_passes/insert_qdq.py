@@ -81,9 +81,16 @@ class InsertQDQ(OnnxPass):
         method: Method = "auto"  # minmax | percentile | entropy | mse | auto (per tensor)
         activations: Literal["uint8", "int8"] = "uint8"  # asymmetric | symmetric
         # the rest configures the stage int8_passes builds around this pass
-        smoothquant: bool = True
-        alpha: float = field(default=0.5, metadata={"min": 0.0, "max": 1.0})
-        bias_correction: bool = True
+        smoothquant: bool = True  # the stage runs smooth-quant{alpha} first
+        alpha: float = field(
+            default=0.5,
+            metadata={
+                "min": 0.0,
+                "max": 1.0,
+                "doc": "smooth-quant's a: how much of the activation range moves to weights",
+            },
+        )
+        bias_correction: bool = True  # the stage runs correct-bias
         max_drop: float | None = None  # metric drop allowed; None: no float fallback
 
     def run(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:

@@ -241,7 +241,10 @@ class SmoothQuant(OnnxPass):
 
     @dataclass(frozen=True)
     class Options:
-        alpha: float = field(default=0.5, metadata={"min": 0.0, "max": 1.0})
+        alpha: float = field(
+            default=0.5,
+            metadata={"min": 0.0, "max": 1.0, "doc": "a in s_j = max|X_j|^a / max|W_j|^(1-a)"},
+        )
 
     def run(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
         stage_run(ctx).say("smoothquant: measuring activation channel ranges")
