@@ -5,8 +5,11 @@ graphopt optimize model.onnx --target cpu -o model.opt.onnx
 graphopt optimize resnet18 --backend tvm --tune-minutes 20 -o resnet18.so
 graphopt optimize resnet18 --target aarch64-linux --backend tvm --rpc 127.0.0.1:9190/board
 graphopt optimize resnet18 --int8 --calibration data.npz [--max-drop 0.01] -o resnet18.int8.onnx
+graphopt optimize my_model.py:build [--input-shape x:1x3x224x224] [--dtype ids:int64]
+graphopt optimize mypackage.models:net --plugin mypasses.py --pipeline my-pass,fold-conv-bn
+graphopt optimize my_model.py:build --metric my_eval.py:accuracy --calibration data.npz
 graphopt passes                 every pass with its doc, options and numerics
-graphopt zoo                    the built-in models
+graphopt zoo                    the built-in models with their input shapes
 graphopt bench [MODELS...]      graphopt against torch eager, torch.compile, ONNX Runtime...
 graphopt --version
 

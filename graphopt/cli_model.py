@@ -75,7 +75,7 @@ def _import(name: str, flag: str, source: str) -> ModuleType:
     try:
         return importlib.import_module(name)
     except ModuleNotFoundError as exc:
-        if exc.name and name.startswith(exc.name):  # the module itself, not one it imports
+        if exc.name and (name == exc.name or name.startswith(exc.name + ".")):  # not a dependency
             raise InputError(
                 f"{flag} {source}: no module named {exc.name!r}; give a path to a .py file "
                 "or a module importable from the current directory."
