@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.metadata
 import json
 import subprocess
 import sys
@@ -11,12 +12,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 import torch
 
 from graphopt import zoo
 from graphopt.cli import main
 from graphopt.cli_model import option_docs, user_model
+from graphopt.core import registry
 from graphopt.core.registry import registered_passes
 
 NET = """
@@ -189,6 +192,57 @@ def test_dtype_and_input_order_follow_forward(tmp_path):
         ((1, 1, 4), torch.float32),
     ]
     assert model(*inputs).shape == (1, 5, 4)
+
+
+def test_typed_inputs_and_dynamic_axes_reach_the_artifact(tmp_path, capsys):
+    _write(
+        tmp_path / "idsnet.py",
+        """
+        from torch import nn
+
+        class IdsNet(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.emb = nn.Embedding(10, 4)
+                self.lin = nn.Linear(4, 2)
+
+            def forward(self, input_ids):
+                return self.lin(self.emb(input_ids))
+        """,
+    )
+    out = tmp_path / "ids.onnx"
+    argv = ["optimize", f"{tmp_path / 'idsnet.py'}:IdsNet", "--no-measure", "-q", "-o", str(out)]
+    argv += ["--input-shape", "input_ids:1x5", "--dtype", "input_ids:int64"]
+    assert main([*argv, "--dynamic-axes", "input_ids:0=batch,1=seq"]) == 0
+    capsys.readouterr()
+    (vi,) = onnx.load(out).graph.input
+    dims = [d.dim_param or d.dim_value for d in vi.type.tensor_type.shape.dim]
+    assert (vi.name, vi.type.tensor_type.elem_type, dims) == (
+        "input_ids",
+        onnx.TensorProto.INT64,
+        ["batch", "seq"],
+    )
+
+
+def test_an_installed_packages_passes_need_no_plugin_flag(tmp_path, monkeypatch, capsys):
+    """The graphopt.passes entry-point group: a package's passes load with graphopt's own."""
+    net = _write(tmp_path / "epnet.py", NET)
+    _write(tmp_path / "ep_passes.py", RECORDING_PLUGIN.format(tag="ep"))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("RECORD_TO", str(tmp_path / "seen.json"))
+    real = importlib.metadata.entry_points
+    ours = importlib.metadata.EntryPoint("ep", "ep_passes", registry.ENTRY_POINT_GROUP)
+
+    def entry_points(**kwargs):
+        found = list(real(**kwargs))
+        return [*found, ours] if kwargs.get("group") == registry.ENTRY_POINT_GROUP else found
+
+    monkeypatch.setattr(importlib.metadata, "entry_points", entry_points)
+    monkeypatch.setattr(registry, "_plugins_loaded", False)
+    argv = ["optimize", f"{net}:build", "--pipeline", "record-context-ep", "--no-measure", "-q"]
+    assert main(argv) == 0
+    assert "record-context-ep" in capsys.readouterr().out
+    assert json.loads((tmp_path / "seen.json").read_text())["batches"] == []
 
 
 def test_user_code_errors_are_one_line_and_status_2(tmp_path, capsys, monkeypatch):
