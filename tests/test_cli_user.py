@@ -261,6 +261,7 @@ def test_user_code_errors_are_one_line_and_status_2(tmp_path, capsys, monkeypatc
         ([f"{net}:build", "--plugin", "no_such_module_x"], "no module named"),
         ([f"{net}:build", "--metric", "errnet:Net.nothing"], "has no attribute"),
         (["digits_cnn", "--dtype", "int64"], "--dtype applies to a Python model"),
+        (["digits_cnn", "--input-shape", "x:1x1x8x8"], "not a zoo one"),
     ]
     for argv, needle in cases:
         assert main(["optimize", *argv, "--no-measure", "-q"]) == 2, argv
