@@ -32,7 +32,12 @@ from graphopt.lowering import dynamic
 from graphopt.lowering.auto import choose_backend
 from graphopt.lowering.baseline import Baseline
 from graphopt.lowering.check import Check
-from graphopt.lowering.context import Lowering, report_mobile, report_tvm
+from graphopt.lowering.context import (
+    Lowering,
+    report_mobile,
+    report_tvm,
+    with_dependency_notes,
+)
 from graphopt.lowering.fp32 import lower
 from graphopt.lowering.int8 import (
     check_calibration,
@@ -239,6 +244,7 @@ class Optimizer:
         }
 
     @graphopt_errors_only
+    @with_dependency_notes
     def optimize(
         self,
         model: nn.Module | str | Path | Any,

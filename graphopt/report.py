@@ -68,6 +68,9 @@ class Report:
     tvm_tuning: dict[str, Any] = field(default_factory=dict)
     mobile: str = ""  # a mobile package's description (ORT format, operators)
     warnings: list[str] = field(default_factory=list)
+    # what TVM and ONNX Runtime printed during graphopt's calls, one line per kind with the
+    # count and the first example (graphopt.backends.quiet), instead of on stderr
+    notes: list[str] = field(default_factory=list)
 
     @property
     def untuned_tasks(self) -> list[str]:
@@ -110,6 +113,7 @@ class Report:
                 "tvm_tuning",
                 "mobile",
                 "warnings",
+                "notes",
             )
         }
         for key in ("backend_latencies", "ort_settings_latencies"):
@@ -140,6 +144,7 @@ class Report:
         lines += self._errors_lines() + self._latency_lines() + self._tvm_lines()
         if self.mobile:
             lines.append(self.mobile)
+        lines += [f"note: {n}" for n in self.notes]
         lines += [f"WARNING: {w}" for w in self.warnings]
         return "\n".join(lines)
 

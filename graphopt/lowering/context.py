@@ -4,14 +4,17 @@ of the report that a TVM artifact or a mobile target adds."""
 from __future__ import annotations
 
 import dataclasses
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import fx
 
 from graphopt.backends import Artifact, Backend
 from graphopt.backends.arrays import to_numpy
+from graphopt.backends.quiet import collecting, summarize
 from graphopt.core.dynamic_axes import DynamicAxes
 from graphopt.core.numerics import Comparison
 from graphopt.core.pass_infra import Pass, PassContext
@@ -74,6 +77,24 @@ class Lowering:
             for sample in self.check.samples
             for o in artifact.run([to_numpy(x) for x in sample])
         ]
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def with_dependency_notes(fn: F) -> F:
+    """``fn`` returns an object with a ``report``: what TVM and ONNX Runtime printed while it ran
+    (kept off stderr by :func:`graphopt.backends.quiet.quiet`) goes into ``report.notes``,
+    summarized: per kind of line, the count and the first example."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with collecting() as lines:
+            result = fn(*args, **kwargs)
+        result.report.notes += summarize(lines)
+        return result
+
+    return wrapper  # type: ignore[return-value]
 
 
 def report_tvm(report: Report, artifact: Any) -> None:

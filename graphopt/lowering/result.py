@@ -17,6 +17,7 @@ from torch import fx
 from graphopt._util import VERSION
 from graphopt.backends import Artifact, Backend
 from graphopt.backends.arrays import to_numpy
+from graphopt.backends.quiet import collecting, summarize
 from graphopt.errors import ArgumentError, GraphoptError, InputError, graphopt_errors_only
 from graphopt.frontends.torch import Captured, InputSpec, set_eval
 from graphopt.lowering.context import Lowering
@@ -153,7 +154,10 @@ class OptimizedModel:
                 f"the output accordingly (got {path.name!r})."
             )
         try:
-            return self.artifact.save(path)
+            with collecting() as lines:
+                saved = self.artifact.save(path)
+            self.report.notes += [f"save(): {note}" for note in summarize(lines)]
+            return saved
         except OSError as exc:  # every backend: an unwritable place is the user's to fix
             raise GraphoptError(
                 f"cannot write {path}: {exc.strerror or exc}; choose a writable directory."

@@ -47,6 +47,7 @@ from graphopt.backends.onnxruntime.session import (
     choose,
     session_options,
 )
+from graphopt.backends.quiet import quiet
 from graphopt.errors import BackendError, InputError
 from graphopt.target import Target
 
@@ -166,9 +167,10 @@ class OnnxRuntimeBackend:
         """Build a session for an ONNX model (``input_shapes``: unused, ONNX Runtime takes the
         model's own, dynamic batch included)."""
         try:
-            session = ort.InferenceSession(
-                proto.SerializeToString(), self.session_options(), providers=self.providers
-            )
+            with quiet():  # ONNX Runtime's own logger writes to fd 2
+                session = ort.InferenceSession(
+                    proto.SerializeToString(), self.session_options(), providers=self.providers
+                )
         except Exception as exc:
             raise BackendError(f"ONNX Runtime could not load the model: {first_line(exc)}") from exc
         return OrtArtifact(proto, session, self.target)

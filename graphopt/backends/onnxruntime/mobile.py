@@ -35,6 +35,7 @@ import onnxruntime as ort
 
 from graphopt._util import first_line
 from graphopt.backends.onnxruntime.session import choose
+from graphopt.backends.quiet import quiet
 from graphopt.errors import BackendError
 
 log = logging.getLogger(__name__)
@@ -314,7 +315,8 @@ def _run_converter(
 def _check_loads(path: Path) -> None:
     """The .ort must load in this machine's (full) onnxruntime."""
     try:
-        ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        with quiet():
+            ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     except Exception as exc:
         raise BackendError(
             f"the converted model {path} does not load in onnxruntime {ort.__version__}: "

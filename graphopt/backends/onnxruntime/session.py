@@ -18,6 +18,7 @@ import onnx
 import onnxruntime as ort
 
 from graphopt._util import close_matches
+from graphopt.backends.quiet import quiet
 from graphopt.errors import BackendError
 
 OPT_LEVELS = {
@@ -74,9 +75,10 @@ def ort_optimized_model(model: onnx.ModelProto, level: str = "extended") -> onnx
         opts = session_options(level, threads=1)
         opts.optimized_model_filepath = path
         try:
-            ort.InferenceSession(
-                model.SerializeToString(), opts, providers=["CPUExecutionProvider"]
-            )
+            with quiet():
+                ort.InferenceSession(
+                    model.SerializeToString(), opts, providers=["CPUExecutionProvider"]
+                )
         except Exception as exc:
             raise BackendError(
                 f"ONNX Runtime could not load the model: {type(exc).__name__}: {exc}"

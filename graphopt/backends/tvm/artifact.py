@@ -14,6 +14,7 @@ import numpy as np
 import tvm
 from tvm import relax
 
+from graphopt.backends.quiet import quiet
 from graphopt.backends.tvm.lower import cross_compiler, is_cross
 from graphopt.backends.tvm.rpc import RpcDevice, flatten_outputs, run_library
 from graphopt.backends.tvm.summary import TaskInfo, TuningSummary
@@ -90,7 +91,8 @@ class TvmArtifact:
         if self.cross_compiled:
             kwargs["fcompile"] = cross_compiler(self.target)
         try:
-            self.executable.export_library(str(path), **kwargs)
+            with quiet():  # TVM logs "Scope Saving" per memory scope
+                self.executable.export_library(str(path), **kwargs)
         except Exception as exc:
             raise BackendError(f"exporting the TVM library failed: {exc}") from exc
         return path

@@ -33,6 +33,7 @@ from graphopt.backends.measure import (
     cached_latency,
     time_callable,
 )
+from graphopt.backends.quiet import quiet
 from graphopt.backends.tvm.artifact import TvmArtifact
 from graphopt.backends.tvm.database import TuningDatabase
 from graphopt.backends.tvm.lower import (
@@ -143,7 +144,8 @@ class TvmBackend:
         **_: Any,
     ) -> TvmArtifact:
         """Import, tune within the budget, apply the database, schedule the rest, build."""
-        mod = to_relax(module, example_inputs, input_names=input_names)
+        with quiet():  # torch's FutureWarnings from inside torch.export
+            mod = to_relax(module, example_inputs, input_names=input_names)
         return self.compile_relax(mod, [tuple(x.shape) for x in example_inputs])
 
     def load(
@@ -159,11 +161,13 @@ class TvmBackend:
                 "input shape(s) were given: give one static shape per model input, in order."
             )
         try:
-            mod = relax_from_proto(proto, input_shapes)
+            with quiet():
+                mod = relax_from_proto(proto, input_shapes)
         except Exception as exc:
             first = first_line(exc, with_type=True)
             try:  # shape arithmetic TVM's importer rejects, folded away at the static shapes
-                mod = relax_from_proto(fold_shapes(proto, input_shapes), input_shapes)
+                with quiet():
+                    mod = relax_from_proto(fold_shapes(proto, input_shapes), input_shapes)
             except Exception as again:
                 raise BackendError(
                     f"TVM could not import the ONNX model ({first}; with its shape arithmetic "
@@ -175,7 +179,8 @@ class TvmBackend:
 
     def compile_relax(self, mod: tvm.IRModule, input_shapes: list[tuple[int, ...]]) -> TvmArtifact:
         try:
-            fused = fuse(mod, self.tvm_target)
+            with quiet():
+                fused = fuse(mod, self.tvm_target)
         except Exception as exc:  # TVM's legalization raises its own (and plain) errors
             raise BackendError(
                 f"TVM could not lower the model ({first_line(exc, with_type=True)}). Use "
@@ -184,6 +189,21 @@ class TvmBackend:
         database = TuningDatabase(self.database_path, self.tvm_target)
         tuning = self.tune(fused, database)
         tuning.warnings[:0] = database.warnings
+        # not around tuning: its progress bar is live and its worker processes outlive it
+        with quiet():
+            executable, tasks = self._build(fused, database)
+        artifact = TvmArtifact(executable, self.tvm_target, input_shapes, tasks, tuning, self.rpc)
+        if heavy := artifact.heavy_untuned:
+            log.warning(
+                "TVM: %d compute-heavy task(s) run untuned schedules (%s); tune with trials=N "
+                "or minutes=M for competitive latency.",
+                len(heavy),
+                ", ".join(heavy[:5]) + ("..." if len(heavy) > 5 else ""),
+            )
+        return artifact
+
+    def _build(self, fused: tvm.IRModule, database: TuningDatabase) -> tuple[Any, list[Any]]:
+        """The database's schedules applied, defaults for the rest, built into an executable."""
         scheduled, tasks = schedule(fused, database, self.tvm_target, self.seed)
         with self.tvm_target, tvm.transform.PassContext(opt_level=3):
             try:
@@ -196,15 +216,7 @@ class TvmBackend:
                     f"{tvm.__version__} cannot lower an operator of this model; use "
                     "backend='onnxruntime' for it."
                 ) from exc
-        artifact = TvmArtifact(executable, self.tvm_target, input_shapes, tasks, tuning, self.rpc)
-        if heavy := artifact.heavy_untuned:
-            log.warning(
-                "TVM: %d compute-heavy task(s) run untuned schedules (%s); tune with trials=N "
-                "or minutes=M for competitive latency.",
-                len(heavy),
-                ", ".join(heavy[:5]) + ("..." if len(heavy) > 5 else ""),
-            )
-        return artifact
+        return executable, tasks
 
     # ---- tuning
 
