@@ -20,6 +20,7 @@ from torch import nn
 from graphopt.backends import Artifact, Backend
 from graphopt.backends.arrays import to_numpy
 from graphopt.backends.measure import time_interleaved
+from graphopt.backends.quiet import quiet
 from graphopt.core.numerics import rounding_error, run_module
 from graphopt.errors import BackendError
 from graphopt.frontends.onnx import from_numpy, load_onnx
@@ -87,9 +88,12 @@ class Baseline:
             if self.unoptimized is None:
                 opts = ort.SessionOptions()
                 opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-                self.unoptimized = ort.InferenceSession(
-                    self.onnx.proto.SerializeToString(), opts, providers=["CPUExecutionProvider"]
-                )
+                with quiet():  # the user's file: ONNX Runtime's warnings go to the report
+                    self.unoptimized = ort.InferenceSession(
+                        self.onnx.proto.SerializeToString(),
+                        opts,
+                        providers=["CPUExecutionProvider"],
+                    )
             names = [i.name for i in self.unoptimized.get_inputs()]
             feeds = {n: to_numpy(x) for n, x in zip(names, sample, strict=True)}
             got = self.unoptimized.run(None, feeds)

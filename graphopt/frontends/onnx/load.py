@@ -8,6 +8,7 @@ import os
 import onnx
 import onnxruntime as ort
 
+from graphopt.backends.quiet import quiet
 from graphopt.errors import CaptureError
 
 log = logging.getLogger(__name__)
@@ -96,7 +97,8 @@ def _runtime_accepts(proto: onnx.ModelProto) -> bool:
     """ONNX Runtime loads ``proto``: the checker refuses some valid files (GroupNormalization at
     opsets 18-20, which it calls deprecated, while ONNX Runtime runs it); those are imported."""
     try:
-        ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+        with quiet():  # the user's file: ONNX Runtime's warnings go to the report
+            ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
     except Exception:  # noqa: BLE001 - any failure: the checker's verdict stands
         return False
     return True
