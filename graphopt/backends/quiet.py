@@ -5,8 +5,9 @@ exports) and ONNX Runtime's write to file descriptor 2 directly, where Python's 
 cannot reach them, and torch warns ``FutureWarning``s from inside TVM's import; a user can act
 on none of them. :func:`quiet` wraps graphopt's own calls into those libraries: for its
 duration fd 2 is a temporary file that a reader thread follows; the dependencies' log lines
-(:data:`LOG_LINE`) are kept, every other line (graphopt's progress, the user's prints) is passed
-through to the real stderr as it arrives. Deprecation warnings raised by code outside graphopt
+(:data:`LOG_LINE`, with the indented lines that continue one) are kept, every other line
+(graphopt's progress, the user's prints) is passed through to the real stderr as it arrives
+(within 50 ms). Deprecation warnings raised by code outside graphopt
 are kept too; other warnings are shown as usual when the block ends. Nothing blocks: the file
 never fills the way a pipe does when the writer holds the GIL, and a child process that outlives
 the block writes into the file, not into a closed pipe.
@@ -142,6 +143,7 @@ class _Follower:
     def __init__(self, saved: int, file: int) -> None:
         self.saved, self.file = saved, file
         self.pos, self.pending, self.kept = 0, b"", []
+        self.continues = False  # the last line was a log line: indented lines belong to it
         self.done = threading.Event()
         self.thread = threading.Thread(target=self._follow, name="graphopt-quiet", daemon=True)
 
@@ -188,7 +190,12 @@ class _Follower:
         text = raw.decode(errors="replace")
         if is_log_line(text):
             self.kept.append(text)
+            self.continues = text.endswith("\n")
             return
+        if self.continues and text[:1] in (" ", "\t"):  # a multi-line message's next line
+            self.kept[-1] = self.kept[-1].rstrip("\r\n") + " " + text.strip() + "\n"
+            return
+        self.continues = False
         view = memoryview(raw)
         while view:
             view = view[os.write(self.saved, view) :]

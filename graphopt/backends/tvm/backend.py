@@ -194,7 +194,8 @@ class TvmBackend:
             executable, tasks = self._build(fused, database)
         artifact = TvmArtifact(executable, self.tvm_target, input_shapes, tasks, tuning, self.rpc)
         if heavy := artifact.heavy_untuned:
-            log.warning(
+            # info, not warning: optimize()'s report warns of it (report_tvm); both printed it twice
+            log.info(
                 "TVM: %d compute-heavy task(s) run untuned schedules (%s); tune with trials=N "
                 "or minutes=M for competitive latency.",
                 len(heavy),
