@@ -103,9 +103,10 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
         accept_mismatch=args.accept_mismatch,
         dynamic_axes=_dynamic_axes(args.dynamic_axes),
     )
+    # saved before the report is printed: what save() notes (TVM's log lines) is in it
+    path = result.save(args.output) if args.output else None
     print(result.report)
-    if args.output:
-        path = result.save(args.output)
+    if path is not None:
         print(f"\nsaved {path}")
         package = result.artifact.mobile_package
         if package is not None:  # .ort: the operators a reduced ONNX Runtime build needs

@@ -358,3 +358,20 @@ def test_input_shape_and_dynamic_axes_from_the_command_line(tmp_path, capsys):
     assert dims == ["N", 3, 16, 12]
     assert main([*argv, "--dynamic-axes", "image"]) == 2
     assert "INPUT:AXIS" in capsys.readouterr().err
+
+
+def test_the_printed_report_has_what_save_noted(tmp_path):
+    """TVM's log lines during save() are kept off stderr and summarized into the report's
+    notes; the CLI saves before it prints the report, so they are in what it prints."""
+    out = subprocess.run(
+        [sys.executable, "-m", "graphopt", "optimize", "digits_cnn", "--backend", "tvm"]
+        + ["--no-measure", "-q", "-o", str(tmp_path / "d.so")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "note: save():" in out.stdout
+    assert "Scope Saving" not in out.stderr
+    assert out.stdout.index("note: save():") < out.stdout.index("saved ")
