@@ -191,9 +191,9 @@ class Report:
         if self.latency_baseline is not None and self.latency_optimized is not None:
             speedup = self.speedup
             lines.append(
-                f"latency (median, {self.threads} threads, same run): "
-                f"{self.baseline_name} {_ms(self.latency_baseline)} -> "
-                f"graphopt {_ms(self.latency_optimized)} "
+                f"latency (median [p10-p90], {self.threads} threads, same run): "
+                f"{self.baseline_name} {_ms_spread(self.latency_baseline)} -> "
+                f"graphopt {_ms_spread(self.latency_optimized)} "
                 + (
                     f"({speedup:.2f}x)"
                     if speedup is not None
@@ -254,6 +254,15 @@ def _ms(latency: Any) -> str:
         return f"{value:.3f} ms"
     raw = getattr(latency, "median_ms", None)
     return "n/a" if raw is None else f"n/a (measured {raw} ms)"
+
+
+def _ms_spread(latency: Any) -> str:
+    """``20.943 ms [20.1-22.5]``: the median and the p10-p90 range of the timed runs (a wide
+    range says the machine was busy, and the ratio is less certain)."""
+    text = _ms(latency)
+    low, high = getattr(latency, "p10_ms", None), getattr(latency, "p90_ms", None)
+    finite = all(isinstance(v, float | int) and math.isfinite(v) for v in (low, high))
+    return f"{text} [{low:.3g}-{high:.3g}]" if finite and text.endswith(" ms") else text
 
 
 def _time_ms(seconds: Any) -> str:

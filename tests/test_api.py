@@ -80,6 +80,8 @@ def test_report_lists_passes_latency_and_saves(tmp_path):
     for needle in ("fold-conv-bn", "folded=2", "end to end", "latency", "unrewritten export"):
         assert needle in text
     assert report.latency_baseline.median_ms > 0 and report.latency_optimized.median_ms > 0
+    low, high = report.latency_optimized.p10_ms, report.latency_optimized.p90_ms
+    assert f"[{low:.3g}-{high:.3g}]" in text  # the spread beside the median
     assert report.speedup == pytest.approx(
         report.latency_baseline.median_ms / report.latency_optimized.median_ms
     )
