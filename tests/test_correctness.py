@@ -241,6 +241,14 @@ def test_compare_refuses_another_dtype_or_shape():
     assert not cmp.ok and cmp.metric == "shape"
 
 
+def test_a_cosine_near_one_is_printed_with_its_distance_to_one():
+    """``.3g`` printed cosine 0.99999988 and 0.9999 alike as ``1`` (issue 18)."""
+    ref = [torch.tensor([1.0, 2.0, 3.0])]
+    near = compare(ref, [torch.tensor([1.0, 2.0, 3.001])], Numerics.lossy("cosine", 0.99))
+    assert near.ok and "cosine 1 - " in near.describe() and "allowed >= 0.99" in near.describe()
+    assert f"{1 - near.measured:.2g}" in near.describe()
+
+
 # -- item 9: the exact contract of deep models -------------------------------------------------------
 
 

@@ -154,12 +154,20 @@ class Comparison:
         cmp = ">=" if self.metric in _HIGHER_IS_BETTER else "<="
         verdict = "ok" if self.ok else "VIOLATED"
         return (
-            f"{self.metric} {self.measured:.3g} (allowed {cmp} {self.allowed:.3g}) "
-            f"at {self.output}: {verdict}"
+            f"{self.metric} {_value(self.metric, self.measured)} (allowed {cmp} "
+            f"{_value(self.metric, self.allowed)}) at {self.output}: {verdict}"
         )
 
 
 _HIGHER_IS_BETTER = {"cosine", "top1"}
+
+
+def _value(metric: str, value: float) -> str:
+    """A measured or allowed value as a reader needs it: a cosine near 1 as ``1 - 1.2e-07``
+    (``.3g`` printed 0.99999988 and 0.9999 alike as ``1``)."""
+    if metric == "cosine" and 0.999 < value < 1.0:
+        return f"1 - {1.0 - value:.2g}"
+    return f"{value:.3g}"
 
 
 def _metrics(ref: torch.Tensor, out: torch.Tensor) -> dict[str, float]:
