@@ -1,6 +1,6 @@
 """What :func:`graphopt.optimize` returns: :class:`OptimizedModel`, the artifact with its
 interface, report and graph; :func:`result_of` builds it at the end of a run and stamps the
-ONNX artifact with what made it (``metadata_props``)."""
+ONNX artifact with what made it (``metadata_props``) and its tensors' shapes."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from torch import fx
 from graphopt._util import VERSION
 from graphopt.backends import Artifact, Backend
 from graphopt.backends.arrays import to_numpy
+from graphopt.backends.export import add_value_info
 from graphopt.backends.quiet import collecting, summarize
 from graphopt.errors import ArgumentError, GraphoptError, InputError, graphopt_errors_only
 from graphopt.frontends.torch import Captured, InputSpec, set_eval
@@ -50,7 +51,9 @@ def result_of(
 
 def stamp(proto: onnx.ModelProto, report: Report) -> None:
     """``metadata_props`` that say what made the model: graphopt's version, the pipeline, the
-    target and backend, and how far the artifact is from the original model."""
+    target and backend, and how far the artifact is from the original model; and every
+    tensor's dtype and shape (``value_info``)."""
+    add_value_info(proto)
     error = report.artifact_error
     props = {
         "producer": "graphopt",
