@@ -169,13 +169,18 @@ def _floating_input(ctx: Ctx) -> torch.dtype:
     return dtype
 
 
+def _check_spatial_rank(ctx: Ctx) -> None:
+    """Refuse an input that is not N x C x D1 ... Dn with n >= 1."""
+    rank = ctx.rank(0)
+    if rank is None or rank < 3:
+        raise ctx.fail(f"input rank {rank} (N x C x D1 ... Dn with n >= 1 needed)")
+
+
 @converter("InstanceNormalization")
 def _instance_norm(ctx: Ctx) -> Value:
     # y = scale[c] * (x - mean) / sqrt(var + eps) + B[c], statistics per (n, c) over the rest
     _floating_input(ctx)
-    rank = ctx.rank(0)
-    if rank is None or rank < 3:
-        raise ctx.fail(f"input rank {rank} (N x C x D1 ... Dn with n >= 1 needed)")
+    _check_spatial_rank(ctx)
     eps = float(ctx.attr("epsilon", 1e-5))
     return ctx.call(
         F.instance_norm, ctx.tensor(0), weight=ctx.tensor(1), bias=ctx.tensor(2), eps=eps
@@ -249,9 +254,7 @@ def _lrn(ctx: Ctx) -> Value:
     # y = x / (bias + alpha / size * sum of x^2 over channels
     #          [c - floor((size - 1) / 2), c + ceil((size - 1) / 2)]) ^ beta
     _floating_input(ctx)
-    rank = ctx.rank(0)
-    if rank is None or rank < 3:
-        raise ctx.fail(f"input rank {rank} (N x C x D1 ... Dn with n >= 1 needed)")
+    _check_spatial_rank(ctx)
     size = int(ctx.attr("size"))
     return ctx.call(
         lrn_onnx,
