@@ -21,7 +21,7 @@ from torch import fx, nn
 from graphopt._util import close_matches
 from graphopt.backends import Artifact, Backend, get_backend
 from graphopt.core.pass_infra import PassContext
-from graphopt.core.progress import Progress
+from graphopt.core.progress import current
 from graphopt.errors import (
     ArgumentError,
     BackendError,
@@ -37,6 +37,7 @@ from graphopt.lowering.context import (
     report_mobile,
     report_tvm,
     with_dependency_notes,
+    with_progress,
 )
 from graphopt.lowering.fp32 import lower
 from graphopt.lowering.int8 import (
@@ -58,7 +59,7 @@ from graphopt.pipeline import (
 from graphopt.report import Report, op_counts
 from graphopt.target import Target
 
-BACKEND_CHOICES = ("onnxruntime", "tvm", "auto")
+BACKEND_CHOICES = ("onnxruntime", "tvm", "openvino", "auto")
 
 
 @graphopt_errors_only
@@ -157,7 +158,9 @@ class Optimizer:
     rolling a pass back. ``measure``: time the artifact against ONNX Runtime on the unrewritten
     export.
 
-    ``backend``: ``"onnxruntime"`` (default), ``"tvm"`` (needs ``graphopt[tvm]``) or
+    ``backend``: ``"onnxruntime"`` (default), ``"tvm"`` (needs ``graphopt[tvm]``),
+    ``"openvino"`` (needs ``graphopt[openvino]``; OpenVINO runs the int8 QDQ model on its own
+    int8 kernels) or
     ``"auto"``: ONNX Runtime with session settings picked by measurement, against TVM when TVM
     is tuned for the model (or ``trials``/``tune_minutes`` ask to tune it); the faster one is
     kept and the report shows both. ``trials`` / ``tune_minutes``: TVM's MetaSchedule budget;
@@ -243,8 +246,14 @@ class Optimizer:
             "progress": self.progress,
         }
 
+    @property
+    def backend_options(self) -> dict[str, Any]:
+        """The keyword arguments of the backend asked for (TVM's; OpenVINO takes none)."""
+        return self.tvm_options if self.backend == "tvm" else {}
+
     @graphopt_errors_only
     @with_dependency_notes
+    @with_progress
     def optimize(
         self,
         model: nn.Module | str | Path | Any,
@@ -264,12 +273,12 @@ class Optimizer:
         _check_model_data(calibration_data, metric, finetune)
         if self.int8:
             require_calibration(calibration_data)
-        say = Progress(self.progress)
+        say = current()  # with_progress: on stderr when self.progress
         name = name or _model_name(model)
         ort = get_backend("onnxruntime", self.parsed_target)
         runtime = ort
-        if self.backend == "tvm":
-            runtime = get_backend("tvm", self.parsed_target, **self.tvm_options)
+        if self.backend in ("tvm", "openvino"):
+            runtime = get_backend(self.backend, self.parsed_target, **self.backend_options)
         say(f"capturing {name}")
         captured = capture(
             model,
@@ -279,6 +288,8 @@ class Optimizer:
             dynamic_axes=dynamic_axes,
         )
         original = copy.deepcopy(captured.graph)
+        if self.verify:
+            say("checking the capture: reference outputs and the model's float32 rounding")
         if self.int8:  # bad calibration data fails here, before any pass runs
             calibration_data = check_calibration(calibration_data, captured.example_inputs)
         baseline = Baseline.of(model, captured, ort, needed=self.verify or self.measure)
@@ -362,7 +373,7 @@ class Optimizer:
             instruments=[Reproducer(), *self.instruments],
         )
         if self.progress:
-            ctx.instruments.append(PrintTiming(total=len(self.parsed_pipeline)))
+            ctx.instruments.append(PrintTiming(total=len(self.parsed_pipeline), progress=current()))
         return ctx
 
     def _report(

@@ -334,7 +334,7 @@ def _add_optimize(sub: Any) -> None:
     p.add_argument(
         "--backend",
         default="onnxruntime",
-        choices=("onnxruntime", "tvm", "auto"),
+        choices=("onnxruntime", "tvm", "openvino", "auto"),
         help="auto: the faster of ONNX Runtime (settings measured) and tuned TVM",
     )
     p.add_argument("--trials", type=_count, default=0, help="TVM tuning budget in trials")

@@ -2,6 +2,7 @@
 
 ``onnxruntime``: FX -> ONNX -> ``InferenceSession`` (this package's default).
 ``tvm``: FX -> Relax -> MetaSchedule-tuned library on the Relax VM (extra ``graphopt[tvm]``).
+``openvino``: FX -> ONNX -> OpenVINO's compiled model (extra ``graphopt[openvino]``).
 What every backend and artifact offers is :mod:`graphopt.backends.base` (the ``Backend`` and
 ``Artifact`` protocols); what they share: the torch -> ONNX export
 (:mod:`graphopt.backends.export`) and timing with the on-disk latency cache
@@ -22,6 +23,7 @@ from graphopt.errors import BackendError
 BACKENDS: dict[str, str] = {
     "onnxruntime": "graphopt.backends.onnxruntime:OnnxRuntimeBackend",
     "tvm": "graphopt.backends.tvm:TvmBackend",
+    "openvino": "graphopt.backends.openvino:OpenVinoBackend",
 }
 
 __all__ = ["BACKENDS", "Artifact", "Backend", "get_backend"]

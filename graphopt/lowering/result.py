@@ -24,7 +24,7 @@ from graphopt.frontends.torch import Captured, InputSpec, set_eval
 from graphopt.lowering.context import Lowering
 from graphopt.report import Report
 
-SAVE_SUFFIXES = {"onnxruntime": (".onnx", ".ort"), "tvm": (".so",)}
+SAVE_SUFFIXES = {"onnxruntime": (".onnx", ".ort"), "tvm": (".so",), "openvino": (".xml", ".onnx")}
 
 
 def result_of(
@@ -144,6 +144,8 @@ class OptimizedModel:
         ONNX Runtime: ``.onnx``, or ``.ort`` (ONNX Runtime's mobile format, with the operator
         list and XNNPACK session settings beside it). TVM: ``.so``, a shared library with the
         weights embedded that ``tvm.runtime.load_module`` + ``relax.VirtualMachine`` run.
+        OpenVINO: ``.xml`` (OpenVINO IR, its weights in ``.bin`` beside it, which
+        ``openvino.Core().read_model`` loads) or ``.onnx``.
         """
         if not isinstance(path, str | Path):
             raise ArgumentError(

@@ -37,7 +37,7 @@ def test_tvm_backend_and_artifact_implement_the_protocols():
 
 
 def test_the_registry_names_every_backend_and_explains_an_unknown_one():
-    assert set(BACKENDS) == {"onnxruntime", "tvm"}
+    assert set(BACKENDS) == {"onnxruntime", "tvm", "openvino"}
     with pytest.raises(BackendError, match=r"unknown backend 'tmv'.*Did you mean.*tvm"):
         get_backend("tmv", "cpu")
 
