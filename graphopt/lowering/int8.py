@@ -158,6 +158,8 @@ def lower_int8(
         summary = tvm_backend.qdq_import_summary(artifact.imported_ops)
         record.decisions = [*record.decisions, summary]
         report_tvm(report, artifact)
+    elif runtime.name == "openvino":  # which layers reach OpenVINO's own int8 kernels
+        record.decisions = [*record.decisions, artifact.int8_summary()]
     if quant.max_drop is not None and quant.drop > quant.max_drop:
         report.warnings.append(
             f"int8: {quant.metric} drop {quant.drop:.4g} is above max_drop "
