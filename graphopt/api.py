@@ -275,10 +275,7 @@ class Optimizer:
             require_calibration(calibration_data)
         say = current()  # with_progress: on stderr when self.progress
         name = name or _model_name(model)
-        ort = get_backend("onnxruntime", self.parsed_target)
-        runtime = ort
-        if self.backend in ("tvm", "openvino"):
-            runtime = get_backend(self.backend, self.parsed_target, **self.backend_options)
+        ort, runtime = self._backends()
         say(f"capturing {name}")
         captured = capture(
             model,
@@ -288,8 +285,6 @@ class Optimizer:
             dynamic_axes=dynamic_axes,
         )
         original = copy.deepcopy(captured.graph)
-        if self.verify:
-            say("checking the capture: reference outputs and the model's float32 rounding")
         if self.int8:  # bad calibration data fails here, before any pass runs
             calibration_data = check_calibration(calibration_data, captured.example_inputs)
         baseline = Baseline.of(model, captured, ort, needed=self.verify or self.measure)
@@ -337,11 +332,20 @@ class Optimizer:
             baseline.measure(lowering, ort, runtime, artifact)
         return result_of(artifact, lowering, captured, runtime, quantization)
 
+    def _backends(self) -> tuple[Backend, Backend]:
+        """ONNX Runtime (the baseline's) and the backend asked for (ONNX Runtime for "auto")."""
+        current()(f"loading {self.backend} for {self.parsed_target}")  # TVM's import: seconds
+        ort = get_backend("onnxruntime", self.parsed_target)
+        if self.backend in ("tvm", "openvino"):
+            return ort, get_backend(self.backend, self.parsed_target, **self.backend_options)
+        return ort, ort
+
     def _check_capture(self, captured: Captured, baseline: Baseline) -> Check:
         """The checks of this run; with ``verify``, the captured graph is checked already."""
         check = Check(captured.check_inputs, self.accept_mismatch)
         check.rounding.measure = baseline.rounding  # for an ONNX model, ONNX Runtime's too
         if self.verify:
+            current()("checking the capture: reference outputs and the model's float32 rounding")
             check.set_reference(
                 baseline.reference_outputs(check.samples), baseline.reference_module(captured)
             )

@@ -97,6 +97,19 @@ def with_dependency_notes(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def with_progress(fn: F) -> F:
+    """``fn`` is a method of an object with a ``progress`` flag: for its run a
+    :class:`~graphopt.core.progress.Progress` (enabled by the flag) is current, its phases kept
+    alive on stderr (:meth:`Progress.active`), so every stage under it can show progress."""
+
+    @functools.wraps(fn)
+    def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
+        with Progress(bool(self.progress)).active():
+            return fn(self, *args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
+
+
 def report_tvm(report: Report, artifact: Any) -> None:
     """The TVM artifact's tasks, its tuning and a warning about heavy untuned tasks."""
     report.tvm_tasks = [dataclasses.asdict(t) for t in artifact.tasks]

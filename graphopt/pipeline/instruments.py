@@ -18,6 +18,7 @@ from torch import fx
 from graphopt.core.ir import FX, IR
 from graphopt.core.pass_infra import Pass, PassContext
 from graphopt.core.printing import ir_diff
+from graphopt.core.progress import Progress
 
 if TYPE_CHECKING:
     from graphopt.pipeline.manager import PassRecord
@@ -60,27 +61,49 @@ class Instrument:
 
 
 class PrintTiming(Instrument):
-    """One line per pass: position, name, time, outcome and statistics (progress for the CLI)."""
+    """One line per pass: position, name, time, outcome and statistics (progress for the CLI).
 
-    def __init__(self, stream: IO[str] | None = None, total: int | None = None) -> None:
+    With a ``progress`` (:class:`~graphopt.core.progress.Progress`; the CLI's) the pass about to
+    run is its current phase, kept alive while it runs, and the lines go through it; else they
+    are printed to ``stream`` (default stderr). ``total``: the pipeline's length for ``[3/7]``.
+    """
+
+    def __init__(
+        self,
+        stream: IO[str] | None = None,
+        total: int | None = None,
+        progress: Progress | None = None,
+    ) -> None:
         self.stream = stream
         self.total = total
+        self.progress = progress if progress is not None and progress.enabled else None
+
+    def _label(self, position: int) -> str:
+        return f"[{position + 1}{f'/{self.total}' if self.total else ''}]"
+
+    def before_pass(self, position, p, gm, ctx) -> None:
+        if self.progress is not None:
+            self.progress.status(f"{self._label(position)} {p} running")
 
     def after_pass(self, position, p, gm, ctx, record) -> None:
-        stream = self.stream or sys.stderr
         stats = " ".join(f"{k}={v}" for k, v in sorted(record.stats.items()))
-        total = f"/{self.total}" if self.total else ""
-        state = (
-            record.status
-            if record.status != "ok"
-            else ("modified" if record.modified else "unchanged")
+        line = (
+            f"  {self._label(position)} {record.spec:<28} {record.time_s * 1e3:8.1f} ms  "
+            f"{outcome(record):<11} {stats}"
         )
-        print(
-            f"  [{position + 1}{total}] {record.spec:<28} {record.time_s * 1e3:8.1f} ms  "
-            f"{state:<11} {stats}",
-            file=stream,
-            flush=True,
-        )
+        if self.progress is not None:
+            self.progress.line(line)
+            self.progress.status(f"after {self._label(position)} {p}")
+        else:
+            print(line, file=self.stream or sys.stderr, flush=True)
+
+
+def outcome(record: PassRecord) -> str:
+    """The word for what a pass did: its status when not ``ok``, else whether it changed the
+    graph (the report's ``changed`` column)."""
+    if record.status != "ok":
+        return record.status
+    return "modified" if record.modified else "unchanged"
 
 
 class PrintIR(Instrument):
