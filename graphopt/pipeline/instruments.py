@@ -66,6 +66,8 @@ class PrintTiming(Instrument):
     With a ``progress`` (:class:`~graphopt.core.progress.Progress`; the CLI's) the pass about to
     run is its current phase, kept alive while it runs, and the lines go through it; else they
     are printed to ``stream`` (default stderr). ``total``: the pipeline's length for ``[3/7]``.
+    A pass of a later stage (int8's ONNX passes, run by their own manager after the FX ones)
+    is numbered after the FX passes this instrument saw, as the report's table numbers it.
     """
 
     def __init__(
@@ -77,23 +79,28 @@ class PrintTiming(Instrument):
         self.stream = stream
         self.total = total
         self.progress = progress if progress is not None and progress.enabled else None
+        self.fx_passes = 0  # FX passes seen: a later stage's passes are numbered after them
 
-    def _label(self, position: int) -> str:
-        return f"[{position + 1}{f'/{self.total}' if self.total else ''}]"
+    def _label(self, position: int, p: Pass) -> str:
+        if p.ir == FX.name:
+            self.fx_passes = max(self.fx_passes, position + 1)
+            return f"[{position + 1}{f'/{self.total}' if self.total else ''}]"
+        return f"[{self.fx_passes + position + 1}]"
 
     def before_pass(self, position, p, gm, ctx) -> None:
         if self.progress is not None:
-            self.progress.status(f"{self._label(position)} {p} running")
+            self.progress.status(f"{self._label(position, p)} {p} running")
 
     def after_pass(self, position, p, gm, ctx, record) -> None:
         stats = " ".join(f"{k}={v}" for k, v in sorted(record.stats.items()))
+        label = self._label(position, p)
         line = (
-            f"  {self._label(position)} {record.spec:<28} {record.time_s * 1e3:8.1f} ms  "
+            f"  {label} {record.spec:<28} {record.time_s * 1e3:8.1f} ms  "
             f"{outcome(record):<11} {stats}"
         )
         if self.progress is not None:
             self.progress.line(line)
-            self.progress.status(f"after {self._label(position)} {p}")
+            self.progress.status(f"after {label} {p}")
         else:
             print(line, file=self.stream or sys.stderr, flush=True)
 

@@ -14,6 +14,7 @@ import functools
 import hashlib
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +29,7 @@ from graphopt.backends.tvm.rpc import RpcDevice, meta_schedule_runner
 from graphopt.backends.tvm.schedule import is_heavy, prim_funcs
 from graphopt.backends.tvm.summary import TuningSummary
 from graphopt.backends.tvm.worker import CROSS_EXPORT, import_tensor_intrinsics, init_worker
+from graphopt.core.progress import Progress, current
 from graphopt.errors import BackendError
 
 log = logging.getLogger(__name__)
@@ -68,6 +70,9 @@ class Tuner:
             return summary
         from tvm.s_tir import meta_schedule as ms
 
+        # the budget counts from here: extracting tasks and starting the workers are tuning
+        began = time.perf_counter()
+        deadline = began + self.minutes * 60 if self.minutes else None
         key = model_key(fused)
         spent = database.budget_spent(key)
         tasks = [
@@ -78,6 +83,7 @@ class Tuner:
         if not tasks:
             summary.warnings.append("no compute-heavy tasks to tune")
             return summary
+        tasks = heaviest_first(tasks)
         # the records behind a recorded budget must still be there (not a wiped records file)
         covered = any(database.best_ms(t.dispatched[0]["main"]) is not None for t in tasks)
         enough_trials = spent.get("trials", 0) >= self.trials
@@ -85,11 +91,11 @@ class Tuner:
         if spent and (enough_trials or enough_time or spent.get("exhausted")) and covered:
             summary.reused = True
             return summary
-        tracker = self._run(tasks, database)
+        tracker = self._run(tasks, database, deadline)
         summary.curve = tracker.curve
         summary.trials_run = tracker.trials
         summary.failed_trials = tracker.failed
-        summary.seconds = tracker.seconds
+        summary.seconds = time.perf_counter() - began  # what the budget bounds
         summary.tasks_tuned = len(tasks)
         if tracker.first_error:
             summary.warnings.append(
@@ -101,7 +107,9 @@ class Tuner:
         database.add_budget(key, summary.trials_run, summary.seconds, minutes, exhausted)
         return summary
 
-    def _run(self, tasks: list[Any], database: TuningDatabase) -> _TuningTracker:
+    def _run(
+        self, tasks: list[Any], database: TuningDatabase, deadline: float | None
+    ) -> _TuningTracker:
         from tvm.s_tir import meta_schedule as ms
 
         import_tensor_intrinsics()
@@ -125,14 +133,15 @@ class Tuner:
             [t.task_name for t in tasks],
             [float(w) for w in weights],
             self.trials,
-            self.minutes,
+            deadline,
             self.progress,
         )
         runner: Any = ms.runner.LocalRunner(timeout_sec=BUILD_TIMEOUT_S)
         if self.rpc is not None:
             runner = meta_schedule_runner(self.rpc)
         builder = persistent_builder(
-            cross_compiler_name(self.target) if is_cross(self.target) else None
+            cross_compiler_name(self.target) if is_cross(self.target) else None,
+            before_build=tracker.before_build,
         )
         start = time.perf_counter()
         try:
@@ -146,6 +155,7 @@ class Tuner:
                 runner=runner,
                 database=database.db,
                 measure_callbacks=ms.MeasureCallback.create("default") + [tracker.callback()],
+                task_scheduler=tracker.scheduler,
             )
         except Exception as exc:
             if not tracker.deadline_hit:  # the deadline arrives as an exception, by design
@@ -160,6 +170,21 @@ def model_key(fused: tvm.IRModule) -> str:
     """A key for the model's tuning problem: its fused task structures (weights excluded)."""
     parts = sorted(str(tvm_ffi.structural_hash(f)) for f in prim_funcs(fused).values())
     return hashlib.blake2b("|".join(parts).encode(), digest_size=12).hexdigest()
+
+
+def heaviest_first(tasks: list[Any]) -> list[Any]:
+    """``tasks`` by weight x estimated FLOPs, most first. MetaSchedule's warm-up round gives
+    every task a first batch in this order; a time budget that ends inside it is then spent
+    where the model spends its time."""
+    from tvm.s_tir.analysis import estimate_tir_flops
+
+    def cost(task: Any) -> float:
+        try:
+            return float(task.weight) * float(estimate_tir_flops(task.dispatched[0]))
+        except (tvm.error.TVMError, ValueError, TypeError, IndexError):  # no estimate: last
+            return 0.0
+
+    return sorted(tasks, key=cost, reverse=True)
 
 
 def _search_strategy(trials: int, n_tasks: int) -> Any:
@@ -180,7 +205,11 @@ def _search_strategy(trials: int, n_tasks: int) -> Any:
     )
 
 
-def persistent_builder(cross_cc: str | None = None, recycle_every: int = 25) -> Any:
+def persistent_builder(
+    cross_cc: str | None = None,
+    recycle_every: int = 25,
+    before_build: Callable[[], None] | None = None,
+) -> Any:
     """A MetaSchedule builder whose worker processes live across batches.
 
     ``LocalBuilder`` starts a fresh process pool for every batch (against a memory leak in
@@ -188,6 +217,7 @@ def persistent_builder(cross_cc: str | None = None, recycle_every: int = 25) -> 
     6-8 s per batch here, more than the builds. This pool is kept and recycled every
     ``recycle_every`` batches instead, and its workers start through :func:`init_worker`.
     ``cross_cc``: link candidates with that cross compiler (the workers register the export).
+    ``before_build``: called before each batch is built (it may raise to stop tuning).
     """
     from tvm.ir.utils import derived_object
     from tvm.s_tir.meta_schedule.builder import BuilderResult, PyBuilder
@@ -218,6 +248,8 @@ def persistent_builder(cross_cc: str | None = None, recycle_every: int = 25) -> 
             return self.pool
 
         def build(self, build_inputs: list[Any]) -> list[Any]:
+            if before_build is not None:
+                before_build()
             pool = self._get_pool()
             jobs = [
                 (
@@ -242,6 +274,19 @@ def persistent_builder(cross_cc: str | None = None, recycle_every: int = 25) -> 
     return _PersistentBuilder()
 
 
+def stop_before_batch(now: float, deadline: float, batches: list[float]) -> bool:
+    """Whether tuning should stop before its next batch: past the deadline, or the next batch
+    (as long as the median of the last five, ``batches`` in seconds) would end further past it
+    than stopping now falls short of it. Either way the budget is missed by at most half a
+    batch, where stopping only past the deadline misses it by up to a whole one."""
+    if now >= deadline:
+        return True
+    if not batches:
+        return False
+    recent = sorted(batches[-5:])
+    return now + recent[len(recent) // 2] / 2 > deadline
+
+
 class TuningDeadline(Exception):
     """Raised from MetaSchedule's measure callback to end tuning when the time is up."""
 
@@ -258,7 +303,7 @@ class _TuningTracker:
         names: list[str],
         weights: list[float],
         trials: int,
-        minutes: float | None,
+        deadline: float | None,
         progress: bool,
     ) -> None:
         self.names = names
@@ -270,14 +315,22 @@ class _TuningTracker:
         self.seconds = 0.0
         self.deadline_hit = False
         self.curve: list[dict[str, float]] = []
-        self.deadline = time.perf_counter() + minutes * 60 if minutes else None
-        self.start = time.perf_counter()
-        self.bar = None
-        if progress:
-            from tqdm import tqdm
+        self.deadline = deadline
+        self.start = self.last = time.perf_counter()
+        self.batches: list[float] = []  # seconds between builds: one batch each, search included
+        from tvm.s_tir import meta_schedule as ms
 
-            total = None if minutes and trials >= 100_000 else trials
-            self.bar = tqdm(total=total, desc="tuning", unit="trial", leave=True)
+        self.scheduler = ms.TaskScheduler.create("gradient")
+        say = current() if current().enabled or not progress else Progress(True)
+        by_time = deadline is not None and trials >= 100_000  # a budget in minutes only
+        self._phase = say.phase(
+            "tuning",
+            None if by_time else trials,
+            unit="trial",
+            estimate_s=deadline - self.start if deadline is not None else None,
+            leave=True,
+        )
+        self.bar = self._phase.__enter__()
 
     def callback(self) -> Any:
         from tvm.ir.utils import derived_object
@@ -312,20 +365,31 @@ class _TuningTracker:
         if estimate is not None:
             point["est_ms"] = round(estimate, 4)
         self.curve.append(point)
-        if self.bar is not None:
-            self.bar.n = self.trials
-            self.bar.set_postfix_str(
-                f"{self.names[task_id][:28]}" + (f" est {estimate:.2f} ms" if estimate else "")
-            )
-            self.bar.refresh()
-        if self.deadline is not None and time.perf_counter() > self.deadline:
-            # Terminating tasks from here is unsafe: the gradient scheduler hands out the task
-            # whose results this callback reports right after it returns, and MetaSchedule
-            # aborts on a terminated one. Raising stops tune_tasks; the records measured so far
-            # are already in the database (AddToDatabase runs before this callback).
-            self.deadline_hit = True
-            raise TuningDeadline(f"time budget reached after {self.trials} trials")
+        self.bar.note(
+            f"{self.names[task_id][:28]}" + (f", est {estimate:.2f} ms" if estimate else "")
+        )
+        self.bar.set(self.trials)
+
+    def before_build(self) -> None:
+        """The deadline, kept before each batch is built. MetaSchedule reports nothing during
+        its warm-up round (it joins the tasks' runs only after every task has sent a batch), so
+        the measure callback alone cannot keep it. Out of time, the batches sent so far are
+        joined (their records go to the database, the callback counts them) and tuning stops
+        by raising: terminating tasks from MetaSchedule's callbacks is unsafe (the gradient
+        scheduler aborts on a terminated task it hands out next)."""
+        if not self.out_of_time():
+            return
+        for i, task in enumerate(self.scheduler.tasks_):
+            if task.runner_futures is not None and not task.is_terminated:
+                self.scheduler.join_running_task(i)
+        self.deadline_hit = True
+        raise TuningDeadline(f"time budget reached after {self.trials} trials")
+
+    def out_of_time(self) -> bool:
+        now = time.perf_counter()
+        self.batches.append(now - self.last)
+        self.last = now
+        return self.deadline is not None and stop_before_batch(now, self.deadline, self.batches)
 
     def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
+        self._phase.__exit__(None, None, None)
