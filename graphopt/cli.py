@@ -47,6 +47,7 @@ from graphopt.cli_model import (
     random_inputs,
     user_model,
 )
+from graphopt.core.progress import Progress
 from graphopt.core.registry import registered_passes
 from graphopt.errors import GraphoptError, InputError
 from graphopt.frontends.onnx import load_onnx
@@ -149,9 +150,9 @@ def _load_model(args: argparse.Namespace) -> tuple[Any, tuple[Any, ...] | None, 
         )
     if args.input_shape:
         raise InputError("--input-shape applies to an ONNX file or a Python model, not a zoo one.")
-    if not args.quiet:  # digits_cnn trains for a few seconds on its first use
-        print(f"building zoo model {source} ({zoo.describe(source)})", file=sys.stderr)
-    entry = zoo.get(source)
+    with Progress(not args.quiet).active() as say:  # digits_cnn trains a few seconds at first
+        say(f"building zoo model {source} ({zoo.describe(source)})")
+        entry = zoo.get(source)
     return entry.model, entry.example_inputs, entry.name
 
 

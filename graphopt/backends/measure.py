@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 from graphopt._util import cache_dir
 from graphopt.backends import get_backend
+from graphopt.core.progress import Progress, current
 
 if TYPE_CHECKING:  # pragma: no cover
     from graphopt.backends.base import Backend
@@ -406,23 +407,15 @@ class UnitTimer:
         import torch
 
         calls = {}
-        bar = None
-        if self.progress:  # compiling is most of the measuring time
-            from tqdm import tqdm
-
-            bar = tqdm(total=len(modules), desc=f"{self.name} compiling", unit="unit", leave=False)
-        for key, (module, inputs) in modules.items():
+        say = current() if current().enabled or not self.progress else Progress(True)
+        # compiling is most of the measuring time
+        for key in say.track(list(modules), f"{self.name}: compiling", unit="unit"):
+            module, inputs = modules[key]
             artifact = self.backend.compile(module, inputs)
             arrays = [x.numpy() if isinstance(x, torch.Tensor) else x for x in inputs]
             calls[key] = lambda a=artifact, arrays=arrays: a.run(arrays)
-            if bar is not None:
-                bar.update(1)
-        if bar is not None:
-            bar.set_description(f"{self.name} timing {len(modules)} interleaved")
-        timed = time_interleaved(calls, warmup=3, runs=runs, max_time_s=max_time, rewarm=2)
-        if bar is not None:
-            bar.close()
-        return timed
+        with say.phase(f"{self.name}: timing {len(modules)} interleaved", estimate_s=max_time):
+            return time_interleaved(calls, warmup=3, runs=runs, max_time_s=max_time, rewarm=2)
 
 
 def backend_for(ctx: Any) -> Backend:

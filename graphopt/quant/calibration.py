@@ -23,6 +23,7 @@ import numpy as np
 import onnx
 import torch
 
+from graphopt.core.progress import Progress
 from graphopt.errors import GraphoptError, InputError
 from graphopt.quant.graph import fixed_batch, input_dtype, input_names
 from graphopt.quant.observers import Observer, make_observer
@@ -168,15 +169,19 @@ def _as_float(batch: Any, integer: list[int]) -> tuple:
 def progress_batches(
     batches: Sequence[Batch], label: str | None, say: Callable[[str], None] | None, after: str = ""
 ) -> Iterable[Batch]:
-    """Yield ``batches``, drawing a progress bar with ``say`` (about 10 updates), then
-    ``after``."""
-    n = len(batches)
-    every = max(1, n // 10)
-    for i, batch in enumerate(batches, start=1):
-        yield batch
-        if say is not None and (i % every == 0 or i == n):
-            done = round(20 * i / n)
-            say(f"{label} [{'#' * done}{'.' * (20 - done)}] {i}/{n} batches")
+    """Yield ``batches`` with progress through ``say``, then say ``after``: a live bar where
+    ``say`` is a :class:`~graphopt.core.progress.Progress` on a terminal, else a text bar in
+    about 10 lines (``calibrating [####......] 4/10 batches``)."""
+    if isinstance(say, Progress) and say.enabled and say.tty:
+        yield from say.track(batches, label or "calibrating", unit="batch")
+    else:
+        n = len(batches)
+        every = max(1, n // 10)
+        for i, batch in enumerate(batches, start=1):
+            yield batch
+            if say is not None and (i % every == 0 or i == n):
+                done = round(20 * i / n)
+                say(f"{label} [{'#' * done}{'.' * (20 - done)}] {i}/{n} batches")
     if say is not None and after:
         say(after)
 

@@ -46,6 +46,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from graphopt._util import close_matches
 from graphopt.backends.onnxruntime import ort_optimized_model
+from graphopt.core.progress import current
 from graphopt.errors import GraphoptError, InputError
 from graphopt.quant.calibration import MethodChoice, choose_observer, iter_calibration_batches
 from graphopt.quant.graph import GraphIndex, named, opset
@@ -158,7 +159,10 @@ def _collect(
         n += 1
     qparams: dict[str, QParams] = {}
     choices: dict[str, MethodChoice] = {}
-    for name in plan.observed:
+    names: Iterable[str] = plan.observed
+    if method == "auto":  # a second or more per tensor on big activations
+        names = current().track(plan.observed, "auto: calibration method", unit="tensor")
+    for name in names:
         if name in nonfinite:
             continue
         if method == "auto":

@@ -60,7 +60,7 @@ from torch import fx
 from graphopt.backends.measure import UnitTimer, backend_for, cache_for, measurable
 from graphopt.core.numerics import Numerics
 from graphopt.core.pass_infra import Pass, PassContext, PassResult
-from graphopt.core.progress import Progress
+from graphopt.core.progress import Progress, current
 from graphopt.core.registry import register_pass
 from graphopt.errors import PipelineError
 from graphopt.passes.merge_convs import depth, exact
@@ -127,7 +127,7 @@ class MergeConvs(Pass):
         runs: int = 30  # timed calls per unit
         max_time_s: float = 20.0  # time budget of one stretch's interleaved timing
         cache: bool = True  # reuse (and store) latencies in the on-disk cache
-        progress: bool = False  # progress lines and a bar on stderr while measuring
+        progress: bool = False  # progress on stderr outside optimize(progress=True) too
         # depth compression (remove activations): a budget turns it on
         budget: float = 0.0  # the model's latency times this (0 < budget <= 1)
         budget_ms: float = 0.0  # or the model's latency in ms on the target
@@ -190,17 +190,20 @@ class MergeConvs(Pass):
             progress=opts.progress,
             name="merge-convs",
         )
-        say = Progress(opts.progress, prefix="merge-convs ")
-        if self.depth:
-            return depth.run(
-                gm,
-                ctx,
-                stretches,
-                stats,
-                timer,
-                say,
-                opts,
-                metric=self.metric,
-                finetune=self.finetune,
-            )
-        return exact.run(gm, stretches, stats, timer, say, opts)
+        say = current()  # optimize(progress=True)'s; else the option decides
+        if not say.enabled:
+            say = Progress(opts.progress, prefix="merge-convs ")
+        with say.active():
+            if self.depth:
+                return depth.run(
+                    gm,
+                    ctx,
+                    stretches,
+                    stats,
+                    timer,
+                    say,
+                    opts,
+                    metric=self.metric,
+                    finetune=self.finetune,
+                )
+            return exact.run(gm, stretches, stats, timer, say, opts)

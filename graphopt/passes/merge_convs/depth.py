@@ -189,9 +189,7 @@ def importance_table(
         for aj in (0, 1):
             sets[i, j, aj] = inner | ({j} if aj == 0 and j in acts else set())
     distinct = sorted(set(sets.values()), key=lambda s: (len(s), sorted(s)))
-    for n, removed in enumerate(distinct, start=1):
-        if n % 25 == 0 or n == len(distinct):
-            say(f"importance: {n}/{len(distinct)} sets of removed activations")
+    for removed in say.track(distinct, "merge-convs: importance", unit="set"):
         importance.score(removed)
     return {
         (i, j, ai, aj): importance.score(sets[i, j, aj])
@@ -339,8 +337,8 @@ def _time_tables(
     """Every stretch's candidates timed, as ``T`` over the virtual chain (None when no stretch
     could be timed)."""
     usable: list[tuple[Stretch, StretchPlan, dict[Candidate, algebra.ConvSpec]]] = []
-    for n, stretch in enumerate(stretches, start=1):
-        say(f"timing stretch {n}/{len(stretches)}: {stretch.name} ({stretch.length} convs)")
+    for stretch in say.track(stretches, "merge-convs: timing stretches", unit="stretch"):
+        say.note(f"{stretch.name}, {stretch.length} convs")
         layer, specs = time_stretch(stretch, timer, stats, gm, options, depth=True)
         if layer.reason and layer.reason != "all-refused":
             continue

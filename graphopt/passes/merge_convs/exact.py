@@ -121,8 +121,8 @@ def run(
     """Time, plan and merge every stretch of ``gm`` (the exact mode of the pass)."""
     decisions: list[StretchPlan] = []
     rewrites: list[tuple[Stretch, Candidate, algebra.ConvSpec]] = []
-    for n, stretch in enumerate(stretches, start=1):
-        say(f"stretch {n}/{len(stretches)}: {stretch.name} ({stretch.length} convs)")
+    for stretch in say.track(stretches, "merge-convs: timing stretches", unit="stretch"):
+        say.note(f"{stretch.name}, {stretch.length} convs")
         layer, specs = time_stretch(stretch, timer, stats, gm, options, depth=False)
         if not layer.reason:
             layer = plan_stretch(layer, stretch.length, options.min_speedup)

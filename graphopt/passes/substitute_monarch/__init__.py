@@ -56,6 +56,7 @@ from torch import fx, nn
 from graphopt.backends.measure import UnitTimer, backend_for, cache_for, measurable
 from graphopt.core.numerics import Numerics
 from graphopt.core.pass_infra import Pass, PassContext, PassResult
+from graphopt.core.progress import current
 from graphopt.core.registry import register_pass
 from graphopt.errors import PipelineError
 from graphopt.fx.tensors import grad_enabled
@@ -160,11 +161,16 @@ class SubstituteMonarch(Pass):
         if not measurable(backend):
             stats["skipped:target-not-measurable"] += len(sites)
             return PassResult(gm, modified=False, stats=+stats)
-        rows, first_shapes = record_inputs(gm, sites, batches, opts.calibration_rows)
+        say = current()
+        with say.phase("substitute-monarch: recording the layers' inputs"):
+            rows, first_shapes = record_inputs(gm, sites, batches, opts.calibration_rows)
         cache = cache_for(ctx, backend) if opts.cache else None
-        timer = UnitTimer(backend, cache, runs=opts.runs, max_time_s=opts.max_time_s)
+        timer = UnitTimer(
+            backend, cache, runs=opts.runs, max_time_s=opts.max_time_s, name="substitute-monarch"
+        )
         layers, substitutes = [], []
-        for site in sites:
+        for site in say.track(sites, "substitute-monarch: fitting and timing", unit="layer"):
+            say.note(site.name)
             layer, built = self._measure(site, rows.get(site.node), first_shapes, timer)
             layers.append(layer)
             substitutes.append(built)

@@ -32,6 +32,7 @@ from onnx import numpy_helper
 
 from graphopt.core.numerics import Numerics
 from graphopt.core.pass_infra import PassContext, PassResult
+from graphopt.core.progress import current
 from graphopt.core.registry import register_pass
 from graphopt.errors import InputError
 from graphopt.quant.annotations import float_marks, record_original_bias
@@ -139,7 +140,7 @@ def bias_correction(
     pidx = GraphIndex(probe)
     probe_nodes = {n.name: n for n in probe.graph.node}
     shifts: dict[str, np.ndarray] = {}
-    for k, work_site in enumerate(sites):
+    for k, work_site in enumerate(current().track(sites, "bias correction", unit="layer")):
         site = bias_site(pidx, probe_nodes[work_site.node.name])
         assert isinstance(site, BiasSite)  # the same graph as work, where it was a site
         w = pidx.own_const(site.weight)
