@@ -119,6 +119,19 @@ def test_phase_with_a_total_on_a_terminal_is_a_tqdm_bar():
     assert "tuning" in text and "3/3" in text and "trial/s" in text
 
 
+def test_a_phase_inside_a_bar_is_shown_in_the_bar_not_over_it():
+    out = Recorder()
+    say = Progress(True, stream=out, tty=True, heartbeat_s=0.2)
+    with say.active(), say.phase("stretches", 2, unit="stretch") as bar:
+        bar.note("layer1")
+        with say.phase("timing 3 units", estimate_s=20):
+            time.sleep(0.7)
+        bar.update()
+    text = out.getvalue()
+    assert "stretches:" in text and "layer1; timing 3 units" in text and "left" in text
+    assert "\r\x1b[K[" not in text  # no status line drawn over the bar
+
+
 def test_quiet_prints_nothing_and_starts_no_thread():
     out = Recorder()
     say = Progress(False, stream=out, tty=True, heartbeat_s=0.05)

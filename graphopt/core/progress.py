@@ -26,6 +26,7 @@ phases with ``current().phase(...)``; outside it, :func:`current` is a disabled 
 
 from __future__ import annotations
 
+import io
 import os
 import sys
 import threading
@@ -122,7 +123,9 @@ class Progress:
         self.heartbeat_s = heartbeat_s
         self.plain_every_s = plain_every_s
         self.start = time.perf_counter()
-        self.width = _width(stream or sys.stderr) if self.tty else 0
+        columns = _columns(stream or sys.stderr) if self.tty else 0
+        self.sized = columns > 0  # the terminal reports its width (not a bare pty)
+        self.width = columns or 100
         self._lock = threading.RLock()
         self._stage: Phase | None = None  # the phase of the last __call__ or status()
         self._phases: list[Phase] = []  # explicit phases, innermost last
@@ -197,6 +200,9 @@ class Progress:
             self._keep_alive(-1)
             with self._lock:
                 self._phases.remove(phase)
+                for outer in self._phases:  # the note a phase inside it borrowed
+                    if outer.bar is not None:
+                        outer.bar.set_postfix_str(outer.postfix, refresh=False)
                 if phase.bar is not None:
                     phase.bar.close()
                 elif total and time.perf_counter() - phase.start >= self.plain_every_s:
@@ -256,9 +262,15 @@ class Progress:
             phase.bar.refresh()  # tqdm recomputes the elapsed time and the estimate
             self._last_output = time.perf_counter()
             return
+        outer = next((p for p in reversed(self._phases) if p.bar is not None), None)
+        if outer is not None:  # a phase inside a bar: shown in the bar's note, not over it
+            note = "; ".join(filter(None, (outer.postfix, phase.describe())))
+            outer.bar.set_postfix_str(note, refresh=True)
+            self._last_output = time.perf_counter()
+            return
         text = f"[{self.prefix}{self.elapsed():6.1f}s] ... {phase.describe()}"
         if self.tty:
-            if self.width and len(text) >= self.width:
+            if len(text) >= self.width:
                 text = text[: self.width - 4] + "..."
             self._write(_CLEAR + text)
             self._status_shown = True
@@ -325,7 +337,10 @@ def _bar(owner: Progress, name: str, total: float, unit: str, leave: bool) -> An
         unit=unit or "it",
         file=owner.stream or sys.stderr,
         leave=leave,
-        dynamic_ncols=True,
+        # a terminal that reports no size (a fresh pseudo-terminal) hides tqdm's bars
+        dynamic_ncols=owner.sized,
+        ncols=None if owner.sized else owner.width,
+        nrows=None if owner.sized else 20,
         mininterval=0.2,
     )
 
@@ -337,11 +352,11 @@ def _isatty(stream: Any) -> bool:
         return False
 
 
-def _width(stream: Any) -> int:
+def _columns(stream: Any) -> int:
     try:
         return os.get_terminal_size(stream.fileno()).columns
-    except (AttributeError, OSError, ValueError):
-        return 100
+    except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
+        return 0
 
 
 def _duration(seconds: float) -> str:
