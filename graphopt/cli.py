@@ -1,6 +1,7 @@
 """The ``graphopt`` command (also ``python -m graphopt``).
 
 graphopt optimize resnet18 --target cpu [-o out.onnx] [--pipeline STR] [--json report.json]
+graphopt optimize mobileone_s0 --report report.html   the report as a page with plots
 graphopt optimize model.onnx --target cpu -o model.opt.onnx
 graphopt optimize resnet18 --backend tvm --tune-minutes 20 -o resnet18.so
 graphopt optimize resnet18 --target aarch64-linux --backend tvm --rpc 127.0.0.1:9190/board
@@ -119,6 +120,8 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
         except OSError as exc:
             raise InputError(f"cannot write the report to {args.json}: {exc.strerror}.") from exc
         print(f"report written to {args.json}")
+    if args.report:
+        print(f"HTML report written to {result.report.save(args.report)}")
     failed = result.report.rolled_back
     return 1 if failed and args.strict else 0
 
@@ -198,7 +201,8 @@ def _onnx_inputs(path: str, specs: list[str] | None) -> tuple[Any, ...] | None:
 
 def _check_outputs(args: argparse.Namespace) -> None:
     """Output paths that cannot be written fail now, not after the optimization."""
-    for flag, value in (("-o/--output", args.output), ("--json", args.json)):
+    outputs = (("-o/--output", args.output), ("--json", args.json), ("--report", args.report))
+    for flag, value in outputs:
         if value is None:
             continue
         path = Path(value)
@@ -208,6 +212,8 @@ def _check_outputs(args: argparse.Namespace) -> None:
             raise InputError(
                 f"{flag} {value}: the directory {path.parent} does not exist; create it first."
             )
+    if args.report and Path(args.report).suffix.lower() not in (".html", ".htm", ".json"):
+        raise InputError(f"--report {args.report}: give a .html (or .json) file name.")
     for flag, value in (("--dump-ir", args.dump_ir), ("--database", args.database)):
         if value is not None and Path(value).exists() and not Path(value).is_dir():
             raise InputError(f"{flag} {value} is a file; give a directory.")
@@ -346,6 +352,12 @@ def _add_optimize(sub: Any) -> None:
         "-o", "--output", default=None, help="write the optimized model (.onnx, .ort, .so)"
     )
     p.add_argument("--json", default=None, help="write the report as JSON to this file")
+    p.add_argument(
+        "--report",
+        default=None,
+        metavar="FILE.html",
+        help="write the report as a self-contained HTML page with plots (or .json)",
+    )
     p.add_argument("--strict", action="store_true", help="fail instead of rolling back a pass")
     p.add_argument(
         "--accept-mismatch",
