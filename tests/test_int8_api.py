@@ -3,6 +3,8 @@ re-parameterisation and quantisation measured on the train-time RepVGG."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import onnx
 import pytest
@@ -61,7 +63,17 @@ def test_digits_int8_end_to_end(digits, tmp_path):
     assert all(b.applied for b in q.bias)
     text = str(result.report)
     assert "insert-qdq" in text and "int8: 3 of 3 layers int8" in text
-    assert "Conv /features/features.0/Conv: int8" in text
+    assert "Conv features.0: int8" in text  # the module path, as every report names layers
+    # the summary states the metric in fp32 and int8, and the JSON has them as numbers
+    assert "top-1 agreement with fp32: fp32 1 -> int8 " in text.split("details")[0]
+    quantization = json.loads(result.report.to_json())["quantization"]
+    assert quantization["fp32"] == 1.0
+    assert quantization["int8"] == pytest.approx(1.0 - quantization["drop"])
+    assert {d["layer"] for d in quantization["layers"]} == {
+        "features.0",
+        "features.3",
+        "classifier",
+    }
     record = result.report.records[-1]
     assert record.name == "insert-qdq" and record.modified and record.stats["int8"] == 3
     assert result.report.artifact_error.ok
@@ -196,7 +208,7 @@ def test_max_drop_fallback_through_optimize():
     assert q.drop_all == reported.drop_all and q.drop <= 0.02
     assert q.fallback == ["/fc1/Gemm"] and q.int8_layers == ["/fc2/Gemm"]
     assert result.report.pipeline.endswith("insert-qdq{max_drop=0.02}")
-    assert "Gemm /fc1/Gemm: float (mixed-precision fallback" in str(result.report)
+    assert "Gemm fc1: float (mixed-precision fallback" in str(result.report)
     assert integer_op_counts(ort_optimized_model(result.artifact.proto))["QGemm"] == 1
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
 

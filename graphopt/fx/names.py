@@ -1,5 +1,6 @@
 """Attributes of a ``GraphModule`` by their dotted names: read (``fetch_attr``, defined in
-:mod:`graphopt.core.printing`, which reads constants too), replace, find a free one."""
+:mod:`graphopt.core.printing`, which reads constants too), replace, find a free one; and the
+name a report gives a node (:func:`layer_path`)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from torch import nn
 from graphopt.core.printing import fetch_attr
 from graphopt.fx.tensors import as_normal, as_parameter
 
-__all__ = ["fetch_attr", "free_name", "set_attr"]
+__all__ = ["fetch_attr", "free_name", "layer_path", "set_attr"]
 
 
 def set_attr(gm: nn.Module, target: str, value: torch.Tensor) -> None:
@@ -35,3 +36,10 @@ def free_name(gm: nn.Module, stem: str, *, bare: bool = False, start: int = 0) -
     while hasattr(gm, f"{stem}_{i}"):
         i += 1
     return f"{stem}_{i}"
+
+
+def layer_path(node: torch.fx.Node) -> str:
+    """How reports name ``node``: the PyTorch module path (``features.0.0``, where the node's
+    own name is ``features_0_0``) for a module call, as the exported ONNX nodes and the int8
+    report name layers (:func:`graphopt.core.names.layer_name`); else the node's name."""
+    return str(node.target) if node.op == "call_module" else node.name

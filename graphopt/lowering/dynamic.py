@@ -22,6 +22,7 @@ import torch
 from graphopt._util import first_line
 from graphopt.backends import Artifact
 from graphopt.backends.arrays import to_numpy
+from graphopt.backends.quiet import quiet
 from graphopt.core.dynamic_axes import other_sizes, sizes
 from graphopt.core.numerics import Comparison, Numerics, Rounding
 from graphopt.frontends.onnx import from_numpy
@@ -57,7 +58,8 @@ def plan(
     lowering.output_axes, lowering.other_sizes = {}, []
     for dim, inputs in other_sizes(axes, names, lowering.inputs).items():
         try:
-            with torch.no_grad():
+            # ONNX Runtime's error line for a size the user's file refuses goes to the notes
+            with torch.no_grad(), quiet():
                 outputs = reference([inputs])
         except Exception as exc:  # noqa: BLE001 - the model's own failure: nothing to check
             failed.append(f"{dim} ({first_line(exc, with_type=True)[:200]})")

@@ -143,6 +143,7 @@ def lower_int8(
     insert-qdq's contract."""
     report = lowering.report
     qproto, quant = quantize_export(lowering, calibration, metric)
+    report.quantization = quant.to_dict()
     record = report.records[-1]  # insert-qdq's
     numerics = InsertQDQ.numerics
     if record.status == "rolled-back":  # its contract broke on the sample inputs

@@ -50,7 +50,7 @@ from graphopt.core.pass_infra import Pass, PassContext, PassResult
 from graphopt.core.registry import register_pass
 from graphopt.fx.effects import shares_storage, written_storages
 from graphopt.fx.layers import Layer, as_bn, as_layer, call_counts, is_shared, param_owners
-from graphopt.fx.names import set_attr
+from graphopt.fx.names import layer_path, set_attr
 from graphopt.fx.tensors import as_parameter
 from graphopt.fx.uses import sole_value_user, value_users
 
@@ -131,8 +131,8 @@ class _Pair:
 
     @property
     def label(self) -> str:
-        via = "".join(f" -> {n.name}" for n in self.between)
-        return f"{self.first.node.name}{via} -> {self.second.node.name}"
+        via = "".join(f" -> {layer_path(n)}" for n in self.between)
+        return f"{layer_path(self.first.node)}{via} -> {layer_path(self.second.node)}"
 
 
 @dataclass

@@ -20,6 +20,7 @@ from typing import Any, Literal
 import torch
 
 from graphopt.core.ir import FX, IR
+from graphopt.core.names import decision_dict
 from graphopt.core.numerics import Comparison, Numerics, Rounding, run_samples, sample_labels
 from graphopt.core.pass_infra import Pass, PassContext
 from graphopt.errors import GraphoptError, PassError, PipelineError, VerificationError
@@ -49,6 +50,8 @@ class PassRecord:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["comparison"] = dataclasses.asdict(self.comparison) if self.comparison else None
+        # fields, with ``layer`` (the module path) beside a node name; others as their text
+        d["decisions"] = [decision_dict(x) for x in self.decisions]
         return d
 
 

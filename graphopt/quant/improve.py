@@ -35,6 +35,7 @@ from typing import Any
 
 import onnx
 
+from graphopt.core.names import decision_dict, layer_name
 from graphopt.core.pass_infra import PassContext
 from graphopt.errors import GraphoptError, InputError
 from graphopt.pipeline.manager import PassManager, PassRecord
@@ -75,6 +76,7 @@ class Int8Report:
     drop_all: float
     drop: float
     max_drop: float | None = None
+    fp32: float = 1.0  # the metric on the float model; int8's is ``fp32 - drop``
     smoothquant: list[SmoothQuantDecision] = field(default_factory=list)
     bias: list[BiasCorrection] = field(default_factory=list)
     sensitivity: list[LayerSensitivity] = field(default_factory=list)
@@ -90,15 +92,53 @@ class Int8Report:
         """Layers kept in float, with the reason."""
         return self.quant.float_layers
 
-    def lines(self) -> list[str]:
-        """One line per decision, for the optimize report."""
+    @property
+    def int8(self) -> float:
+        """The metric on the int8 model."""
+        return self.fp32 - self.drop
+
+    def summary(self) -> str:
+        """One line: layers in int8, calibration, the metric in fp32 and int8 and the drop."""
         q = self.quant
         budget = f", allowed {self.max_drop:g}" if self.max_drop is not None else ""
-        out = [
+        every = (
+            f"; every layer int8: {self.fp32 - self.drop_all:.4g}"
+            if self.fallback and self.drop_all != self.drop
+            else ""
+        )
+        return (
             f"int8: {len(q.quantized)} of {len(q.layers)} layers int8 ({q.method} calibration, "
-            f"{q.activation_dtype} activations, {q.batches} batches); {self.metric} drop "
-            f"{self.drop:.4g}{budget} (all int8: {self.drop_all:.4g})"
-        ]
+            f"{q.activation_dtype} activations, {q.batches} batches); {self.metric}: fp32 "
+            f"{self.fp32:.4g} -> int8 {self.int8:.4g} (drop {self.drop:.4g}{budget}{every})"
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """Structured fields for the JSON report: the metric's values, the layers' precision
+        (PyTorch module paths where the export named nodes after them), the improvers'
+        decisions."""
+        q = self.quant
+        return {
+            "metric": self.metric,
+            "fp32": self.fp32,
+            "int8": self.int8,
+            "drop": self.drop,
+            "drop_all_int8": self.drop_all,
+            "max_drop": self.max_drop,
+            "method": q.method,
+            "activations": q.activation_dtype,
+            "calibration_batches": q.batches,
+            "int8_layers": len(q.quantized),
+            "layers": [decision_dict(d) for d in q.layers],
+            "fallback": [layer_name(n) for n in self.fallback],
+            "sensitivity": [decision_dict(d) for d in self.sensitivity],
+            "bias_correction": [decision_dict(d) for d in self.bias],
+            "smoothquant": [dataclasses.asdict(d) for d in self.smoothquant],
+        }
+
+    def lines(self) -> list[str]:
+        """The summary line, then one line per decision."""
+        q = self.quant
+        out = [self.summary()]
         out += [f"  {d}" for d in q.layers]
         out += [f"  {s}" for s in self.smoothquant]
         out += [f"  {b}" for b in self.bias]
@@ -171,6 +211,7 @@ def int8_report(records: Sequence[PassRecord]) -> Int8Report:
     summary = last.decisions[0]
     assert isinstance(summary, QdqSummary)  # insert-qdq's first decision
     result = Int8Report(summary.quant, summary.metric, summary.drop, summary.drop)
+    result.fp32 = summary.fp32
     result.records = list(records)
     for r in records:
         if r.status not in _DONE:

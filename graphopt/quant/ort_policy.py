@@ -48,6 +48,7 @@ import onnx
 import torch
 from onnx import TensorProto
 
+from graphopt.core.names import layer_name
 from graphopt.quant.graph import GraphIndex, attr, opset
 from graphopt.quant.qparams import QParams
 
@@ -105,9 +106,17 @@ class LayerDecision:
     quantized: bool
     reason: str = ""
 
+    @property
+    def outcome(self) -> str:  # what the report counts
+        return "int8" if self.quantized else "float"
+
+    @property
+    def severity(self) -> float:  # the report lists layers kept in float first
+        return 0.0 if self.quantized else 1.0
+
     def __str__(self) -> str:
         state = "int8" if self.quantized else f"float ({self.reason})"
-        return f"{self.op_type} {self.node}: {state}"
+        return f"{self.op_type} {layer_name(self.node)}: {state}"
 
 
 def _weight_reason(g: GraphIndex, node: onnx.NodeProto, index: int) -> str:

@@ -219,3 +219,27 @@ def test_a_module_a_pass_creates_keeps_the_path_of_what_it_replaced() -> None:
     names = [n.name for n in result.artifact.proto.graph.node]
     merged = [n for n in names if "reparam" in n]
     assert merged and all(n.startswith("/1/1.0/reparam") for n in merged), names
+
+
+def test_a_size_the_file_refuses_is_a_warning_and_onnx_runtime_says_it_in_the_notes(capfd):
+    """A file whose symbolic dim only runs at one size (a Reshape to a constant shape): the
+    second-size check is skipped with a warning, and ONNX Runtime's error line for that run
+    goes into the report's notes, not onto the user's terminal."""
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, "h"])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8])
+    shape = helper.make_tensor("shape", TensorProto.INT64, [2], [1, 8])
+    graph = helper.make_graph([helper.make_node("Reshape", ["x", "shape"], ["y"])], "g", [x], [y])
+    graph.initializer.append(shape)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    example = torch.randn(1, 2, 4)
+    capfd.readouterr()
+    result = graphopt.optimize(model, "cpu", [example], measure=False)
+    err = capfd.readouterr().err
+    assert "Non-zero status code" not in err and "[E:onnxruntime" not in err, err
+    report = result.report
+    assert any("does not run with these dynamic axes" in w and "h" in w for w in report.warnings)
+    assert any("onnxruntime" in n.lower() for n in report.notes), report.notes
+    np.testing.assert_allclose(result(example).numpy(), example.reshape(1, 8).numpy())

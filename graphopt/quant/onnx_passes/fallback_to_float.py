@@ -25,6 +25,7 @@ from typing import Literal
 
 import onnx
 
+from graphopt.core.names import layer_name
 from graphopt.core.numerics import Numerics
 from graphopt.core.pass_infra import PassContext, PassResult
 from graphopt.core.registry import register_pass
@@ -53,8 +54,15 @@ class LayerSensitivity:
     op_type: str
     drop_without: float
 
+    @property
+    def severity(self) -> float:  # the most sensitive layer leaves the smallest drop in float
+        return -self.drop_without
+
     def __str__(self) -> str:
-        return f"sensitivity {self.op_type} {self.node}: drop {self.drop_without:.4g} when float"
+        return (
+            f"sensitivity {self.op_type} {layer_name(self.node)}: drop {self.drop_without:.4g} "
+            "when float"
+        )
 
 
 @dataclass

@@ -59,13 +59,14 @@ class QdqSummary:
     quant: QuantReport
     metric: str
     drop: float
+    fp32: float = 1.0  # the metric's value on the float model (1 for agreement with fp32)
 
     def __str__(self) -> str:
         q = self.quant
         return (
             f"int8: {len(q.quantized)} of {len(q.layers)} layers int8 ({q.method} calibration, "
-            f"{q.activation_dtype} activations, {q.batches} batches); {self.metric} drop "
-            f"{self.drop:.4g}"
+            f"{q.activation_dtype} activations, {q.batches} batches); {self.metric}: fp32 "
+            f"{self.fp32:.4g}, int8 {self.fp32 - self.drop:.4g} (drop {self.drop:.4g})"
         )
 
 
@@ -101,7 +102,7 @@ class InsertQDQ(OnnxPass):
         )
         # the float reference: the model before bias correction (its shifts are for int8)
         scorer = Scorer(restore_biases(model, original_biases(model)), batches, ctx.metric)
-        summary = QdqSummary(report, scorer.name, scorer.drop(qmodel))
+        summary = QdqSummary(report, scorer.name, scorer.drop(qmodel), scorer.base)
         run.say(str(summary))
         strip(qmodel)
         stats = {"int8": len(report.quantized), "float": len(report.float_layers)}

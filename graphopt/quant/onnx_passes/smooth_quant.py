@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import onnx
 
+from graphopt.core.names import layer_name
 from graphopt.core.numerics import Numerics
 from graphopt.core.pass_infra import PassContext, PassResult
 from graphopt.core.registry import register_pass
@@ -54,11 +55,20 @@ class SmoothQuantDecision:
     act_range_before: float = 0.0  # max_j max|X_j| / median_j max|X_j|
     act_range_after: float = 0.0
 
+    @property
+    def outcome(self) -> str:  # what the report counts
+        return "smoothed" if self.applied else "not applied"
+
+    @property
+    def severity(self) -> float:  # the report lists the worst channel outliers first
+        return self.act_range_before
+
     def __str__(self) -> str:
         if not self.applied:
             return f"smoothquant {self.tensor}: not applied ({self.reason})"
         return (
-            f"smoothquant {self.tensor} ({self.producer} -> {', '.join(self.consumers)}): "
+            f"smoothquant {self.tensor} ({layer_name(self.producer)} -> "
+            f"{', '.join(map(layer_name, self.consumers))}): "
             f"s in [{self.scale_min:.3g}, {self.scale_max:.3g}], channel outlier ratio "
             f"{self.act_range_before:.3g} -> {self.act_range_after:.3g}"
         )

@@ -1,0 +1,102 @@
+"""The report a person reads: the summary first, per-layer decisions folded, layers named by
+their PyTorch module path everywhere, the JSON structured, advice when nothing was gained."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from torch import nn
+
+import graphopt
+from graphopt.backends.measure import Latency
+from graphopt.core.names import decision_dict, layer_name
+from graphopt.pipeline import PassRecord
+from graphopt.quant.onnx_passes import BiasCorrection
+from graphopt.report import Report
+from graphopt.report.text import SHOWN, fold
+
+
+def _report(**fields) -> Report:
+    return Report("m", "cpu", "onnxruntime", "1.0", "fold-conv-bn,reparameterize", "fx", **fields)
+
+
+def test_layer_names_are_module_paths():
+    assert layer_name("/layer1/layer1.0/conv1/Conv") == "layer1.0.conv1"
+    assert layer_name("/features/features.3/features.3.conv/features.3.conv.0/Conv") == (
+        "features.3.conv.0"
+    )
+    assert layer_name("/blocks/blocks.0/attn/qkv/MatMul") == "blocks.0.attn.qkv"
+    # names of another origin (a user's ONNX file, the top level) are kept
+    assert layer_name("conv_12") == "conv_12" and layer_name("/Conv") == "/Conv"
+    d = decision_dict(BiasCorrection("/layer1/layer1.0/conv1/Conv", "Conv", True, 0.5, 0.1))
+    assert d["layer"] == "layer1.0.conv1" and d["max_abs_shift"] == 0.5
+    assert "layer1.0.conv1" in str(BiasCorrection("/layer1/layer1.0/conv1/Conv", "Conv", True))
+
+
+def test_many_decisions_of_one_kind_fold_into_counts_and_the_worst():
+    decisions = [
+        BiasCorrection(f"/l{i}/Conv", "Conv", i % 5 != 0, max_abs_shift=float(i)) for i in range(40)
+    ]
+    lines = fold(["a note", *decisions], "records[3].decisions")
+    assert lines[0] == "a note"
+    assert "40 BiasCorrection: 32 corrected, 8 not applied" in lines[1]
+    assert "records[3].decisions" in lines[1]
+    worst = lines[2 : 2 + SHOWN]
+    assert [w.split()[3] for w in worst] == ["l39:", "l38:", "l37:"]  # largest shifts first
+    assert len(lines) == 2 + SHOWN
+    few = fold(decisions[:SHOWN], "x")
+    assert few == [str(d) for d in decisions[:SHOWN]]
+
+
+def test_summary_comes_first_and_says_what_to_try_when_nothing_was_gained():
+    records = [
+        PassRecord(0, "fold-conv-bn", "fold-conv-bn", "exact", modified=True, stats={"folded": 20}),
+        PassRecord(1, "reparameterize", "reparameterize", "exact", stats={"convs": 20}),
+    ]
+    report = _report(
+        records=records,
+        ops_before={"Conv2d": 20, "BatchNorm2d": 20},
+        ops_after={"Conv2d": 20},
+        latency_baseline=Latency(10.0, 9.5, 10.5, 30),
+        latency_optimized=Latency(10.1, 9.6, 10.9, 30),
+        baseline_name="onnxruntime (plain export)",
+    )
+    text = str(report)
+    summary, details = text.split("\ndetails")
+    assert summary.splitlines()[1] == "  changed:     fold-conv-bn folded=20"
+    assert "10.000 ms [9.5-10.5] -> graphopt 10.100 ms [9.6-10.9] (0.99x" in summary
+    assert "nothing to gain (0.99x): this model has nothing to re-parameterize" in summary
+    assert "try: --int8 --calibration data.npz" in summary
+    assert "merge-convs{budget=0.7}" in summary
+    assert " 2  reparameterize" in details  # the pass table is in the details
+    data = json.loads(report.to_json())
+    assert data["summary"]["changed"] == [{"pass": "fold-conv-bn", "stats": {"folded": 20}}]
+    assert data["summary"]["advice"][0].startswith("nothing to gain")
+    # a real gain has no advice
+    report.latency_optimized = Latency(5.0, 4.9, 5.2, 30)
+    assert "nothing to gain" not in str(report) and "(2.00x" in str(report)
+
+
+class _Pair(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x)
+
+
+def test_fx_pass_decisions_name_layers_by_module_path():
+    torch.manual_seed(0)
+    model = _Pair().eval()
+    result = graphopt.optimize(
+        model,
+        "cpu",
+        [torch.randn(1, 3, 16, 16)],
+        pipeline="equalize-layers",
+        measure=False,
+    )
+    decisions = result.report.records[0].decisions
+    assert any("features.0 -> features.1 -> features.2" in str(d) for d in decisions), decisions
+    assert "features_0" not in str(result.report)
