@@ -4,8 +4,8 @@
 The page holds its styles and its plots (inline SVG made in Python, :mod:`graphopt.report.svg`);
 it loads nothing (a Content-Security-Policy forbids it) and needs no JavaScript to read: two
 lines of script only record, on the ``<html>`` element, any script error
-(``data-js-errors``) and that the page was read to its end (``data-rendered``, the number of
-plot marks), for tests that render it in a browser. Order: the summary, latency, passes (with
+(``data-js-errors``) and that the page was read to its end (``data-rendered``: the plot marks
+laid out with a size, of all marks), for tests that render it in a browser. Order: the summary, latency, passes (with
 each pass's decisions folded in ``<details>``), int8, merge-convs, substitute-monarch, TVM,
 notes. Every string from the report is escaped.
 """
@@ -57,9 +57,11 @@ HEAD_SCRIPT = (
     "window.addEventListener('error',function(e){var h=document.documentElement;"
     "h.setAttribute('data-js-errors',(h.getAttribute('data-js-errors')||'')+e.message+';');});"
 )
+# "drawn/all" plot marks: drawn ones have a laid-out box (the browser rendered the SVG)
 TAIL_SCRIPT = (
-    "document.documentElement.setAttribute('data-rendered',"
-    "String(document.querySelectorAll('svg .mark').length));"
+    "var m=document.querySelectorAll('svg .mark'),n=0;for(var i=0;i<m.length;i++){"
+    "var r=m[i].getBoundingClientRect();if(r.width>0&&r.height>0)n++;}"
+    "document.documentElement.setAttribute('data-rendered',n+'/'+m.length);"
 )
 CSP = "default-src 'none'; style-src 'unsafe-inline'; script-src 'unsafe-inline'; img-src data:"
 
