@@ -28,6 +28,7 @@ from graphopt.cli import main
 from graphopt.core.numerics import Comparison
 from graphopt.errors import InputError
 from graphopt.passes.merge_convs.candidates import Candidate, StretchPlan
+from graphopt.passes.merge_convs.depth import DepthPlan
 from graphopt.passes.substitute_monarch.plan import Candidate as MonarchCandidate
 from graphopt.passes.substitute_monarch.plan import LayerPlan
 from graphopt.pipeline import PassRecord
@@ -47,7 +48,7 @@ TAGS = {
     "html", "head", "meta", "title", "style", "script", "body", "h1", "h2", "h3", "section",
     "table", "thead", "tbody", "tr", "th", "td", "div", "details", "summary", "pre", "p", "code",
     "ul", "li", "span", "figure", "figcaption", "svg", "rect", "text", "line", "path", "circle",
-    "footer",
+    "footer", "wbr", "b",
 }  # fmt: skip
 
 
@@ -123,6 +124,7 @@ def test_every_string_is_escaped():
     assert page.count("<script>") == 2 and "<img" not in page
     assert "&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt;" in page
     assert parsed.marks["merge-convs"] == 2 and parsed.marks["int8-sensitivity"] == 1
+    assert parsed.marks["backends"] == 1 and parsed.marks["latency"] == 2
 
 
 def test_missing_nan_and_negative_latencies_print_as_na():
@@ -161,6 +163,18 @@ def test_plots_appear_only_with_their_data():
     assert set(parsed.marks) == {"pass-time", "monarch"} and parsed.marks["monarch"] == 1
     assert "1 candidates not timed" in page and "max_error 0.1" in page
     assert {"monarch-layers", "decisions-0"} <= parsed.tables
+
+
+def test_merge_convs_depth_plan_is_plotted_and_tabled():
+    plan = DepthPlan(budget_ms=1.0, unmerged_ms=2.0, predicted_ms=0.9, measured_before_ms=3.0,
+                     measured_after_ms=1.5, removed=["relu1"], kept=["relu2"],
+                     spans=["c1..c2 merged"])  # fmt: skip
+    record = PassRecord(0, "merge-convs", "merge-convs{budget=0.5}", "lossy", modified=True,
+                        time_s=2.0, decisions=[plan])  # fmt: skip
+    page = html.render(_report(records=[record]).to_dict())
+    parsed = Page(page)
+    assert parsed.marks["merge-convs"] == 5  # alone / planned / budget; model before / after
+    assert "merge-convs-depth" in parsed.tables and "c1..c2 merged" in page
 
 
 def test_save_writes_html_or_json_and_refuses_other_suffixes(tmp_path):

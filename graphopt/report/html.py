@@ -36,15 +36,15 @@ body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;color:#
 h1{font-size:22px;margin:8px 0 4px}h2{font-size:18px;margin:28px 0 8px;
  border-bottom:1px solid #d5d9e0;padding-bottom:4px}
 table{border-collapse:collapse;margin:8px 0;font-size:13px}
-th,td{border:1px solid #d5d9e0;padding:3px 7px;text-align:left;vertical-align:top;
- overflow-wrap:anywhere}
+th,td{border:1px solid #d5d9e0;padding:3px 7px;text-align:left;vertical-align:top}
 th{background:#eef1f5}tr:nth-child(even) td{background:#fafbfc}
-table.summary{width:100%}table.summary th{width:110px}td.num{text-align:right;font-variant-numeric:tabular-nums}
+table.summary{width:100%}table.summary th{width:110px}td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
 .status-ok,.int8{color:#1e7b3c;font-weight:600}.status-rolled-back,.status-failed,.bad
 {color:#b3261e;font-weight:600}.status-unverified,.status-skipped,.float{color:#a86400;
  font-weight:600}.warning{background:#fff4e5;border-left:4px solid #e07b28;padding:6px 10px;
  margin:6px 0}.advice{background:#eef5ff;border-left:4px solid #2f6fbf;padding:6px 10px;margin:6px 0}
-details{margin:4px 0}summary{cursor:pointer;color:#2f4f7f}code{font-size:12px}
+details{margin:4px 0}.headline{font-size:16px;margin:4px 0 10px}
+.headline b{font-size:24px;color:#2f6fbf}summary{cursor:pointer;color:#2f4f7f}code{font-size:12px}
 figure.plot{margin:12px 0}figcaption{font-size:12px;color:#555;max-width:820px}
 svg text{font:12px system-ui,sans-serif;fill:#1d2330}svg .plot-title{font-weight:600;font-size:13px}
 svg .axis{stroke:#333}svg .grid{stroke:#e3e6ea}svg .whisker{stroke:#1d2330;stroke-width:1.4;fill:none}
@@ -113,8 +113,10 @@ def _table(table_id: str, header: list[str], rows: list[list[str]], cls: str = "
 
 
 def _td(value: Any, cls: str = "") -> str:
+    """A cell of escaped text that may break after a comma and before a brace (a pipeline
+    spec has no spaces)."""
     c = f' class="{cls}"' if cls else ""
-    return f"<td{c}>{text(value)}</td>"
+    return f"<td{c}>{text(value).replace(',', ',<wbr>').replace('{', '<wbr>{')}</td>"
 
 
 def _num(value: Any, digits: int = 4) -> str:
@@ -170,7 +172,8 @@ def _summary(data: dict[str, Any]) -> str:
         ("latency", _latency_text(data)),
         ("pipeline", data.get("pipeline", "")),
     ]
-    out = [_table("summary", [], [[f"<th>{text(k)}</th>", _td(v)] for k, v in rows if v],
+    out = [_headline(data)]
+    out += [_table("summary", [], [[f"<th>{text(k)}</th>", _td(v)] for k, v in rows if v],
                   "summary")]  # fmt: skip
     for r in data.get("records") or []:
         if isinstance(r, dict) and r.get("status") in ("rolled-back", "failed"):
@@ -180,6 +183,18 @@ def _summary(data: dict[str, Any]) -> str:
     out += [f'<div class="advice">{text(a)}</div>' for a in summary.get("advice") or []]
     out += [f'<div class="warning">WARNING: {text(w)}</div>' for w in data.get("warnings") or []]
     return '<section id="section-summary"><h2>Summary</h2>' + "".join(out) + "</section>"
+
+
+def _headline(data: dict[str, Any]) -> str:
+    """The speedup in large type, when both latencies are measurements."""
+    speedup = number(data.get("speedup"))
+    if not speedup:
+        return ""
+    word = "faster" if speedup >= 1 else "slower"
+    return (
+        f'<p class="headline"><b>{speedup:.2f}x</b> {word} than '
+        f"{text(data.get('baseline_name') or 'the baseline')} (median latency, same run)</p>"
+    )
 
 
 def _int8_line(q: dict[str, Any]) -> str:
@@ -316,7 +331,22 @@ def _merge_convs(records: list[dict[str, Any]]) -> str:
         ])  # fmt: skip
     table = _table("merge-convs-stretches", ["stretch", "convs", "merged spans",
                    "one at a time (ms)", "merged (ms)", "speed-up (x)"], rows) if rows else ""  # fmt: skip
-    return merge_convs_plot(plans) + table
+    return merge_convs_plot(plans) + _depth_table(plans) + table
+
+
+def _depth_table(plans: list[dict[str, Any]]) -> str:
+    """merge-convs' depth mode: the budget, the plan and the model measured before and after."""
+    rows = [
+        [_num(p.get("budget_ms")), _num(p.get("unmerged_ms")), _num(p.get("predicted_ms")),
+         _num(p.get("measured_before_ms")), _num(p.get("measured_after_ms")),
+         _td(f"{len(p.get('removed') or [])} removed, {len(p.get('kept') or [])} kept"),
+         _td("; ".join(str(s) for s in p.get("spans") or []) or p.get("reason", ""))]
+        for p in plans
+        if "budget_ms" in p
+    ]  # fmt: skip
+    header = ["budget (ms)", "convs alone (ms)", "planned (ms)", "model before (ms)",
+              "model after (ms)", "activations", "merged spans"]  # fmt: skip
+    return _table("merge-convs-depth", header, rows) if rows else ""
 
 
 def _monarch(records: list[dict[str, Any]]) -> str:
