@@ -69,10 +69,13 @@ def test_summary_comes_first_and_says_what_to_try_when_nothing_was_gained():
     assert "nothing to gain (0.99x): this model has nothing to re-parameterize" in summary
     assert "try: --int8 --calibration data.npz" in summary
     assert "merge-convs{budget=0.7}" in summary
+    assert "substitute-monarch" not in summary  # no dense layers to factor
     assert " 2  reparameterize" in details  # the pass table is in the details
     data = json.loads(report.to_json())
     assert data["summary"]["changed"] == [{"pass": "fold-conv-bn", "stats": {"folded": 20}}]
     assert data["summary"]["advice"][0].startswith("nothing to gain")
+    report.ops_before = {"Linear": 12, "LayerNorm": 6}  # a transformer: Monarch is worth a try
+    assert "try: substitute-monarch" in str(report)
     # a real gain has no advice
     report.latency_optimized = Latency(5.0, 4.9, 5.2, 30)
     assert "nothing to gain" not in str(report) and "(2.00x" in str(report)

@@ -104,7 +104,8 @@ def advice(report: Report) -> list[str]:
     if "fold-conv-bn" in done:
         why.append(f"folding BatchNorm gains nothing over {report.baseline_name}, which folds too")
     convs = any("Conv" in k for k in report.ops_before)
-    linears = any(k in ("Linear", "linear", "matmul") for k in report.ops_before)
+    # a transformer's worth of dense layers, not a classifier head
+    linears = sum(n for k, n in report.ops_before.items() if k in ("Linear", "linear")) >= 4
     tries = []
     if not report.quantization:
         tries.append("--int8 --calibration data.npz (integer kernels; the metric drop is measured)")
