@@ -300,7 +300,7 @@ def test_pages_render_in_chromium_without_errors_with_their_plots(reports, tmp_p
     expected = {
         "int8": ({"latency": 2, "int8-sensitivity": 2, "int8-bias": 4},
                  {"summary", "passes", "int8-metric", "int8-layers"}),
-        "lossy": ({"latency": 2, "merge-convs": 2},
+        "lossy": ({"latency": 2, "merge-convs": 2, "ops": 2},
                   {"summary", "passes", "merge-convs-stretches", "monarch-layers"}),
     }  # fmt: skip
     for name, (plots, tables) in expected.items():

@@ -3,11 +3,11 @@
 
 The page holds its styles and its plots (inline SVG made in Python, :mod:`graphopt.report.svg`);
 it loads nothing (a Content-Security-Policy forbids it) and needs no JavaScript to read: two
-lines of script only record, on the ``<html>`` element, any script error
-(``data-js-errors``) and that the page was read to its end (``data-rendered``: the plot marks
-laid out with a size, of all marks), for tests that render it in a browser. Order: the summary, latency, passes (with
-each pass's decisions folded in ``<details>``), int8, merge-convs, substitute-monarch, TVM,
-notes. Every string from the report is escaped.
+lines of script only record, on the ``<html>`` element, any script error (``data-js-errors``)
+and that the page was read to its end (``data-rendered``: the plot marks laid out with a size,
+of all marks), for tests that render it in a browser. Order: the summary, latency, passes (each
+pass's decisions folded in ``<details>``), operations by kind, int8, merge-convs,
+substitute-monarch, TVM, notes. Every string from the report is escaped.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from graphopt.report.sections import (
     latency_plots,
     merge_convs_plot,
     monarch_plot,
+    ops_plot,
     pass_time_plot,
     span_label,
 )
@@ -31,25 +32,38 @@ __all__ = ["render"]
 SHOWN_ROWS = 200  # rows of one decision table; the rest are in the JSON
 
 CSS = """
-body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;color:#1d2330;
- margin:0 auto;max-width:1000px;padding:16px 24px 48px}
-h1{font-size:22px;margin:8px 0 4px}h2{font-size:18px;margin:28px 0 8px;
- border-bottom:1px solid #d5d9e0;padding-bottom:4px}
+body{font:14px/1.45 system-ui,sans-serif;color:#1d2330;margin:0 auto;max-width:1000px;
+ padding:16px 24px 48px}
+h1{font-size:22px;margin:8px 0 4px}
+h2{font-size:18px;margin:28px 0 8px;border-bottom:1px solid #d5d9e0;padding-bottom:4px}
 table{border-collapse:collapse;margin:8px 0;font-size:13px}
 th,td{border:1px solid #d5d9e0;padding:3px 7px;text-align:left;vertical-align:top}
-th{background:#eef1f5}tr:nth-child(even) td{background:#fafbfc}
-table.summary{width:100%}table.summary th{width:110px}td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
-.status-ok,.int8{color:#1e7b3c;font-weight:600}.status-rolled-back,.status-failed,.bad
-{color:#b3261e;font-weight:600}.status-unverified,.status-skipped,.float{color:#a86400;
- font-weight:600}.warning{background:#fff4e5;border-left:4px solid #e07b28;padding:6px 10px;
- margin:6px 0}.advice{background:#eef5ff;border-left:4px solid #2f6fbf;padding:6px 10px;margin:6px 0}
-details{margin:4px 0}.headline{font-size:16px;margin:4px 0 10px}
-.headline b{font-size:24px;color:#2f6fbf}summary{cursor:pointer;color:#2f4f7f}code{font-size:12px}
-figure.plot{margin:12px 0}figcaption{font-size:12px;color:#555;max-width:820px}
-svg text{font:12px system-ui,sans-serif;fill:#1d2330}svg .plot-title{font-weight:600;font-size:13px}
-svg .axis{stroke:#333}svg .grid{stroke:#e3e6ea}svg .whisker{stroke:#1d2330;stroke-width:1.4;fill:none}
-svg .ref{stroke:#b3261e;stroke-dasharray:5 4}svg .ref-label{fill:#b3261e}
-svg .value,svg .tick{fill:#444}svg .na{fill:#a86400}
+th{background:#eef1f5}
+tr:nth-child(even) td{background:#fafbfc}
+table.summary{width:100%}
+table.summary th{width:110px}
+td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
+.status-ok,.int8{color:#1e7b3c;font-weight:600}
+.status-rolled-back,.status-failed,.bad{color:#b3261e;font-weight:600}
+.status-unverified,.status-skipped,.float{color:#a86400;font-weight:600}
+.warning{background:#fff4e5;border-left:4px solid #e07b28;padding:6px 10px;margin:6px 0}
+.advice{background:#eef5ff;border-left:4px solid #2f6fbf;padding:6px 10px;margin:6px 0}
+.headline{font-size:16px;margin:4px 0 10px}
+.headline b{font-size:24px;color:#2f6fbf}
+details{margin:4px 0}
+summary{cursor:pointer;color:#2f4f7f}
+code{font-size:12px}
+figure.plot{margin:12px 0}
+figcaption{font-size:12px;color:#555;max-width:820px}
+svg text{font:12px system-ui,sans-serif;fill:#1d2330}
+svg .plot-title{font-weight:600;font-size:13px}
+svg .axis{stroke:#333}
+svg .grid{stroke:#e3e6ea}
+svg .whisker{stroke:#1d2330;stroke-width:1.4;fill:none}
+svg .ref{stroke:#b3261e;stroke-dasharray:5 4}
+svg .ref-label{fill:#b3261e}
+svg .value,svg .tick{fill:#444}
+svg .na{fill:#a86400}
 """
 
 # records any script error on <html data-js-errors>, for a browser test to read in the DOM
@@ -78,6 +92,7 @@ def render(data: dict[str, Any]) -> str:
         _summary(data),
         _section("Latency", latency_plots(data)),
         _section("Passes", _passes(data, records) + pass_time_plot(records)),
+        _section("Graph", ops_plot(data.get("ops_before") or {}, data.get("ops_after") or {})),
         _section("int8", _int8(data.get("quantization") or {})),
         _section("merge-convs", _merge_convs(records)),
         _section("substitute-monarch", _monarch(records)),
@@ -329,8 +344,9 @@ def _merge_convs(records: list[dict[str, Any]]) -> str:
             _num(unmerged), _num(predicted if merged else None),
             _num(unmerged / predicted if merged and unmerged and predicted else None, 3),
         ])  # fmt: skip
-    table = _table("merge-convs-stretches", ["stretch", "convs", "merged spans",
-                   "one at a time (ms)", "merged (ms)", "speed-up (x)"], rows) if rows else ""  # fmt: skip
+    header = ["stretch", "convs", "merged spans", "one at a time (ms)", "merged (ms)",
+              "speed-up (x)"]  # fmt: skip
+    table = _table("merge-convs-stretches", header, rows) if rows else ""
     return merge_convs_plot(plans) + _depth_table(plans) + table
 
 

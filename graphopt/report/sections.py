@@ -5,6 +5,7 @@ something to draw:
 
 - :func:`latency_plots`: the baseline against graphopt, the candidate backends (``backend="auto"``)
   and the ONNX Runtime session settings tried, medians with p10-p90 whiskers;
+- :func:`ops_plot`: the operations by kind whose count changed, before and after;
 - :func:`pass_time_plot`: how long each pass ran;
 - :func:`int8_plots`: per layer, the metric drop with only that layer in float (the
   sensitivity the ``max_drop`` search measured) and the bias shift of bias correction;
@@ -25,6 +26,7 @@ __all__ = [
     "latency_plots",
     "merge_convs_plot",
     "monarch_plot",
+    "ops_plot",
     "pass_time_plot",
     "span_label",
 ]
@@ -79,9 +81,29 @@ def latency_plots(data: dict[str, Any]) -> str:
                  [_latency_bar("chosen" if name == chosen else "tried", lat)])
                 for name, lat in measured.items()
             ]  # fmt: skip
-            out.append(bar_chart(plot_id, title, groups,
-                                 axis="latency per call (ms): median, whiskers p10-p90"))  # fmt: skip
+            axis = "latency per call (ms): median, whiskers p10-p90"
+            out.append(bar_chart(plot_id, title, groups, axis=axis))
     return "".join(out)
+
+
+def ops_plot(before: dict[str, Any], after: dict[str, Any], shown: int = 12) -> str:
+    """The kinds of operation whose count changed, before and after (the largest first)."""
+    kinds = [k for k in set(before) | set(after) if before.get(k, 0) != after.get(k, 0)]
+    kinds = sorted(kinds, key=lambda k: -max(number(before.get(k)) or 0, number(after.get(k)) or 0))
+    if not kinds:
+        return ""
+    groups = [
+        (str(k), [Bar("before", number(before.get(k, 0))), Bar("after", number(after.get(k, 0)))])
+        for k in kinds[:shown]
+    ]
+    more = f" {len(kinds) - shown} more kinds changed (in the JSON)." * (len(kinds) > shown)
+    return bar_chart(
+        "ops",
+        "Operations by kind, before and after (the kinds that changed)",
+        groups,
+        axis="operations in the graph (count)",
+        caption=f"{sum(before.values())} operations before, {sum(after.values())} after." + more,
+    )
 
 
 def pass_time_plot(records: list[dict[str, Any]]) -> str:
