@@ -193,6 +193,23 @@ def test_cli_refuses_a_report_name_it_cannot_write_before_building_the_model(tmp
     assert "--report" in capsys.readouterr().err
 
 
+def test_cli_writes_the_page(tmp_path, capsys):
+    (tmp_path / "tiny.py").write_text(
+        "import torch\nfrom torch import nn\n\n\ndef build():\n"
+        "    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU()).eval()\n"
+        "    return net, (torch.randn(1, 3, 8, 8),)\n"
+    )
+    page = tmp_path / "tiny.html"
+    argv = ["optimize", f"{tmp_path / 'tiny.py'}:build", "--no-measure", "--quiet", "--report",
+            str(page)]  # fmt: skip
+    assert main(argv) == 0
+    assert f"HTML report written to {page}" in capsys.readouterr().out
+    parsed = Page(page.read_text())
+    assert parsed.marks["pass-time"] == 5 and "latency" not in parsed.marks
+    assert parsed.marks["ops"] == 2  # BatchNorm2d folded away: 1 before, 0 after
+    assert {"summary", "passes"} <= parsed.tables
+
+
 def test_axis_ticks_and_numbers():
     assert ticks(0.0, 16.9) == [0.0, 5.0, 10.0, 15.0, 20.0]
     assert ticks(0.0, 0.0)[-1] > 0  # one value still gives an axis
