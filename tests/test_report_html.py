@@ -165,6 +165,25 @@ def test_plots_appear_only_with_their_data():
     assert {"monarch-layers", "decisions-0"} <= parsed.tables
 
 
+def test_per_layer_plots_of_a_deep_model_show_the_worst_layers_and_say_so():
+    """ResNet-50 has 54 int8 layers: the plots show the 30 most sensitive and the 30 largest
+    bias shifts; the layer table lists all."""
+    names = [f"layer{i}.conv" for i in range(54)]
+    q = {
+        "metric": "top-1", "drop_all_int8": 0.05,
+        "layers": [{"layer": n, "quantized": True} for n in names],
+        "sensitivity": [{"layer": n, "drop_without": 0.05 - i * 1e-4} for i, n in enumerate(names)],
+        "bias_correction": [{"layer": n, "mean_abs_shift": i, "max_abs_shift": 2 * i}
+                            for i, n in enumerate(names)],
+    }  # fmt: skip
+    page = html.render(_report(quantization=q).to_dict())
+    parsed = Page(page)
+    assert parsed.marks["int8-sensitivity"] == 30 and parsed.marks["int8-bias"] == 60
+    assert "layer53.conv" in parsed.texts["int8-sensitivity"]  # the most sensitive is shown
+    assert "layer0.conv" not in parsed.texts["int8-bias"]  # the smallest shift is not
+    assert page.count("Shown: the 30") == 2 and page.count("<td>layer0.conv</td>") == 1
+
+
 def test_merge_convs_depth_plan_is_plotted_and_tabled():
     plan = DepthPlan(budget_ms=1.0, unmerged_ms=2.0, predicted_ms=0.9, measured_before_ms=3.0,
                      measured_after_ms=1.5, removed=["relu1"], kept=["relu2"],

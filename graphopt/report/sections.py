@@ -21,6 +21,8 @@ from typing import Any
 
 from graphopt.report.svg import Bar, Point, bar_chart, fmt, number, scatter
 
+ROWS = 30  # layers in one per-layer plot; the table below it lists all
+
 __all__ = [
     "int8_plots",
     "latency_plots",
@@ -141,7 +143,7 @@ def int8_plots(q: dict[str, Any]) -> str:
              [Bar("drop", number(s.get("drop_without")),
                   tip=f"{s.get('op_type', '')} {s.get('layer') or s.get('node')}: drop "
                       f"{fmt(s.get('drop_without'))} with only this layer in float")])
-            for s in sorted(sens, key=lambda s: number(s.get("drop_without")) or 0.0)
+            for s in sorted(sens, key=lambda s: number(s.get("drop_without")) or 0.0)[:ROWS]
         ]  # fmt: skip
         out.append(
             bar_chart(
@@ -152,11 +154,14 @@ def int8_plots(q: dict[str, Any]) -> str:
                 caption=(
                     f"Every layer int8: drop {fmt(every)}; allowed {fmt(q.get('max_drop'))}. "
                     "The shortest bars are the most sensitive layers (float helps most)."
+                    + _cut(len(sens), "most sensitive")
                 ),
             )
         )
-    bias = [b for b in q.get("bias_correction") or [] if isinstance(b, dict)]
-    if bias:
+    every = [b for b in q.get("bias_correction") or [] if isinstance(b, dict)]
+    if every:
+        largest = sorted(every, key=lambda b: -(number(b.get("max_abs_shift")) or 0.0))[:ROWS]
+        bias = [b for b in every if any(b is x for x in largest)]  # in the model's order
         groups = [
             (str(b.get("layer") or b.get("node", "?")),
              [Bar("mean |shift|", number(b.get("mean_abs_shift"))),
@@ -169,10 +174,18 @@ def int8_plots(q: dict[str, Any]) -> str:
                 "int8 bias correction: shift of each layer's bias",
                 groups,
                 axis="|bias shift| (units of the layer's output)",
-                caption="The expected output error int8 added, removed from the bias.",
+                caption="The expected output error int8 added, removed from the bias."
+                + _cut(len(every), "largest"),
             )
         )
     return "".join(out)
+
+
+def _cut(total: int, which: str) -> str:
+    """A caption's note when a per-layer plot shows only ``ROWS`` of ``total`` layers."""
+    if total <= ROWS:
+        return ""
+    return f" Shown: the {ROWS} {which} of {total} layers; every layer is in the table below."
 
 
 def span_label(convs: list[Any], c: dict[str, Any]) -> str:
