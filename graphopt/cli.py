@@ -12,6 +12,7 @@ graphopt optimize my_model.py:build --metric my_eval.py:accuracy --calibration d
 graphopt passes                 every pass with its doc, options and numerics
 graphopt zoo                    the built-in models with their input shapes
 graphopt bench [MODELS...]      graphopt against torch eager, torch.compile, ONNX Runtime...
+graphopt report report.json [-o report.html]   the HTML page of a saved JSON report
 graphopt --version
 
 Exit status: 0 done; 1 ``--strict`` and a pass was rolled back; 2 an error, reported as one
@@ -54,6 +55,7 @@ from graphopt.errors import GraphoptError, InputError
 from graphopt.frontends.onnx import load_onnx
 from graphopt.frontends.onnx.values import ONNX_TO_TORCH
 from graphopt.pipeline import DumpIR, PrintIR, parse_pipeline
+from graphopt.report.html import save_from_json
 from graphopt.target import Target
 from graphopt.zoo.registry import entry as zoo_entry
 
@@ -247,6 +249,11 @@ def _cmd_zoo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_report(args: argparse.Namespace) -> int:
+    print(f"HTML report written to {save_from_json(args.json_report, args.output)}")
+    return 0
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     return bench.main(args)
 
@@ -317,6 +324,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("zoo", help="list the built-in models")
     _add_common(p, argparse.SUPPRESS)
     p.set_defaults(func=_cmd_zoo)
+
+    p = sub.add_parser("report", help="the HTML page of a JSON report (written by --json)")
+    _add_common(p, argparse.SUPPRESS)
+    p.add_argument("json_report", metavar="REPORT.json", help="a report written by --json")
+    p.add_argument("-o", "--output", default=None, help="the page (default: REPORT.html)")
+    p.set_defaults(func=_cmd_report)
 
     p = sub.add_parser("bench", help="benchmark graphopt against the tools a user would pick")
     _add_common(p, argparse.SUPPRESS)

@@ -218,11 +218,18 @@ def test_cli_writes_the_page(tmp_path, capsys):
         "    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU()).eval()\n"
         "    return net, (torch.randn(1, 3, 8, 8),)\n"
     )
-    page = tmp_path / "tiny.html"
+    page, saved = tmp_path / "tiny.html", tmp_path / "tiny.json"
     argv = ["optimize", f"{tmp_path / 'tiny.py'}:build", "--no-measure", "--quiet", "--report",
-            str(page)]  # fmt: skip
+            str(page), "--json", str(saved)]  # fmt: skip
     assert main(argv) == 0
     assert f"HTML report written to {page}" in capsys.readouterr().out
+    # `graphopt report` makes the same page from the saved JSON
+    assert main(["report", str(saved), "-o", str(tmp_path / "again.html")]) == 0
+    assert (tmp_path / "again.html").read_text() == page.read_text()
+    page.with_name("broken.json").write_text("{not json")
+    assert main(["report", str(page.with_name("broken.json"))]) == 2
+    assert "broken.json is not JSON" in capsys.readouterr().err
+    assert main(["report", str(saved), "-o", str(saved)]) == 2  # never over the JSON itself
     parsed = Page(page.read_text())
     assert parsed.marks["pass-time"] == 5 and "latency" not in parsed.marks
     assert parsed.marks["ops"] == 2  # BatchNorm2d folded away: 1 before, 0 after

@@ -13,9 +13,11 @@ substitute-monarch, TVM, notes. Every string from the report is escaped.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 from graphopt.core.numerics import Comparison
+from graphopt.errors import InputError
 from graphopt.report.sections import (
     int8_plots,
     latency_plots,
@@ -27,7 +29,7 @@ from graphopt.report.sections import (
 )
 from graphopt.report.svg import fmt, number, text
 
-__all__ = ["render"]
+__all__ = ["render", "save_from_json"]
 
 SHOWN_ROWS = 200  # rows of one decision table; the rest are in the JSON
 
@@ -109,6 +111,28 @@ def render(data: dict[str, Any]) -> str:
         "</head><body>" + "\n".join(b for b in body if b) + f"<script>{TAIL_SCRIPT}</script>"
         "</body></html>\n"
     )
+
+
+def save_from_json(json_path: str | Path, html_path: str | Path | None = None) -> Path:
+    """The page of a JSON report (``--json FILE``, ``report.save("r.json")``), written to
+    ``html_path`` (default: beside it, ``.html``). Returns the page's path."""
+    source = Path(json_path)
+    try:
+        data = json.loads(source.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise InputError(f"cannot read {source}: {exc.strerror}.") from exc
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
+        raise InputError(f"{source} is not JSON ({exc}); give a report written by --json.") from exc
+    if not isinstance(data, dict) or not isinstance(data.get("records"), list):
+        raise InputError(f"{source} is not a graphopt report (no records); write one with --json.")
+    target = Path(html_path) if html_path is not None else source.with_suffix(".html")
+    if target.resolve() == source.resolve():
+        raise InputError(f"{target} is the JSON report itself; give the page another name.")
+    try:
+        target.write_text(render(data), encoding="utf-8")
+    except OSError as exc:
+        raise InputError(f"cannot write the page to {target}: {exc.strerror}.") from exc
+    return target
 
 
 def _section(title: str, content: str) -> str:
