@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from torch import nn
 
@@ -103,3 +104,34 @@ def test_fx_pass_decisions_name_layers_by_module_path():
     decisions = result.report.records[0].decisions
     assert any("features.0 -> features.1 -> features.2" in str(d) for d in decisions), decisions
     assert "features_0" not in str(result.report)
+
+
+def _int8_report_lines(name: str, size: int, samples: int, batch: int) -> list[str]:
+    from graphopt import zoo
+
+    entry = zoo.get(name)
+    torch.manual_seed(0)
+    x = torch.randn(1, 3, size, size)
+    calibration = [(torch.randn(batch, 3, size, size),) for _ in range(samples // batch)]
+    result = graphopt.optimize(
+        entry.model, "cpu", [x], precision="int8", calibration_data=calibration, measure=False
+    )
+    return str(result.report).splitlines()
+
+
+def test_int8_report_of_a_resnet_fits_on_one_screen():
+    """resnet18's int8 stage decides for 30 layers (21 with a bias shift): folded, its
+    report is one screen, and its summary gives the metric in fp32 and int8."""
+    lines = _int8_report_lines("resnet18", 32, 8, 4)
+    assert len(lines) <= 60, "\n".join(lines)
+    summary = "\n".join(lines[: lines.index("")])
+    assert "int8:        30 of 30 layers" in summary and "fp32 1 -> int8 " in summary
+    folded = [line for line in lines if "(all in the JSON at records[" in line]
+    assert any("BiasCorrection: 21 corrected" in line for line in folded), "\n".join(lines)
+    assert any("30 LayerDecision: 30 int8" in line for line in folded), "\n".join(lines)
+
+
+@pytest.mark.slow
+def test_int8_report_of_resnet50_fits_on_one_screen():
+    lines = _int8_report_lines("resnet50", 224, 64, 8)  # 8 calibration batches
+    assert len(lines) <= 60, "\n".join(lines)
