@@ -197,10 +197,14 @@ def test_merge_convs_depth_plan_is_plotted_and_tabled():
 
 
 def test_save_writes_html_or_json_and_refuses_other_suffixes(tmp_path):
-    report = _report(latency_optimized=Latency(1.0, 0.9, 1.1, 5))
+    report = _report(latency_optimized=Latency(1.0, 0.9, 1.1, 5),
+                     latency_baseline=Latency(1.2, 1.0, 1.4, 5), baseline_name="ort")  # fmt: skip
     assert report.save(tmp_path / "r.json").read_text() == report.to_json()
     page = report.save(tmp_path / "R.HTML").read_text()
     assert page.startswith("<!DOCTYPE html>") and 'id="plot-latency"' in page
+    assert "<b>1.20x</b> faster than ort" in page and "within the noise" in page
+    report.latency_baseline = Latency(1.5, 1.2, 1.8, 5)  # ranges apart: no such remark
+    assert "within the noise" not in html.render(report.to_dict())
     with pytest.raises(InputError, match=r"\.html or \.json"):
         report.save(tmp_path / "r.txt")
     with pytest.raises(InputError, match="cannot write"):

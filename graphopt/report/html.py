@@ -66,6 +66,8 @@ svg .ref{stroke:#b3261e;stroke-dasharray:5 4}
 svg .ref-label{fill:#b3261e}
 svg .value,svg .tick{fill:#444}
 svg .na{fill:#a86400}
+div.wide{overflow-x:auto}
+table.decisions{font-size:12px}
 """
 
 # records any script error on <html data-js-errors>, for a browser test to read in the DOM
@@ -230,9 +232,17 @@ def _headline(data: dict[str, Any]) -> str:
     if not speedup:
         return ""
     word = "faster" if speedup >= 1 else "slower"
+    base, opt = data.get("latency_baseline") or {}, data.get("latency_optimized") or {}
+    ranges = [number(x.get(k)) for x in (base, opt) for k in ("p10_ms", "p90_ms")]
+    noise = (
+        "; the p10-p90 ranges overlap: within the noise of this machine"
+        if None not in ranges and ranges[0] <= ranges[3] and ranges[2] <= ranges[1]
+        else ""
+    )
     return (
         f'<p class="headline"><b>{speedup:.2f}x</b> {word} than '
-        f"{text(data.get('baseline_name') or 'the baseline')} (median latency, same run)</p>"
+        f"{text(data.get('baseline_name') or 'the baseline')} (median latency, same run{noise})"
+        "</p>"
     )
 
 
@@ -292,7 +302,7 @@ def decision_table(table_id: str, items: list[Any], path: str) -> str:
     if dicts:
         columns = list(dict.fromkeys(k for d in dicts for k in d))
         rows = [[_cell(d.get(k)) for k in columns] for d in dicts[:SHOWN_ROWS]]
-        out += _table(table_id, columns, rows, "decisions")
+        out += '<div class="wide">' + _table(table_id, columns, rows, "decisions") + "</div>"
     if others:
         out += "<ul>" + "".join(f"<li>{text(o)}</li>" for o in others[:SHOWN_ROWS]) + "</ul>"
     if len(dicts) > SHOWN_ROWS or len(others) > SHOWN_ROWS:
@@ -302,11 +312,23 @@ def decision_table(table_id: str, items: list[Any], path: str) -> str:
 
 def _cell(value: Any) -> str:
     if isinstance(value, dict | list | tuple):
-        dumped = json.dumps(value, default=str)
+        dumped = json.dumps(_rounded(value), default=str)
         return _td(dumped if len(dumped) <= 160 else dumped[:157] + "...")
     if isinstance(value, float):
         return _num(value)
     return _td("" if value is None else value)
+
+
+def _rounded(value: Any) -> Any:
+    """Nested values with floats to 4 significant digits (a cell shows ``0.2704``, not
+    ``0.27093238166308126``)."""
+    if isinstance(value, float):
+        return float(f"{value:.4g}") if number(value) is not None else None
+    if isinstance(value, dict):
+        return {k: _rounded(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_rounded(v) for v in value]
+    return value
 
 
 def _int8(q: dict[str, Any]) -> str:
