@@ -184,6 +184,28 @@ def test_per_layer_plots_of_a_deep_model_show_the_worst_layers_and_say_so():
     assert page.count("Shown: the 30") == 2 and page.count("<td>layer0.conv</td>") == 1
 
 
+def test_backends_ort_settings_and_tvm_tasks():
+    """backend="auto": each candidate backend, the ORT settings tried (the chosen one
+    marked) and TVM's tasks with the untuned ones counted."""
+    report = _report(
+        backend="tvm", backend_choice="tvm",
+        backend_latencies={"onnxruntime": Latency(2.0, 1.9, 2.2, 9),
+                           "tvm": Latency(1.0, 0.9, 1.1, 9)},
+        ort_settings={"label": "2 threads"},
+        ort_settings_latencies={"1 thread": Latency(3.0, 2.9, 3.1, 9),
+                                "2 threads": Latency(2.0, 1.9, 2.1, 9)},
+        tvm_tasks=[{"name": "conv2d_0", "status": "tuned"}, {"name": "dense_1"}],
+        tvm_tuning={"summary": "64 trials in 1.0 min"},
+    )  # fmt: skip
+    page = html.render(report.to_dict())
+    parsed = Page(page)
+    assert parsed.marks["backends"] == 2 and parsed.marks["ort-settings"] == 2
+    assert "tvm (chosen)" in parsed.texts["backends"]
+    assert "2 threads (chosen)" in parsed.texts["ort-settings"]
+    assert "tvm-tasks" in parsed.tables and "2 TVM tasks, 1 untuned" in page
+    assert "64 trials in 1.0 min" in page
+
+
 def test_merge_convs_depth_plan_is_plotted_and_tabled():
     plan = DepthPlan(budget_ms=1.0, unmerged_ms=2.0, predicted_ms=0.9, measured_before_ms=3.0,
                      measured_after_ms=1.5, removed=["relu1"], kept=["relu2"],
