@@ -7,6 +7,10 @@
   the truncated SVD of each slice is the optimal projection, why Monarch(b) holds every
   block-diagonal matrix with b blocks, the zero padding of sizes b does not divide -- is in
   :mod:`graphopt.algebra.monarch`.
+* ``FusedAttention``, ``SkipLayerNorm``: attention (``softmax(q k^T * scale + mask) v``) and a
+  residual add followed by LayerNorm, computed in torch exactly as the ops they replace, and
+  exported as ONNX Runtime's fused ``com.microsoft`` kernels (``MultiHeadAttention``,
+  ``SkipLayerNormalization``) (``fuse-attention``).
 * ``MergedSpan``: a span of convolutions in the fine-tunable form that depth compression
   (``merge-convs{budget=...}``) trains before merging it into the one conv it computes
   (:mod:`graphopt.algebra.conv_merge`).
@@ -43,10 +47,12 @@ from graphopt.errors import InputError
 
 __all__ = [
     "BlockDiagonalLinear",
+    "FusedAttention",
     "LowRankLinear",
     "MergedSpan",
     "MonarchLinear",
     "PointwiseConv",
+    "SkipLayerNorm",
 ]
 
 
@@ -430,3 +436,159 @@ class MergedSpan(nn.Module):
         if isinstance(merged, Refusal):  # the plan only holds spans the algebra merged
             raise InputError(f"the fixed span no longer merges: {merged}")
         return merged
+
+
+# ------------------------------------------------------------------------------------------------
+# transformer blocks as ONNX Runtime's fused kernels (fuse-attention)
+
+
+class FusedAttention(nn.Module):
+    """Scaled dot-product attention on ``[B, N, S, H]`` heads, exported as one
+    ``com.microsoft::MultiHeadAttention`` node.
+
+    In torch it computes what the ops it replaced computed, in their order: ``form="sdpa"``
+    calls ``F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=sdpa_scale)``;
+    ``form="mul"`` is ``softmax((q @ k^T) * c + mask) @ v``, ``"div"`` divides by ``c``,
+    ``"q"`` scales the query first, ``(q * c) @ k^T``, ``"none"`` has no scale. ``mask`` (a
+    4-D ``[B|1, N|1, S, T]`` tensor) is added to the scores, or, boolean, keeps the scores where
+    it is true (``-inf`` elsewhere), as SDPA reads it.
+
+    The export: ``q`` is laid out as ``[B, S, N*H]``, ``k`` and ``v`` go in as ``[B, N, T, H]``
+    (MultiHeadAttention's unprojected key/value form), the mask as ``attention_bias`` (boolean:
+    ``Where(mask, 0, -inf)``), the scale as the ``scale`` attribute (``1/c`` for ``"div"``); the
+    ``[B, S, N*H]`` output is laid back out as ``[B, N, S, H]``.
+
+    >>> att = FusedAttention(heads=6, head_size=64, form="mul", scale=0.125)
+    >>> att(*torch.randn(3, 1, 6, 197, 64)).shape
+    torch.Size([1, 6, 197, 64])
+    """
+
+    def __init__(
+        self,
+        heads: int,
+        head_size: int,
+        form: str,
+        scale: float | None = None,
+        bool_mask: bool = False,
+    ) -> None:
+        super().__init__()
+        if form not in _ATTENTION_FORMS:
+            raise InputError(f"attention form {form!r}: one of {', '.join(_ATTENTION_FORMS)}")
+        self.heads, self.head_size, self.form = heads, head_size, form
+        self.scale, self.bool_mask = scale, bool_mask
+
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        if torch.onnx.is_in_onnx_export():  # the fused node; torch itself runs (and trains) ops
+            return _AttentionFunction.apply(q, k, v, mask, self)
+        return self.compute(q, k, v, mask)
+
+    def compute(self, q, k, v, mask):  # noqa: ANN001, ANN201 - the ops it replaced
+        if self.form == "sdpa":
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
+        if self.form == "q":
+            scores = (q * self.scale) @ k.transpose(-2, -1)
+        else:
+            scores = q @ k.transpose(-2, -1)
+            if self.form == "mul":
+                scores = scores * self.scale
+            elif self.form == "div":
+                scores = scores / self.scale
+        if mask is not None and self.bool_mask:
+            scores = scores.masked_fill(mask.logical_not(), float("-inf"))
+        elif mask is not None:
+            scores = scores + mask
+        return torch.softmax(scores, dim=-1) @ v
+
+    def onnx_scale(self) -> float:
+        """MultiHeadAttention's ``scale``: what multiplies ``q k^T``."""
+        if self.form == "none":
+            return 1.0
+        if self.scale is None:  # SDPA's default
+            return 1.0 / math.sqrt(self.head_size)
+        return 1.0 / self.scale if self.form == "div" else float(self.scale)
+
+    def extra_repr(self) -> str:
+        return (
+            f"heads={self.heads}, head_size={self.head_size}, form={self.form}, scale={self.scale}"
+        )
+
+
+_ATTENTION_FORMS = ("sdpa", "mul", "div", "q", "none")
+
+
+class _AttentionFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, mask, module):  # noqa: ANN001, ANN205
+        return module.compute(q, k, v, mask)
+
+    @staticmethod
+    def symbolic(g, q, k, v, mask, module):  # noqa: ANN001, ANN205
+        const = lambda t: g.op("Constant", value_t=t)  # noqa: E731
+        q3 = g.op("Transpose", q, perm_i=[0, 2, 1, 3])
+        q3 = g.op("Reshape", q3, const(torch.tensor([0, 0, -1])))
+        inputs = [q3, k, v]
+        if mask is not None and not isinstance(mask.type(), torch._C.NoneType):
+            if module.bool_mask:
+                zero, neg = const(torch.tensor(0.0)), const(torch.tensor(float("-inf")))
+                mask = g.op("Where", mask, zero, neg)
+            absent = g.op("prim::Constant")
+            absent.setType(torch._C.NoneType.get())
+            inputs += [absent, absent, mask]  # bias, key_padding_mask, attention_bias
+        out = g.op(
+            "com.microsoft::MultiHeadAttention",
+            *inputs,
+            num_heads_i=module.heads,
+            scale_f=module.onnx_scale(),
+        )
+        out.setType(_typed(k, 3))  # else the export declares its dtype unknown (0)
+        out = g.op("Reshape", out, const(torch.tensor([0, 0, module.heads, -1])))
+        return g.op("Transpose", out, perm_i=[0, 2, 1, 3])
+
+
+def _typed(like, rank: int):  # noqa: ANN001, ANN202
+    """The ONNX type of a new output: ``like``'s dtype, ``rank`` dims of unknown size."""
+    return like.type().with_sizes([None] * rank)
+
+
+class SkipLayerNorm(nn.Module):
+    """``s = a + b; (layer_norm(s), s)`` over the last axis, exported as one
+    ``com.microsoft::SkipLayerNormalization`` node (its outputs 0 and 3: the normalised sum
+    and the sum, which a pre-LN transformer's residual path reads on).
+
+    >>> ln = SkipLayerNorm(torch.ones(384), torch.zeros(384), eps=1e-6)
+    >>> y, s = ln(torch.randn(1, 197, 384), torch.randn(1, 197, 384))
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> None:
+        super().__init__()
+        self.weight = weight if isinstance(weight, nn.Parameter) else nn.Parameter(weight)
+        self.bias = bias if isinstance(bias, nn.Parameter) else nn.Parameter(bias)
+        self.eps = eps
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if torch.onnx.is_in_onnx_export():  # the fused node; torch itself runs (and trains) ops
+            return _SkipLayerNormFunction.apply(a, b, self.weight, self.bias, self.eps)
+        s = a + b
+        return F.layer_norm(s, self.weight.shape, self.weight, self.bias, self.eps), s
+
+    def extra_repr(self) -> str:
+        return f"{tuple(self.weight.shape)}, eps={self.eps}"
+
+
+class _SkipLayerNormFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, a, b, weight, bias, eps):  # noqa: ANN001, ANN205
+        s = a + b
+        return F.layer_norm(s, weight.shape, weight, bias, eps), s
+
+    @staticmethod
+    def symbolic(g, a, b, weight, bias, eps):  # noqa: ANN001, ANN205
+        out = g.op(
+            "com.microsoft::SkipLayerNormalization", a, b, weight, bias, epsilon_f=eps, outputs=4
+        )
+        rank = len(a.type().sizes() or ()) or 3
+        for value in out:  # normalised sum, mean, 1/std (both [.., 1]), sum
+            value.setType(_typed(a, rank))
+        return out[0], out[3]

@@ -7,6 +7,7 @@ from graphopt.passes.eliminate_dead_code import EliminateDeadCode
 from graphopt.passes.equalize import EqualizeLayers
 from graphopt.passes.fold_constants import FoldConstants
 from graphopt.passes.fold_conv_bn import FoldConvBN
+from graphopt.passes.fuse_attention import FuseAttention
 from graphopt.passes.merge_convs import MergeConvs
 from graphopt.passes.remove_identity import RemoveIdentity
 from graphopt.passes.reparameterize import Reparameterize
@@ -18,6 +19,7 @@ __all__ = [
     "EqualizeLayers",
     "FoldConstants",
     "FoldConvBN",
+    "FuseAttention",
     "MergeConvs",
     "RemoveIdentity",
     "Reparameterize",
