@@ -9,7 +9,11 @@ from pathlib import Path
 from typing import Any
 
 from graphopt.bench.machine import BUSY
-from graphopt.bench.runners import RUNNERS, TITLES
+from graphopt.bench.runners import COMPILE, EAGER, GRAPHOPT, ORT, RUNNERS, TITLES
+
+#: a ratio whose p10-p90 range (slow runner's p10 / fast runner's p90 to p90 / p10) spans more
+#: than this factor is marked noisy: the machine was too busy for that figure to mean much
+NOISY = 2.0
 
 #: a runner whose output differs from eager's by more than this (relative) is flagged
 MISMATCH = 1e-3
@@ -93,12 +97,30 @@ def _row(res: dict[str, Any], columns: list[str], notes: list[str]) -> list[str]
                 f"{entry['rel_error']:.2g} (relative to max |eager output|)"
             )
         cells.append(cell)
-    ratios = res["ratios"]
+    ratios, runners = res["ratios"], res["runners"]
     return cells + [
-        _ratio(ratios.get("graphopt vs eager")),
-        _ratio(ratios.get("graphopt vs onnxruntime")),
-        _ratio(ratios.get("torch.compile vs eager")),
+        _ratio(ratios.get("graphopt vs eager")) + _noisy(runners, EAGER, GRAPHOPT),
+        _ratio(ratios.get("graphopt vs onnxruntime")) + _noisy(runners, ORT, GRAPHOPT),
+        _ratio(ratios.get("torch.compile vs eager")) + _noisy(runners, EAGER, COMPILE),
     ]
+
+
+def ratio_range(runners: dict[str, Any], slow: str, fast: str) -> tuple[float, float] | None:
+    """The range a speedup ``slow / fast`` spans over the runners' p10-p90 latencies."""
+    a, b = runners.get(slow), runners.get(fast)
+    try:
+        low, high = a["p10_ms"] / b["p90_ms"], a["p90_ms"] / b["p10_ms"]
+    except (TypeError, KeyError, ZeroDivisionError):
+        return None
+    return (low, high) if 0 < low <= high < float("inf") else None
+
+
+def _noisy(runners: dict[str, Any], slow: str, fast: str) -> str:
+    """`` (noisy: 12x-9000x)`` where the ratio's p10-p90 range is wider than ``NOISY``."""
+    span = ratio_range(runners, slow, fast)
+    if span is None or span[1] / span[0] <= NOISY:
+        return ""
+    return f" (noisy: {_ratio(span[0])}-{_ratio(span[1])})"
 
 
 def _intro(machine: dict[str, Any] | None) -> str:
@@ -134,4 +156,14 @@ def _notes(results: Sequence[dict[str, Any]]) -> list[str]:
             f"{', '.join(r['model'] for r in busy)}: absolute latencies are noisy; "
             "the ratios, timed interleaved, less so"
         )
+    if any(" (noisy: " in line for line in _all_ratio_cells(results)):
+        notes.append(
+            "a ratio marked noisy spans that range over the two runners' p10-p90 latencies: "
+            "the machine was too busy for it; rerun with --wait-idle-s on an idle machine"
+        )
     return notes
+
+
+def _all_ratio_cells(results: Sequence[dict[str, Any]]) -> list[str]:
+    pairs = ((EAGER, GRAPHOPT), (ORT, GRAPHOPT), (EAGER, COMPILE))
+    return [_noisy(res["runners"], a, b) for res in results for a, b in pairs]

@@ -118,6 +118,36 @@ def test_markdown_flags_mismatch_and_failures() -> None:
     assert "other processes used up to 1.2 cores" in table
 
 
+def test_a_ratio_from_a_busy_machine_is_marked_noisy_with_its_range() -> None:
+    """What a loaded machine gave (issue 18: "6616x"): torch eager's tiny CNN at 312 ms
+    median with a p10-p90 of 20-900 ms against graphopt's 0.066 ms. The ratio keeps its
+    median, but the cell says how far the runners' spreads let it range."""
+
+    def entry(median: float, p10: float, p90: float) -> dict:
+        return {"median_ms": median, "p10_ms": p10, "p90_ms": p90, "runs": 10, "rel_error": 0.0}
+
+    runners = {
+        bench.EAGER: entry(312.0, 20.0, 900.0),
+        bench.ORT: entry(0.058, 0.055, 0.061),
+        bench.GRAPHOPT: entry(0.066, 0.060, 0.070),
+    }
+    res = {
+        "model": "m",
+        "runners": runners,
+        "ratios": {
+            "graphopt vs eager": 312.0 / 0.066,
+            "graphopt vs onnxruntime": 0.058 / 0.066,
+            "torch.compile vs eager": None,
+        },
+        "skipped": {},
+    }
+    table = bench.markdown_table([res])
+    row = next(line for line in table.splitlines() if line.startswith("| m "))
+    assert "4727x (noisy: 286x-15000x)" in row, row
+    assert "0.88x |" in row  # ORT vs graphopt: tight spreads, no mark
+    assert "a ratio marked noisy spans that range" in table
+
+
 def test_failing_runner_is_recorded_not_fatal(monkeypatch: pytest.MonkeyPatch) -> None:
     def no_compiler(*args, **kwargs):
         raise RuntimeError("no C compiler found")
