@@ -321,9 +321,10 @@ def test_mobilenetv2_after_fold_conv_bn(scripted_timing, tmp_path):
     )
     report = "\n".join(map(str, result.decisions))
     assert [d.convs for d in result.decisions] == [
-        ("features_1_conv_1", "features_2_conv_0_0"),
-        ("features_17_conv_2", "features_18_0"),
+        ("features.1.conv.1", "features.2.conv.0.0"),  # module paths, as every report
+        ("features.17.conv.2", "features.18.0"),
     ], report
+    assert result.decisions[1].stretch == "features.17.conv.2..features.18.0"
     assert all(d.reason == "not-faster" for d in result.decisions), report
     assert dict(result.stats) == {"skipped:not-faster": 2, "timed-units": 6}
 

@@ -64,6 +64,7 @@ from graphopt.backends.measure import UnitTimer
 from graphopt.core.pass_infra import PassContext, PassResult
 from graphopt.core.progress import Progress
 from graphopt.errors import InputError
+from graphopt.fx.names import layer_path
 from graphopt.fx.tensors import grad_enabled
 from graphopt.nn import MergedSpan
 from graphopt.passes.merge_convs.candidates import Candidate, StretchPlan, folded_bodies
@@ -109,8 +110,9 @@ class DepthPlan:
         lines = [
             f"depth compression: budget {self.budget_ms:.4f} ms; convs timed alone "
             f"{self.unmerged_ms:.4f} ms unmerged -> {self.predicted_ms:.4f} ms planned (model = "
-            f"{self.scale:.2f} x convs); importance ({self.importance_source}) "
-            f"{self.importance:.6g} from {self.evaluated_sets} evaluated sets; planned in "
+            f"{self.scale:.2f} x convs); importance {self.importance:.6g} (what removing the "
+            f"activations costs in {self.importance_source}, negated: 0 costs nothing; "
+            f"{self.evaluated_sets} sets of removed activations evaluated); planned in "
             f"{self.planning_s:.2f} s"
         ]
         if self.measured_before_ms is not None and self.measured_after_ms is not None:
@@ -338,7 +340,7 @@ def _time_tables(
     could be timed)."""
     usable: list[tuple[Stretch, StretchPlan, dict[Candidate, algebra.ConvSpec]]] = []
     for stretch in say.track(stretches, "merge-convs: timing stretches", unit="stretch"):
-        say.note(f"{stretch.name}, {stretch.length} convs")
+        say.note(f"{stretch.label}, {stretch.length} convs")
         layer, specs = time_stretch(stretch, timer, stats, gm, options, depth=True)
         if layer.reason and layer.reason != "all-refused":
             continue
@@ -422,8 +424,8 @@ def _fix_and_merge(
     """Fix the architecture ``chosen`` describes (activations removed, spans in their
     fine-tunable form), fine-tune it, then merge each span into its one conv."""
     nodes = tables.chain.acts()
-    result.kept = [nodes[p].name for p in chosen.activations]
-    result.removed = [nodes[p].name for p in chosen.removed]
+    result.kept = [layer_path(nodes[p]) for p in chosen.activations]
+    result.removed = [layer_path(nodes[p]) for p in chosen.removed]
     stretches = [s for s, _, _ in tables.usable]
     spans = _realize(gm, stretches, tables.usable, tables.best, chosen, result)
     stats["activations-removed"] += len(chosen.removed)
@@ -496,7 +498,7 @@ def _realize(
         kernel = "x".join(map(str, spec.kernel_size))
         alone = sum(c.latency_ms for c in usable[s][1].candidates if _single(c, i, j))
         result.spans.append(
-            f"{stretch.name} {cand.label}: one {kernel} conv (stride "
+            f"{stretch.label} {cand.label}: one {kernel} conv (stride "
             f"{'x'.join(map(str, spec.stride))}, groups {spec.groups}) "
             f"{cand.latency_ms:.4f} ms, one at a time {alone:.4f} ms"
         )

@@ -122,7 +122,7 @@ def run(
     decisions: list[StretchPlan] = []
     rewrites: list[tuple[Stretch, Candidate, algebra.ConvSpec]] = []
     for stretch in say.track(stretches, "merge-convs: timing stretches", unit="stretch"):
-        say.note(f"{stretch.name}, {stretch.length} convs")
+        say.note(f"{stretch.label}, {stretch.length} convs")
         layer, specs = time_stretch(stretch, timer, stats, gm, options, depth=False)
         if not layer.reason:
             layer = plan_stretch(layer, stretch.length, options.min_speedup)

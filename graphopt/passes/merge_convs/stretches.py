@@ -13,6 +13,7 @@ from torch import fx, nn
 
 import graphopt.algebra.conv_merge as algebra
 from graphopt.fx.branches import conv_branch
+from graphopt.fx.names import layer_path
 from graphopt.fx.ops import is_add
 
 
@@ -49,8 +50,12 @@ class Stretch:
         return len(self.convs)
 
     @property
-    def name(self) -> str:
+    def name(self) -> str:  # the stretch's key among the graph's stretches
         return f"{self.convs[0].name}..{self.convs[-1].name}"
+
+    @property
+    def label(self) -> str:  # how reports name it: module paths, ``features.0.0..features.18.0``
+        return f"{layer_path(self.convs[0])}..{layer_path(self.convs[-1])}"
 
 
 def _conv_input(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:

@@ -13,6 +13,7 @@ from torch import fx, nn
 
 import graphopt.algebra.conv_merge as algebra
 from graphopt.backends.measure import UnitTimer
+from graphopt.fx.names import layer_path
 from graphopt.passes.merge_convs.candidates import Candidate, StretchPlan, candidates
 from graphopt.passes.merge_convs.stretches import Stretch, value_shape
 
@@ -76,7 +77,7 @@ def time_stretch(
     activation after its last position."""
     opts = options
     shape = value_shape(stretch.values[0])
-    layer = StretchPlan(stretch.name, tuple(c.name for c in stretch.convs), shape or ())
+    layer = StretchPlan(stretch.label, tuple(map(layer_path, stretch.convs)), shape or ())
     meta = stretch.values[0].meta.get("tensor_meta")
     dtype = getattr(meta, "dtype", None)
     if shape is None or any(value_shape(v) is None for v in stretch.values):
