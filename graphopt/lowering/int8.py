@@ -161,6 +161,7 @@ def lower_int8(
         report_tvm(report, artifact)
     elif runtime.name == "openvino":  # which layers reach OpenVINO's own int8 kernels
         record.decisions = [*record.decisions, artifact.int8_summary()]
+        report.warnings += artifact.int8_warnings()  # kernels that saturate on this CPU
     if quant.max_drop is not None and quant.drop > quant.max_drop:
         report.warnings.append(
             f"int8: {quant.metric} drop {quant.drop:.4g} is above max_drop "

@@ -27,6 +27,13 @@ from graphopt.target import Target
 from graphopt.testing import randomize_bn
 from graphopt.zoo import get as zoo_model
 
+
+def int8_saturation():
+    from graphopt.backends.openvino import int8_saturation as probe  # needs OpenVINO
+
+    return probe()
+
+
 needs_openvino = pytest.mark.skipif(
     importlib.util.find_spec("openvino") is None,
     reason=f"the OpenVINO backend needs {INSTALL}",
@@ -133,6 +140,16 @@ def test_int8_runs_on_openvinos_int8_kernels_within_insert_qdqs_contract(int8):
     assert precisions[("FullyConnected", "u8")] + precisions[("FullyConnected", "i8")] == 1
     summary = "OpenVINO runs 2 Convolution, 1 FullyConnected on its int8 kernels"
     assert report.records[-1].decisions[-1] == summary
+    # where this CPU's int8 kernels saturate (x86 without VNNI), the report says so
+    warned = [w for w in report.warnings if "saturating int16" in w]
+    assert len(warned) == (int8_saturation() is not None)
+
+
+@needs_openvino
+def test_the_saturation_probe_is_the_exact_value_or_the_int16_saturated_one():
+    probe = int8_saturation()
+    if probe is not None:  # pairs of 255 * 127 clamp to 32767: the sum is 32 * 32767
+        assert probe == pytest.approx((32 * 32767 * 1e-4, 255 * 127 * 64 * 1e-4), rel=1e-5)
 
 
 @needs_openvino

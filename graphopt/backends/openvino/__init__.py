@@ -29,6 +29,7 @@ _LAZY: dict[str, str] = {
     "OpenVinoBackend": "backend",
     "OpenVinoArtifact": "artifact",
     "COMPUTE_LAYERS": "artifact",
+    "int8_saturation": "artifact",
 }
 
 __all__ = [
@@ -40,6 +41,7 @@ __all__ = [
     "SETTING_NAMES",
     "compile_config",
     "device_for",
+    "int8_saturation",
     "missing_openvino",
 ]
 
@@ -63,5 +65,9 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # pragma: no cover
-    from graphopt.backends.openvino.artifact import COMPUTE_LAYERS, OpenVinoArtifact
+    from graphopt.backends.openvino.artifact import (
+        COMPUTE_LAYERS,
+        OpenVinoArtifact,
+        int8_saturation,
+    )
     from graphopt.backends.openvino.backend import OpenVinoBackend
