@@ -44,7 +44,7 @@ from graphopt.quant.qparams import (
     UINT8,
     QParams,
     asymmetric_qparams,
-    checked_tensor,
+    checked_extrema,
     symmetric_qparams,
 )
 
@@ -83,7 +83,7 @@ class Observer:
         self.max = -math.inf
 
     def observe(self, x: torch.Tensor) -> None:
-        x = checked_tensor(x, f"tensor observed by {self.name}", self.batches)
+        x, lo, hi = checked_extrema(x, f"tensor observed by {self.name}", self.batches)
         shape = tuple(x.shape[1:]) if x.dim() > 1 else ()
         if self._shape is None:
             self._shape = shape
@@ -93,14 +93,22 @@ class Observer:
                 f"batches had (N, {', '.join(map(str, self._shape))}); every batch must have the "
                 "model's input shape (only the batch dimension may change)."
             )
-        x = x.detach()
-        self.min = min(self.min, x.min().item())
-        self.max = max(self.max, x.max().item())
-        self._update(x)
+        self.min = min(self.min, lo)
+        self.max = max(self.max, hi)
+        self._update(x.detach(), max(-lo, hi))
         self.batches += 1
 
-    def _update(self, x: torch.Tensor) -> None:
-        pass
+    def _update(self, x: torch.Tensor, amax: float) -> None:
+        """Add batch ``x`` (finite; ``amax = max|x|``) to the statistics."""
+
+    def _same_statistics(self, other: Observer) -> bool:
+        """Whether ``other`` keeps exactly the statistics this observer keeps."""
+        return type(other) is MinMaxObserver or type(self) is type(other) is MinMaxObserver
+
+    def _copy_statistics(self, other: Observer) -> None:
+        self.batches, self._shape, self.min, self.max = (
+            other.batches, other._shape, other.min, other.max
+        )  # fmt: skip
 
     def _require_data(self) -> None:
         if not self.batches:
@@ -144,8 +152,9 @@ class MinMaxObserver(Observer):
 class HistogramObserver(Observer):
     """A histogram of ``x`` with ``bins`` bins on each side of zero over ``[-R, R]``.
 
-    ``pos[j]`` counts ``0 <= x`` with ``|x|`` in ``[j w, (j+1) w)``, ``neg[j]`` the same for
-    ``x < 0``, ``w = R / bins``; exact zeros are also counted apart. When a batch reaches past
+    ``pos[j]`` counts ``0 <= x`` with ``|x|`` in ``[j w, (j+1) w)``, ``neg[j]`` counts ``x < 0``
+    with ``|x|`` in ``(j w, (j+1) w]`` (the bins of ``torch.histc`` over ``[-R, R]``, one pass
+    in float64), ``w = R / bins``; exact zeros are also counted apart. When a batch reaches past
     ``R``, ``R`` grows by an integer factor ``k`` and every ``k`` bins merge (counts stay exact
     per bin; the resolution stays at least ``bins / 2`` bins over the data).
     """
@@ -187,19 +196,29 @@ class HistogramObserver(Observer):
             side[: merged.size] = merged
         self.limit *= k
 
-    def _update(self, x: torch.Tensor) -> None:
-        x = x.reshape(-1).double()
+    def _update(self, x: torch.Tensor, amax: float) -> None:
+        x = x.reshape(-1)
         self.zeros += int((x == 0).sum())
-        amax = x.abs().max().item()
         if amax == 0.0:
             self.pos[0] += x.numel()
             return
         if amax > self.limit:
             self._grow(amax)
-        idx = torch.clamp((x.abs() / self.width).floor().long(), max=self.bins - 1)
-        nonneg = x >= 0
-        self.pos += torch.bincount(idx[nonneg], minlength=self.bins).numpy()
-        self.neg += torch.bincount(idx[~nonneg], minlength=self.bins).numpy()
+        # one pass in float64: 2 * bins bins over [-R, R], bin bins - 1 - j is neg[j] and
+        # bin bins + j is pos[j] (float32 would put tiny negatives, x + R == R, in pos[0])
+        counts = torch.histc(x.double(), 2 * self.bins, -self.limit, self.limit).numpy()
+        counts = np.rint(counts).astype(np.int64)
+        self.neg += counts[: self.bins][::-1]
+        self.pos += counts[self.bins :]
+
+    def _same_statistics(self, other: Observer) -> bool:
+        return isinstance(other, HistogramObserver) and other.bins == self.bins
+
+    def _copy_statistics(self, other: Observer) -> None:
+        assert isinstance(other, HistogramObserver)  # _same_statistics
+        super()._copy_statistics(other)
+        self.limit, self.zeros = other.limit, other.zeros
+        self.pos[:], self.neg[:] = other.pos, other.neg
 
     def _cut(self, threshold: float) -> float:
         """A threshold never beyond the data (a histogram edge may pass ``max|x|``)."""

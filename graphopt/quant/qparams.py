@@ -15,6 +15,7 @@ floating-point tensor raises :class:`~graphopt.errors.InputError` (:func:`checke
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +31,7 @@ __all__ = [
     "QParams",
     "asymmetric_qparams",
     "bias_qparams",
+    "checked_extrema",
     "checked_tensor",
     "quantize_bias",
     "symmetric_qparams",
@@ -95,6 +97,18 @@ class QParams:
         s, z = self._shaped(x)
         q = torch.clamp(torch.round(x.double() / s) + z, self.qmin, self.qmax)
         return ((q - z) * s).to(x.dtype)
+
+    def squared_error(self, x: torch.Tensor) -> float:
+        """``sum((fake_quantize(x) - x)^2)`` of a per-tensor ``x``, computed as ONNX Runtime's
+        QuantizeLinear does (float32 ``x / s``, rounded half to even) in one float32 buffer,
+        summed in float64. Per-channel parameters take the float64 route."""
+        if self.axis is not None or x.dtype != torch.float32:
+            return float(((self.fake_quantize(x.double()) - x.double()) ** 2).sum())
+        s, z = float(self.scale.reshape(-1)[0]), float(self.zero_point.reshape(-1)[0])
+        y = x.detach() / torch.tensor(s, dtype=torch.float32)
+        torch.round(y, out=y)
+        y.add_(z).clamp_(self.qmin, self.qmax).sub_(z).mul_(s).sub_(x)
+        return float(y.reshape(-1).square_().sum(dtype=torch.float64))
 
     def __str__(self) -> str:
         if self.axis is None:
@@ -202,6 +216,14 @@ def quantize_bias(bias: torch.Tensor, input_qparams: QParams, weight: QParams) -
 def checked_tensor(x: Any, what: str, batch: int | None = None) -> torch.Tensor:
     """``x`` (a tensor or numpy array) as a tensor; :class:`InputError` unless it is a finite,
     non-empty floating-point tensor. ``what`` and ``batch`` name it in the message."""
+    return checked_extrema(x, what, batch)[0]
+
+
+def checked_extrema(
+    x: Any, what: str, batch: int | None = None
+) -> tuple[torch.Tensor, float, float]:
+    """:func:`checked_tensor` and the minimum and maximum of ``x``, in one pass over it (NaN and
+    inf show in the extrema; they are counted only for the message)."""
     where = f"{what}" + (f" (calibration batch {batch})" if batch is not None else "")
     if isinstance(x, np.ndarray):
         x = torch.from_numpy(x)
@@ -216,8 +238,9 @@ def checked_tensor(x: Any, what: str, batch: int | None = None) -> torch.Tensor:
         )
     if x.numel() == 0:
         raise InputError(f"{where} is empty (shape {tuple(x.shape)}); pass non-empty batches.")
-    finite = torch.isfinite(x)
-    if not bool(finite.all()):
+    lo, hi = (v.item() for v in torch.aminmax(x.detach()))  # NaN propagates into both
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        finite = torch.isfinite(x)
         n_nan = int(torch.isnan(x).sum())
         n_inf = int((~finite).sum()) - n_nan
         raise InputError(
@@ -225,4 +248,4 @@ def checked_tensor(x: Any, what: str, batch: int | None = None) -> torch.Tensor:
             "calibration statistics would be meaningless. Remove those samples or fix the "
             "pre-processing that produces them."
         )
-    return x
+    return x, lo, hi

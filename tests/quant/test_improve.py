@@ -128,13 +128,27 @@ def test_bias_correction_removes_the_mean_shift_of_int8_weights(bias):
     corrected, decisions, shifts = bias_correction(proto, calib)
     assert [d.applied for d in decisions] == [True, True]
     assert all(d.max_abs_shift > 0 for d in decisions)
-    # the corrected model with int8-rounded weights has the float model's per-channel means
-    rounded = _round_weights(corrected)
+    # each layer alone, on its float input: int8-rounded weights and the corrected bias give
+    # the float layer's per-channel means
+    x = [torch.from_numpy(b[0]) for b in calib]
+    hidden = [torch.relu(model.conv1(v)).detach() for v in x]
+    for conv, inputs, shift in zip(
+        (model.conv1, model.conv2), (x, hidden), shifts.values(), strict=True
+    ):
+        w = conv.weight.detach()
+        wq = weight_qparams(w).fake_quantize(w)
+        b = conv.bias.detach() if bias else torch.zeros(w.shape[0])
+        ref = np.mean([conv(v).detach().mean((0, 2, 3)).numpy() for v in inputs], axis=0)
+        got = np.mean([nn.functional.conv2d(v, wq, b + torch.from_numpy(shift).float(),
+                       padding=1).mean((0, 2, 3)).numpy() for v in inputs], axis=0)  # fmt: skip
+        assert np.abs(got - ref).max() <= 1e-3 * np.abs(shift).max(), (got - ref, shift)
+    # end to end, the rounded model's means come close to the float model's (what the ReLU
+    # does to conv1's error is not corrected: about 5% of the shift is left here)
     ref = _channel_means(proto, calib)
     before = np.abs(_channel_means(_round_weights(proto), calib) - ref).max()
-    after = np.abs(_channel_means(rounded, calib) - ref).max()
+    after = np.abs(_channel_means(_round_weights(corrected), calib) - ref).max()
     assert before > 0
-    assert after < 0.05 * before, (after, before)
+    assert after < 0.1 * before, (after, before)
     # and the real int8 model's systematic output error shrinks on held-out data
     test = (torch.rand(32, 3, 12, 12, generator=gen) + 0.5).numpy()
     y = predictor(proto)(test)
@@ -278,3 +292,140 @@ def test_fixed_batch_that_does_not_divide_the_calibration_batch_is_an_input_erro
     fixed = export_onnx(model, (torch.zeros(2, 16),), dynamic_axes={})
     with pytest.raises(InputError, match="fixed batch size of 2.*multiple of 2"):
         quantize_onnx(fixed, [(np.zeros((5, 16), np.float32),)])
+
+
+class DeepMix(nn.Module):
+    """Conv -> grouped strided Conv -> tokens -> Linear on 3-D (MatMul + Add) -> Linear (Gemm):
+    four layers on one path, every kind of site correct-bias handles."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 8, 3, stride=2, padding=1, groups=2)
+        self.tokens = nn.Linear(8, 6)
+        self.head = nn.Linear(6, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.conv2(torch.relu(self.conv1(x))))
+        t = torch.relu(self.tokens(h.flatten(2).transpose(1, 2)))
+        return self.head(t.mean(1))
+
+
+def _deep_mix(opset: int = 17):
+    model = _init(DeepMix(), 11)
+    gen = seeded(12)
+    calib = [((torch.rand(4, 3, 8, 8, generator=gen) + 0.5).numpy(),) for _ in range(3)]
+    proto = export_onnx(model, (torch.from_numpy(calib[0][0][:1]),), opset=opset)
+    return proto, calib
+
+
+def _layers(proto):
+    """(node, weight name, output-channel axis of the weight, where its bias lives)."""
+    from graphopt.quant.graph import GraphIndex, attr, named
+
+    work = named(proto)
+    idx = GraphIndex(work)
+    out = []
+    for node in work.graph.node:
+        if node.op_type == "MatMul":
+            add = idx.consumers[node.output[0]][0]
+            out.append((node, node.input[1], 1, next(i for i in add.input if i in idx.init)))
+        elif node.op_type in ("Conv", "Gemm"):
+            axis = 0 if node.op_type == "Conv" or attr(node, "transB", 0) else 1
+            out.append((node, node.input[1], axis, node.input[2]))
+    return work, out
+
+
+def _means_of(proto, names, calib):
+    """Per-channel means (axis 1 of 4-D, else the last) of tensors ``names`` over ``calib``."""
+    from graphopt.quant.runtime import feed, probe
+
+    session = probe(proto, names)
+    sums = None
+    for batch in calib:
+        values = session.run(names, feed(proto, batch))
+        means = [v.mean((0, 2, 3)) if v.ndim == 4 else v.reshape(-1, v.shape[-1]).mean(0)
+                 for v in values]  # fmt: skip
+        sums = means if sums is None else [s + m for s, m in zip(sums, means, strict=True)]
+    return [s / len(calib) for s in sums]
+
+
+def _sequential_reference(proto, calib):
+    """The sequential definition, one model run per layer: b_k += E[y_float] - E[y_wq], y_wq
+    in the model whose layers up to k are rounded and the earlier ones already corrected."""
+    from onnx import numpy_helper
+
+    work, layers = _layers(proto)
+    ref = _means_of(work, [n.output[0] for n, *_ in layers], calib)
+    shifts = {}
+    for k, (node, _, _, _) in enumerate(layers):
+        probe_model = type(work)()
+        probe_model.CopyFrom(work)
+        inits = {t.name: t for t in probe_model.graph.initializer}
+        for j, (other, weight, axis, bias) in enumerate(layers[: k + 1]):
+            w = torch.from_numpy(numpy_helper.to_array(inits[weight]).copy())
+            wq = weight_qparams(w, axis=axis).fake_quantize(w).numpy()
+            inits[weight].CopyFrom(numpy_helper.from_array(wq, weight))
+            if j < k:
+                b = numpy_helper.to_array(inits[bias]) + shifts[other.name]
+                inits[bias].CopyFrom(numpy_helper.from_array(b.astype(np.float32), bias))
+        shifts[node.name] = ref[k] - _means_of(probe_model, [node.output[0]], calib)[0]
+    return shifts
+
+
+def _layer_alone_reference(proto, calib):
+    """E[(W - Wq) x_float] per layer from its captured float inputs, in torch."""
+    from onnx import numpy_helper
+
+    from graphopt.quant.graph import attr
+    from graphopt.quant.runtime import feed, probe
+
+    work, layers = _layers(proto)
+    inits = {t.name: numpy_helper.to_array(t) for t in work.graph.initializer}
+    names = [n.input[0] for n, *_ in layers if n.input[0] not in feed(work, calib[0])]
+    session = probe(work, names)
+    shifts = {}
+    for batch in calib:
+        inputs = dict(zip(names, session.run(names, feed(work, batch)), strict=True))
+        inputs.update(feed(work, batch))
+        for node, weight, axis, _ in layers:
+            w = torch.from_numpy(inits[weight].copy())
+            dw = w - weight_qparams(w, axis=axis).fake_quantize(w)
+            x = torch.from_numpy(inputs[node.input[0]])
+            if node.op_type == "Conv":
+                pads = attr(node, "pads", [0, 0, 0, 0])
+                y = nn.functional.conv2d(nn.functional.pad(x, [pads[1], pads[3], pads[0], pads[2]]),
+                                         dw, stride=attr(node, "strides", [1, 1]),
+                                         groups=attr(node, "group", 1)).mean((0, 2, 3))  # fmt: skip
+            else:
+                y = (x @ (dw.T if attr(node, "transB", 0) else dw)).reshape(-1, dw.shape[axis])
+                y = y.mean(0)
+            shifts[node.name] = shifts.get(node.name, 0) + y.double().numpy() / len(calib)
+    return shifts
+
+
+@pytest.mark.parametrize("opset", [17, 18])
+def test_bias_correction_is_each_layer_alone_in_one_run(opset):
+    proto, calib = _deep_mix(opset)
+    _, decisions, shifts = bias_correction(proto, calib)
+    assert [d.op_type for d in decisions] == ["Conv", "Conv", "MatMul", "Gemm"]
+    expected = _layer_alone_reference(proto, calib)
+    assert shifts.keys() == expected.keys()
+    for name, shift in shifts.items():
+        scale = np.abs(expected[name]).max()
+        assert scale > 0 and np.abs(shift - expected[name]).max() <= 1e-4 * scale, name
+
+
+def test_refined_bias_correction_equals_the_sequential_definition():
+    proto, calib = _deep_mix()
+    sequential = _sequential_reference(proto, calib)
+    alone = bias_correction(proto, calib)[2]
+    refined = bias_correction(proto, calib, refine=3)[2]  # depth 4: exact after 3 rounds
+    first = next(iter(sequential))
+    for name, shift in sequential.items():
+        # both sides are differences of float32 means of outputs of size ~1
+        assert np.abs(refined[name] - shift).max() <= 1e-4 * np.abs(shift).max() + 1e-6, name
+    # the definitions agree on the first layer (float input either way) and differ downstream
+    assert np.abs(alone[first] - sequential[first]).max() <= 1e-4 * np.abs(sequential[first]).max()
+    last = list(sequential)[-1]
+    assert np.abs(alone[last] - sequential[last]).max() > 1e-2 * np.abs(sequential[last]).max()
