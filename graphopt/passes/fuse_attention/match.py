@@ -262,9 +262,9 @@ def match_add_norm(gm: fx.GraphModule, node: fx.Node) -> AddNorm | str | None:
     if dims is None or len(dims) not in (2, 3) or tuple(normalized) != dims[-1:]:
         return "norm-axes"
     a, b = x.args
-    if shape(a) != dims or shape(b) != dims:
+    if shape(a) != dims or shape(b) != dims or _symbolic(a) != _symbolic(b):
         return "broadcast"
-    if any(arg.op == "get_attr" for arg in (a, b)):  # may broadcast over a dynamic batch
+    if not (_reads_input(a) and _reads_input(b)):  # may broadcast over a dynamic batch
         return "constant-operand"
     if dtype_of(x) != torch.float32:
         return "dtype"
@@ -289,3 +289,25 @@ def _layer_norm(gm: fx.GraphModule, node: fx.Node):  # noqa: ANN202
             return None  # computed affine parameters: not a constant to hand over
         tensors.append(fetch_attr(gm, arg.target) if isinstance(arg, fx.Node) else None)
     return a["input"], a["normalized_shape"], *tensors, a["eps"]
+
+
+def _symbolic(node: fx.Node) -> tuple[str, ...] | None:
+    """The shape ``torch.export`` recorded (``meta["val"]``), symbolic sizes as their names:
+    ``(s0, s1, 384)`` against ``(1, s1, 384)`` tells a batch-broadcast operand apart at a batch
+    of one."""
+    val = node.meta.get("val")
+    return tuple(str(d) for d in val.shape) if hasattr(val, "shape") else None
+
+
+def _reads_input(node: fx.Node) -> bool:
+    """Whether ``node``'s value is computed from a graph input (not from stored tensors only,
+    such as a position embedding, which a batch of one cannot tell from a batched value)."""
+    seen, stack = set(), [node]
+    while stack:
+        n = stack.pop()
+        if n.op == "placeholder":
+            return True
+        if n not in seen:
+            seen.add(n)
+            stack.extend(n.all_input_nodes)
+    return False
