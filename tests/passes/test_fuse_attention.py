@@ -55,7 +55,11 @@ class Attention(nn.Module):
             else:
                 s = (q @ k.transpose(-2, -1)) * c
             s = s + mask if mask is not None else s
-            o = s.softmax(dim=-1) @ v
+            if self.form == "hf":  # Hugging Face's eager attention
+                p = F.softmax(s, dim=-1, dtype=torch.float32).to(q.dtype)
+                o = torch.matmul(F.dropout(p, p=0.1, training=False), v)
+            else:
+                o = s.softmax(dim=-1) @ v
         return self.proj(o.transpose(1, 2).reshape(b, n, d))
 
 
@@ -126,7 +130,7 @@ def test_the_rewritten_graph_calls_graphopt_modules_and_no_softmax():
     assert not again.modified and again.stats["fused-attention"] == 0
 
 
-@pytest.mark.parametrize("form", ["mul", "div", "q", "sdpa", "sdpa-scale"])
+@pytest.mark.parametrize("form", ["mul", "div", "q", "hf", "sdpa", "sdpa-scale"])
 @pytest.mark.parametrize("mask", ["", "float", "bool"])
 def test_every_spelling_and_mask_is_exact_in_torch_and_onnx_runtime(form, mask):
     if mask == "bool" and not form.startswith("sdpa"):

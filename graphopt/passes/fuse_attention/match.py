@@ -88,7 +88,7 @@ def match_softmax(gm: fx.GraphModule, node: fx.Node) -> Attention | str | None:
         return None
     nodes = [node]
     user = _single_user(node)
-    while user is not None and _is_eval_dropout(gm, user):
+    while user is not None and (_is_eval_dropout(gm, user) or _is_same_dtype_cast(user)):
         nodes.append(user)
         user = _single_user(user)
     if user is None or not is_call(user, MATMUL, "matmul") or user.args[0] is not nodes[-1]:
@@ -130,7 +130,9 @@ def _last_axis_softmax(node: fx.Node) -> bool:
         return False  # half_to_float
     dims = shape(node)
     dim = a.get("dim")
-    return a.get("dtype") is None and dims is not None and dim in (-1, len(dims) - 1)
+    # softmax(x, dtype=float32) of a float32 x (Hugging Face's eager attention) is softmax(x)
+    same_dtype = a.get("dtype") in (None, dtype_of(node))
+    return same_dtype and dims is not None and dim in (-1, len(dims) - 1)
 
 
 def _single_user(node: fx.Node) -> fx.Node | None:
@@ -146,6 +148,16 @@ def _is_eval_dropout(gm: fx.GraphModule, node: fx.Node) -> bool:
         a = call_args(node, ["input", "p", "training"], {"p": 0.5, "training": True})
         return not a["training"] or not a["p"]
     return False
+
+
+def _is_same_dtype_cast(node: fx.Node) -> bool:
+    """``x.to(x.dtype)`` (and ``.type_as`` / ``.float()`` of a float32 ``x``): no op at all."""
+    if not (node.op == "call_method" and node.target in ("to", "float", "type_as")):
+        return False
+    source = node.args[0] if node.args else None
+    if not isinstance(source, fx.Node) or node.kwargs.keys() - {"dtype"}:
+        return False
+    return dtype_of(node) == dtype_of(source) is not None
 
 
 def _scores_and_mask(add: fx.Node, nodes: list[fx.Node]) -> tuple[fx.Node, fx.Node | None]:
@@ -172,7 +184,9 @@ def _is_scalar_op(node: fx.Node, functions: set, method: str) -> bool:
     number = (int, float)
     if functions is DIVS:
         return isinstance(a, fx.Node) and isinstance(b, number)
-    return isinstance(a, fx.Node) != isinstance(b, fx.Node) and isinstance(a, number + (fx.Node,))
+    return (isinstance(a, fx.Node) and isinstance(b, number)) or (
+        isinstance(b, fx.Node) and isinstance(a, number)
+    )
 
 
 def _tensor_operand(node: fx.Node) -> fx.Node:
