@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -125,6 +126,10 @@ class Tuner:
         # a process. Its own handlers are named and recreated from the configuration.
         for handler in [h for h in ms_logger.handlers if not h.get_name()]:
             ms_logger.removeHandler(handler)
+        builder = persistent_builder(
+            cross_compiler_name(self.target) if is_cross(self.target) else None,
+        )
+        builder.warm_up()
         contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
             tasks, str(work_dir), strategy=_search_strategy(budget, len(tasks)), seed=self.seed
         )
@@ -139,10 +144,7 @@ class Tuner:
         runner: Any = ms.runner.LocalRunner(timeout_sec=BUILD_TIMEOUT_S)
         if self.rpc is not None:
             runner = meta_schedule_runner(self.rpc)
-        builder = persistent_builder(
-            cross_compiler_name(self.target) if is_cross(self.target) else None,
-            before_build=tracker.before_build,
-        )
+        builder.before_build = tracker.before_build
         start = time.perf_counter()
         try:
             ms.tune.tune_tasks(
@@ -217,7 +219,8 @@ def persistent_builder(
     6-8 s per batch here, more than the builds. This pool is kept and recycled every
     ``recycle_every`` batches instead, and its workers start through :func:`init_worker`.
     ``cross_cc``: link candidates with that cross compiler (the workers register the export).
-    ``before_build``: called before each batch is built (it may raise to stop tuning).
+    ``before_build`` (also settable as an attribute): called before each batch is built (it
+    may raise to stop tuning). :meth:`warm_up` starts the workers ahead of the first batch.
     """
     from tvm.ir.utils import derived_object
     from tvm.s_tir.meta_schedule.builder import BuilderResult, PyBuilder
@@ -233,6 +236,7 @@ def persistent_builder(
             super().__init__()
             self.pool: Any = None
             self.batches = 0
+            self.before_build = before_build
 
         def _get_pool(self) -> Any:
             if self.pool is None or self.batches >= recycle_every:
@@ -247,9 +251,18 @@ def persistent_builder(
             self.batches += 1
             return self.pool
 
+        def warm_up(self) -> None:
+            """Start the workers now, without waiting: they import TVM (seconds each, 40 s on
+            a loaded 2-core machine) while MetaSchedule sets up the tasks and searches, not in
+            the first batch, whose length decides whether a time budget is kept."""
+            pool = self._get_pool()
+            self.batches -= 1  # not a batch
+            for _ in range(available_cores()):
+                pool.submit(os.getpid)
+
         def build(self, build_inputs: list[Any]) -> list[Any]:
-            if before_build is not None:
-                before_build()
+            if self.before_build is not None:
+                self.before_build()
             pool = self._get_pool()
             jobs = [
                 (
@@ -316,7 +329,8 @@ class _TuningTracker:
         self.deadline_hit = False
         self.curve: list[dict[str, float]] = []
         self.deadline = deadline
-        self.start = self.last = time.perf_counter()
+        self.start = time.perf_counter()
+        self.last: float | None = None  # when the last batch was built
         self.batches: list[float] = []  # seconds between builds: one batch each, search included
         from tvm.s_tir import meta_schedule as ms
 
@@ -387,7 +401,8 @@ class _TuningTracker:
 
     def out_of_time(self) -> bool:
         now = time.perf_counter()
-        self.batches.append(now - self.last)
+        if self.last is not None:  # before the first build: setting up the tasks, not a batch
+            self.batches.append(now - self.last)
         self.last = now
         return self.deadline is not None and stop_before_batch(now, self.deadline, self.batches)
 
