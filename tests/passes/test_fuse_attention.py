@@ -208,6 +208,19 @@ def test_for_openvino_it_leaves_the_standard_form():
     assert result.stats == {"skipped:backend-openvino": 6}
 
 
+@pytest.mark.skipif(importlib.util.find_spec("openvino") is None, reason="openvino missing")
+def test_openvino_reads_the_fused_export_too():
+    # an artifact made for ONNX Runtime and run by OpenVINO anyway (a backend chosen after the
+    # pipeline ran) still computes the model: OpenVINO's ONNX reader knows the com.microsoft ops
+    torch.manual_seed(0)
+    model, x = TinyViT().eval(), _x(2, 10, 16)
+    gm, _ = run_pass(FuseAttention(skip_layer_norm=True), model, (x,))
+    artifact = get_backend("openvino", "cpu").load(export_onnx(gm, (x,)))
+    got = [torch.from_numpy(a) for a in artifact.run([x.numpy()])]
+    cmp = compare(run_module(model, (x,)), got, NUMERICS)
+    assert cmp.ok, cmp.describe()
+
+
 def test_attention_is_fused_by_default_and_each_fusion_has_a_switch():
     torch.manual_seed(0)
     model, x = TinyViT().eval(), (_x(1, 10, 16),)
