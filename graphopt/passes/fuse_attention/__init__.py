@@ -79,9 +79,8 @@ class FuseAttention(Pass):
     @dataclass(frozen=True)
     class Options:
         attention: bool = True  # q k^T -> softmax -> v as MultiHeadAttention
-        # a + b -> LayerNorm as SkipLayerNormalization: off by default, ONNX Runtime 1.32's CPU
-        # kernel is slower than its LayerNormalization + Add (vit_s: 0.94x CPU time)
-        skip_layer_norm: bool = False
+        # off by default: ONNX Runtime 1.32's CPU kernel is slower than LayerNormalization + Add
+        skip_layer_norm: bool = False  # a + b -> LayerNorm as SkipLayerNormalization (slower)
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         stats: Counter = Counter()
