@@ -24,7 +24,7 @@ from graphopt.core.numerics import compare, run_module
 from graphopt.core.pass_infra import PassContext
 from graphopt.nn import FusedAttention, SkipLayerNorm
 from graphopt.passes.fuse_attention import FuseAttention
-from graphopt.passes.fuse_attention.runtime_graph import fused_ops
+from graphopt.passes.fuse_attention.runtime_graph import fused_ops, openvino_attention
 from graphopt.testing import assert_pass_preserves, run_pass
 
 NUMERICS = FuseAttention.numerics
@@ -205,9 +205,12 @@ def test_for_openvino_it_leaves_the_standard_form():
     torch.manual_seed(0)
     ctx = PassContext(backend=get_backend("openvino", "cpu"))
     fuse = FuseAttention(skip_layer_norm=True)
-    _, result = run_pass(fuse, TinyViT().eval(), (_x(1, 10, 16),), ctx=ctx)
+    gm, result = run_pass(fuse, TinyViT().eval(), (_x(1, 10, 16),), ctx=ctx)
     assert not result.modified
     assert result.stats == {"skipped:backend-openvino": 6}
+    # which OpenVINO fuses itself: one kernel per attention, the Softmax inside
+    fused = openvino_attention(export_onnx(gm, (_x(1, 10, 16),)))
+    assert len(fused) == 2, fused
 
 
 @pytest.mark.skipif(importlib.util.find_spec("openvino") is None, reason="openvino missing")

@@ -9,6 +9,11 @@ attention reached ``MultiHeadAttention`` (or ``Attention``), the residual adds
 >>> counts = fused_ops(result.artifact.proto)
 >>> counts["MultiHeadAttention"], counts["SkipLayerNormalization"]
 (4, 8)
+
+``openvino_attention(model)`` does the same for OpenVINO: the nodes of the runtime graph its CPU
+plugin compiled, each with the ONNX layers it fused; an attention fused there is a ``Subgraph``
+(its Snippets kernel) holding the ``Softmax``. OpenVINO fuses the standard form itself, so
+fuse-attention leaves that form to it.
 """
 
 from __future__ import annotations
@@ -60,3 +65,22 @@ def _op_name(node: Any) -> str:
 def summary(counts: Counter) -> str:
     """The fused-op counts a reader looks for, in one line (``MultiHeadAttention 4, ...``)."""
     return ", ".join(f"{op} {counts[op]}" for op in FUSED if counts[op]) or "none"
+
+
+def openvino_attention(model: Any) -> list[str]:
+    """The fused nodes of OpenVINO's CPU runtime graph for ``model`` (a ``ModelProto`` or a
+    path) that hold a ``Softmax``: one ``"<type>: <original layers>"`` line each."""
+    import onnx
+    import openvino as ov
+
+    core = ov.Core()
+    if isinstance(model, onnx.ModelProto):
+        model = core.read_model(model.SerializeToString(), b"")
+    compiled = core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    found = []
+    for op in compiled.get_runtime_model().get_ops():
+        info = op.get_rt_info()
+        layers = info["originalLayersNames"].astype(str)
+        if "Softmax" in layers and "," in layers:  # a Softmax fused with other layers
+            found.append(f"{info['layerType'].astype(str)}: {layers}")
+    return found
