@@ -29,7 +29,7 @@ from graphopt.errors import (
 )
 from graphopt.frontends.torch import Captured, capture
 from graphopt.lowering import dynamic
-from graphopt.lowering.auto import choose_backend
+from graphopt.lowering.auto import choose_backend, choose_int8_backend
 from graphopt.lowering.baseline import Baseline
 from graphopt.lowering.check import Check
 from graphopt.lowering.context import (
@@ -161,9 +161,10 @@ class Optimizer:
     ``backend``: ``"onnxruntime"`` (default), ``"tvm"`` (needs ``graphopt[tvm]``),
     ``"openvino"`` (needs ``graphopt[openvino]``; OpenVINO runs the int8 QDQ model on its own
     int8 kernels) or
-    ``"auto"``: ONNX Runtime with session settings picked by measurement, against TVM when TVM
-    is tuned for the model (or ``trials``/``tune_minutes`` ask to tune it); the faster one is
-    kept and the report shows both. ``trials`` / ``tune_minutes``: TVM's MetaSchedule budget;
+    ``"auto"``: the fastest by measurement of ONNX Runtime under its candidate session settings,
+    OpenVINO under its performance hints (where installed) and TVM when TVM is tuned for the
+    model (or ``trials``/``tune_minutes`` ask to tune it; fp32 only), each checked against the
+    model first, timed interleaved in one run; the report shows every candidate. ``trials`` / ``tune_minutes``: TVM's MetaSchedule budget;
     ``database``: its tuning database directory (default: one per target in the cache
     directory, reused by later runs). ``rpc``: ``"host:port/key"`` of a device registered at a
     TVM RPC tracker, where TVM tunes, runs and measures.
@@ -416,10 +417,8 @@ class Optimizer:
         report = lowering.report
         if self.int8:
             artifact, quantization = lower_int8(lowering, runtime, calibration, metric)
-            if self.backend == "auto":  # TVM has no integer kernels for the QDQ graph
-                report.backend_choice = (
-                    "onnxruntime: int8 QDQ models are lowered to ONNX Runtime's integer kernels"
-                )
+            if self.backend == "auto":  # ONNX Runtime's settings against OpenVINO's hints
+                runtime, artifact = choose_int8_backend(lowering, ort, artifact, self.measure)
             return runtime, artifact, quantization
         artifact = lower(lowering, runtime)
         if self.backend == "auto":

@@ -355,7 +355,7 @@ def _add_optimize(sub: Any) -> None:
         "--backend",
         default="onnxruntime",
         choices=("onnxruntime", "tvm", "openvino", "auto"),
-        help="auto: the faster of ONNX Runtime (settings measured) and tuned TVM",
+        help="auto: the fastest measured of ONNX Runtime settings, OpenVINO hints, tuned TVM",
     )
     p.add_argument("--trials", type=_count, default=0, help="TVM tuning budget in trials")
     p.add_argument("--tune-minutes", type=_amount, default=None, help="TVM tuning budget")

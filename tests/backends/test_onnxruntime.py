@@ -92,6 +92,7 @@ def test_settings_are_first_class_and_with_settings_copies():
         "providers": ["CPUExecutionProvider"],
         "execution_mode": "parallel",
         "inter_op_threads": 2,
+        "spinning": True,
     }
     opts = other.session_options()
     assert opts.intra_op_num_threads == 1 and opts.inter_op_num_threads == 2

@@ -207,9 +207,10 @@ def test_auto_measures_both_backends_when_tvm_is_tuned(tuned):
     model, inputs, db, _ = tuned
     result = optimize(model, "cpu", inputs, backend="auto", database=db)
     report = result.report
-    assert set(report.backend_latencies) == {"onnxruntime", "tvm"}
+    labels = set(report.backend_latencies)  # "tvm", "onnxruntime <settings>", "openvino <hint>"
+    assert "tvm" in labels and any(k.startswith("onnxruntime ") for k in labels)
     fastest = min(report.backend_latencies, key=lambda k: report.backend_latencies[k].median_ms)
-    assert report.backend == fastest and report.backend_choice.startswith(fastest)
+    assert report.backend == fastest.split()[0] and report.backend_choice.startswith(fastest)
     assert "backends measured" in str(report)
     assert report.artifact_error.ok
 

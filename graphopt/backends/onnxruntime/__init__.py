@@ -11,7 +11,11 @@ from __future__ import annotations
 
 from graphopt.backends.arrays import to_numpy
 from graphopt.backends.onnxruntime.artifact import OrtArtifact
-from graphopt.backends.onnxruntime.backend import OnnxRuntimeBackend, SettingsChoice
+from graphopt.backends.onnxruntime.backend import (
+    OnnxRuntimeBackend,
+    SettingsChoice,
+    settings_label,
+)
 from graphopt.backends.onnxruntime.mobile import MobilePackage, save_ort_format
 from graphopt.backends.onnxruntime.session import (
     EXACT_INT8_CONFIG,
@@ -28,5 +32,6 @@ __all__ = [
     "SettingsChoice",
     "ort_optimized_model",
     "save_ort_format",
+    "settings_label",
     "to_numpy",
 ]

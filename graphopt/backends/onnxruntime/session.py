@@ -31,7 +31,13 @@ EXEC_MODES = {
     "sequential": ort.ExecutionMode.ORT_SEQUENTIAL,
     "parallel": ort.ExecutionMode.ORT_PARALLEL,
 }
-SETTING_NAMES = ("threads", "optimization_level", "execution_mode", "inter_op_threads")
+SETTING_NAMES = (
+    "threads",
+    "optimization_level",
+    "execution_mode",
+    "inter_op_threads",
+    "spinning",
+)
 
 # ORT's uint8 x int8 kernels on x86 without VNNI (SSE4.1, AVX2, AVX-512F) sum each pair of
 # products in saturating int16 (PMADDUBSW: 255 * 127 * 2 = 64770 is clamped to 32767), so the
