@@ -56,9 +56,10 @@ def choose_backend(
 ) -> tuple[Backend, Artifact]:
     """backend='auto' for fp32: ONNX Runtime's settings, OpenVINO's hints and a tuned TVM."""
     excluded: list[str] = []
-    start, mobile = time.perf_counter(), lowering.target.device == "mobile"
+    mobile = lowering.target.device == "mobile"
+    tvm = _tvm_candidate(lowering, tvm_options, excluded)  # lowers to TVM to see if it is tuned
+    start = time.perf_counter()  # the time auto adds to lowering: its candidates, timed
     candidates = local_candidates(lowering, ort, ort_artifact, measure and not mobile, excluded)
-    tvm = _tvm_candidate(lowering, tvm_options, excluded)
     if tvm is not None:
         candidates.append(tvm)
     if not measure or mobile and (tvm is None or tvm.backend.rpc is None):
