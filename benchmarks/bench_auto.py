@@ -104,7 +104,7 @@ def markdown(results: dict[str, Any], argv: list[str] | None) -> str:
     m = results["machine"]
     command = " ".join(["python benchmarks/bench_auto.py", *(argv or [])])
     lines = [
-        "# backend=\"auto\" against ONNX Runtime, OpenVINO and torch.compile (fp32)",
+        '# backend="auto" against ONNX Runtime, OpenVINO and torch.compile (fp32)',
         "",
         f"`{command}` ({m.get('date', '')}; {m['cpu']}, {m['cores']} cores, "
         f"isa {' '.join(m.get('isa', []))}; onnxruntime {m.get('onnxruntime')}, "
@@ -117,15 +117,13 @@ def markdown(results: dict[str, Any], argv: list[str] | None) -> str:
         "**The machine was shared with other engineers' work** (other processes' CPU, in "
         "cores, while timing: last column): absolute times are noisy, ratios from one run less so.",
         "",
-        f"| model | ORT plain | OpenVINO plain | torch.compile | graphopt auto | vs fastest "
-        f"| vs ORT | auto's winner | auto s | other CPU |",
+        "| model | ORT plain | OpenVINO plain | torch.compile | graphopt auto | vs fastest "
+        "| vs ORT | auto's winner | auto s | other CPU |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, info in results["models"].items():
         t = {k: Latency(**v) for k, v in info["timings"].items()}
-        cell = {
-            k: f"{v.median_ms:.2f} [{v.p10_ms:.2f}-{v.p90_ms:.2f}]" for k, v in t.items()
-        }
+        cell = {k: f"{v.median_ms:.2f} [{v.p10_ms:.2f}-{v.p90_ms:.2f}]" for k, v in t.items()}
         vs_fastest, vs_ort, fastest = ratios(info)
         flag = "" if vs_fastest >= 0.98 else " (short)"
         lines.append(

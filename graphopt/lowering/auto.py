@@ -240,9 +240,7 @@ def _disagreement(lowering: Lowering, c: Candidate, numerics: Numerics) -> str |
     return None
 
 
-def _report_ort_settings(
-    report: Any, ranked: list[Candidate], timings: dict[str, Latency]
-) -> None:
+def _report_ort_settings(report: Any, ranked: list[Candidate], timings: dict[str, Latency]) -> None:
     """ONNX Runtime's settings in the report: each one timed, and the fastest of them."""
     prefix = "onnxruntime "
     ort = [c for c in ranked if c.label.startswith(prefix)]
@@ -267,9 +265,8 @@ def _why(
         second = timings[others[0].label]
         ratio = second.median_ms / won.median_ms if won.median_ms > 0 else float("inf")
         overlap = second.p10_ms <= won.p90_ms
-        text += (
-            f", {ratio:.2f}x the next, {others[0].label} at {second.median_ms:.3f} ms"
-            + ("; their p10-p90 ranges overlap: within the machine's noise" if overlap else "")
+        text += f", {ratio:.2f}x the next, {others[0].label} at {second.median_ms:.3f} ms" + (
+            "; their p10-p90 ranges overlap: within the machine's noise" if overlap else ""
         )
     text += f"; {len(others) + 1} candidates agreed with the model)"
     if excluded:
