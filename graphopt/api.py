@@ -20,6 +20,7 @@ from torch import fx, nn
 
 from graphopt._util import close_matches
 from graphopt.backends import Artifact, Backend, get_backend
+from graphopt.backends.measure import fewer_torch_threads_when_loaded
 from graphopt.core.pass_infra import PassContext
 from graphopt.core.progress import current
 from graphopt.errors import (
@@ -54,6 +55,7 @@ from graphopt.pipeline import (
     PipelineResult,
     PrintTiming,
     Reproducer,
+    Snapshots,
     parse_pipeline,
 )
 from graphopt.report import Report, op_counts
@@ -253,6 +255,7 @@ class Optimizer:
         return self.tvm_options if self.backend == "tvm" else {}
 
     @graphopt_errors_only
+    @fewer_torch_threads_when_loaded
     @with_dependency_notes
     @with_progress
     def optimize(
@@ -375,7 +378,8 @@ class Optimizer:
             backend=runtime,
             strict=self.strict,
             verify=self.verify,
-            instruments=[Reproducer(), *self.instruments],
+            # measure: the latency after each pass that changed the model, too
+            instruments=[Reproducer(), *([Snapshots()] * self.measure), *self.instruments],
         )
         if self.progress:
             ctx.instruments.append(PrintTiming(total=len(self.parsed_pipeline), progress=current()))

@@ -26,7 +26,7 @@ import torch
 from graphopt.core.progress import Progress
 from graphopt.errors import GraphoptError, InputError
 from graphopt.quant.graph import fixed_batch, input_dtype, input_names
-from graphopt.quant.observers import Observer, make_observer
+from graphopt.quant.observers import Observer, make_observer, observe_all
 from graphopt.quant.qparams import QParams, checked_tensor
 
 __all__ = [
@@ -36,6 +36,7 @@ __all__ = [
     "choose_observer",
     "fake_quant_error",
     "iter_calibration_batches",
+    "pick_method",
     "progress_batches",
     "to_fixed_batch",
     "validate_calibration_batches",
@@ -194,8 +195,7 @@ def fake_quant_error(batches: Sequence[torch.Tensor], qparams: QParams) -> float
     """Mean squared error of ``qparams.fake_quantize`` over all elements of ``batches``."""
     total, count = 0.0, 0
     for x in batches:
-        xd = x.detach().double()
-        total += float(((qparams.fake_quantize(xd) - xd) ** 2).sum())
+        total += qparams.squared_error(x)  # float32 as ORT quantises (float64 sum)
         count += x.numel()
     return total / max(count, 1)
 
@@ -235,15 +235,29 @@ def choose_observer(
         raise InputError("choose_observer needs at least one calibration batch; got none.")
     if not candidates:
         raise GraphoptError("choose_observer needs at least one candidate method.")
+    observers = [make_observer(c) if isinstance(c, str) else c for c in candidates]
+    for x in batches:
+        observe_all(observers, x)  # one histogram for percentile, entropy and mse
+    return pick_method(
+        observers, lambda qp: fake_quant_error(batches, qp), symmetric=symmetric, name=name
+    )
+
+
+def pick_method(
+    observers: Sequence[Observer],
+    error: Callable[[QParams], float],
+    *,
+    symmetric: bool = True,
+    name: str = "",
+) -> MethodChoice:
+    """The observer (fed already) whose parameters give the lowest ``error(qparams)``, the
+    fake-quantisation MSE (of all of the tensor, or an estimate); ties go to the earlier one."""
     best: MethodChoice | None = None
     errors: dict[str, float] = {}
-    for cand in candidates:
-        observer = make_observer(cand) if isinstance(cand, str) else cand
-        for x in batches:
-            observer.observe(x)
+    for observer in observers:
         qp = observer.qparams(symmetric=symmetric)
         label = observer.name if observer.name not in errors else f"{observer.name}#{len(errors)}"
-        errors[label] = fake_quant_error(batches, qp)
+        errors[label] = error(qp)
         if best is None or errors[label] < errors[best.method]:
             best = MethodChoice(label, qp, errors, name)
     return best

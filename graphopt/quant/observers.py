@@ -32,6 +32,7 @@ entropy observer's asymmetric range is its symmetric threshold clipped to the ob
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import numpy as np
@@ -58,6 +59,7 @@ __all__ = [
     "PercentileObserver",
     "kl_divergence_curve",
     "make_observer",
+    "observe_all",
 ]
 
 
@@ -102,8 +104,9 @@ class Observer:
         """Add batch ``x`` (finite; ``amax = max|x|``) to the statistics."""
 
     def _same_statistics(self, other: Observer) -> bool:
-        """Whether ``other`` keeps exactly the statistics this observer keeps."""
-        return type(other) is MinMaxObserver or type(self) is type(other) is MinMaxObserver
+        """Whether ``other``'s statistics are a subset of this observer's (fed the same data,
+        ``other`` can copy them instead of observing)."""
+        return type(other) is MinMaxObserver
 
     def _copy_statistics(self, other: Observer) -> None:
         self.batches, self._shape, self.min, self.max = (
@@ -212,7 +215,8 @@ class HistogramObserver(Observer):
         self.pos += counts[self.bins :]
 
     def _same_statistics(self, other: Observer) -> bool:
-        return isinstance(other, HistogramObserver) and other.bins == self.bins
+        same_histogram = isinstance(other, HistogramObserver) and other.bins == self.bins
+        return same_histogram or super()._same_statistics(other)
 
     def _copy_statistics(self, other: Observer) -> None:
         assert isinstance(other, HistogramObserver)  # _same_statistics
@@ -292,6 +296,10 @@ def kl_divergence_curve(
     ``P_i``: ``hist[:i]`` with ``hist[i:].sum()`` added to bin ``i-1``; ``Q_i``: ``hist[:i]``
     merged into ``quantized_bins`` groups, each group's count spread evenly over the bins of
     the group that are non-empty in ``P_i``. Both normalised and smoothed.
+
+    Group ``k`` starts at bin ``floor(linspace(0, i, Qb + 1))[k]``; for ``Qb`` a power of two
+    (the default 128) that is ``k i // Qb`` exactly (``i / Qb`` is a binary fraction), and the
+    group counts are differences of cumulative sums of the counts (exact for integer counts).
     """
     hist = np.asarray(hist, dtype=np.float64)
     n = hist.size
@@ -299,25 +307,35 @@ def kl_divergence_curve(
     if cuts[-1] != n:
         cuts = np.append(cuts, n)
     tail = np.concatenate([np.cumsum(hist[::-1])[::-1], [0.0]])  # tail[i] = hist[i:].sum()
+    count = np.concatenate([[0.0], np.cumsum(hist)])
+    filled = np.concatenate([[0], np.cumsum(hist != 0)])
+    power_of_two = quantized_bins & (quantized_bins - 1) == 0
+    k = np.arange(quantized_bins)
     kl = np.full(cuts.size, np.inf)
     for c, i in enumerate(cuts):
         p = hist[:i].copy()
         p[-1] += tail[i]
-        if p.sum() == 0:
+        if p[-1] == 0 and count[i] == 0:
             continue
-        starts = np.floor(np.linspace(0, i, quantized_bins + 1)[:-1]).astype(np.int64)
-        starts = np.unique(starts)
-        group_sum = np.add.reduceat(hist[:i], starts)
-        nonzero = (p != 0).astype(np.float64)
-        group_nonzero = np.add.reduceat(nonzero, starts)
+        if power_of_two and i >= quantized_bins:
+            starts = k * i // quantized_bins
+        else:
+            starts = np.unique(
+                np.floor(np.linspace(0, i, quantized_bins + 1)[:-1]).astype(np.int64)
+            )
+        ends = np.append(starts[1:], i)
+        group_sum = count[ends] - count[starts]
+        group_nonzero = (filled[ends] - filled[starts]).astype(np.float64)
+        group_nonzero[-1] += hist[i - 1] == 0 and tail[i] != 0  # P's last bin holds the tail
         per_bin = np.divide(
             group_sum, group_nonzero, out=np.zeros_like(group_sum), where=group_nonzero > 0
         )
-        sizes = np.diff(np.append(starts, i))
-        q = np.repeat(per_bin, sizes) * nonzero
-        if q.sum() == 0:
+        nonzero = p != 0
+        q = np.repeat(per_bin, ends - starts) * nonzero
+        q_sum = q.sum()
+        if q_sum == 0:
             continue
-        ps, qs = _smooth(p / p.sum()), _smooth(q / q.sum())
+        ps, qs = _smooth(p / p.sum()), _smooth(q / q_sum)
         if ps is None or qs is None:
             continue
         kl[c] = float(np.sum(ps * np.log(ps / qs)))
@@ -412,6 +430,23 @@ class MSEObserver(HistogramObserver):
         err = np.where((x >= lo) & (x <= hi), s**2 / 12.0, (x - clipped) ** 2)
         best = float(alphas[int(np.argmin((err * counts[None, :]).sum(1))), 0])
         return best * lo0, best * hi0
+
+
+def observe_all(observers: Sequence[Observer], x: torch.Tensor) -> None:
+    """``observer.observe(x)`` for each of ``observers`` (which have seen the same batches),
+    each kind of statistics computed once: an observer whose statistics an earlier one already
+    keeps (the same histogram, or min / max) copies them from it. ``percentile``, ``entropy``
+    and ``mse`` differ only in how they read one histogram.
+    """
+    fed: list[Observer] = []
+    # histograms first: min / max is part of what they keep
+    for observer in sorted(observers, key=lambda o: not isinstance(o, HistogramObserver)):
+        source = next((f for f in fed if f._same_statistics(observer)), None)
+        if source is None:
+            observer.observe(x)
+            fed.append(observer)
+        else:
+            observer._copy_statistics(source)
 
 
 OBSERVERS: dict[str, type[Observer]] = {

@@ -34,6 +34,7 @@ eval mode folds BN already).
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -48,9 +49,15 @@ from graphopt._util import close_matches
 from graphopt.backends.onnxruntime import ort_optimized_model
 from graphopt.core.progress import current
 from graphopt.errors import GraphoptError, InputError
-from graphopt.quant.calibration import MethodChoice, choose_observer, iter_calibration_batches
+from graphopt.quant.calibration import MethodChoice, iter_calibration_batches, pick_method
 from graphopt.quant.graph import GraphIndex, named, opset
-from graphopt.quant.observers import OBSERVERS, Observer, make_observer
+from graphopt.quant.observers import (
+    OBSERVERS,
+    HistogramObserver,
+    Observer,
+    make_observer,
+    observe_all,
+)
 from graphopt.quant.ort_policy import (
     COMPUTE_OPS,
     INTEGER_OPS,
@@ -61,9 +68,12 @@ from graphopt.quant.ort_policy import (
     weight_axis,
 )
 from graphopt.quant.qparams import QParams, quantize_bias, weight_qparams
-from graphopt.quant.runtime import feed, probe
+from graphopt.quant.runtime import feed, one_torch_thread, probe
 
 __all__ = [
+    "AUTO_CANDIDATES",
+    "AUTO_SAMPLE",
+    "AUTO_TOP",
     "METHODS",
     "QuantReport",
     "integer_op_counts",
@@ -72,6 +82,11 @@ __all__ = [
 ]
 
 METHODS = (*OBSERVERS, "auto")
+AUTO_CANDIDATES = ("minmax", "percentile", "entropy", "mse")
+# method="auto" measures the candidates' error, per batch of each tensor, on about its AUTO_TOP
+# largest |x| and on AUTO_SAMPLE elements drawn uniformly, standing for the rest
+AUTO_TOP = 2**10
+AUTO_SAMPLE = 2**15
 _ACTIVATION_TYPES = {"uint8": TensorProto.UINT8, "int8": TensorProto.INT8}
 
 
@@ -136,9 +151,11 @@ def _collect(
     """
     session = probe(model, plan.observed)
     out_names = [o.name for o in session.get_outputs()]
-    observers: dict[str, Observer] = {}
-    kept: dict[str, list[torch.Tensor]] = {}
+    methods = AUTO_CANDIDATES if method == "auto" else (method,)
+    observers: dict[str, list[Observer]] = {}
+    samples: dict[str, _ErrorSample] = {}
     nonfinite: set[str] = set()
+    gen = torch.Generator().manual_seed(0)  # the same sample on every run
     n = 0
     for batch in iter_calibration_batches(calibration, model):
         inputs = feed(model, batch)
@@ -147,15 +164,15 @@ def _collect(
         for name in plan.observed:
             if name in nonfinite:
                 continue
-            array = values[name]
-            if not (np.isfinite(array.min()) and np.isfinite(array.max())):  # NaN propagates
+            x = torch.from_numpy(np.asarray(values[name], order="C"))
+            if not all(math.isfinite(v.item()) for v in torch.aminmax(x)):  # NaN propagates
                 nonfinite.add(name)
                 continue
-            x = torch.from_numpy(np.asarray(array, order="C"))
+            fed = observers.setdefault(name, [make_observer(m) for m in methods])
+            observe_all(fed, x)
             if method == "auto":
-                kept.setdefault(name, []).append(x)
-            else:
-                observers.setdefault(name, make_observer(method)).observe(x)
+                histogram = next(o for o in fed if isinstance(o, HistogramObserver))
+                samples.setdefault(name, _ErrorSample()).add(x, histogram, gen)
         n += 1
     qparams: dict[str, QParams] = {}
     choices: dict[str, MethodChoice] = {}
@@ -166,11 +183,47 @@ def _collect(
         if name in nonfinite:
             continue
         if method == "auto":
-            choices[name] = choose_observer(kept[name], symmetric=symmetric, name=name)
+            choices[name] = pick_method(
+                observers[name], samples[name].error, symmetric=symmetric, name=name
+            )
             qparams[name] = choices[name].qparams
         else:
-            qparams[name] = observers[name].qparams(symmetric=symmetric)
+            qparams[name] = observers[name][0].qparams(symmetric=symmetric)
     return qparams, choices, n, nonfinite
+
+
+class _ErrorSample:
+    """What ``method="auto"`` keeps of one tensor to measure the candidates' error, per batch:
+    every element with ``|x| >= tau`` (where clipping errs; ``tau`` leaves about
+    :data:`AUTO_TOP` elements per batch above it in the histogram so far) and
+    :data:`AUTO_SAMPLE` elements drawn uniformly, those below ``tau`` standing for the rest.
+    All of a batch that is not larger than that."""
+
+    def __init__(self) -> None:
+        self.parts: list[tuple[torch.Tensor, torch.Tensor, float]] = []  # top, drawn, weight
+        self.count = 0
+
+    def add(self, x: torch.Tensor, histogram: HistogramObserver, gen: torch.Generator) -> None:
+        flat = x.reshape(-1)
+        n = flat.numel()
+        self.count += n
+        if n <= AUTO_TOP + AUTO_SAMPLE:
+            self.parts.append((flat.clone(), flat[:0], 0.0))
+            return
+        tail = np.cumsum(histogram.abs_hist()[::-1])[::-1]  # tail[j]: count with |x| >= j w
+        j = int(np.flatnonzero(tail >= AUTO_TOP * histogram.batches)[-1])
+        top = flat.abs() >= j * histogram.width
+        drawn = torch.randint(n, (AUTO_SAMPLE,), generator=gen)
+        rest = drawn[~top[drawn]]  # a uniform sample of the elements below tau
+        self.parts.append((flat[top], flat[rest], n / AUTO_SAMPLE))
+
+    def error(self, qp: QParams) -> float:
+        """The fake-quantisation MSE of the tensor: exact on the elements above ``tau``, the
+        drawn ones standing for the rest (each for ``n / AUTO_SAMPLE`` elements of its batch)."""
+        total = 0.0
+        for top, drawn, weight in self.parts:
+            total += qp.squared_error(top) + (weight * qp.squared_error(drawn) if weight else 0.0)
+        return total / max(self.count, 1)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -310,7 +363,9 @@ def quantize_onnx(
     ``calibration``: an iterable of batches, each a tuple of numpy arrays or torch tensors in the
     order of the model's inputs (a lone tensor counts as a 1-tuple). ``method``: ``minmax``,
     ``percentile``, ``entropy``, ``mse``, or ``auto`` (per tensor, the method with the lowest
-    fake-quantisation error; keeps every batch of every observed tensor in memory).
+    fake-quantisation error, measured per batch on about the :data:`AUTO_TOP` largest ``|x|`` and
+    :data:`AUTO_SAMPLE` elements drawn uniformly, all of a smaller batch; percentile, entropy
+    and mse read one shared histogram).
     ``skip``: node names to keep in float. ``activations``: ``uint8`` (asymmetric, the default;
     see the module docstring) or ``int8`` (symmetric). ``model`` is not modified.
     """
@@ -319,9 +374,10 @@ def quantize_onnx(
     skip = set(skip)
     g = GraphIndex(work, types=True)
     plan = plan_pairs(g, skip, activations)
-    qparams, choices, batches, nonfinite = _collect(
-        work, plan, calibration, method, symmetric=activations == "int8"
-    )
+    with one_torch_thread():
+        qparams, choices, batches, nonfinite = _collect(
+            work, plan, calibration, method, symmetric=activations == "int8"
+        )
     if nonfinite:
         # a node whose operand or result is not finite (an attention mask's -inf) stays float;
         # planning again only drops pairs, so every tensor left was observed

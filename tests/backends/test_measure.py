@@ -146,3 +146,33 @@ def test_interleaved_timing_rewarms_each_timed_call(rewarm):
     )
     assert all(t.runs == 6 and t.median_ms >= 0 for t in timings.values())
     assert calls == {"a": 2 + 6 * (1 + rewarm), "b": 2 + 6 * (1 + rewarm)}
+
+
+def test_fewer_torch_threads_when_loaded(monkeypatch):
+    """On a loaded machine graphopt's own torch work runs on one thread, says so, and leaves
+    torch's setting as it was; on an idle one nothing changes."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from graphopt.backends.measure import available_cores, fewer_torch_threads_when_loaded
+
+    seen = []
+
+    @fewer_torch_threads_when_loaded
+    def work():
+        seen.append(torch.get_num_threads())
+        return SimpleNamespace(report=SimpleNamespace(notes=[]))
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        monkeypatch.setattr("os.getloadavg", lambda: (10.0 * available_cores(), 0.0, 0.0))
+        loaded = work()
+        assert seen[-1] == 1 and torch.get_num_threads() == 2
+        assert "on 1 thread instead of 2" in loaded.report.notes[0]
+        monkeypatch.setattr("os.getloadavg", lambda: (0.0, 0.0, 0.0))
+        idle = work()
+        assert seen[-1] == 2 and not idle.report.notes
+    finally:
+        torch.set_num_threads(before)

@@ -271,3 +271,111 @@ def test_mse_observer_expected_error_tracks_the_measured_error(gaussian_with_out
         measured = fake_quant_error(batches, symmetric_qparams(t))
         expected = obs.expected_error(np.array([t]))[0]
         assert expected == pytest.approx(measured, rel=0.1), t
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_observe_all_equals_each_observer_fed_alone(gaussian_with_outliers, symmetric):
+    from graphopt.quant.observers import observe_all
+
+    batches = [torch.relu(x) + 0.1 * x for x in gaussian_with_outliers[:4]]  # skewed
+    shared = [make_observer(m) for m in OBSERVERS]
+    for x in batches:
+        observe_all(shared, x)
+    for observer in shared:
+        alone = _observe(observer.name, batches)
+        assert observer.batches == alone.batches == len(batches)
+        assert (observer.min, observer.max) == (alone.min, alone.max)
+        assert observer.qparams(symmetric) == alone.qparams(symmetric), observer.name
+        if isinstance(observer, HistogramObserver):
+            assert np.array_equal(observer.abs_hist(), alone.abs_hist())
+
+
+def test_auto_calibration_picks_on_a_sample_what_it_picks_on_all_the_data():
+    """quantize_onnx(method="auto") measures the candidates on a sample of each batch (its
+    largest |x| and AUTO_SAMPLE elements drawn uniformly);
+    on activations larger than that it keeps the choice the whole tensor gives."""
+    from torch import nn
+
+    from graphopt.backends.export import export_onnx
+    from graphopt.quant.qdq import AUTO_SAMPLE, AUTO_TOP, quantize_onnx
+    from graphopt.quant.runtime import feed, probe
+
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3)).eval()
+    gen = _gen(21)
+    calib = [(torch.randn(4, 3, 64, 64, generator=gen).numpy(),) for _ in range(3)]
+    calib[1][0][0, 0, 0, 0] = 40.0  # an outlier that clipping methods should cut
+    proto = export_onnx(model, (torch.from_numpy(calib[0][0][:1]),))
+    _, report = quantize_onnx(proto, calib, method="auto")
+    names = list(report.choices)
+    session = probe(proto, [n for n in names if n not in feed(proto, calib[0])])
+    for name in names:
+        full = []
+        for batch in calib:
+            values = dict(zip([o.name for o in session.get_outputs()],
+                              session.run(None, feed(proto, batch)), strict=True))  # fmt: skip
+            values.update(feed(proto, batch))
+            full.append(torch.from_numpy(values[name]))
+        assert full[0].numel() > AUTO_TOP + AUTO_SAMPLE  # the sample is a sample
+        exact = choose_observer(full, symmetric=False)
+        got = report.choices[name]
+        assert got.method == exact.method, (name, got.errors, exact.errors)
+        assert got.qparams == exact.qparams
+        for method, error in exact.errors.items():
+            assert got.errors[method] == pytest.approx(error, rel=0.05), (name, method)
+
+
+def _kl_reference(hist, quantized_bins=128, stride=1):
+    """The entropy calibration's KL curve as the definition reads, one cut at a time."""
+    from graphopt.quant.observers import _smooth
+
+    hist = np.asarray(hist, dtype=np.float64)
+    n = hist.size
+    cuts = np.arange(min(quantized_bins, n), n + 1, stride)
+    if cuts[-1] != n:
+        cuts = np.append(cuts, n)
+    kl = np.full(cuts.size, np.inf)
+    for c, i in enumerate(cuts):
+        p = hist[:i].copy()
+        p[-1] += hist[i:].sum()
+        if p.sum() == 0:
+            continue
+        starts = np.unique(np.floor(np.linspace(0, i, quantized_bins + 1)[:-1]).astype(np.int64))
+        group_sum = np.add.reduceat(hist[:i], starts)
+        nonzero = (p != 0).astype(np.float64)
+        group_nonzero = np.add.reduceat(nonzero, starts)
+        per_bin = np.divide(
+            group_sum, group_nonzero, out=np.zeros_like(group_sum), where=group_nonzero > 0
+        )
+        q = np.repeat(per_bin, np.diff(np.append(starts, i))) * nonzero
+        if q.sum() == 0:
+            continue
+        ps, qs = _smooth(p / p.sum()), _smooth(q / q.sum())
+        if ps is None or qs is None:
+            continue
+        kl[c] = float(np.sum(ps * np.log(ps / qs)))
+    return cuts, np.nan_to_num(kl, nan=np.inf)
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_kl_curve_equals_the_definition(seed):
+    from graphopt.quant.observers import kl_divergence_curve
+
+    rng = np.random.default_rng(seed)
+    n = int(rng.choice([512, 300, 129, 128, 64]))
+    hist = np.floor(np.abs(rng.standard_cauchy(n)) * rng.integers(1, 1000))
+    if seed % 3 == 0:
+        hist[rng.random(n) < 0.5] = 0  # empty bins inside
+    if seed % 4 == 0:
+        hist[n // 2 :] = 0  # an empty tail: the last bin of P holds nothing
+    if seed == 5:
+        hist[:] = 0
+        hist[[3, 70]] = 5
+    qbins = min(n, int(rng.choice([128, 64, 100])))  # 100: the linspace groups
+    stride = int(rng.choice([1, 3]))
+    cuts, kl = kl_divergence_curve(hist, qbins, stride)
+    ref_cuts, ref = _kl_reference(hist, qbins, stride)
+    np.testing.assert_array_equal(cuts, ref_cuts)
+    np.testing.assert_array_equal(np.isfinite(kl), np.isfinite(ref))
+    finite = np.isfinite(ref)
+    scale = max(1.0, np.abs(ref[finite]).max(initial=0))
+    assert np.abs(kl[finite] - ref[finite]).max(initial=0) <= 1e-12 * scale
