@@ -23,12 +23,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import inspect
 import logging
 import math
 import os
 import sys
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +51,7 @@ from graphopt.cli_model import (
     random_inputs,
     user_model,
 )
-from graphopt.core.progress import Progress
+from graphopt.core.progress import Progress, current
 from graphopt.core.registry import registered_passes
 from graphopt.errors import GraphoptError, InputError
 from graphopt.frontends.onnx import load_onnx
@@ -60,6 +62,19 @@ from graphopt.target import Target
 from graphopt.zoo.registry import entry as zoo_entry
 
 
+def _with_progress(command: Callable[[argparse.Namespace], int]) -> Callable[..., int]:
+    """One :class:`Progress` for the whole command (``-q``: none): building the model,
+    optimize() and saving each show their phases, kept alive while they last."""
+
+    @functools.wraps(command)
+    def run(args: argparse.Namespace) -> int:
+        with Progress(not args.quiet).active():
+            return command(args)
+
+    return run
+
+
+@_with_progress
 def _cmd_optimize(args: argparse.Namespace) -> int:
     # everything a user typed is checked before a model is built or a minute is spent tuning
     if args.max_drop is not None and not args.int8:
@@ -108,7 +123,10 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
         dynamic_axes=_dynamic_axes(args.dynamic_axes),
     )
     # saved before the report is printed: what save() notes (TVM's log lines) is in it
+    if args.output:
+        current()(f"saving {args.output}")
     path = result.save(args.output) if args.output else None
+    current().done()  # the status line goes before the report is printed
     print(result.report)
     if path is not None:
         print(f"\nsaved {path}")
@@ -155,9 +173,9 @@ def _load_model(args: argparse.Namespace) -> tuple[Any, tuple[Any, ...] | None, 
         )
     if args.input_shape:
         raise InputError("--input-shape applies to an ONNX file or a Python model, not a zoo one.")
-    with Progress(not args.quiet).active() as say:  # digits_cnn trains a few seconds at first
-        say(f"building zoo model {source} ({zoo.describe(source)})")
-        entry = zoo.get(source)
+    # digits_cnn trains for a few seconds on its first use
+    current()(f"building zoo model {source} ({zoo.describe(source)})")
+    entry = zoo.get(source)
     return entry.model, entry.example_inputs, entry.name
 
 

@@ -17,6 +17,7 @@ import numpy as np
 from graphopt.core import PassContext
 from graphopt.core.progress import Progress, current
 from graphopt.core.registry import get_pass
+from graphopt.lowering.context import with_progress
 from graphopt.pipeline import PassManager, PrintTiming
 from graphopt.pipeline.manager import PassRecord
 
@@ -65,6 +66,19 @@ def test_heartbeat_fires_inside_a_numpy_call_that_releases_the_gil():
             a = np.tanh(a @ a.T / 1500)
     beats = [t for t, text in out.writes if "... multiplying" in text]
     assert len(beats) >= 2, out.getvalue()
+
+
+def test_done_clears_the_status_line_and_stops_the_beats():
+    out = Recorder()
+    say = Progress(True, stream=out, tty=True, heartbeat_s=0.1)
+    with say.active():
+        say("saving model.onnx")
+        time.sleep(0.4)
+        say.done()
+        n = len(out.writes)
+        time.sleep(0.4)
+        assert len(out.writes) == n  # nothing kept alive after done()
+    assert out.writes[n - 1][1] == "\r\x1b[K"
 
 
 def test_no_heartbeat_after_the_block_and_none_outside_it():
@@ -145,6 +159,24 @@ def test_quiet_prints_nothing_and_starts_no_thread():
         assert not [t for t in threading.enumerate() if t.name == "graphopt-progress"]
         time.sleep(0.2)
     assert out.getvalue() == ""
+
+
+class _Job:
+    def __init__(self, progress: bool) -> None:
+        self.progress = progress
+
+    @with_progress
+    def run(self) -> Progress:
+        return current()
+
+
+def test_optimize_shows_progress_through_a_callers_progress_or_its_own():
+    say = Progress(True, stream=io.StringIO(), tty=False)
+    with say.active():
+        assert _Job(True).run() is say  # one Progress for a whole command, not two
+        assert not _Job(False).run().enabled  # progress=False stays quiet inside
+    own = _Job(True).run()
+    assert own is not say and own.enabled
 
 
 def test_current_is_disabled_outside_active():
@@ -261,4 +293,4 @@ def test_cli_on_a_terminal_is_never_silent_for_two_seconds(tmp_path):
     assert _gaps(times) <= 2.0, silences
     assert "[1/1] fold-conv-bn" in text and "modified" in text
     assert "\r\x1b[K[" in text and "... " in text  # heartbeat status lines arrived
-    assert "graphopt report: resnet18" in text
+    assert "saving " in text and "graphopt report: resnet18" in text

@@ -152,6 +152,14 @@ class Progress:
             with self._lock:
                 self._stage = Phase(self, message)
 
+    def done(self) -> None:
+        """The current phase is over: its status line is cleared and nothing is kept alive
+        until the next phase (before printing a report to stdout, say)."""
+        if self.enabled:
+            with self._lock:
+                self._stage = None
+                self._clear_status()
+
     def note(self, text: str) -> None:
         """A note on the innermost :meth:`phase` (what it is at: a layer's name, say)."""
         if self.enabled and self._phases:

@@ -18,7 +18,7 @@ from graphopt.backends.quiet import collecting, summarize
 from graphopt.core.dynamic_axes import DynamicAxes
 from graphopt.core.numerics import Comparison
 from graphopt.core.pass_infra import Pass, PassContext
-from graphopt.core.progress import Progress
+from graphopt.core.progress import Progress, current
 from graphopt.frontends.onnx import from_numpy
 from graphopt.lowering.check import Check
 from graphopt.pipeline import PassManager, PipelineResult
@@ -100,10 +100,13 @@ def with_dependency_notes(fn: F) -> F:
 def with_progress(fn: F) -> F:
     """``fn`` is a method of an object with a ``progress`` flag: for its run a
     :class:`~graphopt.core.progress.Progress` (enabled by the flag) is current, its phases kept
-    alive on stderr (:meth:`Progress.active`), so every stage under it can show progress."""
+    alive on stderr (:meth:`Progress.active`), so every stage under it can show progress. A
+    caller's enabled one (a command that also loads and saves) goes on instead of a second."""
 
     @functools.wraps(fn)
     def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if self.progress and current().enabled:
+            return fn(self, *args, **kwargs)
         with Progress(bool(self.progress)).active():
             return fn(self, *args, **kwargs)
 
