@@ -32,12 +32,13 @@ stored tensors only (``constant-operand``: a position embedding looks like the o
 a batch of one, but broadcasts over a dynamic batch), not float32 (``dtype``).
 
 Measured (benchmarks/results/transformers.md, CPU time of one-thread ONNX Runtime 1.32
-sessions on this machine, vit_s, timm vit_tiny / deit_tiny, MiniLM): MultiHeadAttention runs
-level with ONNX Runtime's unfused MatMul/Softmax/MatMul (0.98-1.02x; the linear layers are ~75%
-of the time, and ``com.microsoft::Attention`` with the QKV projection inside measured 1.005x on
-vit_s), SkipLayerNormalization slower than LayerNormalization + Add (0.91-0.95x): the residual
-fusion is off by default (``skip_layer_norm=true`` turns it on) and the pass is not in the
-default pipeline. OpenVINO reads the exported ``com.microsoft`` ops as well.
+sessions on this machine, two runs): MultiHeadAttention runs level with ONNX Runtime's unfused
+MatMul/Softmax/MatMul on vit_s, timm vit_tiny / deit_tiny (0.98-1.03x; the linear layers are
+~75% of the time, and ``com.microsoft::Attention`` with the QKV projection inside measured
+1.005x on vit_s), 0.98x and 1.10x on MiniLM; SkipLayerNormalization is slower than
+LayerNormalization + Add (0.88-0.94x on the ViTs): the residual fusion is off by default
+(``skip_layer_norm=true`` turns it on) and the pass is not in the default pipeline. OpenVINO
+reads the exported ``com.microsoft`` ops as well.
 """
 
 from __future__ import annotations
