@@ -367,9 +367,9 @@ def test_pages_render_in_chromium_without_errors_with_their_plots(reports, tmp_p
     assert "missing is not defined" in Page(dom).root.get("data-js-errors", "")
     assert any("Content Security Policy" in line for line in console), console
     expected = {
-        "int8": ({"latency": 2, "int8-sensitivity": 2, "int8-bias": 4},
+        "int8": ({"int8-sensitivity": 2, "int8-bias": 4},
                  {"summary", "passes", "int8-metric", "int8-layers"}),
-        "lossy": ({"latency": 2, "merge-convs": 2, "ops": 2},
+        "lossy": ({"merge-convs": 2, "ops": 2},
                   {"summary", "passes", "merge-convs-stretches", "monarch-layers"}),
     }  # fmt: skip
     for name, (plots, tables) in expected.items():
@@ -382,5 +382,8 @@ def test_pages_render_in_chromium_without_errors_with_their_plots(reports, tmp_p
         for plot, marks in plots.items():
             assert page.marks.get(plot) == marks, (name, plot, page.marks)
         assert page.marks["pass-time"] == len(reports[name].records) > 0
+        # before, after each pass that changed the model (int8: the float one too), after
+        assert page.marks["latency"] == 2 + len(reports[name].pass_latencies), name
         assert tables <= page.tables, (name, page.tables)
+    assert reports["int8"].pass_latencies  # int8: the float model after the FX passes too
     assert page.marks["monarch"] >= 2  # the Linear's two candidates, both timed

@@ -135,3 +135,35 @@ def test_int8_report_of_a_resnet_fits_on_one_screen():
 def test_int8_report_of_resnet50_fits_on_one_screen():
     lines = _int8_report_lines("resnet50", 224, 64, 8)  # 8 calibration batches
     assert len(lines) <= 60, "\n".join(lines)
+
+
+class _Branches(nn.Module):
+    """A RepVGG-like block: 3x3 and 1x1 convs with BatchNorm, summed (fold-conv-bn, then
+    reparameterize change it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.bn_a = nn.Conv2d(4, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+        self.b, self.bn_b = nn.Conv2d(4, 8, 1, bias=False), nn.BatchNorm2d(8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.bn_a(self.a(x)) + self.bn_b(self.b(x)))
+
+
+def test_latency_after_each_pass_is_measured_in_the_same_run():
+    torch.manual_seed(0)
+    model = _Branches().eval()
+    for bn in (model.bn_a, model.bn_b):
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.5, 2)
+    result = graphopt.optimize(model, "cpu", [torch.randn(1, 4, 16, 16)])
+    report = result.report
+    modified = [r.spec for r in report.records if r.modified]
+    assert modified == ["fold-conv-bn", "reparameterize"]
+    # the model after the last pass is the artifact itself: only the ones before are extra
+    assert list(report.pass_latencies) == ["after fold-conv-bn"]
+    assert report.pass_latencies["after fold-conv-bn"].median_ms > 0
+    assert "latency after each pass (median [p10-p90], same run): after fold-conv-bn" in str(report)
+    assert json.loads(report.to_json())["pass_latencies"]["after fold-conv-bn"]["p90_ms"] > 0
+    page = graphopt.report.html.render(report.to_dict())
+    assert "after fold-conv-bn" in page

@@ -26,6 +26,7 @@ from graphopt.errors import BackendError
 from graphopt.frontends.onnx import from_numpy, load_onnx
 from graphopt.frontends.torch import Captured
 from graphopt.lowering.context import Lowering
+from graphopt.pipeline import Snapshots
 
 
 @dataclass
@@ -137,14 +138,16 @@ class Baseline:
         lowering.say("measuring latency against the unrewritten export")
         arrays = [to_numpy(x) for x in inputs]
         baseline, report.baseline_name = self._artifact(lowering, ort)
+        runners = {"baseline": baseline, **_after_passes(lowering, runtime), "optimized": artifact}
         timings = time_interleaved(
-            {"baseline": lambda: baseline.run(arrays), "optimized": lambda: artifact.run(arrays)},
+            {k: (lambda a=a: a.run(arrays)) for k, a in runners.items()},
             warmup=5,
             runs=30,
-            max_time_s=20.0,
+            max_time_s=20.0 + 5.0 * (len(runners) - 2),
         )
-        report.latency_baseline = timings["baseline"]
-        report.latency_optimized = timings["optimized"]
+        report.latency_baseline = timings.pop("baseline")
+        report.latency_optimized = timings.pop("optimized")
+        report.pass_latencies = timings
 
     def _artifact(self, lowering: Lowering, ort: Backend) -> tuple[Artifact, str]:
         """The baseline in ONNX Runtime and its name in the report."""
@@ -167,3 +170,24 @@ def load_original_onnx(runtime: Backend, model: Any) -> Artifact:
             f"ONNX Runtime cannot run the original ONNX model, and every check compares with "
             f"it: {exc} (optimize(..., verify=False, measure=False) skips the checks)"
         ) from exc
+
+
+def _after_passes(lowering: Lowering, runtime: Backend) -> dict[str, Artifact]:
+    """The model after each pass that changed it (but the last, for fp32), on ``runtime`` (ONNX Runtime or
+    OpenVINO: a compile is seconds; TVM's minutes are not spent on it), keyed ``after <pass>``:
+    where the speed-up came from. The artifact is the model after the last."""
+    snapshots = next(
+        (i for i in getattr(lowering.context, "instruments", ()) if isinstance(i, Snapshots)), None
+    )
+    if snapshots is None or runtime.name == "tvm" or len(snapshots.graphs) < 1:
+        return {}
+    names = {"input_names": lowering.input_names, "dynamic_axes": lowering.dynamic_axes}
+    out = {}
+    # int8: the float model after the last FX pass too (the artifact is the int8 one)
+    kept = snapshots.graphs if lowering.onnx_stage else snapshots.graphs[:-1]
+    for spec, gm in kept:
+        try:
+            out[f"after {spec}"] = runtime.compile(gm, lowering.inputs, **names)
+        except BackendError:  # a graph in between may not export: only the figure is lost
+            continue
+    return out

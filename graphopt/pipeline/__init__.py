@@ -12,6 +12,7 @@ from graphopt.pipeline.instruments import (
     PrintIR,
     PrintTiming,
     Reproducer,
+    Snapshots,
 )
 from graphopt.pipeline.manager import PassManager, PassRecord, PipelineResult
 from graphopt.pipeline.text import PassSpec, Pipeline, parse_pipeline
@@ -28,5 +29,6 @@ __all__ = [
     "PrintIR",
     "PrintTiming",
     "Reproducer",
+    "Snapshots",
     "parse_pipeline",
 ]

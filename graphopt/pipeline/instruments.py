@@ -4,6 +4,7 @@ reproducer written when a pass fails.
 
 from __future__ import annotations
 
+import copy
 import logging
 import sys
 import tempfile
@@ -111,6 +112,19 @@ def outcome(record: PassRecord) -> str:
     if record.status != "ok":
         return record.status
     return "modified" if record.modified else "unchanged"
+
+
+class Snapshots(Instrument):
+    """A copy of the graph after each pass that changed it (``graphs``: ``[(spec, gm)]``), so
+    the latency after each pass can be measured (``optimize(measure=True)`` uses it)."""
+
+    def __init__(self) -> None:
+        self.graphs: list[tuple[str, fx.GraphModule]] = []
+
+    def after_pass(self, position, p, gm, ctx, record) -> None:
+        fx_graph = isinstance(gm, fx.GraphModule)  # not the int8 stage's ONNX models
+        if fx_graph and record.modified and record.status in ("ok", "unverified"):
+            self.graphs.append((record.spec, copy.deepcopy(gm)))
 
 
 class PrintIR(Instrument):

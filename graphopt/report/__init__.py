@@ -58,6 +58,8 @@ class Report:
     artifact_diagnosis: str = ""  # where a disagreement of the artifact comes from
     latency_baseline: Latency | None = None  # backend on the unrewritten export
     latency_optimized: Latency | None = None
+    # the model after each pass that changed it, timed in the same run (where it came from)
+    pass_latencies: dict[str, Latency] = field(default_factory=dict)
     baseline_name: str = ""
     threads: int = 0
     # backend="auto": every candidate backend's latency (same run) and why the winner won
@@ -122,7 +124,7 @@ class Report:
             )
         }
         d["summary"] = {"changed": changes(self), "speedup": self.speedup, "advice": advice(self)}
-        for key in ("backend_latencies", "ort_settings_latencies"):
+        for key in ("backend_latencies", "ort_settings_latencies", "pass_latencies"):
             d[key] = {k: _asdict(v) for k, v in getattr(self, key).items()}
         d["untuned_tasks"] = self.untuned_tasks
         d["records"] = [r.to_dict() for r in self.records]

@@ -55,13 +55,15 @@ def latency_plots(data: dict[str, Any]) -> str:
         if base:
             groups.append(("before (" + str(data.get("baseline_name") or "baseline") + ")",
                            [_latency_bar("before", base)]))  # fmt: skip
+        for name, lat in (data.get("pass_latencies") or {}).items():  # after each pass
+            groups.append((str(name), [_latency_bar("after a pass", lat)]))
         if opt:
             groups.append(("after (graphopt)", [_latency_bar("after", opt)]))
         speedup = number(data.get("speedup"))
         out.append(
             bar_chart(
                 "latency",
-                "Latency of one call, before and after graphopt",
+                "Latency of one call, before graphopt, after each pass, and after graphopt",
                 groups,
                 axis="latency per call (ms): median, whiskers p10-p90",
                 caption=(

@@ -199,6 +199,11 @@ def fold(decisions: list[Any], path: str) -> list[str]:
 
 def _measured_lines(report: Report) -> list[str]:
     lines = []
+    if report.pass_latencies:
+        lines.append(
+            "latency after each pass (median [p10-p90], same run): "
+            + ", ".join(f"{k} {_ms_spread(v)}" for k, v in report.pass_latencies.items())
+        )
     if report.backend_latencies:
         lines.append(
             "backends measured (median, same run): "
