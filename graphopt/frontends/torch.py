@@ -157,6 +157,7 @@ def capture(
         )
     annotate_shapes(gm, inputs)
     set_eval(gm)  # a new GraphModule is in training mode; the captured model is in eval mode
+    _drop_string_annotations(gm)
     names = [n.name for n in _placeholders(gm)]
     if method == "torch.export" and not fixed_batch:  # named after forward's arguments
         dynamic_axes = _renamed(dynamic_axes, _argument_names(model, len(inputs)), names, inputs)
@@ -560,3 +561,16 @@ def _example_for(node: fx.Node) -> torch.Tensor:
 def _batch_like(axis: int, dim: Any) -> bool:
     name = dim.lower() if isinstance(dim, str) else ""
     return axis == 0 or "batch" in name or name in ("n", "b", "bs")
+
+
+def _drop_string_annotations(gm: fx.GraphModule) -> None:
+    """Forget type annotations that are strings (``x: torch.Tensor`` in a module written with
+    ``from __future__ import annotations``): FX keeps them as the type of a placeholder, and a
+    GraphModule holding one cannot be saved (``torch.save``'s importer wants a ``__name__``), so
+    a reproducer could not save the graph."""
+    changed = False
+    for node in gm.graph.nodes:
+        if isinstance(node.type, str):
+            node.type, changed = None, True
+    if changed:
+        gm.recompile()

@@ -277,3 +277,26 @@ def test_canonical_ir_ignores_module_names():
     assert fingerprint(a) != fingerprint(b)  # different random weights
     b.other_name.load_state_dict(a.first.state_dict())
     assert canonical_ir(a, elide_constants=False) == canonical_ir(b, elide_constants=False)
+
+
+class _Annotated(nn.Module):
+    """forward annotated in a file with ``from __future__ import annotations`` (this one):
+    FX keeps ``'torch.Tensor'`` as a string type on the placeholder."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+def test_reproducer_saves_the_graph_of_a_module_with_string_annotations(tmp_path):
+    x = torch.randn(1, 3, 8, 8)
+    gm = capture(_Annotated().eval(), (x,)).graph
+    PassManager([Explode()], instruments=[Reproducer(tmp_path)]).run(
+        gm, PassContext(sample_inputs=(x,))
+    )
+    repro = tmp_path / "01-explode"
+    assert (repro / "graph.pt").exists()  # was "'str' object has no attribute '__name__'"
+    assert "could not be saved" not in (repro / "repro.py").read_text()
