@@ -2,6 +2,6 @@
 
 import sys
 
-from graphopt.cli import main
+from graphopt.launch import main
 
 sys.exit(main())
