@@ -28,6 +28,8 @@ def test_layer_names_are_module_paths():
         "features.3.conv.0"
     )
     assert layer_name("/blocks/blocks.0/attn/qkv/MatMul") == "blocks.0.attn.qkv"
+    assert layer_name("/layer1/layer1.0/downsample/downsample.0/Conv") == "layer1.0.downsample.0"
+    assert layer_name("/blocks/blocks.0/attn/attn/MatMul") == "blocks.0.attn.attn"
     # names of another origin (a user's ONNX file, the top level) are kept
     assert layer_name("conv_12") == "conv_12" and layer_name("/Conv") == "/Conv"
     d = decision_dict(BiasCorrection("/layer1/layer1.0/conv1/Conv", "Conv", True, 0.5, 0.1))
@@ -134,6 +136,7 @@ def test_int8_report_of_a_resnet_fits_on_one_screen():
 @pytest.mark.slow
 def test_int8_report_of_resnet50_fits_on_one_screen():
     lines = _int8_report_lines("resnet50", 224, 64, 8)  # 8 calibration batches
+    print("\n".join(lines))  # with -s: the report itself
     assert len(lines) <= 60, "\n".join(lines)
 
 

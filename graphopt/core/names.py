@@ -22,18 +22,25 @@ def layer_name(name: str) -> str:
 
     >>> layer_name("/features/features.0/features.0.0/Conv")
     'features.0.0'
+    >>> layer_name("/layer1/layer1.0/downsample/downsample.0/Conv")
+    'layer1.0.downsample.0'
     """
     if not name.startswith("/"):
         return name
-    scopes = name.split("/")[1:-1]
-    path = ""
-    for scope in scopes:
+    path: list[str] = []
+    for scope in name.split("/")[1:-1]:
         if not scope:
             return name
-        # a scope is the full path when the exporter kept it (``layer1.0`` under ``layer1``),
-        # else the attribute name under the enclosing module (``conv1``)
-        path = scope if not path or scope.startswith(path + ".") else f"{path}.{scope}"
-    return path or name
+        # the exporter names a module by its path from the last atom that is not a number:
+        # ``conv1`` (a child of the enclosing module), ``layer1.0`` under ``layer1``,
+        # ``downsample.0`` under ``layer1.0.downsample``: the enclosing path ends with all
+        # but the last atom of such a name
+        atoms = scope.split(".")
+        if len(atoms) > 1 and path[len(path) - len(atoms) + 1 :] == atoms[:-1]:
+            path.append(atoms[-1])
+        else:
+            path += atoms
+    return ".".join(path) or name
 
 
 def decision_dict(decision: Any) -> Any:

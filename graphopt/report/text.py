@@ -188,10 +188,12 @@ def fold(decisions: list[Any], path: str) -> list[str]:
             continue
         outcomes = Counter(str(getattr(d, "outcome", "")) for d in items)
         counts = ", ".join(f"{n} {o}" for o, n in outcomes.most_common() if o)
+        severity = [float(getattr(d, "severity", 0.0)) for d in items]
+        ranked = len(set(severity)) > 1  # else "worst" would be an arbitrary pick
         worst = sorted(items, key=lambda d: -float(getattr(d, "severity", 0.0)))[:SHOWN]
         lines.append(
             f"{len(items)} {kind}{': ' + counts if counts else ''} (all in the JSON at {path}); "
-            f"{'worst' if hasattr(items[0], 'severity') else 'first'} {len(worst)}:"
+            f"{'worst' if ranked else 'first'} {len(worst)}:"
         )
         lines += [f"  {d}" for d in worst]
     return lines
