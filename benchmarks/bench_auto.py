@@ -134,6 +134,9 @@ def markdown(results: dict[str, Any], argv: list[str] | None) -> str:
         )
     lines += ["", "auto's reasons, per model:", ""]
     lines += [f"- {n}: {i['auto_choice']}" for n, i in results["models"].items()]
+    lines += [f"- {n}: failed: {why}" for n, why in results.get("failed", {}).items()]
+    if notes := results.get("notes"):
+        lines += ["", "Notes:", "", *(f"- {n}" for n in notes)]
     return "\n".join(lines) + "\n"
 
 
