@@ -188,7 +188,7 @@ def test_backends_ort_settings_and_tvm_tasks():
     """backend="auto": each candidate backend, the ORT settings tried (the chosen one
     marked) and TVM's tasks with the untuned ones counted."""
     report = _report(
-        backend="tvm", backend_choice="tvm",
+        backend="tvm", backend_choice="tvm: the lowest median in the same run (1.000 ms)",
         backend_latencies={"onnxruntime": Latency(2.0, 1.9, 2.2, 9),
                            "tvm": Latency(1.0, 0.9, 1.1, 9)},
         ort_settings={"label": "2 threads"},
@@ -200,7 +200,8 @@ def test_backends_ort_settings_and_tvm_tasks():
     page = html.render(report.to_dict())
     parsed = Page(page)
     assert parsed.marks["backends"] == 2 and parsed.marks["ort-settings"] == 2
-    assert "tvm (chosen)" in parsed.texts["backends"]
+    assert "tvm (chosen)" in parsed.texts["backends"]  # named first in backend_choice
+    assert "onnxruntime (chosen)" not in parsed.texts["backends"]
     assert "2 threads (chosen)" in parsed.texts["ort-settings"]
     assert "tvm-tasks" in parsed.tables and "2 TVM tasks, 1 untuned" in page
     assert "64 trials in 1.0 min" in page

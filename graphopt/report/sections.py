@@ -78,7 +78,9 @@ def latency_plots(data: dict[str, Any]) -> str:
     ):
         measured = data.get(key) or {}
         if measured:
-            chosen = data.get("backend_choice") if key == "backend_latencies" else None
+            choice = str(data.get("backend_choice") or "") if key == "backend_latencies" else ""
+            # backend_choice names the winner first: "openvino latency threads=1: the lowest..."
+            chosen = max((n for n in measured if choice.startswith(str(n))), key=len, default=None)
             chosen = chosen or (data.get("ort_settings") or {}).get("label")
             groups = [
                 (str(name) + (" (chosen)" if name == chosen else ""),
