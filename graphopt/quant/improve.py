@@ -16,8 +16,9 @@ float gets its float bias back (``shared/notes/algorithms.md`` §5.5). The :clas
 gathers what the passes decided; its ``records`` are the stage's pass records.
 
 Calibration methods: ``method="auto"`` picks, per activation tensor, the observer with the
-lowest fake-quantisation error (the issue's per-layer choice); it keeps every calibration batch
-of every observed tensor and costs about 4x the histogram passes of one method.
+lowest fake-quantisation error (the issue's per-layer choice); each tensor is observed once
+(percentile, entropy and mse share one histogram, minmax the extrema) and the candidates' errors
+are measured on a stratified sample of it (``graphopt.quant.qdq``).
 
     >>> qmodel, report = quantize_int8(proto, batches, max_drop=0.01)  # doctest: +SKIP
     >>> print(report)                                                    # doctest: +SKIP
