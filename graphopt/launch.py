@@ -2,8 +2,8 @@
 
 Importing the command loads torch, ONNX Runtime and onnx: 3 s on an idle 2-core machine, 10 s
 and more on a busy one, before the command can say anything. So the import runs while a
-ticker says it is loading (after half a second; on a terminal a line redrawn every second and
-cleared when done, elsewhere a plain line every 10 s), and no phase of the command is silent.
+ticker says it is loading (on a terminal after half a second, a line redrawn every second and
+cleared when done; elsewhere a plain line every 10 s), and no phase of the command is silent.
 Nothing is printed for ``--version``, ``--help`` and ``-q``/``--quiet``, or when the import is
 quick. This module imports nothing of graphopt's until it has started the ticker.
 """
@@ -27,8 +27,10 @@ class _Ticker(threading.Thread):
         self.tty = sys.stderr.isatty()
 
     def run(self) -> None:
-        period = 1.0 if self.tty else 10.0
-        while not self.stopped.wait(0.5 if not self.drawn else period):
+        # off a terminal (CI logs, pipes) the first line too waits 10 s, as Progress's plain
+        # lines do: a command that fails fast still prints its one error line alone
+        first, period = (0.5, 1.0) if self.tty else (10.0, 10.0)
+        while not self.stopped.wait(first if not self.drawn else period):
             elapsed = time.perf_counter() - self.begin
             line = f"[{elapsed:6.1f}s] loading graphopt (torch, ONNX Runtime)"
             sys.stderr.write(("\r\x1b[K" + line) if self.tty else line + "\n")
