@@ -9,7 +9,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from graphopt.backends import get_backend
+from graphopt.backends import exported, get_backend
 from graphopt.backends.export import export_onnx
 from graphopt.backends.measure import LatencyCache
 from graphopt.backends.onnxruntime import OnnxRuntimeBackend, SettingsChoice
@@ -199,14 +199,14 @@ def test_a_dynamic_batch_lowering_that_cannot_run_its_example_falls_back_to_stat
 
 
 def test_a_failing_dynamic_batch_export_falls_back_to_a_static_batch(monkeypatch):
-    real = ort_backend.export_onnx
+    real = exported.export_onnx
 
     def no_dynamic(module, inputs, *, dynamic_axes=None, **kw):
         if dynamic_axes is None or any(dynamic_axes.values()):
             raise BackendError("could not export the graph to ONNX: something dynamic")
         return real(module, inputs, dynamic_axes={}, **kw)
 
-    monkeypatch.setattr(ort_backend, "export_onnx", no_dynamic)
+    monkeypatch.setattr(exported, "export_onnx", no_dynamic)
     m, x = _model()
     artifact = OnnxRuntimeBackend("cpu").compile(m, (x,))
     assert artifact.static_shape_reason.startswith(
@@ -241,7 +241,7 @@ def test_an_export_that_froze_a_runtime_value_is_refused_not_returned(monkeypatc
         opset_imports=[helper.make_opsetid("", 17)],
     )
     frozen.ir_version = 8
-    monkeypatch.setattr(ort_backend, "export_onnx", lambda *a, **k: frozen)
+    monkeypatch.setattr(exported, "export_onnx", lambda *a, **k: frozen)
 
     class Max(torch.nn.Module):
         def forward(self, x):

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 import graphopt
-from graphopt.backends.onnxruntime import backend as ort_backend
+from graphopt.backends import exported
 from graphopt.core.dynamic_axes import other_sizes, resolve
 from graphopt.core.numerics import Numerics, compare
 from graphopt.errors import ArgumentError, InputError, VerificationError
@@ -166,7 +166,7 @@ def test_an_export_that_freezes_a_dynamic_axis_is_caught_at_the_second_size(monk
     """An exporter that freezes the sizes (as tracing did with ``torch.tensor(x.shape)``)
     while the file still declares the axis symbolic: the artifact runs at the example's size
     and fails at another, so optimize() refuses it, naming the export."""
-    real = ort_backend.export_onnx
+    real = exported.export_onnx
 
     def freezing(module, inputs, *, dynamic_axes=None, **kw):
         proto = real(module, inputs, **{**kw, "dynamic_axes": {}, "output_axes": None})
@@ -174,7 +174,7 @@ def test_an_export_that_freezes_a_dynamic_axis_is_caught_at_the_second_size(monk
             vi.type.tensor_type.shape.dim[3].dim_param = "width"
         return proto
 
-    monkeypatch.setattr(ort_backend, "export_onnx", freezing)
+    monkeypatch.setattr(exported, "export_onnx", freezing)
     with pytest.raises(VerificationError, match="'width' at twice the example's size") as info:
         graphopt.optimize(
             _Fold(),

@@ -22,14 +22,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
 
 from graphopt._util import close_matches, first_line
 from graphopt.backends.arrays import to_numpy
-from graphopt.backends.export import export_onnx, output_shapes
+from graphopt.backends.exported import compile_exported
 from graphopt.backends.measure import (
     Latency,
     LatencyCache,
@@ -48,7 +47,7 @@ from graphopt.backends.onnxruntime.session import (
     session_options,
 )
 from graphopt.backends.quiet import quiet
-from graphopt.errors import BackendError, InputError
+from graphopt.errors import BackendError
 from graphopt.target import Target
 
 log = logging.getLogger(__name__)
@@ -201,38 +200,16 @@ class OnnxRuntimeBackend:
         shapes, and ``artifact.static_shape_reason`` says why. Only when both fail is it a
         ``BackendError``, which gives both reasons.
         """
-        names = {"input_names": input_names, "output_names": output_names}
-        if dynamic_axes is not None and not any(dynamic_axes.values()):
-            return self.load(export_onnx(module, example_inputs, dynamic_axes={}, **names))
-        shapes = output_shapes(module, example_inputs)
-        asked = {"dynamic_axes": dynamic_axes, "output_axes": output_axes}
-        try:
-            artifact = self.load(export_onnx(module, example_inputs, **asked, **names))
-            _runs_on(artifact, example_inputs, shapes)
-        except BackendError as exc:
-            dynamic_exc = exc
-        else:
-            if fixed := _fixed_axes(artifact.proto, example_inputs, dynamic_axes):
-                # the dynamo exporter specializes an axis the model's code fixes, silently
-                artifact.static_shape_reason = (
-                    f"{fixed} fixed at the example's size: the exporter specialized it (the "
-                    "model's code fixes it, e.g. a reshape to a constant size). Run the artifact "
-                    "at that size, or make that code read the size from the input (x.shape[i])."
-                )
-                log.warning("ONNX Runtime: %s", artifact.static_shape_reason)
-            return artifact
-        try:
-            artifact = self.load(export_onnx(module, example_inputs, dynamic_axes={}, **names))
-            _runs_on(artifact, example_inputs, shapes)
-        except BackendError as exc:
-            raise BackendError(f"{exc} With dynamic axes it failed too: {dynamic_exc}") from exc
-        artifact.static_shape_reason = (
-            f"the shapes are fixed at the example's ({_shapes(example_inputs)}): with dynamic "
-            f"axes, {_as_clause(dynamic_exc)}. Run the artifact at those shapes (or change "
-            "what fixes them in the model and optimize again)."
+        return compile_exported(
+            self.load,
+            module,
+            example_inputs,
+            runtime="ONNX Runtime",
+            input_names=input_names,
+            output_names=output_names,
+            dynamic_axes=dynamic_axes,
+            output_axes=output_axes,
         )
-        log.warning("ONNX Runtime: %s", artifact.static_shape_reason)
-        return artifact
 
     def measure(
         self,
@@ -359,51 +336,6 @@ class OnnxRuntimeBackend:
                 "numbers). Use the TVM backend with an RPC device to time it on the device, or "
                 "measure with target 'cpu' for this machine."
             )
-
-
-def _runs_on(
-    artifact: OrtArtifact, example_inputs: Sequence[torch.Tensor], shapes: list[tuple[int, ...]]
-) -> None:
-    """Run ``artifact`` once on the example: a lowering that cannot run its own example (ONNX
-    Runtime refusing a kernel's attributes for a dynamic shape, say), or that gives outputs of
-    other shapes than the model's ``shapes`` (an exporter that froze a runtime value into a
-    constant), is no lowering: ``BackendError``."""
-    try:
-        arrays = [to_numpy(x) for x in example_inputs]
-    except (TypeError, InputError):  # a dtype numpy cannot hold: the end-to-end check runs it
-        return
-    got = [tuple(np.shape(out)) for out in artifact.run(arrays)]
-    if got != shapes:
-        raise BackendError(
-            f"the ONNX export gives outputs of shapes {got} on the example, the model "
-            f"{shapes}: the exporter froze or dropped part of the computation."
-        )
-
-
-def _fixed_axes(
-    proto: onnx.ModelProto,
-    inputs: Sequence[torch.Tensor],
-    dynamic_axes: Mapping[str, Mapping[int, str]] | None,
-) -> str:
-    """The inputs' axes asked dynamic that the export declares as numbers (``"x axis 0"``)."""
-    fixed = []
-    for vi, x in zip(proto.graph.input, inputs, strict=False):
-        asked = dynamic_axes.get(vi.name, {}) if dynamic_axes is not None else {0: "batch"}
-        dims = vi.type.tensor_type.shape.dim
-        for axis in asked if x.dim() > 0 else ():
-            if axis < len(dims) and dims[axis].HasField("dim_value"):
-                fixed.append(f"{vi.name} axis {axis}")
-    return ", ".join(fixed)
-
-
-def _shapes(inputs: Sequence[torch.Tensor]) -> str:
-    return ", ".join(str(list(x.shape)) for x in inputs)
-
-
-def _as_clause(exc: Exception) -> str:
-    """The first line of ``exc``'s message to go mid-sentence: no final period, lower case."""
-    text = first_line(exc).rstrip(". ")
-    return text[:1].lower() + text[1:] if text[1:2].islower() else text  # not "oNNX"
 
 
 def _proto_hash(proto: onnx.ModelProto) -> str:

@@ -16,14 +16,13 @@ import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import numpy as np
 import onnx
 import openvino as ov
 import torch
 
 from graphopt._util import close_matches, first_line
 from graphopt.backends.arrays import to_numpy
-from graphopt.backends.export import export_onnx, output_shapes
+from graphopt.backends.exported import compile_exported
 from graphopt.backends.measure import (
     Latency,
     LatencyCache,
@@ -40,7 +39,7 @@ from graphopt.backends.openvino.config import (
     device_for,
 )
 from graphopt.backends.quiet import quiet
-from graphopt.errors import BackendError, InputError
+from graphopt.errors import BackendError
 from graphopt.target import Target
 
 log = logging.getLogger(__name__)
@@ -132,34 +131,16 @@ class OpenVinoBackend:
         and ``artifact.static_shape_reason`` says why; only when both fail is it a
         ``BackendError``, which gives both reasons.
         """
-        names = {"input_names": input_names, "output_names": output_names}
-        if dynamic_axes is not None and not any(dynamic_axes.values()):
-            return self.load(export_onnx(module, example_inputs, dynamic_axes={}, **names))
-        shapes = output_shapes(module, example_inputs)
-        asked = {"dynamic_axes": dynamic_axes, "output_axes": output_axes}
-        try:
-            artifact = self.load(export_onnx(module, example_inputs, **asked, **names))
-            _check_runs(artifact, example_inputs, shapes)
-        except BackendError as exc:
-            dynamic_exc = exc
-        else:
-            if fixed := _declared_static(artifact.proto, example_inputs, dynamic_axes):
-                artifact.static_shape_reason = (
-                    f"{fixed} fixed at the example's size: the exporter specialized it (the "
-                    "model's code fixes it, e.g. a reshape to a constant size)."
-                )
-                log.warning("OpenVINO: %s", artifact.static_shape_reason)
-            return artifact
-        try:
-            artifact = self.load(export_onnx(module, example_inputs, dynamic_axes={}, **names))
-            _check_runs(artifact, example_inputs, shapes)
-        except BackendError as exc:
-            raise BackendError(f"{exc} With dynamic axes it failed too: {dynamic_exc}") from exc
-        artifact.static_shape_reason = (
-            f"the shapes are fixed at the example's: with dynamic axes, {first_line(dynamic_exc)}"
+        return compile_exported(
+            self.load,
+            module,
+            example_inputs,
+            runtime="OpenVINO",
+            input_names=input_names,
+            output_names=output_names,
+            dynamic_axes=dynamic_axes,
+            output_axes=output_axes,
         )
-        log.warning("OpenVINO: %s", artifact.static_shape_reason)
-        return artifact
 
     def measure(
         self,
@@ -198,36 +179,3 @@ class OpenVinoBackend:
             self.cache,
             use_cache,
         )
-
-
-def _check_runs(
-    artifact: OpenVinoArtifact, inputs: Sequence[torch.Tensor], shapes: list[tuple[int, ...]]
-) -> None:
-    """An artifact that cannot run its own example, or gives outputs of other shapes than the
-    model's (an exporter that froze a runtime value), is no lowering: ``BackendError``."""
-    try:
-        arrays = [to_numpy(x) for x in inputs]
-    except (TypeError, InputError):  # a dtype numpy cannot hold: the end-to-end check runs it
-        return
-    got = [tuple(np.shape(out)) for out in artifact.run(arrays)]
-    if got != shapes:
-        raise BackendError(
-            f"the ONNX export gives outputs of shapes {got} on the example in OpenVINO, the "
-            f"model {shapes}: the exporter froze or dropped part of the computation."
-        )
-
-
-def _declared_static(
-    proto: onnx.ModelProto,
-    inputs: Sequence[torch.Tensor],
-    dynamic_axes: Mapping[str, Mapping[int, str]] | None,
-) -> str:
-    """The inputs' axes asked dynamic that the export declares as numbers (``"x axis 0"``)."""
-    fixed = []
-    for vi, x in zip(proto.graph.input, inputs, strict=False):
-        asked = dynamic_axes.get(vi.name, {}) if dynamic_axes is not None else {0: "batch"}
-        dims = vi.type.tensor_type.shape.dim
-        for axis in asked if x.dim() > 0 else ():
-            if axis < len(dims) and dims[axis].HasField("dim_value"):
-                fixed.append(f"{vi.name} axis {axis}")
-    return ", ".join(fixed)
