@@ -43,6 +43,10 @@ from graphopt.passes.fuse_attention.runtime_graph import fused_ops, openvino_att
 from graphopt.target import DEFAULT_PIPELINES
 
 ROOT = Path(__file__).resolve().parent
+# MiniLM's sentence embedding, as the conformance suite defines it
+sys.path.insert(0, str(ROOT.parent / "tests" / "conformance"))
+from test_minilm import MeanPooled  # noqa: E402
+
 RESULTS = ROOT / "results"
 MODELS = ("vit_s", "vit_tiny", "deit_tiny", "minilm")
 BASE, DEFAULT, FUSED, SKIP, OV = (
@@ -81,19 +85,6 @@ def conformance_module() -> Any:
 
 
 _KEPT: list[Any] = []
-
-
-class MeanPooled(torch.nn.Module):
-    """MiniLM's sentence embedding: the encoder's last hidden state, mean over real tokens."""
-
-    def __init__(self, encoder: torch.nn.Module) -> None:
-        super().__init__()
-        self.encoder = encoder
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-        return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
 
 
 def load(name: str, args: argparse.Namespace) -> tuple[torch.nn.Module, tuple, Any] | str:
