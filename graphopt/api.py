@@ -378,12 +378,18 @@ class Optimizer:
             backend=runtime,
             strict=self.strict,
             verify=self.verify,
-            # measure: the latency after each pass that changed the model, too
-            instruments=[Reproducer(), *([Snapshots()] * self.measure), *self.instruments],
+            # measure: the latency after each pass that changed the model, too (not where the
+            # baseline measurement would not use the copies: TVM, a phone or board)
+            instruments=[Reproducer(), *([Snapshots()] * self._per_pass), *self.instruments],
         )
         if self.progress:
             ctx.instruments.append(PrintTiming(total=len(self.parsed_pipeline), progress=current()))
         return ctx
+
+    @property
+    def _per_pass(self) -> bool:
+        """Whether the run times the model after each pass (``Baseline.measure``)."""
+        return self.measure and self.backend != "tvm" and self.parsed_target.device != "mobile"
 
     def _report(
         self,
