@@ -78,7 +78,7 @@ def install(timers: Timers) -> None:
     import onnxruntime
 
     import graphopt.api
-    import graphopt.backends.onnxruntime.backend as ort_backend
+    import graphopt.backends.exported
     import graphopt.lowering.check
     import graphopt.lowering.dynamic
     import graphopt.lowering.int8
@@ -90,7 +90,7 @@ def install(timers: Timers) -> None:
     timers.wrap(Baseline, "reference_outputs", "reference outputs")
     timers.wrap(Baseline, "rounding", "float64 rounding reference")
     timers.wrap(graphopt.lowering.dynamic, "check", "artifact at a second size")
-    for module in (ort_backend, graphopt.lowering.int8, graphopt.lowering.check):
+    for module in (graphopt.backends.exported, graphopt.lowering.int8, graphopt.lowering.check):
         timers.wrap(module, "export_onnx", "ONNX export")
     timers.wrap(graphopt.lowering.int8, "quantize_int8", "int8 stage")
     timers.wrap(Baseline, "measure", "latency measurement")

@@ -98,6 +98,7 @@ def time_interleaved(
     runs: int = 50,
     max_time_s: float = 20.0,
     rewarm: int = 2,
+    precision: float | None = None,
 ) -> dict[str, Latency]:
     """Time several callables in alternation, so drift in machine load hits them alike.
 
@@ -106,7 +107,9 @@ def time_interleaved(
     and take the cores from the next one (measured on resnet18, 2 idle cores: ONNX Runtime 17.6
     -> 24.3 ms, OpenVINO 16.8 -> 31.0 ms); with 2 re-warm calls each matches its time alone
     within a few percent. ``rewarm=0`` times back to back. ``max_time_s`` bounds the loop,
-    untimed calls included; at least 5 rounds are timed.
+    untimed calls included; at least 5 rounds are timed. ``precision``: stop early, after
+    :data:`MIN_ROUNDS` rounds, once every median is known within ``precision`` of itself
+    (:func:`median_known_within`), as an idle machine allows long before ``runs``.
     """
     for fn in fns.values():
         for _ in range(warmup):
@@ -124,7 +127,26 @@ def time_interleaved(
             samples[key].append(time.perf_counter() - start)
         if time.perf_counter() > deadline and len(next(iter(samples.values()))) >= 5:
             break
+        known = precision is not None and i + 1 >= MIN_ROUNDS
+        if known and all(median_known_within(v, precision) for v in samples.values()):
+            break
     return {k: Latency.from_samples(v) for k, v in samples.items()}
+
+
+MIN_ROUNDS = 10  # the least a precision stop times: 95% median bounds need a few samples
+
+
+def median_known_within(samples: list[float], precision: float) -> bool:
+    """Whether the median of ``samples`` lies within ``precision`` (relative) of the sample
+    median with 95% confidence, whatever their distribution: the order statistics at ranks
+    ``n/2 -+ 0.98 sqrt(n)`` bound the true median (binomial, normal approximation), and the
+    interval between them must fit in ``median * (1 -+ precision)``."""
+    n = len(samples)
+    ranked = sorted(samples)
+    lo = max(0, math.floor(n / 2 - 0.98 * math.sqrt(n)))
+    hi = min(n - 1, math.ceil(n / 2 + 0.98 * math.sqrt(n)) - 1)
+    median = statistics.median(ranked)
+    return ranked[hi] - median <= precision * median and median - ranked[lo] <= precision * median
 
 
 def available_cores() -> int:

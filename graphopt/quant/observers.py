@@ -156,8 +156,8 @@ class HistogramObserver(Observer):
     """A histogram of ``x`` with ``bins`` bins on each side of zero over ``[-R, R]``.
 
     ``pos[j]`` counts ``0 <= x`` with ``|x|`` in ``[j w, (j+1) w)``, ``neg[j]`` counts ``x < 0``
-    with ``|x|`` in ``(j w, (j+1) w]`` (the bins of ``torch.histc`` over ``[-R, R]``, one pass
-    in float64), ``w = R / bins``; exact zeros are also counted apart. When a batch reaches past
+    with ``|x|`` in ``(j w, (j+1) w]`` (bin ``floor(x / w)`` in float32, the bins of
+    ``torch.histc`` over ``[-R, R]``), ``w = R / bins``; exact zeros are also counted apart. When a batch reaches past
     ``R``, ``R`` grows by an integer factor ``k`` and every ``k`` bins merge (counts stay exact
     per bin; the resolution stays at least ``bins / 2`` bins over the data).
     """
@@ -201,16 +201,19 @@ class HistogramObserver(Observer):
 
     def _update(self, x: torch.Tensor, amax: float) -> None:
         x = x.reshape(-1)
-        self.zeros += int((x == 0).sum())
+        self.zeros += x.numel() - int(torch.count_nonzero(x))  # ~10x faster than (x == 0).sum()
         if amax == 0.0:
             self.pos[0] += x.numel()
             return
         if amax > self.limit:
             self._grow(amax)
-        # one pass in float64: 2 * bins bins over [-R, R], bin bins - 1 - j is neg[j] and
-        # bin bins + j is pos[j] (float32 would put tiny negatives, x + R == R, in pos[0])
-        counts = torch.histc(x.double(), 2 * self.bins, -self.limit, self.limit).numpy()
-        counts = np.rint(counts).astype(np.int64)
+        # bin floor(x / w) of 2 * bins over [-R, R]: bins - 1 - j is neg[j], bins + j is pos[j];
+        # the floor of the scaled value, not histc's (x + R) / w, keeps a tiny negative in
+        # neg[0] (x + R == R in float32). float32 and np.bincount: 3x histc in float64 on one
+        # thread (ResNet-50's calibration: 14 s); a value within a float32 rounding of an edge
+        # may land in the next bin
+        index = torch.floor(x * (self.bins / self.limit)).to(torch.int32).add_(self.bins)
+        counts = np.bincount(index.clamp_(0, 2 * self.bins - 1).numpy(), minlength=2 * self.bins)
         self.neg += counts[: self.bins][::-1]
         self.pos += counts[self.bins :]
 
@@ -300,46 +303,79 @@ def kl_divergence_curve(
     Group ``k`` starts at bin ``floor(linspace(0, i, Qb + 1))[k]``; for ``Qb`` a power of two
     (the default 128) that is ``k i // Qb`` exactly (``i / Qb`` is a binary fraction), and the
     group counts are differences of cumulative sums of the counts (exact for integer counts).
+    The cuts are computed :data:`_KL_ROWS` at a time, one row of a matrix each (ResNet-50's 71
+    activations: 20.7 s one cut at a time, a second together).
     """
     hist = np.asarray(hist, dtype=np.float64)
     n = hist.size
     cuts = np.arange(min(quantized_bins, n), n + 1, stride)
     if cuts[-1] != n:
         cuts = np.append(cuts, n)
+    kl = np.concatenate(
+        [
+            _kl_rows(hist, cuts[a : a + _KL_ROWS], quantized_bins)
+            for a in range(0, cuts.size, _KL_ROWS)
+        ]
+    )
+    return cuts, np.nan_to_num(kl, nan=np.inf)
+
+
+_KL_ROWS = 128
+
+
+def _kl_rows(hist: np.ndarray, cuts: np.ndarray, qbins: int) -> np.ndarray:
+    """``KL(P_i || Q_i)`` for each cut ``i`` of ``cuts`` (inf where undefined), one row each;
+    bins at or past a row's cut are masked out."""
     tail = np.concatenate([np.cumsum(hist[::-1])[::-1], [0.0]])  # tail[i] = hist[i:].sum()
     count = np.concatenate([[0.0], np.cumsum(hist)])
     filled = np.concatenate([[0], np.cumsum(hist != 0)])
-    power_of_two = quantized_bins & (quantized_bins - 1) == 0
-    k = np.arange(quantized_bins)
-    kl = np.full(cuts.size, np.inf)
-    for c, i in enumerate(cuts):
-        p = hist[:i].copy()
-        p[-1] += tail[i]
-        if p[-1] == 0 and count[i] == 0:
-            continue
-        if power_of_two and i >= quantized_bins:
-            starts = k * i // quantized_bins
-        else:
-            starts = np.unique(
-                np.floor(np.linspace(0, i, quantized_bins + 1)[:-1]).astype(np.int64)
-            )
-        ends = np.append(starts[1:], i)
-        group_sum = count[ends] - count[starts]
-        group_nonzero = (filled[ends] - filled[starts]).astype(np.float64)
-        group_nonzero[-1] += hist[i - 1] == 0 and tail[i] != 0  # P's last bin holds the tail
-        per_bin = np.divide(
-            group_sum, group_nonzero, out=np.zeros_like(group_sum), where=group_nonzero > 0
-        )
-        nonzero = p != 0
-        q = np.repeat(per_bin, ends - starts) * nonzero
-        q_sum = q.sum()
-        if q_sum == 0:
-            continue
-        ps, qs = _smooth(p / p.sum()), _smooth(q / q_sum)
-        if ps is None or qs is None:
-            continue
-        kl[c] = float(np.sum(ps * np.log(ps / qs)))
-    return cuts, np.nan_to_num(kl, nan=np.inf)
+    n, m = int(cuts.max()), cuts.size  # no row reads a bin at or past its cut
+    hist = hist[:n]
+    rows, j = np.arange(m)[:, None], np.arange(n)[None, :]
+    i = cuts[:, None]
+    inside = j < i
+    p = np.where(inside, hist[None, :], 0.0)
+    p[rows[:, 0], cuts - 1] += tail[cuts]
+    if qbins & (qbins - 1) == 0 and cuts.min() >= qbins:
+        starts = np.arange(qbins)[None, :] * i // qbins
+    else:  # duplicate starts (a cut below Qb) make empty groups, as np.unique would drop them
+        starts = np.floor(np.linspace(0, cuts, qbins + 1, axis=1)[:, :-1]).astype(np.int64)
+    ends = np.concatenate([starts[:, 1:], i], axis=1)
+    group_sum = count[ends] - count[starts]
+    group_nonzero = (filled[ends] - filled[starts]).astype(np.float64)
+    group_nonzero[:, -1] += (hist[cuts - 1] == 0) & (tail[cuts] != 0)  # P's last bin: the tail
+    per_bin = np.divide(
+        group_sum, group_nonzero, out=np.zeros_like(group_sum), where=group_nonzero > 0
+    )
+    marks = np.zeros(
+        (m, n + 1), dtype=np.int64
+    )  # group of bin j: the last k starting at or before j
+    np.add.at(marks, (np.broadcast_to(rows, starts.shape), starts), 1)
+    group = np.minimum(np.cumsum(marks[:, :n], axis=1) - 1, qbins - 1)
+    nonzero = p != 0
+    q = np.take_along_axis(per_bin, group, axis=1) * nonzero
+    p_sum, q_sum = p.sum(1, keepdims=True), q.sum(1, keepdims=True)
+    valid = (p_sum[:, 0] > 0) & (q_sum[:, 0] > 0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ps = _smooth_rows(p / p_sum, inside)
+        qs = _smooth_rows(q / q_sum, inside)
+        terms = np.where(inside, ps * np.log(ps / qs), 0.0)
+    kl = terms.sum(1)
+    kl[~valid | ~np.isfinite(ps).all(1) | ~np.isfinite(qs).all(1)] = np.inf
+    return kl
+
+
+def _smooth_rows(p: np.ndarray, inside: np.ndarray, eps: float = 1e-4) -> np.ndarray:
+    """:func:`_smooth` on each row of ``p`` over its ``inside`` bins (NaN rows where every bin
+    is empty, where :func:`_smooth` returns None)."""
+    zeros = (p == 0) & inside
+    n_zero = zeros.sum(1, keepdims=True).astype(np.float64)
+    n_nonzero = inside.sum(1, keepdims=True) - n_zero
+    smallest = np.where(inside & ~zeros, p, np.inf).min(1, keepdims=True)
+    eps_row = np.where(n_zero > 0, np.minimum(eps, 0.5 * smallest * n_nonzero / n_zero), eps)
+    eps1 = eps_row * n_zero / n_nonzero
+    out = p + eps_row * zeros - eps1 * (inside & ~zeros)
+    return np.where(n_nonzero > 0, out, np.nan)
 
 
 class EntropyObserver(HistogramObserver):

@@ -212,10 +212,11 @@ class _ErrorSample:
             return
         tail = np.cumsum(histogram.abs_hist()[::-1])[::-1]  # tail[j]: count with |x| >= j w
         j = int(np.flatnonzero(tail >= AUTO_TOP * histogram.batches)[-1])
-        top = flat.abs() >= j * histogram.width
-        drawn = torch.randint(n, (AUTO_SAMPLE,), generator=gen)
+        array = flat.numpy()  # numpy's boolean indexing: 6x torch's on one thread
+        top = np.abs(array) >= j * histogram.width
+        drawn = torch.randint(n, (AUTO_SAMPLE,), generator=gen).numpy()
         rest = drawn[~top[drawn]]  # a uniform sample of the elements below tau
-        self.parts.append((flat[top], flat[rest], n / AUTO_SAMPLE))
+        self.parts.append((torch.from_numpy(array[top]), flat[rest], n / AUTO_SAMPLE))
 
     def error(self, qp: QParams) -> float:
         """The fake-quantisation MSE of the tensor: exact on the elements above ``tau``, the

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import multiprocessing
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -146,6 +147,33 @@ def test_interleaved_timing_rewarms_each_timed_call(rewarm):
     )
     assert all(t.runs == 6 and t.median_ms >= 0 for t in timings.values())
     assert calls == {"a": 2 + 6 * (1 + rewarm), "b": 2 + 6 * (1 + rewarm)}
+
+
+def test_median_bounds_are_distribution_free_order_statistics():
+    from graphopt.backends.measure import median_known_within
+
+    steady = [1.0 + 0.001 * (i % 7) for i in range(10)]
+    assert median_known_within(steady, 0.02)
+    # one slow call in ten leaves the median where it was: the bounds are ranks, not a mean
+    assert median_known_within([*steady[:9], 50.0], 0.02)
+    # half the calls 10% slower: the median could be either, not known within 2%
+    assert not median_known_within([1.0] * 5 + [1.1] * 5, 0.02)
+    assert median_known_within([1.0] * 5 + [1.1] * 5, 0.2)
+
+
+def test_a_precision_stop_times_fewer_rounds_only_where_the_medians_are_known():
+    import itertools
+
+    flat = time_interleaved(
+        {"a": lambda: None, "b": lambda: None}, warmup=0, runs=40, rewarm=0, precision=1.0
+    )
+    assert all(t.runs == 10 for t in flat.values())  # MIN_ROUNDS, then every median is known
+    # durations alternating 1 ms and 3 ms: the median between them is never known within 5%
+    cycle = itertools.cycle([0.001, 0.003])
+    wobbly = time_interleaved(
+        {"a": lambda: time.sleep(next(cycle))}, warmup=0, runs=16, rewarm=0, precision=0.05
+    )
+    assert wobbly["a"].runs == 16
 
 
 def test_fewer_torch_threads_when_loaded(monkeypatch):
