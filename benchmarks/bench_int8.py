@@ -1,5 +1,6 @@
 """int8 on the CPU: graphopt's ``quantize_onnx`` against ONNX Runtime's ``quantize_static`` and
-ONNX Runtime fp32 on the same export (and OpenVINO int8 through NNCF when installed), on
+ONNX Runtime fp32 on the same export, and OpenVINO int8 through NNCF against graphopt's QDQ
+model on OpenVINO (``pip install -e '.[bench]'``: openvino, nncf), on
 resnet18, resnet50, mobilenetv2, the digits CNN and MiniLM; one process, timed interleaved
 (medians, p10/p90), with the accuracy of each int8 model.
 
@@ -65,6 +66,8 @@ MODELS = ("resnet18", "resnet50", "mobilenetv2", "digits_cnn", "minilm")
 BAR = 3.0  # the issue's required speed-up of resnet50 int8 over ORT fp32
 FLOAT_OPS = ("Conv", "FusedConv", "Gemm", "FusedGemm", "MatMul", "FusedMatMul", "Add", "Mul")
 TVM_LABEL = "graphopt int8 on TVM (untuned)"
+NNCF = "OpenVINO int8 (NNCF)"
+G_OV = "graphopt quantize_onnx on OpenVINO"
 MINILM_LENGTH = 64  # tokens, padded: one shape for calibration, timing and accuracy
 
 CALIBRATION_SENTENCES = [
@@ -265,19 +268,29 @@ def _quantize_static(case: Case, tmp: Path) -> onnx.ModelProto:
 
 
 def _openvino_int8(case: Case, tmp: Path, args: argparse.Namespace) -> Callable[[dict], list]:
+    """NNCF's int8 model of the plain export (its default preset; ``ModelType.TRANSFORMER``
+    for MiniLM) on OpenVINO."""
     import nncf
     import openvino as ov
 
-    core = ov.Core()
-    model = core.read_model(str(tmp / "fp32.onnx"))
+    model = ov.Core().read_model(str(tmp / "fp32.onnx"))
     names = [i.name for i in case.proto.graph.input]
     items = [c[names[0]] if len(names) == 1 else c for c in case.calibration]
     extra = {"model_type": nncf.ModelType.TRANSFORMER} if case.name == "minilm" else {}
     quantized = nncf.quantize(model, nncf.Dataset(items), subset_size=len(items), **extra)
+    return _openvino_runner(quantized, names, args)
+
+
+def _openvino_runner(model: Any, names: list[str], args: argparse.Namespace) -> Callable:
+    """``model`` (an OpenVINO model, or an ONNX model OpenVINO reads) compiled for this CPU with
+    ``--threads`` threads and the latency hint: the same settings for every OpenVINO row."""
+    import openvino as ov
+
+    core = ov.Core()
+    if isinstance(model, onnx.ModelProto):
+        model = core.read_model(model.SerializeToString(), b"")
     compiled = core.compile_model(
-        quantized,
-        "CPU",
-        {"INFERENCE_NUM_THREADS": args.threads, "PERFORMANCE_HINT": "LATENCY"},
+        model, "CPU", {"INFERENCE_NUM_THREADS": args.threads, "PERFORMANCE_HINT": "LATENCY"}
     )
     request = compiled.create_infer_request()
 
@@ -288,16 +301,18 @@ def _openvino_int8(case: Case, tmp: Path, args: argparse.Namespace) -> Callable[
     return run
 
 
-def _openvino_reason() -> str:
-    """'' when OpenVINO int8 can be built, else why not and what to do."""
+def _openvino_reason(nncf: bool) -> str:
+    """'' when OpenVINO (and NNCF, with ``nncf``) can be imported, else why not and what to do."""
     try:
         import openvino  # noqa: F401
     except ImportError:
         return "openvino is not installed (pip install -e '.[bench]')"
+    if not nncf:
+        return ""
     try:
         import nncf  # noqa: F401
     except ImportError:
-        return "NNCF is not installed (pip install nncf): OpenVINO int8 needs it to quantise"
+        return "NNCF is not installed (pip install -e '.[bench]'): OpenVINO int8 needs it"
     return ""
 
 
@@ -343,7 +358,7 @@ class Built:
     case: Case
     result: dict[str, Any]
     models: dict[str, onnx.ModelProto]  # ORT variants
-    openvino: Callable[[dict], list] | None
+    openvino: dict[str, Callable[[dict], list]]  # OpenVINO rows
     tvm: Any = None  # a TvmArtifact of graphopt's int8 model, static batch 1
 
 
@@ -354,7 +369,7 @@ def build_model(name: str, args: argparse.Namespace, log: Callable[[str], None])
     result: dict[str, Any] = {"model": name, "metric": case.metric, "notes": case.notes}
     rows: dict[str, dict] = {"ORT fp32": {}}
     models = {"ORT fp32": case.proto}
-    openvino = None
+    openvino: dict[str, Callable[[dict], list]] = {}
     with tempfile.TemporaryDirectory() as tmp_dir:
         tmp = Path(tmp_dir)
         start = time.perf_counter()
@@ -375,16 +390,22 @@ def build_model(name: str, args: argparse.Namespace, log: Callable[[str], None])
             rows[label]["ort_graph"] = _ort_graph(models[label])
         skipped = {}
         if args.no_openvino:
-            skipped["OpenVINO int8"] = "--no-openvino"
-        elif reason := _openvino_reason():
-            skipped["OpenVINO int8"] = reason
+            skipped[NNCF] = skipped[G_OV] = "--no-openvino"
+        elif reason := _openvino_reason(nncf=True):
+            skipped[NNCF] = reason
         else:
             try:
                 start = time.perf_counter()
-                openvino = _openvino_int8(case, tmp, args)
-                rows["OpenVINO int8"] = {"quantize_s": time.perf_counter() - start}
+                openvino[NNCF] = _openvino_int8(case, tmp, args)
+                rows[NNCF] = {"quantize_s": time.perf_counter() - start}
             except Exception as exc:  # a failed runner is recorded, never stops the run
-                skipped["OpenVINO int8"] = f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
+                skipped[NNCF] = f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
+        if not args.no_openvino and (reason := _openvino_reason(nncf=False)):
+            skipped[G_OV] = reason
+        elif not args.no_openvino:  # graphopt's one QDQ model, on OpenVINO's int8 kernels
+            names = [i.name for i in case.proto.graph.input]
+            openvino[G_OV] = _openvino_runner(models["graphopt quantize_onnx"], names, args)
+            rows[G_OV] = {"quantize_s": rows["graphopt quantize_onnx"]["quantize_s"]}
     tvm = None
     if args.tvm_runs <= 0:
         skipped[TVM_LABEL] = "--tvm-runs 0"
@@ -427,8 +448,7 @@ def measure_model(built: Built, args: argparse.Namespace, log: Callable[[str], N
     """Score every variant on the held-out data, then time them interleaved."""
     case, result, rows = built.case, built.result, built.result["rows"]
     runners = {label: _ort_runner(model, args) for label, model in built.models.items()}
-    if built.openvino is not None:
-        runners["OpenVINO int8"] = built.openvino
+    runners.update(built.openvino)
     reference = [runners["ORT fp32"](feed)[0] for feed in case.held_out]
     for label, run in runners.items():
         rows[label].update(_score(case, run, reference))
@@ -502,6 +522,18 @@ def verdicts(models: list[dict]) -> dict:
             "speedup_vs_fp32": ours["speedup_vs_fp32"],
             "speedup_vs_static": theirs["median_ms"] / ours["median_ms"],
         }
+        if NNCF in rows:  # graphopt's QDQ model on the faster of its two runtimes
+            best = min((rows[k] for k in ("graphopt quantize_onnx", G_OV) if k in rows),
+                       key=lambda r: r["median_ms"])  # fmt: skip
+            out[m["model"]]["vs_nncf"] = {
+                "variant": best["variant"],
+                "speedup_vs_fp32": best["speedup_vs_fp32"],
+                "nncf_speedup_vs_fp32": rows[NNCF]["speedup_vs_fp32"],
+                "at_least_as_fast": best["median_ms"] <= rows[NNCF]["median_ms"],
+                "at_least_as_accurate": best["accuracy"] >= rows[NNCF]["accuracy"],
+                "accuracy": best["accuracy"],
+                "nncf_accuracy": rows[NNCF]["accuracy"],
+            }
     if "resnet50" in out:
         out["resnet50_meets_bar"] = out["resnet50"]["speedup_vs_fp32"] >= BAR
     return out
@@ -595,6 +627,14 @@ def markdown(result: dict) -> str:
             + ("at least as lean" if x["graph_at_least_as_lean"] else "LARGER")
             + " (nodes, Q/DQ)."
         )
+        if n := x.get("vs_nncf"):
+            lines.append(
+                f"* {name}, against OpenVINO+NNCF: {n['variant']} {n['speedup_vs_fp32']:.2f}x "
+                f"ORT fp32, NNCF {n['nncf_speedup_vs_fp32']:.2f}x "
+                f"({'at least as fast' if n['at_least_as_fast'] else 'SLOWER'}); accuracy "
+                f"{n['accuracy']:.4g} vs {n['nncf_accuracy']:.4g} "
+                f"({'at least as good' if n['at_least_as_accurate'] else 'WORSE'})."
+            )
     return "\n".join(lines) + "\n"
 
 

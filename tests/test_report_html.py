@@ -386,5 +386,9 @@ def test_pages_render_in_chromium_without_errors_with_their_plots(reports, tmp_p
         # before, after each pass that changed the model (int8: the float one too), after
         assert page.marks["latency"] == 2 + len(reports[name].pass_latencies), name
         assert tables <= page.tables, (name, page.tables)
-    assert reports["int8"].pass_latencies  # int8: the float model after the FX passes too
+    # int8 times the float model after the FX passes too, where one changed the graph's
+    # structure: here the only one that changed it, equalize-layers, rescaled weights only
+    int8_stage = ("smooth-quant", "correct-bias", "insert-qdq", "fallback-to-float")
+    changed = [r.name for r in reports["int8"].records if r.modified and r.name not in int8_stage]
+    assert changed == ["equalize-layers"] and reports["int8"].pass_latencies == {}
     assert page.marks["monarch"] >= 2  # the Linear's two candidates, both timed

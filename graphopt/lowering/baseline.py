@@ -178,9 +178,10 @@ def load_original_onnx(runtime: Backend, model: Any) -> Artifact:
 
 
 def _after_passes(lowering: Lowering, runtime: Backend) -> dict[str, Artifact]:
-    """The model after each pass that changed it (but the last, for fp32), on ``runtime`` (ONNX Runtime or
-    OpenVINO: a compile is seconds; TVM's minutes are not spent on it), keyed ``after <pass>``:
-    where the speed-up came from. The artifact is the model after the last."""
+    """The model after each pass that changed its structure (but the last, for fp32), on
+    ``runtime`` (ONNX Runtime or OpenVINO: a compile is seconds; TVM's minutes are not spent on
+    it), keyed ``after <pass>``: where the speed-up came from. The artifact is the model after
+    the last. A pass that changed weights only is not timed (:class:`Snapshots`)."""
     snapshots = next(
         (i for i in getattr(lowering.context, "instruments", ()) if isinstance(i, Snapshots)), None
     )

@@ -115,15 +115,27 @@ def outcome(record: PassRecord) -> str:
 
 
 class Snapshots(Instrument):
-    """A copy of the graph after each pass that changed it (``graphs``: ``[(spec, gm)]``), so
-    the latency after each pass can be measured (``optimize(measure=True)`` uses it)."""
+    """A copy of the graph after each pass that changed its structure (``graphs``:
+    ``[(spec, gm)]``), so the latency after each pass can be measured (``optimize(measure=True)``
+    uses it). A pass that changed weights only (equalize-layers: the IR text, which holds no
+    weight, reads the same) runs as fast as the graph before it: ``weights_only`` names it, and
+    no copy is kept to be timed again."""
 
     def __init__(self) -> None:
         self.graphs: list[tuple[str, fx.GraphModule]] = []
+        self.weights_only: list[str] = []
+        self._before = ""
+
+    def before_pass(self, position, p, gm, ctx) -> None:
+        self._before = FX.text(gm) if isinstance(gm, fx.GraphModule) else ""
 
     def after_pass(self, position, p, gm, ctx, record) -> None:
         fx_graph = isinstance(gm, fx.GraphModule)  # not the int8 stage's ONNX models
-        if fx_graph and record.modified and record.status in ("ok", "unverified"):
+        if not (fx_graph and record.modified and record.status in ("ok", "unverified")):
+            return
+        if FX.text(gm) == self._before:
+            self.weights_only.append(record.spec)
+        else:
             self.graphs.append((record.spec, copy.deepcopy(gm)))
 
 

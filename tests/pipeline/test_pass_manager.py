@@ -300,3 +300,26 @@ def test_reproducer_saves_the_graph_of_a_module_with_string_annotations(tmp_path
     repro = tmp_path / "01-explode"
     assert (repro / "graph.pt").exists()  # was "'str' object has no attribute '__name__'"
     assert "could not be saved" not in (repro / "repro.py").read_text()
+
+
+def test_snapshots_keep_graphs_whose_structure_changed_not_weights_only_passes():
+    """optimize() times the graph after each pass from Snapshots; equalize-layers rescales
+    weights only, so the graph after it runs as the one before and is not kept to be timed."""
+    from graphopt.pipeline import Snapshots
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 1)
+    ).eval()
+    randomize_bn(model[1], torch.Generator().manual_seed(1))
+    x = torch.randn(2, 3, 8, 8)
+    snapshots = Snapshots()
+    result = PassManager("fold-conv-bn,equalize-layers", instruments=[snapshots]).run(
+        capture(model, (x,)).graph, PassContext(sample_inputs=(x,))
+    )
+    assert [r.modified for r in result.records] == [True, True]
+    assert [spec for spec, _ in snapshots.graphs] == ["fold-conv-bn"]
+    assert snapshots.weights_only == ["equalize-layers"]
+    # the kept graph is a copy taken before equalize-layers changed the weights
+    kept = snapshots.graphs[0][1]
+    assert not torch.equal(kept.get_submodule("0").weight, result.graph.get_submodule("0").weight)
