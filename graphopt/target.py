@@ -26,6 +26,7 @@ import platform
 import re
 import shlex
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from graphopt._util import close_matches
@@ -352,3 +353,50 @@ def _short(value: object) -> str:
     """``repr(value)`` cut to one readable line (a tensor passed by mistake prints pages)."""
     text = " ".join(repr(value).split())
     return text if len(text) <= 60 else f"{text[:57]}... ({type(value).__name__})"
+
+
+# ------------------------------------------------------------------------------------------------
+# the host CPU
+
+#: int8 dot-product instructions: with one of them, uint8 x int8 products sum in int32
+VNNI_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})
+
+
+def host_cpu_info() -> tuple[str, frozenset[str]]:
+    """This machine's CPU model name and flags from /proc/cpuinfo (Linux); elsewhere what
+    ``platform`` says, with no flags."""
+    cpu, flags = platform.processor() or platform.machine(), frozenset[str]()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and cpu in (
+                "",
+                platform.machine(),
+                platform.processor(),
+            ):
+                cpu = value.strip()
+            elif key.strip() == "flags" and not flags:
+                flags = frozenset(value.split())
+    except OSError:
+        pass
+    return cpu, flags
+
+
+def int8_pairs_saturate(target: Target) -> str:
+    """Why int8 weights should be 7-bit for ``target``, or "": the target is this machine's CPU
+    (``cpu``, no ``-mcpu``/``-mtriple``), an x86 CPU whose flags show no VNNI. Its int8 kernels
+    (ONNX Runtime's fast ones, OpenVINO's) add each pair of uint8 x int8 products in saturating
+    int16 (PMADDUBSW: 255 * 127 * 2 = 64770 > 32767); with weights in [-63, 63] no pair can
+    saturate (255 * 63 * 2 = 32130)."""
+    if target.device != "cpu" or target.options:
+        return ""  # another device, or a named CPU this machine cannot inspect
+    if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686"):
+        return ""
+    _, flags = host_cpu_info()
+    if not flags or flags & VNNI_FLAGS:
+        return ""
+    return (
+        "this x86 CPU has no VNNI: its int8 kernels add pairs of uint8 x int8 products in "
+        "saturating int16, which 7-bit weights never overflow (exact, and ONNX Runtime runs "
+        "its fast kernels)"
+    )

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from graphopt.backends.measure import available_cores
+from graphopt.target import host_cpu_info
 
 #: other processes using more than this many cores while a model is timed: noted as noisy
 BUSY = 0.25
@@ -26,7 +27,7 @@ ISA_FLAGS = frozenset(
 
 def machine_info() -> dict[str, Any]:
     """CPU model and flags of note, cores, library versions, date."""
-    cpu, flags = _cpu_model_and_flags()
+    cpu, flags = host_cpu_info()
     try:
         import openvino
 
@@ -48,25 +49,6 @@ def machine_info() -> dict[str, Any]:
         "openvino": ov_version,
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
     }
-
-
-def _cpu_model_and_flags() -> tuple[str, set[str]]:
-    """The CPU's model name and flags from /proc/cpuinfo (Linux); elsewhere what platform says."""
-    cpu, flags = platform.processor() or platform.machine(), set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name" and cpu in (
-                "",
-                platform.machine(),
-                platform.processor(),
-            ):
-                cpu = value.strip()
-            elif key.strip() == "flags" and not flags:
-                flags = set(value.split())
-    except OSError:
-        pass
-    return cpu, flags
 
 
 def wait_idle(deadline: float, say: Callable[[str], None], name: str) -> float:

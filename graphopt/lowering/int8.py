@@ -28,6 +28,7 @@ from graphopt.pipeline import PassSpec, Pipeline
 from graphopt.quant.calibration import validate_calibration_batches
 from graphopt.quant.improve import Int8Report, quantize_int8
 from graphopt.quant.onnx_passes import InsertQDQ
+from graphopt.target import int8_pairs_saturate
 
 PRECISIONS = ("fp32", "int8")
 # equalize-layers for int8: repvgg_a0's 22-conv chain does not converge in the pass's default
@@ -129,11 +130,21 @@ def quantize_export(
         metric=metric,
         progress=lowering.say,
         context=ctx,
+        **_weight_bits(o.weights, lowering),
     )
     offset = len(lowering.result.records)
     staged = [dataclasses.replace(r, position=offset + r.position) for r in quant.records]
     lowering.report.records = [*lowering.report.records, *staged]  # a new list: bisection
     return qproto, quant  # reads lowering.result.records, the FX stage's
+
+
+def _weight_bits(weights: str, lowering: Lowering) -> dict[str, Any]:
+    """insert-qdq's ``weights`` option as ``quantize_int8``'s arguments: ``auto`` is 7 bits
+    where the target is this CPU and its int8 kernels sum pairs of products in int16."""
+    if weights == "int7":
+        return {"weight_bits": 7, "weight_bits_reason": "asked for (insert-qdq{weights=int7})"}
+    reason = int8_pairs_saturate(lowering.target) if weights == "auto" else ""
+    return {"weight_bits": 7, "weight_bits_reason": reason} if reason else {"weight_bits": 8}
 
 
 def lower_int8(
@@ -144,6 +155,11 @@ def lower_int8(
     report = lowering.report
     qproto, quant = quantize_export(lowering, calibration, metric)
     report.quantization = quant.to_dict()
+    if quant.quant.weight_bits != 8:
+        report.notes.append(
+            f"int8: {quant.quant.weight_bits}-bit weights: {quant.quant.weight_bits_reason}; "
+            "insert-qdq{weights=int8} keeps 8 bits."
+        )
     record = report.records[-1]  # insert-qdq's
     numerics = InsertQDQ.numerics
     if record.status == "rolled-back":  # its contract broke on the sample inputs

@@ -14,7 +14,11 @@ copy, a rollback, an IR dump or a reproducer carries it too:
                                    A layer left in float gets it back (:func:`restore_biases`):
                                    its weights are never rounded, so the shift would be an error.
 
-insert-qdq removes both (:func:`strip`): the int8 artifact carries none of them.
+``graphopt.quant.weight_bits``     ``{"bits": 7, "reason": ...}``: the stage quantises weights
+                                   to 7 bits (:func:`weight_bits`; absent: 8). correct-bias
+                                   measures the rounding insert-qdq will do.
+
+insert-qdq removes them (:func:`strip`): the int8 artifact carries none of them.
 """
 
 from __future__ import annotations
@@ -29,16 +33,20 @@ import onnx
 __all__ = [
     "KEEP_FLOAT",
     "ORIGINAL_BIAS",
+    "WEIGHT_BITS",
     "float_marks",
     "mark_float",
+    "mark_weight_bits",
     "original_biases",
     "record_original_bias",
     "restore_biases",
     "strip",
+    "weight_bits",
 ]
 
 KEEP_FLOAT = "graphopt.quant.keep_float"
 ORIGINAL_BIAS = "graphopt.quant.original_bias"
+WEIGHT_BITS = "graphopt.quant.weight_bits"
 
 
 def _get(model: onnx.ModelProto, key: str) -> dict[str, Any]:
@@ -66,6 +74,17 @@ def float_marks(model: onnx.ModelProto) -> dict[str, str]:
 def mark_float(model: onnx.ModelProto, reasons: dict[str, str]) -> None:
     """Mark the nodes of ``reasons`` to stay in float (in place; earlier marks are kept)."""
     _put(model, KEEP_FLOAT, {**float_marks(model), **reasons})
+
+
+def weight_bits(model: onnx.ModelProto) -> tuple[int, str]:
+    """The bits the stage quantises weights to (8 unless marked) and why."""
+    marked = _get(model, WEIGHT_BITS)
+    return int(marked.get("bits", 8)), str(marked.get("reason", ""))
+
+
+def mark_weight_bits(model: onnx.ModelProto, bits: int, reason: str) -> None:
+    """Quantise ``model``'s weights to ``bits`` (7 or 8) in this stage, for ``reason``."""
+    _put(model, WEIGHT_BITS, {"bits": bits, "reason": reason} if bits != 8 else {})
 
 
 def original_biases(model: onnx.ModelProto) -> dict[str, str | None]:
@@ -113,5 +132,5 @@ def restore_biases(model: onnx.ModelProto, nodes: Iterable[str]) -> onnx.ModelPr
 
 def strip(model: onnx.ModelProto) -> None:
     """Remove the stage's annotations from ``model`` (in place)."""
-    for key in (KEEP_FLOAT, ORIGINAL_BIAS):
+    for key in (KEEP_FLOAT, ORIGINAL_BIAS, WEIGHT_BITS):
         _put(model, key, {})

@@ -40,7 +40,7 @@ from graphopt.core.names import decision_dict, layer_name
 from graphopt.core.pass_infra import PassContext
 from graphopt.errors import GraphoptError, InputError
 from graphopt.pipeline.manager import PassManager, PassRecord
-from graphopt.quant.annotations import mark_float, strip
+from graphopt.quant.annotations import mark_float, mark_weight_bits, strip
 from graphopt.quant.calibration import calibration_batches
 from graphopt.quant.graph import named
 from graphopt.quant.onnx_ir import ONNX
@@ -107,9 +107,10 @@ class Int8Report:
             if self.fallback and self.drop_all != self.drop
             else ""
         )
+        weights = f", {q.weight_bits}-bit weights" if q.weight_bits != 8 else ""
         return (
             f"int8: {len(q.quantized)} of {len(q.layers)} layers int8 ({q.method} calibration, "
-            f"{q.activation_dtype} activations, {q.batches} batches); {self.metric}: fp32 "
+            f"{q.activation_dtype} activations{weights}, {q.batches} batches); {self.metric}: fp32 "
             f"{self.fp32:.4g} -> int8 {self.int8:.4g} (drop {self.drop:.4g}{budget}{every})"
         )
 
@@ -127,6 +128,8 @@ class Int8Report:
             "max_drop": self.max_drop,
             "method": q.method,
             "activations": q.activation_dtype,
+            "weight_bits": q.weight_bits,
+            "weight_bits_reason": q.weight_bits_reason,
             "calibration_batches": q.batches,
             "int8_layers": len(q.quantized),
             "layers": [decision_dict(d) for d in q.layers],
@@ -164,6 +167,8 @@ def quantize_int8(
     metric: Metric | None = None,
     progress: Callable[[str], None] | None = None,
     context: PassContext | None = None,
+    weight_bits: int = 8,
+    weight_bits_reason: str = "",
 ) -> tuple[onnx.ModelProto, Int8Report]:
     """Calibrated int8 QDQ model of ``model`` with SmoothQuant, bias correction and, given
     ``max_drop``, the mixed-precision fallback; and the :class:`Int8Report`.
@@ -175,7 +180,9 @@ def quantize_int8(
     calibration data. ``progress``: called with a line per step (a bar while calibrating).
     ``context``: the stage's :class:`PassContext` (sample inputs to check each pass on,
     instruments, ``strict``); without one the stage runs strict and unchecked, so that a
-    failing pass raises :class:`~graphopt.errors.PassError`. ``model`` is not modified.
+    failing pass raises :class:`~graphopt.errors.PassError`. ``weight_bits``: 8, or 7 for CPUs
+    whose int8 kernels sum pairs of products in int16 (``weight_bits_reason`` says why, in the
+    report). ``model`` is not modified.
     """
     if max_drop is not None and max_drop < 0:
         raise InputError(f"max_drop must be >= 0 (a metric drop), got {max_drop}.")
@@ -185,6 +192,9 @@ def quantize_int8(
     work = named(model)
     batches = calibration_batches(calibration, work)
     mark_float(work, dict.fromkeys(skip, "in the skip list"))
+    if weight_bits not in (7, 8):
+        raise InputError(f"weights are quantised to 8 or 7 bits; got weight_bits={weight_bits}.")
+    mark_weight_bits(work, weight_bits, weight_bits_reason)
     options = InsertQDQ.Options(
         method=method,
         activations=activations,

@@ -49,6 +49,7 @@ from graphopt._util import close_matches
 from graphopt.backends.onnxruntime import ort_optimized_model
 from graphopt.core.progress import current
 from graphopt.errors import GraphoptError, InputError
+from graphopt.quant.annotations import weight_bits as marked_weight_bits
 from graphopt.quant.calibration import MethodChoice, iter_calibration_batches, pick_method
 from graphopt.quant.graph import GraphIndex, named, opset
 from graphopt.quant.observers import (
@@ -110,6 +111,8 @@ class QuantReport:
     activations: dict[str, QParams] = field(default_factory=dict)
     choices: dict[str, MethodChoice] = field(default_factory=dict)
     batches: int = 0
+    weight_bits: int = 8  # 7: int8 values in [-63, 63] (see weight_qparams)
+    weight_bits_reason: str = ""
 
     @property
     def quantized(self) -> list[str]:
@@ -122,8 +125,9 @@ class QuantReport:
         return {d.node: d.reason for d in self.layers if not d.quantized}
 
     def __str__(self) -> str:
+        weights = f", {self.weight_bits}-bit weights" if self.weight_bits != 8 else ""
         head = (
-            f"QDQ quantisation ({self.method}, {self.activation_dtype} activations, "
+            f"QDQ quantisation ({self.method}, {self.activation_dtype} activations{weights}, "
             f"{self.batches} calibration batches): {len(self.quantized)} of {len(self.layers)} "
             "layers quantised"
         )
@@ -318,11 +322,12 @@ def _dq_constant(model: onnx.ModelProto, base: str, q: np.ndarray, qp: QParams) 
 
 
 def _quantize_weights(
-    model: onnx.ModelProto, g: GraphIndex, node: onnx.NodeProto, x_qp: QParams
+    model: onnx.ModelProto, g: GraphIndex, node: onnx.NodeProto, x_qp: QParams, bits: int
 ) -> tuple[list, str]:
-    """Per-channel int8 weight and int32 bias DQs for ``node``; ('', nodes) or a reason."""
+    """Per-channel int8 weight (``bits`` 8 or 7) and int32 bias DQs for ``node``; ('', nodes)
+    or a reason."""
     w = torch.from_numpy(g.array(node.input[1]).copy())
-    w_qp = weight_qparams(w, axis=weight_axis(node))
+    w_qp = weight_qparams(w, axis=weight_axis(node), bits=bits)
     new_inputs = list(node.input)
     has_bias = len(node.input) > 2 and node.input[2]
     if has_bias:
@@ -358,6 +363,7 @@ def quantize_onnx(
     skip: Iterable[str] = (),
     *,
     activations: str = "uint8",
+    weight_bits: int | None = None,
 ) -> tuple[onnx.ModelProto, QuantReport]:
     """A QDQ-quantised copy of ``model`` calibrated on ``calibration``, and the report.
 
@@ -368,7 +374,10 @@ def quantize_onnx(
     :data:`AUTO_SAMPLE` elements drawn uniformly, all of a smaller batch; percentile, entropy
     and mse read one shared histogram).
     ``skip``: node names to keep in float. ``activations``: ``uint8`` (asymmetric, the default;
-    see the module docstring) or ``int8`` (symmetric). ``model`` is not modified.
+    see the module docstring) or ``int8`` (symmetric). ``weight_bits``: 8, or 7 (int8 values in
+    ``[-63, 63]``: exact on x86 int8 kernels without VNNI, see :func:`weight_qparams`); None
+    reads the int8 stage's mark (:func:`~graphopt.quant.annotations.weight_bits`), else 8.
+    ``model`` is not modified.
     """
     check_arguments(model, method, activations, skip)
     work = named(model)
@@ -392,7 +401,9 @@ def quantize_onnx(
         qparams[name] = fit_bounds(qparams[name], lo, hi)
     for name in plan.alias:
         qparams[name] = qparams[plan.root(name)]
+    bits, why = marked_weight_bits(model) if weight_bits is None else (weight_bits, "")
     report = QuantReport(method, activations, plan.layers, batches=batches)
+    report.weight_bits, report.weight_bits_reason = bits, why
     report.choices = {k: v for k, v in choices.items() if plan.has(k)}
     report.activations = {name: qparams[name] for name in [*plan.observed, *plan.alias]}
     _rewrite(work, g, plan, qparams, report)
@@ -439,7 +450,9 @@ def _rewrite(
         if node.op_type not in COMPUTE_OPS:
             continue
         replaced.update(i for i in node.input[1:3] if i in g.init)
-        new_nodes, reason = _quantize_weights(work, g, node, qparams[node.input[0]])
+        new_nodes, reason = _quantize_weights(
+            work, g, node, qparams[node.input[0]], report.weight_bits
+        )
         if reason:
             for d in report.layers:
                 if d.node == node.name:

@@ -149,12 +149,16 @@ def asymmetric_qparams(lo: float, hi: float, method: str = "") -> QParams:
     return QParams(scale, torch.tensor(zp, dtype=torch.int64), qmin, qmax, "uint8", method=method)
 
 
-def weight_qparams(weight: torch.Tensor, axis: int = 0) -> QParams:
+def weight_qparams(weight: torch.Tensor, axis: int = 0, bits: int = 8) -> QParams:
     """Symmetric per-channel int8 parameters of a weight: ``s[c] = max|W[c]| / 127``.
 
     ``axis`` is the output-channel axis: 0 for Conv (``[C_out, C_in/g, k..]``) and Linear
-    (``[out, in]``), 1 for ConvTranspose and for a MatMul weight ``B[K, N]``.
+    (``[out, in]``), 1 for ConvTranspose and for a MatMul weight ``B[K, N]``. ``bits=7``:
+    int8 values in ``[-63, 63]`` (``s[c] = max|W[c]| / 63``), whose pairs of products with
+    uint8 activations never leave int16 (x86 int8 kernels without VNNI add them there).
     """
+    if bits not in (7, 8):
+        raise InputError(f"weights are quantised to 8 or 7 bits; got {bits}.")
     w = checked_tensor(weight, "weight")
     if w.dim() == 0:
         raise InputError("a per-channel weight needs at least one dimension; got a scalar.")
@@ -165,10 +169,12 @@ def weight_qparams(weight: torch.Tensor, axis: int = 0) -> QParams:
         )
     axis %= w.dim()
     amax = w.detach().double().abs().transpose(0, axis).reshape(w.shape[axis], -1).amax(1)
+    bound = 2 ** (bits - 1) - 1
     return QParams(
-        _scale_tensor(amax / INT8[1]),
+        _scale_tensor(amax / bound),
         torch.zeros(w.shape[axis], dtype=torch.int64),
-        *INT8,
+        -bound,
+        bound,
         dtype="int8",
         axis=axis,
         method="minmax",

@@ -23,7 +23,7 @@ from graphopt.backends.openvino import INSTALL, missing_openvino
 from graphopt.core.numerics import Numerics, compare
 from graphopt.errors import BackendError, GraphoptError, InputError, TargetError
 from graphopt.quant.onnx_passes import InsertQDQ
-from graphopt.target import Target
+from graphopt.target import Target, int8_pairs_saturate
 from graphopt.testing import randomize_bn
 from graphopt.zoo import get as zoo_model
 
@@ -140,8 +140,26 @@ def test_int8_runs_on_openvinos_int8_kernels_within_insert_qdqs_contract(int8):
     assert precisions[("FullyConnected", "u8")] + precisions[("FullyConnected", "i8")] == 1
     summary = "OpenVINO runs 2 Convolution, 1 FullyConnected on its int8 kernels"
     assert report.records[-1].decisions[-1] == summary
-    # where this CPU's int8 kernels saturate (x86 without VNNI), the report says so
-    warned = [w for w in report.warnings if "saturating int16" in w]
+    # where this CPU's int8 kernels saturate (x86 without VNNI), the weights are 7-bit (auto),
+    # so that no pair of products leaves int16: no warning, and the notes say why
+    seven = report.quantization["weight_bits"] == 7
+    assert seven == bool(int8_pairs_saturate(Target.parse("cpu")))
+    assert seven or int8_saturation() is None  # the probe agrees with the CPU's flags
+    assert not [w for w in report.warnings if "saturating int16" in w]
+    assert any("7-bit weights" in n for n in report.notes) == seven
+
+
+@needs_openvino
+def test_8_bit_weights_on_a_cpu_whose_int8_kernels_saturate_are_warned_about(int8):
+    model, x, _ = int8
+    gen = torch.Generator().manual_seed(2)
+    calibration = [(torch.randn(8, 3, 16, 16, generator=gen),) for _ in range(4)]
+    result = optimize(
+        model, "cpu", (x,), backend="openvino", precision="int8", calibration_data=calibration,
+        measure=False, pipeline="fold-conv-bn,insert-qdq{weights=int8}",
+    )  # fmt: skip
+    assert result.report.quantization["weight_bits"] == 8
+    warned = [w for w in result.report.warnings if "saturating int16" in w]
     assert len(warned) == (int8_saturation() is not None)
 
 

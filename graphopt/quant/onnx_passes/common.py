@@ -14,7 +14,13 @@ import onnx
 
 from graphopt.core.pass_infra import Pass, PassContext, PassResult
 from graphopt.pipeline.instruments import Instrument
-from graphopt.quant.annotations import float_marks, original_biases, restore_biases, strip
+from graphopt.quant.annotations import (
+    float_marks,
+    original_biases,
+    restore_biases,
+    strip,
+    weight_bits,
+)
 from graphopt.quant.calibration import Batch, calibration_batches, progress_batches
 from graphopt.quant.qdq import QuantReport, quantize_onnx
 
@@ -56,14 +62,20 @@ class StageRun(Instrument):
         method: str,
         activations: str,
         skip: list[str],
+        weight_bits: int = 8,
         bar: str | None = None,
     ) -> tuple[onnx.ModelProto, QuantReport]:
-        key = _digest(base, batches, method, activations, skip)
+        key = _digest(base, batches, method, activations, skip, weight_bits)
         if self._last is None or self._last[0] != key:
             after = "choosing the calibration method per tensor (auto)" if method == "auto" else ""
             shown = progress_batches(batches, bar, self.say if bar else None, after)
             qmodel, report = quantize_onnx(
-                base, shown, method=method, skip=skip, activations=activations
+                base,
+                shown,
+                method=method,
+                skip=skip,
+                activations=activations,
+                weight_bits=weight_bits,
             )
             self._last = (key, qmodel, report)
         _, qmodel, report = self._last
@@ -117,6 +129,7 @@ def quantize_marked(
     report and every layer whose correction was taken off.
     """
     marks = float_marks(model)
+    bits, why = weight_bits(model)  # strip() takes the mark off the copy quantised
     skip = sorted(set(marks) | set(also_float))
     corrected = set(original_biases(model))
     restored = (set(skip) | set(uncorrected)) & corrected
@@ -124,8 +137,15 @@ def quantize_marked(
         base = restore_biases(model, restored)
         strip(base)
         qmodel, report = run.quantize(
-            base, batches, method=method, activations=activations, skip=skip, bar=bar
+            base,
+            batches,
+            method=method,
+            activations=activations,
+            skip=skip,
+            weight_bits=bits,
+            bar=bar,
         )
+        report.weight_bits_reason = why
         # a corrected layer kept in float anyway must not keep the shift: its float weights
         # were never rounded
         kept = {d.node for d in report.layers if not d.quantized} & corrected - restored

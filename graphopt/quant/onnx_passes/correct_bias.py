@@ -52,7 +52,7 @@ from graphopt.core.pass_infra import PassContext, PassResult
 from graphopt.core.progress import current
 from graphopt.core.registry import register_pass
 from graphopt.errors import InputError
-from graphopt.quant.annotations import float_marks, record_original_bias
+from graphopt.quant.annotations import float_marks, record_original_bias, weight_bits
 from graphopt.quant.calibration import Batch, calibration_batches
 from graphopt.quant.graph import GraphIndex, attr, named, opset
 from graphopt.quant.onnx_passes.common import OnnxPass, stage_batches, stage_run
@@ -189,7 +189,8 @@ def _bias_shifts(
     """Each site's shift: the layer alone in one run of the float model, then ``refine`` rounds
     of the fixed-point iteration, one run of the rounded, corrected model each."""
     idx = GraphIndex(model)
-    rounded = {s.node.name: _rounded_weight(idx, s) for s in sites}
+    bits, _ = weight_bits(model)  # as insert-qdq will round them
+    rounded = {s.node.name: _rounded_weight(idx, s, bits) for s in sites}
     names = [s.node.name for s in sites]
     runs = iter(current().track(range(1 + refine), "bias correction", unit="run"))
     next(runs)
@@ -246,10 +247,11 @@ def _add_bias(idx: GraphIndex, site: BiasSite, shift: np.ndarray) -> None:
     idx.set(site.bias, b + shift.reshape(b.shape) if b.size == shift.size else b + shift)
 
 
-def _rounded_weight(idx: GraphIndex, site: BiasSite) -> np.ndarray:
-    """``site``'s weight as insert-qdq stores it: per-channel int8-rounded, in float."""
+def _rounded_weight(idx: GraphIndex, site: BiasSite, bits: int) -> np.ndarray:
+    """``site``'s weight as insert-qdq stores it: per-channel int8-rounded (to ``bits``), in
+    float."""
     w = torch.from_numpy(idx.array(site.weight).copy())
-    return weight_qparams(w, axis=site.axis).fake_quantize(w).numpy()
+    return weight_qparams(w, axis=site.axis, bits=bits).fake_quantize(w).numpy()
 
 
 def _rounded_model(

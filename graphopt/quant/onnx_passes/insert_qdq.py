@@ -81,6 +81,13 @@ class InsertQDQ(OnnxPass):
     class Options:
         method: Method = "auto"  # minmax | percentile | entropy | mse | auto (per tensor)
         activations: Literal["uint8", "int8"] = "uint8"  # asymmetric | symmetric
+        weights: Literal["auto", "int8", "int7"] = field(
+            default="auto",
+            metadata={
+                "doc": "int7: weights in [-63, 63], exact on x86 int8 kernels without VNNI; "
+                "auto: int7 where the target is this CPU and it has no VNNI, else int8"
+            },
+        )
         # the rest configures the stage int8_passes builds around this pass
         smoothquant: bool = True  # the stage runs smooth-quant{alpha} first
         alpha: float = field(
