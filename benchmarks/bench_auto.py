@@ -1,7 +1,8 @@
 """``backend="auto"`` against the fastest a user could get without graphopt (issue 19's fp32
 acceptance table): per zoo model, graphopt's artifact with ``backend="auto"`` against ONNX
 Runtime on the plain export, OpenVINO on the plain export and ``torch.compile`` with inductor
-freezing, all four timed interleaved in one process (batch 1, medians and p10-p90).
+freezing, all four timed interleaved in one process (batch 1, medians and p10-p90). Models:
+graphopt.zoo's, and timm's ``vit_tiny``/``deit_tiny`` (random weights; ``.[conformance]``).
 
     python benchmarks/bench_auto.py [--models resnet18 vit_s ...] [--runs 30]
         -> benchmarks/results/auto.{md,json}
@@ -44,8 +45,12 @@ from graphopt.bench.runners import (
     inductor_freezing,
 )
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_transformers import TIMM  # noqa: E402
+from bench_transformers import load as load_transformer  # noqa: E402
+
 RESULTS = Path(__file__).resolve().parent / "results"
-MODELS = ("resnet18", "resnet50", "mobilenetv2", "mobileone_s0", "vit_s")
+MODELS = ("resnet18", "resnet50", "mobilenetv2", "mobileone_s0", "vit_s", "vit_tiny", "deit_tiny")
 AUTO = "graphopt auto"
 
 
@@ -53,10 +58,22 @@ def log(text: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
 
 
-def bench_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
-    """Build the four runners of zoo model ``name`` and time them interleaved."""
+def load(name: str) -> tuple[Any, tuple]:
+    """(model, example inputs) of a zoo model, or of timm's ``vit_tiny``/``deit_tiny`` (random
+    weights, 1x3x224x224; bench_transformers loads them)."""
+    if name in TIMM:
+        loaded = load_transformer(name, argparse.Namespace())
+        if isinstance(loaded, str):
+            raise RuntimeError(loaded)
+        return loaded[0], loaded[1]
     entry = zoo.get(name)
-    b = Build(name, entry.model, tuple(entry.example_inputs), log)
+    return entry.model, tuple(entry.example_inputs)
+
+
+def bench_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
+    """Build the four runners of model ``name`` and time them interleaved."""
+    model, inputs = load(name)
+    b = Build(name, model, inputs, log)
     info: dict[str, Any] = {"skipped": {}}
     with inductor_freezing(True):
         for key, build in ((ORT, build_onnxruntime), (OPENVINO, build_openvino)):
@@ -68,7 +85,7 @@ def bench_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
             b.runners[COMPILE], _ = build_compile(b)
         log(f"{name}: optimize(backend='auto')")
         t0 = time.perf_counter()
-        opt = optimize(entry.model, "cpu", b.inputs, backend="auto", name=name)
+        opt = optimize(model, "cpu", b.inputs, backend="auto", name=name)
         info["optimize_s"] = round(time.perf_counter() - t0, 1)
         report = opt.report
         info["auto_winner"] = next(iter(report.backend_latencies), report.backend)

@@ -56,6 +56,7 @@ from graphopt.backends.onnxruntime import ort_optimized_model
 from graphopt.bench import BUSY, CpuProbe, machine_info, wait_idle
 from graphopt.quant.ort_policy import INTEGER_OPS
 from graphopt.quant.qdq import quantize_onnx
+from graphopt.target import Target, int8_pairs_saturate
 
 # MiniLM's sentence embedding, as the conformance suite defines it
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "conformance"))
@@ -229,6 +230,13 @@ def _session_options(args: argparse.Namespace) -> ort.SessionOptions:
     return opts
 
 
+def weight_bits(args: argparse.Namespace) -> int:
+    """``--weight-bits``, ``auto`` resolved as ``optimize(target="cpu")`` resolves it here."""
+    if args.weight_bits != "auto":
+        return int(args.weight_bits)
+    return 7 if int8_pairs_saturate(Target.parse("cpu")) else 8
+
+
 def _ort_runner(model: onnx.ModelProto, args: argparse.Namespace) -> Callable[[dict], list]:
     session = ort.InferenceSession(
         model.SerializeToString(), _session_options(args), providers=["CPUExecutionProvider"]
@@ -377,6 +385,7 @@ def build_model(name: str, args: argparse.Namespace, log: Callable[[str], None])
             case.proto,
             [tuple(feed.values()) for feed in case.calibration],
             method=args.method,
+            weight_bits=weight_bits(args),
         )
         rows["graphopt quantize_onnx"] = {
             "quantize_s": time.perf_counter() - start,
@@ -555,7 +564,9 @@ def markdown(result: dict) -> str:
     lines = [
         f"int8 on ONNX Runtime {m['onnxruntime']} (CPU), {result['threads']} thread(s), "
         f"{result['thread_pool']} thread pool, {m['cpu']}; batch 1; {result['runs']} "
-        f"interleaved rounds; graphopt method {result['method']}; {m['date']}.",
+        f"interleaved rounds; graphopt method {result['method']}, "
+        f"{result.get('weight_bits', 8)}-bit weights; isa {' '.join(m.get('isa', []))}; "
+        f"{m['date']}.",
         "",
         "| model | variant | median ms | p10-p90 ms | x ORT fp32 | accuracy | graph run |",
         "|---|---|---|---|---|---|---|",
@@ -651,6 +662,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--thread-pool", choices=("global", "per-session"), default="global")
     parser.add_argument("--method", default="minmax")
+    parser.add_argument(
+        "--weight-bits",
+        choices=("auto", "8", "7"),
+        default="auto",
+        help="graphopt's weights (auto: 7 on an x86 CPU without VNNI, as optimize() does)",
+    )
     parser.add_argument("--calibration", type=int, default=8, help="images, random models")
     parser.add_argument("--held-out", type=int, default=64, help="images, random models")
     parser.add_argument("--seed", type=int, default=0)
@@ -669,6 +686,7 @@ def main(argv: list[str] | None = None) -> int:
         "runs": args.runs,
         "rewarm": args.rewarm,
         "method": args.method,
+        "weight_bits": weight_bits(args),
         "machine": machine_info(),
         "bar": BAR,
         "models": [],
