@@ -13,6 +13,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+import onnx
 import onnxruntime as ort
 import torch
 from torch import nn
@@ -20,6 +21,7 @@ from torch import nn
 from graphopt.backends import Artifact, Backend
 from graphopt.backends.arrays import to_numpy
 from graphopt.backends.measure import time_interleaved
+from graphopt.backends.onnxruntime import ort_optimized_model
 from graphopt.backends.quiet import quiet
 from graphopt.core.numerics import rounding_error, run_module
 from graphopt.errors import BackendError
@@ -142,7 +144,8 @@ class Baseline:
         lowering.say("measuring latency against the unrewritten export")
         arrays = [to_numpy(x) for x in inputs]
         baseline, report.baseline_name = self._artifact(lowering, ort)
-        runners = {"baseline": baseline, **_after_passes(lowering, runtime), "optimized": artifact}
+        after = _after_passes(lowering, runtime, baseline)
+        runners = {"baseline": baseline, **after, "optimized": artifact}
         timings = time_interleaved(
             {k: (lambda a=a: a.run(arrays)) for k, a in runners.items()},
             warmup=5,
@@ -177,11 +180,16 @@ def load_original_onnx(runtime: Backend, model: Any) -> Artifact:
         ) from exc
 
 
-def _after_passes(lowering: Lowering, runtime: Backend) -> dict[str, Artifact]:
+def _after_passes(
+    lowering: Lowering, runtime: Backend, baseline: Artifact
+) -> dict[str, Artifact]:
     """The model after each pass that changed its structure (but the last, for fp32), on
     ``runtime`` (ONNX Runtime or OpenVINO: a compile is seconds; TVM's minutes are not spent on
     it), keyed ``after <pass>``: where the speed-up came from. The artifact is the model after
-    the last. A pass that changed weights only is not timed (:class:`Snapshots`)."""
+    the last. A pass that changed weights only is not timed (:class:`Snapshots`), nor, in ONNX
+    Runtime, a model whose optimized graph is the baseline's or an earlier one's
+    (:func:`_ort_graph`: ResNet-50 after fold-conv-bn, which ONNX Runtime folds itself): the
+    report's notes say so."""
     snapshots = next(
         (i for i in getattr(lowering.context, "instruments", ()) if isinstance(i, Snapshots)), None
     )
@@ -189,11 +197,45 @@ def _after_passes(lowering: Lowering, runtime: Backend) -> dict[str, Artifact]:
         return {}
     names = {"input_names": lowering.input_names, "dynamic_axes": lowering.dynamic_axes}
     out = {}
+    seen = {_ort_graph(baseline): "the baseline"} if runtime.name == "onnxruntime" else {}
+    seen.pop(None, None)  # an unreadable baseline is compared with nothing
     # int8: the float model after the last FX pass too (the artifact is the int8 one)
     kept = snapshots.graphs if lowering.onnx_stage else snapshots.graphs[:-1]
     for spec, gm in kept:
         try:
-            out[f"after {spec}"] = runtime.compile(gm, lowering.inputs, **names)
+            artifact = runtime.compile(gm, lowering.inputs, **names)
         except BackendError:  # a graph in between may not export: only the figure is lost
             continue
+        if runtime.name == "onnxruntime" and (graph := _ort_graph(artifact)) is not None:
+            if graph in seen:
+                lowering.report.notes.append(
+                    f"latency after {spec}: ONNX Runtime runs the same graph as for "
+                    f"{seen[graph]} (operators, attributes, weight shapes): not timed again"
+                )
+                continue
+            seen[graph] = f"the model after {spec}"
+        out[f"after {spec}"] = artifact
     return out
+
+
+def _ort_graph(artifact: Artifact) -> tuple | None:
+    """What decides an ONNX Runtime artifact's speed, comparable: per node of the graph ONNX
+    Runtime runs after its extended optimizations, its operator, attributes and the shapes of
+    its constant inputs (the weights' values are left out). None where it cannot be read."""
+    proto = getattr(artifact, "proto", None)
+    if proto is None:
+        return None
+    try:
+        graph = ort_optimized_model(proto, "extended").graph
+    except BackendError:
+        return None
+    shapes = {t.name: tuple(t.dims) for t in graph.initializer}
+    return tuple(
+        (
+            n.op_type,
+            n.domain,
+            tuple((a.name, str(onnx.helper.get_attribute_value(a))) for a in n.attribute),
+            tuple(shapes.get(i) for i in n.input),
+        )
+        for n in graph.node
+    )
