@@ -95,7 +95,9 @@ def pick(
 ) -> tuple[Backend, Artifact]:
     """Check every candidate against the model, time those that agree interleaved in one run,
     and return the fastest median's backend and artifact; the report gets every figure (and
-    the seconds since ``start``, when the candidates began to compile)."""
+    the seconds since ``start``, when the candidates began to compile). ``candidates[0]`` is
+    the default (ONNX Runtime with the asked settings): it is kept unless the fastest beats
+    it beyond noise (:func:`_beyond_noise`)."""
     report, excluded = lowering.report, list(excluded or [])
     start = time.perf_counter() if start is None else start
     agreeing = []
@@ -117,10 +119,21 @@ def pick(
         rewarm=REWARM,
     )
     ranked = sorted(agreeing, key=lambda c: timings[c.label].median_ms)
-    winner = ranked[0]
+    winner, default = ranked[0], candidates[0]
     report.backend_latencies = {c.label: timings[c.label] for c in ranked}
     _report_ort_settings(report, ranked, timings)
     report.backend_choice = _why(winner, ranked[1:], timings, excluded)
+    if (
+        default in agreeing
+        and winner is not default
+        and not _beyond_noise(timings[winner.label], timings[default.label])
+    ):
+        report.backend_choice = (
+            f"{default.label}, the default, kept: the fastest, {report.backend_choice}; but its "
+            f"median is within the default's p10-p90 ({timings[default.label].p10_ms:.3f}-"
+            f"{timings[default.label].p90_ms:.3f} ms), the machine's noise"
+        )
+        winner = default
     report.backend, report.backend_version = winner.backend.name, winner.backend.version
     report.threads = winner.backend.threads
     if winner.error is not None:
@@ -249,6 +262,13 @@ def _report_ort_settings(report: Any, ranked: list[Candidate], timings: dict[str
         best = ort[0].backend.settings()
         best.pop("providers", None)
         report.ort_settings = {**best, "label": ort[0].label[len(prefix) :]}
+
+
+def _beyond_noise(fast: Latency, default: Latency) -> bool:
+    """Whether ``fast`` beats ``default`` by more than ``default``'s own spread: its median
+    below the default's 10th percentile. A few rounds on a noisy machine rank candidates whose
+    speed is the same at random; only a gain beyond that leaves the default settings."""
+    return fast.median_ms < default.p10_ms
 
 
 def _why(
