@@ -3,6 +3,10 @@ model against graphopt's, from ONNX Runtime's own profiler (one session at a tim
 
     python benchmarks/profile_int8.py [--model resnet50] [--runs 50]
         -> benchmarks/results/int8_profile.md
+    python benchmarks/profile_int8.py --model vit_s --fp32-only --markdown benchmarks/results/vit_s_profile.md
+
+``--fp32-only`` profiles the plain fp32 export alone: where ONNX Runtime spends vit_s's time
+(issue 19's 1.15x: what is left outside its matrix products).
 
 It explains the ResNet-50 figures of bench_int8.py: both int8 models spend ~93% of the time in
 the same QLinearConv kernels (MLAS's symmetric-weight indirect convolution), so no placement of
@@ -61,7 +65,10 @@ def profile(model: onnx.ModelProto, feed: dict, runs: int, threads: int, tmp: Pa
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="resnet50", choices=("resnet18", "resnet50"))
+    parser.add_argument(
+        "--model", default="resnet50", choices=("resnet18", "resnet50", "mobilenetv2", "vit_s")
+    )
+    parser.add_argument("--fp32-only", action="store_true", help="the plain fp32 export alone")
     parser.add_argument("--runs", type=int, default=50)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--markdown", default=str(RESULTS / "int8_profile.md"))
@@ -71,13 +78,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     with tempfile.TemporaryDirectory() as tmp_dir:
         tmp = Path(tmp_dir)
-        models = {
-            "ORT fp32": case.proto,
-            "ORT quantize_static": bench_int8._quantize_static(case, tmp),
-            "graphopt quantize_onnx": quantize_onnx(
+        models = {"ORT fp32": case.proto}
+        if not args.fp32_only:
+            models["ORT quantize_static"] = bench_int8._quantize_static(case, tmp)
+            models["graphopt quantize_onnx"] = quantize_onnx(
                 case.proto, [tuple(f.values()) for f in case.calibration]
-            )[0],
-        }
+            )[0]
         times = {
             k: profile(m, case.timing_feed, args.runs, args.threads, tmp) for k, m in models.items()
         }
