@@ -180,9 +180,7 @@ def load_original_onnx(runtime: Backend, model: Any) -> Artifact:
         ) from exc
 
 
-def _after_passes(
-    lowering: Lowering, runtime: Backend, baseline: Artifact
-) -> dict[str, Artifact]:
+def _after_passes(lowering: Lowering, runtime: Backend, baseline: Artifact) -> dict[str, Artifact]:
     """The model after each pass that changed its structure (but the last, for fp32), on
     ``runtime`` (ONNX Runtime or OpenVINO: a compile is seconds; TVM's minutes are not spent on
     it), keyed ``after <pass>``: where the speed-up came from. The artifact is the model after

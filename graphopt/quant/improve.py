@@ -55,6 +55,7 @@ from graphopt.quant.onnx_passes import (
     int8_passes,
 )
 from graphopt.quant.qdq import QuantReport, check_arguments
+from graphopt.quant.qparams import check_weight_bits
 from graphopt.quant.scoring import Metric
 
 __all__ = ["Int8Report", "int8_report", "quantize_int8"]
@@ -192,8 +193,7 @@ def quantize_int8(
     work = named(model)
     batches = calibration_batches(calibration, work)
     mark_float(work, dict.fromkeys(skip, "in the skip list"))
-    if weight_bits not in (7, 8):
-        raise InputError(f"weights are quantised to 8 or 7 bits; got weight_bits={weight_bits}.")
+    check_weight_bits(weight_bits)
     mark_weight_bits(work, weight_bits, weight_bits_reason)
     options = InsertQDQ.Options(
         method=method,

@@ -274,23 +274,6 @@ class PercentileObserver(HistogramObserver):
         return float(max(self.min, lo)), float(min(self.max, hi))
 
 
-def _smooth(p: np.ndarray, eps: float = 1e-4) -> np.ndarray | None:
-    """ORT's ``smooth_distribution``: move ``eps`` onto empty bins so that KL stays finite.
-
-    ``eps`` shrinks where ORT's fixed 1e-4 would drive a small non-empty bin negative (ORT
-    asserts there; with 2048 bins it happens).
-    """
-    zeros = p == 0
-    n_zero = int(zeros.sum())
-    n_nonzero = p.size - n_zero
-    if n_nonzero == 0:
-        return None
-    if n_zero:
-        eps = min(eps, 0.5 * float(p[~zeros].min()) * n_nonzero / n_zero)
-    eps1 = eps * n_zero / n_nonzero
-    return p + eps * zeros - eps1 * ~zeros
-
-
 def kl_divergence_curve(
     hist: np.ndarray, quantized_bins: int = 128, stride: int = 1
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -347,9 +330,8 @@ def _kl_rows(hist: np.ndarray, cuts: np.ndarray, qbins: int) -> np.ndarray:
     per_bin = np.divide(
         group_sum, group_nonzero, out=np.zeros_like(group_sum), where=group_nonzero > 0
     )
-    marks = np.zeros(
-        (m, n + 1), dtype=np.int64
-    )  # group of bin j: the last k starting at or before j
+    # group of bin j: the last k starting at or before j
+    marks = np.zeros((m, n + 1), dtype=np.int64)
     np.add.at(marks, (np.broadcast_to(rows, starts.shape), starts), 1)
     group = np.minimum(np.cumsum(marks[:, :n], axis=1) - 1, qbins - 1)
     nonzero = p != 0
@@ -366,8 +348,10 @@ def _kl_rows(hist: np.ndarray, cuts: np.ndarray, qbins: int) -> np.ndarray:
 
 
 def _smooth_rows(p: np.ndarray, inside: np.ndarray, eps: float = 1e-4) -> np.ndarray:
-    """:func:`_smooth` on each row of ``p`` over its ``inside`` bins (NaN rows where every bin
-    is empty, where :func:`_smooth` returns None)."""
+    """ORT's ``smooth_distribution`` on each row of ``p`` over its ``inside`` bins: ``eps``
+    moved onto empty bins so that KL stays finite, ``eps`` shrunk where ORT's fixed 1e-4 would
+    drive a small non-empty bin negative (ORT asserts there; with 2048 bins it happens). NaN
+    rows where every bin is empty."""
     zeros = (p == 0) & inside
     n_zero = zeros.sum(1, keepdims=True).astype(np.float64)
     n_nonzero = inside.sum(1, keepdims=True) - n_zero

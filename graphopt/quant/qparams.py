@@ -35,6 +35,7 @@ __all__ = [
     "checked_tensor",
     "quantize_bias",
     "symmetric_qparams",
+    "check_weight_bits",
     "weight_qparams",
 ]
 
@@ -149,6 +150,12 @@ def asymmetric_qparams(lo: float, hi: float, method: str = "") -> QParams:
     return QParams(scale, torch.tensor(zp, dtype=torch.int64), qmin, qmax, "uint8", method=method)
 
 
+def check_weight_bits(bits: int) -> None:
+    """InputError unless ``bits`` is 8 or 7 (the weights int8 QDQ models hold)."""
+    if bits not in (7, 8):
+        raise InputError(f"weights are quantised to 8 or 7 bits; got weight_bits={bits}.")
+
+
 def weight_qparams(weight: torch.Tensor, axis: int = 0, bits: int = 8) -> QParams:
     """Symmetric per-channel int8 parameters of a weight: ``s[c] = max|W[c]| / 127``.
 
@@ -157,8 +164,7 @@ def weight_qparams(weight: torch.Tensor, axis: int = 0, bits: int = 8) -> QParam
     int8 values in ``[-63, 63]`` (``s[c] = max|W[c]| / 63``), whose pairs of products with
     uint8 activations never leave int16 (x86 int8 kernels without VNNI add them there).
     """
-    if bits not in (7, 8):
-        raise InputError(f"weights are quantised to 8 or 7 bits; got {bits}.")
+    check_weight_bits(bits)
     w = checked_tensor(weight, "weight")
     if w.dim() == 0:
         raise InputError("a per-channel weight needs at least one dimension; got a scalar.")

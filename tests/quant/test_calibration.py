@@ -324,10 +324,25 @@ def test_auto_calibration_picks_on_a_sample_what_it_picks_on_all_the_data():
             assert got.errors[method] == pytest.approx(error, rel=0.05), (name, method)
 
 
+def _smooth(p: np.ndarray, eps: float = 1e-4) -> np.ndarray | None:
+    """ORT's ``smooth_distribution``: move ``eps`` onto empty bins so that KL stays finite.
+
+    ``eps`` shrinks where ORT's fixed 1e-4 would drive a small non-empty bin negative (ORT
+    asserts there; with 2048 bins it happens).
+    """
+    zeros = p == 0
+    n_zero = int(zeros.sum())
+    n_nonzero = p.size - n_zero
+    if n_nonzero == 0:
+        return None
+    if n_zero:
+        eps = min(eps, 0.5 * float(p[~zeros].min()) * n_nonzero / n_zero)
+    eps1 = eps * n_zero / n_nonzero
+    return p + eps * zeros - eps1 * ~zeros
+
+
 def _kl_reference(hist, quantized_bins=128, stride=1):
     """The entropy calibration's KL curve as the definition reads, one cut at a time."""
-    from graphopt.quant.observers import _smooth
-
     hist = np.asarray(hist, dtype=np.float64)
     n = hist.size
     cuts = np.arange(min(quantized_bins, n), n + 1, stride)
