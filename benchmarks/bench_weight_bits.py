@@ -26,112 +26,81 @@ from typing import Any
 import numpy as np
 import onnx
 import onnxruntime as ort
-import torch
 from onnxruntime.capi import _pybind_state
 
-from graphopt import zoo
-from graphopt.backends.export import export_onnx
 from graphopt.backends.measure import Latency, time_interleaved, write_json_atomic
 from graphopt.backends.onnxruntime import EXACT_INT8_CONFIG
 from graphopt.bench import CpuProbe, machine_info
 from graphopt.quant.qdq import quantize_onnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_int8 import CALIBRATION_SENTENCES, HELD_OUT_SENTENCES, load_minilm  # noqa: E402
+from bench_int8 import Case, _openvino_runner, _session_options, build_case  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-Batch = tuple[np.ndarray, ...]
+Feed = dict[str, np.ndarray]
 
 
-def case(name: str) -> tuple[onnx.ModelProto, list[Batch], list[Batch]]:
-    """The fp32 export, calibration batches and held-out inputs of ``name``."""
-    if name == "minilm":
-        model, tokenizer = load_minilm()
-
-        def feeds(sentences: list[str]) -> list[Batch]:
-            t = tokenizer(
-                sentences, padding="max_length", max_length=64, truncation=True,
-                return_tensors="np",
-            )  # fmt: skip
-            ids, mask = t["input_ids"].astype(np.int64), t["attention_mask"].astype(np.int64)
-            return [(ids[i : i + 1], mask[i : i + 1]) for i in range(len(ids))]
-
-        calibration, held_out = feeds(CALIBRATION_SENTENCES), feeds(HELD_OUT_SENTENCES)
-        proto = export_onnx(model, tuple(torch.from_numpy(a) for a in calibration[0]))
-        return proto, calibration, held_out
-    entry = zoo.get(name)
-    gen = torch.Generator().manual_seed(0)
-    shape = entry.example_inputs[0].shape[1:]
-    calibration = [(torch.randn(1, *shape, generator=gen).numpy(),) for _ in range(8)]
-    held_out = [(torch.randn(1, *shape, generator=gen).numpy(),) for _ in range(16)]
-    return export_onnx(entry.model.eval(), entry.example_inputs), calibration, held_out
+def build(name: str, args: argparse.Namespace) -> tuple[Case, dict[int, onnx.ModelProto]]:
+    """bench_int8's case of ``name`` (export, calibration, held-out feeds) and its QDQ models
+    by weight bits (quantised before any session of the timing's global thread pool exists:
+    the quantiser's sessions have their own)."""
+    case = build_case(name, args)
+    calibration = [tuple(feed.values()) for feed in case.calibration]
+    qmodels = {
+        bits: quantize_onnx(case.proto, calibration, method="minmax", weight_bits=bits)[0]
+        for bits in (8, 7)
+    }
+    return case, qmodels
 
 
-def ort_runner(model: onnx.ModelProto, exact: bool) -> Callable[[Batch], np.ndarray]:
-    opts = ort.SessionOptions()
-    opts.use_per_session_threads = False  # one global pool (see bench_int8's docstring)
-    opts.log_severity_level = 3
+def ort_runner(
+    model: onnx.ModelProto, exact: bool, args: argparse.Namespace
+) -> Callable[[Feed], np.ndarray]:
+    """bench_int8's ONNX Runtime session (one global pool), with graphopt's exact int8
+    setting or without it."""
+    opts = _session_options(args)
     if exact:
         opts.add_session_config_entry(*EXACT_INT8_CONFIG)
     s = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-    names = [i.name for i in s.get_inputs()]
-    return lambda batch: s.run(None, dict(zip(names, batch, strict=True)))[0]
+    return lambda feed: s.run(None, feed)[0]
 
 
-def openvino_runner(model: onnx.ModelProto, threads: int) -> Callable[[Batch], np.ndarray]:
-    import openvino as ov
-
-    core = ov.Core()
-    compiled = core.compile_model(
-        core.read_model(model.SerializeToString(), b""),
-        "CPU",
-        {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY"},
-    )
-    request = compiled.create_infer_request()
-    return lambda batch: np.asarray(request.infer(list(batch))[compiled.outputs[0]])
-
-
-def build(name: str) -> tuple[onnx.ModelProto, dict[int, onnx.ModelProto], list[Batch]]:
-    """The fp32 export, its QDQ models by weight bits, and the held-out inputs (quantised
-    before any session of the timing's global thread pool exists: the quantiser's sessions
-    have their own)."""
-    proto, calibration, held_out = case(name)
-    qmodels = {
-        bits: quantize_onnx(proto, calibration, method="minmax", weight_bits=bits)[0]
-        for bits in (8, 7)
-    }
-    return proto, qmodels, held_out
-
-
-def bench(built: tuple, args: argparse.Namespace) -> dict[str, Any]:
-    proto, qmodels, held_out = built
-    runners = {"ORT fp32": ort_runner(proto, exact=False)}
+def bench(built: tuple[Case, dict[int, onnx.ModelProto]], args: argparse.Namespace) -> dict:
+    case, qmodels = built
+    names = [i.name for i in case.proto.graph.input]
+    runners = {"ORT fp32": ort_runner(case.proto, False, args)}
     for bits, qmodel in qmodels.items():
-        runners[f"{bits}-bit, ORT exact (graphopt's setting)"] = ort_runner(qmodel, exact=True)
-        runners[f"{bits}-bit, ORT fast (its default)"] = ort_runner(qmodel, exact=False)
-        runners[f"{bits}-bit, OpenVINO"] = openvino_runner(qmodel, args.threads)
-    reference = [runners["ORT fp32"](b).ravel().astype(np.float64) for b in held_out]
+        runners[f"{bits}-bit, ORT exact (graphopt's setting)"] = ort_runner(qmodel, True, args)
+        runners[f"{bits}-bit, ORT fast (its default)"] = ort_runner(qmodel, False, args)
+        openvino = _openvino_runner(qmodel, names, args)
+        runners[f"{bits}-bit, OpenVINO"] = lambda feed, run=openvino: run(feed)[0]
+    reference = [runners["ORT fp32"](feed) for feed in case.held_out]
     cosine = {}
-    for label, run in runners.items():
-        outs = [run(b).ravel().astype(np.float64) for b in held_out]
+    for label, run in runners.items():  # per held-out sample: one row of the outputs
+        rows = [
+            (a.reshape(len(a), -1).astype(np.float64), r.reshape(len(r), -1).astype(np.float64))
+            for a, r in zip((run(feed) for feed in case.held_out), reference, strict=True)
+        ]
         cosine[label] = float(
             np.mean(
-                [
-                    a @ r / (np.linalg.norm(a) * np.linalg.norm(r))
-                    for a, r in zip(outs, reference, strict=True)
-                ]
+                np.concatenate(
+                    [
+                        (a * r).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(r, axis=1))
+                        for a, r in rows
+                    ]
+                )
             )
         )
-    x = held_out[0]
     probe = CpuProbe()
     timings = time_interleaved(
-        {k: (lambda r=r: r(x)) for k, r in runners.items()},
+        {k: (lambda r=r: r(case.timing_feed)) for k, r in runners.items()},
         warmup=5, runs=args.runs, max_time_s=args.max_time_s,
     )  # fmt: skip
     return {
         "timings": {k: vars(v) for k, v in timings.items()},
         "cosine": cosine,
         "other_cpu_while_timing": probe.others(),
+        "notes": case.notes,
     }
 
 
@@ -174,7 +143,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-time-s", type=float, default=120.0)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
-    built = {name: build(name) for name in args.models}
+    # bench_int8's cases: its calibration and held-out data, its global ONNX Runtime pool
+    args.calibration, args.held_out, args.seed, args.thread_pool = 8, 16, 0, "global"
+    built = {name: build(name, args) for name in args.models}
     _pybind_state.set_global_thread_pool_sizes(args.threads, 1)
     results: dict[str, Any] = {"machine": machine_info(), "models": {}}
     results["argv"] = argv if argv is not None else sys.argv[1:]
