@@ -114,9 +114,27 @@ def opset(model: onnx.ModelProto) -> int:
 
 def named(model: onnx.ModelProto) -> onnx.ModelProto:
     """A copy of ``model`` with every node named (``<op>_<index>`` where unnamed): decisions,
-    skip lists and the stage's annotations refer to nodes by name."""
+    skip lists and the stage's annotations refer to nodes by name. An ``Identity`` of an
+    initializer becomes an initializer of its own (``torch.onnx.export`` writes equal constants,
+    such as the zero biases of convolutions folded from identity BatchNorms, once and the others
+    as Identity nodes of it): every layer then owns its weights and bias, which bias correction
+    shifts and insert-qdq quantises one layer at a time."""
     work = onnx.ModelProto()
     work.CopyFrom(model)
+    inits = {t.name: t for t in work.graph.initializer}
+    outputs = {o.name for o in work.graph.output}
+    kept = []
+    for node in work.graph.node:
+        source = node.input[0] if node.op_type == "Identity" and node.input else ""
+        if source in inits and node.output[0] not in outputs:
+            own = onnx.TensorProto()
+            own.CopyFrom(inits[source])
+            own.name = node.output[0]
+            work.graph.initializer.append(own)
+        else:
+            kept.append(node)
+    del work.graph.node[:]
+    work.graph.node.extend(kept)
     for i, node in enumerate(work.graph.node):
         if not node.name:
             node.name = f"{node.op_type}_{i}"

@@ -309,3 +309,29 @@ def test_reproducer_of_an_onnx_stage_pass_reruns_it_with_its_calibration(conv_ne
     )
     assert run.returncode == 0, run.stderr[-2000:]
     assert "pass ran cleanly" in run.stdout
+
+
+def test_layers_whose_equal_biases_the_export_shares_are_corrected_and_quantised():
+    """torch.onnx.export writes equal constants once and the others as an Identity of it (the
+    zero biases of convs folded from identity BatchNorms, timm's default init): each layer must
+    still own its bias, to be shifted by correct-bias and quantised by insert-qdq."""
+    from torch import nn
+
+    from graphopt.backends.export import export_onnx
+    from graphopt.quant.improve import quantize_int8
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3)).eval()
+    with torch.no_grad():
+        model[0].bias.zero_()
+        model[2].bias.zero_()
+    proto = export_onnx(model, (torch.randn(1, 3, 16, 16),))
+    assert "Identity" in [n.op_type for n in proto.graph.node]  # the export shared the bias
+    gen = torch.Generator().manual_seed(1)
+    calibration = [(torch.randn(4, 3, 16, 16, generator=gen),) for _ in range(2)]
+    _, report = quantize_int8(proto, calibration, method="minmax")
+    statuses = {r.name: r.status for r in report.records}
+    # no sample inputs here, so no check: "unverified"; a crash would be "failed"
+    assert statuses["correct-bias"] == statuses["insert-qdq"] == "unverified", statuses
+    assert report.quant.float_layers == {}, report.quant.float_layers
+    assert all(d.applied for d in report.bias), [(d.node, d.reason) for d in report.bias]
