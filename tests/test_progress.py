@@ -264,6 +264,35 @@ def _run_in_pty(args: list[str], timeout: float) -> tuple[int, list[tuple[float,
     return proc.returncode, chunks
 
 
+_HOLD_THE_GIL = """
+import re, sys, time
+from graphopt.launch import _Ticker
+ticker = _Ticker(time.perf_counter())
+ticker.start()
+start = time.perf_counter()
+re.match(r"(a+)+$", "a" * 25 + "b")  # one C call that never lets go of the GIL, as loading
+held = time.perf_counter() - start  # torch's extension modules does for seconds
+ticker.stop()
+print(f"held {held:.2f}")
+"""
+
+
+def test_the_loading_line_goes_on_while_the_import_holds_the_gil():
+    """A thread of the importing process cannot write while the import holds the GIL (CI saw
+    a 2.3 s silence while torch loaded): the ticker is a child process, and its line is
+    redrawn every second through a C call that holds the GIL for seconds."""
+    code, chunks = _run_in_pty([sys.executable, "-c", _HOLD_THE_GIL], timeout=120)
+    text = "".join(c for _, c in chunks)
+    assert code == 0, text
+    held = float(text.rsplit("held ", 1)[1].split()[0])
+    assert held > 1.5, text  # the regex took long enough to show a silence
+    lines = [t for t, c in chunks if "loading graphopt" in c]
+    assert len(lines) >= int(held) - 1, text
+    assert _gaps(lines) <= 1.5, [round(b - a, 2) for a, b in zip(lines, lines[1:], strict=False)]
+    assert text.rstrip().endswith(f"held {held:.2f}")
+    assert "\r\x1b[K" in text.split("held")[0][-10:]  # the last line cleared before the print
+
+
 def test_cli_on_a_terminal_is_never_silent_for_two_seconds(tmp_path):
     """resnet18's capture check, passes and ONNX Runtime lowering each take seconds here: the
     heartbeat keeps every one of them visible, and from the start: graphopt.launch says it is
