@@ -10,7 +10,6 @@ pass infrastructure). :data:`FX` is the FX stage's.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -18,6 +17,7 @@ from typing import Any, Protocol
 import torch
 from torch import fx
 
+from graphopt.core.copying import deep_copy
 from graphopt.core.numerics import rounding_error, run_module
 from graphopt.core.printing import canonical_ir
 
@@ -57,7 +57,7 @@ class FxIR:
 
     def copy(self, model: fx.GraphModule) -> fx.GraphModule:
         with torch.inference_mode(False):  # the backup stays trainable, like the graph
-            return copy.deepcopy(model)
+            return deep_copy(model)
 
     def validate(self, model: fx.GraphModule) -> None:
         model.graph.lint()
