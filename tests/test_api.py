@@ -52,7 +52,14 @@ def test_optimize_zoo_model_is_exact_and_leaves_model_alone(name):
         assert "BatchNorm2d" not in report.ops_after
 
 
-@pytest.mark.parametrize("name", ZOO)
+# the two biggest zoo models' ONNX files run with -m slow: dbb_resnet18's export is also read
+# by test_reparameterize and test_onnx_import, and resnet50 is resnet18's structure, deeper
+_ONNX_SLOW = {"dbb_resnet18", "resnet50"}
+
+
+@pytest.mark.parametrize(
+    "name", [pytest.param(n, marks=pytest.mark.slow) if n in _ONNX_SLOW else n for n in ZOO]
+)
 def test_optimize_zoo_model_from_onnx_file(name, tmp_path):
     entry = zoo.get(name)
     path = tmp_path / f"{name}.onnx"

@@ -142,7 +142,7 @@ def test_a_larger_budget_tunes_again(tuned, tmp_path):
     model, inputs, db, _ = tuned
     copy_db = tmp_path / "db"
     shutil.copytree(db, copy_db)
-    more = optimize(model, "cpu", inputs, backend="tvm", trials=12, database=copy_db, measure=False)
+    more = optimize(model, "cpu", inputs, backend="tvm", trials=9, database=copy_db, measure=False)
     assert not more.report.tvm_tuning["reused"] and more.report.tvm_tuning["trials_run"] > 0
 
 
