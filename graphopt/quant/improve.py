@@ -54,6 +54,7 @@ from graphopt.quant.onnx_passes import (
     StageRun,
     int8_passes,
 )
+from graphopt.quant.ort_policy import count_layers
 from graphopt.quant.qdq import QuantReport, check_arguments
 from graphopt.quant.qparams import check_weight_bits
 from graphopt.quant.scoring import Metric
@@ -109,8 +110,9 @@ class Int8Report:
             else ""
         )
         weights = f", {q.weight_bits}-bit weights" if q.weight_bits != 8 else ""
+        count, weighted = count_layers(q.layers)
         return (
-            f"int8: {len(q.quantized)} of {len(q.layers)} layers int8 ({q.method} calibration, "
+            f"int8: {count} int8 ({weighted}{q.method} calibration, "
             f"{q.activation_dtype} activations{weights}, {q.batches} batches); {self.metric}: fp32 "
             f"{self.fp32:.4g} -> int8 {self.int8:.4g} (drop {self.drop:.4g}{budget}{every})"
         )

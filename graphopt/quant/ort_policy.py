@@ -41,7 +41,9 @@ node in float (its bias overflows int32, a tensor holds inf) and plans again wit
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import numpy as np
 import onnx
@@ -65,6 +67,9 @@ __all__ = [
 ]
 
 COMPUTE_OPS = ("Conv", "Gemm", "MatMul")
+# why a compute node has no weight to quantise (a transformer's attention MatMuls, activation x
+# activation): the reports count the layers with weights apart from these
+NO_WEIGHT = "weight is not a constant initializer"
 # ops with an integer kernel that needs its own output scale (QLinearAdd, QLinearConcat, ...)
 OWN_SCALE_OPS = ("Add", "Mul", "Concat", "GlobalAveragePool", "AveragePool")
 # ops ORT runs on the integers when DQ -> op -> Q share one scale and zero point
@@ -119,10 +124,30 @@ class LayerDecision:
         return f"{self.op_type} {layer_name(self.node)}: {state}"
 
 
+def count_layers(layers: Iterable[LayerDecision | dict[str, Any]]) -> tuple[str, str]:
+    """``("50 of 235 layers", "50 of 50 with weights, ")``: the layers that are int8, and, where
+    some of them have no weights (a transformer's bias Adds and residuals, its attention's
+    activation x activation MatMuls: ONNX Runtime runs them in float beside the integer
+    kernels), those with weights ('' where every layer has them), to open the parenthesis after
+    the count. ``layers``: decisions or their JSON dicts."""
+    rows = [
+        (d.get("op_type", ""), bool(d.get("quantized")), d.get("reason", ""))
+        if isinstance(d, dict)  # a saved report's: read as leniently as the rest of it
+        else (d.op_type, d.quantized, d.reason)
+        for d in layers
+    ]
+    weighted = [q for op, q, why in rows if op in COMPUTE_OPS and why != NO_WEIGHT]
+    apart = weighted and len(weighted) < len(rows)
+    return (
+        f"{sum(q for _, q, _ in rows)} of {len(rows)} layers",
+        f"{sum(weighted)} of {len(weighted)} with weights, " if apart else "",
+    )
+
+
 def _weight_reason(g: GraphIndex, node: onnx.NodeProto, index: int) -> str:
     """Why input ``index`` of ``node`` cannot be a quantised weight ('' when it can)."""
     if len(node.input) <= index or node.input[index] not in g.init:
-        return "weight is not a constant initializer"
+        return NO_WEIGHT
     if g.init[node.input[index]].data_type != TensorProto.FLOAT:
         return "weight is not float32"
     return ""

@@ -18,6 +18,7 @@ from typing import Any
 
 from graphopt.core.numerics import Comparison
 from graphopt.errors import InputError
+from graphopt.quant.ort_policy import count_layers
 from graphopt.report.sections import (
     int8_plots,
     latency_plots,
@@ -247,9 +248,9 @@ def _headline(data: dict[str, Any]) -> str:
 
 
 def _int8_line(q: dict[str, Any]) -> str:
-    layers = q.get("layers") or []
+    count, weighted = count_layers(q.get("layers") or [])
     return (
-        f"{q.get('int8_layers', '?')} of {len(layers)} layers int8 ({q.get('method', '?')} "
+        f"{count} int8 ({weighted}{q.get('method', '?')} "
         f"calibration, {q.get('calibration_batches', '?')} batches); {q.get('metric', 'metric')}: "
         f"fp32 {fmt(q.get('fp32'))} -> int8 {fmt(q.get('int8'))} (drop {fmt(q.get('drop'))}"
         + (f", allowed {fmt(q.get('max_drop'))}" if q.get("max_drop") is not None else "")

@@ -18,6 +18,7 @@ from collections import Counter
 from typing import TYPE_CHECKING, Any
 
 from graphopt.backends.tvm import TVM_STATUSES
+from graphopt.quant.ort_policy import count_layers
 
 if TYPE_CHECKING:
     from graphopt.report import Report
@@ -123,8 +124,9 @@ def int8_line(q: dict[str, Any]) -> str:
     """int8's one line: layers, calibration, the metric in fp32 and int8 and the drop."""
     try:
         budget = f", allowed {q['max_drop']:g}" if q.get("max_drop") is not None else ""
+        count, weighted = count_layers(q["layers"])
         return (
-            f"{q['int8_layers']} of {len(q['layers'])} layers ({q['method']} calibration, "
+            f"{count} ({weighted}{q['method']} calibration, "
             f"{q['calibration_batches']} batches); {q['metric']}: fp32 {q['fp32']:.4g} -> int8 "
             f"{q['int8']:.4g} (drop {q['drop']:.4g}{budget})"
         )

@@ -18,7 +18,7 @@ from torch import nn
 from graphopt import zoo
 from graphopt.backends.export import export_onnx
 from graphopt.errors import InputError
-from graphopt.quant.ort_policy import INTEGER_OPS
+from graphopt.quant.ort_policy import INTEGER_OPS, count_layers
 from graphopt.quant.qdq import integer_op_counts, ort_optimized_model, quantize_onnx
 from graphopt.testing import random_bn, seeded
 
@@ -385,6 +385,11 @@ def test_transformer_layer_keeps_float_glue_and_masks(tmp_path):
     # only the 4 weight MatMuls are integer; the 2 residual Adds, scores + (-inf mask) and
     # GELU's x * (1 + erf) read float ops' outputs (bias Add, Div, Erf) and stay float
     assert [d.op_type for d in report.layers if d.quantized] == ["MatMul"] * 4, floats
+    # the reports count the layers with weights apart (the scores' MatMuls have none)
+    assert count_layers(report.layers) == (
+        f"4 of {len(report.layers)} layers",
+        "4 of 4 with weights, ",
+    )
     assert sum("no Q/DQ pair" in r for r in floats.values()) == 4, floats
     ops = _ort_ops(qmodel, "all")
     # weight MatMuls read a Q/DQ input and give float; the residual Adds read the LayerNorm

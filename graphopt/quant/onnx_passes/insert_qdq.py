@@ -44,6 +44,7 @@ from graphopt.core.pass_infra import PassContext, PassResult
 from graphopt.core.registry import register_pass
 from graphopt.quant.annotations import original_biases, restore_biases, strip
 from graphopt.quant.onnx_passes.common import OnnxPass, quantize_marked, stage_batches, stage_run
+from graphopt.quant.ort_policy import count_layers
 from graphopt.quant.qdq import QuantReport
 from graphopt.quant.scoring import Scorer
 
@@ -63,8 +64,9 @@ class QdqSummary:
 
     def __str__(self) -> str:
         q = self.quant
+        count, weighted = count_layers(q.layers)
         return (
-            f"int8: {len(q.quantized)} of {len(q.layers)} layers int8 ({q.method} calibration, "
+            f"int8: {count} int8 ({weighted}{q.method} calibration, "
             f"{q.activation_dtype} activations, {q.batches} batches); {self.metric}: fp32 "
             f"{self.fp32:.4g}, int8 {self.fp32 - self.drop:.4g} (drop {self.drop:.4g})"
         )
