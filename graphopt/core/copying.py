@@ -9,7 +9,7 @@ copies a plain ``nn.Module``'s ``__dict__`` itself: numbers, strings and empty c
 they are (what ``deepcopy`` returns for them too), tensors and everything else through
 ``copy.deepcopy`` with one shared memo, so tied weights stay tied and an object reached twice is
 copied once. A ``GraphModule`` is copied by torch's own ``__deepcopy__`` (the graph's
-``graph_copy`` and a recompile), after its submodules and tensors are in the memo. A module
+``graph_copy`` and a recompile), after its submodules are in the memo. A module
 class that customises copying or pickling (``__deepcopy__``, ``__reduce_ex__``,
 ``__getstate__``) is left to ``copy.deepcopy``.
 """
