@@ -128,8 +128,8 @@ def count_layers(layers: Iterable[LayerDecision | dict[str, Any]]) -> tuple[str,
     """``("50 of 235 layers", "50 of 50 with weights, ")``: the layers that are int8, and, where
     some of them have no weights (a transformer's bias Adds and residuals, its attention's
     activation x activation MatMuls: ONNX Runtime runs them in float beside the integer
-    kernels), those with weights ('' where every layer has them), to open the parenthesis after
-    the count. ``layers``: decisions or their JSON dicts."""
+    kernels), those with weights ('' where every layer is int8 or has weights), to open the
+    parenthesis after the count. ``layers``: decisions or their JSON dicts."""
     rows = [
         (d.get("op_type", ""), bool(d.get("quantized")), d.get("reason", ""))
         if isinstance(d, dict)  # a saved report's: read as leniently as the rest of it
@@ -137,9 +137,10 @@ def count_layers(layers: Iterable[LayerDecision | dict[str, Any]]) -> tuple[str,
         for d in layers
     ]
     weighted = [q for op, q, why in rows if op in COMPUTE_OPS and why != NO_WEIGHT]
-    apart = weighted and len(weighted) < len(rows)
+    int8 = sum(q for _, q, _ in rows)
+    apart = weighted and len(weighted) < len(rows) and int8 < len(rows)  # some are float
     return (
-        f"{sum(q for _, q, _ in rows)} of {len(rows)} layers",
+        f"{int8} of {len(rows)} layers",
         f"{sum(weighted)} of {len(weighted)} with weights, " if apart else "",
     )
 
