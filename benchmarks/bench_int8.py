@@ -325,6 +325,17 @@ def _openvino_reason(nncf: bool) -> str:
 # scoring
 
 
+def cosines(outs: list[np.ndarray], reference: list[np.ndarray]) -> np.ndarray:
+    """Per sample (a row of the output batches), the cosine of ``outs`` with ``reference``;
+    -1 where it is not finite."""
+    a, b = (
+        np.concatenate([x.reshape(len(x), -1) for x in xs]).astype(np.float64)
+        for xs in (outs, reference)
+    )
+    cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+    return np.where(np.isfinite(cos), cos, -1.0)
+
+
 def _score(case: Case, run: Callable[[dict], list], reference: list[np.ndarray]) -> dict:
     outs = [run(feed)[0] for feed in case.held_out]
     if case.metric == "top-1":
@@ -334,9 +345,7 @@ def _score(case: Case, run: Callable[[dict], list], reference: list[np.ndarray])
         got = np.concatenate(outs).argmax(1)
         want = np.concatenate(reference).argmax(1)
         return {"accuracy": float((got == want).mean() * 100)}
-    a, b = np.concatenate(outs).astype(np.float64), np.concatenate(reference).astype(np.float64)
-    cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
-    cos = np.where(np.isfinite(cos), cos, -1.0)
+    cos = cosines(outs, reference)
     return {"accuracy": float(cos.mean()), "cosine_min": float(cos.min())}
 
 

@@ -34,7 +34,7 @@ from graphopt.bench import CpuProbe, machine_info
 from graphopt.quant.qdq import quantize_onnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_int8 import Case, _openvino_runner, _session_options, build_case  # noqa: E402
+from bench_int8 import Case, _openvino_runner, _session_options, build_case, cosines  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 Feed = dict[str, np.ndarray]
@@ -75,22 +75,10 @@ def bench(built: tuple[Case, dict[int, onnx.ModelProto]], args: argparse.Namespa
         openvino = _openvino_runner(qmodel, names, args)
         runners[f"{bits}-bit, OpenVINO"] = lambda feed, run=openvino: run(feed)[0]
     reference = [runners["ORT fp32"](feed) for feed in case.held_out]
-    cosine = {}
-    for label, run in runners.items():  # per held-out sample: one row of the outputs
-        rows = [
-            (a.reshape(len(a), -1).astype(np.float64), r.reshape(len(r), -1).astype(np.float64))
-            for a, r in zip((run(feed) for feed in case.held_out), reference, strict=True)
-        ]
-        cosine[label] = float(
-            np.mean(
-                np.concatenate(
-                    [
-                        (a * r).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(r, axis=1))
-                        for a, r in rows
-                    ]
-                )
-            )
-        )
+    cosine = {  # the mean over held-out samples (rows of the outputs)
+        label: float(cosines([run(feed) for feed in case.held_out], reference).mean())
+        for label, run in runners.items()
+    }
     probe = CpuProbe()
     timings = time_interleaved(
         {k: (lambda r=r: r(case.timing_feed)) for k, r in runners.items()},
