@@ -155,7 +155,7 @@ def markdown(results: dict[str, Any], argv: list[str] | None) -> str:
         lines.append(
             f"| {name} | {cell.get(ORT, '-')} | {cell.get(OPENVINO, '-')} "
             f"| {cell.get(COMPILE, '-')} | {cell[AUTO]} | {vs_fastest:.2f}x ({fastest}){flag} "
-            f"| {vs_ort:.2f}x | {info['auto_choice'].partition(':')[0]} | {info['auto_s']} "
+            f"| {vs_ort:.2f}x | {info['auto_winner']} | {info['auto_s']} "
             f"| {info['other_cpu_while_timing']} |"
         )
     lines += ["", "auto's reasons, per model:", ""]
