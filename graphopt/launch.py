@@ -96,7 +96,11 @@ class _Ticker:
 
 def main() -> int:
     """Import the command under a ticker, then run it."""
-    ticker = None if QUIET.intersection(sys.argv[1:]) else _Ticker(time.perf_counter())
+    quiet = bool(QUIET.intersection(sys.argv[1:]))
+    if sys.stderr is None:  # started with 2>&-: progress and errors go nowhere, as asked
+        sys.stderr = open(os.devnull, "w")  # noqa: SIM115 - the process's stderr until it exits
+        quiet = True
+    ticker = None if quiet else _Ticker(time.perf_counter())
     if ticker is not None:
         ticker.start()
     try:

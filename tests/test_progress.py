@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import os
 import select
+import shlex
 import subprocess
 import sys
 import threading
@@ -291,6 +292,21 @@ def test_the_loading_line_goes_on_while_the_import_holds_the_gil():
     assert _gaps(lines) <= 1.5, [round(b - a, 2) for a, b in zip(lines, lines[1:], strict=False)]
     assert text.rstrip().endswith(f"held {held:.2f}")
     assert "\r\x1b[K" in text.split("held")[0][-10:]  # the last line cleared before the print
+
+
+def test_the_command_runs_with_stderr_closed(tmp_path):
+    """Started with ``2>&-`` (sys.stderr is None), the command neither shows its loading line
+    nor crashes writing progress: the report comes out on stdout, and the exit status says."""
+    command = (
+        f"{shlex.quote(sys.executable)} -m graphopt optimize digits_cnn --pipeline fold-conv-bn "
+        f"--no-measure -o {shlex.quote(str(tmp_path / 'm.onnx'))} 2>&-"
+    )
+    out = subprocess.run(
+        ["sh", "-c", command], capture_output=True, text=True, cwd=ROOT, timeout=240
+    )
+    assert out.returncode == 0, out.stdout[-2000:]
+    assert out.stdout.startswith("graphopt report: digits_cnn") and out.stderr == ""
+    assert (tmp_path / "m.onnx").stat().st_size > 0
 
 
 def test_cli_on_a_terminal_is_never_silent_for_two_seconds(tmp_path):
